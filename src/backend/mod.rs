@@ -1,0 +1,156 @@
+//! Disk backends: where the blocks live. Knows blocks and bytes, nothing of
+//! virtio.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::path::PathBuf;
+
+use crate::util::parse_size;
+
+/// What `--disk` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSpec {
+    /// A raw image file or block device.
+    File(PathBuf),
+    /// A disk held in our memory, zero-filled, lost on exit.
+    Ram(u64),
+    /// Reads return zeros, writes are dropped: a disk that costs nothing,
+    /// for measuring the device itself.
+    Null(u64),
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<DiskSpec, String> {
+        if let Some(size) = s.strip_prefix("ram:") {
+            Ok(DiskSpec::Ram(parse_size(size)?))
+        } else if let Some(size) = s.strip_prefix("null:") {
+            Ok(DiskSpec::Null(parse_size(size)?))
+        } else if s.is_empty() {
+            Err("empty disk name".into())
+        } else {
+            Ok(DiskSpec::File(PathBuf::from(s)))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot find the size of {path}: {source}")]
+    Size {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} does not exist; give --size to create it")]
+    Missing { path: PathBuf },
+    #[error("disk size {0} is not a multiple of 512 bytes")]
+    Unaligned(u64),
+    #[error("disk size is 0")]
+    Empty,
+}
+
+/// An opened disk.
+#[derive(Debug)]
+pub struct Disk {
+    pub spec: DiskSpec,
+    pub size: u64,
+    pub file: Option<File>,
+    pub readonly: bool,
+}
+
+/// Opens (or, with `create_size`, creates) a disk.
+pub fn open(spec: &DiskSpec, readonly: bool, create_size: Option<u64>) -> Result<Disk, OpenError> {
+    let (size, file) = match spec {
+        DiskSpec::Ram(size) | DiskSpec::Null(size) => (*size, None),
+        DiskSpec::File(path) => {
+            if !path.exists() {
+                let Some(size) = create_size else {
+                    return Err(OpenError::Missing { path: path.clone() });
+                };
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(|source| OpenError::Open {
+                        path: path.clone(),
+                        source,
+                    })?;
+                f.set_len(size).map_err(|source| OpenError::Size {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(!readonly)
+                .open(path)
+                .map_err(|source| OpenError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+            // Seeking to the end gives the size of block devices too.
+            let size = f.seek(SeekFrom::End(0)).map_err(|source| OpenError::Size {
+                path: path.clone(),
+                source,
+            })?;
+            (size, Some(f))
+        }
+    };
+    if size == 0 {
+        return Err(OpenError::Empty);
+    }
+    if size % 512 != 0 {
+        return Err(OpenError::Unaligned(size));
+    }
+    Ok(Disk {
+        spec: spec.clone(),
+        size,
+        file,
+        readonly,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!("ram:1G".parse(), Ok(DiskSpec::Ram(1 << 30)));
+        assert_eq!("null:4096".parse(), Ok(DiskSpec::Null(4096)));
+        assert_eq!("a.img".parse(), Ok(DiskSpec::File("a.img".into())));
+        assert!("ram:lots".parse::<DiskSpec>().is_err());
+    }
+
+    #[test]
+    fn open_and_create() {
+        let dir = std::env::temp_dir().join(format!("vub-backend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("d.img");
+        let _ = std::fs::remove_file(&p);
+        let spec = DiskSpec::File(p.clone());
+        assert!(matches!(
+            open(&spec, false, None),
+            Err(OpenError::Missing { .. })
+        ));
+        let d = open(&spec, false, Some(1 << 20)).unwrap();
+        assert_eq!(d.size, 1 << 20);
+        std::fs::write(&p, [0u8; 1000]).unwrap();
+        assert!(matches!(
+            open(&spec, false, None),
+            Err(OpenError::Unaligned(1000))
+        ));
+        assert!(matches!(
+            open(&DiskSpec::Ram(0), false, None),
+            Err(OpenError::Empty)
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

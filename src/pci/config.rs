@@ -1,0 +1,287 @@
+//! Type-0 PCI configuration space with per-byte writable masks.
+//!
+//! Writes of any width at any offset are applied byte by byte through the
+//! mask, so an access that straddles registers behaves as the sum of its
+//! bytes, and read-only bytes silently keep their value (as hardware does).
+//! BAR registers keep their type bits and the address bits above their size,
+//! which is exactly how hardware answers both the all-ones sizing probe and
+//! the address-mask-only probe some guests use.
+
+pub const CONFIG_SIZE: usize = 256;
+
+// Standard header offsets.
+pub const VENDOR_ID: usize = 0x00;
+pub const DEVICE_ID: usize = 0x02;
+pub const COMMAND: usize = 0x04;
+pub const STATUS: usize = 0x06;
+pub const REVISION: usize = 0x08;
+pub const CLASS_PROG: usize = 0x09;
+pub const CACHE_LINE: usize = 0x0c;
+pub const LATENCY: usize = 0x0d;
+pub const HEADER_TYPE: usize = 0x0e;
+pub const BAR0: usize = 0x10;
+pub const SUBSYS_VENDOR: usize = 0x2c;
+pub const SUBSYS_ID: usize = 0x2e;
+pub const ROM_BAR: usize = 0x30;
+pub const CAP_PTR: usize = 0x34;
+pub const INT_LINE: usize = 0x3c;
+pub const INT_PIN: usize = 0x3d;
+
+pub const COMMAND_IO: u16 = 1 << 0;
+pub const COMMAND_MEMORY: u16 = 1 << 1;
+pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
+const COMMAND_PARITY: u16 = 1 << 6;
+const COMMAND_SERR: u16 = 1 << 8;
+pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+pub const STATUS_CAP_LIST: u16 = 1 << 4;
+
+pub const CAP_ID_MSIX: u8 = 0x11;
+pub const MSIX_ENABLE: u16 = 1 << 15;
+pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+
+/// A BAR as the function declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarKind {
+    Io,
+    Mem32,
+}
+
+/// Identity and layout of a function's config space.
+#[derive(Clone, Debug)]
+pub struct ConfigLayout {
+    pub vendor: u16,
+    pub device: u16,
+    pub subsys_vendor: u16,
+    pub subsys_id: u16,
+    pub revision: u8,
+    /// class, subclass, prog-if
+    pub class: [u8; 3],
+    pub int_pin: u8,
+    /// (kind, size) for BAR0.. ; sizes are powers of two.
+    pub bars: Vec<(BarKind, u32)>,
+    /// MSI-X: (config offset, table size, table BIR/offset word, PBA BIR/offset word)
+    pub msix: Option<MsixCap>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct MsixCap {
+    pub offset: usize,
+    pub vectors: u16,
+    pub table: u32,
+    pub pba: u32,
+}
+
+pub struct ConfigSpace {
+    data: [u8; CONFIG_SIZE],
+    wmask: [u8; CONFIG_SIZE],
+    power_on: [u8; CONFIG_SIZE],
+    msix_offset: Option<usize>,
+}
+
+/// What a config write changed that the function must act on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConfigEffects {
+    pub msix_control_changed: bool,
+    pub command_changed: bool,
+}
+
+impl ConfigSpace {
+    pub fn new(l: &ConfigLayout) -> ConfigSpace {
+        let mut c = ConfigSpace {
+            data: [0; CONFIG_SIZE],
+            wmask: [0; CONFIG_SIZE],
+            power_on: [0; CONFIG_SIZE],
+            msix_offset: None,
+        };
+        c.put16(VENDOR_ID, l.vendor);
+        c.put16(DEVICE_ID, l.device);
+        c.data[REVISION] = l.revision;
+        c.data[CLASS_PROG] = l.class[2];
+        c.data[CLASS_PROG + 1] = l.class[1];
+        c.data[CLASS_PROG + 2] = l.class[0];
+        c.data[HEADER_TYPE] = 0;
+        c.put16(SUBSYS_VENDOR, l.subsys_vendor);
+        c.put16(SUBSYS_ID, l.subsys_id);
+        c.data[INT_PIN] = l.int_pin;
+        let cmd_mask = COMMAND_IO
+            | COMMAND_MEMORY
+            | COMMAND_BUS_MASTER
+            | COMMAND_PARITY
+            | COMMAND_SERR
+            | COMMAND_INTX_DISABLE;
+        c.mask16(COMMAND, cmd_mask);
+        c.wmask[CACHE_LINE] = 0xff;
+        c.wmask[LATENCY] = 0xff;
+        c.wmask[INT_LINE] = 0xff;
+        for (i, &(kind, size)) in l.bars.iter().enumerate().take(6) {
+            assert!(size.is_power_of_two(), "BAR sizes are powers of two");
+            let off = BAR0 + 4 * i;
+            let (type_bits, min) = match kind {
+                BarKind::Io => (0x1u32, 4u32),
+                BarKind::Mem32 => (0x0u32, 16u32),
+            };
+            let size = size.max(min);
+            c.put32(off, type_bits);
+            c.mask32(off, !(size - 1));
+        }
+        // The expansion ROM register stays 0: no ROM, and a sizing write
+        // reads back 0, which QEMU takes as "no ROM".
+        if let Some(m) = l.msix {
+            c.put16(STATUS, STATUS_CAP_LIST);
+            c.data[CAP_PTR] = u8::try_from(m.offset).expect("capability inside config space");
+            c.data[m.offset] = CAP_ID_MSIX;
+            c.data[m.offset + 1] = 0;
+            c.put16(m.offset + 2, m.vectors - 1);
+            c.mask16(m.offset + 2, MSIX_ENABLE | MSIX_FUNCTION_MASK);
+            c.put32(m.offset + 4, m.table);
+            c.put32(m.offset + 8, m.pba);
+            c.msix_offset = Some(m.offset);
+        }
+        c.power_on = c.data;
+        c
+    }
+
+    fn put16(&mut self, off: usize, v: u16) {
+        self.data[off..off + 2].copy_from_slice(&v.to_le_bytes());
+    }
+    fn put32(&mut self, off: usize, v: u32) {
+        self.data[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    fn mask16(&mut self, off: usize, m: u16) {
+        self.wmask[off..off + 2].copy_from_slice(&m.to_le_bytes());
+    }
+    fn mask32(&mut self, off: usize, m: u32) {
+        self.wmask[off..off + 4].copy_from_slice(&m.to_le_bytes());
+    }
+
+    pub fn read16(&self, off: usize) -> u16 {
+        u16::from_le_bytes([self.data[off], self.data[off + 1]])
+    }
+
+    pub fn read32(&self, off: usize) -> u32 {
+        u32::from_le_bytes([
+            self.data[off],
+            self.data[off + 1],
+            self.data[off + 2],
+            self.data[off + 3],
+        ])
+    }
+
+    pub fn command(&self) -> u16 {
+        self.read16(COMMAND)
+    }
+
+    /// (enable, function mask) of the MSI-X control register.
+    pub fn msix_control(&self) -> (bool, bool) {
+        match self.msix_offset {
+            Some(o) => {
+                let ctl = self.read16(o + 2);
+                (ctl & MSIX_ENABLE != 0, ctl & MSIX_FUNCTION_MASK != 0)
+            }
+            None => (false, false),
+        }
+    }
+
+    /// Reads any bytes of config space; the caller has bounds-checked.
+    pub fn read(&self, offset: usize, out: &mut [u8]) {
+        out.copy_from_slice(&self.data[offset..offset + out.len()]);
+    }
+
+    /// Writes any bytes through the writable masks; the caller has
+    /// bounds-checked.
+    pub fn write(&mut self, offset: usize, data: &[u8]) -> ConfigEffects {
+        let before_cmd = self.command();
+        let before_msix = self.msix_control();
+        for (i, &b) in data.iter().enumerate() {
+            let o = offset + i;
+            let m = self.wmask[o];
+            self.data[o] = (self.data[o] & !m) | (b & m);
+        }
+        ConfigEffects {
+            msix_control_changed: self.msix_control() != before_msix,
+            command_changed: self.command() != before_cmd,
+        }
+    }
+
+    /// Back to the power-on values.
+    pub fn reset(&mut self) {
+        self.data = self.power_on;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> ConfigLayout {
+        ConfigLayout {
+            vendor: 0x1af4,
+            device: 0x1001,
+            subsys_vendor: 0x1af4,
+            subsys_id: 2,
+            revision: 0,
+            class: [0x01, 0x00, 0x00],
+            int_pin: 1,
+            bars: vec![(BarKind::Io, 0x80), (BarKind::Mem32, 0x1000)],
+            msix: Some(MsixCap {
+                offset: 0x40,
+                vectors: 2,
+                table: 1,
+                pba: 0x801,
+            }),
+        }
+    }
+
+    #[test]
+    fn identity_and_caps() {
+        let c = ConfigSpace::new(&layout());
+        assert_eq!(c.read32(0), 0x1001_1af4);
+        assert_eq!(c.read32(0x08) >> 8, 0x010000);
+        assert_eq!(c.read32(0x2c), 0x0002_1af4);
+        assert_eq!(c.data[CAP_PTR], 0x40);
+        assert_eq!(c.read16(STATUS) & STATUS_CAP_LIST, STATUS_CAP_LIST);
+        assert_eq!(c.read16(0x42), 1);
+        assert_eq!(c.data[INT_PIN], 1);
+    }
+
+    #[test]
+    fn bar_probes() {
+        let mut c = ConfigSpace::new(&layout());
+        c.write(0x10, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(c.read32(0x10), 0xffff_ff81);
+        c.write(0x14, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(c.read32(0x14), 0xffff_f000);
+        // Address-mask-only probe of a memory BAR.
+        c.write(0x14, &0xffff_fff0u32.to_le_bytes());
+        assert_eq!(c.read32(0x14), 0xffff_f000);
+        c.write(0x14, &0xfebf_1000u32.to_le_bytes());
+        assert_eq!(c.read32(0x14), 0xfebf_1000);
+        // Unused BARs and the ROM BAR read 0 whatever is written.
+        for off in [0x18, 0x1c, 0x20, 0x24, 0x30] {
+            c.write(off, &0xffff_ffffu32.to_le_bytes());
+            assert_eq!(c.read32(off), 0, "offset {off:#x}");
+        }
+    }
+
+    #[test]
+    fn straddling_write_and_masks() {
+        let mut c = ConfigSpace::new(&layout());
+        // 4 bytes at 0x04: command (writable bits only) + status (read-only).
+        let fx = c.write(0x04, &0xffff_ffffu32.to_le_bytes());
+        assert!(fx.command_changed);
+        assert_eq!(c.command(), 0x0547);
+        assert_eq!(c.read16(STATUS), STATUS_CAP_LIST);
+        // Vendor/device are read-only.
+        c.write(0x00, &[0, 0, 0, 0]);
+        assert_eq!(c.read32(0), 0x1001_1af4);
+        // A write straddling the MSI-X control: only enable/mask bits move.
+        let fx = c.write(0x41, &[0xff, 0xff, 0xff]);
+        assert!(fx.msix_control_changed);
+        assert_eq!(c.read16(0x42), 0xc001);
+        assert_eq!(c.msix_control(), (true, true));
+        assert_eq!(c.data[0x41], 0);
+        c.reset();
+        assert_eq!(c.msix_control(), (false, false));
+        assert_eq!(c.command(), 0);
+    }
+}

@@ -1,0 +1,256 @@
+//! The PCI function: config space, BAR0 (an I/O BAR whose contents belong to
+//! the function's logic, e.g. a legacy virtio register block), BAR1 (the
+//! MSI-X table and PBA), and the interrupt eventfds.
+//!
+//! This layer knows PCI and MSI-X; what lives behind BAR0 is a [`IoBar`]
+//! supplied by the caller, so nothing here knows about virtio-blk.
+
+pub mod config;
+pub mod irq;
+
+use std::sync::Arc;
+
+use log::{debug, info};
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR1_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS,
+    VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+
+use crate::vfio_user::{Device, Errno, IrqInfo, IrqSet, RegionInfo};
+use config::{BarKind, ConfigLayout, ConfigSpace, MsixCap, CONFIG_SIZE};
+pub use irq::Interrupts;
+
+/// The logic behind BAR0. Accesses are bounds-checked against `size()` by
+/// the caller, and may have any width and any offset.
+pub trait IoBar: Send {
+    /// Size of the BAR in bytes: a power of two.
+    fn size(&self) -> u32;
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
+    /// Function-level reset: stop all activity, back to power-on state.
+    fn reset(&mut self);
+    /// Stop using guest memory and wait for in-flight work.
+    fn quiesce(&mut self);
+    fn resume(&mut self);
+    /// The guest changed the bus-master enable bit.
+    fn bus_master_changed(&mut self, enabled: bool);
+}
+
+/// BAR1 layout: MSI-X table at 0, PBA at 0x800, 4 KiB in all.
+pub const MSIX_BAR_SIZE: u32 = 0x1000;
+pub const MSIX_TABLE_OFFSET: u64 = 0;
+pub const MSIX_PBA_OFFSET: u64 = 0x800;
+const MSIX_ENTRY_SIZE: usize = 16;
+/// The MSI-X capability's place in config space.
+pub const MSIX_CAP_OFFSET: usize = 0x40;
+/// Most vectors that fit the table in front of the PBA.
+pub const MAX_MSIX_VECTORS: u16 = 128;
+
+/// PCI identity of the function.
+#[derive(Clone, Copy, Debug)]
+pub struct Identity {
+    pub vendor: u16,
+    pub device: u16,
+    pub subsys_vendor: u16,
+    pub subsys_id: u16,
+    pub revision: u8,
+    pub class: [u8; 3],
+}
+
+pub struct PciFunction<B: IoBar> {
+    config: ConfigSpace,
+    bar0: B,
+    /// Our copy of the MSI-X table. QEMU emulates the table itself and never
+    /// sends table accesses; other clients may.
+    msix_table: Vec<u8>,
+    irqs: Arc<Interrupts>,
+}
+
+impl<B: IoBar> PciFunction<B> {
+    /// `irqs` must have been created with the number of MSI-X vectors the
+    /// function exposes (1..=MAX_MSIX_VECTORS).
+    pub fn new(id: Identity, bar0: B, irqs: Arc<Interrupts>) -> PciFunction<B> {
+        let vectors = irqs.msix_vectors();
+        assert!((1..=MAX_MSIX_VECTORS).contains(&vectors));
+        let layout = ConfigLayout {
+            vendor: id.vendor,
+            device: id.device,
+            subsys_vendor: id.subsys_vendor,
+            subsys_id: id.subsys_id,
+            revision: id.revision,
+            class: id.class,
+            int_pin: 1,
+            bars: vec![(BarKind::Io, bar0.size()), (BarKind::Mem32, MSIX_BAR_SIZE)],
+            msix: Some(MsixCap {
+                offset: MSIX_CAP_OFFSET,
+                vectors,
+                // BIR 1 in the low 3 bits, offsets 8-byte aligned above them.
+                table: u32::try_from(MSIX_TABLE_OFFSET).unwrap_or(0) | 1,
+                pba: u32::try_from(MSIX_PBA_OFFSET).unwrap_or(0) | 1,
+            }),
+        };
+        let mut f = PciFunction {
+            config: ConfigSpace::new(&layout),
+            bar0,
+            msix_table: Vec::new(),
+            irqs,
+        };
+        f.reset_msix_table();
+        f
+    }
+
+    pub fn bar0(&self) -> &B {
+        &self.bar0
+    }
+
+    pub fn interrupts(&self) -> &Arc<Interrupts> {
+        &self.irqs
+    }
+
+    fn reset_msix_table(&mut self) {
+        let n = usize::from(self.irqs.msix_vectors());
+        self.msix_table = vec![0; n * MSIX_ENTRY_SIZE];
+        // Every vector starts masked (vector control bit 0), as the spec says.
+        for e in self.msix_table.chunks_mut(MSIX_ENTRY_SIZE) {
+            e[12] = 1;
+        }
+    }
+
+    fn table_len(&self) -> u64 {
+        self.msix_table.len() as u64
+    }
+
+    fn bar1_read(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            let o = offset + i as u64;
+            *b = if o < self.table_len() {
+                self.msix_table[usize::try_from(o).unwrap_or(0)]
+            } else if o >= MSIX_PBA_OFFSET {
+                let bit = o - MSIX_PBA_OFFSET;
+                let word = self
+                    .irqs
+                    .pending_word(usize::try_from(bit / 8).unwrap_or(0));
+                word.to_le_bytes()[usize::try_from(bit % 8).unwrap_or(0)]
+            } else {
+                0
+            };
+        }
+    }
+
+    fn bar1_write(&mut self, offset: u64, data: &[u8]) {
+        // The table is plain storage: masking is the client's business (QEMU
+        // emulates the table and swaps eventfds when the guest masks a
+        // vector), so our copy does not gate delivery. The PBA and the gap
+        // are read-only.
+        for (i, &b) in data.iter().enumerate() {
+            if let Some(slot) = usize::try_from(offset + i as u64)
+                .ok()
+                .and_then(|o| self.msix_table.get_mut(o))
+            {
+                *slot = b;
+            }
+        }
+    }
+}
+
+impl<B: IoBar> Device for PciFunction<B> {
+    fn num_regions(&self) -> u32 {
+        VFIO_PCI_NUM_REGIONS
+    }
+
+    fn num_irqs(&self) -> u32 {
+        VFIO_PCI_NUM_IRQS
+    }
+
+    fn region_info(&self, index: u32) -> RegionInfo {
+        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+        let size = match index {
+            VFIO_PCI_BAR0_REGION_INDEX => u64::from(self.bar0.size()),
+            VFIO_PCI_BAR1_REGION_INDEX => u64::from(MSIX_BAR_SIZE),
+            VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE as u64,
+            _ => return RegionInfo::default(),
+        };
+        RegionInfo { size, flags: rw }
+    }
+
+    fn irq_info(&self, index: u32) -> IrqInfo {
+        let count = match index {
+            VFIO_PCI_INTX_IRQ_INDEX | VFIO_PCI_ERR_IRQ_INDEX => 1,
+            VFIO_PCI_MSIX_IRQ_INDEX => u32::from(self.irqs.msix_vectors()),
+            _ => 0,
+        };
+        let flags = if index == VFIO_PCI_INTX_IRQ_INDEX {
+            VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED
+        } else {
+            VFIO_IRQ_INFO_EVENTFD
+        };
+        IrqInfo { flags, count }
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
+        match index {
+            VFIO_PCI_CONFIG_REGION_INDEX => self
+                .config
+                .read(usize::try_from(offset).map_err(|_| libc::EINVAL)?, data),
+            VFIO_PCI_BAR0_REGION_INDEX => self.bar0.read(offset, data),
+            VFIO_PCI_BAR1_REGION_INDEX => self.bar1_read(offset, data),
+            _ => return Err(libc::EINVAL),
+        }
+        Ok(())
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        match index {
+            VFIO_PCI_CONFIG_REGION_INDEX => {
+                let off = usize::try_from(offset).map_err(|_| libc::EINVAL)?;
+                let before_bm = self.config.command() & config::COMMAND_BUS_MASTER != 0;
+                let fx = self.config.write(off, data);
+                if fx.msix_control_changed {
+                    let (enabled, masked) = self.config.msix_control();
+                    info!(
+                        "MSI-X {} (function mask {masked})",
+                        if enabled { "enabled" } else { "disabled" }
+                    );
+                    self.irqs.set_msix_control(enabled, masked);
+                }
+                if fx.command_changed {
+                    let bm = self.config.command() & config::COMMAND_BUS_MASTER != 0;
+                    if bm != before_bm {
+                        debug!("bus mastering {}", if bm { "enabled" } else { "disabled" });
+                        self.bar0.bus_master_changed(bm);
+                    }
+                }
+            }
+            VFIO_PCI_BAR0_REGION_INDEX => self.bar0.write(offset, data),
+            VFIO_PCI_BAR1_REGION_INDEX => self.bar1_write(offset, data),
+            _ => return Err(libc::EINVAL),
+        }
+        Ok(())
+    }
+
+    fn set_irqs(&mut self, set: IrqSet) -> Result<(), Errno> {
+        self.irqs.set_irqs(set)
+    }
+
+    fn reset(&mut self) {
+        self.bar0.reset();
+        self.config.reset();
+        self.reset_msix_table();
+        self.irqs.reset();
+    }
+
+    fn quiesce(&mut self) {
+        self.bar0.quiesce();
+    }
+
+    fn resume(&mut self) {
+        self.bar0.resume();
+    }
+
+    fn disconnect(&mut self) {
+        self.reset();
+        self.irqs.drop_descriptors();
+    }
+}

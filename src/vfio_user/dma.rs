@@ -1,0 +1,323 @@
+//! The DMA map table: the guest-memory windows the client gave us with
+//! DMA_MAP, exposed to the rest of the process as vm-memory guest memory.
+//!
+//! Windows with a descriptor are mapped shared; windows without one (ROM, or
+//! guest RAM that is not shareable) are recorded so that their unmap matches,
+//! but are not part of the guest memory, so any DMA into them fails cleanly as
+//! an unmapped address.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use log::{info, warn};
+use vfio_bindings::bindings::vfio::{
+    VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DMA_UNMAP_FLAG_ALL,
+    VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
+};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+};
+
+/// The guest memory the device sees. Cheap to clone; readers take a snapshot
+/// with `memory()` and keep using it even while the table changes.
+pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Page size we support for windows (the `pgsizes` we advertise).
+pub const DMA_PAGE_SIZE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DmaError {
+    #[error("window of size 0")]
+    EmptyWindow,
+    #[error("window {iova:#x}+{size:#x} (file offset {offset:#x}) wraps or is not {DMA_PAGE_SIZE}-aligned")]
+    BadWindow { iova: u64, size: u64, offset: u64 },
+    #[error("unknown DMA_MAP flags {0:#x}")]
+    BadMapFlags(u32),
+    #[error("window {iova:#x}+{size:#x} overlaps an existing window")]
+    Overlap { iova: u64, size: u64 },
+    #[error("too many DMA windows (limit {0})")]
+    TooMany(usize),
+    #[error("mmap of window {iova:#x}+{size:#x} failed: {reason}")]
+    Mmap {
+        iova: u64,
+        size: u64,
+        reason: String,
+    },
+    #[error("no window is exactly {iova:#x}+{size:#x}")]
+    NoSuchWindow { iova: u64, size: u64 },
+    #[error("unsupported DMA_UNMAP flags {0:#x}")]
+    BadUnmapFlags(u32),
+    #[error("unmap-all must give address 0 and size 0")]
+    BadUnmapAll,
+}
+
+impl DmaError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            DmaError::Overlap { .. } => libc::EEXIST,
+            DmaError::TooMany(_) => libc::ENOSPC,
+            DmaError::NoSuchWindow { .. } => libc::ENOENT,
+            DmaError::BadUnmapFlags(_) => libc::ENOTSUP,
+            _ => libc::EINVAL,
+        }
+    }
+}
+
+struct Window {
+    iova: u64,
+    size: u64,
+    /// Present when the window is reachable through guest memory.
+    region: Option<Arc<GuestRegionMmap>>,
+}
+
+/// The per-connection table of DMA windows.
+pub struct DmaTable {
+    windows: Vec<Window>,
+    max_windows: usize,
+    memory: GuestMemoryHandle,
+}
+
+impl DmaTable {
+    pub fn new(memory: GuestMemoryHandle, max_windows: usize) -> DmaTable {
+        DmaTable {
+            windows: Vec::new(),
+            max_windows,
+            memory,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.windows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty()
+    }
+
+    pub fn set_max_windows(&mut self, max: usize) {
+        self.max_windows = max;
+    }
+
+    /// Adds a window. Adding never invalidates what readers already hold, so
+    /// it needs no quiesce.
+    pub fn map(
+        &mut self,
+        iova: u64,
+        size: u64,
+        offset: u64,
+        flags: u32,
+        fd: Option<OwnedFd>,
+    ) -> Result<(), DmaError> {
+        if size == 0 {
+            return Err(DmaError::EmptyWindow);
+        }
+        let aligned = |v: u64| v.is_multiple_of(DMA_PAGE_SIZE);
+        if iova.checked_add(size).is_none()
+            || offset.checked_add(size).is_none()
+            || !aligned(iova)
+            || !aligned(size)
+            || !aligned(offset)
+            || i64::try_from(offset).is_err()
+        {
+            return Err(DmaError::BadWindow { iova, size, offset });
+        }
+        if flags & !(VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE) != 0 {
+            return Err(DmaError::BadMapFlags(flags));
+        }
+        let end = iova + size;
+        if self
+            .windows
+            .iter()
+            .any(|w| iova < w.iova + w.size && w.iova < end)
+        {
+            return Err(DmaError::Overlap { iova, size });
+        }
+        if self.windows.len() >= self.max_windows {
+            return Err(DmaError::TooMany(self.max_windows));
+        }
+
+        let writable = flags & VFIO_DMA_MAP_FLAG_WRITE != 0;
+        let region = match fd {
+            Some(fd) if writable => Some(Arc::new(map_window(iova, size, offset, fd)?)),
+            Some(_) => {
+                // A read-only window (ROM). Virtio buffers never live there,
+                // and a read-only mapping would fault on a device write, so
+                // it is not made reachable.
+                info!("DMA window {iova:#x}+{size:#x} is read-only; not used for device DMA");
+                None
+            }
+            None => {
+                if writable {
+                    warn!(
+                        "DMA window {iova:#x}+{size:#x} came without a file descriptor: \
+                         the device cannot reach it. Start QEMU with \
+                         -object memory-backend-memfd,share=on for guest RAM"
+                    );
+                } else {
+                    info!("DMA window {iova:#x}+{size:#x} has no file descriptor (ROM)");
+                }
+                None
+            }
+        };
+        let pos = self.windows.partition_point(|w| w.iova < iova);
+        self.windows.insert(pos, Window { iova, size, region });
+        self.publish();
+        Ok(())
+    }
+
+    /// Removes one window, or all of them. The caller must have quiesced
+    /// every user of guest memory first.
+    pub fn unmap(&mut self, iova: u64, size: u64, flags: u32) -> Result<(), DmaError> {
+        if flags & VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0
+            || flags & !(VFIO_DMA_UNMAP_FLAG_ALL | VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP) != 0
+        {
+            return Err(DmaError::BadUnmapFlags(flags));
+        }
+        if flags & VFIO_DMA_UNMAP_FLAG_ALL != 0 {
+            if iova != 0 || size != 0 {
+                return Err(DmaError::BadUnmapAll);
+            }
+            self.clear();
+            return Ok(());
+        }
+        let pos = self
+            .windows
+            .iter()
+            .position(|w| w.iova == iova && w.size == size)
+            .ok_or(DmaError::NoSuchWindow { iova, size })?;
+        self.windows.remove(pos);
+        self.publish();
+        Ok(())
+    }
+
+    /// Drops every window (disconnect).
+    pub fn clear(&mut self) {
+        self.windows.clear();
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let regions: Vec<_> = self
+            .windows
+            .iter()
+            .filter_map(|w| w.region.clone())
+            .collect();
+        // Windows never overlap and are kept sorted, so the only way this
+        // fails is an empty list, which is the empty memory.
+        let mem = GuestMemoryMmap::from_arc_regions(regions).unwrap_or_default();
+        self.memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(mem);
+    }
+}
+
+fn map_window(iova: u64, size: u64, offset: u64, fd: OwnedFd) -> Result<GuestRegionMmap, DmaError> {
+    let fail = |reason: String| DmaError::Mmap { iova, size, reason };
+    let len = usize::try_from(size).map_err(|_| fail("size does not fit in memory".into()))?;
+    let file = File::from(fd);
+    // MAP_SHARED so that we see the guest's writes and the guest sees ours.
+    let mapping = MmapRegion::build(
+        Some(FileOffset::new(file, offset)),
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    GuestRegionMmap::new(mapping, GuestAddress(iova)).ok_or_else(|| fail("address wraps".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddressSpace};
+
+    fn memfd(size: u64) -> OwnedFd {
+        let f = crate::util::memfd("dma-test").unwrap();
+        f.set_len(size).unwrap();
+        OwnedFd::from(f)
+    }
+
+    const RW: u32 = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+
+    #[test]
+    fn map_read_unmap() {
+        let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
+        let mut t = DmaTable::new(mem.clone(), 16);
+        t.map(0x10000, 0x2000, 0x1000, RW, Some(memfd(0x4000)))
+            .unwrap();
+        mem.memory()
+            .write_obj(0xabu8, GuestAddress(0x11fff))
+            .unwrap();
+        assert_eq!(
+            mem.memory().read_obj::<u8>(GuestAddress(0x11fff)).unwrap(),
+            0xab
+        );
+        assert!(mem.memory().read_obj::<u8>(GuestAddress(0x12000)).is_err());
+        assert_eq!(
+            t.unmap(0x10000, 0x1000, 0),
+            Err(DmaError::NoSuchWindow {
+                iova: 0x10000,
+                size: 0x1000
+            })
+        );
+        t.unmap(0x10000, 0x2000, 0).unwrap();
+        assert!(mem.memory().read_obj::<u8>(GuestAddress(0x11fff)).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_windows() {
+        let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
+        let mut t = DmaTable::new(mem, 2);
+        assert_eq!(t.map(0, 0, 0, RW, None), Err(DmaError::EmptyWindow));
+        assert!(matches!(
+            t.map(u64::MAX - 0xfff, 0x2000, 0, RW, None),
+            Err(DmaError::BadWindow { .. })
+        ));
+        assert!(matches!(
+            t.map(0x800, 0x1000, 0, RW, None),
+            Err(DmaError::BadWindow { .. })
+        ));
+        assert_eq!(
+            t.map(0, 0x1000, 0, 0x80, None),
+            Err(DmaError::BadMapFlags(0x80))
+        );
+        t.map(0, 0x2000, 0, RW, None).unwrap();
+        assert_eq!(
+            t.map(0x1000, 0x1000, 0, RW, None).unwrap_err().errno(),
+            libc::EEXIST
+        );
+        t.map(0x2000, 0x1000, 0, RW, None).unwrap();
+        assert_eq!(
+            t.map(0x3000, 0x1000, 0, RW, None).unwrap_err().errno(),
+            libc::ENOSPC
+        );
+        assert_eq!(
+            t.unmap(0x1000, 0, VFIO_DMA_UNMAP_FLAG_ALL),
+            Err(DmaError::BadUnmapAll)
+        );
+        assert_eq!(t.unmap(0, 0, 1).unwrap_err().errno(), libc::ENOTSUP);
+        t.unmap(0, 0, VFIO_DMA_UNMAP_FLAG_ALL).unwrap();
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn fdless_window_is_unreachable() {
+        let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
+        let mut t = DmaTable::new(mem.clone(), 4);
+        t.map(0, 0x1000, 0, RW, None).unwrap();
+        assert!(mem.memory().read_obj::<u8>(GuestAddress(0)).is_err());
+        // A read-only window with a descriptor is not reachable either.
+        t.map(
+            0x1000,
+            0x1000,
+            0,
+            VFIO_DMA_MAP_FLAG_READ,
+            Some(memfd(0x1000)),
+        )
+        .unwrap();
+        assert!(mem.memory().read_obj::<u8>(GuestAddress(0x1000)).is_err());
+        assert_eq!(t.len(), 2);
+    }
+}

@@ -1,0 +1,645 @@
+//! The server loop: accept one client at a time on a listening socket, read
+//! messages in order, validate them, dispatch to the [`Device`], reply.
+//!
+//! Rules kept on every path: a request gets exactly one reply unless it is
+//! flagged no-reply; an error reply carries a non-zero errno; the payload of
+//! every message is consumed before it is judged, so the stream stays in
+//! sync; descriptors that a request did not use are closed when it is done.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::thread;
+
+use log::{debug, error, info, warn};
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_MASK,
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_ACTION_UNMASK,
+    VFIO_IRQ_SET_DATA_BOOL, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_IRQ_SET_DATA_TYPE_MASK,
+};
+
+use super::dma::{DmaTable, GuestMemoryHandle, DMA_PAGE_SIZE};
+use super::socket::{self, MAX_RECV_FDS};
+use super::wire::*;
+use super::{Device, Errno, IrqAction, IrqData, IrqSet};
+
+/// Limits the server advertises and enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerConfig {
+    /// Largest `count` of a REGION_READ/WRITE.
+    pub max_data_xfer_size: u32,
+    /// Most DMA windows held at once.
+    pub max_dma_maps: u32,
+    /// Most descriptors we take on one message (advertised as max_msg_fds).
+    pub max_msg_fds: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_data_xfer_size: 1 << 20,
+            max_dma_maps: 4096,
+            max_msg_fds: 8,
+        }
+    }
+}
+
+/// Extra room over the largest data transfer for headers and fixed structs.
+/// Nothing legitimate is larger than this; anything that claims to be is
+/// refused before a byte of it is allocated.
+const MSG_OVERHEAD: u32 = 4096;
+
+/// A request the server refuses: the errno for the reply, and why (for the log).
+struct Reject {
+    errno: Errno,
+    why: String,
+}
+
+fn reject<T>(errno: Errno, why: impl Into<String>) -> Result<T, Reject> {
+    Err(Reject {
+        errno,
+        why: why.into(),
+    })
+}
+
+/// How one message ended for the connection.
+enum Next {
+    Continue,
+    Close,
+}
+
+pub struct Server<D: Device> {
+    device: D,
+    dma: DmaTable,
+    config: ServerConfig,
+}
+
+/// Per-connection protocol state.
+struct Conn {
+    stream: UnixStream,
+    negotiated: bool,
+    max_xfer: u32,
+}
+
+fn command_name(cmd: u16) -> &'static str {
+    match cmd {
+        CMD_VERSION => "VERSION",
+        CMD_DMA_MAP => "DMA_MAP",
+        CMD_DMA_UNMAP => "DMA_UNMAP",
+        CMD_DEVICE_GET_INFO => "DEVICE_GET_INFO",
+        CMD_DEVICE_GET_REGION_INFO => "DEVICE_GET_REGION_INFO",
+        CMD_DEVICE_GET_REGION_IO_FDS => "DEVICE_GET_REGION_IO_FDS",
+        CMD_DEVICE_GET_IRQ_INFO => "DEVICE_GET_IRQ_INFO",
+        CMD_DEVICE_SET_IRQS => "DEVICE_SET_IRQS",
+        CMD_REGION_READ => "REGION_READ",
+        CMD_REGION_WRITE => "REGION_WRITE",
+        CMD_DMA_READ => "DMA_READ",
+        CMD_DMA_WRITE => "DMA_WRITE",
+        CMD_DEVICE_RESET => "DEVICE_RESET",
+        _ => "unknown command",
+    }
+}
+
+impl<D: Device> Server<D> {
+    /// `memory` is the guest memory handle the device reads and writes
+    /// through; the server's DMA table fills it in.
+    pub fn new(device: D, memory: GuestMemoryHandle, config: ServerConfig) -> Server<D> {
+        let dma = DmaTable::new(memory, config.max_dma_maps as usize);
+        Server {
+            device,
+            dma,
+            config,
+        }
+    }
+
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// Serves clients one after the other, forever. A client that connects
+    /// while another is being served is told so in the log and disconnected
+    /// at once, rather than left waiting for a reply that cannot come.
+    pub fn run(&mut self, listener: UnixListener) -> io::Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded::<UnixStream>(0);
+        thread::Builder::new()
+            .name("vfio-user-accept".into())
+            .spawn(move || loop {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        if let Err(e) = tx.try_send(stream) {
+                            if e.is_disconnected() {
+                                return;
+                            }
+                            warn!(
+                                "refusing a second client: this device serves one client at a time"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        error!("accept failed: {e}");
+                        thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            })?;
+        while let Ok(stream) = rx.recv() {
+            self.serve(stream);
+        }
+        Ok(())
+    }
+
+    /// Serves one client until it disconnects or breaks the stream, then
+    /// returns the device to its power-on state with no DMA windows and no
+    /// interrupt descriptors, ready for the next client.
+    pub fn serve(&mut self, stream: UnixStream) {
+        info!("client connected");
+        self.dma.set_max_windows(self.config.max_dma_maps as usize);
+        let mut conn = Conn {
+            stream,
+            negotiated: false,
+            max_xfer: self.config.max_data_xfer_size,
+        };
+        let mut payload = Vec::new();
+        loop {
+            match self.handle_one(&mut conn, &mut payload) {
+                Ok(Next::Continue) => {}
+                Ok(Next::Close) => break,
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        warn!("client closed the socket in the middle of a message");
+                    } else {
+                        warn!("connection error: {e}");
+                    }
+                    break;
+                }
+            }
+        }
+        self.device.quiesce();
+        self.dma.clear();
+        self.device.disconnect();
+        self.device.resume();
+        info!("client disconnected; device reset, DMA windows and interrupt descriptors dropped");
+    }
+
+    fn handle_one(&mut self, conn: &mut Conn, payload: &mut Vec<u8>) -> io::Result<Next> {
+        let Some(rh) = socket::recv_header(&conn.stream)? else {
+            return Ok(Next::Close);
+        };
+        let hdr = Header::decode(&rh.bytes);
+        let cap = self.config.max_data_xfer_size.saturating_add(MSG_OVERHEAD);
+        if (hdr.msg_size as usize) < HEADER_SIZE {
+            warn!(
+                "message {} claims size {} < {HEADER_SIZE}: the stream cannot be resynchronised, closing",
+                hdr.msg_id, hdr.msg_size
+            );
+            return Ok(Next::Close);
+        }
+        if hdr.msg_size > cap {
+            warn!(
+                "message {} ({}) claims size {} > limit {cap}: closing",
+                hdr.msg_id,
+                command_name(hdr.command),
+                hdr.msg_size
+            );
+            return Ok(Next::Close);
+        }
+        let body = hdr.msg_size as usize - HEADER_SIZE;
+        payload.clear();
+        payload.resize(body, 0);
+        socket::recv_exact(&conn.stream, payload)?;
+
+        match hdr.msg_type() {
+            FLAG_TYPE_COMMAND => {}
+            FLAG_TYPE_REPLY => {
+                warn!(
+                    "unexpected reply (id {}, command {}) from the client: we sent no request; discarded",
+                    hdr.msg_id, hdr.command
+                );
+                return Ok(Next::Continue);
+            }
+            t => {
+                warn!("message {} has invalid type {t}: closing", hdr.msg_id);
+                return Ok(Next::Close);
+            }
+        }
+
+        let mut close_after = false;
+        let result = if rh.fds_truncated {
+            reject(
+                libc::EINVAL,
+                format!("more than {MAX_RECV_FDS} descriptors; the kernel dropped some"),
+            )
+        } else if rh.fds.len() > self.config.max_msg_fds as usize {
+            reject(
+                libc::EINVAL,
+                format!(
+                    "{} descriptors > max_msg_fds {}",
+                    rh.fds.len(),
+                    self.config.max_msg_fds
+                ),
+            )
+        } else if !conn.negotiated && hdr.command != CMD_VERSION {
+            reject(libc::EINVAL, "VERSION must come first")
+        } else {
+            let r = self.dispatch(conn, hdr.command, payload, rh.fds);
+            if hdr.command == CMD_VERSION && r.is_err() {
+                close_after = true;
+            }
+            r
+        };
+
+        let reply = match result {
+            Ok(body) => {
+                debug!("{} (id {}) ok", command_name(hdr.command), hdr.msg_id);
+                let mut msg = Vec::with_capacity(HEADER_SIZE + body.len());
+                let size = u32::try_from(HEADER_SIZE + body.len()).unwrap_or(u32::MAX);
+                msg.extend_from_slice(
+                    &Header {
+                        msg_id: hdr.msg_id,
+                        command: hdr.command,
+                        msg_size: size,
+                        flags: FLAG_TYPE_REPLY,
+                        error: 0,
+                    }
+                    .encode(),
+                );
+                msg.extend_from_slice(&body);
+                msg
+            }
+            Err(r) => {
+                warn!(
+                    "{} (id {}, command {}) refused with errno {}: {}",
+                    command_name(hdr.command),
+                    hdr.msg_id,
+                    hdr.command,
+                    r.errno,
+                    r.why
+                );
+                Header {
+                    msg_id: hdr.msg_id,
+                    command: hdr.command,
+                    msg_size: HEADER_SIZE_U32,
+                    flags: FLAG_TYPE_REPLY | FLAG_ERROR,
+                    error: r.errno.unsigned_abs(),
+                }
+                .encode()
+                .to_vec()
+            }
+        };
+        if !hdr.no_reply() {
+            socket::send_all(&conn.stream, &reply)?;
+        }
+        Ok(if close_after {
+            Next::Close
+        } else {
+            Next::Continue
+        })
+    }
+
+    fn dispatch(
+        &mut self,
+        conn: &mut Conn,
+        command: u16,
+        p: &[u8],
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<Vec<u8>, Reject> {
+        let takes_fds = matches!(command, CMD_DMA_MAP | CMD_DEVICE_SET_IRQS);
+        if !takes_fds && !fds.is_empty() {
+            return reject(
+                libc::EINVAL,
+                format!("{} descriptors on a command that takes none", fds.len()),
+            );
+        }
+        match command {
+            CMD_VERSION => self.version(conn, p),
+            CMD_DMA_MAP => {
+                need(p, DMA_MAP_SIZE)?;
+                if fds.len() > 1 {
+                    return reject(libc::EINVAL, "DMA_MAP takes at most one descriptor");
+                }
+                let (flags, offset, iova, size) =
+                    (u32_at(p, 4), u64_at(p, 8), u64_at(p, 16), u64_at(p, 24));
+                debug!(
+                    "DMA_MAP {iova:#x}+{size:#x} offset {offset:#x} flags {flags:#x} fd {}",
+                    !fds.is_empty()
+                );
+                self.dma
+                    .map(iova, size, offset, flags, fds.pop())
+                    .map_err(|e| Reject {
+                        errno: e.errno(),
+                        why: e.to_string(),
+                    })?;
+                Ok(Vec::new())
+            }
+            CMD_DMA_UNMAP => {
+                need(p, DMA_UNMAP_SIZE)?;
+                let (flags, iova, size) = (u32_at(p, 4), u64_at(p, 8), u64_at(p, 16));
+                debug!("DMA_UNMAP {iova:#x}+{size:#x} flags {flags:#x}");
+                self.device.quiesce();
+                let r = self.dma.unmap(iova, size, flags);
+                self.device.resume();
+                r.map_err(|e| Reject {
+                    errno: e.errno(),
+                    why: e.to_string(),
+                })?;
+                Ok(p[..DMA_UNMAP_SIZE].to_vec())
+            }
+            CMD_DEVICE_GET_INFO => {
+                need(p, DEVICE_INFO_SIZE)?;
+                argsz_at_least(p, DEVICE_INFO_SIZE)?;
+                let mut out = Vec::with_capacity(DEVICE_INFO_SIZE);
+                out.put_u32(DEVICE_INFO_SIZE_U32);
+                out.put_u32(VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET);
+                out.put_u32(self.device.num_regions());
+                out.put_u32(self.device.num_irqs());
+                Ok(out)
+            }
+            CMD_DEVICE_GET_REGION_INFO => {
+                need(p, REGION_INFO_SIZE)?;
+                argsz_at_least(p, REGION_INFO_SIZE)?;
+                let index = u32_at(p, 8);
+                if index >= self.device.num_regions() {
+                    return reject(libc::EINVAL, format!("no region {index}"));
+                }
+                let info = self.device.region_info(index);
+                let mut out = Vec::with_capacity(REGION_INFO_SIZE);
+                out.put_u32(REGION_INFO_SIZE_U32);
+                out.put_u32(info.flags);
+                out.put_u32(index);
+                out.put_u32(0); // cap_offset: we have no capabilities
+                out.put_u64(info.size);
+                out.put_u64(0); // mmap offset: nothing is mappable
+                Ok(out)
+            }
+            CMD_DEVICE_GET_IRQ_INFO => {
+                need(p, IRQ_INFO_SIZE)?;
+                argsz_at_least(p, IRQ_INFO_SIZE)?;
+                let index = u32_at(p, 8);
+                if index >= self.device.num_irqs() {
+                    return reject(libc::EINVAL, format!("no IRQ index {index}"));
+                }
+                let info = self.device.irq_info(index);
+                let mut out = Vec::with_capacity(IRQ_INFO_SIZE);
+                out.put_u32(IRQ_INFO_SIZE_U32);
+                out.put_u32(info.flags);
+                out.put_u32(index);
+                out.put_u32(info.count);
+                Ok(out)
+            }
+            CMD_DEVICE_SET_IRQS => {
+                let set = self.parse_irq_set(p, fds)?;
+                debug!("SET_IRQS {set:?}");
+                self.device.set_irqs(set).map_err(|errno| Reject {
+                    errno,
+                    why: "refused by the device".into(),
+                })?;
+                Ok(Vec::new())
+            }
+            CMD_REGION_READ => {
+                let a = RegionAccess::decode(p).ok_or(Reject {
+                    errno: libc::EINVAL,
+                    why: format!("payload of {} bytes, need {REGION_ACCESS_SIZE}", p.len()),
+                })?;
+                if p.len() != REGION_ACCESS_SIZE {
+                    return reject(
+                        libc::EINVAL,
+                        format!(
+                            "payload of {} bytes, expected {REGION_ACCESS_SIZE}",
+                            p.len()
+                        ),
+                    );
+                }
+                self.check_access(conn, &a)?;
+                let count = a.count as usize;
+                let mut out = Vec::with_capacity(REGION_ACCESS_SIZE + count);
+                a.encode_into(&mut out);
+                out.resize(REGION_ACCESS_SIZE + count, 0);
+                if count > 0 {
+                    self.device
+                        .region_read(a.region, a.offset, &mut out[REGION_ACCESS_SIZE..])
+                        .map_err(|errno| Reject {
+                            errno,
+                            why: format!("read of region {} refused", a.region),
+                        })?;
+                }
+                Ok(out)
+            }
+            CMD_REGION_WRITE => {
+                let a = RegionAccess::decode(p).ok_or(Reject {
+                    errno: libc::EINVAL,
+                    why: format!("payload of {} bytes, need {REGION_ACCESS_SIZE}", p.len()),
+                })?;
+                if p.len() - REGION_ACCESS_SIZE != a.count as usize {
+                    return reject(
+                        libc::EINVAL,
+                        format!(
+                            "count {} but {} data bytes",
+                            a.count,
+                            p.len() - REGION_ACCESS_SIZE
+                        ),
+                    );
+                }
+                self.check_access(conn, &a)?;
+                if a.count > 0 {
+                    self.device
+                        .region_write(a.region, a.offset, &p[REGION_ACCESS_SIZE..])
+                        .map_err(|errno| Reject {
+                            errno,
+                            why: format!("write to region {} refused", a.region),
+                        })?;
+                }
+                let mut out = Vec::with_capacity(REGION_ACCESS_SIZE);
+                a.encode_into(&mut out);
+                Ok(out)
+            }
+            CMD_DEVICE_RESET => {
+                self.device.reset();
+                Ok(Vec::new())
+            }
+            CMD_DEVICE_GET_REGION_IO_FDS | CMD_DMA_READ | CMD_DMA_WRITE | 14..=18 => {
+                reject(libc::ENOTSUP, "command not supported by this server")
+            }
+            _ => reject(libc::ENOSYS, "unknown command"),
+        }
+    }
+
+    fn version(&mut self, conn: &mut Conn, p: &[u8]) -> Result<Vec<u8>, Reject> {
+        if conn.negotiated {
+            return reject(libc::EINVAL, "VERSION sent twice");
+        }
+        need(p, 4)?;
+        let major = u16::from_le_bytes([p[0], p[1]]);
+        if major != 0 {
+            return reject(
+                libc::EINVAL,
+                format!("client proposes major version {major}; we speak 0"),
+            );
+        }
+        // The capabilities: JSON text, NUL-terminated when present.
+        let text = &p[4..];
+        let text = text.strip_suffix(&[0]).unwrap_or(text);
+        let caps = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            let v: serde_json::Value = serde_json::from_slice(text).map_err(|e| Reject {
+                errno: libc::EINVAL,
+                why: format!("capabilities JSON: {e}"),
+            })?;
+            v.get("capabilities")
+                .cloned()
+                .unwrap_or(serde_json::Value::Null)
+        };
+        let num = |key: &str, default: u64| -> Result<u64, Reject> {
+            match caps.get(key) {
+                None => Ok(default),
+                Some(v) => v.as_u64().ok_or(Reject {
+                    errno: libc::EINVAL,
+                    why: format!("capability {key} is not a number"),
+                }),
+            }
+        };
+        let cfg = &self.config;
+        let max_msg_fds = num("max_msg_fds", 1)?.min(u64::from(cfg.max_msg_fds));
+        let max_xfer = num("max_data_xfer_size", 1 << 20)?.min(u64::from(cfg.max_data_xfer_size));
+        let max_dma_maps = num("max_dma_maps", 65535)?.min(u64::from(cfg.max_dma_maps));
+        let pgsizes = num("pgsizes", DMA_PAGE_SIZE)? & DMA_PAGE_SIZE;
+        if pgsizes == 0 {
+            return reject(
+                libc::EINVAL,
+                format!("client page sizes do not include {DMA_PAGE_SIZE}"),
+            );
+        }
+        // All of these are at most our own u32 limits now.
+        conn.max_xfer = u32::try_from(max_xfer).unwrap_or(cfg.max_data_xfer_size);
+        self.dma
+            .set_max_windows(usize::try_from(max_dma_maps).unwrap_or(cfg.max_dma_maps as usize));
+        conn.negotiated = true;
+        let json = format!(
+            "{{\"capabilities\":{{\"max_msg_fds\":{max_msg_fds},\"max_data_xfer_size\":{max_xfer},\
+             \"pgsizes\":{pgsizes},\"max_dma_maps\":{max_dma_maps}}}}}"
+        );
+        info!("version 0.0 negotiated: {json}");
+        let mut out = Vec::with_capacity(4 + json.len() + 1);
+        out.put_u16(0);
+        out.put_u16(0);
+        out.extend_from_slice(json.as_bytes());
+        out.push(0);
+        Ok(out)
+    }
+
+    fn check_access(&self, conn: &Conn, a: &RegionAccess) -> Result<(), Reject> {
+        if a.count > conn.max_xfer {
+            return reject(
+                libc::EINVAL,
+                format!("count {} > max_data_xfer_size {}", a.count, conn.max_xfer),
+            );
+        }
+        if a.region >= self.device.num_regions() {
+            return reject(libc::EINVAL, format!("no region {}", a.region));
+        }
+        let size = self.device.region_info(a.region).size;
+        match a.offset.checked_add(u64::from(a.count)) {
+            Some(end) if size > 0 && end <= size => Ok(()),
+            _ => reject(
+                libc::EINVAL,
+                format!(
+                    "access {:#x}+{} outside region {} of size {size:#x}",
+                    a.offset, a.count, a.region
+                ),
+            ),
+        }
+    }
+
+    fn parse_irq_set(&self, p: &[u8], fds: Vec<OwnedFd>) -> Result<IrqSet, Reject> {
+        need(p, IRQ_SET_SIZE)?;
+        let (flags, index, start, count) =
+            (u32_at(p, 4), u32_at(p, 8), u32_at(p, 12), u32_at(p, 16));
+        if flags & !(VFIO_IRQ_SET_DATA_TYPE_MASK | VFIO_IRQ_SET_ACTION_TYPE_MASK) != 0 {
+            return reject(libc::EINVAL, format!("unknown flags {flags:#x}"));
+        }
+        let action = match flags & VFIO_IRQ_SET_ACTION_TYPE_MASK {
+            VFIO_IRQ_SET_ACTION_MASK => IrqAction::Mask,
+            VFIO_IRQ_SET_ACTION_UNMASK => IrqAction::Unmask,
+            VFIO_IRQ_SET_ACTION_TRIGGER => IrqAction::Trigger,
+            a => {
+                return reject(
+                    libc::EINVAL,
+                    format!("action bits {a:#x}: need exactly one"),
+                )
+            }
+        };
+        let data_kind = flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
+        if index >= self.device.num_irqs() {
+            return reject(libc::EINVAL, format!("no IRQ index {index}"));
+        }
+        let avail = self.device.irq_info(index).count;
+        let in_range = start.checked_add(count).is_some_and(|end| end <= avail);
+        let teardown = count == 0
+            && start == 0
+            && action == IrqAction::Trigger
+            && data_kind == VFIO_IRQ_SET_DATA_NONE;
+        if !teardown && (count == 0 || !in_range) {
+            return reject(
+                libc::EINVAL,
+                format!("sub-indices {start}+{count} outside index {index} (count {avail})"),
+            );
+        }
+        let extra = &p[IRQ_SET_SIZE..];
+        let data = match data_kind {
+            VFIO_IRQ_SET_DATA_NONE => {
+                if !fds.is_empty() || !extra.is_empty() {
+                    return reject(libc::EINVAL, "DATA_NONE with data or descriptors");
+                }
+                IrqData::None
+            }
+            VFIO_IRQ_SET_DATA_BOOL => {
+                if !fds.is_empty() || extra.len() != count as usize {
+                    return reject(
+                        libc::EINVAL,
+                        format!("DATA_BOOL needs {count} bytes, got {}", extra.len()),
+                    );
+                }
+                IrqData::Bool(extra.iter().map(|&b| b != 0).collect())
+            }
+            VFIO_IRQ_SET_DATA_EVENTFD => {
+                if !extra.is_empty() || !(fds.is_empty() || fds.len() == count as usize) {
+                    return reject(
+                        libc::EINVAL,
+                        format!(
+                            "DATA_EVENTFD with {} descriptors for {count} sub-indices",
+                            fds.len()
+                        ),
+                    );
+                }
+                IrqData::Eventfds(fds)
+            }
+            d => return reject(libc::EINVAL, format!("data bits {d:#x}: need exactly one")),
+        };
+        Ok(IrqSet {
+            index,
+            action,
+            start,
+            count,
+            data,
+        })
+    }
+}
+
+fn need(p: &[u8], n: usize) -> Result<(), Reject> {
+    if p.len() < n {
+        return reject(
+            libc::EINVAL,
+            format!("payload of {} bytes, need {n}", p.len()),
+        );
+    }
+    Ok(())
+}
+
+/// `argsz` is the reply budget; it must at least hold the fixed reply.
+fn argsz_at_least(p: &[u8], n: usize) -> Result<(), Reject> {
+    let argsz = u32_at(p, 0) as usize;
+    if argsz < n {
+        return reject(libc::EINVAL, format!("argsz {argsz} < {n}"));
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! The framed unix stream with SCM_RIGHTS descriptor passing.
+//!
+//! A message's descriptors ride on its first byte, so the header is received
+//! with `recvmsg` and a control buffer, the payload with plain reads. Received
+//! descriptors become `OwnedFd`s at once, so whatever path drops them closes
+//! them.
+
+use std::io::{self, Read, Write};
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use super::wire::HEADER_SIZE;
+
+/// The most descriptors we accept on one message. QEMU never sends more
+/// than the `max_msg_fds` we advertise (8); room for more lets us see, and
+/// close, what a misbehaving client sends instead of losing track of it.
+pub const MAX_RECV_FDS: usize = 16;
+
+/// What reading a header produced.
+pub struct RecvHeader {
+    pub bytes: [u8; HEADER_SIZE],
+    pub fds: Vec<OwnedFd>,
+    /// The kernel dropped descriptors because they did not fit.
+    pub fds_truncated: bool,
+}
+
+/// Reads one header and the descriptors that came with it. `Ok(None)` is a
+/// clean end of stream before the first byte of a header.
+pub fn recv_header(stream: &UnixStream) -> io::Result<Option<RecvHeader>> {
+    let mut bytes = [0u8; HEADER_SIZE];
+    // Space for MAX_RECV_FDS descriptors in one SCM_RIGHTS message, in u64s so
+    // that the buffer is aligned for cmsghdr.
+    const CMSG_WORDS: usize = (size_of::<libc::cmsghdr>() + MAX_RECV_FDS * 4).div_ceil(8) + 1;
+    let mut cmsg = [0u64; CMSG_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_mut_ptr().cast(),
+        iov_len: HEADER_SIZE,
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = size_of::<[u64; CMSG_WORDS]>();
+
+    let n = loop {
+        // SAFETY: msg points at `iov` (HEADER_SIZE writable bytes of `bytes`)
+        // and at `cmsg` (msg_controllen writable bytes), all alive for the call.
+        let r = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if r >= 0 {
+            break r.unsigned_abs();
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+
+    let mut fds = Vec::new();
+    // SAFETY: msg was filled in by a successful recvmsg; the CMSG_* macros
+    // walk only within msg_control/msg_controllen.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: c is a valid cmsghdr inside the control buffer (see above).
+        let hdr = unsafe { &*c };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN(0) is a pure computation.
+            let data_len = hdr.cmsg_len - unsafe { libc::CMSG_LEN(0) } as usize;
+            let count = data_len / size_of::<RawFd>();
+            // SAFETY: the data of an SCM_RIGHTS cmsg is `count` file descriptors.
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<RawFd>();
+            for i in 0..count {
+                // SAFETY: i < count, inside this cmsg's data; read_unaligned
+                // because the data need not be aligned for RawFd.
+                let raw = unsafe { data.add(i).read_unaligned() };
+                // SAFETY: the kernel just installed this descriptor for us and
+                // nothing else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    let fds_truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
+
+    if n == 0 {
+        return Ok(None);
+    }
+    if n < HEADER_SIZE {
+        // The rest of the header may come in later segments; fds only ride
+        // on the first byte, so a plain read finishes it.
+        let mut rest = stream;
+        rest.read_exact(&mut bytes[n..])?;
+    }
+    Ok(Some(RecvHeader {
+        bytes,
+        fds,
+        fds_truncated,
+    }))
+}
+
+/// Reads exactly `buf.len()` bytes of payload.
+pub fn recv_exact(stream: &UnixStream, buf: &mut [u8]) -> io::Result<()> {
+    let mut s = stream;
+    s.read_exact(buf)
+}
+
+/// Reads and throws away `len` bytes, in bounded chunks.
+pub fn discard(stream: &UnixStream, mut len: usize) -> io::Result<()> {
+    let mut scratch = [0u8; 4096];
+    while len > 0 {
+        let n = len.min(scratch.len());
+        recv_exact(stream, &mut scratch[..n])?;
+        len -= n;
+    }
+    Ok(())
+}
+
+/// Sends one whole message (header and payload in one buffer, so that the
+/// header always leaves in the first write).
+pub fn send_all(stream: &UnixStream, msg: &[u8]) -> io::Result<()> {
+    let mut s = stream;
+    s.write_all(msg)
+}

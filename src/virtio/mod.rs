@@ -1,0 +1,89 @@
+//! Virtio over the legacy (transitional) PCI transport: the register block
+//! in BAR0, feature negotiation (32 bits), the ISR, MSI-X vector registers
+//! and the legacy ring layout.
+//!
+//! This layer knows virtio and the PCI interrupts it raises; what the device
+//! does with its queues belongs to a [`VirtioDevice`] (e.g. virtio-blk), and
+//! nothing here touches files.
+
+pub mod legacy;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use crate::pci::Interrupts;
+
+/// `VIRTIO_MSI_NO_VECTOR`: no vector assigned.
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// Where a driver put one queue, and which vector it signals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub vector: u16,
+}
+
+/// How a device raises its interrupts: MSI-X vector when the driver enabled
+/// MSI-X and assigned one, otherwise the ISR bit and INTx.
+#[derive(Clone)]
+pub struct VirtioInterrupt {
+    isr: Arc<AtomicU8>,
+    irqs: Arc<Interrupts>,
+}
+
+/// ISR bit 0: a queue has used buffers.
+pub const ISR_QUEUE: u8 = 1;
+/// ISR bit 1: the configuration changed.
+pub const ISR_CONFIG: u8 = 2;
+
+impl VirtioInterrupt {
+    pub fn new(isr: Arc<AtomicU8>, irqs: Arc<Interrupts>) -> VirtioInterrupt {
+        VirtioInterrupt { isr, irqs }
+    }
+
+    /// Signals a queue whose driver-assigned vector is `vector`.
+    pub fn signal_queue(&self, vector: u16) {
+        self.signal(vector, ISR_QUEUE);
+    }
+
+    pub fn signal_config(&self, vector: u16) {
+        self.signal(vector, ISR_CONFIG);
+    }
+
+    fn signal(&self, vector: u16, isr_bit: u8) {
+        if self.irqs.msix_enabled() {
+            if vector != NO_VECTOR {
+                self.irqs.signal_msix(vector);
+            }
+        } else {
+            self.isr.fetch_or(isr_bit, Ordering::SeqCst);
+            self.irqs.set_intx_level(true);
+        }
+    }
+}
+
+/// A virtio device behind the transport.
+pub trait VirtioDevice: Send {
+    /// Feature bits offered (legacy: the low 32 only).
+    fn features(&self) -> u32;
+    fn num_queues(&self) -> u16;
+    /// The (fixed, legacy) size of every queue.
+    fn queue_size(&self) -> u16;
+    /// Length of the device config block.
+    fn config_len(&self) -> usize;
+    fn read_config(&self, offset: usize, data: &mut [u8]);
+    fn write_config(&mut self, offset: usize, data: &[u8]);
+    /// The driver set DRIVER_OK: start serving the queues that have an
+    /// address. `features` is what the driver acknowledged.
+    fn activate(&mut self, features: u32, queues: Vec<Option<QueueConfig>>, irq: VirtioInterrupt);
+    /// The driver rang queue `index`'s doorbell.
+    fn notify(&mut self, index: u16);
+    /// Stop serving, wait for in-flight requests, forget the queues.
+    fn reset(&mut self);
+    /// Pause all guest-memory access and wait for in-flight requests.
+    fn quiesce(&mut self);
+    fn resume(&mut self);
+}
