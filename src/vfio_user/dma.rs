@@ -87,6 +87,10 @@ impl DmaTable {
         }
     }
 
+    pub fn memory(&self) -> GuestMemoryHandle {
+        self.memory.clone()
+    }
+
     pub fn len(&self) -> usize {
         self.windows.len()
     }

@@ -50,6 +50,9 @@ impl Default for ServerConfig {
 /// refused before a byte of it is allocated.
 const MSG_OVERHEAD: u32 = 4096;
 
+/// How long a new connection waits for the previous client's teardown.
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A request the server refuses: the errno for the reply, and why (for the log).
 struct Reject {
     errno: Errno,
@@ -117,6 +120,16 @@ impl<D: Device> Server<D> {
         &self.device
     }
 
+    /// The guest memory the DMA table fills in.
+    pub fn memory(&self) -> GuestMemoryHandle {
+        self.dma.memory()
+    }
+
+    /// Number of DMA windows currently mapped.
+    pub fn dma_windows(&self) -> usize {
+        self.dma.len()
+    }
+
     /// Serves clients one after the other, forever. A client that connects
     /// while another is being served is told so in the log and disconnected
     /// at once, rather than left waiting for a reply that cannot come.
@@ -127,13 +140,15 @@ impl<D: Device> Server<D> {
             .spawn(move || loop {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        if let Err(e) = tx.try_send(stream) {
-                            if e.is_disconnected() {
-                                return;
-                            }
-                            warn!(
+                        // A client that just left may still be being torn
+                        // down: give that a moment before calling the
+                        // newcomer a second client.
+                        match tx.send_timeout(stream, HANDOVER_WAIT) {
+                            Ok(()) => {}
+                            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return,
+                            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => warn!(
                                 "refusing a second client: this device serves one client at a time"
-                            );
+                            ),
                         }
                     }
                     Err(e) => {

@@ -1,0 +1,121 @@
+//! The command line: socket permissions, stale sockets, errors, help.
+
+mod support;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::process::Command;
+
+use support::*;
+
+#[test]
+fn socket_is_owner_only() {
+    let srv = ServerProcess::start(&["--disk", "null:1M"]);
+    let md = std::fs::metadata(&srv.socket).unwrap();
+    assert!(md.file_type().is_socket());
+    assert_eq!(
+        md.permissions().mode() & 0o077,
+        0,
+        "no access for group or others"
+    );
+}
+
+#[test]
+fn stale_socket_is_refused_then_replaced_with_force() {
+    let dir = TempDir::new("stale");
+    let sock = dir.path("s.sock");
+    // A stale socket: bound, then its owner went away without removing it.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let out = Command::new(bin())
+        .args(["--socket", sock.to_str().unwrap(), "--disk", "null:1M"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stale socket") && err.contains("--force"),
+        "{err}"
+    );
+    let mut srv = ServerProcess::start_in(dir, &["--disk", "null:1M", "--force"]);
+    fresh_client_works(&srv.socket);
+    srv.assert_alive();
+}
+
+#[test]
+fn a_socket_in_use_is_never_replaced() {
+    let srv = ServerProcess::start(&["--disk", "null:1M"]);
+    let out = Command::new(bin())
+        .args([
+            "--socket",
+            srv.socket.to_str().unwrap(),
+            "--disk",
+            "null:1M",
+            "--force",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    fresh_client_works(&srv.socket);
+}
+
+#[test]
+fn sigterm_removes_the_socket() {
+    let mut srv = ServerProcess::start(&["--disk", "null:1M"]);
+    let pid = i32::try_from(srv.pid()).unwrap();
+    // SAFETY: sending a signal to our own child, by its PID.
+    let r = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(r, 0);
+    let st = srv.child.wait().unwrap();
+    assert!(st.success(), "{st}");
+    assert!(!srv.socket.exists());
+}
+
+#[test]
+fn errors_are_printed_with_their_causes() {
+    let dir = TempDir::new("err");
+    let out = Command::new(bin())
+        .args([
+            "--socket",
+            dir.path("s.sock").to_str().unwrap(),
+            "--disk",
+            dir.path("missing.img").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("opening disk") && err.contains("give --size"),
+        "{err}"
+    );
+    assert!(!dir.path("s.sock").exists(), "no socket left behind");
+}
+
+#[test]
+fn size_creates_a_new_image() {
+    let dir = TempDir::new("create");
+    let img = dir.path("new.img");
+    let srv = ServerProcess::start_in(dir, &["--disk", img.to_str().unwrap(), "--size", "8M"]);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 8 << 20);
+    let mut c = vfio_user::Client::new(&srv.socket).unwrap();
+    let mut cap = [0u8; 8];
+    c.region_read(0, 20, &mut cap).unwrap();
+    assert_eq!(u64::from_le_bytes(cap), (8 << 20) / 512);
+}
+
+#[test]
+fn help_explains_every_option() {
+    let out = Command::new(bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--socket",
+        "--disk",
+        "--size",
+        "--force",
+        "--readonly",
+        "--queues",
+        "--queue-size",
+    ] {
+        assert!(help.contains(opt), "{opt} missing from --help");
+    }
+}

@@ -1,0 +1,318 @@
+//! Test support: start the real server (as a process or on a thread), talk
+//! to it over raw sockets, and clean up whatever happens.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::RawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use vfio_user_blk::cli::{self, BlkFunction, Options};
+use vfio_user_blk::vfio_user::Server;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// A private temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("vub-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The server binary running as a child process; killed (by PID) and its
+/// socket directory removed on drop, even when the test fails.
+pub struct ServerProcess {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub dir: TempDir,
+    pub log: PathBuf,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vfio-user-blk")
+}
+
+impl ServerProcess {
+    /// Starts `vfio-user-blk --socket <tmp>/s.sock <args>` and waits until
+    /// it listens.
+    pub fn start(args: &[&str]) -> ServerProcess {
+        let dir = TempDir::new("srv");
+        Self::start_in(dir, args)
+    }
+
+    pub fn start_in(dir: TempDir, args: &[&str]) -> ServerProcess {
+        let socket = dir.path("s.sock");
+        let log = dir.path("server.log");
+        let child = Command::new(bin())
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start server");
+        let mut s = ServerProcess {
+            child,
+            socket,
+            dir,
+            log,
+        };
+        s.wait_listening();
+        s
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            // The log line comes after bind+listen; the socket file alone
+            // may be a stale one the server is about to replace.
+            if self.socket.exists() && self.log_text().contains("listening on") {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("server exited with {st}: {}", self.log_text());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!("server did not start listening: {}", self.log_text());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Number of descriptors the server process has open.
+    pub fn open_fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn assert_alive(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "server died: {}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::env::var_os("VUB_SHOW_LOGS").is_some() {
+            eprintln!("{}", self.log_text());
+        }
+    }
+}
+
+/// Waits until `f` holds, or panics after a few seconds.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The server in this process, on a thread, serving one client; `finish`
+/// hands the server back for inspection once the client has gone.
+pub struct ThreadServer {
+    pub socket: PathBuf,
+    irqs: std::sync::Arc<vfio_user_blk::pci::Interrupts>,
+    handle: Option<JoinHandle<Server<BlkFunction>>>,
+    _dir: TempDir,
+}
+
+impl ThreadServer {
+    pub fn start(extra: &[&str]) -> ThreadServer {
+        let dir = TempDir::new("thr");
+        let socket = dir.path("s.sock");
+        let mut argv = vec!["vfio-user-blk", "--socket", socket.to_str().unwrap()];
+        argv.extend_from_slice(extra);
+        let opts = Options::parse_from(argv);
+        let mut server = cli::build(&opts).unwrap();
+        let irqs = server.device().interrupts().clone();
+        let listener = UnixListener::bind(&socket).unwrap();
+        let handle = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            server.serve(stream);
+            server
+        });
+        ThreadServer {
+            socket,
+            irqs,
+            handle: Some(handle),
+            _dir: dir,
+        }
+    }
+
+    pub fn interrupts(&self) -> std::sync::Arc<vfio_user_blk::pci::Interrupts> {
+        self.irqs.clone()
+    }
+
+    /// Waits for the served client to disconnect and returns the server.
+    pub fn finish(mut self) -> Server<BlkFunction> {
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+// ---- raw protocol helpers -------------------------------------------------
+
+pub const REPLY: u32 = 1;
+pub const NO_REPLY: u32 = 0x10;
+pub const ERROR: u32 = 0x20;
+
+pub fn header(id: u16, cmd: u16, size: u32, flags: u32) -> Vec<u8> {
+    let mut h = Vec::with_capacity(16);
+    h.extend_from_slice(&id.to_le_bytes());
+    h.extend_from_slice(&cmd.to_le_bytes());
+    h.extend_from_slice(&size.to_le_bytes());
+    h.extend_from_slice(&flags.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h
+}
+
+/// A message: header with the right size, then the payload.
+pub fn message(id: u16, cmd: u16, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = header(id, cmd, u32::try_from(16 + payload.len()).unwrap(), flags);
+    m.extend_from_slice(payload);
+    m
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub id: u16,
+    pub cmd: u16,
+    pub flags: u32,
+    pub error: u32,
+    pub payload: Vec<u8>,
+}
+
+pub struct Raw {
+    pub s: UnixStream,
+    next_id: u16,
+}
+
+impl Raw {
+    pub fn connect(path: &Path) -> Raw {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { s, next_id: 100 }
+    }
+
+    /// Connects and negotiates the version.
+    pub fn negotiated(path: &Path) -> Raw {
+        let mut r = Raw::connect(path);
+        let mut p = vec![0, 0, 0, 0];
+        p.extend_from_slice(br#"{"capabilities":{"max_msg_fds":8}}"#);
+        p.push(0);
+        let rep = r.call(1, &p);
+        assert_eq!(rep.flags & ERROR, 0, "version refused: {rep:?}");
+        r
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+    }
+
+    pub fn send_fds(&mut self, bytes: &[u8], fds: &[RawFd]) {
+        self.s.send_with_fds(&[bytes], fds).unwrap();
+    }
+
+    pub fn id(&mut self) -> u16 {
+        self.next_id = self.next_id.wrapping_add(1);
+        self.next_id
+    }
+
+    pub fn recv(&mut self) -> Reply {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).expect("reply header");
+        let size = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; size - 16];
+        self.s.read_exact(&mut payload).expect("reply payload");
+        Reply {
+            id: u16::from_le_bytes([h[0], h[1]]),
+            cmd: u16::from_le_bytes([h[2], h[3]]),
+            flags: u32::from_le_bytes(h[8..12].try_into().unwrap()),
+            error: u32::from_le_bytes(h[12..16].try_into().unwrap()),
+            payload,
+        }
+    }
+
+    /// Sends a request and returns its reply, checking id and command.
+    pub fn call(&mut self, cmd: u16, payload: &[u8]) -> Reply {
+        self.call_fds(cmd, payload, &[])
+    }
+
+    pub fn call_fds(&mut self, cmd: u16, payload: &[u8], fds: &[RawFd]) -> Reply {
+        let id = self.id();
+        let m = message(id, cmd, 0, payload);
+        if fds.is_empty() {
+            self.send(&m);
+        } else {
+            self.send_fds(&m, fds);
+        }
+        let r = self.recv();
+        assert_eq!((r.id, r.cmd), (id, cmd), "reply does not match request");
+        assert_eq!(r.flags & 0xf, REPLY);
+        r
+    }
+
+    /// True when the server has closed the connection (EOF within 5 s).
+    pub fn closed_by_peer(&mut self) -> bool {
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0))
+    }
+}
+
+pub fn region_read_payload(region: u32, offset: u64, count: u32) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&offset.to_le_bytes());
+    p.extend_from_slice(&region.to_le_bytes());
+    p.extend_from_slice(&count.to_le_bytes());
+    p
+}
+
+/// A fresh client through rust-vmm's Client must work: the proof that the
+/// server survived whatever came before.
+pub fn fresh_client_works(socket: &Path) {
+    let mut c = vfio_user::Client::new(socket).expect("fresh client connects");
+    let mut id = [0u8; 4];
+    c.region_read(7, 0, &mut id).unwrap();
+    assert_eq!(u32::from_le_bytes(id), 0x1001_1af4);
+    c.shutdown().unwrap();
+}
