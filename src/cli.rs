@@ -11,8 +11,10 @@ use clap::Parser;
 use log::info;
 use vm_memory::GuestMemoryMmap;
 
-use crate::backend::{self, DiskSpec};
+use crate::backend::{self, DiskSpec, OpenOptionsDisk};
+use crate::blk::exec::ErrorPolicy;
 use crate::blk::{BlkDevice, BlkOptions};
+use crate::engine::{EngineConfig, PollMode};
 use crate::pci::{self, Identity, Interrupts, PciFunction};
 use crate::util::parse_size;
 use crate::vfio_user::{GuestMemoryHandle, Server, ServerConfig};
@@ -56,6 +58,68 @@ pub struct Options {
     /// Entries per queue (a power of two, at most 1024).
     #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
     pub queue_size: u16,
+
+    /// Serial number reported to the guest (GET_ID; at most 20 bytes).
+    #[arg(long, default_value = "vfio-user-blk", value_parser = parse_serial)]
+    pub serial: String,
+
+    /// Logical block size in bytes reported to the guest (512 or 4096);
+    /// requests must be aligned to it.
+    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+    pub logical_block_size: u32,
+
+    /// Open the image with O_DIRECT (bypass the host page cache). Guest
+    /// buffers that are not aligned go through a bounce buffer.
+    #[arg(long)]
+    pub direct: bool,
+
+    /// Do not offer DISCARD.
+    #[arg(long)]
+    pub no_discard: bool,
+
+    /// Do not offer WRITE_ZEROES.
+    #[arg(long)]
+    pub no_write_zeroes: bool,
+
+    /// Poller threads that watch the queues (queues are spread over them).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub pollers: u16,
+
+    /// CPUs to pin the pollers to, e.g. `2,3` (round-robin over pollers).
+    #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
+    pub cpus: Vec<usize>,
+
+    /// How pollers wait: `busy` spins and tells the guest not to ring
+    /// doorbells (fastest, burns a core each); `adaptive` spins while there
+    /// is work, then sleeps until a doorbell; `interrupt` always waits for
+    /// doorbells.
+    #[arg(long, value_enum, default_value_t = PollMode::Adaptive)]
+    pub poll_mode: PollMode,
+
+    /// Threads that run file I/O (memory disks run on the pollers).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub io_threads: u16,
+
+    /// On a backend error: `report` answers IOERR; `stop` stops the queue
+    /// until the guest resets the device (like QEMU's werror=stop).
+    #[arg(long, value_enum, default_value_t = ErrorPolicy::Report)]
+    pub on_error: ErrorPolicy,
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > 20 {
+        return Err(format!("serial '{s}' is longer than 20 bytes"));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n @ (512 | 1024 | 2048 | 4096)) => Ok(n),
+        _ => Err(format!(
+            "logical block size '{s}' must be 512, 1024, 2048 or 4096"
+        )),
+    }
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -118,8 +182,22 @@ pub type BlkFunction = PciFunction<LegacyTransport<BlkDevice>>;
 
 /// Builds the device and its server from the options.
 pub fn build(opts: &Options) -> Result<Server<BlkFunction>> {
-    let disk = backend::open(&opts.disk, opts.readonly, opts.size)
-        .with_context(|| format!("opening disk {:?}", opts.disk))?;
+    let disk = backend::open(
+        &opts.disk,
+        OpenOptionsDisk {
+            readonly: opts.readonly,
+            create_size: opts.size,
+            direct: opts.direct.then_some(opts.logical_block_size as usize),
+        },
+    )
+    .with_context(|| format!("opening disk {:?}", opts.disk))?;
+    if disk.size % u64::from(opts.logical_block_size) != 0 {
+        bail!(
+            "disk size {} is not a multiple of the logical block size {}",
+            disk.size,
+            opts.logical_block_size
+        );
+    }
     info!(
         "disk {:?}: {} bytes{}",
         disk.spec,
@@ -130,14 +208,27 @@ pub fn build(opts: &Options) -> Result<Server<BlkFunction>> {
     // One vector per queue plus one for configuration changes.
     let vectors = (opts.queues + 1).min(pci::MAX_MSIX_VECTORS);
     let irqs = Arc::new(Interrupts::new(vectors));
-    let blk = BlkDevice::new(BlkOptions {
-        capacity_bytes: disk.size,
-        readonly: opts.readonly,
-        num_queues: opts.queues,
-        queue_size: opts.queue_size,
-        logical_block_size: 512,
-        seg_max: u32::from(opts.queue_size).saturating_sub(2).max(1),
-    });
+    let blk = BlkDevice::new(
+        BlkOptions {
+            capacity_bytes: disk.size,
+            readonly: opts.readonly,
+            num_queues: opts.queues,
+            queue_size: opts.queue_size,
+            logical_block_size: opts.logical_block_size,
+            serial: opts.serial.clone(),
+            discard: !opts.no_discard,
+            write_zeroes: !opts.no_write_zeroes,
+            on_error: opts.on_error,
+        },
+        disk.backend,
+        memory.clone(),
+        EngineConfig {
+            pollers: usize::from(opts.pollers),
+            cpus: opts.cpus.clone(),
+            mode: opts.poll_mode,
+        },
+        usize::from(opts.io_threads),
+    );
     let transport = LegacyTransport::new(blk, irqs.clone());
     let function = PciFunction::new(VIRTIO_BLK_IDENTITY, transport, irqs);
     Ok(Server::new(function, memory, ServerConfig::default()))

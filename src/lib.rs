@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod blk;
 pub mod cli;
+pub mod engine;
 pub mod pci;
 pub mod util;
 pub mod vfio_user;

@@ -1,9 +1,13 @@
 //! Disk backends: where the blocks live. Knows blocks and bytes, nothing of
 //! virtio.
 
-use std::fs::{File, OpenOptions};
+pub mod io;
+
+use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::util::parse_size;
 
@@ -56,18 +60,43 @@ pub enum OpenError {
 }
 
 /// An opened disk.
-#[derive(Debug)]
 pub struct Disk {
     pub spec: DiskSpec,
     pub size: u64,
-    pub file: Option<File>,
     pub readonly: bool,
+    pub backend: Arc<dyn io::Backend>,
+}
+
+/// How to open a disk.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenOptionsDisk {
+    pub readonly: bool,
+    /// Create a missing image file with this size.
+    pub create_size: Option<u64>,
+    /// O_DIRECT, with this alignment (the logical block size).
+    pub direct: Option<usize>,
 }
 
 /// Opens (or, with `create_size`, creates) a disk.
-pub fn open(spec: &DiskSpec, readonly: bool, create_size: Option<u64>) -> Result<Disk, OpenError> {
-    let (size, file) = match spec {
-        DiskSpec::Ram(size) | DiskSpec::Null(size) => (*size, None),
+pub fn open(spec: &DiskSpec, o: OpenOptionsDisk) -> Result<Disk, OpenError> {
+    let readonly = o.readonly;
+    let create_size = o.create_size;
+    let (size, backend): (u64, Arc<dyn io::Backend>) = match spec {
+        DiskSpec::Null(size) => (*size, Arc::new(io::NullBackend)),
+        DiskSpec::Ram(size) => {
+            let f = crate::util::memfd("vfio-user-blk-ram").map_err(|source| OpenError::Open {
+                path: "ram:".into(),
+                source,
+            })?;
+            f.set_len(*size).map_err(|source| OpenError::Size {
+                path: "ram:".into(),
+                source,
+            })?;
+            (
+                *size,
+                Arc::new(io::FileBackend::new(f, false, 512, false, true)),
+            )
+        }
         DiskSpec::File(path) => {
             if !path.exists() {
                 let Some(size) = create_size else {
@@ -90,6 +119,11 @@ pub fn open(spec: &DiskSpec, readonly: bool, create_size: Option<u64>) -> Result
             let mut f = OpenOptions::new()
                 .read(true)
                 .write(!readonly)
+                .custom_flags(if o.direct.is_some() {
+                    libc::O_DIRECT
+                } else {
+                    0
+                })
                 .open(path)
                 .map_err(|source| OpenError::Open {
                     path: path.clone(),
@@ -100,7 +134,17 @@ pub fn open(spec: &DiskSpec, readonly: bool, create_size: Option<u64>) -> Result
                 path: path.clone(),
                 source,
             })?;
-            (size, Some(f))
+            let align = o.direct.unwrap_or(512);
+            (
+                size,
+                Arc::new(io::FileBackend::new(
+                    f,
+                    o.direct.is_some(),
+                    align,
+                    true,
+                    false,
+                )),
+            )
         }
     };
     if size == 0 {
@@ -112,8 +156,8 @@ pub fn open(spec: &DiskSpec, readonly: bool, create_size: Option<u64>) -> Result
     Ok(Disk {
         spec: spec.clone(),
         size,
-        file,
         readonly,
+        backend,
     })
 }
 
@@ -136,19 +180,21 @@ mod tests {
         let p = dir.join("d.img");
         let _ = std::fs::remove_file(&p);
         let spec = DiskSpec::File(p.clone());
-        assert!(matches!(
-            open(&spec, false, None),
-            Err(OpenError::Missing { .. })
-        ));
-        let d = open(&spec, false, Some(1 << 20)).unwrap();
+        let plain = OpenOptionsDisk::default();
+        assert!(matches!(open(&spec, plain), Err(OpenError::Missing { .. })));
+        let create = OpenOptionsDisk {
+            create_size: Some(1 << 20),
+            ..plain
+        };
+        let d = open(&spec, create).unwrap();
         assert_eq!(d.size, 1 << 20);
         std::fs::write(&p, [0u8; 1000]).unwrap();
         assert!(matches!(
-            open(&spec, false, None),
+            open(&spec, plain),
             Err(OpenError::Unaligned(1000))
         ));
         assert!(matches!(
-            open(&DiskSpec::Ram(0), false, None),
+            open(&DiskSpec::Ram(0), plain),
             Err(OpenError::Empty)
         ));
         std::fs::remove_dir_all(&dir).unwrap();

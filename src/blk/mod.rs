@@ -1,13 +1,23 @@
-//! virtio-blk: the device configuration block, the feature set, and (with
-//! the engine) request handling. Knows virtio-blk, nothing of sockets.
+//! virtio-blk: the device configuration block, the feature set, request
+//! validation and execution. Knows virtio-blk, nothing of sockets.
 
 pub mod config;
+pub mod exec;
+pub mod request;
 
-use log::warn;
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use log::info;
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use crate::backend::io::Backend;
+use crate::engine::{Activation, Engine, EngineConfig, IoPool};
+use crate::vfio_user::GuestMemoryHandle;
 use crate::virtio::{QueueConfig, VirtioDevice, VirtioInterrupt};
 pub use config::BlkConfig;
+use exec::{BlkContext, ErrorPolicy};
 
 /// Options of a virtio-blk device.
 #[derive(Clone, Debug)]
@@ -17,26 +27,86 @@ pub struct BlkOptions {
     pub num_queues: u16,
     pub queue_size: u16,
     pub logical_block_size: u32,
-    pub seg_max: u32,
+    pub serial: String,
+    pub discard: bool,
+    pub write_zeroes: bool,
+    pub on_error: ErrorPolicy,
 }
+
+/// Largest segment (descriptor) we accept: SIZE_MAX.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Discard / write-zeroes limits advertised (and enforced).
+pub const MAX_DWZ_SECTORS: u32 = 1 << 22;
+pub const MAX_DWZ_SEGS: u32 = 32;
 
 pub struct BlkDevice {
     opts: BlkOptions,
     config: BlkConfig,
+    backend: Arc<dyn Backend>,
+    memory: GuestMemoryHandle,
+    engine_cfg: EngineConfig,
+    pool: IoPool,
+    engine: Option<Engine>,
+    acked: u32,
+    write_through: Arc<AtomicBool>,
+}
+
+fn bit(b: u32) -> u32 {
+    1 << b
 }
 
 impl BlkDevice {
-    pub fn new(opts: BlkOptions) -> BlkDevice {
+    pub fn new(
+        opts: BlkOptions,
+        backend: Arc<dyn Backend>,
+        memory: GuestMemoryHandle,
+        engine_cfg: EngineConfig,
+        io_threads: usize,
+    ) -> BlkDevice {
         let config = BlkConfig::new(&opts);
-        BlkDevice { opts, config }
+        BlkDevice {
+            opts,
+            config,
+            backend,
+            memory,
+            engine_cfg,
+            pool: IoPool::new(io_threads),
+            engine: None,
+            acked: 0,
+            write_through: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Writes must be durable before they complete unless the driver
+    /// negotiated FLUSH and (with CONFIG_WCE) left the cache in writeback.
+    fn update_write_through(&self) {
+        let flush = self.acked & bit(VIRTIO_BLK_F_FLUSH) != 0;
+        let wce_ctl = self.acked & bit(VIRTIO_BLK_F_CONFIG_WCE) != 0;
+        let wt = !flush || (wce_ctl && !self.config.writeback());
+        self.write_through.store(wt, Ordering::Relaxed);
     }
 }
 
 impl VirtioDevice for BlkDevice {
     fn features(&self) -> u32 {
-        let mut f = (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE);
+        let mut f = bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_SIZE_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_TOPOLOGY)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_CONFIG_WCE)
+            | bit(VIRTIO_BLK_F_MQ)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_RING_F_EVENT_IDX);
         if self.opts.readonly {
-            f |= 1 << VIRTIO_BLK_F_RO;
+            f |= bit(VIRTIO_BLK_F_RO);
+        } else {
+            if self.opts.discard {
+                f |= bit(VIRTIO_BLK_F_DISCARD);
+            }
+            if self.opts.write_zeroes {
+                f |= bit(VIRTIO_BLK_F_WRITE_ZEROES);
+            }
         }
         f
     }
@@ -59,24 +129,80 @@ impl VirtioDevice for BlkDevice {
 
     fn write_config(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
+        self.update_write_through();
     }
 
-    fn activate(
-        &mut self,
-        _features: u32,
-        _queues: Vec<Option<QueueConfig>>,
-        _irq: VirtioInterrupt,
-    ) {
-        warn!("request processing is not implemented in this build: queues are not served");
+    fn activate(&mut self, features: u32, queues: Vec<Option<QueueConfig>>, irq: VirtioInterrupt) {
+        if let Some(e) = self.engine.take() {
+            e.stop();
+        }
+        self.acked = features;
+        self.update_write_through();
+        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let s = self.opts.serial.as_bytes();
+        let n = s.len().min(serial.len());
+        serial[..n].copy_from_slice(&s[..n]);
+        let ctx = Arc::new(BlkContext {
+            backend: self.backend.clone(),
+            capacity: self.opts.capacity_bytes >> request::SECTOR_SHIFT,
+            block: u64::from(self.opts.logical_block_size),
+            readonly: self.opts.readonly,
+            serial,
+            discard: features & bit(VIRTIO_BLK_F_DISCARD) != 0,
+            write_zeroes: features & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+            max_discard_sectors: MAX_DWZ_SECTORS,
+            max_write_zeroes_sectors: MAX_DWZ_SECTORS,
+            max_dwz_segs: MAX_DWZ_SEGS,
+            write_through: self.write_through.clone(),
+            on_error: self.opts.on_error,
+        });
+        info!(
+            "virtio-blk active: write cache {}, event idx {}, indirect {}",
+            if self.write_through.load(Ordering::Relaxed) {
+                "write-through"
+            } else {
+                "writeback"
+            },
+            features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
+            features & bit(VIRTIO_RING_F_INDIRECT_DESC) != 0,
+        );
+        self.engine = Some(Engine::start(
+            &self.engine_cfg,
+            Activation {
+                ctx,
+                memory: self.memory.clone(),
+                queues,
+                event_idx: features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
+                irq,
+            },
+            &self.pool,
+        ));
     }
 
-    fn notify(&mut self, _index: u16) {}
+    fn notify(&mut self, index: u16) {
+        if let Some(e) = &self.engine {
+            e.notify(index);
+        }
+    }
 
     fn reset(&mut self) {
+        if let Some(e) = self.engine.take() {
+            e.stop();
+        }
+        self.acked = 0;
         self.config = BlkConfig::new(&self.opts);
+        self.update_write_through();
     }
 
-    fn quiesce(&mut self) {}
+    fn quiesce(&mut self) {
+        if let Some(e) = &self.engine {
+            e.quiesce();
+        }
+    }
 
-    fn resume(&mut self) {}
+    fn resume(&mut self) {
+        if let Some(e) = &self.engine {
+            e.resume();
+        }
+    }
 }

@@ -1,0 +1,373 @@
+//! Turning a descriptor chain into a virtio-blk request.
+//!
+//! The whole chain is walked and validated before any I/O: the header may be
+//! split over several descriptors, data may be in any number of them, and
+//! the status byte is the last device-writable byte. Errors come in two
+//! kinds: a broken chain (the ring itself is unusable: the queue stops) and
+//! a bad request (answered with a status byte, the queue goes on).
+
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::{desc::split::Descriptor, DescriptorChain};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::backend::io::GuestIov;
+
+pub const SECTOR_SHIFT: u32 = 9;
+pub const SECTOR_SIZE: u64 = 512;
+/// Size of `virtio_blk_outhdr`.
+pub const HEADER_SIZE: usize = 16;
+/// Size of one discard / write-zeroes segment.
+pub const DWZ_SEG_SIZE: usize = 16;
+
+/// A status byte value. Bindings spell them as u32; they all fit in 8 bits.
+pub fn status_u8(s: u32) -> u8 {
+    u8::try_from(s).unwrap_or(u8::MAX)
+}
+
+/// A range of guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seg {
+    pub addr: u64,
+    pub len: u32,
+}
+
+/// The chain cannot be used at all: the queue is broken.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("head index {0} is out of range")]
+    HeadOutOfRange(u16),
+    #[error(
+        "descriptor chain loops, is longer than the queue, or a descriptor is outside guest memory"
+    )]
+    Unterminated,
+}
+
+/// The request is answered with a status, the queue goes on.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("header of {0} bytes, need {HEADER_SIZE}")]
+    ShortHeader(usize),
+    #[error("a device-readable descriptor follows a device-writable one")]
+    ReadableAfterWritable,
+    #[error("buffer {addr:#x}+{len} is outside guest memory (is guest RAM shared? QEMU needs memory-backend-memfd,share=on)")]
+    OutsideMemory { addr: u64, len: u64 },
+    #[error("request of {0} bytes is not a multiple of the block size")]
+    Unaligned(u64),
+    #[error("sectors {sector}+{count} past the end of the disk ({capacity} sectors)")]
+    OutOfRange {
+        sector: u64,
+        count: u64,
+        capacity: u64,
+    },
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    #[error("request type {0} is not supported")]
+    Unsupported(u32),
+    #[error("bad discard/write-zeroes payload: {0}")]
+    BadSegments(String),
+}
+
+impl RequestError {
+    pub fn status(&self) -> u8 {
+        match self {
+            RequestError::Unsupported(_) | RequestError::BadSegments(_) => {
+                status_u8(VIRTIO_BLK_S_UNSUPP)
+            }
+            _ => status_u8(VIRTIO_BLK_S_IOERR),
+        }
+    }
+}
+
+/// A validated chain: its parts, before interpretation.
+#[derive(Debug)]
+pub struct Chain {
+    pub head: u16,
+    pub readable: Vec<Seg>,
+    pub writable: Vec<Seg>,
+    /// The device-writable status byte, if the chain has one.
+    pub status: Option<u64>,
+    pub readable_after_writable: bool,
+}
+
+/// Walks a chain. Descriptor addresses are not checked here (only the
+/// descriptor table is read); buffers are checked when used.
+pub fn walk<M>(chain: DescriptorChain<M>, queue_size: u16) -> Result<Chain, ChainError>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let head = chain.head_index();
+    if head >= queue_size {
+        return Err(ChainError::HeadOutOfRange(head));
+    }
+    let mut c = Chain {
+        head,
+        readable: Vec::new(),
+        writable: Vec::new(),
+        status: None,
+        readable_after_writable: false,
+    };
+    let mut last: Option<Descriptor> = None;
+    for d in chain {
+        if d.len() > 0 {
+            let seg = Seg {
+                addr: d.addr().0,
+                len: d.len(),
+            };
+            if d.is_write_only() {
+                c.writable.push(seg);
+            } else {
+                if !c.writable.is_empty() {
+                    c.readable_after_writable = true;
+                }
+                c.readable.push(seg);
+            }
+        }
+        last = Some(d);
+    }
+    // The iterator stops early, with the last descriptor still pointing on,
+    // on a loop, a too-long chain, or an unreadable descriptor or table.
+    match last {
+        Some(d) if !d.has_next() => {}
+        _ => return Err(ChainError::Unterminated),
+    }
+    // Split off the status byte: the last writable byte.
+    if let Some(seg) = c.writable.last_mut() {
+        c.status = Some(seg.addr + u64::from(seg.len) - 1);
+        seg.len -= 1;
+        if seg.len == 0 {
+            c.writable.pop();
+        }
+    }
+    Ok(c)
+}
+
+/// Total length of segments.
+pub fn total_len(segs: &[Seg]) -> u64 {
+    segs.iter().map(|s| u64::from(s.len)).sum()
+}
+
+/// Copies `buf.len()` bytes starting `skip` bytes into the segments.
+pub fn gather(
+    mem: &GuestMemoryMmap,
+    segs: &[Seg],
+    mut skip: u64,
+    buf: &mut [u8],
+) -> Result<(), RequestError> {
+    let mut done = 0;
+    for s in segs {
+        if done == buf.len() {
+            break;
+        }
+        let len = u64::from(s.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = usize::try_from(len - skip)
+            .unwrap_or(usize::MAX)
+            .min(buf.len() - done);
+        let addr = s.addr + skip;
+        mem.read_slice(&mut buf[done..done + n], GuestAddress(addr))
+            .map_err(|_| RequestError::OutsideMemory {
+                addr,
+                len: n as u64,
+            })?;
+        done += n;
+        skip = 0;
+    }
+    Ok(())
+}
+
+/// Copies `data` into the segments, from their start; returns bytes written.
+pub fn scatter(mem: &GuestMemoryMmap, segs: &[Seg], data: &[u8]) -> Result<usize, RequestError> {
+    let mut done = 0;
+    for s in segs {
+        if done == data.len() {
+            break;
+        }
+        let n = usize::try_from(s.len)
+            .unwrap_or(usize::MAX)
+            .min(data.len() - done);
+        mem.write_slice(&data[done..done + n], GuestAddress(s.addr))
+            .map_err(|_| RequestError::OutsideMemory {
+                addr: s.addr,
+                len: n as u64,
+            })?;
+        done += n;
+    }
+    Ok(done)
+}
+
+/// Host iovecs for the segments, skipping the first `skip` bytes. A segment
+/// may span two DMA windows and becomes two iovecs then.
+pub fn iovecs(
+    mem: &GuestMemoryMmap,
+    segs: &[Seg],
+    mut skip: u64,
+    out: &mut Vec<GuestIov>,
+) -> Result<(), RequestError> {
+    for s in segs {
+        let len = u64::from(s.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let addr = s.addr + skip;
+        let n = len - skip;
+        skip = 0;
+        let outside = RequestError::OutsideMemory { addr, len: n };
+        let count = usize::try_from(n).map_err(|_| outside.clone())?;
+        if !GuestMemoryBackend::check_range(mem, GuestAddress(addr), count) {
+            return Err(outside);
+        }
+        for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), count) {
+            let slice = slice.map_err(|_| outside.clone())?;
+            out.push(GuestIov {
+                ptr: slice.ptr_guard_mut().as_ptr(),
+                len: slice.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes the status byte.
+pub fn write_status(mem: &GuestMemoryMmap, addr: u64, status: u8) -> bool {
+    mem.store(status, GuestAddress(addr), Ordering::Release)
+        .is_ok()
+}
+
+/// The parsed header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub kind: u32,
+    pub sector: u64,
+}
+
+pub fn read_header(mem: &GuestMemoryMmap, c: &Chain) -> Result<Header, RequestError> {
+    let have = total_len(&c.readable);
+    if have < HEADER_SIZE as u64 {
+        return Err(RequestError::ShortHeader(
+            usize::try_from(have).unwrap_or(0),
+        ));
+    }
+    let mut h = [0u8; HEADER_SIZE];
+    gather(mem, &c.readable, 0, &mut h)?;
+    let mut kind = [0u8; 4];
+    kind.copy_from_slice(&h[0..4]);
+    let mut sector = [0u8; 8];
+    sector.copy_from_slice(&h[8..16]);
+    Ok(Header {
+        kind: u32::from_le_bytes(kind),
+        sector: u64::from_le_bytes(sector),
+    })
+}
+
+/// Checks `sector + bytes` against the capacity, in sectors, before any byte
+/// offset is computed; returns the byte offset.
+pub fn check_range(
+    sector: u64,
+    bytes: u64,
+    capacity: u64,
+    block: u64,
+) -> Result<u64, RequestError> {
+    let sectors_per_block = (block / SECTOR_SIZE).max(1);
+    if !bytes.is_multiple_of(block) || !sector.is_multiple_of(sectors_per_block) {
+        return Err(RequestError::Unaligned(bytes));
+    }
+    let count = bytes >> SECTOR_SHIFT;
+    if sector > capacity || count > capacity - sector {
+        return Err(RequestError::OutOfRange {
+            sector,
+            count,
+            capacity,
+        });
+    }
+    Ok(sector << SECTOR_SHIFT)
+}
+
+/// One discard / write-zeroes segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DwzSeg {
+    pub sector: u64,
+    pub num_sectors: u32,
+    pub flags: u32,
+}
+
+pub fn read_dwz_segments(
+    mem: &GuestMemoryMmap,
+    c: &Chain,
+    max_segs: u32,
+) -> Result<Vec<DwzSeg>, RequestError> {
+    let len = total_len(&c.readable) - HEADER_SIZE as u64;
+    if len == 0 || !len.is_multiple_of(DWZ_SEG_SIZE as u64) {
+        return Err(RequestError::BadSegments(format!(
+            "{len} bytes of segments"
+        )));
+    }
+    let n = len / DWZ_SEG_SIZE as u64;
+    if n > u64::from(max_segs) {
+        return Err(RequestError::BadSegments(format!(
+            "{n} segments > {max_segs}"
+        )));
+    }
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut b = [0u8; DWZ_SEG_SIZE];
+        gather(
+            mem,
+            &c.readable,
+            HEADER_SIZE as u64 + i * DWZ_SEG_SIZE as u64,
+            &mut b,
+        )?;
+        let mut s = [0u8; 8];
+        s.copy_from_slice(&b[0..8]);
+        let mut ns = [0u8; 4];
+        ns.copy_from_slice(&b[8..12]);
+        let mut f = [0u8; 4];
+        f.copy_from_slice(&b[12..16]);
+        out.push(DwzSeg {
+            sector: u64::from_le_bytes(s),
+            num_sectors: u32::from_le_bytes(ns),
+            flags: u32::from_le_bytes(f),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_checks_in_sectors() {
+        assert_eq!(check_range(0, 4096, 8, 512), Ok(0));
+        assert_eq!(check_range(7, 512, 8, 512), Ok(7 * 512));
+        assert!(matches!(
+            check_range(7, 1024, 8, 512),
+            Err(RequestError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(9, 0, 8, 512),
+            Err(RequestError::OutOfRange { .. })
+        ));
+        // sector << 9 would wrap: refused before any offset is computed.
+        assert!(matches!(
+            check_range(u64::MAX, 512, 8, 512),
+            Err(RequestError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(0, 100, 8, 512),
+            Err(RequestError::Unaligned(100))
+        ));
+        // 4 KiB logical blocks: the start must be aligned too.
+        assert!(matches!(
+            check_range(1, 4096, 64, 4096),
+            Err(RequestError::Unaligned(_))
+        ));
+        assert_eq!(check_range(8, 4096, 64, 4096), Ok(4096));
+    }
+}

@@ -1,0 +1,462 @@
+//! One poller thread: owns some queues, pops and validates requests, hands
+//! backend work to the pool (or runs it inline for memory disks), and
+//! completes requests: status byte, used entry, one interrupt per batch.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{error, warn};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+
+use super::{Event, Job, PollMode};
+use crate::backend::io::GuestIov;
+use crate::blk::exec::{BlkContext, ErrorPolicy, Op, Prepared};
+use crate::blk::request::{walk, write_status};
+use crate::vfio_user::GuestMemoryHandle;
+use crate::virtio::VirtioInterrupt;
+
+/// In adaptive mode, how long to keep spinning after the last work.
+const ADAPTIVE_SPIN: Duration = Duration::from_micros(200);
+/// Merged reads/writes stay below this many bytes...
+const MERGE_MAX_BYTES: usize = 1 << 20;
+/// ...and this many iovecs.
+const MERGE_MAX_IOVS: usize = 1024;
+
+#[derive(Clone, Copy)]
+struct Pending {
+    status: Option<u64>,
+    used: u32,
+}
+
+pub(crate) struct QueueCtx {
+    pub index: usize,
+    queue: Queue,
+    vector: u16,
+    pending: Vec<Option<Pending>>,
+    in_flight: usize,
+    /// Why the queue stopped, if it did. It stays stopped until reset.
+    broken: Option<String>,
+    /// Used entries were added since the last interrupt decision.
+    added: bool,
+}
+
+impl QueueCtx {
+    pub fn new(index: usize, queue: Queue, vector: u16) -> QueueCtx {
+        let size = usize::from(queue.size());
+        QueueCtx {
+            index,
+            queue,
+            vector,
+            pending: vec![None; size],
+            in_flight: 0,
+            broken: None,
+            added: false,
+        }
+    }
+
+    fn break_queue(&mut self, why: String) {
+        if self.broken.is_none() {
+            error!(
+                "queue {} is broken and stops until the driver resets the device: {why}",
+                self.index
+            );
+            self.broken = Some(why);
+        }
+    }
+}
+
+/// Requests popped in one pass, waiting to be merged and submitted.
+struct Staged {
+    op: Op,
+    iov: Vec<GuestIov>,
+    bytes: usize,
+    heads: Vec<u16>,
+}
+
+pub(crate) struct Poller {
+    queues: Vec<QueueCtx>,
+    ctx: Arc<BlkContext>,
+    memory: GuestMemoryHandle,
+    irq: VirtioInterrupt,
+    mode: PollMode,
+    rx: Receiver<Event>,
+    me: Sender<Event>,
+    pool: Sender<Job>,
+    paused: bool,
+    pause_acks: Vec<Sender<()>>,
+    stopping: bool,
+}
+
+impl Poller {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        queues: Vec<QueueCtx>,
+        ctx: Arc<BlkContext>,
+        memory: GuestMemoryHandle,
+        irq: VirtioInterrupt,
+        mode: PollMode,
+        rx: Receiver<Event>,
+        me: Sender<Event>,
+        pool: Sender<Job>,
+    ) -> Poller {
+        Poller {
+            queues,
+            ctx,
+            memory,
+            irq,
+            mode,
+            rx,
+            me,
+            pool,
+            paused: false,
+            pause_acks: Vec::new(),
+            stopping: false,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queues.iter().map(|q| q.in_flight).sum()
+    }
+
+    pub fn run(mut self) {
+        {
+            let mem = self.memory.memory();
+            for q in &mut self.queues {
+                if !q.queue.is_valid(&*mem) {
+                    q.break_queue("ring is not inside guest memory".into());
+                }
+            }
+            self.set_notifications(&mem, self.mode == PollMode::Interrupt);
+        }
+        let mut last_work = Instant::now();
+        loop {
+            // Events that are already there: completions, doorbells, control.
+            while let Ok(ev) = self.rx.try_recv() {
+                self.handle(ev);
+            }
+            if self.stopping && self.in_flight() == 0 {
+                return;
+            }
+            if self.paused || self.stopping {
+                self.ack_pause_if_idle();
+                if let Ok(ev) = self.rx.recv() {
+                    self.handle(ev);
+                }
+                continue;
+            }
+            let mem = self.memory.memory();
+            let work = self.poll_queues(&mem);
+            self.signal(&mem);
+            if work {
+                last_work = Instant::now();
+                continue;
+            }
+            match self.mode {
+                PollMode::Busy => std::hint::spin_loop(),
+                PollMode::Adaptive if last_work.elapsed() < ADAPTIVE_SPIN => std::hint::spin_loop(),
+                PollMode::Adaptive | PollMode::Interrupt => {
+                    // Ask for doorbells, then look once more: a request
+                    // that arrived before notifications were on would
+                    // otherwise wait for the next one.
+                    if self.set_notifications(&mem, true) {
+                        if self.mode == PollMode::Adaptive {
+                            self.set_notifications(&mem, false);
+                        }
+                        continue;
+                    }
+                    drop(mem);
+                    if let Ok(ev) = self.rx.recv() {
+                        self.handle(ev);
+                    }
+                    if self.mode == PollMode::Adaptive {
+                        let mem = self.memory.memory();
+                        self.set_notifications(&mem, false);
+                    }
+                    last_work = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Turns doorbells on or off on every live queue; with `enable`, says
+    /// whether requests are already waiting.
+    fn set_notifications(&mut self, mem: &GuestMemoryMmap, enable: bool) -> bool {
+        let mut waiting = false;
+        for q in self.queues.iter_mut().filter(|q| q.broken.is_none()) {
+            let r = if enable {
+                q.queue.enable_notification(mem)
+            } else {
+                q.queue.disable_notification(mem).map(|()| false)
+            };
+            match r {
+                Ok(w) => waiting |= w,
+                Err(e) => q.break_queue(format!("cannot update notification state: {e}")),
+            }
+        }
+        waiting
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Kick => {}
+            Event::Done {
+                queue,
+                heads,
+                status,
+                failed,
+            } => {
+                let mem = self.memory.memory();
+                let stop = failed && self.ctx.on_error == ErrorPolicy::Stop;
+                let q = &mut self.queues[queue];
+                for head in heads {
+                    if stop {
+                        // werror=stop: the request is not answered; the
+                        // queue waits for a reset.
+                        q.pending[usize::from(head)] = None;
+                        q.in_flight -= 1;
+                        q.break_queue("backend error with --on-error stop".into());
+                    } else {
+                        complete(q, &mem, head, Some(status));
+                    }
+                }
+                self.signal(&mem);
+            }
+            Event::Pause(ack) => {
+                self.paused = true;
+                self.pause_acks.push(ack);
+            }
+            Event::Resume => self.paused = false,
+            Event::Stop => self.stopping = true,
+        }
+        self.ack_pause_if_idle();
+    }
+
+    fn ack_pause_if_idle(&mut self) {
+        if self.in_flight() == 0 {
+            for a in self.pause_acks.drain(..) {
+                let _ = a.send(());
+            }
+        }
+    }
+
+    /// Pops, validates and submits what the queues hold. True if any
+    /// request was popped.
+    fn poll_queues(&mut self, mem: &vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>) -> bool {
+        let mut work = false;
+        let mem_arc: Option<Arc<GuestMemoryMmap>> = None;
+        let mut mem_arc = mem_arc;
+        for qi in 0..self.queues.len() {
+            let mut staged: Vec<Staged> = Vec::new();
+            {
+                let q = &mut self.queues[qi];
+                if q.broken.is_some() {
+                    continue;
+                }
+                let size = q.queue.size();
+                let chains: Vec<_> = match q.queue.iter(&**mem) {
+                    Ok(it) => it.take(usize::from(size)).collect(),
+                    Err(e) => {
+                        q.break_queue(format!("available ring: {e}"));
+                        continue;
+                    }
+                };
+                if chains.is_empty() {
+                    continue;
+                }
+                work = true;
+                for chain in chains {
+                    let c = match walk(chain, size) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            q.break_queue(e.to_string());
+                            break;
+                        }
+                    };
+                    let slot = usize::from(c.head);
+                    if q.pending[slot].is_some() {
+                        q.break_queue(format!("head {} reused while in flight", c.head));
+                        break;
+                    }
+                    q.in_flight += 1;
+                    match self.ctx.prepare(mem, &c) {
+                        Ok(Prepared::Done { status, used }) => {
+                            q.pending[slot] = Some(Pending {
+                                status: c.status,
+                                used,
+                            });
+                            complete(q, mem, c.head, Some(status));
+                        }
+                        Ok(Prepared::Io { op, iov, used }) => {
+                            q.pending[slot] = Some(Pending {
+                                status: c.status,
+                                used,
+                            });
+                            if c.status.is_none() {
+                                warn!(
+                                    "queue {}: request {} has no status byte; not executed",
+                                    q.index, c.head
+                                );
+                                complete(q, mem, c.head, None);
+                                continue;
+                            }
+                            stage(&mut staged, op, iov, c.head);
+                        }
+                        Err(e) => {
+                            warn!("queue {}: request {}: {e}", q.index, c.head);
+                            q.pending[slot] = Some(Pending {
+                                status: c.status,
+                                used: 1,
+                            });
+                            let st = c.status.map(|_| e.status());
+                            complete(q, mem, c.head, st);
+                        }
+                    }
+                }
+            }
+            if staged.is_empty() {
+                continue;
+            }
+            let arc = mem_arc
+                .get_or_insert_with(|| self.memory.memory().into_inner())
+                .clone();
+            for s in staged {
+                self.submit(qi, s, &arc, mem);
+            }
+        }
+        work
+    }
+
+    fn submit(&mut self, qi: usize, s: Staged, arc: &Arc<GuestMemoryMmap>, mem: &GuestMemoryMmap) {
+        if self.ctx.backend.inline() {
+            let r = self.ctx.execute(&s.op, &s.iov);
+            let status = self.ctx.status_of(&s.op, &r);
+            let failed = r.is_err();
+            if failed && self.ctx.on_error == ErrorPolicy::Stop {
+                let _ = self.me.send(Event::Done {
+                    queue: qi,
+                    heads: s.heads,
+                    status,
+                    failed,
+                });
+                return;
+            }
+            let q = &mut self.queues[qi];
+            for h in s.heads {
+                complete(q, mem, h, Some(status));
+            }
+            return;
+        }
+        let job = Job {
+            ctx: self.ctx.clone(),
+            op: s.op,
+            iov: s.iov,
+            _mem: arc.clone(),
+            queue: qi,
+            heads: s.heads,
+            reply: self.me.clone(),
+        };
+        if let Err(e) = self.pool.send(job) {
+            // The pool is gone (shutting down): fail the requests.
+            let job = e.into_inner();
+            let q = &mut self.queues[qi];
+            for h in job.heads {
+                complete(
+                    q,
+                    mem,
+                    h,
+                    Some(crate::blk::request::status_u8(
+                        virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR,
+                    )),
+                );
+            }
+        }
+    }
+
+    /// One interrupt per queue per batch, if the driver wants it.
+    fn signal(&mut self, mem: &GuestMemoryMmap) {
+        for q in self.queues.iter_mut().filter(|q| q.added) {
+            q.added = false;
+            if q.broken.is_some() {
+                continue;
+            }
+            match q.queue.needs_notification(mem) {
+                Ok(true) => self.irq.signal_queue(q.vector),
+                Ok(false) => {}
+                Err(e) => q.break_queue(format!("reading the used-event index: {e}")),
+            }
+        }
+    }
+}
+
+/// Adds a request to the staged list, merging it into the previous one when
+/// both are reads (or both writes of the same kind) that are contiguous on
+/// disk and the merged request stays within bounds.
+fn stage(staged: &mut Vec<Staged>, op: Op, iov: Vec<GuestIov>, head: u16) {
+    let bytes: usize = iov.iter().map(|v| v.len).sum();
+    if let Some(last) = staged.last_mut() {
+        let end = last.op_offset().map(|o| o + last.bytes as u64);
+        let contiguous = match (&last.op, &op) {
+            (Op::Read(_), Op::Read(o)) => end == Some(*o),
+            (Op::Write { sync: a, .. }, Op::Write { offset: o, sync: b }) => {
+                a == b && end == Some(*o)
+            }
+            _ => false,
+        };
+        if contiguous
+            && last.bytes + bytes <= MERGE_MAX_BYTES
+            && last.iov.len() + iov.len() <= MERGE_MAX_IOVS
+        {
+            last.iov.extend_from_slice(&iov);
+            last.bytes += bytes;
+            last.heads.push(head);
+            return;
+        }
+    }
+    staged.push(Staged {
+        op,
+        iov,
+        bytes,
+        heads: vec![head],
+    });
+}
+
+impl Staged {
+    fn op_offset(&self) -> Option<u64> {
+        match self.op {
+            Op::Read(o) | Op::Write { offset: o, .. } => Some(o),
+            _ => None,
+        }
+    }
+}
+
+/// Finishes one request: status byte, used entry. `status` None means the
+/// chain has no status byte to write.
+fn complete(q: &mut QueueCtx, mem: &GuestMemoryMmap, head: u16, status: Option<u8>) {
+    let Some(p) = q.pending[usize::from(head)].take() else {
+        return;
+    };
+    q.in_flight -= 1;
+    if q.broken.is_some() {
+        return;
+    }
+    let mut used = p.used;
+    match (p.status, status) {
+        (Some(addr), Some(st)) => {
+            if !write_status(mem, addr, st) {
+                warn!(
+                    "queue {}: status byte of request {head} is outside guest memory",
+                    q.index
+                );
+                used = 0;
+            }
+        }
+        _ => used = 0,
+    }
+    if let Err(e) = q.queue.add_used(mem, head, used) {
+        q.break_queue(format!("used ring: {e}"));
+        return;
+    }
+    q.added = true;
+}
