@@ -204,3 +204,141 @@ impl BlkContext {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[derive(Default)]
+    struct Counting {
+        writes: AtomicUsize,
+        flushes: AtomicUsize,
+    }
+
+    impl Backend for Counting {
+        fn read_at(&self, _: &[GuestIov], _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_at(&self, _: &[GuestIov], _: u64) -> io::Result<()> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
+            Ok(())
+        }
+        fn inline(&self) -> bool {
+            true
+        }
+    }
+
+    fn ctx(be: Arc<Counting>, write_through: bool) -> BlkContext {
+        BlkContext {
+            backend: be,
+            capacity: 2048,
+            block: 512,
+            readonly: false,
+            serial: [0; 20],
+            discard: true,
+            write_zeroes: true,
+            max_discard_sectors: 1 << 22,
+            max_write_zeroes_sectors: 1 << 22,
+            max_dwz_segs: 32,
+            write_through: Arc::new(AtomicBool::new(write_through)),
+            on_error: ErrorPolicy::Report,
+        }
+    }
+
+    fn write_chain(mem: &GuestMemoryMmap) -> Chain {
+        let mut h = Vec::new();
+        h.extend_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&4u64.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(0x1000)).unwrap();
+        Chain {
+            head: 0,
+            readable: vec![
+                Seg {
+                    addr: 0x1000,
+                    len: 16,
+                },
+                Seg {
+                    addr: 0x2000,
+                    len: 512,
+                },
+            ],
+            writable: vec![],
+            status: Some(0x3000),
+            readable_after_writable: false,
+        }
+    }
+
+    #[test]
+    fn write_through_flushes_every_write_and_writeback_does_not() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let c = write_chain(&mem);
+        for (wt, flushes) in [(true, 1), (false, 0)] {
+            let be = Arc::new(Counting::default());
+            let ctx = ctx(be.clone(), wt);
+            let Ok(Prepared::Io { op, iov, used }) = ctx.prepare(&mem, &c) else {
+                panic!("a write needs I/O");
+            };
+            assert_eq!(used, 1);
+            ctx.execute(&op, &iov).unwrap();
+            assert_eq!(be.writes.load(Ordering::SeqCst), 1);
+            assert_eq!(
+                be.flushes.load(Ordering::SeqCst),
+                flushes,
+                "write-through {wt}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_requests_get_their_status() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let be = Arc::new(Counting::default());
+        let ctx = ctx(be, false);
+        // Header shorter than 16 bytes.
+        let mut c = write_chain(&mem);
+        c.readable = vec![Seg {
+            addr: 0x1000,
+            len: 12,
+        }];
+        assert_eq!(
+            ctx.prepare(&mem, &c).err(),
+            Some(RequestError::ShortHeader(12))
+        );
+        // Data outside guest memory.
+        let mut c = write_chain(&mem);
+        c.readable[1].addr = 0x20000;
+        let e = ctx.prepare(&mem, &c).err().unwrap();
+        assert!(matches!(e, RequestError::OutsideMemory { .. }));
+        assert_eq!(e.status(), status_u8(VIRTIO_BLK_S_IOERR));
+        // A data buffer that runs off the end of guest memory.
+        let mut c = write_chain(&mem);
+        c.readable[1] = Seg {
+            addr: 0xfe00,
+            len: 1024,
+        };
+        assert!(matches!(
+            ctx.prepare(&mem, &c),
+            Err(RequestError::OutsideMemory { .. })
+        ));
+        // Readable after writable.
+        let mut c = write_chain(&mem);
+        c.readable_after_writable = true;
+        assert_eq!(
+            ctx.prepare(&mem, &c).err(),
+            Some(RequestError::ReadableAfterWritable)
+        );
+    }
+}

@@ -83,7 +83,13 @@ impl BlkDevice {
         let flush = self.acked & bit(VIRTIO_BLK_F_FLUSH) != 0;
         let wce_ctl = self.acked & bit(VIRTIO_BLK_F_CONFIG_WCE) != 0;
         let wt = !flush || (wce_ctl && !self.config.writeback());
-        self.write_through.store(wt, Ordering::Relaxed);
+        let was = self.write_through.swap(wt, Ordering::Relaxed);
+        if was != wt && self.acked != 0 {
+            info!(
+                "write cache now {}",
+                if wt { "write-through" } else { "writeback" }
+            );
+        }
     }
 }
 

@@ -316,3 +316,4 @@ pub fn fresh_client_works(socket: &Path) {
     assert_eq!(u32::from_le_bytes(id), 0x1001_1af4);
     c.shutdown().unwrap();
 }
+pub mod driver;

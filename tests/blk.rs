@@ -1,0 +1,452 @@
+//! virtio-blk end to end: the real server binary, driven by the test
+//! support legacy driver over rust-vmm's client, every byte checked against
+//! the image file.
+
+mod support;
+
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use support::driver::*;
+use support::*;
+
+const MB: u64 = 1 << 20;
+
+struct Setup {
+    srv: ServerProcess,
+    img: std::path::PathBuf,
+}
+
+fn with_image(size: u64, args: &[&str]) -> Setup {
+    let dir = TempDir::new("blk");
+    let img = dir.path("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+    let mut a = vec!["--disk", img.to_str().unwrap()];
+    a.extend_from_slice(args);
+    let a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let srv = ServerProcess::start_in(dir, &a);
+    Setup { srv, img }
+}
+
+fn image_bytes(img: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
+    let f = std::fs::File::open(img).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, off).unwrap();
+    b
+}
+
+fn check_no_panic(srv: &mut ServerProcess) {
+    srv.assert_alive();
+    let log = srv.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn read_write_byte_for_byte_against_the_image() {
+    let mut s = with_image(16 * MB, &[]);
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    assert_eq!(d.capacity(), 16 * MB / 512);
+    let data = pattern(1, 64 * 1024);
+    assert_eq!(d.write(0, 100, &data), S_OK);
+    assert_eq!(image_bytes(&s.img, 100 * 512, data.len()), data);
+    // Data the host put there is read back by the guest.
+    let host = pattern(2, 8192);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.img)
+        .unwrap()
+        .write_all_at(&host, 4096 * 512)
+        .unwrap();
+    let (st, got) = d.read(0, 4096, 8192);
+    assert_eq!(st, S_OK);
+    assert_eq!(got, host);
+    // The used length of a read counts the data and the status byte.
+    let (st, _, used) = d.simple(0, T_IN, 0, vec![], 4096);
+    assert_eq!((st, used), (S_OK, 4097));
+    // Last sector of the disk.
+    assert_eq!(d.write(0, 16 * MB / 512 - 1, &[7u8; 512]), S_OK);
+    assert_eq!(image_bytes(&s.img, 16 * MB - 512, 512), vec![7u8; 512]);
+    check_no_panic(&mut s.srv);
+}
+
+#[test]
+fn any_split_of_header_data_and_status() {
+    let s = with_image(4 * MB, &[]);
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    for (i, layout) in [
+        Layout {
+            split_header: true,
+            ..Default::default()
+        },
+        Layout {
+            data_chunk: 512,
+            ..Default::default()
+        },
+        Layout {
+            data_chunk: 100,
+            split_header: true,
+            ..Default::default()
+        },
+        Layout {
+            indirect: true,
+            data_chunk: 1024,
+            ..Default::default()
+        },
+        Layout {
+            status_with_data: true,
+            ..Default::default()
+        },
+        Layout {
+            status_with_data: true,
+            indirect: true,
+            data_chunk: 300,
+            ..Default::default()
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data = pattern(10 + i as u64, 4096);
+        let sector = 8 * i as u64;
+        let (st, _, _) = d.run(
+            0,
+            &Request {
+                kind: T_OUT,
+                sector,
+                out: data.clone(),
+                in_len: 0,
+                layout,
+            },
+        );
+        assert_eq!(st, S_OK, "write with {layout:?}");
+        assert_eq!(image_bytes(&s.img, sector * 512, 4096), data);
+        let (st, got, used) = d.run(
+            0,
+            &Request {
+                kind: T_IN,
+                sector,
+                out: vec![],
+                in_len: 4096,
+                layout,
+            },
+        );
+        assert_eq!((st, used), (S_OK, 4097), "read with {layout:?}");
+        assert_eq!(got, data);
+    }
+}
+
+#[test]
+fn flush_get_id_and_unknown_types() {
+    let s = with_image(4 * MB, &["--serial", "SERIAL-1234"]);
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    assert_ne!(d.features & F_FLUSH, 0);
+    assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
+    let (st, id, used) = d.simple(0, T_GET_ID, 0, vec![], 20);
+    assert_eq!(st, S_OK);
+    assert_eq!(used, 21);
+    assert_eq!(&id[..11], b"SERIAL-1234");
+    assert!(id[11..].iter().all(|&b| b == 0));
+    for kind in [2u32, 3, 5, 14, 99, 0x8000_0000] {
+        assert_eq!(d.simple(0, kind, 0, vec![], 0).0, S_UNSUPP, "type {kind}");
+    }
+}
+
+#[test]
+fn out_of_range_and_misaligned_requests_fail_without_touching_the_disk() {
+    let s = with_image(MB, &[]);
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let before = std::fs::read(&s.img).unwrap();
+    let last = MB / 512;
+    assert_eq!(d.write(0, last, &[1u8; 512]), S_IOERR);
+    assert_eq!(
+        d.write(0, last - 1, &[1u8; 1024]),
+        S_IOERR,
+        "straddles the end"
+    );
+    assert_eq!(d.write(0, u64::MAX, &[1u8; 512]), S_IOERR);
+    assert_eq!(
+        d.write(0, u64::MAX >> 9, &[1u8; 512]),
+        S_IOERR,
+        "sector << 9 wraps"
+    );
+    assert_eq!(d.write(0, 0, &[1u8; 100]), S_IOERR, "not a sector multiple");
+    assert_eq!(d.read(0, last, 512).0, S_IOERR);
+    assert_eq!(std::fs::read(&s.img).unwrap(), before);
+}
+
+#[test]
+fn read_only_disk_refuses_writes_even_without_the_ro_feature() {
+    let s = with_image(MB, &["--readonly"]);
+    let mut d = Driver::new(
+        &s.srv.socket,
+        DriverOptions {
+            refuse: F_RO,
+            ..Default::default()
+        },
+    );
+    assert_eq!(d.features & (F_RO | F_DISCARD | F_WRITE_ZEROES), 0);
+    let before = std::fs::read(&s.img).unwrap();
+    assert_eq!(d.write(0, 0, &[1u8; 512]), S_IOERR);
+    assert_eq!(
+        d.simple(0, T_WRITE_ZEROES, 0, dwz_segment(0, 8, 0), 0).0,
+        S_UNSUPP
+    );
+    assert_eq!(d.read(0, 0, 512).0, S_OK);
+    assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
+    assert_eq!(std::fs::read(&s.img).unwrap(), before);
+}
+
+#[test]
+fn discard_punches_holes_and_write_zeroes_zeroes() {
+    let s = with_image(4 * MB, &[]);
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    assert_ne!(d.features & F_DISCARD, 0);
+    assert_ne!(d.features & F_WRITE_ZEROES, 0);
+    let data = pattern(3, 256 * 1024);
+    assert_eq!(d.write(0, 0, &data), S_OK);
+    let blocks_before = std::fs::metadata(&s.img)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
+        .unwrap();
+    // Discard 64 KiB at 64 KiB, and write zeroes (unmap) plus zeroes (keep).
+    let mut segs = dwz_segment(128, 128, 0);
+    segs.extend(dwz_segment(384, 8, 0));
+    assert_eq!(d.simple(0, T_DISCARD, 0, segs, 0).0, S_OK);
+    assert_eq!(
+        d.simple(0, T_WRITE_ZEROES, 0, dwz_segment(256, 16, 1), 0).0,
+        S_OK
+    );
+    assert_eq!(
+        d.simple(0, T_WRITE_ZEROES, 0, dwz_segment(300, 4, 0), 0).0,
+        S_OK
+    );
+    let img = image_bytes(&s.img, 0, data.len());
+    let mut want = data.clone();
+    for (sec, n) in [(128usize, 128usize), (384, 8), (256, 16), (300, 4)] {
+        want[sec * 512..(sec + n) * 512].fill(0);
+    }
+    assert_eq!(img, want);
+    let (st, got) = d.read(0, 128, 65536);
+    assert_eq!((st, got), (S_OK, vec![0u8; 65536]));
+    let blocks_after = std::fs::metadata(&s.img)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
+        .unwrap();
+    assert!(
+        blocks_after < blocks_before,
+        "discard released space: {blocks_before} -> {blocks_after}"
+    );
+    // Bad payloads: unknown flags, past the end, ragged segment list.
+    assert_eq!(
+        d.simple(0, T_DISCARD, 0, dwz_segment(0, 8, 1), 0).0,
+        S_UNSUPP
+    );
+    assert_eq!(
+        d.simple(0, T_WRITE_ZEROES, 0, dwz_segment(0, 8, 2), 0).0,
+        S_UNSUPP
+    );
+    assert_eq!(
+        d.simple(0, T_DISCARD, 0, dwz_segment(8192, 8, 0), 0).0,
+        S_IOERR
+    );
+    assert_eq!(d.simple(0, T_DISCARD, 0, vec![0u8; 10], 0).0, S_UNSUPP);
+}
+
+#[test]
+fn discard_and_write_zeroes_can_be_turned_off() {
+    let s = with_image(MB, &["--no-discard", "--no-write-zeroes"]);
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    assert_eq!(d.features & (F_DISCARD | F_WRITE_ZEROES), 0);
+    assert_eq!(
+        d.simple(0, T_DISCARD, 0, dwz_segment(0, 8, 0), 0).0,
+        S_UNSUPP
+    );
+    assert_eq!(
+        d.simple(0, T_WRITE_ZEROES, 0, dwz_segment(0, 8, 0), 0).0,
+        S_UNSUPP
+    );
+}
+
+fn many_in_flight(d: &mut Driver, img: &std::path::Path, q: usize, n: usize, base_sector: u64) {
+    let mut subs = Vec::new();
+    for i in 0..n {
+        let data = pattern(1000 + base_sector + i as u64, 4096);
+        // Indirect, as Linux does: one ring slot per request.
+        let layout = Layout {
+            indirect: true,
+            ..Default::default()
+        };
+        subs.push((
+            d.submit(
+                q,
+                &Request {
+                    kind: T_OUT,
+                    sector: base_sector + 8 * i as u64,
+                    out: data,
+                    in_len: 0,
+                    layout,
+                },
+            ),
+            i,
+        ));
+    }
+    d.kick(q);
+    let used = d.wait_used(q, n, Duration::from_secs(30));
+    assert_eq!(used.len(), n);
+    for (s, _) in &subs {
+        assert_eq!(d.result(s).0, S_OK);
+    }
+    for i in 0..n {
+        let want = pattern(1000 + base_sector + i as u64, 4096);
+        assert_eq!(
+            image_bytes(img, (base_sector + 8 * i as u64) * 512, 4096),
+            want,
+            "request {i}"
+        );
+    }
+    // And read them all back in one go.
+    let mut reads = Vec::new();
+    for i in 0..n {
+        let layout = Layout {
+            indirect: true,
+            ..Default::default()
+        };
+        reads.push(d.submit(
+            q,
+            &Request {
+                kind: T_IN,
+                sector: base_sector + 8 * i as u64,
+                out: vec![],
+                in_len: 4096,
+                layout,
+            },
+        ));
+    }
+    d.kick(q);
+    d.wait_used(q, n, Duration::from_secs(30));
+    for (i, r) in reads.iter().enumerate() {
+        let (st, data) = d.result(r);
+        assert_eq!(st, S_OK);
+        assert_eq!(data, pattern(1000 + base_sector + i as u64, 4096));
+    }
+}
+
+#[test]
+fn two_hundred_fifty_six_in_flight_in_each_poll_mode() {
+    for mode in ["busy", "adaptive", "interrupt"] {
+        let mut s = with_image(16 * MB, &["--poll-mode", mode, "--queue-size", "256"]);
+        let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+        many_in_flight(&mut d, &s.img, 0, 256, 0);
+        // Sequential neighbours are merged; they still complete one by one.
+        many_in_flight(&mut d, &s.img, 0, 64, 4096);
+        check_no_panic(&mut s.srv);
+    }
+}
+
+#[test]
+fn several_queues_on_several_pollers() {
+    let s = with_image(
+        32 * MB,
+        &["--queues", "4", "--pollers", "2", "--io-threads", "3"],
+    );
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    assert_eq!(d.queues.len(), 4);
+    for q in 0..4 {
+        many_in_flight(&mut d, &s.img, q, 64, 8192 * q as u64);
+    }
+}
+
+#[test]
+fn event_idx_on_and_off_and_interrupts_arrive() {
+    for refuse in [0, F_EVENT_IDX] {
+        let s = with_image(4 * MB, &["--poll-mode", "interrupt"]);
+        let mut d = Driver::new(
+            &s.srv.socket,
+            DriverOptions {
+                refuse,
+                ..Default::default()
+            },
+        );
+        assert_eq!(d.features & F_EVENT_IDX == 0, refuse != 0);
+        let _ = d.vectors[1].read();
+        for i in 0..20 {
+            assert_eq!(d.write(0, i * 8, &pattern(i, 4096)), S_OK);
+        }
+        // The queue's MSI-X vector fired.
+        assert!(d.vectors[1].read().unwrap() >= 1);
+    }
+}
+
+#[test]
+fn intx_and_isr_without_msix() {
+    let s = with_image(4 * MB, &["--poll-mode", "interrupt"]);
+    let mut d = Driver::new(
+        &s.srv.socket,
+        DriverOptions {
+            msix: false,
+            ..Default::default()
+        },
+    );
+    assert_eq!(d.capacity(), 4 * MB / 512, "config at 20 without MSI-X");
+    assert_eq!(d.write(0, 0, &[9u8; 512]), S_OK);
+    assert!(d.intx.as_ref().unwrap().read().unwrap() >= 1);
+    // ISR says "queue", and reading clears it.
+    let mut isr = [0u8];
+    d.c.region_read(0, 19, &mut isr).unwrap();
+    assert_eq!(isr[0] & 1, 1);
+    d.c.region_read(0, 19, &mut isr).unwrap();
+    assert_eq!(isr[0], 0);
+}
+
+#[test]
+fn ram_and_null_disks() {
+    let srv = ServerProcess::start(&["--disk", "ram:8M"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let data = pattern(5, 128 * 1024);
+    assert_eq!(d.write(0, 64, &data), S_OK);
+    assert_eq!(d.read(0, 64, data.len()), (S_OK, data));
+    drop(d);
+    let srv = ServerProcess::start(&["--disk", "null:1G", "--poll-mode", "busy"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    assert_eq!(d.capacity(), (1 << 30) / 512);
+    assert_eq!(d.write(0, 64, &[1u8; 4096]), S_OK);
+    assert_eq!(d.read(0, 64, 4096), (S_OK, vec![0u8; 4096]));
+}
+
+#[test]
+fn direct_io_with_aligned_and_misaligned_buffers() {
+    let s = with_image(4 * MB, &["--direct"]);
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let data = pattern(6, 8192);
+    // Buffers at 16-byte alignment: the bounce path.
+    assert_eq!(d.write(0, 16, &data), S_OK);
+    assert_eq!(image_bytes(&s.img, 16 * 512, 8192), data);
+    assert_eq!(d.read(0, 16, 8192), (S_OK, data));
+}
+
+#[test]
+fn logical_block_size_4k() {
+    let s = with_image(4 * MB, &["--logical-block-size", "4096"]);
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    assert_eq!(d.config_u32(20), 4096, "blk_size");
+    assert_eq!(d.write(0, 8, &[3u8; 4096]), S_OK);
+    assert_eq!(d.write(0, 1, &[3u8; 4096]), S_IOERR, "start not 4K-aligned");
+    assert_eq!(d.write(0, 8, &[3u8; 512]), S_IOERR, "length not 4K");
+}
+
+#[test]
+fn flush_makes_writes_durable_with_write_cache_off() {
+    // With WCE off every write is followed by fdatasync before it
+    // completes; we check the data is in the file when the write returns.
+    let s = with_image(4 * MB, &["--poll-mode", "interrupt"]);
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    assert_ne!(d.features & F_CONFIG_WCE, 0);
+    d.set_writeback(false);
+    assert_eq!(d.config_u16(32) & 0xff, 0);
+    let data = pattern(8, 4096);
+    assert_eq!(d.write(0, 0, &data), S_OK);
+    assert_eq!(image_bytes(&s.img, 0, 4096), data);
+    assert!(s.srv.log_text().contains("write cache now write-through"));
+    assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
+    d.set_writeback(true);
+    assert!(s.srv.log_text().contains("write cache now writeback"));
+}

@@ -1,0 +1,617 @@
+//! A small legacy virtio-blk driver for tests, behaving like Linux's
+//! virtio_pci_legacy + virtio_blk, on top of rust-vmm's `vfio_user::Client`
+//! with memfd guest RAM. The rings live in the memfd; the driver writes
+//! descriptors and the available ring, rings doorbells when the device
+//! wants them, and reads the used ring back.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use vfio_bindings::bindings::vfio::*;
+use vfio_user::Client;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+pub const F_RO: u32 = 1 << 5;
+pub const F_FLUSH: u32 = 1 << 9;
+pub const F_CONFIG_WCE: u32 = 1 << 11;
+pub const F_MQ: u32 = 1 << 12;
+pub const F_DISCARD: u32 = 1 << 13;
+pub const F_WRITE_ZEROES: u32 = 1 << 14;
+pub const F_INDIRECT: u32 = 1 << 28;
+pub const F_EVENT_IDX: u32 = 1 << 29;
+
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
+
+/// Where rings and buffers go in guest RAM.
+const RING_BASE: u64 = 0x10000;
+const RING_STRIDE: u64 = 0x10000;
+const BUF_BASE: u64 = 0x100000;
+
+pub struct DriverQueue {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    free: Vec<u16>,
+    avail_idx: u16,
+    kicked_idx: u16,
+    last_used: u16,
+    /// head -> descriptors it uses (to free them)
+    chains: Vec<Vec<u16>>,
+}
+
+/// How one request is laid out in descriptors.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Layout {
+    /// Split the 16-byte header over two descriptors (10 + 6).
+    pub split_header: bool,
+    /// Data split into descriptors of at most this many bytes (0 = one).
+    pub data_chunk: usize,
+    /// Header, data and status in one indirect table.
+    pub indirect: bool,
+    /// Put the status byte in the same descriptor as read data.
+    pub status_with_data: bool,
+}
+
+/// One request.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub kind: u32,
+    pub sector: u64,
+    /// Device-readable payload after the header (write data, segments).
+    pub out: Vec<u8>,
+    /// Device-writable bytes before the status byte (read data, id).
+    pub in_len: usize,
+    pub layout: Layout,
+}
+
+/// A submitted request, to be checked after completion.
+#[derive(Clone, Debug)]
+pub struct Submitted {
+    pub queue: usize,
+    pub head: u16,
+    pub in_addr: u64,
+    pub in_len: usize,
+    pub status_addr: u64,
+}
+
+pub struct Driver {
+    pub c: Client,
+    pub ram: File,
+    pub mem: GuestMemoryMmap,
+    pub ram_size: u64,
+    pub queues: Vec<DriverQueue>,
+    pub features: u32,
+    pub msix: bool,
+    /// vector i's eventfd (0: config, i+1: queue i)
+    pub vectors: Vec<EventFd>,
+    pub intx: Option<EventFd>,
+    next_buf: u64,
+}
+
+fn rd16(c: &mut Client, off: u64) -> u16 {
+    let mut b = [0u8; 2];
+    c.region_read(VFIO_PCI_BAR0_REGION_INDEX, off, &mut b)
+        .unwrap();
+    u16::from_le_bytes(b)
+}
+
+fn rd32(c: &mut Client, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    c.region_read(VFIO_PCI_BAR0_REGION_INDEX, off, &mut b)
+        .unwrap();
+    u32::from_le_bytes(b)
+}
+
+fn wr(c: &mut Client, off: u64, data: &[u8]) {
+    c.region_write(VFIO_PCI_BAR0_REGION_INDEX, off, data)
+        .unwrap();
+}
+
+pub struct DriverOptions {
+    pub ram_size: u64,
+    pub msix: bool,
+    /// Features to refuse even if offered.
+    pub refuse: u32,
+}
+
+impl Default for DriverOptions {
+    fn default() -> Self {
+        DriverOptions {
+            ram_size: 64 << 20,
+            msix: true,
+            refuse: 0,
+        }
+    }
+}
+
+impl Driver {
+    pub fn new(socket: &Path, o: DriverOptions) -> Driver {
+        let c = Client::new(socket).expect("connect");
+        let ram = vfio_user_blk::util::memfd("guest-ram").unwrap();
+        ram.set_len(o.ram_size).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            usize::try_from(o.ram_size).unwrap(),
+            Some(FileOffset::new(ram.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+        let mut d = Driver {
+            c,
+            ram,
+            mem,
+            ram_size: o.ram_size,
+            queues: Vec::new(),
+            features: 0,
+            msix: o.msix,
+            vectors: Vec::new(),
+            intx: None,
+            next_buf: BUF_BASE,
+        };
+        d.c.dma_map(0, 0, o.ram_size, d.ram.as_raw_fd()).unwrap();
+        d.init(o.refuse);
+        d
+    }
+
+    fn cfg_write(&mut self, off: u64, data: &[u8]) {
+        self.c
+            .region_write(VFIO_PCI_CONFIG_REGION_INDEX, off, data)
+            .unwrap();
+    }
+
+    /// The Linux probe sequence.
+    pub fn init(&mut self, refuse: u32) {
+        self.cfg_write(0x04, &0x0005u16.to_le_bytes()); // I/O + bus master
+        let nq_max = 64;
+        if self.msix {
+            self.cfg_write(0x42, &0x8000u16.to_le_bytes());
+            let count = self.c.get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX).unwrap().count;
+            self.vectors = (0..count)
+                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                .collect();
+            let fds: Vec<i32> = self.vectors.iter().map(|e| e.as_raw_fd()).collect();
+            self.c
+                .set_irqs(
+                    VFIO_PCI_MSIX_IRQ_INDEX,
+                    VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                    0,
+                    count,
+                    &fds,
+                )
+                .unwrap();
+        } else {
+            let e = EventFd::new(EFD_NONBLOCK).unwrap();
+            self.c
+                .set_irqs(
+                    VFIO_PCI_INTX_IRQ_INDEX,
+                    VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                    0,
+                    1,
+                    &[e.as_raw_fd()],
+                )
+                .unwrap();
+            self.intx = Some(e);
+        }
+        wr(&mut self.c, 18, &[0]);
+        wr(&mut self.c, 18, &[1]);
+        wr(&mut self.c, 18, &[3]);
+        let host = rd32(&mut self.c, 0);
+        self.features = host & !refuse;
+        wr(&mut self.c, 4, &self.features.to_le_bytes());
+        let nq = if self.features & F_MQ != 0 {
+            usize::from(self.config_u16(34))
+        } else {
+            1
+        };
+        self.queues.clear();
+        for i in 0..nq.min(nq_max) {
+            wr(&mut self.c, 14, &(i as u16).to_le_bytes());
+            let size = rd16(&mut self.c, 12);
+            assert!(size > 0, "queue {i} exists");
+            let base = RING_BASE + RING_STRIDE * i as u64;
+            let (desc, avail, used) = vfio_user_blk::virtio::legacy::legacy_ring_layout(base, size);
+            // Zero the ring memory.
+            self.mem
+                .write_slice(
+                    &vec![0u8; (used + 6 + 8 * u64::from(size) - base) as usize],
+                    GuestAddress(base),
+                )
+                .unwrap();
+            wr(&mut self.c, 8, &((base >> 12) as u32).to_le_bytes());
+            if self.msix {
+                wr(&mut self.c, 22, &((i + 1) as u16).to_le_bytes());
+                assert_eq!(
+                    rd16(&mut self.c, 22),
+                    (i + 1) as u16,
+                    "queue vector accepted"
+                );
+            }
+            self.queues.push(DriverQueue {
+                size,
+                desc,
+                avail,
+                used,
+                free: (0..size).rev().collect(),
+                avail_idx: 0,
+                kicked_idx: 0,
+                last_used: 0,
+                chains: vec![Vec::new(); usize::from(size)],
+            });
+        }
+        if self.msix {
+            wr(&mut self.c, 20, &0u16.to_le_bytes());
+            assert_eq!(rd16(&mut self.c, 20), 0);
+        }
+        wr(&mut self.c, 18, &[7]);
+    }
+
+    /// Device config offset (24 with MSI-X, 20 without).
+    fn cfg_base(&self) -> u64 {
+        if self.msix {
+            24
+        } else {
+            20
+        }
+    }
+
+    pub fn config_u16(&mut self, off: u64) -> u16 {
+        let b = self.cfg_base();
+        rd16(&mut self.c, b + off)
+    }
+
+    pub fn config_u32(&mut self, off: u64) -> u32 {
+        let b = self.cfg_base();
+        rd32(&mut self.c, b + off)
+    }
+
+    pub fn capacity(&mut self) -> u64 {
+        let b = self.cfg_base();
+        let lo = rd32(&mut self.c, b);
+        let hi = rd32(&mut self.c, b + 4);
+        u64::from(lo) | (u64::from(hi) << 32)
+    }
+
+    pub fn set_writeback(&mut self, on: bool) {
+        let b = self.cfg_base();
+        wr(&mut self.c, b + 32, &[u8::from(on)]);
+    }
+
+    /// Resets the device (status 0), as the driver does on remove.
+    pub fn reset(&mut self) {
+        wr(&mut self.c, 18, &[0]);
+        let mut st = [0xffu8];
+        self.c
+            .region_read(VFIO_PCI_BAR0_REGION_INDEX, 18, &mut st)
+            .unwrap();
+        assert_eq!(st[0], 0);
+    }
+
+    /// Allocates guest buffer space (16-byte aligned).
+    pub fn alloc(&mut self, len: usize) -> u64 {
+        let a = self.next_buf;
+        self.next_buf = (self.next_buf + len as u64 + 15) & !15;
+        if self.next_buf > self.ram_size {
+            self.next_buf = BUF_BASE;
+            return self.alloc(len);
+        }
+        a
+    }
+
+    pub fn reset_alloc(&mut self) {
+        self.next_buf = BUF_BASE;
+    }
+
+    fn write_desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = table + 16 * u64::from(i);
+        self.mem.write_obj(addr, GuestAddress(d)).unwrap();
+        self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+        self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+        self.mem.write_obj(next, GuestAddress(d + 14)).unwrap();
+    }
+
+    /// Places a request in the descriptor table and the available ring
+    /// (without ringing the doorbell).
+    pub fn submit(&mut self, q: usize, r: &Request) -> Submitted {
+        let hdr = self.alloc(16);
+        let mut h = Vec::new();
+        h.extend_from_slice(&r.kind.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&r.sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+        let out = self.alloc(r.out.len().max(1));
+        self.mem.write_slice(&r.out, GuestAddress(out)).unwrap();
+        let inb = self.alloc(r.in_len + 1);
+        // Poison read buffers so that unwritten bytes show.
+        self.mem
+            .write_slice(&vec![0xa5; r.in_len + 1], GuestAddress(inb))
+            .unwrap();
+        let status_addr = inb + r.in_len as u64;
+
+        // (addr, len, writable)
+        let mut bufs: Vec<(u64, u32, bool)> = Vec::new();
+        if r.layout.split_header {
+            bufs.push((hdr, 10, false));
+            bufs.push((hdr + 10, 6, false));
+        } else {
+            bufs.push((hdr, 16, false));
+        }
+        let chunk = |len: usize| {
+            if r.layout.data_chunk == 0 {
+                len.max(1)
+            } else {
+                r.layout.data_chunk
+            }
+        };
+        let mut o = 0;
+        while o < r.out.len() {
+            let n = chunk(r.out.len()).min(r.out.len() - o);
+            bufs.push((out + o as u64, n as u32, false));
+            o += n;
+        }
+        let mut i = 0;
+        while i < r.in_len {
+            let n = chunk(r.in_len).min(r.in_len - i);
+            let last = i + n == r.in_len;
+            if last && r.layout.status_with_data {
+                bufs.push((inb + i as u64, n as u32 + 1, true));
+            } else {
+                bufs.push((inb + i as u64, n as u32, true));
+            }
+            i += n;
+        }
+        if !(r.layout.status_with_data && r.in_len > 0) {
+            bufs.push((status_addr, 1, true));
+        }
+        let head = self.place(q, &bufs, r.layout.indirect);
+        Submitted {
+            queue: q,
+            head,
+            in_addr: inb,
+            in_len: r.in_len,
+            status_addr,
+        }
+    }
+
+    /// Writes a chain of buffers as descriptors and publishes its head.
+    pub fn place(&mut self, q: usize, bufs: &[(u64, u32, bool)], indirect: bool) -> u16 {
+        let (desc_table, need) = (self.queues[q].desc, if indirect { 1 } else { bufs.len() });
+        let mut ids = Vec::new();
+        for _ in 0..need {
+            ids.push(self.queues[q].free.pop().expect("free descriptor"));
+        }
+        if indirect {
+            let table = self.alloc(16 * bufs.len());
+            for (k, &(a, l, w)) in bufs.iter().enumerate() {
+                let last = k + 1 == bufs.len();
+                let flags = if w { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+                self.write_desc(table, k as u16, a, l, flags, (k + 1) as u16);
+            }
+            self.write_desc(
+                desc_table,
+                ids[0],
+                table,
+                16 * bufs.len() as u32,
+                DESC_F_INDIRECT,
+                0,
+            );
+        } else {
+            for (k, &(a, l, w)) in bufs.iter().enumerate() {
+                let last = k + 1 == bufs.len();
+                let next = if last { 0 } else { ids[k + 1] };
+                let flags = if w { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+                self.write_desc(desc_table, ids[k], a, l, flags, next);
+            }
+        }
+        let head = ids[0];
+        self.queues[q].chains[usize::from(head)] = ids;
+        self.publish(q, head);
+        head
+    }
+
+    /// Puts a head in the available ring and moves avail.idx.
+    pub fn publish(&mut self, q: usize, head: u16) {
+        let dq = &mut self.queues[q];
+        let slot = dq.avail + 4 + 2 * u64::from(dq.avail_idx % dq.size);
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        dq.avail_idx = dq.avail_idx.wrapping_add(1);
+        let idx = dq.avail_idx;
+        let addr = dq.avail + 2;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem
+            .store(idx, GuestAddress(addr), Ordering::Release)
+            .unwrap();
+    }
+
+    /// Overwrites avail.idx directly (to test a driver that lies).
+    pub fn set_avail_idx(&mut self, q: usize, idx: u16) {
+        let addr = self.queues[q].avail + 2;
+        self.mem
+            .store(idx, GuestAddress(addr), Ordering::Release)
+            .unwrap();
+    }
+
+    /// Rings the doorbell if the device asked for it, as Linux does:
+    /// EVENT_IDX's avail_event, or the used ring's NO_NOTIFY flag.
+    pub fn kick(&mut self, q: usize) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let dq = &mut self.queues[q];
+        let (old, new) = (dq.kicked_idx, dq.avail_idx);
+        dq.kicked_idx = new;
+        let want = if self.features & F_EVENT_IDX != 0 {
+            // Linux's vring_need_event(avail_event, new, old).
+            let ev: u16 = self
+                .mem
+                .load(
+                    GuestAddress(dq.used + 4 + 8 * u64::from(dq.size)),
+                    Ordering::Acquire,
+                )
+                .unwrap();
+            new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags: u16 = self
+                .mem
+                .load(GuestAddress(dq.used), Ordering::Acquire)
+                .unwrap();
+            flags & 1 == 0
+        };
+        if want {
+            self.force_kick(q);
+        }
+        want
+    }
+
+    pub fn force_kick(&mut self, q: usize) {
+        wr(&mut self.c, 16, &(q as u16).to_le_bytes());
+    }
+
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.mem
+            .load(GuestAddress(self.queues[q].used + 2), Ordering::Acquire)
+            .unwrap()
+    }
+
+    /// Collects `n` used entries (head, len), or panics after `timeout`.
+    pub fn wait_used(&mut self, q: usize, n: usize, timeout: Duration) -> Vec<(u16, u32)> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let idx = self.used_idx(q);
+            let dq = &mut self.queues[q];
+            while dq.last_used != idx && out.len() < n {
+                let e = dq.used + 4 + 8 * u64::from(dq.last_used % dq.size);
+                let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
+                let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
+                let head = u16::try_from(id).unwrap();
+                for d in std::mem::take(&mut dq.chains[usize::from(head)]) {
+                    dq.free.push(d);
+                }
+                out.push((head, len));
+                dq.last_used = dq.last_used.wrapping_add(1);
+            }
+            if self.features & F_EVENT_IDX != 0 {
+                // used_event: interrupt me after the next completion.
+                let dq = &self.queues[q];
+                let ue = dq.avail + 4 + 2 * u64::from(dq.size);
+                self.mem
+                    .store(dq.last_used, GuestAddress(ue), Ordering::Release)
+                    .unwrap();
+            }
+            if out.len() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out: {} of {n} completions on queue {q}",
+                    out.len()
+                );
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        out
+    }
+
+    /// Status byte and read data of a completed request.
+    pub fn result(&self, s: &Submitted) -> (u8, Vec<u8>) {
+        let status: u8 = self.mem.read_obj(GuestAddress(s.status_addr)).unwrap();
+        let mut data = vec![0u8; s.in_len];
+        self.mem
+            .read_slice(&mut data, GuestAddress(s.in_addr))
+            .unwrap();
+        (status, data)
+    }
+
+    /// Submits, kicks, waits, and returns the status, data and used length.
+    pub fn run(&mut self, q: usize, r: &Request) -> (u8, Vec<u8>, u32) {
+        let s = self.submit(q, r);
+        self.kick(q);
+        let used = self.wait_used(q, 1, Duration::from_secs(10));
+        assert_eq!(used[0].0, s.head);
+        let (st, data) = self.result(&s);
+        (st, data, used[0].1)
+    }
+
+    pub fn read(&mut self, q: usize, sector: u64, len: usize) -> (u8, Vec<u8>) {
+        let (st, d, _) = self.run(
+            q,
+            &Request {
+                kind: T_IN,
+                sector,
+                out: vec![],
+                in_len: len,
+                layout: Layout::default(),
+            },
+        );
+        (st, d)
+    }
+
+    pub fn write(&mut self, q: usize, sector: u64, data: &[u8]) -> u8 {
+        self.run(
+            q,
+            &Request {
+                kind: T_OUT,
+                sector,
+                out: data.to_vec(),
+                in_len: 0,
+                layout: Layout::default(),
+            },
+        )
+        .0
+    }
+
+    pub fn simple(
+        &mut self,
+        q: usize,
+        kind: u32,
+        sector: u64,
+        out: Vec<u8>,
+        in_len: usize,
+    ) -> (u8, Vec<u8>, u32) {
+        self.run(
+            q,
+            &Request {
+                kind,
+                sector,
+                out,
+                in_len,
+                layout: Layout::default(),
+            },
+        )
+    }
+}
+
+/// One discard / write-zeroes segment.
+pub fn dwz_segment(sector: u64, num: u32, flags: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&sector.to_le_bytes());
+    v.extend_from_slice(&num.to_le_bytes());
+    v.extend_from_slice(&flags.to_le_bytes());
+    v
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
