@@ -37,9 +37,9 @@ pub const F_WRITE_ZEROES: u32 = 1 << 14;
 pub const F_INDIRECT: u32 = 1 << 28;
 pub const F_EVENT_IDX: u32 = 1 << 29;
 
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
-const DESC_F_INDIRECT: u16 = 4;
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_INDIRECT: u16 = 4;
 
 /// Where rings and buffers go in guest RAM.
 const RING_BASE: u64 = 0x10000;
@@ -132,6 +132,8 @@ pub struct DriverOptions {
     pub msix: bool,
     /// Features to refuse even if offered.
     pub refuse: u32,
+    /// Map guest RAM as two DMA windows (halves) instead of one.
+    pub split_dma: bool,
 }
 
 impl Default for DriverOptions {
@@ -140,6 +142,7 @@ impl Default for DriverOptions {
             ram_size: 64 << 20,
             msix: true,
             refuse: 0,
+            split_dma: false,
         }
     }
 }
@@ -167,7 +170,13 @@ impl Driver {
             intx: None,
             next_buf: BUF_BASE,
         };
-        d.c.dma_map(0, 0, o.ram_size, d.ram.as_raw_fd()).unwrap();
+        if o.split_dma {
+            let half = o.ram_size / 2;
+            d.c.dma_map(0, 0, half, d.ram.as_raw_fd()).unwrap();
+            d.c.dma_map(half, half, half, d.ram.as_raw_fd()).unwrap();
+        } else {
+            d.c.dma_map(0, 0, o.ram_size, d.ram.as_raw_fd()).unwrap();
+        }
         d.init(o.refuse);
         d
     }
@@ -318,6 +327,31 @@ impl Driver {
 
     pub fn reset_alloc(&mut self) {
         self.next_buf = BUF_BASE;
+    }
+
+    /// Writes one descriptor of queue `q`'s table by hand.
+    pub fn raw_desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        self.write_desc(self.queues[q].desc, i, addr, len, flags, next);
+    }
+
+    /// Writes a request header at a fresh buffer; returns its address.
+    pub fn header_buf(&mut self, kind: u32, sector: u64) -> u64 {
+        let a = self.alloc(16);
+        let mut h = Vec::new();
+        h.extend_from_slice(&kind.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(a)).unwrap();
+        a
+    }
+
+    pub fn avail_idx(&self, q: usize) -> u16 {
+        self.queues[q].avail_idx
+    }
+
+    /// Sets where the next buffer is allocated.
+    pub fn set_alloc(&mut self, at: u64) {
+        self.next_buf = at;
     }
 
     fn write_desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
