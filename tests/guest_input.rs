@@ -245,7 +245,7 @@ fn a_head_reused_while_in_flight_breaks_the_queue() {
 }
 
 #[test]
-fn rings_outside_guest_memory_break_the_queue() {
+fn rings_outside_guest_memory_are_waited_for_not_served() {
     let (mut srv, _img) = server(4 * MB, &[]);
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     d.reset();
@@ -254,7 +254,7 @@ fn rings_outside_guest_memory_break_the_queue() {
     d.c.region_write(0, 8, &0x0fff_0000u32.to_le_bytes())
         .unwrap();
     d.c.region_write(0, 18, &[7]).unwrap();
-    wait_log(&srv, "not inside guest memory");
+    wait_log(&srv, "ring is not inside guest memory; waiting");
     drop(d);
     serves_again(&mut srv);
 }
@@ -388,6 +388,49 @@ fn backend_errors_answer_ioerr_or_stop_the_queue() {
             assert!(srv.log_text().contains("backend error"));
             assert_eq!(d.read(0, 0, 512).0, S_OK, "the queue goes on");
         }
+        drop(d);
+        serves_again(&mut srv);
+    }
+}
+
+/// Regression (seen with SeaBIOS under QEMU): QEMU removes and re-adds the
+/// RAM window holding the ring while firmware toggles shadow RAM. The queue
+/// must wait for its memory, not break.
+#[test]
+fn ring_unmapped_and_remapped_keeps_working() {
+    use std::os::fd::AsRawFd;
+    for mode in ["busy", "adaptive", "interrupt"] {
+        let (mut srv, img) = server(4 * MB, &["--poll-mode", mode]);
+        let mut d = Driver::new(&srv.socket, DriverOptions::default());
+        assert_eq!(d.write(0, 0, &[1u8; 512]), S_OK);
+        d.c.dma_unmap(0, d.ram_size).unwrap();
+        // A request published while the window is gone...
+        let s = d.submit(
+            0,
+            &Request {
+                kind: T_OUT,
+                sector: 8,
+                out: vec![2u8; 512],
+                in_len: 0,
+                layout: Layout::default(),
+            },
+        );
+        d.force_kick(0);
+        std::thread::sleep(Duration::from_millis(50));
+        // ...is served once the window is back.
+        let fd = d.ram.as_raw_fd();
+        d.c.dma_map(0, 0, d.ram_size, fd).unwrap();
+        d.force_kick(0);
+        let used = d.wait_used(0, 1, Duration::from_secs(10));
+        assert_eq!(used[0].0, s.head);
+        assert_eq!(d.result(&s).0, S_OK);
+        let mut b = [0u8; 512];
+        std::fs::File::open(&img)
+            .unwrap()
+            .read_exact_at(&mut b, 8 * 512)
+            .unwrap();
+        assert_eq!(b, [2u8; 512]);
+        assert!(!srv.log_text().contains("is broken"), "{mode}");
         drop(d);
         serves_again(&mut srv);
     }

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use log::{error, warn};
+use log::{error, info, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{Event, Job, PollMode};
 use crate::backend::io::GuestIov;
@@ -40,6 +40,9 @@ pub(crate) struct QueueCtx {
     broken: Option<String>,
     /// Used entries were added since the last interrupt decision.
     added: bool,
+    /// The ring is not (or no longer) inside guest memory: the queue waits
+    /// for it. QEMU unmaps and remaps windows while firmware runs.
+    waiting_for_memory: bool,
 }
 
 impl QueueCtx {
@@ -53,6 +56,7 @@ impl QueueCtx {
             in_flight: 0,
             broken: None,
             added: false,
+            waiting_for_memory: false,
         }
     }
 
@@ -123,11 +127,6 @@ impl Poller {
     pub fn run(mut self) {
         {
             let mem = self.memory.memory();
-            for q in &mut self.queues {
-                if !q.queue.is_valid(&*mem) {
-                    q.break_queue("ring is not inside guest memory".into());
-                }
-            }
             self.set_notifications(&mem, self.mode == PollMode::Interrupt);
         }
         let mut last_work = Instant::now();
@@ -185,6 +184,10 @@ impl Poller {
     fn set_notifications(&mut self, mem: &GuestMemoryMmap, enable: bool) -> bool {
         let mut waiting = false;
         for q in self.queues.iter_mut().filter(|q| q.broken.is_none()) {
+            if !ring_mapped(&q.queue, mem) {
+                // Nothing to tell a ring that is not mapped; see poll_queues.
+                continue;
+            }
             let r = if enable {
                 q.queue.enable_notification(mem)
             } else {
@@ -253,6 +256,24 @@ impl Poller {
                 let q = &mut self.queues[qi];
                 if q.broken.is_some() {
                     continue;
+                }
+                // The whole ring must be in guest memory before anything is
+                // read from it. A ring outside it is not a broken queue:
+                // during firmware, QEMU unmaps and remaps windows and the
+                // ring comes back.
+                if !ring_mapped(&q.queue, mem) {
+                    if !q.waiting_for_memory {
+                        warn!(
+                            "queue {}: ring is not inside guest memory; waiting until it is mapped",
+                            q.index
+                        );
+                        q.waiting_for_memory = true;
+                    }
+                    continue;
+                }
+                if q.waiting_for_memory {
+                    info!("queue {}: ring is inside guest memory again", q.index);
+                    q.waiting_for_memory = false;
                 }
                 let size = q.queue.size();
                 let chains: Vec<_> = match q.queue.iter(&**mem) {
@@ -459,4 +480,17 @@ fn complete(q: &mut QueueCtx, mem: &GuestMemoryMmap, head: u16, status: Option<u
         return;
     }
     q.added = true;
+}
+
+/// Whether the whole split ring (descriptor table, available ring with
+/// used_event, used ring with avail_event) lies in guest memory. Unlike
+/// `Queue::is_valid` it does not log: it runs on every pass while a queue
+/// waits for its memory.
+fn ring_mapped(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    let n = u64::from(q.size());
+    let ok = |addr: u64, len: u64| {
+        usize::try_from(len)
+            .is_ok_and(|len| GuestMemoryBackend::check_range(mem, GuestAddress(addr), len))
+    };
+    ok(q.desc_table(), 16 * n) && ok(q.avail_ring(), 6 + 2 * n) && ok(q.used_ring(), 6 + 8 * n)
 }

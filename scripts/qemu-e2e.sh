@@ -1,0 +1,328 @@
+#!/usr/bin/env bash
+# End-to-end test with a real guest: QEMU 10.1+ attaches vfio-user-blk with
+# -device vfio-user-pci, and a stock Debian kernel's own virtio_pci (legacy)
+# and virtio_blk drivers use it. Run as root on a Debian-like machine.
+#
+#   scripts/qemu-e2e.sh
+#
+# Exit status: 0 all checks passed, 1 a check failed, 77 skipped (the
+# distribution mirror could not be reached to build the QEMU root).
+#
+# Environment: VUB_E2E_CACHE (root cache, default /var/cache/vfio-user-blk),
+# VUB_DEBIAN_MIRROR (default http://deb.debian.org/debian),
+# VUB_E2E_KEEP=1 keeps the work folder for inspection.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${VUB_E2E_CACHE:-/var/cache/vfio-user-blk}
+MIRROR=${VUB_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+ROOT=$CACHE/trixie-root
+EXIT_SKIP=77
+# shellcheck source=scripts/lib-root.sh
+. "$HERE/scripts/lib-root.sh"
+
+say() { printf 'e2e: %s\n' "$*"; }
+die() { printf 'e2e: FATAL: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot, bind mounts)"
+
+WORK=$(mktemp -d /tmp/vub-e2e.XXXXXX)
+PIDS=()
+ROOT_MOUNTED=""
+cleanup() {
+    local rc=$?
+    for p in "${PIDS[@]}"; do
+        kill "$p" 2>/dev/null || true
+    done
+    for p in "${PIDS[@]}"; do
+        wait "$p" 2>/dev/null || true
+    done
+    if [ -n "$ROOT_MOUNTED" ]; then
+        umount "$ROOT$WORK" 2>/dev/null || umount -l "$ROOT$WORK" 2>/dev/null || true
+        rmdir "$ROOT$WORK" 2>/dev/null || true
+        umount_root_fs "$ROOT"
+    fi
+    if [ "${VUB_E2E_KEEP:-0}" = 1 ]; then
+        say "work folder kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- QEMU ----
+need_pkg() { # command package
+    command -v "$1" >/dev/null 2>&1 && return 0
+    say "installing $2"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2" >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2" >/dev/null 2>&1; }
+}
+
+mirror_reachable() {
+    if command -v curl >/dev/null 2>&1; then
+        curl -sf --max-time 20 -o /dev/null "$MIRROR/dists/trixie-backports/Release"
+    else
+        python3 - "$MIRROR/dists/trixie-backports/Release" <<'PY'
+import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], timeout=20).read(1)
+PY
+    fi
+}
+
+host_qemu_ok() {
+    command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1
+    local v
+    v=$(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+    set -- $v
+    [ "${1:-0}" -gt 10 ] || { [ "${1:-0}" -eq 10 ] && [ "${2:-0}" -ge 1 ]; } || return 1
+    qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vfio-user-pci"'
+}
+
+for c in cpio:cpio xz:xz-utils; do need_pkg "${c%%:*}" "${c##*:}" || die "cannot install ${c##*:}"; done
+
+if host_qemu_ok; then
+    say "using the host's $(qemu-system-x86_64 --version | head -1)"
+    QEMU=(qemu-system-x86_64)
+    need_pkg debootstrap debootstrap || true
+fi
+# The guest kernel, busybox and fio come from the trixie root either way.
+if ! root_ready "$ROOT"; then
+    if ! mirror_reachable; then
+        echo "e2e: SKIPPED: the Debian mirror $MIRROR cannot be reached to build the QEMU root"
+        exit $EXIT_SKIP
+    fi
+    need_pkg debootstrap debootstrap || die "cannot install debootstrap"
+    mkdir -p "$CACHE"
+    build_root "$ROOT" "$MIRROR" || {
+        if ! mirror_reachable; then
+            echo "e2e: SKIPPED: the Debian mirror went away while building the root"
+            exit $EXIT_SKIP
+        fi
+        die "building the trixie root failed"
+    }
+    root_ready "$ROOT" || die "the trixie root is incomplete after building it"
+fi
+mount_root_fs "$ROOT"
+mkdir -p "$ROOT$WORK"
+mount --bind "$WORK" "$ROOT$WORK"
+ROOT_MOUNTED=1
+if [ -z "${QEMU+x}" ]; then
+    QEMU=(chroot "$ROOT" qemu-system-x86_64)
+    say "using $("${QEMU[@]}" --version | head -1) from $ROOT"
+fi
+
+# ------------------------------------------------------------ the server ----
+say "building vfio-user-blk (release)"
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+(cd "$HERE" && cargo build --release -q) || die "cargo build failed"
+BIN=$HERE/target/release/vfio-user-blk
+
+DISK_MB=256
+SERIAL=VUB-E2E-0001
+IMG=$WORK/disk.img
+RO_IMG=$WORK/ro.img
+truncate -s ${DISK_MB}M "$IMG"
+truncate -s 16M "$RO_IMG"
+printf 'read-only disk\n' | dd of="$RO_IMG" conv=notrunc status=none
+SOCK=$WORK/vblk.sock
+RO_SOCK=$WORK/ro.sock
+
+"$BIN" --socket "$SOCK" --disk "$IMG" --queues 2 --serial "$SERIAL" >"$WORK/server.log" 2>&1 &
+SERVER_PID=$!
+PIDS+=("$SERVER_PID")
+"$BIN" --socket "$RO_SOCK" --disk "$RO_IMG" --readonly --serial VUB-RO >"$WORK/server-ro.log" 2>&1 &
+RO_PID=$!
+PIDS+=("$RO_PID")
+for s in "$SOCK" "$RO_SOCK"; do
+    for _ in $(seq 100); do [ -S "$s" ] && break; sleep 0.1; done
+    [ -S "$s" ] || die "server did not create $s: $(cat "$WORK"/server*.log)"
+done
+
+# ------------------------------------------------------------- the guest ----
+KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -1)
+[ -f "$ROOT/boot/vmlinuz-$KVER" ] || die "no kernel in $ROOT/boot"
+# The work folder is visible at the same path inside the root, so QEMU
+# finds the kernel there whether it runs from the host or the root.
+cp "$ROOT/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
+KERNEL=$WORK/vmlinuz
+
+# Modules and everything they depend on, from modules.dep.
+mod_closure() {
+    local dep=$ROOT/lib/modules/$KVER/modules.dep todo=("$@") seen=() m path
+    while [ ${#todo[@]} -gt 0 ]; do
+        m=${todo[0]}
+        todo=("${todo[@]:1}")
+        path=$(grep -E "(^|/)${m}\.ko(\.[a-z]+)?:" "$dep" | head -1 | cut -d: -f1) || true
+        [ -n "$path" ] || continue
+        case " ${seen[*]} " in *" $path "*) continue ;; esac
+        seen+=("$path")
+        for d in $(grep -E "^${path}:" "$dep" | cut -d: -f2); do
+            todo+=("$(basename "$d" | sed 's/\.ko.*//')")
+        done
+    done
+    printf '%s\n' "${seen[@]}"
+}
+
+build_initramfs() {
+    local ir=$WORK/initramfs
+    rm -rf "$ir"
+    mkdir -p "$ir"/{bin,sbin,dev,proc,sys,tmp,mnt,lib/modules,etc}
+    cp "$ROOT/bin/busybox" "$ir/bin/busybox"
+    for app in $(chroot "$ROOT" /bin/busybox --list); do
+        [ -e "$ir/bin/$app" ] || ln -s busybox "$ir/bin/$app"
+    done
+    # Dynamic tools with their libraries (resolved inside the root).
+    for tool in /usr/bin/fio /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/losetup; do
+        mkdir -p "$ir$(dirname "$tool")"
+        cp "$ROOT$tool" "$ir$tool"
+        chroot "$ROOT" ldd "$tool" | grep -o '/[^ ]*' | while read -r lib; do
+            mkdir -p "$ir$(dirname "$lib")"
+            cp -L "$ROOT$lib" "$ir$lib"
+        done
+    done
+    ln -sf /usr/sbin/mke2fs "$ir/sbin/mkfs.ext4"
+    ln -sf /usr/sbin/e2fsck "$ir/sbin/fsck.ext4"
+    # The virtio drivers (virtio_pci and its legacy part are built in to
+    # Debian's kernel; modules.dep finds whatever is modular), ext4, loop.
+    : >"$ir/lib/modules/load"
+    for path in $(mod_closure virtio_pci virtio_pci_legacy_dev virtio_blk crc32c_generic ext4 loop | tac); do
+        local name
+        name=$(basename "$path" | sed 's/\.ko.*//')
+        case "$path" in
+            *.xz) xz -dc "$ROOT/lib/modules/$KVER/$path" >"$ir/lib/modules/$name.ko" ;;
+            *.zst) zstd -qdc "$ROOT/lib/modules/$KVER/$path" >"$ir/lib/modules/$name.ko" ;;
+            *) cp "$ROOT/lib/modules/$KVER/$path" "$ir/lib/modules/$name.ko" ;;
+        esac
+        echo "$name" >>"$ir/lib/modules/load"
+    done
+    cp "$HERE/scripts/guest-init.sh" "$ir/init"
+    chmod +x "$ir/init"
+    (cd "$ir" && find . | cpio -o -H newc --quiet) >"$WORK/initramfs.cpio"
+}
+say "building the initramfs (kernel $KVER)"
+build_initramfs
+
+SECTORS=$((DISK_MB * 2048))
+QEMU_LOG_N=0
+# qemu_cmd PHASE [extra args...]: the QEMU command line, in QCMD.
+qemu_cmd() {
+    local phase=$1
+    shift
+    QEMU_LOG=$WORK/serial-$phase.log
+    : >"$QEMU_LOG"
+    QCMD=("${QEMU[@]}"
+        -nodefaults -no-user-config -nographic -display none
+        -machine q35,memory-backend=mem -accel "$ACCEL" -cpu max -smp 2 -m 1G
+        -object memory-backend-memfd,id=mem,size=1G,share=on
+        -kernel "$KERNEL" -initrd "$WORK/initramfs.cpio"
+        -append "console=ttyS0 panic=-1 loglevel=4 vub.phase=$phase vub.sectors=$SECTORS vub.serial=$SERIAL"
+        -serial "file:$QEMU_LOG"
+        -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$SOCK\",\"type\":\"unix\"}}"
+        -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$RO_SOCK\",\"type\":\"unix\"}}"
+        "$@")
+}
+# run_qemu PHASE TIMEOUT [extra args...]
+run_qemu() {
+    local phase=$1 t=$2
+    shift 2
+    qemu_cmd "$phase" "$@"
+    # In the background, so that a signal to this script is handled at once
+    # and cleanup ends QEMU too (timeout passes the signal on).
+    timeout --signal=KILL "$t" "${QCMD[@]}" &
+    local p=$!
+    PIDS+=("$p")
+    wait "$p"
+}
+
+# --------------------------------------------------------- acceleration ----
+ACCEL=tcg
+if [ -c /dev/kvm ]; then
+    ACCEL=kvm
+    if run_qemu probe 60 -no-reboot >/dev/null 2>&1 && grep -q 'VUB-BOOTED' "$WORK/serial-probe.log"; then
+        say "KVM boots a stock kernel here: using it"
+    else
+        ACCEL=tcg
+        say "KVM cannot boot a stock kernel here (paravirtual /dev/kvm?): using TCG"
+    fi
+else
+    say "no /dev/kvm: using TCG"
+fi
+
+# ---------------------------------------------------------------- checks ----
+RESULTS=$WORK/results.txt
+: >"$RESULTS"
+check() { # name PASS|FAIL [detail]
+    printf '%-28s %s %s\n' "$1" "$2" "${3:-}" | tee -a "$RESULTS"
+}
+collect() { # the guest's own PASS/FAIL lines
+    { grep -a '^VUB-CHECK ' "$1" || true; } | while read -r _ name verdict rest; do
+        check "$name" "$verdict" "$rest"
+    done
+}
+server_alive() {
+    kill -0 "$SERVER_PID" 2>/dev/null && kill -0 "$RO_PID" 2>/dev/null
+}
+
+say "boot 1 (checks), reboot, boot 2 (data survives) under $ACCEL"
+if run_qemu main 900; then :; else say "QEMU exited with $?"; fi
+collect "$QEMU_LOG"
+grep -aq 'VUB-DONE main' "$QEMU_LOG" || check guest-finished FAIL "see $QEMU_LOG"
+grep -aq 'VUB-DONE reboot' "$QEMU_LOG" && check reboot-second-boot PASS || check reboot-second-boot FAIL
+
+# The host compares what the guest wrote with the image file.
+GUEST_MD5=$(grep -a '^VUB-MD5 fio-region ' "$QEMU_LOG" | head -1 | tr -d '\r' | awk '{print $3}')
+HOST_MD5=$(dd if="$IMG" bs=1M count=32 status=none | md5sum | awk '{print $1}')
+if [ -n "$GUEST_MD5" ] && [ "$GUEST_MD5" = "$HOST_MD5" ]; then
+    check host-image-matches-guest PASS "$HOST_MD5"
+else
+    check host-image-matches-guest FAIL "guest ${GUEST_MD5:-none} host $HOST_MD5"
+fi
+server_alive && check server-survived-reboot PASS || check server-survived-reboot FAIL
+
+say "QEMU killed with SIGKILL during fio, then a new QEMU on the same socket"
+qemu_cmd fio-kill -no-reboot
+# chroot execs QEMU, so this PID is QEMU's own.
+"${QCMD[@]}" >/dev/null 2>&1 &
+QPID=$!
+PIDS+=("$QPID")
+for _ in $(seq 600); do
+    grep -aq 'VUB-FIO-RUNNING' "$QEMU_LOG" 2>/dev/null && break
+    kill -0 "$QPID" 2>/dev/null || break
+    sleep 1
+done
+if grep -aq 'VUB-FIO-RUNNING' "$QEMU_LOG"; then
+    sleep 5
+    kill -9 "$QPID" 2>/dev/null || true
+    wait "$QPID" 2>/dev/null || true
+    check qemu-killed-mid-fio PASS
+else
+    kill -9 "$QPID" 2>/dev/null || true
+    wait "$QPID" 2>/dev/null || true
+    check qemu-killed-mid-fio FAIL "fio never started; see $QEMU_LOG"
+fi
+server_alive && check server-survived-kill PASS || check server-survived-kill FAIL
+run_qemu after-kill 600 -no-reboot >/dev/null 2>&1 || true
+collect "$WORK/serial-after-kill.log"
+grep -aq 'VUB-DONE after-kill' "$WORK/serial-after-kill.log" || check after-kill-finished FAIL
+
+if server_alive && ! grep -q panicked "$WORK/server.log" "$WORK/server-ro.log"; then
+    check server-never-restarted-no-panic PASS
+else
+    check server-never-restarted-no-panic FAIL
+fi
+
+echo "----"
+PASSES=$(grep -c ' PASS' "$RESULTS" || true)
+FAILS=$(grep -c ' FAIL' "$RESULTS" || true)
+if [ "$FAILS" -ne 0 ]; then
+    say "server log tail:"
+    tail -20 "$WORK/server.log" | sed 's/^/  /'
+    for f in "$WORK"/serial-*.log; do
+        say "$(basename "$f") tail:"
+        tail -30 "$f" | sed 's/^/  /'
+    done
+fi
+echo "e2e: $PASSES passed, $FAILS failed"
+[ "$FAILS" -eq 0 ] && [ "$PASSES" -gt 0 ]
