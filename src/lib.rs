@@ -5,9 +5,11 @@
 //! (virtio-blk), `backend` (blocks and bytes), `cli` (wiring).
 
 pub mod backend;
+pub mod bench;
 pub mod blk;
 pub mod cli;
 pub mod engine;
+pub mod guest;
 pub mod pci;
 pub mod util;
 pub mod vfio_user;

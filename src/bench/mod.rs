@@ -1,0 +1,429 @@
+//! The benchmark: one request stream, three ways to serve it.
+//!
+//! - `ours`: our server over vfio-user, driven by the synthetic guest
+//!   (`crate::guest`) through rust-vmm's `vfio_user::Client`;
+//! - `qsd`: QEMU's qemu-storage-daemon exporting the same image as
+//!   vhost-user-blk, driven by the same guest code through rust-vmm's
+//!   `vhost` frontend;
+//! - `direct`: the same image with preadv/pwritev from as many threads as
+//!   the queue depth: what the disk and page cache can do.
+//!
+//! The guest behaves like Linux: doorbells only when the device asks
+//! (NO_NOTIFY / EVENT_IDX), sleeping on the interrupt eventfd when nothing
+//! has completed, indirect descriptors.
+
+pub mod report;
+
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::guest::ring::{Buf, SplitRing};
+use crate::guest::{GuestRam, Transport};
+
+/// What a request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    /// This percentage reads, the rest writes.
+    Mix(u8),
+}
+
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub name: String,
+    pub op: Op,
+    pub random: bool,
+    pub bs: usize,
+    /// Requests in flight per queue.
+    pub qd: usize,
+    pub queues: usize,
+    /// Runs on a `null:` disk (ours) / `null-co` (qsd); no direct run.
+    pub null: bool,
+}
+
+/// One measured run.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub ios: u64,
+    pub bytes: u64,
+    pub secs: f64,
+    /// Latency in nanoseconds.
+    pub hist: Histogram<u64>,
+    /// CPU seconds used by the device process(es) and by the driver.
+    pub device_cpu: f64,
+    pub driver_cpu: f64,
+}
+
+impl RunResult {
+    pub fn iops(&self) -> f64 {
+        self.ios as f64 / self.secs
+    }
+    pub fn mbps(&self) -> f64 {
+        self.bytes as f64 / self.secs / 1e6
+    }
+    pub fn pct_us(&self, p: f64) -> f64 {
+        self.hist.value_at_quantile(p) as f64 / 1000.0
+    }
+    /// CPU seconds per million requests, device and driver together.
+    pub fn cpu_per_mreq(&self) -> f64 {
+        if self.ios == 0 {
+            return 0.0;
+        }
+        (self.device_cpu + self.driver_cpu) / self.ios as f64 * 1e6
+    }
+    pub fn device_cpu_per_mreq(&self) -> f64 {
+        if self.ios == 0 {
+            return 0.0;
+        }
+        self.device_cpu / self.ios as f64 * 1e6
+    }
+}
+
+pub fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds")
+}
+
+/// CPU seconds (user + system) a process has used so far.
+pub fn process_cpu(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 (1-based); here 11 and 12.
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) as f64 / hz
+}
+
+/// CPU seconds the calling thread has used.
+pub fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// A small, fast, reproducible random number generator.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+/// Picks offsets and operations for one stream.
+pub struct Stream {
+    rng: Rng,
+    w: Workload,
+    span: u64,
+    next_seq: u64,
+}
+
+impl Stream {
+    pub fn new(w: &Workload, disk_size: u64, seed: u64) -> Stream {
+        let span = (disk_size / w.bs as u64).max(1);
+        Stream {
+            rng: Rng::new(seed),
+            w: w.clone(),
+            span,
+            // Sequential streams of different queues start apart.
+            next_seq: (seed.saturating_sub(1) * (span / 8)) % span,
+        }
+    }
+
+    /// (is_read, byte offset)
+    pub fn next_request(&mut self) -> (bool, u64) {
+        let read = match self.w.op {
+            Op::Read => true,
+            Op::Write => false,
+            Op::Mix(p) => self.rng.next_u64() % 100 < u64::from(p),
+        };
+        let block = if self.w.random {
+            self.rng.next_u64() % self.span
+        } else {
+            let b = self.next_seq;
+            self.next_seq = (self.next_seq + 1) % self.span;
+            b
+        };
+        (read, block * self.w.bs as u64)
+    }
+}
+
+/// Guest memory layout of the virtio runs.
+pub const RING_BASE: u64 = 0x10_0000;
+const SLOT_BASE: u64 = 0x100_0000;
+
+struct Slot {
+    hdr: u64,
+    data: u64,
+    status: u64,
+    table: u64,
+    start: Instant,
+    read: bool,
+}
+
+/// Drives a virtio-blk device through `t` for `duration`.
+pub fn run_virtio(
+    t: &mut dyn Transport,
+    ram: &GuestRam,
+    rings: &mut [SplitRing],
+    w: &Workload,
+    disk_size: u64,
+    duration: Duration,
+    device_pids: &[u32],
+) -> Result<RunResult> {
+    let mem = &ram.mem;
+    let nq = rings.len();
+    let slot_size = (w.bs as u64 + 4096 + 4095) & !4095;
+    let need = SLOT_BASE + slot_size * (w.qd * nq) as u64;
+    if need > ram.size {
+        bail!(
+            "guest RAM too small for {} slots of {} bytes",
+            w.qd * nq,
+            w.bs
+        );
+    }
+    let mut slots: Vec<Vec<Slot>> = Vec::new();
+    for q in 0..nq {
+        let mut v = Vec::new();
+        for i in 0..w.qd {
+            let base = SLOT_BASE + slot_size * (q * w.qd + i) as u64;
+            v.push(Slot {
+                hdr: base,
+                status: base + 16,
+                table: base + 64,
+                data: base + 4096,
+                start: Instant::now(),
+                read: true,
+            });
+        }
+        slots.push(v);
+    }
+    // Fill write buffers once with something that is not zeros.
+    let pattern: Vec<u8> = (0..w.bs).map(|i| (i * 7 + 13).to_le_bytes()[0]).collect();
+    for s in slots.iter().flatten() {
+        mem.write_slice(&pattern, GuestAddress(s.data))?;
+    }
+    let indirect =
+        t.features() & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC) != 0;
+    let mut head_slot: Vec<Vec<usize>> = rings
+        .iter()
+        .map(|r| vec![usize::MAX; usize::from(r.size)])
+        .collect();
+    let mut streams: Vec<Stream> = (0..nq)
+        .map(|q| Stream::new(w, disk_size, 1 + q as u64))
+        .collect();
+    let bs = u32::try_from(w.bs).context("block size")?;
+
+    let submit = |ring: &mut SplitRing, s: &mut Slot, read: bool, offset: u64| -> Result<u16> {
+        let mut h = [0u8; 16];
+        let kind: u32 = if read { 0 } else { 1 };
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&(offset / 512).to_le_bytes());
+        mem.write_slice(&h, GuestAddress(s.hdr))?;
+        let bufs = [
+            Buf {
+                addr: s.hdr,
+                len: 16,
+                write: false,
+            },
+            Buf {
+                addr: s.data,
+                len: bs,
+                write: read,
+            },
+            Buf {
+                addr: s.status,
+                len: 1,
+                write: true,
+            },
+        ];
+        s.read = read;
+        s.start = Instant::now();
+        let head = ring
+            .add(mem, &bufs, indirect.then_some(s.table))
+            .context("ring full")?;
+        ring.publish(mem, head);
+        Ok(head)
+    };
+
+    let dev_cpu0: f64 = device_pids.iter().map(|&p| process_cpu(p)).sum();
+    let drv_cpu0 = thread_cpu();
+    let t0 = Instant::now();
+    for q in 0..nq {
+        for (i, slot) in slots[q].iter_mut().enumerate() {
+            let (read, off) = streams[q].next_request();
+            let head = submit(&mut rings[q], slot, read, off)?;
+            head_slot[q][usize::from(head)] = i;
+        }
+        if rings[q].kick_needed(mem) {
+            t.kick(q)?;
+        }
+    }
+    let mut hist = new_hist();
+    let mut ios = 0u64;
+    let mut bytes = 0u64;
+    let mut errors = 0u64;
+    let mut pfds: Vec<libc::pollfd> = (0..nq)
+        .map(|q| libc::pollfd {
+            fd: t.irq_fd(q),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let deadline = t0 + duration;
+    let mut now = Instant::now();
+    while now < deadline {
+        let mut got = 0;
+        for q in 0..nq {
+            while let Some((head, _len)) = rings[q].pop_used(mem) {
+                let i = head_slot[q][usize::from(head)];
+                if i == usize::MAX {
+                    bail!("device completed head {head}, which is not in flight");
+                }
+                let s = &mut slots[q][i];
+                let st: u8 = mem.read_obj(GuestAddress(s.status))?;
+                if st != 0 {
+                    errors += 1;
+                }
+                now = Instant::now();
+                let lat = now.duration_since(s.start).as_nanos();
+                let _ = hist.record(u64::try_from(lat).unwrap_or(u64::MAX).max(1));
+                ios += 1;
+                bytes += w.bs as u64;
+                got += 1;
+                let (read, off) = streams[q].next_request();
+                let nh = submit(&mut rings[q], s, read, off)?;
+                head_slot[q][usize::from(nh)] = i;
+            }
+            if rings[q].kick_needed(mem) {
+                t.kick(q)?;
+            }
+        }
+        if got == 0 {
+            // Nothing completed: sleep on the interrupts, as a guest does.
+            let mut pending = false;
+            for r in rings.iter_mut() {
+                pending |= r.enable_interrupts(mem);
+            }
+            if !pending {
+                // SAFETY: pfds is a valid array of nq pollfds.
+                unsafe { libc::poll(pfds.as_mut_ptr(), nq as libc::nfds_t, 100) };
+                for p in &pfds {
+                    let mut v = [0u8; 8];
+                    // SAFETY: reading 8 bytes from an eventfd into a local.
+                    unsafe { libc::read(p.fd, v.as_mut_ptr().cast(), 8) };
+                }
+            }
+        }
+        now = Instant::now();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let device_cpu = device_pids.iter().map(|&p| process_cpu(p)).sum::<f64>() - dev_cpu0;
+    let driver_cpu = thread_cpu() - drv_cpu0;
+    // Let what is in flight finish, so that the next run starts clean.
+    let drain_deadline = Instant::now() + Duration::from_secs(10);
+    let mut outstanding = nq * w.qd;
+    while outstanding > 0 && Instant::now() < drain_deadline {
+        for r in rings.iter_mut() {
+            while r.pop_used(mem).is_some() {
+                outstanding -= 1;
+            }
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    if errors > 0 {
+        bail!("{errors} requests failed");
+    }
+    Ok(RunResult {
+        ios,
+        bytes,
+        secs,
+        hist,
+        device_cpu,
+        driver_cpu,
+    })
+}
+
+/// The same stream with preadv/pwritev from `qd * queues` threads.
+pub fn run_direct(
+    path: &std::path::Path,
+    w: &Workload,
+    disk_size: u64,
+    duration: Duration,
+) -> Result<RunResult> {
+    let threads = w.qd * w.queues;
+    let cpu0 = process_cpu(std::process::id());
+    let t0 = Instant::now();
+    let deadline = t0 + duration;
+    let results: Vec<Result<(u64, Histogram<u64>)>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                sc.spawn(move || -> Result<(u64, Histogram<u64>)> {
+                    let f = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(path)?;
+                    let mut buf = vec![0x5au8; w.bs];
+                    let mut hist = new_hist();
+                    let mut stream = Stream::new(w, disk_size, 1 + i as u64);
+                    let mut n = 0;
+                    while Instant::now() < deadline {
+                        let (read, off) = stream.next_request();
+                        let s = Instant::now();
+                        if read {
+                            f.read_exact_at(&mut buf, off)?;
+                        } else {
+                            f.write_all_at(&buf, off)?;
+                        }
+                        let lat = s.elapsed().as_nanos();
+                        let _ = hist.record(u64::try_from(lat).unwrap_or(u64::MAX).max(1));
+                        n += 1;
+                    }
+                    Ok((n, hist))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("direct I/O thread"))
+            .collect()
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = process_cpu(std::process::id()) - cpu0;
+    let mut hist = new_hist();
+    let mut ios = 0;
+    for r in results {
+        let (n, h) = r?;
+        ios += n;
+        hist.add(h).context("merging histograms")?;
+    }
+    Ok(RunResult {
+        ios,
+        bytes: ios * w.bs as u64,
+        secs,
+        hist,
+        device_cpu: cpu,
+        driver_cpu: 0.0,
+    })
+}

@@ -1,0 +1,265 @@
+//! The driver side of a split virtqueue in guest memory, as a Linux guest
+//! keeps it: descriptors from a free list, the available ring, doorbells only
+//! when the device asks for them (VRING_USED_F_NO_NOTIFY, or EVENT_IDX's
+//! avail_event), and used_event to say when it wants the next interrupt.
+
+use std::sync::atomic::{fence, Ordering};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_INDIRECT: u16 = 4;
+const USED_F_NO_NOTIFY: u16 = 1;
+
+/// One buffer of a chain: guest address, length, device-writable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buf {
+    pub addr: u64,
+    pub len: u32,
+    pub write: bool,
+}
+
+pub struct SplitRing {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    event_idx: bool,
+    free: Vec<u16>,
+    /// Descriptors each in-flight head holds.
+    chains: Vec<Vec<u16>>,
+    avail_idx: u16,
+    kicked_idx: u16,
+    last_used: u16,
+}
+
+fn store16(mem: &GuestMemoryMmap, addr: u64, v: u16) {
+    mem.store(v, GuestAddress(addr), Ordering::Release)
+        .expect("ring inside guest memory");
+}
+
+fn load16(mem: &GuestMemoryMmap, addr: u64) -> u16 {
+    mem.load(GuestAddress(addr), Ordering::Acquire)
+        .expect("ring inside guest memory")
+}
+
+impl SplitRing {
+    /// A ring at the given addresses; its memory is zeroed.
+    pub fn new(
+        mem: &GuestMemoryMmap,
+        size: u16,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        event_idx: bool,
+    ) -> SplitRing {
+        let n = u64::from(size);
+        let zero = |addr: u64, len: u64| {
+            let z = vec![0u8; usize::try_from(len).expect("ring size")];
+            mem.write_slice(&z, GuestAddress(addr))
+                .expect("ring inside guest memory");
+        };
+        zero(desc, 16 * n);
+        zero(avail, 6 + 2 * n);
+        zero(used, 6 + 8 * n);
+        SplitRing {
+            size,
+            desc,
+            avail,
+            used,
+            event_idx,
+            free: (0..size).rev().collect(),
+            chains: vec![Vec::with_capacity(4); usize::from(size)],
+            avail_idx: 0,
+            kicked_idx: 0,
+            last_used: 0,
+        }
+    }
+
+    pub fn free_descriptors(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Writes one descriptor in a table.
+    pub fn write_desc(
+        mem: &GuestMemoryMmap,
+        table: u64,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let d = table + 16 * u64::from(i);
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&addr.to_le_bytes());
+        b[8..12].copy_from_slice(&len.to_le_bytes());
+        b[12..14].copy_from_slice(&flags.to_le_bytes());
+        b[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&b, GuestAddress(d))
+            .expect("descriptor inside guest memory");
+    }
+
+    /// Places a chain in the descriptor table (or in `indirect`, a table of
+    /// `bufs.len()` entries the caller owns) and returns its head, or None
+    /// when there are not enough free descriptors.
+    pub fn add(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &[Buf],
+        indirect: Option<u64>,
+    ) -> Option<u16> {
+        let need = if indirect.is_some() { 1 } else { bufs.len() };
+        if self.free.len() < need || bufs.is_empty() {
+            return None;
+        }
+        let head = self.free[self.free.len() - 1];
+        let mut ids = std::mem::take(&mut self.chains[usize::from(head)]);
+        ids.clear();
+        for _ in 0..need {
+            ids.push(self.free.pop().expect("checked above"));
+        }
+        let flags = |k: usize, b: &Buf| {
+            (if b.write { DESC_F_WRITE } else { 0 })
+                | (if k + 1 < bufs.len() { DESC_F_NEXT } else { 0 })
+        };
+        match indirect {
+            Some(table) => {
+                for (k, b) in bufs.iter().enumerate() {
+                    let next = u16::try_from(k + 1).unwrap_or(0);
+                    Self::write_desc(
+                        mem,
+                        table,
+                        u16::try_from(k).unwrap_or(0),
+                        b.addr,
+                        b.len,
+                        flags(k, b),
+                        next,
+                    );
+                }
+                let len = u32::try_from(16 * bufs.len()).unwrap_or(u32::MAX);
+                Self::write_desc(mem, self.desc, ids[0], table, len, DESC_F_INDIRECT, 0);
+            }
+            None => {
+                for (k, b) in bufs.iter().enumerate() {
+                    let next = ids.get(k + 1).copied().unwrap_or(0);
+                    Self::write_desc(mem, self.desc, ids[k], b.addr, b.len, flags(k, b), next);
+                }
+            }
+        }
+        self.chains[usize::from(head)] = ids;
+        Some(head)
+    }
+
+    /// Makes a head available to the device (without a doorbell).
+    pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
+        store16(mem, slot, head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        fence(Ordering::Release);
+        store16(mem, self.avail + 2, self.avail_idx);
+    }
+
+    /// Whether the device wants a doorbell for what was published since the
+    /// last one (Linux's virtqueue_kick_prepare).
+    pub fn kick_needed(&mut self, mem: &GuestMemoryMmap) -> bool {
+        fence(Ordering::SeqCst);
+        let (old, new) = (self.kicked_idx, self.avail_idx);
+        self.kicked_idx = new;
+        if old == new {
+            return false;
+        }
+        if self.event_idx {
+            let ev = load16(mem, self.used + 4 + 8 * u64::from(self.size));
+            new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            load16(mem, self.used) & USED_F_NO_NOTIFY == 0
+        }
+    }
+
+    /// The device's used index.
+    pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        load16(mem, self.used + 2)
+    }
+
+    /// Takes the next used entry (head, length), freeing its descriptors.
+    pub fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u16, u32)> {
+        if self.last_used == self.used_idx(mem) {
+            return None;
+        }
+        fence(Ordering::Acquire);
+        let e = self.used + 4 + 8 * u64::from(self.last_used % self.size);
+        let mut b = [0u8; 8];
+        mem.read_slice(&mut b, GuestAddress(e))
+            .expect("used ring inside guest memory");
+        let id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        self.last_used = self.last_used.wrapping_add(1);
+        let head = u16::try_from(id).ok().filter(|h| *h < self.size)?;
+        let ids = std::mem::take(&mut self.chains[usize::from(head)]);
+        self.free.extend(ids.iter().rev());
+        self.chains[usize::from(head)] = ids;
+        Some((head, len))
+    }
+
+    /// Asks for an interrupt at the next completion (EVENT_IDX's used_event;
+    /// without EVENT_IDX interrupts are always on). Returns true if
+    /// completions are already waiting (Linux's virtqueue_enable_cb).
+    pub fn enable_interrupts(&mut self, mem: &GuestMemoryMmap) -> bool {
+        if self.event_idx {
+            store16(
+                mem,
+                self.avail + 4 + 2 * u64::from(self.size),
+                self.last_used,
+            );
+        }
+        fence(Ordering::SeqCst);
+        self.used_idx(mem) != self.last_used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chains_come_back_to_the_free_list() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut r = SplitRing::new(&mem, 4, 0x1000, 0x2000, 0x3000, false);
+        let bufs = [
+            Buf {
+                addr: 0x8000,
+                len: 16,
+                write: false,
+            },
+            Buf {
+                addr: 0x9000,
+                len: 1,
+                write: true,
+            },
+        ];
+        let h = r.add(&mem, &bufs, None).unwrap();
+        assert_eq!(r.free_descriptors(), 2);
+        r.publish(&mem, h);
+        assert!(r.kick_needed(&mem));
+        assert!(!r.kick_needed(&mem), "nothing new since the last doorbell");
+        // Device side: one used entry.
+        mem.write_obj(u32::from(h), GuestAddress(0x3004)).unwrap();
+        mem.write_obj(1u32, GuestAddress(0x3008)).unwrap();
+        store16(&mem, 0x3002, 1);
+        assert_eq!(r.pop_used(&mem), Some((h, 1)));
+        assert_eq!(r.pop_used(&mem), None);
+        assert_eq!(r.free_descriptors(), 4);
+        // NO_NOTIFY from the device suppresses the doorbell.
+        store16(&mem, 0x3000, USED_F_NO_NOTIFY);
+        let h = r.add(&mem, &bufs, Some(0xa000)).unwrap();
+        assert_eq!(r.free_descriptors(), 3);
+        r.publish(&mem, h);
+        assert!(!r.kick_needed(&mem));
+    }
+}
