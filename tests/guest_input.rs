@@ -293,10 +293,13 @@ fn used_is_stable(d: &Driver) {
 #[test]
 fn device_reset_with_io_in_flight() {
     let (mut srv, _img) = server(256 * MB, &["--io-threads", "1", "--poll-mode", "interrupt"]);
+    // Without FLUSH the cache is write-through: every write is synced on the
+    // I/O pool, so requests really are in flight when the test acts.
     let mut d = Driver::new(
         &srv.socket,
         DriverOptions {
             ram_size: 512 * MB,
+            refuse: F_FLUSH,
             ..Default::default()
         },
     );
@@ -318,10 +321,13 @@ fn device_reset_with_io_in_flight() {
 #[test]
 fn dma_unmap_with_io_in_flight() {
     let (mut srv, _img) = server(256 * MB, &["--io-threads", "1", "--poll-mode", "interrupt"]);
+    // Without FLUSH the cache is write-through: every write is synced on the
+    // I/O pool, so requests really are in flight when the test acts.
     let mut d = Driver::new(
         &srv.socket,
         DriverOptions {
             ram_size: 512 * MB,
+            refuse: F_FLUSH,
             ..Default::default()
         },
     );
@@ -338,10 +344,13 @@ fn dma_unmap_with_io_in_flight() {
 #[test]
 fn client_disconnect_with_io_in_flight_then_a_new_client() {
     let (mut srv, _img) = server(256 * MB, &["--io-threads", "1"]);
+    // Without FLUSH the cache is write-through: every write is synced on the
+    // I/O pool, so requests really are in flight when the test acts.
     let mut d = Driver::new(
         &srv.socket,
         DriverOptions {
             ram_size: 512 * MB,
+            refuse: F_FLUSH,
             ..Default::default()
         },
     );

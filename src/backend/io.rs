@@ -33,6 +33,12 @@ pub trait Backend: Send + Sync {
     /// True when requests are cheap enough to run on the poller thread
     /// itself (memory-backed disks) rather than on the I/O pool.
     fn inline(&self) -> bool;
+    /// Tries a read or write without blocking (data already in the page
+    /// cache): `Some` with the result when it completed, `None` when it
+    /// would block and must go to the I/O pool instead.
+    fn try_nowait(&self, _iov: &[GuestIov], _offset: u64, _write: bool) -> Option<io::Result<()>> {
+        None
+    }
 }
 
 /// Reads zeros, drops writes.
@@ -231,6 +237,48 @@ impl Drop for BounceBuf {
 }
 
 impl Backend for FileBackend {
+    fn try_nowait(&self, iov: &[GuestIov], offset: u64, write: bool) -> Option<io::Result<()>> {
+        if self.direct || iov.is_empty() || iov.len() > IOV_MAX {
+            return None;
+        }
+        let iovs = to_iovecs(iov);
+        let total: usize = iov.iter().map(|v| v.len).sum();
+        let cnt = libc::c_int::try_from(iovs.len()).ok()?;
+        let off = off_t(offset).ok()?;
+        // SAFETY: every iovec points at guest memory kept mapped by the
+        // caller for the duration of the call, with its exact length.
+        let r = unsafe {
+            if write {
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    iovs.as_ptr(),
+                    cnt,
+                    off,
+                    libc::RWF_NOWAIT,
+                )
+            } else {
+                libc::preadv2(
+                    self.file.as_raw_fd(),
+                    iovs.as_ptr(),
+                    cnt,
+                    off,
+                    libc::RWF_NOWAIT,
+                )
+            }
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // Would block, or RWF_NOWAIT not supported here: use the pool.
+                Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL | libc::EINTR) => None,
+                _ => Some(Err(e)),
+            };
+        }
+        // A short transfer is redone whole by the pool (reads and writes of
+        // the same bytes are idempotent).
+        (r.unsigned_abs() == total).then_some(Ok(()))
+    }
+
     fn read_at(&self, iov: &[GuestIov], offset: u64) -> io::Result<()> {
         if self.direct && !self.aligned(iov, offset) {
             return self.bounce(iov, offset, false);
@@ -341,6 +389,35 @@ mod tests {
         // Reading past the end is a short transfer: an error.
         let mut big = vec![0u8; 8192];
         assert!(be.read_at(&[iov(&mut big)], (1 << 20) - 4096).is_err());
+    }
+
+    #[test]
+    fn cached_reads_and_writes_complete_without_blocking() {
+        let path = std::env::temp_dir().join(format!("vub-nowait-{}", std::process::id()));
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f.write_all_at(&[3u8; 8192], 0).unwrap();
+        let be = FileBackend::new(f, false, 512, true, false);
+        // Freshly written data is in the page cache: a read cannot block.
+        let mut a = vec![0u8; 4096];
+        assert!(matches!(
+            be.try_nowait(&[iov(&mut a)], 4096, false),
+            Some(Ok(()))
+        ));
+        assert_eq!(a, vec![3u8; 4096]);
+        // Past the end: a short read, which goes to the pool (and fails there).
+        let mut b = vec![0u8; 4096];
+        assert!(be.try_nowait(&[iov(&mut b)], 8192, false).is_none());
+        assert!(be.read_at(&[iov(&mut b)], 8192).is_err());
+        // O_DIRECT never takes the shortcut.
+        let d = FileBackend::new(crate::util::memfd("d").unwrap(), true, 512, true, false);
+        assert!(d.try_nowait(&[iov(&mut a)], 0, false).is_none());
     }
 
     #[test]

@@ -193,6 +193,19 @@ impl BlkContext {
         }
     }
 
+    /// Runs a read or a buffered write at once if it cannot block (page
+    /// cache); `None` means it must go to the I/O pool.
+    pub fn try_nowait(&self, op: &Op, iov: &[GuestIov]) -> Option<io::Result<()>> {
+        match op {
+            Op::Read(offset) => self.backend.try_nowait(iov, *offset, false),
+            Op::Write {
+                offset,
+                sync: false,
+            } => self.backend.try_nowait(iov, *offset, true),
+            _ => None,
+        }
+    }
+
     /// The status for a finished backend operation, with the error logged.
     pub fn status_of(&self, op: &Op, r: &io::Result<()>) -> u8 {
         match r {

@@ -350,8 +350,14 @@ impl Poller {
     }
 
     fn submit(&mut self, qi: usize, s: Staged, arc: &Arc<GuestMemoryMmap>, mem: &GuestMemoryMmap) {
-        if self.ctx.backend.inline() {
-            let r = self.ctx.execute(&s.op, &s.iov);
+        let now = if self.ctx.backend.inline() {
+            Some(self.ctx.execute(&s.op, &s.iov))
+        } else {
+            // Data in the page cache is copied right here; only what would
+            // block pays for the trip to the I/O pool.
+            self.ctx.try_nowait(&s.op, &s.iov)
+        };
+        if let Some(r) = now {
             let status = self.ctx.status_of(&s.op, &r);
             let failed = r.is_err();
             if failed && self.ctx.on_error == ErrorPolicy::Stop {
