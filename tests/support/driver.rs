@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use vfio_bindings::bindings::vfio::*;
 use vfio_user::Client;
+use vfio_user_blk::guest::ring::{Buf, SplitRing};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -37,27 +38,13 @@ pub const F_WRITE_ZEROES: u32 = 1 << 14;
 pub const F_INDIRECT: u32 = 1 << 28;
 pub const F_EVENT_IDX: u32 = 1 << 29;
 
-pub const DESC_F_NEXT: u16 = 1;
-pub const DESC_F_WRITE: u16 = 2;
-pub const DESC_F_INDIRECT: u16 = 4;
+#[allow(unused_imports)]
+pub use vfio_user_blk::guest::ring::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 
 /// Where rings and buffers go in guest RAM.
 const RING_BASE: u64 = 0x10000;
 const RING_STRIDE: u64 = 0x10000;
 const BUF_BASE: u64 = 0x100000;
-
-pub struct DriverQueue {
-    pub size: u16,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-    free: Vec<u16>,
-    avail_idx: u16,
-    kicked_idx: u16,
-    last_used: u16,
-    /// head -> descriptors it uses (to free them)
-    chains: Vec<Vec<u16>>,
-}
 
 /// How one request is laid out in descriptors.
 #[derive(Clone, Copy, Debug, Default)]
@@ -99,7 +86,7 @@ pub struct Driver {
     pub ram: File,
     pub mem: GuestMemoryMmap,
     pub ram_size: u64,
-    pub queues: Vec<DriverQueue>,
+    pub queues: Vec<SplitRing>,
     pub features: u32,
     pub msix: bool,
     /// vector i's eventfd (0: config, i+1: queue i)
@@ -238,13 +225,6 @@ impl Driver {
             assert!(size > 0, "queue {i} exists");
             let base = RING_BASE + RING_STRIDE * i as u64;
             let (desc, avail, used) = vfio_user_blk::virtio::legacy::legacy_ring_layout(base, size);
-            // Zero the ring memory.
-            self.mem
-                .write_slice(
-                    &vec![0u8; (used + 6 + 8 * u64::from(size) - base) as usize],
-                    GuestAddress(base),
-                )
-                .unwrap();
             wr(&mut self.c, 8, &((base >> 12) as u32).to_le_bytes());
             if self.msix {
                 wr(&mut self.c, 22, &((i + 1) as u16).to_le_bytes());
@@ -254,17 +234,10 @@ impl Driver {
                     "queue vector accepted"
                 );
             }
-            self.queues.push(DriverQueue {
-                size,
-                desc,
-                avail,
-                used,
-                free: (0..size).rev().collect(),
-                avail_idx: 0,
-                kicked_idx: 0,
-                last_used: 0,
-                chains: vec![Vec::new(); usize::from(size)],
-            });
+            let event_idx = self.features & F_EVENT_IDX != 0;
+            self.queues.push(SplitRing::new(
+                &self.mem, size, desc, avail, used, event_idx,
+            ));
         }
         if self.msix {
             wr(&mut self.c, 20, &0u16.to_le_bytes());
@@ -331,7 +304,7 @@ impl Driver {
 
     /// Writes one descriptor of queue `q`'s table by hand.
     pub fn raw_desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        self.write_desc(self.queues[q].desc, i, addr, len, flags, next);
+        SplitRing::write_desc(&self.mem, self.queues[q].desc, i, addr, len, flags, next);
     }
 
     /// Writes a request header at a fresh buffer; returns its address.
@@ -346,20 +319,12 @@ impl Driver {
     }
 
     pub fn avail_idx(&self, q: usize) -> u16 {
-        self.queues[q].avail_idx
+        self.queues[q].avail_idx()
     }
 
     /// Sets where the next buffer is allocated.
     pub fn set_alloc(&mut self, at: u64) {
         self.next_buf = at;
-    }
-
-    fn write_desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = table + 16 * u64::from(i);
-        self.mem.write_obj(addr, GuestAddress(d)).unwrap();
-        self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-        self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-        self.mem.write_obj(next, GuestAddress(d + 14)).unwrap();
     }
 
     /// Places a request in the descriptor table and the available ring
@@ -427,52 +392,21 @@ impl Driver {
 
     /// Writes a chain of buffers as descriptors and publishes its head.
     pub fn place(&mut self, q: usize, bufs: &[(u64, u32, bool)], indirect: bool) -> u16 {
-        let (desc_table, need) = (self.queues[q].desc, if indirect { 1 } else { bufs.len() });
-        let mut ids = Vec::new();
-        for _ in 0..need {
-            ids.push(self.queues[q].free.pop().expect("free descriptor"));
-        }
-        if indirect {
-            let table = self.alloc(16 * bufs.len());
-            for (k, &(a, l, w)) in bufs.iter().enumerate() {
-                let last = k + 1 == bufs.len();
-                let flags = if w { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
-                self.write_desc(table, k as u16, a, l, flags, (k + 1) as u16);
-            }
-            self.write_desc(
-                desc_table,
-                ids[0],
-                table,
-                16 * bufs.len() as u32,
-                DESC_F_INDIRECT,
-                0,
-            );
-        } else {
-            for (k, &(a, l, w)) in bufs.iter().enumerate() {
-                let last = k + 1 == bufs.len();
-                let next = if last { 0 } else { ids[k + 1] };
-                let flags = if w { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
-                self.write_desc(desc_table, ids[k], a, l, flags, next);
-            }
-        }
-        let head = ids[0];
-        self.queues[q].chains[usize::from(head)] = ids;
-        self.publish(q, head);
+        let bufs: Vec<Buf> = bufs
+            .iter()
+            .map(|&(addr, len, write)| Buf { addr, len, write })
+            .collect();
+        let table = indirect.then(|| self.alloc(16 * bufs.len()));
+        let head = self.queues[q]
+            .add(&self.mem, &bufs, table)
+            .expect("free descriptor");
+        self.queues[q].publish(&self.mem, head);
         head
     }
 
     /// Puts a head in the available ring and moves avail.idx.
     pub fn publish(&mut self, q: usize, head: u16) {
-        let dq = &mut self.queues[q];
-        let slot = dq.avail + 4 + 2 * u64::from(dq.avail_idx % dq.size);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        dq.avail_idx = dq.avail_idx.wrapping_add(1);
-        let idx = dq.avail_idx;
-        let addr = dq.avail + 2;
-        std::sync::atomic::fence(Ordering::SeqCst);
-        self.mem
-            .store(idx, GuestAddress(addr), Ordering::Release)
-            .unwrap();
+        self.queues[q].publish(&self.mem, head);
     }
 
     /// Overwrites avail.idx directly (to test a driver that lies).
@@ -483,30 +417,9 @@ impl Driver {
             .unwrap();
     }
 
-    /// Rings the doorbell if the device asked for it, as Linux does:
-    /// EVENT_IDX's avail_event, or the used ring's NO_NOTIFY flag.
+    /// Rings the doorbell if the device asked for it, as Linux does.
     pub fn kick(&mut self, q: usize) -> bool {
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let dq = &mut self.queues[q];
-        let (old, new) = (dq.kicked_idx, dq.avail_idx);
-        dq.kicked_idx = new;
-        let want = if self.features & F_EVENT_IDX != 0 {
-            // Linux's vring_need_event(avail_event, new, old).
-            let ev: u16 = self
-                .mem
-                .load(
-                    GuestAddress(dq.used + 4 + 8 * u64::from(dq.size)),
-                    Ordering::Acquire,
-                )
-                .unwrap();
-            new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old)
-        } else {
-            let flags: u16 = self
-                .mem
-                .load(GuestAddress(dq.used), Ordering::Acquire)
-                .unwrap();
-            flags & 1 == 0
-        };
+        let want = self.queues[q].kick_needed(&self.mem);
         if want {
             self.force_kick(q);
         }
@@ -518,9 +431,7 @@ impl Driver {
     }
 
     pub fn used_idx(&self, q: usize) -> u16 {
-        self.mem
-            .load(GuestAddress(self.queues[q].used + 2), Ordering::Acquire)
-            .unwrap()
+        self.queues[q].used_idx(&self.mem)
     }
 
     /// Collects `n` used entries (head, len), or panics after `timeout`.
@@ -528,27 +439,14 @@ impl Driver {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
         while out.len() < n {
-            let idx = self.used_idx(q);
-            let dq = &mut self.queues[q];
-            while dq.last_used != idx && out.len() < n {
-                let e = dq.used + 4 + 8 * u64::from(dq.last_used % dq.size);
-                let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
-                let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
-                let head = u16::try_from(id).unwrap();
-                for d in std::mem::take(&mut dq.chains[usize::from(head)]) {
-                    dq.free.push(d);
+            while out.len() < n {
+                match self.queues[q].pop_used(&self.mem) {
+                    Some(e) => out.push(e),
+                    None => break,
                 }
-                out.push((head, len));
-                dq.last_used = dq.last_used.wrapping_add(1);
             }
-            if self.features & F_EVENT_IDX != 0 {
-                // used_event: interrupt me after the next completion.
-                let dq = &self.queues[q];
-                let ue = dq.avail + 4 + 2 * u64::from(dq.size);
-                self.mem
-                    .store(dq.last_used, GuestAddress(ue), Ordering::Release)
-                    .unwrap();
-            }
+            // used_event: interrupt me after the next completion.
+            self.queues[q].enable_interrupts(&self.mem);
             if out.len() < n {
                 assert!(
                     Instant::now() < deadline,
