@@ -135,6 +135,10 @@ impl Poller {
             while let Ok(ev) = self.rx.try_recv() {
                 self.handle(ev);
             }
+            if self.queues.iter().any(|q| q.added) {
+                let mem = self.memory.memory();
+                self.signal(&mem);
+            }
             if self.stopping && self.in_flight() == 0 {
                 return;
             }
@@ -224,7 +228,8 @@ impl Poller {
                         complete(q, &mem, head, Some(status));
                     }
                 }
-                self.signal(&mem);
+                // The interrupt decision waits until the events at hand are
+                // all handled: one interrupt for the batch.
             }
             Event::Pause(ack) => {
                 self.paused = true;
