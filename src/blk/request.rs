@@ -371,3 +371,79 @@ mod tests {
         assert_eq!(check_range(8, 4096, 64, 4096), Ok(4096));
     }
 }
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueOwnedT;
+
+    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            u16::try_from(flags).unwrap(),
+            next,
+        ))
+    }
+
+    fn walk_first(descs: &[RawDescriptor]) -> Result<Chain, ChainError> {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.build_desc_chain(descs).unwrap();
+        let mut q: virtio_queue::Queue = vq.create_queue().unwrap();
+        let chain = q.iter(&mem).unwrap().next().unwrap();
+        walk(chain, 16)
+    }
+
+    #[test]
+    fn header_data_status_in_any_split() {
+        let c = walk_first(&[
+            desc(0x1000, 10, VRING_DESC_F_NEXT, 1),
+            desc(0x2000, 6, VRING_DESC_F_NEXT, 2),
+            desc(0x3000, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 3),
+            desc(0x4000, 1, VRING_DESC_F_WRITE, 0),
+        ])
+        .unwrap();
+        assert_eq!(total_len(&c.readable), 16);
+        assert_eq!(
+            c.writable,
+            vec![Seg {
+                addr: 0x3000,
+                len: 512
+            }]
+        );
+        assert_eq!(c.status, Some(0x4000));
+        // Status byte sharing the data descriptor.
+        let c = walk_first(&[
+            desc(0x1000, 16, VRING_DESC_F_NEXT, 1),
+            desc(0x3000, 513, VRING_DESC_F_WRITE, 0),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.writable,
+            vec![Seg {
+                addr: 0x3000,
+                len: 512
+            }]
+        );
+        assert_eq!(c.status, Some(0x3000 + 512));
+        // No writable byte: no status.
+        let c = walk_first(&[desc(0x1000, 16, 0, 0)]).unwrap();
+        assert_eq!(c.status, None);
+    }
+
+    #[test]
+    fn readable_after_writable_is_flagged() {
+        let c = walk_first(&[
+            desc(0x1000, 16, VRING_DESC_F_NEXT, 1),
+            desc(0x3000, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2),
+            desc(0x2000, 8, VRING_DESC_F_NEXT, 3),
+            desc(0x4000, 1, VRING_DESC_F_WRITE, 0),
+        ])
+        .unwrap();
+        assert!(c.readable_after_writable);
+    }
+}

@@ -344,3 +344,156 @@ impl<D: VirtioDevice> IoBar for LegacyTransport<D> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    type Activations = Arc<Mutex<Vec<(u32, Vec<Option<QueueConfig>>)>>>;
+
+    /// A device that records what the transport tells it.
+    #[derive(Default)]
+    struct Fake {
+        config: Vec<u8>,
+        activated: Activations,
+        resets: Arc<Mutex<usize>>,
+        notified: Arc<Mutex<Vec<u16>>>,
+    }
+
+    impl VirtioDevice for Fake {
+        fn features(&self) -> u32 {
+            0b1011
+        }
+        fn num_queues(&self) -> u16 {
+            2
+        }
+        fn queue_size(&self) -> u16 {
+            128
+        }
+        fn config_len(&self) -> usize {
+            self.config.len()
+        }
+        fn read_config(&self, offset: usize, data: &mut [u8]) {
+            data.copy_from_slice(&self.config[offset..offset + data.len()]);
+        }
+        fn write_config(&mut self, _offset: usize, _data: &[u8]) {}
+        fn activate(
+            &mut self,
+            features: u32,
+            queues: Vec<Option<QueueConfig>>,
+            _irq: VirtioInterrupt,
+        ) {
+            self.activated.lock().unwrap().push((features, queues));
+        }
+        fn notify(&mut self, index: u16) {
+            self.notified.lock().unwrap().push(index);
+        }
+        fn reset(&mut self) {
+            *self.resets.lock().unwrap() += 1;
+        }
+        fn quiesce(&mut self) {}
+        fn resume(&mut self) {}
+    }
+
+    fn transport() -> (LegacyTransport<Fake>, Arc<Interrupts>, Fake) {
+        let irqs = Arc::new(Interrupts::new(3));
+        let fake = Fake {
+            config: (0u8..60).collect(),
+            ..Default::default()
+        };
+        let probe = Fake {
+            config: vec![],
+            activated: fake.activated.clone(),
+            resets: fake.resets.clone(),
+            notified: fake.notified.clone(),
+        };
+        (LegacyTransport::new(fake, irqs.clone()), irqs, probe)
+    }
+
+    fn r(t: &mut LegacyTransport<Fake>, off: u64, n: usize) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b[..n]);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn features_queues_and_activation() {
+        let (mut t, _irqs, probe) = transport();
+        assert_eq!(t.size(), 128, "24 + 60 bytes rounded up to a power of two");
+        assert_eq!(r(&mut t, HOST_FEATURES, 4), 0b1011);
+        // Features that were not offered are dropped.
+        t.write(GUEST_FEATURES, &0xffu32.to_le_bytes());
+        assert_eq!(r(&mut t, GUEST_FEATURES, 4), 0b1011);
+        // An out-of-range queue select is harmless.
+        t.write(QUEUE_SEL, &7u16.to_le_bytes());
+        assert_eq!(r(&mut t, QUEUE_NUM, 2), 0);
+        t.write(QUEUE_PFN, &5u32.to_le_bytes());
+        assert_eq!(r(&mut t, QUEUE_PFN, 4), 0);
+        t.write(QUEUE_SEL, &1u16.to_le_bytes());
+        assert_eq!(r(&mut t, QUEUE_NUM, 2), 128);
+        t.write(QUEUE_PFN, &0x10u32.to_le_bytes());
+        assert_eq!(r(&mut t, QUEUE_PFN, 4), 0x10);
+        // A register accessed with the wrong width reads zeros.
+        assert_eq!(r(&mut t, QUEUE_PFN, 2), 0);
+        t.write(STATUS, &[1]);
+        t.write(STATUS, &[3]);
+        assert!(probe.activated.lock().unwrap().is_empty());
+        t.write(STATUS, &[7]);
+        let act = probe.activated.lock().unwrap();
+        assert_eq!(act.len(), 1);
+        assert_eq!(act[0].0, 0b1011);
+        assert_eq!(act[0].1[0], None);
+        let q = act[0].1[1].unwrap();
+        assert_eq!(
+            (q.size, q.desc, q.avail),
+            (128, 0x10000, 0x10000 + 16 * 128)
+        );
+        assert_eq!(q.used % QUEUE_ALIGN, 0);
+        assert!(q.used >= q.avail + 4 + 2 * 128 + 2);
+        drop(act);
+        t.write(QUEUE_NOTIFY, &1u16.to_le_bytes());
+        t.write(QUEUE_NOTIFY, &9u16.to_le_bytes());
+        assert_eq!(*probe.notified.lock().unwrap(), vec![1]);
+        // Writing 0 to the status resets everything.
+        t.write(STATUS, &[0]);
+        assert_eq!(*probe.resets.lock().unwrap(), 1);
+        assert_eq!(r(&mut t, STATUS, 1), 0);
+        assert_eq!(r(&mut t, GUEST_FEATURES, 4), 0);
+        t.write(QUEUE_SEL, &1u16.to_le_bytes());
+        assert_eq!(r(&mut t, QUEUE_PFN, 4), 0, "PFN reads 0 after reset");
+    }
+
+    #[test]
+    fn msix_moves_the_device_config_and_vectors_read_back() {
+        let (mut t, irqs, _probe) = transport();
+        // Without MSI-X the device config starts at 20 and there are no
+        // vector registers.
+        assert_eq!(r(&mut t, 20, 4), u32::from_le_bytes([0, 1, 2, 3]));
+        irqs.set_msix_control(true, false);
+        assert_eq!(r(&mut t, 24, 4), u32::from_le_bytes([0, 1, 2, 3]));
+        assert_eq!(r(&mut t, CONFIG_VECTOR, 2), u32::from(NO_VECTOR));
+        t.write(CONFIG_VECTOR, &2u16.to_le_bytes());
+        assert_eq!(r(&mut t, CONFIG_VECTOR, 2), 2);
+        // A vector beyond the table reads back NO_VECTOR.
+        t.write(QUEUE_SEL, &0u16.to_le_bytes());
+        t.write(QUEUE_VECTOR, &3u16.to_le_bytes());
+        assert_eq!(r(&mut t, QUEUE_VECTOR, 2), u32::from(NO_VECTOR));
+        t.write(QUEUE_VECTOR, &1u16.to_le_bytes());
+        assert_eq!(r(&mut t, QUEUE_VECTOR, 2), 1);
+        // Reads past the device config return zeros.
+        assert_eq!(r(&mut t, 24 + 60, 4), 0);
+        assert_eq!(r(&mut t, 24 + 58, 4), u32::from_le_bytes([58, 59, 0, 0]));
+    }
+
+    #[test]
+    fn isr_read_clears_and_lowers_intx() {
+        let (mut t, irqs, _probe) = transport();
+        let irq = VirtioInterrupt::new(t.isr.clone(), irqs);
+        irq.signal_queue(NO_VECTOR);
+        assert_eq!(r(&mut t, ISR, 1), 1);
+        assert_eq!(r(&mut t, ISR, 1), 0);
+        irq.signal_config(NO_VECTOR);
+        assert_eq!(r(&mut t, ISR, 1), 2);
+    }
+}
