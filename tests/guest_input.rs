@@ -280,6 +280,23 @@ fn flood(d: &mut Driver, n: usize, len: usize) {
     d.force_kick(0);
 }
 
+/// A server with 64 large write-through writes in flight. Without FLUSH
+/// the cache is write-through: every write is synced on the I/O pool, so
+/// requests really are in flight when the test acts.
+fn flooded(args: &[&str]) -> (ServerProcess, Driver) {
+    let (srv, _img) = server(256 * MB, args);
+    let mut d = Driver::new(
+        &srv.socket,
+        DriverOptions {
+            ram_size: 512 * MB,
+            refuse: F_FLUSH,
+            ..Default::default()
+        },
+    );
+    flood(&mut d, 64, 2 << 20);
+    (srv, d)
+}
+
 fn used_is_stable(d: &Driver) {
     let a = d.used_idx(0);
     std::thread::sleep(Duration::from_millis(300));
@@ -292,18 +309,7 @@ fn used_is_stable(d: &Driver) {
 
 #[test]
 fn device_reset_with_io_in_flight() {
-    let (mut srv, _img) = server(256 * MB, &["--io-threads", "1", "--poll-mode", "interrupt"]);
-    // Without FLUSH the cache is write-through: every write is synced on the
-    // I/O pool, so requests really are in flight when the test acts.
-    let mut d = Driver::new(
-        &srv.socket,
-        DriverOptions {
-            ram_size: 512 * MB,
-            refuse: F_FLUSH,
-            ..Default::default()
-        },
-    );
-    flood(&mut d, 64, 2 << 20);
+    let (mut srv, mut d) = flooded(&["--io-threads", "1", "--poll-mode", "interrupt"]);
     let t = Instant::now();
     d.reset();
     assert!(
@@ -320,18 +326,7 @@ fn device_reset_with_io_in_flight() {
 
 #[test]
 fn dma_unmap_with_io_in_flight() {
-    let (mut srv, _img) = server(256 * MB, &["--io-threads", "1", "--poll-mode", "interrupt"]);
-    // Without FLUSH the cache is write-through: every write is synced on the
-    // I/O pool, so requests really are in flight when the test acts.
-    let mut d = Driver::new(
-        &srv.socket,
-        DriverOptions {
-            ram_size: 512 * MB,
-            refuse: F_FLUSH,
-            ..Default::default()
-        },
-    );
-    flood(&mut d, 64, 2 << 20);
+    let (mut srv, mut d) = flooded(&["--io-threads", "1", "--poll-mode", "interrupt"]);
     let t = Instant::now();
     d.c.dma_unmap(0, d.ram_size).unwrap();
     assert!(t.elapsed() < Duration::from_secs(5));
@@ -343,18 +338,7 @@ fn dma_unmap_with_io_in_flight() {
 
 #[test]
 fn client_disconnect_with_io_in_flight_then_a_new_client() {
-    let (mut srv, _img) = server(256 * MB, &["--io-threads", "1"]);
-    // Without FLUSH the cache is write-through: every write is synced on the
-    // I/O pool, so requests really are in flight when the test acts.
-    let mut d = Driver::new(
-        &srv.socket,
-        DriverOptions {
-            ram_size: 512 * MB,
-            refuse: F_FLUSH,
-            ..Default::default()
-        },
-    );
-    flood(&mut d, 64, 2 << 20);
+    let (mut srv, d) = flooded(&["--io-threads", "1"]);
     d.c.shutdown().unwrap();
     drop(d);
     serves_again(&mut srv);
