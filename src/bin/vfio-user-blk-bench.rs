@@ -42,6 +42,9 @@ struct Args {
     /// A short set: 4 KiB random read at QD 1 and 32 only.
     #[arg(long)]
     quick: bool,
+    /// Run only the workloads whose name contains one of these words.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Targets to run (ours, qsd, direct).
     #[arg(long, value_delimiter = ',', default_value = "ours,qsd,direct")]
     targets: Vec<String>,
@@ -380,7 +383,13 @@ fn real_main(args: &Args) -> Result<()> {
         false => none(),
     };
 
-    let list = workloads(args.quick);
+    let list: Vec<Workload> = workloads(args.quick)
+        .into_iter()
+        .filter(|w| args.only.is_empty() || args.only.iter().any(|o| w.name.contains(o.as_str())))
+        .collect();
+    if list.is_empty() {
+        bail!("no workload matches --only {:?}", args.only);
+    }
     let total: usize = list
         .iter()
         .map(|w| {
