@@ -450,3 +450,29 @@ fn flush_makes_writes_durable_with_write_cache_off() {
     d.set_writeback(true);
     assert!(s.srv.log_text().contains("write cache now writeback"));
 }
+
+#[test]
+fn pollers_are_pinned_to_the_cpus_given() {
+    let s = with_image(4 * MB, &["--queues", "2", "--pollers", "2", "--cpus", "0"]);
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    assert_eq!(d.write(1, 0, &[1u8; 512]), S_OK);
+    let mut pinned = 0;
+    for t in std::fs::read_dir(format!("/proc/{}/task", s.srv.pid())).unwrap() {
+        let t = t.unwrap().path();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if name.starts_with("blk-poller") {
+            let status = std::fs::read_to_string(t.join("status")).unwrap();
+            let cpus = status
+                .lines()
+                .find(|l| l.starts_with("Cpus_allowed_list"))
+                .unwrap()
+                .split_whitespace()
+                .last()
+                .unwrap()
+                .to_string();
+            assert_eq!(cpus, "0", "{name}");
+            pinned += 1;
+        }
+    }
+    assert_eq!(pinned, 2, "two poller threads");
+}
