@@ -221,12 +221,23 @@ impl Engine {
         }
     }
 
-    /// Stops the pollers after their in-flight requests finish.
+    /// Stops the pollers after their in-flight requests finish, waiting at
+    /// most QUIESCE_TIMEOUT so that the reply stays inside QEMU's timeout.
+    /// A poller still waiting for a stuck backend is left to finish on its
+    /// own; it holds its own reference to the guest memory it uses.
     pub fn stop(self) {
         for p in &self.pollers {
             let _ = p.tx.send(Event::Stop);
         }
+        let deadline = Instant::now() + QUIESCE_TIMEOUT;
+        while Instant::now() < deadline && !self.pollers.iter().all(|p| p.thread.is_finished()) {
+            thread::sleep(Duration::from_millis(1));
+        }
         for p in self.pollers {
+            if !p.thread.is_finished() {
+                error!("a poller still has requests in flight after {QUIESCE_TIMEOUT:?}; not waiting longer");
+                continue;
+            }
             if p.thread.join().is_err() {
                 error!("a poller thread panicked");
             }
