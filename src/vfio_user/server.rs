@@ -50,10 +50,6 @@ impl Default for ServerConfig {
 /// refused before a byte of it is allocated.
 const MSG_OVERHEAD: u32 = 4096;
 
-/// After a DMA_UNMAP, how long the socket must stay quiet (or carry
-/// something other than a map change) before the device resumes.
-const DMA_SETTLE: std::time::Duration = std::time::Duration::from_millis(2);
-
 /// How long a new connection waits for the previous client's teardown.
 const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -87,9 +83,6 @@ struct Conn {
     stream: UnixStream,
     negotiated: bool,
     max_xfer: u32,
-    /// The device is paused because a DMA_UNMAP removed memory; it resumes
-    /// once the client's batch of map changes is over.
-    dma_paused: bool,
 }
 
 fn command_name(cmd: u16) -> &'static str {
@@ -180,15 +173,9 @@ impl<D: Device> Server<D> {
             stream,
             negotiated: false,
             max_xfer: self.config.max_data_xfer_size,
-            dma_paused: false,
         };
         let mut payload = Vec::new();
         loop {
-            if conn.dma_paused && !socket::readable_within(&conn.stream, DMA_SETTLE) {
-                // The batch of map changes is over: guest memory is stable.
-                conn.dma_paused = false;
-                self.device.resume();
-            }
             match self.handle_one(&mut conn, &mut payload) {
                 Ok(Next::Continue) => {}
                 Ok(Next::Close) => break,
@@ -202,9 +189,7 @@ impl<D: Device> Server<D> {
                 }
             }
         }
-        if !conn.dma_paused {
-            self.device.quiesce();
-        }
+        self.device.quiesce();
         self.dma.clear();
         self.device.disconnect();
         self.device.resume();
@@ -333,11 +318,6 @@ impl<D: Device> Server<D> {
         p: &[u8],
         mut fds: Vec<OwnedFd>,
     ) -> Result<Vec<u8>, Reject> {
-        if conn.dma_paused && !matches!(command, CMD_DMA_MAP | CMD_DMA_UNMAP) {
-            // The map changes are over: the device may use memory again.
-            conn.dma_paused = false;
-            self.device.resume();
-        }
         let takes_fds = matches!(command, CMD_DMA_MAP | CMD_DEVICE_SET_IRQS);
         if !takes_fds && !fds.is_empty() {
             return reject(

@@ -123,17 +123,3 @@ pub fn send_all(stream: &UnixStream, msg: &[u8]) -> io::Result<()> {
     let mut s = stream;
     s.write_all(msg)
 }
-
-/// Whether the stream has something to read (or was closed) within
-/// `timeout`.
-pub fn readable_within(stream: &UnixStream, timeout: std::time::Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd, and its count.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    r != 0
-}
