@@ -83,6 +83,9 @@ struct Conn {
     stream: UnixStream,
     negotiated: bool,
     max_xfer: u32,
+    /// Reply under construction: header space, then the payload. Reused
+    /// for every message.
+    reply: Vec<u8>,
 }
 
 fn command_name(cmd: u16) -> &'static str {
@@ -173,6 +176,7 @@ impl<D: Device> Server<D> {
             stream,
             negotiated: false,
             max_xfer: self.config.max_data_xfer_size,
+            reply: Vec::new(),
         };
         let mut payload = Vec::new();
         loop {
@@ -239,6 +243,9 @@ impl<D: Device> Server<D> {
         }
 
         let mut close_after = false;
+        let mut out = std::mem::take(&mut conn.reply);
+        out.clear();
+        out.resize(HEADER_SIZE, 0);
         let result = if rh.fds_truncated {
             reject(
                 libc::EINVAL,
@@ -256,30 +263,17 @@ impl<D: Device> Server<D> {
         } else if !conn.negotiated && hdr.command != CMD_VERSION {
             reject(libc::EINVAL, "VERSION must come first")
         } else {
-            let r = self.dispatch(conn, hdr.command, payload, rh.fds);
+            let r = self.dispatch(conn, hdr.command, payload, rh.fds, &mut out);
             if hdr.command == CMD_VERSION && r.is_err() {
                 close_after = true;
             }
             r
         };
 
-        let reply = match result {
-            Ok(body) => {
+        let (flags, error) = match result {
+            Ok(()) => {
                 debug!("{} (id {}) ok", command_name(hdr.command), hdr.msg_id);
-                let mut msg = Vec::with_capacity(HEADER_SIZE + body.len());
-                let size = u32::try_from(HEADER_SIZE + body.len()).unwrap_or(u32::MAX);
-                msg.extend_from_slice(
-                    &Header {
-                        msg_id: hdr.msg_id,
-                        command: hdr.command,
-                        msg_size: size,
-                        flags: FLAG_TYPE_REPLY,
-                        error: 0,
-                    }
-                    .encode(),
-                );
-                msg.extend_from_slice(&body);
-                msg
+                (FLAG_TYPE_REPLY, 0)
             }
             Err(r) => {
                 warn!(
@@ -290,20 +284,26 @@ impl<D: Device> Server<D> {
                     r.errno,
                     r.why
                 );
-                Header {
-                    msg_id: hdr.msg_id,
-                    command: hdr.command,
-                    msg_size: HEADER_SIZE_U32,
-                    flags: FLAG_TYPE_REPLY | FLAG_ERROR,
-                    error: r.errno.unsigned_abs(),
-                }
-                .encode()
-                .to_vec()
+                // Error replies are header-only.
+                out.truncate(HEADER_SIZE);
+                (FLAG_TYPE_REPLY | FLAG_ERROR, r.errno.unsigned_abs())
             }
         };
-        if !hdr.no_reply() {
-            socket::send_all(&conn.stream, &reply)?;
-        }
+        let header = Header {
+            msg_id: hdr.msg_id,
+            command: hdr.command,
+            msg_size: u32::try_from(out.len()).unwrap_or(u32::MAX),
+            flags,
+            error,
+        };
+        out[..HEADER_SIZE].copy_from_slice(&header.encode());
+        let sent = if hdr.no_reply() {
+            Ok(())
+        } else {
+            socket::send_all(&conn.stream, &out)
+        };
+        conn.reply = out;
+        sent?;
         Ok(if close_after {
             Next::Close
         } else {
@@ -317,7 +317,8 @@ impl<D: Device> Server<D> {
         command: u16,
         p: &[u8],
         mut fds: Vec<OwnedFd>,
-    ) -> Result<Vec<u8>, Reject> {
+        out: &mut Vec<u8>,
+    ) -> Result<(), Reject> {
         let takes_fds = matches!(command, CMD_DMA_MAP | CMD_DEVICE_SET_IRQS);
         if !takes_fds && !fds.is_empty() {
             return reject(
@@ -326,7 +327,7 @@ impl<D: Device> Server<D> {
             );
         }
         match command {
-            CMD_VERSION => self.version(conn, p),
+            CMD_VERSION => self.version(conn, p, out),
             CMD_DMA_MAP => {
                 need(p, DMA_MAP_SIZE)?;
                 if fds.len() > 1 {
@@ -344,7 +345,7 @@ impl<D: Device> Server<D> {
                         errno: e.errno(),
                         why: e.to_string(),
                     })?;
-                Ok(Vec::new())
+                Ok(())
             }
             CMD_DMA_UNMAP => {
                 need(p, DMA_UNMAP_SIZE)?;
@@ -357,17 +358,17 @@ impl<D: Device> Server<D> {
                     errno: e.errno(),
                     why: e.to_string(),
                 })?;
-                Ok(p[..DMA_UNMAP_SIZE].to_vec())
+                out.extend_from_slice(&p[..DMA_UNMAP_SIZE]);
+                Ok(())
             }
             CMD_DEVICE_GET_INFO => {
                 need(p, DEVICE_INFO_SIZE)?;
                 argsz_at_least(p, DEVICE_INFO_SIZE)?;
-                let mut out = Vec::with_capacity(DEVICE_INFO_SIZE);
                 out.put_u32(DEVICE_INFO_SIZE_U32);
                 out.put_u32(VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET);
                 out.put_u32(self.device.num_regions());
                 out.put_u32(self.device.num_irqs());
-                Ok(out)
+                Ok(())
             }
             CMD_DEVICE_GET_REGION_INFO => {
                 need(p, REGION_INFO_SIZE)?;
@@ -377,14 +378,13 @@ impl<D: Device> Server<D> {
                     return reject(libc::EINVAL, format!("no region {index}"));
                 }
                 let info = self.device.region_info(index);
-                let mut out = Vec::with_capacity(REGION_INFO_SIZE);
                 out.put_u32(REGION_INFO_SIZE_U32);
                 out.put_u32(info.flags);
                 out.put_u32(index);
                 out.put_u32(0); // cap_offset: we have no capabilities
                 out.put_u64(info.size);
                 out.put_u64(0); // mmap offset: nothing is mappable
-                Ok(out)
+                Ok(())
             }
             CMD_DEVICE_GET_IRQ_INFO => {
                 need(p, IRQ_INFO_SIZE)?;
@@ -394,12 +394,11 @@ impl<D: Device> Server<D> {
                     return reject(libc::EINVAL, format!("no IRQ index {index}"));
                 }
                 let info = self.device.irq_info(index);
-                let mut out = Vec::with_capacity(IRQ_INFO_SIZE);
                 out.put_u32(IRQ_INFO_SIZE_U32);
                 out.put_u32(info.flags);
                 out.put_u32(index);
                 out.put_u32(info.count);
-                Ok(out)
+                Ok(())
             }
             CMD_DEVICE_SET_IRQS => {
                 let set = self.parse_irq_set(p, fds)?;
@@ -408,7 +407,7 @@ impl<D: Device> Server<D> {
                     errno,
                     why: "refused by the device".into(),
                 })?;
-                Ok(Vec::new())
+                Ok(())
             }
             CMD_REGION_READ => {
                 let a = RegionAccess::decode(p).ok_or(Reject {
@@ -426,18 +425,18 @@ impl<D: Device> Server<D> {
                 }
                 self.check_access(conn, &a)?;
                 let count = a.count as usize;
-                let mut out = Vec::with_capacity(REGION_ACCESS_SIZE + count);
-                a.encode_into(&mut out);
-                out.resize(REGION_ACCESS_SIZE + count, 0);
+                a.encode_into(out);
+                let data = out.len();
+                out.resize(data + count, 0);
                 if count > 0 {
                     self.device
-                        .region_read(a.region, a.offset, &mut out[REGION_ACCESS_SIZE..])
+                        .region_read(a.region, a.offset, &mut out[data..])
                         .map_err(|errno| Reject {
                             errno,
                             why: format!("read of region {} refused", a.region),
                         })?;
                 }
-                Ok(out)
+                Ok(())
             }
             CMD_REGION_WRITE => {
                 let a = RegionAccess::decode(p).ok_or(Reject {
@@ -463,13 +462,12 @@ impl<D: Device> Server<D> {
                             why: format!("write to region {} refused", a.region),
                         })?;
                 }
-                let mut out = Vec::with_capacity(REGION_ACCESS_SIZE);
-                a.encode_into(&mut out);
-                Ok(out)
+                a.encode_into(out);
+                Ok(())
             }
             CMD_DEVICE_RESET => {
                 self.device.reset();
-                Ok(Vec::new())
+                Ok(())
             }
             CMD_DEVICE_GET_REGION_IO_FDS | CMD_DMA_READ | CMD_DMA_WRITE | 14..=18 => {
                 reject(libc::ENOTSUP, "command not supported by this server")
@@ -478,7 +476,7 @@ impl<D: Device> Server<D> {
         }
     }
 
-    fn version(&mut self, conn: &mut Conn, p: &[u8]) -> Result<Vec<u8>, Reject> {
+    fn version(&mut self, conn: &mut Conn, p: &[u8], out: &mut Vec<u8>) -> Result<(), Reject> {
         if conn.negotiated {
             return reject(libc::EINVAL, "VERSION sent twice");
         }
@@ -534,12 +532,11 @@ impl<D: Device> Server<D> {
              \"pgsizes\":{pgsizes},\"max_dma_maps\":{max_dma_maps}}}}}"
         );
         info!("version 0.0 negotiated: {json}");
-        let mut out = Vec::with_capacity(4 + json.len() + 1);
         out.put_u16(0);
         out.put_u16(0);
         out.extend_from_slice(json.as_bytes());
         out.push(0);
-        Ok(out)
+        Ok(())
     }
 
     fn check_access(&self, conn: &Conn, a: &RegionAccess) -> Result<(), Reject> {
