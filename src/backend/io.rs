@@ -8,7 +8,9 @@ use std::os::fd::AsRawFd;
 
 /// One buffer in guest memory, as an iovec. The pointer stays valid for as
 /// long as the guest-memory snapshot that produced it is held (the job that
-/// carries it holds that snapshot).
+/// carries it holds that snapshot). Laid out exactly as `struct iovec`, so a
+/// request's list goes to preadv/pwritev as it is, without a copy.
+#[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct GuestIov {
     pub ptr: *mut u8,
@@ -83,13 +85,20 @@ pub struct FileBackend {
 
 const IOV_MAX: usize = 1024;
 
-fn to_iovecs(iov: &[GuestIov]) -> Vec<libc::iovec> {
-    iov.iter()
-        .map(|v| libc::iovec {
-            iov_base: v.ptr.cast(),
-            iov_len: v.len,
-        })
-        .collect()
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<GuestIov>() == size_of::<libc::iovec>());
+    assert!(align_of::<GuestIov>() == align_of::<libc::iovec>());
+    assert!(offset_of!(GuestIov, ptr) == offset_of!(libc::iovec, iov_base));
+    assert!(offset_of!(GuestIov, len) == offset_of!(libc::iovec, iov_len));
+};
+
+/// The same list, as the kernel's iovecs.
+fn as_iovecs(iov: &[GuestIov]) -> &[libc::iovec] {
+    // SAFETY: GuestIov is repr(C) with the fields, sizes, offsets and
+    // alignment of libc::iovec (checked at compile time above), so the
+    // slice may be viewed as iovecs for its whole length.
+    unsafe { std::slice::from_raw_parts(iov.as_ptr().cast::<libc::iovec>(), iov.len()) }
 }
 
 /// Drops `n` transferred bytes from the front of `iovs`.
@@ -125,7 +134,9 @@ impl FileBackend {
     }
 
     fn rw(&self, iov: &[GuestIov], offset: u64, write: bool) -> io::Result<()> {
-        let mut iovs = to_iovecs(iov);
+        // The request's own list; a copy is made only after a short
+        // transfer, to move past what was done.
+        let mut iovs = std::borrow::Cow::Borrowed(as_iovecs(iov));
         let mut pos = offset;
         while !iovs.is_empty() {
             let cnt = iovs.len().min(IOV_MAX);
@@ -157,7 +168,7 @@ impl FileBackend {
                 ));
             }
             pos += n as u64;
-            advance(&mut iovs, n);
+            advance(iovs.to_mut(), n);
         }
         Ok(())
     }
@@ -241,7 +252,7 @@ impl Backend for FileBackend {
         if self.direct || iov.is_empty() || iov.len() > IOV_MAX {
             return None;
         }
-        let iovs = to_iovecs(iov);
+        let iovs = as_iovecs(iov);
         let total: usize = iov.iter().map(|v| v.len).sum();
         let cnt = libc::c_int::try_from(iovs.len()).ok()?;
         let off = off_t(offset).ok()?;
@@ -424,7 +435,7 @@ mod tests {
     fn advance_splits_iovecs() {
         let mut a = [0u8; 10];
         let mut b = [0u8; 10];
-        let mut v = to_iovecs(&[iov(&mut a), iov(&mut b)]);
+        let mut v = as_iovecs(&[iov(&mut a), iov(&mut b)]).to_vec();
         advance(&mut v, 13);
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].iov_len, 7);
