@@ -149,7 +149,9 @@ impl Poller {
                 }
                 continue;
             }
-            let mem = self.memory.memory();
+            // One snapshot per pass: what requests read through and what
+            // jobs keep mapped are the same.
+            let mem = self.memory.memory().into_inner();
             let work = self.poll_queues(&mem);
             self.signal(&mem);
             if work {
@@ -251,10 +253,8 @@ impl Poller {
 
     /// Pops, validates and submits what the queues hold. True if any
     /// request was popped.
-    fn poll_queues(&mut self, mem: &vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>) -> bool {
+    fn poll_queues(&mut self, mem: &Arc<GuestMemoryMmap>) -> bool {
         let mut work = false;
-        let mem_arc: Option<Arc<GuestMemoryMmap>> = None;
-        let mut mem_arc = mem_arc;
         for qi in 0..self.queues.len() {
             let mut staged: Vec<Staged> = Vec::new();
             {
@@ -344,17 +344,14 @@ impl Poller {
             if staged.is_empty() {
                 continue;
             }
-            let arc = mem_arc
-                .get_or_insert_with(|| self.memory.memory().into_inner())
-                .clone();
             for s in staged {
-                self.submit(qi, s, &arc, mem);
+                self.submit(qi, s, mem);
             }
         }
         work
     }
 
-    fn submit(&mut self, qi: usize, s: Staged, arc: &Arc<GuestMemoryMmap>, mem: &GuestMemoryMmap) {
+    fn submit(&mut self, qi: usize, s: Staged, mem: &Arc<GuestMemoryMmap>) {
         let now = if self.ctx.backend.inline() {
             Some(self.ctx.execute(&s.op, &s.iov))
         } else {
@@ -384,7 +381,7 @@ impl Poller {
             ctx: self.ctx.clone(),
             op: s.op,
             iov: s.iov,
-            _mem: arc.clone(),
+            _mem: mem.clone(),
             queue: qi,
             heads: s.heads,
             reply: self.me.clone(),
