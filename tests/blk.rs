@@ -476,3 +476,36 @@ fn pollers_are_pinned_to_the_cpus_given() {
     }
     assert_eq!(pinned, 2, "two poller threads");
 }
+
+fn poller_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|t| {
+            let comm = t.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm)
+                .unwrap_or_default()
+                .starts_with("blk-poller")
+        })
+        .count()
+}
+
+#[test]
+fn driver_ok_without_queues_starts_no_poller() {
+    let s = with_image(MB, &["--poll-mode", "busy"]);
+    let mut c = vfio_user::Client::new(&s.srv.socket).unwrap();
+    for status in [0u8, 1, 3, 7] {
+        c.region_write(0, 18, &[status]).unwrap();
+    }
+    let mut st = [0u8];
+    c.region_read(0, 18, &mut st).unwrap();
+    assert_eq!(st[0], 7);
+    assert_eq!(
+        poller_threads(s.srv.pid()),
+        0,
+        "nothing to poll, nothing spinning"
+    );
+    drop(c);
+    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    assert_eq!(d.write(0, 0, &[1u8; 512]), S_OK);
+    assert_eq!(poller_threads(s.srv.pid()), 1);
+}

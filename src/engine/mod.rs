@@ -147,6 +147,7 @@ pub struct Activation {
 impl Engine {
     /// Starts pollers for the queues the driver set up.
     pub fn start(cfg: &EngineConfig, a: Activation, pool: &IoPool) -> Engine {
+        let mut owner = vec![None; a.queues.len()];
         let mut active = Vec::new();
         for (i, qc) in a.queues.into_iter().enumerate() {
             let Some(qc) = qc else { continue };
@@ -155,15 +156,14 @@ impl Engine {
                 Err(e) => error!("queue {i}: cannot set up the ring: {e}"),
             }
         }
-        // Queues spread round-robin; never more pollers than queues.
-        let n = cfg.pollers.max(1).min(active.len().max(1));
-        let mut owner = vec![None; usize::from(u16::MAX) + 1];
+        // Queues spread round-robin; never more pollers than queues (and
+        // none at all, rather than one spinning on nothing, without queues).
+        let n = cfg.pollers.max(1).min(active.len());
         let mut per_poller: Vec<Vec<poller::QueueCtx>> = (0..n).map(|_| Vec::new()).collect();
         for (k, q) in active.into_iter().enumerate() {
             owner[q.index] = Some(k % n);
             per_poller[k % n].push(q);
         }
-        owner.truncate(owner.iter().rposition(Option::is_some).map_or(0, |i| i + 1));
         let mut pollers = Vec::new();
         for (pi, qs) in per_poller.into_iter().enumerate() {
             let (tx, rx) = unbounded();
