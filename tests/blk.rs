@@ -235,7 +235,15 @@ fn discard_punches_holes_and_write_zeroes_zeroes() {
         blocks_after < blocks_before,
         "discard released space: {blocks_before} -> {blocks_after}"
     );
-    // Bad payloads: unknown flags, past the end, ragged segment list.
+    // Bad payloads: more sectors than max_discard_sectors, more segments
+    // than max_discard_seg, unknown flags, past the end, ragged segment list.
+    assert_eq!(
+        d.simple(0, T_DISCARD, 0, dwz_segment(0, (1 << 22) + 1, 0), 0)
+            .0,
+        S_UNSUPP
+    );
+    let many: Vec<u8> = (0..33).flat_map(|i| dwz_segment(8 * i, 8, 0)).collect();
+    assert_eq!(d.simple(0, T_WRITE_ZEROES, 0, many, 0).0, S_UNSUPP);
     assert_eq!(
         d.simple(0, T_DISCARD, 0, dwz_segment(0, 8, 1), 0).0,
         S_UNSUPP

@@ -293,6 +293,54 @@ fn set_irqs_validation() {
         REPLY
     );
     assert_eq!(raw.call(8, &irq_set(trig, 1, 0, 0)).flags, REPLY); // MSI teardown
+                                                                   // MSI-X mask/unmask take no eventfds.
+    assert_error(
+        &raw.call_fds(
+            8,
+            &irq_set(
+                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_MASK,
+                2,
+                0,
+                1,
+            ),
+            &[e.as_raw_fd()],
+        ),
+        EINVAL,
+    );
+    still_in_sync(&mut raw);
+}
+
+#[test]
+fn intx_mask_unmask_and_resample_eventfd_are_accepted() {
+    let srv = server();
+    let mut raw = Raw::negotiated(&srv.socket);
+    let base = srv.open_fds();
+    let trigger = EventFd::new(EFD_NONBLOCK).unwrap();
+    let resample = EventFd::new(EFD_NONBLOCK).unwrap();
+    let efd = VFIO_IRQ_SET_DATA_EVENTFD;
+    let none = VFIO_IRQ_SET_DATA_NONE;
+    // The KVM sequence QEMU sends for INTx.
+    for (flags, fds) in [
+        (efd | VFIO_IRQ_SET_ACTION_TRIGGER, vec![trigger.as_raw_fd()]),
+        (none | VFIO_IRQ_SET_ACTION_MASK, vec![]),
+        (efd | VFIO_IRQ_SET_ACTION_UNMASK, vec![resample.as_raw_fd()]),
+        (none | VFIO_IRQ_SET_ACTION_UNMASK, vec![]),
+    ] {
+        assert_eq!(raw.call_fds(8, &irq_set(flags, 0, 0, 1), &fds).flags, REPLY);
+    }
+    // The trigger fd is kept, the resample fd is closed.
+    assert_eq!(srv.open_fds(), base + 1);
+    // A software trigger reaches the trigger eventfd.
+    let r = raw.call(8, &irq_set(none | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, 1));
+    assert_eq!(r.flags, REPLY);
+    assert_eq!(trigger.read().unwrap(), 1);
+    // Teardown drops it.
+    assert_eq!(
+        raw.call(8, &irq_set(none | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, 0))
+            .flags,
+        REPLY
+    );
+    assert_eq!(srv.open_fds(), base);
     still_in_sync(&mut raw);
 }
 
