@@ -327,7 +327,7 @@ fn device_interrupt_waits_for_its_eventfd() {
     c.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 0x42, &0x8000u16.to_le_bytes())
         .unwrap();
     let irqs = ts.interrupts();
-    irqs.signal_msix(1);
+    assert!(irqs.signal_msix(1), "MSI-X is enabled");
     let mut pba = [0u8; 8];
     c.region_read(VFIO_PCI_BAR1_REGION_INDEX, 0x800, &mut pba)
         .unwrap();
@@ -345,7 +345,7 @@ fn device_interrupt_waits_for_its_eventfd() {
     c.region_read(VFIO_PCI_BAR1_REGION_INDEX, 0x800, &mut pba)
         .unwrap();
     assert_eq!(u64::from_le_bytes(pba), 0);
-    irqs.signal_msix(1);
+    assert!(irqs.signal_msix(1), "MSI-X is enabled");
     assert_eq!(e1.read().unwrap(), 1, "delivered at once now");
     c.shutdown().unwrap();
     ts.finish();

@@ -37,6 +37,8 @@ struct State {
 /// thread (which installs descriptors) and whoever raises interrupts.
 pub struct Interrupts {
     state: Mutex<State>,
+    /// Size of the MSI-X table; fixed for the life of the function.
+    vectors: u16,
 }
 
 fn kick(fd: &File) {
@@ -56,31 +58,38 @@ impl Interrupts {
             .resize_with(usize::from(msix_vectors), Vector::default);
         Interrupts {
             state: Mutex::new(st),
+            vectors: msix_vectors,
         }
     }
 
     pub fn msix_vectors(&self) -> u16 {
-        u16::try_from(self.state.lock().msix.len()).unwrap_or(u16::MAX)
+        self.vectors
     }
 
     pub fn msix_enabled(&self) -> bool {
         self.state.lock().msix_enabled
     }
 
-    /// Raises MSI-X vector `v`. If it cannot be delivered now (function or
-    /// vector masked, no descriptor yet) it stays pending and is delivered
-    /// as soon as it can be.
-    pub fn signal_msix(&self, v: u16) {
+    /// Raises MSI-X vector `v` if MSI-X is enabled, and says whether it
+    /// was (otherwise the caller falls back to INTx). A vector that cannot
+    /// be delivered now (function or vector masked, no descriptor yet) stays
+    /// pending and is delivered as soon as it can be. One lock per
+    /// interrupt: this is on the completion path.
+    pub fn signal_msix(&self, v: u16) -> bool {
         let mut st = self.state.lock();
-        let blocked = st.msix_function_masked || !st.msix_enabled;
+        if !st.msix_enabled {
+            return false;
+        }
+        let blocked = st.msix_function_masked;
         let Some(vec) = st.msix.get_mut(usize::from(v)) else {
             debug!("interrupt on vector {v}, which does not exist; dropped");
-            return;
+            return true;
         };
         match &vec.fd {
             Some(fd) if !blocked && !vec.masked => kick(fd),
             _ => vec.pending = true,
         }
+        true
     }
 
     /// Sets the INTx line level. A rising edge fires the trigger unless the

@@ -54,11 +54,9 @@ impl VirtioInterrupt {
     }
 
     fn signal(&self, vector: u16, isr_bit: u8) {
-        if self.irqs.msix_enabled() {
-            if vector != NO_VECTOR {
-                self.irqs.signal_msix(vector);
-            }
-        } else {
+        // With MSI-X on, NO_VECTOR means the driver wants no interrupt (the
+        // vector does not exist and is dropped).
+        if !self.irqs.signal_msix(vector) {
             self.isr.fetch_or(isr_bit, Ordering::SeqCst);
             self.irqs.set_intx_level(true);
         }
