@@ -16,7 +16,8 @@ use super::{GuestRam, Transport};
 use crate::virtio::legacy::legacy_ring_layout;
 
 pub struct VhostUserBlk {
-    frontend: Frontend,
+    /// Held for its connection: dropping it ends the vhost-user session.
+    _frontend: Frontend,
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
     features: u64,
@@ -92,17 +93,13 @@ impl VhostUserBlk {
         }
         Ok((
             VhostUserBlk {
-                frontend: fe,
+                _frontend: fe,
                 kicks,
                 calls,
                 features,
             },
             rings,
         ))
-    }
-
-    pub fn frontend(&self) -> &Frontend {
-        &self.frontend
     }
 }
 

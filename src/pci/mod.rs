@@ -101,10 +101,6 @@ impl<B: IoBar> PciFunction<B> {
         f
     }
 
-    pub fn bar0(&self) -> &B {
-        &self.bar0
-    }
-
     pub fn interrupts(&self) -> &Arc<Interrupts> {
         &self.irqs
     }

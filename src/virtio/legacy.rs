@@ -95,10 +95,6 @@ impl<D: VirtioDevice> LegacyTransport<D> {
         }
     }
 
-    pub fn device(&self) -> &D {
-        &self.dev
-    }
-
     fn config_offset(&self) -> u64 {
         if self.irqs.msix_enabled() {
             CONFIG_OFFSET_MSIX
