@@ -428,3 +428,59 @@ fn ring_unmapped_and_remapped_keeps_working() {
         serves_again(&mut srv);
     }
 }
+
+/// Regression: buffers whose address plus length wraps past 2^64 must be
+/// refused, not wrapped around to low guest addresses (nor panic).
+#[test]
+fn buffers_that_wrap_the_address_space_are_refused() {
+    let (mut srv, img) = server(4 * MB, &[]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    // A status byte that would sit at a wrapped address: the chain has no
+    // usable status byte, so nothing is executed and nothing is written.
+    let low: Vec<u8> = {
+        let mut b = vec![0u8; 64];
+        d.mem
+            .read_slice(&mut b, vm_memory::GuestAddress(0))
+            .unwrap();
+        b
+    };
+    let h = d.header_buf(T_OUT, 0);
+    let data = d.alloc(512);
+    d.mem
+        .write_slice(&[7u8; 512], vm_memory::GuestAddress(data))
+        .unwrap();
+    let head = d.place(
+        0,
+        &[(h, 16, false), (data, 512, false), (u64::MAX - 7, 16, true)],
+        false,
+    );
+    d.force_kick(0);
+    assert_eq!(d.wait_used(0, 1, Duration::from_secs(10)), vec![(head, 0)]);
+    // Data buffers that wrap answer IOERR, for reads and writes.
+    for (kind, w) in [(T_OUT, false), (T_IN, true)] {
+        let h = d.header_buf(kind, 0);
+        let st = d.alloc(1);
+        d.place(
+            0,
+            &[(h, 16, false), (u64::MAX - 255, 512, w), (st, 1, true)],
+            false,
+        );
+        d.force_kick(0);
+        d.wait_used(0, 1, Duration::from_secs(10));
+        let status: u8 = Bytes::read_obj(&d.mem, vm_memory::GuestAddress(st)).unwrap();
+        assert_eq!(status, S_IOERR);
+    }
+    let mut after = vec![0u8; 64];
+    d.mem
+        .read_slice(&mut after, vm_memory::GuestAddress(0))
+        .unwrap();
+    assert_eq!(after, low, "nothing written at a wrapped-around address");
+    let mut b = [0u8; 512];
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut b, 0)
+        .unwrap();
+    assert_eq!(b, [0u8; 512], "nothing written to the disk");
+    drop(d);
+    serves_again(&mut srv);
+}

@@ -133,12 +133,15 @@ where
         Some(d) if !d.has_next() => {}
         _ => return Err(ChainError::Unterminated),
     }
-    // Split off the status byte: the last writable byte.
+    // Split off the status byte: the last writable byte. A buffer that
+    // wraps past the end of the address space has none.
     if let Some(seg) = c.writable.last_mut() {
-        c.status = Some(seg.addr + u64::from(seg.len) - 1);
-        seg.len -= 1;
-        if seg.len == 0 {
-            c.writable.pop();
+        if let Some(status) = seg.addr.checked_add(u64::from(seg.len) - 1) {
+            c.status = Some(status);
+            seg.len -= 1;
+            if seg.len == 0 {
+                c.writable.pop();
+            }
         }
     }
     Ok(c)
@@ -169,12 +172,13 @@ pub fn gather(
         let n = usize::try_from(len - skip)
             .unwrap_or(usize::MAX)
             .min(buf.len() - done);
-        let addr = s.addr + skip;
+        let outside = |addr| RequestError::OutsideMemory {
+            addr,
+            len: n as u64,
+        };
+        let addr = s.addr.checked_add(skip).ok_or(outside(s.addr))?;
         mem.read_slice(&mut buf[done..done + n], GuestAddress(addr))
-            .map_err(|_| RequestError::OutsideMemory {
-                addr,
-                len: n as u64,
-            })?;
+            .map_err(|_| outside(addr))?;
         done += n;
         skip = 0;
     }
@@ -215,14 +219,21 @@ pub fn iovecs(
             skip -= len;
             continue;
         }
-        let addr = s.addr + skip;
         let n = len - skip;
+        let outside = RequestError::OutsideMemory {
+            addr: s.addr,
+            len: n,
+        };
+        // Both ends must be real addresses: nothing wraps past 2^64.
+        let addr = s
+            .addr
+            .checked_add(skip)
+            .filter(|a| a.checked_add(n).is_some())
+            .ok_or(outside.clone())?;
         skip = 0;
-        let outside = RequestError::OutsideMemory { addr, len: n };
         let count = usize::try_from(n).map_err(|_| outside.clone())?;
-        if !GuestMemoryBackend::check_range(mem, GuestAddress(addr), count) {
-            return Err(outside);
-        }
+        // get_slices fails on the first byte that is not mapped, so it is
+        // also the range check.
         for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), count) {
             let slice = slice.map_err(|_| outside.clone())?;
             out.push(GuestIov {
