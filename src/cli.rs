@@ -180,8 +180,57 @@ pub const VIRTIO_BLK_IDENTITY: Identity = Identity {
 
 pub type BlkFunction = PciFunction<LegacyTransport<BlkDevice>>;
 
+impl Options {
+    /// Checks what the parser cannot, against this machine, before anything
+    /// is created: a bad option must not leave an image or a socket behind,
+    /// nor be found only when the guest starts the device.
+    pub fn validate(&self) -> Result<()> {
+        if !self.cpus.is_empty() {
+            let usable =
+                crate::engine::usable_cpus().context("reading the CPUs this process may run on")?;
+            for &cpu in &self.cpus {
+                if !usable.contains(&cpu) {
+                    bail!(
+                        "--cpus: CPU {cpu} is not online or not allowed for this process \
+                         (usable: {})",
+                        cpu_list(&usable)
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `0-3,6` style.
+fn cpu_list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
 /// Builds the device and its server from the options.
 pub fn build(opts: &Options) -> Result<Server<BlkFunction>> {
+    build_with(opts, false)
+}
+
+/// As [`build`]; with `inline`, the queues are served on the protocol
+/// thread whenever the driver rings a doorbell (no poller threads):
+/// deterministic, for fuzzing.
+pub fn build_with(opts: &Options, inline: bool) -> Result<Server<BlkFunction>> {
+    opts.validate()?;
     let disk = backend::open(
         &opts.disk,
         OpenOptionsDisk {
@@ -226,6 +275,7 @@ pub fn build(opts: &Options) -> Result<Server<BlkFunction>> {
             pollers: usize::from(opts.pollers),
             cpus: opts.cpus.clone(),
             mode: opts.poll_mode,
+            inline,
         },
         usize::from(opts.io_threads),
     );

@@ -10,6 +10,7 @@ pub mod blk;
 pub mod cli;
 pub mod engine;
 pub mod guest;
+pub mod memory;
 pub mod pci;
 pub mod util;
 pub mod vfio_user;

@@ -4,6 +4,9 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
 
 /// Creates an anonymous memory file (memfd), close-on-exec.
 pub fn memfd(name: &str) -> io::Result<File> {
@@ -40,9 +43,105 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+/// Per-call-site limit for log lines that a guest or client can cause at
+/// will: at most `RateLimit::BURST` lines a second; the lines dropped are
+/// counted and reported with the next one let through. Used by
+/// [`warn_limited!`](crate::warn_limited).
+pub struct RateLimit {
+    window_start_ms: AtomicU64,
+    count: AtomicU32,
+    suppressed: AtomicU64,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RateLimit {
+    pub const BURST: u32 = 10;
+
+    pub const fn new() -> RateLimit {
+        RateLimit {
+            window_start_ms: AtomicU64::new(0),
+            count: AtomicU32::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a line may be logged now, `n` being the lines dropped
+    /// since the last one; `None` when this one is dropped.
+    pub fn allow(&self) -> Option<u64> {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let now = u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1000);
+        let start = self.window_start_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(start) >= 1000
+            && self
+                .window_start_ms
+                .compare_exchange(start, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        if self.count.fetch_add(1, Ordering::Relaxed) < Self::BURST {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// `log::warn!`, limited per call site (see [`RateLimit`]): for anything a
+/// guest or a client can repeat.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)+) => {{
+        static LIMIT: $crate::util::RateLimit = $crate::util::RateLimit::new();
+        if let Some(dropped) = LIMIT.allow() {
+            if dropped > 0 {
+                log::warn!("{} ({dropped} similar lines suppressed)", format_args!($($arg)+));
+            } else {
+                log::warn!($($arg)+);
+            }
+        }
+    }};
+}
+
+/// `log::error!`, limited per call site like [`warn_limited!`].
+#[macro_export]
+macro_rules! error_limited {
+    ($($arg:tt)+) => {{
+        static LIMIT: $crate::util::RateLimit = $crate::util::RateLimit::new();
+        if let Some(dropped) = LIMIT.allow() {
+            if dropped > 0 {
+                log::error!("{} ({dropped} similar lines suppressed)", format_args!($($arg)+));
+            } else {
+                log::error!($($arg)+);
+            }
+        }
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limit_lets_a_burst_through_then_counts() {
+        let rl = RateLimit::new();
+        for _ in 0..RateLimit::BURST {
+            assert_eq!(rl.allow(), Some(0));
+        }
+        assert_eq!(rl.allow(), None);
+        assert_eq!(rl.allow(), None);
+        // A new window reports what was dropped.
+        rl.window_start_ms.store(0, Ordering::Relaxed);
+        assert_eq!(rl.allow(), Some(2));
+    }
 
     #[test]
     fn sizes() {

@@ -119,3 +119,37 @@ fn help_explains_every_option() {
         assert!(help.contains(opt), "{opt} missing from --help");
     }
 }
+
+/// Regression (issue 8, bug 5): `--cpus 5000` used to be accepted, and the
+/// poller then panicked in CPU_SET when the guest set DRIVER_OK, aborting
+/// the server. It is refused at start, before the image or the socket is
+/// created.
+#[test]
+fn cpus_that_do_not_exist_are_refused_before_anything_is_created() {
+    let dir = TempDir::new("cpus");
+    let sock = dir.path("s.sock");
+    let img = dir.path("d.img");
+    for cpus in ["5000", "0,4096", "1023"] {
+        let out = Command::new(bin())
+            .args(["--socket", sock.to_str().unwrap()])
+            .args(["--disk", img.to_str().unwrap(), "--size", "1M"])
+            .args(["--cpus", cpus])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--cpus {cpus} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--cpus") && err.contains("usable"), "{err}");
+        assert!(
+            !img.exists(),
+            "image created before the options were checked"
+        );
+        assert!(
+            !sock.exists(),
+            "socket created before the options were checked"
+        );
+    }
+    // A CPU that exists is fine.
+    let mut srv = ServerProcess::start_in(dir, &["--disk", "null:1M", "--cpus", "0"]);
+    fresh_client_works(&srv.socket);
+    srv.assert_alive();
+}

@@ -183,7 +183,7 @@ fn dma_table_is_visible_to_the_device_while_connected() {
     });
     let mut c = Client::new(&socket).unwrap();
     let f = vfio_user_blk::util::memfd("guest").unwrap();
-    f.set_len(0x20000).unwrap();
+    f.set_len(0x30000).unwrap();
     f.write_all_at(b"hello from the guest", 0x1234).unwrap();
     c.dma_map(0x1000, 0x100000, 0x10000, f.as_raw_fd()).unwrap();
     c.dma_map(0x11000, 0x110000, 0x10000, f.as_raw_fd())

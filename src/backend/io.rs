@@ -1,25 +1,14 @@
 //! The I/O backends: positioned vectored reads and writes straight into
 //! guest memory, flush, discard (hole punching) and write-zeroes.
 
-use std::alloc::{self, Layout};
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 
-/// One buffer in guest memory, as an iovec. The pointer stays valid for as
-/// long as the guest-memory snapshot that produced it is held (the job that
-/// carries it holds that snapshot). Laid out exactly as `struct iovec`, so a
-/// request's list goes to preadv/pwritev as it is, without a copy.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct GuestIov {
-    pub ptr: *mut u8,
-    pub len: usize,
-}
-
-// SAFETY: a GuestIov is an address into a shared mapping that the job
-// carrying it keeps alive; moving it to another thread moves no ownership.
-unsafe impl Send for GuestIov {}
+pub use crate::memory::GuestIov;
+use crate::memory::{advance_iovecs, as_iovecs};
 
 /// What a backend can do. Every method transfers all bytes or fails: a short
 /// transfer is an error.
@@ -49,9 +38,7 @@ pub struct NullBackend;
 impl Backend for NullBackend {
     fn read_at(&self, iov: &[GuestIov], _offset: u64) -> io::Result<()> {
         for v in iov {
-            // SAFETY: v points at v.len writable bytes of guest memory kept
-            // mapped by the caller's snapshot.
-            unsafe { std::ptr::write_bytes(v.ptr, 0, v.len) };
+            v.zero();
         }
         Ok(())
     }
@@ -85,37 +72,15 @@ pub struct FileBackend {
 
 const IOV_MAX: usize = 1024;
 
-const _: () = {
-    use std::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<GuestIov>() == size_of::<libc::iovec>());
-    assert!(align_of::<GuestIov>() == align_of::<libc::iovec>());
-    assert!(offset_of!(GuestIov, ptr) == offset_of!(libc::iovec, iov_base));
-    assert!(offset_of!(GuestIov, len) == offset_of!(libc::iovec, iov_len));
-};
+/// O_DIRECT transfers with misaligned guest buffers go through a per-thread
+/// bounce buffer of this size, chunk by chunk: memory use does not depend on
+/// the size of the request.
+pub const BOUNCE_CHUNK: usize = 256 << 10;
+/// Alignment of the bounce buffer (enough for any logical block size).
+const BOUNCE_ALIGN: usize = 4096;
 
-/// The same list, as the kernel's iovecs.
-fn as_iovecs(iov: &[GuestIov]) -> &[libc::iovec] {
-    // SAFETY: GuestIov is repr(C) with the fields, sizes, offsets and
-    // alignment of libc::iovec (checked at compile time above), so the
-    // slice may be viewed as iovecs for its whole length.
-    unsafe { std::slice::from_raw_parts(iov.as_ptr().cast::<libc::iovec>(), iov.len()) }
-}
-
-/// Drops `n` transferred bytes from the front of `iovs`.
-fn advance(iovs: &mut Vec<libc::iovec>, mut n: usize) {
-    let mut drop = 0;
-    for v in iovs.iter_mut() {
-        if n >= v.iov_len {
-            n -= v.iov_len;
-            drop += 1;
-        } else {
-            // SAFETY: n < iov_len, so the new base stays inside the buffer.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-            v.iov_len -= n;
-            break;
-        }
-    }
-    iovs.drain(..drop);
+thread_local! {
+    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 fn off_t(offset: u64) -> io::Result<libc::off_t> {
@@ -168,7 +133,7 @@ impl FileBackend {
                 ));
             }
             pos += n as u64;
-            advance(iovs.to_mut(), n);
+            advance_iovecs(iovs.to_mut(), n);
         }
         Ok(())
     }
@@ -178,39 +143,38 @@ impl FileBackend {
         offset.is_multiple_of(a as u64)
             && iov
                 .iter()
-                .all(|v| (v.ptr as usize).is_multiple_of(a) && v.len % a == 0)
+                .all(|v| v.addr().is_multiple_of(a) && v.len().is_multiple_of(a))
     }
 
-    /// O_DIRECT with a guest buffer that is not aligned: go through an
-    /// aligned bounce buffer.
+    /// O_DIRECT with a guest buffer that is not aligned: go through this
+    /// thread's aligned bounce buffer, BOUNCE_CHUNK bytes at a time. The
+    /// request's length and offset are multiples of the block size (checked
+    /// when it was parsed), and so is every chunk.
     fn bounce(&self, iov: &[GuestIov], offset: u64, write: bool) -> io::Result<()> {
-        let total: usize = iov.iter().map(|v| v.len).sum();
-        let layout = Layout::from_size_align(total.max(self.align), self.align.max(4096))
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let buf = BounceBuf::new(layout)?;
-        let one = [GuestIov {
-            ptr: buf.ptr,
-            len: total,
-        }];
-        if write {
-            let mut at = 0;
-            for v in iov {
-                // SAFETY: source is guest memory (v.len bytes, kept mapped);
-                // destination is inside our allocation of `total` bytes.
-                unsafe { std::ptr::copy_nonoverlapping(v.ptr, buf.ptr.add(at), v.len) };
-                at += v.len;
+        BOUNCE.with(|cell| {
+            let mut store = cell.borrow_mut();
+            if store.is_empty() {
+                store.resize(BOUNCE_CHUNK + BOUNCE_ALIGN, 0);
             }
-            self.rw(&one, offset, true)
-        } else {
-            self.rw(&one, offset, false)?;
-            let mut at = 0;
-            for v in iov {
-                // SAFETY: as above, in the other direction.
-                unsafe { std::ptr::copy_nonoverlapping(buf.ptr.add(at), v.ptr, v.len) };
-                at += v.len;
+            let skew = store.as_ptr().align_offset(BOUNCE_ALIGN);
+            let buf = &mut store[skew..skew + BOUNCE_CHUNK];
+            let total: usize = iov.iter().map(|v| v.len()).sum();
+            let mut cur = IovCursor::default();
+            let mut done = 0usize;
+            while done < total {
+                let n = (total - done).min(BOUNCE_CHUNK);
+                let pos = offset + done as u64;
+                if write {
+                    cur.copy(iov, &mut buf[..n], true);
+                    self.file.write_all_at(&buf[..n], pos)?;
+                } else {
+                    self.file.read_exact_at(&mut buf[..n], pos)?;
+                    cur.copy(iov, &mut buf[..n], false);
+                }
+                done += n;
             }
             Ok(())
-        }
+        })
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
@@ -224,26 +188,33 @@ impl FileBackend {
     }
 }
 
-struct BounceBuf {
-    ptr: *mut u8,
-    layout: Layout,
+/// A position in a list of guest buffers, for copying through the bounce
+/// buffer chunk by chunk.
+#[derive(Default)]
+struct IovCursor {
+    index: usize,
+    offset: usize,
 }
 
-impl BounceBuf {
-    fn new(layout: Layout) -> io::Result<BounceBuf> {
-        // SAFETY: layout has a non-zero size (at least the alignment).
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+impl IovCursor {
+    /// Fills `buf` from the guest buffers (`from_guest`) or empties it into
+    /// them, moving the cursor on.
+    fn copy(&mut self, iov: &[GuestIov], buf: &mut [u8], from_guest: bool) {
+        let mut at = 0;
+        while at < buf.len() && self.index < iov.len() {
+            let v = &iov[self.index];
+            let n = if from_guest {
+                v.read_at(self.offset, &mut buf[at..])
+            } else {
+                v.write_at(self.offset, &buf[at..])
+            };
+            at += n;
+            self.offset += n;
+            if self.offset >= v.len() {
+                self.index += 1;
+                self.offset = 0;
+            }
         }
-        Ok(BounceBuf { ptr, layout })
-    }
-}
-
-impl Drop for BounceBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in new() with this layout.
-        unsafe { alloc::dealloc(self.ptr, self.layout) };
     }
 }
 
@@ -253,7 +224,7 @@ impl Backend for FileBackend {
             return None;
         }
         let iovs = as_iovecs(iov);
-        let total: usize = iov.iter().map(|v| v.len).sum();
+        let total: usize = iov.iter().map(|v| v.len()).sum();
         let cnt = libc::c_int::try_from(iovs.len()).ok()?;
         let off = off_t(offset).ok()?;
         // SAFETY: every iovec points at guest memory kept mapped by the
@@ -336,23 +307,15 @@ impl Backend for FileBackend {
         match first {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                // The file system cannot do it in place: write zeros.
-                let chunk = 1 << 20;
-                let layout = Layout::from_size_align(chunk, 4096)
-                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-                let zeros = BounceBuf::new(layout)?;
+                // The file system cannot do it in place: write zeros, a
+                // bounded chunk at a time.
+                let chunk = 1usize << 20;
+                let zeros = vec![0u8; usize::try_from(len).unwrap_or(chunk).min(chunk)];
                 let mut pos = offset;
                 let end = offset + len;
                 while pos < end {
-                    let n = usize::try_from((end - pos).min(chunk as u64)).unwrap_or(chunk);
-                    self.rw(
-                        &[GuestIov {
-                            ptr: zeros.ptr,
-                            len: n,
-                        }],
-                        pos,
-                        true,
-                    )?;
+                    let n = usize::try_from(end - pos).unwrap_or(chunk).min(zeros.len());
+                    self.file.write_all_at(&zeros[..n], pos)?;
                     pos += n as u64;
                 }
                 Ok(())
@@ -372,10 +335,37 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     fn iov(b: &mut [u8]) -> GuestIov {
-        GuestIov {
-            ptr: b.as_mut_ptr(),
-            len: b.len(),
-        }
+        // SAFETY: every test keeps the buffer alive and unused while the
+        // iovec is in use.
+        unsafe { GuestIov::new(b.as_mut_ptr(), b.len()) }
+    }
+
+    /// A misaligned O_DIRECT transfer larger than the bounce buffer goes
+    /// through it chunk by chunk, byte for byte, in both directions.
+    #[test]
+    fn bounce_in_chunks() {
+        let f = crate::util::memfd("bounce").unwrap();
+        f.set_len(4 << 20).unwrap();
+        // `direct` with a file that is not O_DIRECT: the bounce path, checked
+        // without needing a file system that supports O_DIRECT.
+        let be = FileBackend::new(f.try_clone().unwrap(), true, 512, false, false);
+        let total = 2 * BOUNCE_CHUNK + 3 * 512;
+        let data: Vec<u8> = (0..total)
+            .map(|i| u8::try_from(i * 7 % 251).unwrap())
+            .collect();
+        let mut store = vec![0u8; total + 1];
+        store[1..].copy_from_slice(&data);
+        let (a, rest) = store[1..].split_at_mut(1000);
+        let (b, c) = rest.split_at_mut(BOUNCE_CHUNK + 17);
+        be.write_at(&[iov(a), iov(b), iov(c)], 8192).unwrap();
+        let mut back = vec![0u8; total];
+        f.read_exact_at(&mut back, 8192).unwrap();
+        assert!(back == data, "written through the bounce buffer");
+        let mut out = vec![0u8; total + 3];
+        let (x, rest) = out[3..].split_at_mut(BOUNCE_CHUNK - 5);
+        let (y, z) = rest.split_at_mut(511);
+        be.read_at(&[iov(x), iov(y), iov(z)], 8192).unwrap();
+        assert!(out[3..] == data[..], "read through the bounce buffer");
     }
 
     #[test]
@@ -429,15 +419,5 @@ mod tests {
         // O_DIRECT never takes the shortcut.
         let d = FileBackend::new(crate::util::memfd("d").unwrap(), true, 512, true, false);
         assert!(d.try_nowait(&[iov(&mut a)], 0, false).is_none());
-    }
-
-    #[test]
-    fn advance_splits_iovecs() {
-        let mut a = [0u8; 10];
-        let mut b = [0u8; 10];
-        let mut v = as_iovecs(&[iov(&mut a), iov(&mut b)]).to_vec();
-        advance(&mut v, 13);
-        assert_eq!(v.len(), 1);
-        assert_eq!(v[0].iov_len, 7);
     }
 }

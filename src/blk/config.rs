@@ -2,25 +2,38 @@
 
 use std::mem::{offset_of, size_of};
 
-use virtio_bindings::virtio_blk::virtio_blk_config as Cfg;
+use virtio_bindings::virtio_blk::{
+    virtio_blk_config as Cfg, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH,
+};
 
 use super::{BlkOptions, MAX_DWZ_SECTORS, MAX_DWZ_SEGS, SIZE_MAX};
 
+/// SEG_MAX: data segments per request. Linux adds the header and status
+/// descriptors to it, and a chain may not be longer than the queue.
+pub fn seg_max(queue_size: u16) -> u32 {
+    u32::from(queue_size).saturating_sub(2).max(1)
+}
+
 pub struct BlkConfig {
     bytes: Vec<u8>,
+    /// The driver's features: `wce` reads 0 without FLUSH (no cache the
+    /// driver could flush) and is writable only with CONFIG_WCE.
+    features: u32,
 }
 
 impl BlkConfig {
     pub fn new(o: &BlkOptions) -> BlkConfig {
         let mut c = BlkConfig {
             bytes: vec![0; size_of::<Cfg>()],
+            features: 0,
         };
         let sectors = o.capacity_bytes / 512;
         c.put(offset_of!(Cfg, capacity), &sectors.to_le_bytes());
         c.put(offset_of!(Cfg, size_max), &SIZE_MAX.to_le_bytes());
-        // Linux needs room for the header and status descriptors too.
-        let seg_max = u32::from(o.queue_size).saturating_sub(2).max(1);
-        c.put(offset_of!(Cfg, seg_max), &seg_max.to_le_bytes());
+        c.put(
+            offset_of!(Cfg, seg_max),
+            &seg_max(o.queue_size).to_le_bytes(),
+        );
         // A nominal geometry (16 heads, 63 sectors); only used by old tools.
         let cyl = u16::try_from(sectors / (16 * 63)).unwrap_or(u16::MAX);
         let g = offset_of!(Cfg, geometry);
@@ -80,18 +93,36 @@ impl BlkConfig {
         u64::from_le_bytes(b)
     }
 
-    /// The writeback byte (CONFIG_WCE).
+    /// The driver's feature bits, as written so far.
+    pub fn set_features(&mut self, features: u32) {
+        self.features = features;
+    }
+
+    fn has(&self, bit: u32) -> bool {
+        self.features & (1 << bit) != 0
+    }
+
+    /// The writeback byte as the driver sees it: 0 unless FLUSH was
+    /// negotiated (without FLUSH the device is write-through).
     pub fn writeback(&self) -> bool {
-        self.bytes[offset_of!(Cfg, wce)] != 0
+        self.has(VIRTIO_BLK_F_FLUSH) && self.bytes[offset_of!(Cfg, wce)] != 0
     }
 
     /// Reads config bytes; the caller keeps `offset + data.len()` in range.
     pub fn read(&self, offset: usize, data: &mut [u8]) {
         data.copy_from_slice(&self.bytes[offset..offset + data.len()]);
+        let wce = offset_of!(Cfg, wce);
+        if (offset..offset + data.len()).contains(&wce) {
+            data[wce - offset] = u8::from(self.writeback());
+        }
     }
 
-    /// Only the writeback byte is writable by the driver (with CONFIG_WCE).
+    /// Only the writeback byte is writable by the driver, and only once it
+    /// negotiated CONFIG_WCE.
     pub fn write(&mut self, offset: usize, data: &[u8]) {
+        if !self.has(VIRTIO_BLK_F_CONFIG_WCE) {
+            return;
+        }
         let wce = offset_of!(Cfg, wce);
         for (i, &b) in data.iter().enumerate() {
             if offset + i == wce {
@@ -128,11 +159,27 @@ mod tests {
         assert_eq!(r32(&c, offset_of!(Cfg, blk_size)), 4096);
         assert_eq!(r32(&c, offset_of!(Cfg, seg_max)), 254);
         assert_eq!(r32(&c, offset_of!(Cfg, discard_sector_alignment)), 8);
-        assert!(c.writeback());
+        let wce = offset_of!(Cfg, wce);
+        let read_wce = |c: &BlkConfig| {
+            let mut b = [9u8; 3];
+            c.read(wce - 1, &mut b);
+            b[1]
+        };
+        // Regression (issue 8, item 7): without FLUSH there is no cache the
+        // driver could manage: wce reads 0, and without CONFIG_WCE it
+        // cannot be written.
+        assert_eq!(read_wce(&c), 0);
+        assert!(!c.writeback());
+        c.set_features(1 << VIRTIO_BLK_F_FLUSH);
+        assert_eq!(read_wce(&c), 1);
+        c.write(wce, &[0]);
+        assert!(c.writeback(), "not writable without CONFIG_WCE");
+        c.set_features((1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_CONFIG_WCE));
         // Only the wce byte takes writes.
         c.write(0, &[0xff; 16]);
         assert_eq!(c.capacity_sectors(), 1 << 21);
-        c.write(offset_of!(Cfg, wce), &[0]);
+        c.write(wce, &[0]);
         assert!(!c.writeback());
+        assert_eq!(read_wce(&c), 0);
     }
 }

@@ -5,7 +5,6 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use log::warn;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::GuestMemoryMmap;
 
@@ -39,6 +38,8 @@ pub struct BlkContext {
     /// Writes complete only once durable (write-through cache).
     pub write_through: Arc<AtomicBool>,
     pub on_error: ErrorPolicy,
+    /// SEG_MAX and SIZE_MAX, as advertised.
+    pub limits: ChainLimits,
 }
 
 /// A backend operation.
@@ -71,6 +72,9 @@ impl BlkContext {
     /// Validates a walked chain and says what it needs. Never touches the
     /// backend; every check on guest input happens here.
     pub fn prepare(&self, mem: &GuestMemoryMmap, c: &Chain) -> Result<Prepared, RequestError> {
+        if let Some(e) = &c.refused {
+            return Err(e.clone());
+        }
         if c.readable_after_writable {
             return Err(RequestError::ReadableAfterWritable);
         }
@@ -210,8 +214,15 @@ impl BlkContext {
     pub fn status_of(&self, op: &Op, r: &io::Result<()>) -> u8 {
         match r {
             Ok(()) => status_u8(VIRTIO_BLK_S_OK),
+            // Discard is advisory (as QEMU treats it): a file system that
+            // cannot punch holes has still done what was asked.
+            Err(e)
+                if matches!(op, Op::Discard(_)) && e.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                status_u8(VIRTIO_BLK_S_OK)
+            }
             Err(e) => {
-                warn!("backend error on {op:?}: {e}");
+                crate::warn_limited!("backend error on {op:?}: {e}");
                 status_u8(VIRTIO_BLK_S_IOERR)
             }
         }
@@ -267,6 +278,10 @@ mod tests {
             max_dwz_segs: 32,
             write_through: Arc::new(AtomicBool::new(write_through)),
             on_error: ErrorPolicy::Report,
+            limits: ChainLimits {
+                max_descs: 256,
+                size_max: 1 << 20,
+            },
         }
     }
 
@@ -291,6 +306,7 @@ mod tests {
             writable: vec![],
             status: Some(0x3000),
             readable_after_writable: false,
+            refused: None,
         }
     }
 
@@ -313,6 +329,30 @@ mod tests {
                 "write-through {wt}"
             );
         }
+    }
+
+    /// Regression (issue 8, item 7): discard is advisory, so a backend that
+    /// cannot punch holes (EOPNOTSUPP) still completes it OK, as QEMU does;
+    /// write-zeroes is not advisory.
+    #[test]
+    fn discard_not_supported_by_the_backend_completes_ok() {
+        let ctx = ctx(Arc::new(Counting::default()), false);
+        let e = || Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        assert_eq!(
+            ctx.status_of(&Op::Discard(vec![(0, 512)]), &e()),
+            status_u8(VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(
+            ctx.status_of(&Op::WriteZeroes(vec![(0, 512)], false), &e()),
+            status_u8(VIRTIO_BLK_S_IOERR)
+        );
+        assert_eq!(
+            ctx.status_of(
+                &Op::Discard(vec![(0, 512)]),
+                &Err(io::Error::from_raw_os_error(libc::EIO))
+            ),
+            status_u8(VIRTIO_BLK_S_IOERR)
+        );
     }
 
     #[test]

@@ -143,6 +143,7 @@ impl VirtioDevice for BlkDevice {
             e.stop();
         }
         self.acked = features;
+        self.config.set_features(features);
         self.update_write_through();
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let s = self.opts.serial.as_bytes();
@@ -161,6 +162,12 @@ impl VirtioDevice for BlkDevice {
             max_dwz_segs: MAX_DWZ_SEGS,
             write_through: self.write_through.clone(),
             on_error: self.opts.on_error,
+            limits: request::ChainLimits {
+                max_descs: usize::try_from(config::seg_max(self.opts.queue_size))
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(2),
+                size_max: SIZE_MAX,
+            },
         });
         info!(
             "virtio-blk active: write cache {}, event idx {}, indirect {}",
@@ -210,5 +217,17 @@ impl VirtioDevice for BlkDevice {
         if let Some(e) = &self.engine {
             e.resume();
         }
+    }
+
+    fn memory_added(&mut self) {
+        if let Some(e) = &self.engine {
+            e.wake_all();
+        }
+    }
+
+    fn features_written(&mut self, features: u32) {
+        self.acked = features;
+        self.config.set_features(features);
+        self.update_write_through();
     }
 }

@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{desc::split::Descriptor, DescriptorChain};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
-use crate::backend::io::GuestIov;
+use crate::memory::{push_iovecs, GuestIov};
 
 pub const SECTOR_SHIFT: u32 = 9;
 pub const SECTOR_SIZE: u64 = 512;
@@ -67,6 +67,12 @@ pub enum RequestError {
     Unsupported(u32),
     #[error("bad discard/write-zeroes payload: {0}")]
     BadSegments(String),
+    #[error("chain of {count} descriptors; seg_max allows {max}")]
+    TooManySegments { count: usize, max: usize },
+    #[error("indirect chain longer than the queue ({0} descriptors); not read further")]
+    IndirectTooLong(u16),
+    #[error("descriptor of {len} bytes; size_max is {max}")]
+    SegmentTooLong { len: u32, max: u32 },
 }
 
 impl RequestError {
@@ -80,7 +86,17 @@ impl RequestError {
     }
 }
 
-/// A validated chain: its parts, before interpretation.
+/// What a chain may hold; larger chains are answered, not served.
+#[derive(Clone, Copy, Debug)]
+pub struct ChainLimits {
+    /// Descriptors in one chain, header and status included (seg_max + 2).
+    pub max_descs: usize,
+    /// Bytes in one descriptor (size_max).
+    pub size_max: u32,
+}
+
+/// A validated chain: its parts, before interpretation. Holds at most
+/// `max_descs` segments, whatever the chain claims.
 #[derive(Debug)]
 pub struct Chain {
     pub head: u16,
@@ -89,11 +105,21 @@ pub struct Chain {
     /// The device-writable status byte, if the chain has one.
     pub status: Option<u64>,
     pub readable_after_writable: bool,
+    /// Why the chain is answered without being served: too many
+    /// descriptors, or one larger than size_max.
+    pub refused: Option<RequestError>,
 }
 
-/// Walks a chain. Descriptor addresses are not checked here (only the
-/// descriptor table is read); buffers are checked when used.
-pub fn walk<M>(chain: DescriptorChain<M>, queue_size: u16) -> Result<Chain, ChainError>
+/// Walks a chain, reading at most `queue_size` descriptors (an indirect table
+/// may claim up to 65535) and keeping at most `limits.max_descs` of them:
+/// what it allocates never depends on what the guest claims.
+/// Descriptor addresses are not checked here (only the descriptor table is
+/// read); buffers are checked when used.
+pub fn walk<M>(
+    chain: DescriptorChain<M>,
+    queue_size: u16,
+    limits: ChainLimits,
+) -> Result<Chain, ChainError>
 where
     M: std::ops::Deref,
     M::Target: GuestMemory,
@@ -108,21 +134,49 @@ where
         writable: Vec::new(),
         status: None,
         readable_after_writable: false,
+        refused: None,
     };
     let mut last: Option<Descriptor> = None;
+    // The last writable descriptor is kept even when the chain is too long
+    // to keep, so that the refusal can still be answered in its status byte.
+    let mut last_writable: Option<Seg> = None;
+    let mut count = 0usize;
     for d in chain {
+        count += 1;
+        if count > usize::from(queue_size) {
+            // Direct chains stop at the queue size by themselves: only an
+            // indirect table (up to 65535 entries) gets here. It is not read
+            // further, so its status byte is unknown: the request is
+            // returned with nothing written, and the queue goes on.
+            c.readable.clear();
+            c.writable.clear();
+            c.readable_after_writable = false;
+            c.refused = Some(RequestError::IndirectTooLong(queue_size));
+            return Ok(c);
+        }
+        if d.len() > limits.size_max && c.refused.is_none() {
+            c.refused = Some(RequestError::SegmentTooLong {
+                len: d.len(),
+                max: limits.size_max,
+            });
+        }
         if d.len() > 0 {
             let seg = Seg {
                 addr: d.addr().0,
                 len: d.len(),
             };
             if d.is_write_only() {
-                c.writable.push(seg);
-            } else {
-                if !c.writable.is_empty() {
-                    c.readable_after_writable = true;
+                last_writable = Some(seg);
+            }
+            if count <= limits.max_descs {
+                if d.is_write_only() {
+                    c.writable.push(seg);
+                } else {
+                    if !c.writable.is_empty() {
+                        c.readable_after_writable = true;
+                    }
+                    c.readable.push(seg);
                 }
-                c.readable.push(seg);
             }
         }
         last = Some(d);
@@ -132,6 +186,18 @@ where
     match last {
         Some(d) if !d.has_next() => {}
         _ => return Err(ChainError::Unterminated),
+    }
+    if count > limits.max_descs {
+        c.refused = Some(RequestError::TooManySegments {
+            count,
+            max: limits.max_descs,
+        });
+        c.readable.clear();
+        c.writable.clear();
+        c.readable_after_writable = false;
+        // Only the status byte is used.
+        c.status = last_writable.and_then(|s| s.addr.checked_add(u64::from(s.len) - 1));
+        return Ok(c);
     }
     // Split off the status byte: the last writable byte. A buffer that
     // wraps past the end of the address space has none.
@@ -232,15 +298,9 @@ pub fn iovecs(
             .ok_or(outside.clone())?;
         skip = 0;
         let count = usize::try_from(n).map_err(|_| outside.clone())?;
-        // get_slices fails on the first byte that is not mapped, so it is
-        // also the range check.
-        for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), count) {
-            let slice = slice.map_err(|_| outside.clone())?;
-            out.push(GuestIov {
-                ptr: slice.ptr_guard_mut().as_ptr(),
-                len: slice.len(),
-            });
-        }
+        // This fails on the first byte that is not mapped, so it is also
+        // the range check.
+        push_iovecs(mem, addr, count, out).map_err(|_| outside.clone())?;
     }
     Ok(())
 }
@@ -406,7 +466,14 @@ mod chain_tests {
         vq.build_desc_chain(descs).unwrap();
         let mut q: virtio_queue::Queue = vq.create_queue().unwrap();
         let chain = q.iter(&mem).unwrap().next().unwrap();
-        walk(chain, 16)
+        walk(
+            chain,
+            16,
+            ChainLimits {
+                max_descs: 6,
+                size_max: 4096,
+            },
+        )
     }
 
     #[test]
@@ -444,6 +511,42 @@ mod chain_tests {
         // No writable byte: no status.
         let c = walk_first(&[desc(0x1000, 16, 0, 0)]).unwrap();
         assert_eq!(c.status, None);
+    }
+
+    /// Regression (issue 8, bug 4): chains over seg_max + 2 descriptors and
+    /// descriptors over size_max are refused with their status byte, and
+    /// nothing of them is kept.
+    #[test]
+    fn seg_max_and_size_max_are_enforced() {
+        let mut d: Vec<RawDescriptor> = (0..7)
+            .map(|i| {
+                desc(
+                    0x1000 + i * 0x100,
+                    16,
+                    VRING_DESC_F_NEXT,
+                    u16::try_from(i + 1).unwrap(),
+                )
+            })
+            .collect();
+        d.push(desc(0x9000, 1, VRING_DESC_F_WRITE, 0));
+        let c = walk_first(&d).unwrap();
+        assert!(matches!(
+            c.refused,
+            Some(RequestError::TooManySegments { count: 8, max: 6 })
+        ));
+        assert!(c.readable.is_empty() && c.writable.is_empty());
+        assert_eq!(c.status, Some(0x9000));
+        let c = walk_first(&[
+            desc(0x1000, 16, VRING_DESC_F_NEXT, 1),
+            desc(0x3000, 8192, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2),
+            desc(0x9000, 1, VRING_DESC_F_WRITE, 0),
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.refused,
+            Some(RequestError::SegmentTooLong { len: 8192, .. })
+        ));
+        assert_eq!(c.status, Some(0x9000));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct EngineConfig {
     /// CPUs to pin pollers to, round-robin; empty = no pinning.
     pub cpus: Vec<usize>,
     pub mode: PollMode,
+    /// No poller threads: the queues are served on the thread that
+    /// activates the device or rings a doorbell, until they are idle.
+    /// Deterministic, for fuzzing and tests; not offered on the command line.
+    pub inline: bool,
 }
 
 /// A backend operation for the pool, with what the poller needs back.
@@ -128,6 +132,8 @@ struct PollerHandle {
 /// Pollers serving one activation of the device (DRIVER_OK until reset).
 pub struct Engine {
     pollers: Vec<PollerHandle>,
+    /// Inline mode: the pollers, run by whoever notifies.
+    inline: Option<parking_lot::Mutex<Vec<poller::Poller>>>,
     /// queue index -> poller index
     owner: Vec<Option<usize>>,
 }
@@ -152,7 +158,7 @@ impl Engine {
         for (i, qc) in a.queues.into_iter().enumerate() {
             let Some(qc) = qc else { continue };
             match make_queue(&qc, a.event_idx) {
-                Ok(q) => active.push(poller::QueueCtx::new(i, q, qc.vector)),
+                Ok(q) => active.push(poller::QueueCtx::new(i, q, qc.vector, a.event_idx)),
                 Err(e) => error!("queue {i}: cannot set up the ring: {e}"),
             }
         }
@@ -165,6 +171,29 @@ impl Engine {
             per_poller[k % n].push(q);
         }
         let mut pollers = Vec::new();
+        if cfg.inline {
+            let mut inline = Vec::new();
+            for qs in per_poller {
+                let (tx, rx) = unbounded();
+                let mut p = poller::Poller::new(
+                    qs,
+                    a.ctx.clone(),
+                    a.memory.clone(),
+                    a.irq.clone(),
+                    PollMode::Interrupt,
+                    rx,
+                    tx,
+                    pool.sender(),
+                );
+                p.run_until_idle();
+                inline.push(p);
+            }
+            return Engine {
+                pollers,
+                inline: Some(parking_lot::Mutex::new(inline)),
+                owner,
+            };
+        }
         for (pi, qs) in per_poller.into_iter().enumerate() {
             let (tx, rx) = unbounded();
             let cpu = (!cfg.cpus.is_empty()).then(|| cfg.cpus[pi % cfg.cpus.len()]);
@@ -190,12 +219,35 @@ impl Engine {
             pollers.push(PollerHandle { tx, thread });
         }
         info!("{} poller(s) started in {:?} mode", pollers.len(), cfg.mode);
-        Engine { pollers, owner }
+        Engine {
+            pollers,
+            inline: None,
+            owner,
+        }
     }
 
     pub fn notify(&self, queue: u16) {
+        if let Some(inline) = &self.inline {
+            if let Some(Some(p)) = self.owner.get(usize::from(queue)) {
+                inline.lock()[*p].run_until_idle();
+            }
+            return;
+        }
         if let Some(Some(p)) = self.owner.get(usize::from(queue)) {
             let _ = self.pollers[*p].tx.send(Event::Kick);
+        }
+    }
+
+    /// Wakes every poller to look at its queues again (guest memory grew).
+    pub fn wake_all(&self) {
+        if let Some(inline) = &self.inline {
+            inline
+                .lock()
+                .iter_mut()
+                .for_each(poller::Poller::run_until_idle);
+        }
+        for p in &self.pollers {
+            let _ = p.tx.send(Event::Kick);
         }
     }
 
@@ -256,10 +308,33 @@ fn make_queue(qc: &QueueConfig, event_idx: bool) -> Result<Queue, virtio_queue::
     Ok(q)
 }
 
-fn pin_to_cpu(cpu: usize) {
+/// Largest CPU number a `cpu_set_t` holds.
+const CPU_SET_BITS: usize = 8 * std::mem::size_of::<libc::cpu_set_t>();
+
+/// The CPUs this process may run on (online and in its affinity mask).
+pub fn usable_cpus() -> std::io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes one bit inside `set` (it checks the index).
+    // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: CPU_ISSET reads one bit of `set`, for indices below its size.
+    Ok((0..CPU_SET_BITS)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+fn pin_to_cpu(cpu: usize) {
+    if cpu >= CPU_SET_BITS {
+        // Options are validated at start; never index past the set.
+        warn!("cannot pin poller to CPU {cpu}: beyond the CPU set");
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set` (cpu < CPU_SET_BITS).
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
     let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };

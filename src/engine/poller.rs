@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use log::{error, info, warn};
+use log::info;
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{Event, Job, PollMode};
 use crate::backend::io::GuestIov;
@@ -43,10 +44,13 @@ pub(crate) struct QueueCtx {
     /// The ring is not (or no longer) inside guest memory: the queue waits
     /// for it. QEMU unmaps and remaps windows while firmware runs.
     waiting_for_memory: bool,
+    /// EVENT_IDX was negotiated; without it the driver's
+    /// VRING_AVAIL_F_NO_INTERRUPT flag says whether it wants interrupts.
+    event_idx: bool,
 }
 
 impl QueueCtx {
-    pub fn new(index: usize, queue: Queue, vector: u16) -> QueueCtx {
+    pub fn new(index: usize, queue: Queue, vector: u16, event_idx: bool) -> QueueCtx {
         let size = usize::from(queue.size());
         QueueCtx {
             index,
@@ -57,12 +61,13 @@ impl QueueCtx {
             broken: None,
             added: false,
             waiting_for_memory: false,
+            event_idx,
         }
     }
 
     fn break_queue(&mut self, why: String) {
         if self.broken.is_none() {
-            error!(
+            crate::error_limited!(
                 "queue {} is broken and stops until the driver resets the device: {why}",
                 self.index
             );
@@ -139,6 +144,13 @@ impl Poller {
                 let mem = self.memory.memory();
                 self.signal(&mem);
             }
+            let faults = crate::memory::take_faults();
+            if faults > 0 {
+                crate::error_limited!(
+                    "{faults} guest page(s) vanished under the device: the client cut its \
+                     guest-memory file short; those pages now read as zeros"
+                );
+            }
             if self.stopping && self.in_flight() == 0 {
                 return;
             }
@@ -181,6 +193,31 @@ impl Poller {
                     }
                     last_work = Instant::now();
                 }
+            }
+        }
+    }
+
+    /// Serves the queues on the calling thread until nothing is available
+    /// and nothing is in flight (the engine's inline mode).
+    pub fn run_until_idle(&mut self) {
+        loop {
+            while let Ok(ev) = self.rx.try_recv() {
+                self.handle(ev);
+            }
+            let mem = self.memory.memory().into_inner();
+            self.set_notifications(&mem, true);
+            let work = self.poll_queues(&mem);
+            self.signal(&mem);
+            if work {
+                continue;
+            }
+            if self.in_flight() == 0 {
+                return;
+            }
+            drop(mem);
+            // Completions of the I/O pool come back on the channel.
+            if let Ok(ev) = self.rx.recv() {
+                self.handle(ev);
             }
         }
     }
@@ -240,7 +277,10 @@ impl Poller {
             Event::Resume => self.paused = false,
             Event::Stop => self.stopping = true,
         }
-        self.ack_pause_if_idle();
+        // A pause is acknowledged by the run loop, after the interrupt
+        // decision for what completed here: an acknowledgement before it
+        // would let the caller change memory while an interrupt for it is
+        // still to be raised.
     }
 
     fn ack_pause_if_idle(&mut self) {
@@ -268,7 +308,7 @@ impl Poller {
                 // ring comes back.
                 if !ring_mapped(&q.queue, mem) {
                     if !q.waiting_for_memory {
-                        warn!(
+                        crate::warn_limited!(
                             "queue {}: ring is not inside guest memory; waiting until it is mapped",
                             q.index
                         );
@@ -293,7 +333,7 @@ impl Poller {
                 }
                 work = true;
                 for chain in chains {
-                    let c = match walk(chain, size) {
+                    let c = match walk(chain, size, self.ctx.limits) {
                         Ok(c) => c,
                         Err(e) => {
                             q.break_queue(e.to_string());
@@ -320,9 +360,10 @@ impl Poller {
                                 used,
                             });
                             if c.status.is_none() {
-                                warn!(
+                                crate::warn_limited!(
                                     "queue {}: request {} has no status byte; not executed",
-                                    q.index, c.head
+                                    q.index,
+                                    c.head
                                 );
                                 complete(q, mem, c.head, None);
                                 continue;
@@ -330,7 +371,7 @@ impl Poller {
                             stage(&mut staged, op, iov, c.head);
                         }
                         Err(e) => {
-                            warn!("queue {}: request {}: {e}", q.index, c.head);
+                            crate::warn_limited!("queue {}: request {}: {e}", q.index, c.head);
                             q.pending[slot] = Some(Pending {
                                 status: c.status,
                                 used: 1,
@@ -410,6 +451,11 @@ impl Poller {
             if q.broken.is_some() {
                 continue;
             }
+            // virtio-queue does not look at the driver's NO_INTERRUPT flag
+            // (it only applies without EVENT_IDX): we do.
+            if !q.event_idx && driver_suppresses_interrupts(&q.queue, mem) {
+                continue;
+            }
             match q.queue.needs_notification(mem) {
                 Ok(true) => self.irq.signal_queue(q.vector),
                 Ok(false) => {}
@@ -423,7 +469,7 @@ impl Poller {
 /// both are reads (or both writes of the same kind) that are contiguous on
 /// disk and the merged request stays within bounds.
 fn stage(staged: &mut Vec<Staged>, op: Op, iov: Vec<GuestIov>, head: u16) {
-    let bytes: usize = iov.iter().map(|v| v.len).sum();
+    let bytes: usize = iov.iter().map(|v| v.len()).sum();
     if let Some(last) = staged.last_mut() {
         let end = last.op_offset().map(|o| o + last.bytes as u64);
         let contiguous = match (&last.op, &op) {
@@ -474,7 +520,7 @@ fn complete(q: &mut QueueCtx, mem: &GuestMemoryMmap, head: u16, status: Option<u
     match (p.status, status) {
         (Some(addr), Some(st)) => {
             if !write_status(mem, addr, st) {
-                warn!(
+                crate::warn_limited!(
                     "queue {}: status byte of request {head} is outside guest memory",
                     q.index
                 );
@@ -488,6 +534,12 @@ fn complete(q: &mut QueueCtx, mem: &GuestMemoryMmap, head: u16, status: Option<u
         return;
     }
     q.added = true;
+}
+
+/// The driver set VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags.
+fn driver_suppresses_interrupts(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    mem.read_obj::<u16>(GuestAddress(q.avail_ring()))
+        .is_ok_and(|f| u32::from(u16::from_le(f)) & VRING_AVAIL_F_NO_INTERRUPT != 0)
 }
 
 /// Whether the whole split ring (descriptor table, available ring with

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use log::{debug, warn};
 use parking_lot::Mutex;
@@ -41,12 +42,46 @@ pub struct Interrupts {
     vectors: u16,
 }
 
+/// Takes an interrupt descriptor from the client: it must be an eventfd,
+/// and it is made non-blocking, so that raising an interrupt can never block
+/// the thread that raises it (a counter at its maximum, a full pipe).
+fn check_interrupt_fd(fd: &OwnedFd) -> Result<(), Errno> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    match link {
+        Ok(l) if l.as_os_str() == "anon_inode:[eventfd]" => {}
+        Ok(l) => {
+            warn!(
+                "SET_IRQS: interrupt descriptor is {}, not an eventfd; refused",
+                l.display()
+            );
+            return Err(libc::EINVAL);
+        }
+        // Without /proc we cannot tell; non-blocking below still keeps us
+        // from blocking on it.
+        Err(e) => debug!("cannot inspect an interrupt descriptor: {e}"),
+    }
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    let set = flags >= 0 && {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0 }
+    };
+    if !set {
+        warn!(
+            "SET_IRQS: cannot make an interrupt descriptor non-blocking: {}",
+            std::io::Error::last_os_error()
+        );
+        return Err(libc::EINVAL);
+    }
+    Ok(())
+}
+
 fn kick(fd: &File) {
     // An eventfd adds the 8-byte value to its counter. A full counter
     // (EAGAIN) still means the interrupt is pending on the other side.
     if let Err(e) = (&*fd).write(&1u64.to_ne_bytes()) {
         if e.kind() != std::io::ErrorKind::WouldBlock {
-            warn!("writing an interrupt eventfd failed: {e}");
+            crate::warn_limited!("writing an interrupt eventfd failed: {e}");
         }
     }
 }
@@ -174,6 +209,10 @@ impl Interrupts {
 
     /// Applies a validated SET_IRQS request.
     pub fn set_irqs(&self, set: IrqSet) -> Result<(), Errno> {
+        // Every descriptor is checked before any state changes.
+        if let IrqData::Eventfds(fds) = &set.data {
+            fds.iter().try_for_each(check_interrupt_fd)?;
+        }
         let mut st = self.state.lock();
         let (start, count) = (set.start as usize, set.count as usize);
         match (set.index, set.action) {

@@ -36,6 +36,8 @@ pub trait IoBar: Send {
     fn resume(&mut self);
     /// The guest changed the bus-master enable bit.
     fn bus_master_changed(&mut self, enabled: bool);
+    /// Guest memory grew (a DMA window was added).
+    fn memory_added(&mut self);
 }
 
 /// BAR1 layout: MSI-X table at 0, PBA at 0x800, 4 KiB in all.
@@ -243,6 +245,10 @@ impl<B: IoBar> Device for PciFunction<B> {
 
     fn resume(&mut self) {
         self.bar0.resume();
+    }
+
+    fn dma_mapped(&mut self) {
+        self.bar0.memory_added();
     }
 
     fn disconnect(&mut self) {

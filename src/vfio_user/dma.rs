@@ -10,7 +10,10 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use log::{info, warn};
+use std::os::fd::AsRawFd;
+
+use crate::memory::{self, GuardedWindow};
+use log::{debug, info, warn};
 use vfio_bindings::bindings::vfio::{
     VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DMA_UNMAP_FLAG_ALL,
     VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
@@ -50,6 +53,15 @@ pub enum DmaError {
     BadUnmapFlags(u32),
     #[error("unmap-all must give address 0 and size 0")]
     BadUnmapAll,
+    #[error("window {iova:#x}+{size:#x} at file offset {offset:#x} reaches past the end of its file ({file_size:#x} bytes)")]
+    PastEndOfFile {
+        iova: u64,
+        size: u64,
+        offset: u64,
+        file_size: u64,
+    },
+    #[error("window {iova:#x}+{size:#x}: the descriptor is not a regular file or memfd")]
+    NotAFile { iova: u64, size: u64 },
 }
 
 impl DmaError {
@@ -69,6 +81,8 @@ struct Window {
     size: u64,
     /// Present when the window is reachable through guest memory.
     region: Option<Arc<GuestRegionMmap>>,
+    /// Keeps a SIGBUS inside the mapping survivable (see `memory`).
+    _guard: Option<GuardedWindow>,
 }
 
 /// The per-connection table of DMA windows.
@@ -142,8 +156,13 @@ impl DmaTable {
         }
 
         let writable = flags & VFIO_DMA_MAP_FLAG_WRITE != 0;
+        let mut guard = None;
         let region = match fd {
-            Some(fd) if writable => Some(Arc::new(map_window(iova, size, offset, fd)?)),
+            Some(fd) if writable => {
+                let (region, g) = map_window(iova, size, offset, fd)?;
+                guard = g;
+                Some(Arc::new(region))
+            }
             Some(_) => {
                 // A read-only window (ROM). Virtio buffers never live there,
                 // and a read-only mapping would fault on a device write, so
@@ -165,7 +184,15 @@ impl DmaTable {
             }
         };
         let pos = self.windows.partition_point(|w| w.iova < iova);
-        self.windows.insert(pos, Window { iova, size, region });
+        self.windows.insert(
+            pos,
+            Window {
+                iova,
+                size,
+                region,
+                _guard: guard,
+            },
+        );
         self.publish();
         Ok(())
     }
@@ -217,10 +244,53 @@ impl DmaTable {
     }
 }
 
-fn map_window(iova: u64, size: u64, offset: u64, fd: OwnedFd) -> Result<GuestRegionMmap, DmaError> {
+/// Checks the descriptor behind a window before it is mapped: a regular
+/// file (memfd, tmpfs, hugetlbfs) long enough for the window. Mapping past
+/// a file's end succeeds but every access there raises SIGBUS. Where the
+/// file takes seals (a memfd made with MFD_ALLOW_SEALING and not yet sealed
+/// shut), it is sealed against shrinking, so that it cannot be cut short
+/// later either; QEMU seals its memfd RAM so itself.
+fn check_file(file: &File, iova: u64, size: u64, offset: u64) -> Result<(), DmaError> {
+    let meta = file.metadata().map_err(|e| DmaError::Mmap {
+        iova,
+        size,
+        reason: format!("fstat: {e}"),
+    })?;
+    if !meta.file_type().is_file() {
+        return Err(DmaError::NotAFile { iova, size });
+    }
+    let file_size = meta.len();
+    // offset + size does not wrap: checked by the caller.
+    if offset + size > file_size {
+        return Err(DmaError::PastEndOfFile {
+            iova,
+            size,
+            offset,
+            file_size,
+        });
+    }
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals >= 0 && seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL) == 0 {
+        // SAFETY: as above.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        if r == 0 {
+            debug!("DMA window {iova:#x}+{size:#x}: memfd sealed against shrinking");
+        }
+    }
+    Ok(())
+}
+
+fn map_window(
+    iova: u64,
+    size: u64,
+    offset: u64,
+    fd: OwnedFd,
+) -> Result<(GuestRegionMmap, Option<GuardedWindow>), DmaError> {
     let fail = |reason: String| DmaError::Mmap { iova, size, reason };
     let len = usize::try_from(size).map_err(|_| fail("size does not fit in memory".into()))?;
     let file = File::from(fd);
+    check_file(&file, iova, size, offset)?;
     // MAP_SHARED so that we see the guest's writes and the guest sees ours.
     let mapping = MmapRegion::build(
         Some(FileOffset::new(file, offset)),
@@ -229,7 +299,13 @@ fn map_window(iova: u64, size: u64, offset: u64, fd: OwnedFd) -> Result<GuestReg
         libc::MAP_SHARED,
     )
     .map_err(|e| fail(e.to_string()))?;
-    GuestRegionMmap::new(mapping, GuestAddress(iova)).ok_or_else(|| fail("address wraps".into()))
+    let guard = memory::guard_window(mapping.as_ptr() as usize, len);
+    if guard.is_none() {
+        warn!("DMA window {iova:#x}+{size:#x}: too many windows to guard against SIGBUS");
+    }
+    let region = GuestRegionMmap::new(mapping, GuestAddress(iova))
+        .ok_or_else(|| fail("address wraps".into()))?;
+    Ok((region, guard))
 }
 
 #[cfg(test)]
@@ -304,6 +380,55 @@ mod tests {
         assert_eq!(t.unmap(0, 0, 1).unwrap_err().errno(), libc::ENOTSUP);
         t.unmap(0, 0, VFIO_DMA_UNMAP_FLAG_ALL).unwrap();
         assert!(t.is_empty());
+    }
+
+    /// Regression (issue 8, bug 1): a window larger than its file used to be
+    /// accepted, and the first access past the file's end killed the server
+    /// with SIGBUS. It is refused with EINVAL before anything is mapped.
+    #[test]
+    fn window_past_the_end_of_its_file_is_refused() {
+        let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
+        let mut t = DmaTable::new(mem, 4);
+        let e = t.map(0, 16 << 20, 0, RW, Some(memfd(4096))).unwrap_err();
+        assert!(matches!(e, DmaError::PastEndOfFile { .. }), "{e}");
+        assert_eq!(e.errno(), libc::EINVAL);
+        // The offset counts too.
+        let e = t
+            .map(0, 0x2000, 0x1000, RW, Some(memfd(0x2000)))
+            .unwrap_err();
+        assert!(matches!(e, DmaError::PastEndOfFile { .. }));
+        // Not a file at all.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let e = t.map(0, 0x1000, 0, RW, Some(OwnedFd::from(a))).unwrap_err();
+        assert!(matches!(e, DmaError::NotAFile { .. }));
+        assert!(t.is_empty());
+        t.map(0, 0x2000, 0, RW, Some(memfd(0x2000))).unwrap();
+    }
+
+    /// A memfd that takes seals is sealed against shrinking when mapped.
+    #[test]
+    fn sealable_memfd_is_sealed_against_shrinking() {
+        let name = std::ffi::CString::new("sealable").unwrap();
+        // SAFETY: a valid name; the new descriptor is owned right below.
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        assert!(fd >= 0);
+        // SAFETY: memfd_create returned it and nothing else owns it.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(0x2000).unwrap();
+        let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
+        let mut t = DmaTable::new(mem, 4);
+        t.map(
+            0,
+            0x2000,
+            0,
+            RW,
+            Some(OwnedFd::from(f.try_clone().unwrap())),
+        )
+        .unwrap();
+        assert!(f.set_len(0x1000).is_err(), "shrinking is sealed");
+        f.set_len(0x3000).unwrap();
     }
 
     #[test]

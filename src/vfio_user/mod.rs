@@ -15,6 +15,7 @@ use std::os::fd::OwnedFd;
 
 pub use dma::{DmaTable, GuestMemoryHandle};
 pub use server::{Server, ServerConfig};
+pub use socket::{MemTransport, Transport};
 
 /// A UNIX errno sent back in an error reply. Never zero.
 pub type Errno = i32;
@@ -87,6 +88,10 @@ pub trait Device: Send {
     fn quiesce(&mut self);
     /// Guest memory may be used again.
     fn resume(&mut self);
+    /// A DMA window was added: whatever waits for guest memory to appear
+    /// must look again (a driver that kicked while its ring was unmapped
+    /// will not kick a second time).
+    fn dma_mapped(&mut self);
     /// The client went away: reset, and drop every descriptor it gave.
     fn disconnect(&mut self);
 }

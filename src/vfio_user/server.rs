@@ -20,7 +20,7 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use super::dma::{DmaTable, GuestMemoryHandle, DMA_PAGE_SIZE};
-use super::socket::{self, MAX_RECV_FDS};
+use super::socket::{Transport, MAX_RECV_FDS};
 use super::wire::*;
 use super::{Device, Errno, IrqAction, IrqData, IrqSet};
 
@@ -79,8 +79,8 @@ pub struct Server<D: Device> {
 }
 
 /// Per-connection protocol state.
-struct Conn {
-    stream: UnixStream,
+struct Conn<T: Transport> {
+    stream: T,
     negotiated: bool,
     max_xfer: u32,
     /// Reply under construction: header space, then the payload. Reused
@@ -170,6 +170,13 @@ impl<D: Device> Server<D> {
     /// returns the device to its power-on state with no DMA windows and no
     /// interrupt descriptors, ready for the next client.
     pub fn serve(&mut self, stream: UnixStream) {
+        self.serve_on(stream);
+    }
+
+    /// Serves one client over any transport (see [`Transport`]); the same
+    /// loop as on a socket, so a fuzzer or a test can drive it in memory.
+    /// Returns the transport, with what the server sent.
+    pub fn serve_on<T: Transport>(&mut self, stream: T) -> T {
         info!("client connected");
         self.dma.set_max_windows(self.config.max_dma_maps as usize);
         let mut conn = Conn {
@@ -198,10 +205,15 @@ impl<D: Device> Server<D> {
         self.device.disconnect();
         self.device.resume();
         info!("client disconnected; device reset, DMA windows and interrupt descriptors dropped");
+        conn.stream
     }
 
-    fn handle_one(&mut self, conn: &mut Conn, payload: &mut Vec<u8>) -> io::Result<Next> {
-        let Some(rh) = socket::recv_header(&conn.stream)? else {
+    fn handle_one<T: Transport>(
+        &mut self,
+        conn: &mut Conn<T>,
+        payload: &mut Vec<u8>,
+    ) -> io::Result<Next> {
+        let Some(rh) = conn.stream.recv_header()? else {
             return Ok(Next::Close);
         };
         let hdr = Header::decode(&rh.bytes);
@@ -225,12 +237,12 @@ impl<D: Device> Server<D> {
         let body = hdr.msg_size as usize - HEADER_SIZE;
         payload.clear();
         payload.resize(body, 0);
-        socket::recv_exact(&conn.stream, payload)?;
+        conn.stream.recv_exact(payload)?;
 
         match hdr.msg_type() {
             FLAG_TYPE_COMMAND => {}
             FLAG_TYPE_REPLY => {
-                warn!(
+                crate::warn_limited!(
                     "unexpected reply (id {}, command {}) from the client: we sent no request; discarded",
                     hdr.msg_id, hdr.command
                 );
@@ -276,7 +288,7 @@ impl<D: Device> Server<D> {
                 (FLAG_TYPE_REPLY, 0)
             }
             Err(r) => {
-                warn!(
+                crate::warn_limited!(
                     "{} (id {}, command {}) refused with errno {}: {}",
                     command_name(hdr.command),
                     hdr.msg_id,
@@ -300,7 +312,7 @@ impl<D: Device> Server<D> {
         let sent = if hdr.no_reply() {
             Ok(())
         } else {
-            socket::send_all(&conn.stream, &out)
+            conn.stream.send_all(&out)
         };
         conn.reply = out;
         sent?;
@@ -311,9 +323,9 @@ impl<D: Device> Server<D> {
         })
     }
 
-    fn dispatch(
+    fn dispatch<T: Transport>(
         &mut self,
-        conn: &mut Conn,
+        conn: &mut Conn<T>,
         command: u16,
         p: &[u8],
         mut fds: Vec<OwnedFd>,
@@ -345,6 +357,7 @@ impl<D: Device> Server<D> {
                         errno: e.errno(),
                         why: e.to_string(),
                     })?;
+                self.device.dma_mapped();
                 Ok(())
             }
             CMD_DMA_UNMAP => {
@@ -476,7 +489,12 @@ impl<D: Device> Server<D> {
         }
     }
 
-    fn version(&mut self, conn: &mut Conn, p: &[u8], out: &mut Vec<u8>) -> Result<(), Reject> {
+    fn version<T: Transport>(
+        &mut self,
+        conn: &mut Conn<T>,
+        p: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Reject> {
         if conn.negotiated {
             return reject(libc::EINVAL, "VERSION sent twice");
         }
@@ -539,7 +557,7 @@ impl<D: Device> Server<D> {
         Ok(())
     }
 
-    fn check_access(&self, conn: &Conn, a: &RegionAccess) -> Result<(), Reject> {
+    fn check_access<T: Transport>(&self, conn: &Conn<T>, a: &RegionAccess) -> Result<(), Reject> {
         if a.count > conn.max_xfer {
             return reject(
                 libc::EINVAL,

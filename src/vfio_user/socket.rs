@@ -1,9 +1,12 @@
-//! The framed unix stream with SCM_RIGHTS descriptor passing.
+//! The transport under the server loop: a byte stream that carries
+//! descriptors with a message's first byte. [`Transport`] is the seam; the
+//! unix socket (SCM_RIGHTS) is the real one, [`MemTransport`] a stream held
+//! in memory, so that a fuzzer or a test drives the whole message handling
+//! without a socket.
 //!
-//! A message's descriptors ride on its first byte, so the header is received
-//! with `recvmsg` and a control buffer, the payload with plain reads. Received
-//! descriptors become `OwnedFd`s at once, so whatever path drops them closes
-//! them.
+//! On the socket, the header is received with `recvmsg` and a control
+//! buffer, the payload with plain reads. Received descriptors become
+//! `OwnedFd`s at once, so whatever path drops them closes them.
 
 use std::io::{self, Read, Write};
 use std::mem::size_of;
@@ -98,6 +101,108 @@ pub fn recv_header(stream: &UnixStream) -> io::Result<Option<RecvHeader>> {
         fds,
         fds_truncated,
     }))
+}
+
+/// A byte stream with descriptor passing, as the server loop sees it.
+pub trait Transport {
+    /// Reads one header and the descriptors that came with it. `Ok(None)` is
+    /// a clean end of stream before the first byte of a header.
+    fn recv_header(&mut self) -> io::Result<Option<RecvHeader>>;
+    /// Reads exactly `buf.len()` bytes of payload.
+    fn recv_exact(&mut self, buf: &mut [u8]) -> io::Result<()>;
+    /// Sends one whole message.
+    fn send_all(&mut self, msg: &[u8]) -> io::Result<()>;
+}
+
+impl Transport for UnixStream {
+    fn recv_header(&mut self) -> io::Result<Option<RecvHeader>> {
+        recv_header(self)
+    }
+    fn recv_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        recv_exact(self, buf)
+    }
+    fn send_all(&mut self, msg: &[u8]) -> io::Result<()> {
+        send_all(self, msg)
+    }
+}
+
+/// A client's whole side of a conversation, held in memory: the bytes it
+/// sends, with descriptors attached at message starts, and what the server
+/// answered. Descriptors past `MAX_RECV_FDS` on one message are dropped and
+/// flagged, as the kernel does with a short control buffer.
+#[derive(Default)]
+pub struct MemTransport {
+    input: Vec<u8>,
+    pos: usize,
+    /// (byte offset in `input`, descriptors), in offset order.
+    fds: std::collections::VecDeque<(usize, Vec<OwnedFd>)>,
+    pub output: Vec<u8>,
+}
+
+impl MemTransport {
+    pub fn new() -> MemTransport {
+        MemTransport::default()
+    }
+
+    /// Appends bytes the client sends, with descriptors riding on the first.
+    pub fn push(&mut self, bytes: &[u8], fds: Vec<OwnedFd>) {
+        if !fds.is_empty() && !bytes.is_empty() {
+            self.fds.push_back((self.input.len(), fds));
+        }
+        self.input.extend_from_slice(bytes);
+    }
+}
+
+impl Transport for MemTransport {
+    fn recv_header(&mut self) -> io::Result<Option<RecvHeader>> {
+        if self.pos >= self.input.len() {
+            return Ok(None);
+        }
+        let mut fds = Vec::new();
+        // Descriptors attached anywhere in the bytes this read takes arrive
+        // with it, as with recvmsg on a socket.
+        let end = (self.pos + HEADER_SIZE).min(self.input.len());
+        while self.fds.front().is_some_and(|(at, _)| *at < end) {
+            if let Some((_, f)) = self.fds.pop_front() {
+                fds.extend(f);
+            }
+        }
+        let fds_truncated = fds.len() > MAX_RECV_FDS;
+        fds.truncate(MAX_RECV_FDS);
+        if end - self.pos < HEADER_SIZE {
+            self.pos = self.input.len();
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut bytes = [0u8; HEADER_SIZE];
+        bytes.copy_from_slice(&self.input[self.pos..end]);
+        self.pos = end;
+        Ok(Some(RecvHeader {
+            bytes,
+            fds,
+            fds_truncated,
+        }))
+    }
+
+    fn recv_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let end = self.pos.saturating_add(buf.len());
+        if end > self.input.len() {
+            self.pos = self.input.len();
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        // Descriptors that arrive with payload bytes are closed, as the
+        // kernel's plain reads on a socket would drop them.
+        while self.fds.front().is_some_and(|(at, _)| *at < end) {
+            self.fds.pop_front();
+        }
+        buf.copy_from_slice(&self.input[self.pos..end]);
+        self.pos = end;
+        Ok(())
+    }
+
+    fn send_all(&mut self, msg: &[u8]) -> io::Result<()> {
+        self.output.extend_from_slice(msg);
+        Ok(())
+    }
 }
 
 /// Reads exactly `buf.len()` bytes of payload.

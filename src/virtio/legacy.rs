@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use log::{debug, info, warn};
+use log::{debug, info};
 use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED};
 
 // The status register is 8 bits wide; the bindings spell its bits as u32
@@ -199,16 +199,17 @@ impl<D: VirtioDevice> LegacyTransport<D> {
         match (offset, width) {
             (GUEST_FEATURES, 4) => {
                 if self.active {
-                    warn!("guest features written after DRIVER_OK; ignored");
+                    crate::warn_limited!("guest features written after DRIVER_OK; ignored");
                 } else {
                     let offered = self.dev.features();
                     if v & !offered != 0 {
-                        warn!(
+                        crate::warn_limited!(
                             "driver acknowledged features {:#x} that were not offered; dropped",
                             v & !offered
                         );
                     }
                     self.guest_features = v & offered;
+                    self.dev.features_written(self.guest_features);
                 }
             }
             (QUEUE_PFN, 4) => {
@@ -224,7 +225,7 @@ impl<D: VirtioDevice> LegacyTransport<D> {
                         self.reset_registers();
                     }
                 } else if self.active {
-                    warn!("queue {sel} address written after DRIVER_OK; ignored");
+                    crate::warn_limited!("queue {sel} address written after DRIVER_OK; ignored");
                 } else if let Some(q) = self.selected() {
                     q.pfn = v;
                 } else {
@@ -248,7 +249,7 @@ impl<D: VirtioDevice> LegacyTransport<D> {
                     let was_ok = self.status & DRIVER_OK != 0;
                     self.status = s;
                     if s & FAILED != 0 {
-                        warn!("driver marked the device FAILED");
+                        crate::warn_limited!("driver marked the device FAILED");
                     }
                     if !was_ok && s & DRIVER_OK != 0 && !self.active {
                         self.activate();
@@ -332,6 +333,10 @@ impl<D: VirtioDevice> IoBar for LegacyTransport<D> {
         self.dev.resume();
     }
 
+    fn memory_added(&mut self) {
+        self.dev.memory_added();
+    }
+
     fn bus_master_changed(&mut self, enabled: bool) {
         if !enabled && self.active {
             // Without bus mastering the function may not touch memory.
@@ -390,6 +395,8 @@ mod tests {
         }
         fn quiesce(&mut self) {}
         fn resume(&mut self) {}
+        fn memory_added(&mut self) {}
+        fn features_written(&mut self, _features: u32) {}
     }
 
     fn transport() -> (LegacyTransport<Fake>, Arc<Interrupts>, Fake) {

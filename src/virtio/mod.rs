@@ -84,4 +84,9 @@ pub trait VirtioDevice: Send {
     /// Pause all guest-memory access and wait for in-flight requests.
     fn quiesce(&mut self);
     fn resume(&mut self);
+    /// Guest memory grew: queues waiting for their rings look again.
+    fn memory_added(&mut self);
+    /// The driver wrote its feature bits (before DRIVER_OK): what the
+    /// device config shows may depend on them.
+    fn features_written(&mut self, features: u32);
 }

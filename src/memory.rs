@@ -1,0 +1,376 @@
+//! The one module that owns raw pointers into guest memory.
+//!
+//! Everything else reaches guest memory through vm-memory (`Bytes`,
+//! `get_slices`), or through a [`GuestIov`]: a host address range inside a
+//! guest window, which only this module can make (from a guest-memory
+//! snapshot) and only this module dereferences (volatile copies, zeroing,
+//! and the iovec view handed to preadv/pwritev).
+//!
+//! It also owns what happens when the file behind a guest window is cut
+//! short under us. DMA_MAP refuses windows that reach past their file's end
+//! (see `vfio_user::dma`), and seals memfds against shrinking where it can;
+//! a file that is still truncated later (a memfd created without sealing, a
+//! tmpfs or hugetlbfs file) would make every access past its new end raise
+//! SIGBUS. [`install_sigbus_guard`] catches those faults inside registered
+//! windows, puts a private zero page where the file page was, and counts
+//! the event: accesses then read zeros and writes go nowhere, which only
+//! the client that cut its own memory can observe. A SIGBUS anywhere else
+//! keeps its default action and ends the process.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Once;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+
+/// One buffer in guest memory, laid out exactly as `struct iovec`, so a
+/// request's list goes to preadv/pwritev as it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GuestIov {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a GuestIov is an address range in a shared mapping whose lifetime
+// its creator guarantees (see `GuestIov::new`); moving it to another thread
+// moves no ownership and the memory is accessed only with volatile copies
+// or by the kernel.
+unsafe impl Send for GuestIov {}
+
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<GuestIov>() == size_of::<libc::iovec>());
+    assert!(align_of::<GuestIov>() == align_of::<libc::iovec>());
+    assert!(offset_of!(GuestIov, ptr) == offset_of!(libc::iovec, iov_base));
+    assert!(offset_of!(GuestIov, len) == offset_of!(libc::iovec, iov_len));
+};
+
+impl GuestIov {
+    /// # Safety
+    ///
+    /// `ptr .. ptr + len` must be memory that may be read and written at
+    /// any time (a shared mapping of guest RAM, or a buffer the caller
+    /// owns), and it must stay mapped for as long as this value or any copy
+    /// of it is used: whoever makes one keeps the mapping alive past the
+    /// last I/O on it (a job holds the guest-memory snapshot it came from).
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> GuestIov {
+        GuestIov { ptr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The host address, for alignment checks only.
+    pub fn addr(&self) -> usize {
+        self.ptr as usize
+    }
+
+    fn volatile(&self) -> VolatileSlice<'_> {
+        // SAFETY: by the contract of `new`, ptr..ptr+len is mapped and
+        // accessible for as long as `self` is used; the slice lives no
+        // longer than this borrow of `self`.
+        unsafe { VolatileSlice::new(self.ptr, self.len) }
+    }
+
+    /// Copies `src` into the buffer from `offset` (volatile writes: the
+    /// guest may be looking). Returns the bytes copied.
+    pub fn write_at(&self, offset: usize, src: &[u8]) -> usize {
+        match self.volatile().offset(offset) {
+            Ok(v) => {
+                let n = v.len().min(src.len());
+                v.copy_from(&src[..n]);
+                n
+            }
+            Err(_) => 0,
+        }
+    }
+
+    /// Copies from the buffer at `offset` into `dst` (volatile reads: the
+    /// guest may change the bytes under us). Returns the bytes copied.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> usize {
+        match self.volatile().offset(offset) {
+            Ok(v) => v.copy_to(dst),
+            Err(_) => 0,
+        }
+    }
+
+    /// Zero-fills the buffer.
+    pub fn zero(&self) {
+        const Z: [u8; 4096] = [0; 4096];
+        let mut at = 0;
+        while at < self.len {
+            let n = self.write_at(at, &Z[..(self.len - at).min(Z.len())]);
+            if n == 0 {
+                break;
+            }
+            at += n;
+        }
+    }
+}
+
+/// The same list, as the kernel's iovecs.
+pub fn as_iovecs(iov: &[GuestIov]) -> &[libc::iovec] {
+    // SAFETY: GuestIov is repr(C) with the fields, sizes, offsets and
+    // alignment of libc::iovec (checked at compile time above), so the
+    // slice may be viewed as iovecs for its whole length.
+    unsafe { std::slice::from_raw_parts(iov.as_ptr().cast::<libc::iovec>(), iov.len()) }
+}
+
+/// Drops `n` transferred bytes from the front of a list of iovecs that
+/// `as_iovecs` produced (after a short transfer).
+pub fn advance_iovecs(iovs: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut drop = 0;
+    for v in iovs.iter_mut() {
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            drop += 1;
+        } else {
+            // wrapping_add never dereferences; n < iov_len keeps the new
+            // base inside the same buffer.
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+            v.iov_len -= n;
+            break;
+        }
+    }
+    iovs.drain(..drop);
+}
+
+/// A guest range that is not (wholly) in guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unmapped;
+
+/// Appends host iovecs for guest range `addr .. addr + len` (which may span
+/// several windows). Fails on the first byte that is not mapped.
+pub fn push_iovecs(
+    mem: &GuestMemoryMmap,
+    addr: u64,
+    len: usize,
+    out: &mut Vec<GuestIov>,
+) -> Result<(), Unmapped> {
+    for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len) {
+        let slice = slice.map_err(|_| Unmapped)?;
+        // SAFETY: the slice is inside a region of `mem`, a shared mapping of
+        // guest RAM. The callers hold the `Arc` of this snapshot for as long
+        // as the iovecs are used (the job that carries them owns a clone),
+        // so the mapping outlives the I/O.
+        out.push(unsafe { GuestIov::new(slice.ptr_guard_mut().as_ptr(), slice.len()) });
+    }
+    Ok(())
+}
+
+// ---- SIGBUS guard -----------------------------------------------------------
+
+const SLOTS: usize = 16384;
+const FREE: u8 = 0;
+const LIVE: u8 = 1;
+const RETIRED: u8 = 2;
+
+struct Slot {
+    start: AtomicUsize,
+    end: AtomicUsize,
+    state: AtomicU8,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: Slot = Slot {
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+    state: AtomicU8::new(FREE),
+};
+static WINDOWS: [Slot; SLOTS] = [EMPTY; SLOTS];
+static FAULTS: AtomicU64 = AtomicU64::new(0);
+static INSTALL: Once = Once::new();
+
+/// A host range registered with the SIGBUS guard; retired on drop. A retired
+/// range stays covered until its slot is needed again, because a snapshot
+/// of guest memory may still use the mapping for a while.
+#[derive(Debug)]
+pub struct GuardedWindow {
+    slot: usize,
+}
+
+impl Drop for GuardedWindow {
+    fn drop(&mut self) {
+        WINDOWS[self.slot].state.store(RETIRED, Ordering::Release);
+    }
+}
+
+/// Registers the mapping `start .. start + len` (page-aligned) so that a
+/// SIGBUS inside it is survived. `None` when every slot holds a live window.
+pub fn guard_window(start: usize, len: usize) -> Option<GuardedWindow> {
+    install_sigbus_guard();
+    let take = |from: u8| {
+        (0..SLOTS).find(|&i| {
+            WINDOWS[i]
+                .state
+                .compare_exchange(from, LIVE, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+    };
+    let slot = take(FREE).or_else(|| take(RETIRED))?;
+    // The handler reads the bounds only of LIVE/RETIRED slots; a fault that
+    // races with this store sees either range, both of them real mappings
+    // of ours (or none, and then the default action).
+    WINDOWS[slot].start.store(start, Ordering::Release);
+    WINDOWS[slot]
+        .end
+        .store(start.saturating_add(len), Ordering::Release);
+    Some(GuardedWindow { slot })
+}
+
+/// How many guest pages were replaced since the last call (each one a
+/// SIGBUS from a guest-memory file cut short under us).
+pub fn take_faults() -> u64 {
+    if FAULTS.load(Ordering::Relaxed) == 0 {
+        return 0;
+    }
+    FAULTS.swap(0, Ordering::Relaxed)
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).unwrap_or(4096)
+}
+
+static PAGE: AtomicUsize = AtomicUsize::new(4096);
+
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // Only async-signal-safe work here: atomics, mmap, sigaction.
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let page = PAGE.load(Ordering::Relaxed);
+    let ours = WINDOWS.iter().any(|s| {
+        s.state.load(Ordering::Acquire) != FREE
+            && s.start.load(Ordering::Acquire) <= addr
+            && addr < s.end.load(Ordering::Acquire)
+    });
+    if ours {
+        let base = addr & !(page - 1);
+        // SAFETY: `base` is a page inside one of our guest windows, which we
+        // mapped and which nothing else in this process owns; replacing the
+        // page with a private anonymous one keeps the range mapped (so the
+        // window's own munmap later still covers exactly what it mapped).
+        let r = unsafe {
+            libc::mmap(
+                base as *mut libc::c_void,
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if r != libc::MAP_FAILED {
+            FAULTS.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+    // Not ours, or it could not be repaired: the default action, on the
+    // retried access.
+    // SAFETY: sigaction with a zeroed (SIG_DFL) action for this signal.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(sig, &dfl, std::ptr::null_mut());
+    }
+}
+
+/// Installs the SIGBUS handler (once per process).
+pub fn install_sigbus_guard() {
+    INSTALL.call_once(|| {
+        PAGE.store(page_size(), Ordering::Relaxed);
+        // SAFETY: a zeroed sigaction is valid; we set a handler with the
+        // SA_SIGINFO signature and an empty mask.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                on_sigbus;
+            sa.sa_sigaction = handler as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) != 0 {
+                log::warn!(
+                    "cannot install the SIGBUS handler: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volatile_copies_stay_inside_the_buffer() {
+        let mut buf = vec![7u8; 100];
+        // SAFETY: `buf` outlives `v` and is only used through it below.
+        let v = unsafe { GuestIov::new(buf.as_mut_ptr(), 10) };
+        assert_eq!(v.write_at(8, &[1, 2, 3, 4]), 2);
+        let mut out = [0u8; 4];
+        assert_eq!(v.read_at(6, &mut out), 4);
+        assert_eq!(out, [7, 7, 1, 2]);
+        assert_eq!(v.write_at(11, &[9]), 0);
+        v.zero();
+        assert!(buf[..10].iter().all(|&b| b == 0));
+        assert!(buf[10..].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn advance_splits_iovecs() {
+        let mut a = [0u8; 10];
+        let mut b = [0u8; 10];
+        // SAFETY: both arrays outlive the iovecs, which are never used for I/O.
+        let l = unsafe {
+            [
+                GuestIov::new(a.as_mut_ptr(), 10),
+                GuestIov::new(b.as_mut_ptr(), 10),
+            ]
+        };
+        let mut v = as_iovecs(&l).to_vec();
+        advance_iovecs(&mut v, 13);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].iov_len, 7);
+    }
+
+    /// A memfd mapping that is truncated under us: accesses past the new end
+    /// would raise SIGBUS and kill the process; with the guard they read zeros.
+    #[test]
+    fn a_truncated_window_reads_zeros_instead_of_killing_us() {
+        use std::os::fd::AsRawFd;
+        let f = crate::util::memfd("guard").unwrap();
+        f.set_len(2 * 4096).unwrap();
+        // SAFETY: a fresh shared mapping of our own memfd.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                2 * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let g = guard_window(p as usize, 2 * 4096).unwrap();
+        // SAFETY: inside the mapping above, which stays until munmap below.
+        let v = unsafe { GuestIov::new(p.cast(), 2 * 4096) };
+        v.write_at(4096, &[5; 8]);
+        f.set_len(4096).unwrap();
+        let before = take_faults();
+        let mut b = [1u8; 8];
+        assert_eq!(v.read_at(4096, &mut b), 8);
+        assert_eq!(b, [0; 8]);
+        assert!(take_faults() + before >= 1);
+        drop(g);
+        // SAFETY: unmapping what we mapped; `v` is not used after this.
+        unsafe { libc::munmap(p, 2 * 4096) };
+    }
+}
