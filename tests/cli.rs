@@ -130,12 +130,25 @@ fn cpus_that_do_not_exist_are_refused_before_anything_is_created() {
     let sock = dir.path("s.sock");
     let img = dir.path("d.img");
     for cpus in ["5000", "0,4096", "1023"] {
-        let out = Command::new(bin())
+        // The old server accepted these and ran: never wait forever.
+        let mut child = Command::new(bin())
             .args(["--socket", sock.to_str().unwrap()])
             .args(["--disk", img.to_str().unwrap(), "--size", "1M"])
             .args(["--cpus", cpus])
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("--cpus {cpus} accepted: the server is running");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
         assert!(!out.status.success(), "--cpus {cpus} accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--cpus") && err.contains("usable"), "{err}");

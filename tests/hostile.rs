@@ -266,6 +266,12 @@ fn maximal_chains_do_not_grow_the_servers_memory() {
     heads.push((d.place(0, &bufs, true), st, S_IOERR));
     d.force_kick(0);
     let used = d.wait_used(0, heads.len(), Duration::from_secs(60));
+    let after = status_field(pid, "VmHWM:");
+    let grown = after.saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "peak memory grew by {grown} KiB serving maximal chains"
+    );
     for (head, st, want) in &heads {
         let (_, len) = used.iter().find(|u| u.0 == *head).expect("completed");
         if *st == 0 {
@@ -275,12 +281,6 @@ fn maximal_chains_do_not_grow_the_servers_memory() {
             assert_eq!(got, *want, "head {head}");
         }
     }
-    let after = status_field(pid, "VmHWM:");
-    let grown = after.saturating_sub(before);
-    assert!(
-        grown < 32 * 1024,
-        "peak memory grew by {grown} KiB serving maximal chains"
-    );
     assert!(srv.log_text().contains("longer than the queue"));
     drop(d);
     serves_again(&mut srv);
