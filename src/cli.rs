@@ -14,30 +14,43 @@ use vm_memory::GuestMemoryMmap;
 use crate::backend::{self, DiskSpec, OpenOptionsDisk};
 use crate::blk::exec::ErrorPolicy;
 use crate::blk::{BlkDevice, BlkOptions};
-use crate::engine::{EngineConfig, PollMode};
+use crate::engine::{Engine, EngineConfig, IoEngine, PollMode};
 use crate::pci::{self, Identity, Interrupts, PciFunction};
 use crate::util::parse_size;
 use crate::vfio_user::{GuestMemoryHandle, Server, ServerConfig};
 use crate::virtio::legacy::LegacyTransport;
 
-/// Serve a virtio-blk disk as a PCI device over vfio-user.
+/// Serve virtio-blk disks as PCI devices over vfio-user.
 ///
-/// QEMU 10.1+ attaches it with
+/// One process serves any number of disks, each on its own socket, with a
+/// fixed set of reactor threads polling the queues of all of them. QEMU 10.1+
+/// attaches each with
 /// `-device '{"driver":"vfio-user-pci","socket":{"path":"SOCKET","type":"unix"}}'`
 /// and needs guest RAM that can be shared
 /// (`-object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem`).
+///
+/// One disk: `--socket PATH --disk SPEC` with the per-disk options below.
+/// More: `--device socket=PATH,disk=SPEC[,size=SIZE,readonly=on,queues=N,
+/// queue-size=N,serial=S,logical-block-size=N,direct=on,discard=off,
+/// write-zeroes=off]`, repeatable (a comma inside a value is written `,,`).
 #[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about)]
 pub struct Options {
-    /// Path of the unix socket to listen on (created with owner-only permissions).
-    #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    /// Path of the unix socket to listen on (created with owner-only
+    /// permissions), for the one-disk form.
+    #[arg(long, value_name = "PATH", requires = "disk")]
+    pub socket: Option<PathBuf>,
 
-    /// The disk: an image file or block device, `ram:SIZE` (in memory,
-    /// zero-filled) or `null:SIZE` (reads zeros, discards writes). SIZE takes
-    /// K, M, G, T suffixes (binary).
-    #[arg(long, value_name = "FILE|ram:SIZE|null:SIZE")]
-    pub disk: DiskSpec,
+    /// The disk of the one-disk form: an image file or block device,
+    /// `ram:SIZE` (in memory, zero-filled) or `null:SIZE` (reads zeros,
+    /// discards writes). SIZE takes K, M, G, T suffixes (binary).
+    #[arg(long, value_name = "FILE|ram:SIZE|null:SIZE", requires = "socket")]
+    pub disk: Option<DiskSpec>,
+
+    /// A disk on its own socket, QEMU-style `key=value,...` (see above);
+    /// repeatable.
+    #[arg(long = "device", value_name = "socket=PATH,disk=SPEC,...")]
+    pub devices: Vec<DeviceSpec>,
 
     /// Create the image file with this size if it does not exist.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -52,7 +65,7 @@ pub struct Options {
     pub readonly: bool,
 
     /// Number of request queues (virtio-blk multiqueue).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, default_value_t = 1, value_parser = parse_queues)]
     pub queues: u16,
 
     /// Entries per queue (a power of two, at most 1024).
@@ -81,29 +94,132 @@ pub struct Options {
     #[arg(long)]
     pub no_write_zeroes: bool,
 
-    /// Poller threads that watch the queues (queues are spread over them).
+    /// Reactor (poller) threads shared by every disk's queues; queues go to
+    /// the least-loaded reactor when the guest starts the device.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub pollers: u16,
 
-    /// CPUs to pin the pollers to, e.g. `2,3` (round-robin over pollers).
+    /// CPUs to pin the reactors to, e.g. `2,3` (round-robin over reactors).
     #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
     pub cpus: Vec<usize>,
 
-    /// How pollers wait: `busy` spins and tells the guest not to ring
+    /// How reactors wait: `busy` spins and tells the guest not to ring
     /// doorbells (fastest, burns a core each); `adaptive` spins while there
     /// is work, then sleeps until a doorbell; `interrupt` always waits for
-    /// doorbells.
+    /// doorbells. A reactor with no queue sleeps in every mode.
     #[arg(long, value_enum, default_value_t = PollMode::Adaptive)]
     pub poll_mode: PollMode,
 
-    /// Threads that run file I/O (memory disks run on the pollers).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Where file I/O runs: `io-uring` (an io_uring per reactor; falls back
+    /// to threads when io_uring is unavailable) or `threads` (a pool that
+    /// grows with demand), as QEMU's aio=io_uring|threads.
+    #[arg(long, value_enum, default_value_t = IoEngine::IoUring)]
+    pub io_engine: IoEngine,
+
+    /// Most threads the I/O pool grows to.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub io_threads: u16,
 
     /// On a backend error: `report` answers IOERR; `stop` stops the queue
     /// until the guest resets the device (like QEMU's werror=stop).
     #[arg(long, value_enum, default_value_t = ErrorPolicy::Report)]
     pub on_error: ErrorPolicy,
+}
+
+/// One disk and its options, from `--device` or the one-disk flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub socket: PathBuf,
+    pub disk: DiskSpec,
+    pub size: Option<u64>,
+    pub readonly: bool,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub serial: String,
+    pub logical_block_size: u32,
+    pub direct: bool,
+    pub discard: bool,
+    pub write_zeroes: bool,
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{key}={v}: expected on or off")),
+    }
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<DeviceSpec, String> {
+        // Split on single commas; ",," is a literal comma (as in QEMU).
+        let mut items = Vec::new();
+        let mut cur = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    cur.push(',');
+                } else {
+                    items.push(std::mem::take(&mut cur));
+                }
+            } else {
+                cur.push(c);
+            }
+        }
+        items.push(cur);
+        let (mut socket, mut disk) = (None, None);
+        let mut d = DeviceSpec {
+            socket: PathBuf::new(),
+            disk: DiskSpec::Null(0),
+            size: None,
+            readonly: false,
+            queues: 1,
+            queue_size: 256,
+            serial: "vfio-user-blk".into(),
+            logical_block_size: 512,
+            direct: false,
+            discard: true,
+            write_zeroes: true,
+        };
+        for item in items.iter().filter(|i| !i.is_empty()) {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("'{item}' is not key=value"))?;
+            match k {
+                "socket" => socket = Some(PathBuf::from(v)),
+                "disk" => disk = Some(v.parse::<DiskSpec>()?),
+                "size" => d.size = Some(parse_size(v)?),
+                "readonly" => d.readonly = on_off(k, v)?,
+                "queues" => d.queues = parse_queues(v)?,
+                "queue-size" => d.queue_size = parse_queue_size(v)?,
+                "serial" => d.serial = parse_serial(v)?,
+                "logical-block-size" => d.logical_block_size = parse_block_size(v)?,
+                "direct" => d.direct = on_off(k, v)?,
+                "discard" => d.discard = on_off(k, v)?,
+                "write-zeroes" => d.write_zeroes = on_off(k, v)?,
+                _ => {
+                    return Err(format!(
+                        "unknown key '{k}' (keys: socket, disk, size, readonly, queues, \
+                         queue-size, serial, logical-block-size, direct, discard, write-zeroes)"
+                    ))
+                }
+            }
+        }
+        d.socket = socket.ok_or("socket=PATH is missing")?;
+        d.disk = disk.ok_or("disk=SPEC is missing")?;
+        Ok(d)
+    }
+}
+
+fn parse_queues(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(n @ 1..=64) => Ok(n),
+        _ => Err(format!("queues '{s}' must be from 1 to 64")),
+    }
 }
 
 fn parse_serial(s: &str) -> Result<String, String> {
@@ -185,6 +301,15 @@ impl Options {
     /// is created: a bad option must not leave an image or a socket behind,
     /// nor be found only when the guest starts the device.
     pub fn validate(&self) -> Result<()> {
+        let devices = self.device_specs();
+        if devices.is_empty() {
+            bail!("no disk to serve: give --socket PATH --disk SPEC, or --device socket=PATH,disk=SPEC");
+        }
+        for (i, d) in devices.iter().enumerate() {
+            if devices[..i].iter().any(|e| e.socket == d.socket) {
+                bail!("socket {} is given to two disks", d.socket.display());
+            }
+        }
         if !self.cpus.is_empty() {
             let usable =
                 crate::engine::usable_cpus().context("reading the CPUs this process may run on")?;
@@ -199,6 +324,42 @@ impl Options {
             }
         }
         Ok(())
+    }
+}
+
+impl Options {
+    /// Every disk to serve: the one-disk form first, then each `--device`.
+    pub fn device_specs(&self) -> Vec<DeviceSpec> {
+        let mut v = Vec::new();
+        if let (Some(socket), Some(disk)) = (&self.socket, &self.disk) {
+            v.push(DeviceSpec {
+                socket: socket.clone(),
+                disk: disk.clone(),
+                size: self.size,
+                readonly: self.readonly,
+                queues: self.queues,
+                queue_size: self.queue_size,
+                serial: self.serial.clone(),
+                logical_block_size: self.logical_block_size,
+                direct: self.direct,
+                discard: !self.no_discard,
+                write_zeroes: !self.no_write_zeroes,
+            });
+        }
+        v.extend(self.devices.iter().cloned());
+        v
+    }
+
+    /// The engine these options ask for.
+    pub fn engine_config(&self, inline: bool) -> EngineConfig {
+        EngineConfig {
+            reactors: usize::from(self.pollers),
+            cpus: self.cpus.clone(),
+            mode: self.poll_mode,
+            io_engine: self.io_engine,
+            max_io_threads: usize::from(self.io_threads),
+            inline,
+        }
     }
 }
 
@@ -221,63 +382,95 @@ fn cpu_list(cpus: &[usize]) -> String {
     out.join(",")
 }
 
-/// Builds the device and its server from the options.
+/// Every disk of a process, sharing one engine.
+pub struct Target {
+    pub engine: Arc<Engine>,
+    pub devices: Vec<(DeviceSpec, Server<BlkFunction>)>,
+}
+
+/// Builds the engine and every device, after validating all options and
+/// before binding any socket.
+pub fn build_target(opts: &Options, inline: bool) -> Result<Target> {
+    opts.validate()?;
+    let engine = Engine::start(opts.engine_config(inline)).context("starting the reactors")?;
+    let mut devices = Vec::new();
+    for (i, spec) in opts.device_specs().into_iter().enumerate() {
+        let server = build_device(&spec, i, opts, &engine)?;
+        devices.push((spec, server));
+    }
+    Ok(Target { engine, devices })
+}
+
+/// Builds the first device and its server from the options (the one-disk
+/// form; tests and tools).
 pub fn build(opts: &Options) -> Result<Server<BlkFunction>> {
     build_with(opts, false)
 }
 
 /// As [`build`]; with `inline`, the queues are served on the protocol
-/// thread whenever the driver rings a doorbell (no poller threads):
+/// thread whenever the driver rings a doorbell (no reactor threads):
 /// deterministic, for fuzzing.
 pub fn build_with(opts: &Options, inline: bool) -> Result<Server<BlkFunction>> {
-    opts.validate()?;
+    let t = build_target(opts, inline)?;
+    t.devices
+        .into_iter()
+        .next()
+        .map(|(_, s)| s)
+        .context("no device")
+}
+
+/// Opens one disk and builds its PCI function and server on `engine`.
+pub fn build_device(
+    spec: &DeviceSpec,
+    index: usize,
+    opts: &Options,
+    engine: &Arc<Engine>,
+) -> Result<Server<BlkFunction>> {
+    let name = format!("disk{index} ({})", spec.socket.display());
     let disk = backend::open(
-        &opts.disk,
+        &spec.disk,
         OpenOptionsDisk {
-            readonly: opts.readonly,
-            create_size: opts.size,
-            direct: opts.direct.then_some(opts.logical_block_size as usize),
+            readonly: spec.readonly,
+            create_size: spec.size,
+            direct: spec.direct.then_some(spec.logical_block_size as usize),
         },
     )
-    .with_context(|| format!("opening disk {:?}", opts.disk))?;
-    if disk.size % u64::from(opts.logical_block_size) != 0 {
+    .with_context(|| format!("opening disk {:?}", spec.disk))?;
+    if disk.size % u64::from(spec.logical_block_size) != 0 {
         bail!(
             "disk size {} is not a multiple of the logical block size {}",
             disk.size,
-            opts.logical_block_size
+            spec.logical_block_size
         );
     }
     info!(
-        "disk {:?}: {} bytes{}",
+        "{name}: disk {:?}, {} bytes{}, {} queue(s) of {}",
         disk.spec,
         disk.size,
-        if disk.readonly { ", read-only" } else { "" }
+        if disk.readonly { ", read-only" } else { "" },
+        spec.queues,
+        spec.queue_size
     );
     let memory = GuestMemoryHandle::new(GuestMemoryMmap::default());
     // One vector per queue plus one for configuration changes.
-    let vectors = (opts.queues + 1).min(pci::MAX_MSIX_VECTORS);
+    let vectors = (spec.queues + 1).min(pci::MAX_MSIX_VECTORS);
     let irqs = Arc::new(Interrupts::new(vectors));
     let blk = BlkDevice::new(
+        name,
         BlkOptions {
             capacity_bytes: disk.size,
-            readonly: opts.readonly,
-            num_queues: opts.queues,
-            queue_size: opts.queue_size,
-            logical_block_size: opts.logical_block_size,
-            serial: opts.serial.clone(),
-            discard: !opts.no_discard,
-            write_zeroes: !opts.no_write_zeroes,
+            readonly: spec.readonly,
+            num_queues: spec.queues,
+            queue_size: spec.queue_size,
+            logical_block_size: spec.logical_block_size,
+            serial: spec.serial.clone(),
+            discard: spec.discard,
+            write_zeroes: spec.write_zeroes,
             on_error: opts.on_error,
         },
         disk.backend,
         memory.clone(),
-        EngineConfig {
-            pollers: usize::from(opts.pollers),
-            cpus: opts.cpus.clone(),
-            mode: opts.poll_mode,
-            inline,
-        },
-        usize::from(opts.io_threads),
+        engine.clone(),
     );
     let transport = LegacyTransport::new(blk, irqs.clone());
     let function = PciFunction::new(VIRTIO_BLK_IDENTITY, transport, irqs);

@@ -1,3 +1,4 @@
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -5,7 +6,7 @@ use log::{error, info};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use vfio_user_blk::cli::{bind_socket, build, Options};
+use vfio_user_blk::cli::{bind_socket, build_target, Options};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -23,19 +24,52 @@ fn main() -> ExitCode {
 }
 
 fn run(opts: &Options) -> anyhow::Result<()> {
-    let mut server = build(opts)?;
-    let listener = bind_socket(&opts.socket, opts.force)?;
-    // Remove the socket on SIGINT/SIGTERM so that the next run starts clean.
+    let target = build_target(opts, false)?;
+    // Bind every socket before serving any: a taken path fails the start
+    // and removes the sockets already bound.
+    let mut bound: Vec<PathBuf> = Vec::new();
+    let mut listeners = Vec::new();
+    for (spec, _) in &target.devices {
+        match bind_socket(&spec.socket, opts.force) {
+            Ok(l) => {
+                bound.push(spec.socket.clone());
+                listeners.push(l);
+            }
+            Err(e) => {
+                for p in &bound {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+        }
+    }
+    // Remove the sockets on SIGINT/SIGTERM so that the next run starts clean.
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let path = opts.socket.clone();
+    let paths = bound.clone();
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
-            info!("signal {sig}: removing {} and exiting", path.display());
-            let _ = std::fs::remove_file(&path);
+            info!("signal {sig}: removing the sockets and exiting");
+            for p in &paths {
+                let _ = std::fs::remove_file(p);
+            }
             std::process::exit(0);
         }
     });
-    info!("listening on {}", opts.socket.display());
-    server.run(listener)?;
+    let mut threads = Vec::new();
+    for ((spec, mut server), listener) in target.devices.into_iter().zip(listeners) {
+        info!("listening on {}", spec.socket.display());
+        threads.push(
+            std::thread::Builder::new()
+                .name("vfio-user".into())
+                .spawn(move || server.run(listener))?,
+        );
+    }
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("a device's server stopped: {e}"),
+            Err(_) => error!("a device's server thread panicked"),
+        }
+    }
     Ok(())
 }

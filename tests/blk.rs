@@ -466,14 +466,14 @@ fn pollers_are_pinned_to_the_cpus_given() {
     assert_eq!(d.write(1, 0, &[1u8; 512]), S_OK);
     // A thread takes its name once it first runs; with both pinned to one
     // busy CPU that can lag the activation.
-    wait_until("two named poller threads", || {
+    wait_until("two named reactor threads", || {
         poller_threads(s.srv.pid()) == 2
     });
     let mut pinned = 0;
     for t in std::fs::read_dir(format!("/proc/{}/task", s.srv.pid())).unwrap() {
         let t = t.unwrap().path();
         let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
-        if name.starts_with("blk-poller") {
+        if name.starts_with("reactor-") {
             let status = std::fs::read_to_string(t.join("status")).unwrap();
             let cpus = status
                 .lines()
@@ -487,24 +487,49 @@ fn pollers_are_pinned_to_the_cpus_given() {
             pinned += 1;
         }
     }
-    assert_eq!(pinned, 2, "two poller threads");
+    assert_eq!(pinned, 2, "two reactor threads");
 }
 
 fn poller_threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter(|t| {
-            let comm = t.as_ref().unwrap().path().join("comm");
-            std::fs::read_to_string(comm)
-                .unwrap_or_default()
-                .starts_with("blk-poller")
-        })
-        .count()
+    reactor_cpu_ticks(pid).len()
 }
 
+/// CPU time (user + system, in clock ticks) of each reactor thread.
+fn reactor_cpu_ticks(pid: u32) -> Vec<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.unwrap().path();
+            let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+            if !comm.starts_with("reactor-") {
+                return None;
+            }
+            let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+            // Fields after the command name: utime and stime are 14 and 15.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?)
+        })
+        .collect()
+}
+
+/// A reactor with no queue sleeps, even in busy mode: before any driver,
+/// and after a driver set DRIVER_OK without setting up a queue. Once a
+/// queue is assigned, the busy reactor spins.
 #[test]
-fn driver_ok_without_queues_starts_no_poller() {
+fn an_idle_reactor_uses_no_cpu() {
     let s = with_image(MB, &["--poll-mode", "busy"]);
+    let pid = s.srv.pid();
+    wait_until("one reactor", || poller_threads(pid) == 1);
+    let idle = |what: &str| {
+        let a = reactor_cpu_ticks(pid);
+        std::thread::sleep(Duration::from_millis(500));
+        let b = reactor_cpu_ticks(pid);
+        let used = b[0] - a[0];
+        // 500 ms of spinning would be ~50 ticks; allow a stray one.
+        assert!(used <= 2, "{what}: the reactor used {used} ticks");
+    };
+    idle("no client");
     let mut c = vfio_user::Client::new(&s.srv.socket).unwrap();
     for status in [0u8, 1, 3, 7] {
         c.region_write(0, 18, &[status]).unwrap();
@@ -512,15 +537,18 @@ fn driver_ok_without_queues_starts_no_poller() {
     let mut st = [0u8];
     c.region_read(0, 18, &mut st).unwrap();
     assert_eq!(st[0], 7);
-    assert_eq!(
-        poller_threads(s.srv.pid()),
-        0,
-        "nothing to poll, nothing spinning"
-    );
+    idle("DRIVER_OK without queues");
     drop(c);
     let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
     assert_eq!(d.write(0, 0, &[1u8; 512]), S_OK);
-    assert_eq!(poller_threads(s.srv.pid()), 1);
+    let a = reactor_cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(500));
+    let b = reactor_cpu_ticks(pid);
+    assert!(b[0] - a[0] > 10, "a busy reactor with a queue spins");
+    drop(d);
+    // The client left: its queue was withdrawn, the reactor sleeps again.
+    std::thread::sleep(Duration::from_millis(100));
+    idle("after the client left");
 }
 
 /// Regression (issue 8, item 7): without EVENT_IDX, a driver that sets

@@ -30,6 +30,22 @@ pub trait Backend: Send + Sync {
     fn try_nowait(&self, _iov: &[GuestIov], _offset: u64, _write: bool) -> Option<io::Result<()>> {
         None
     }
+    /// The descriptor an io_uring can submit reads, writes, fsync and
+    /// fallocate on, with the alignment O_DIRECT needs (None: buffered).
+    /// None when the backend is not a file.
+    fn uring_target(&self) -> Option<UringTarget> {
+        None
+    }
+}
+
+/// What an io_uring needs to serve a backend.
+#[derive(Clone, Copy, Debug)]
+pub struct UringTarget {
+    pub fd: std::os::fd::RawFd,
+    /// O_DIRECT: buffers, lengths and offsets must be aligned to this.
+    pub direct_align: Option<usize>,
+    /// Whether flush has anything to do.
+    pub durable: bool,
 }
 
 /// Reads zeros, drops writes.
@@ -326,6 +342,14 @@ impl Backend for FileBackend {
 
     fn inline(&self) -> bool {
         self.inline
+    }
+
+    fn uring_target(&self) -> Option<UringTarget> {
+        Some(UringTarget {
+            fd: self.file.as_raw_fd(),
+            direct_align: self.direct.then_some(self.align),
+            durable: self.durable,
+        })
     }
 }
 

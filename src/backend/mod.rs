@@ -2,6 +2,8 @@
 //! virtio.
 
 pub mod io;
+pub mod request;
+pub mod uring;
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};

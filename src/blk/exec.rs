@@ -1,15 +1,18 @@
 //! What a virtio-blk request asks of the backend, decided before any I/O,
-//! and the execution of that I/O.
+//! and its answer: the device's [`RequestHandler`] for the engine.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
+use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use super::request::*;
-use crate::backend::io::{Backend, GuestIov};
+use crate::backend::io::Backend;
+use crate::backend::request::{IoKind, IoRequest};
+use crate::engine::{Finish, Prepared, RequestHandler};
 
 /// What to do when the backend fails a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -20,7 +23,8 @@ pub enum ErrorPolicy {
     Stop,
 }
 
-/// Everything a poller needs to serve virtio-blk requests.
+/// Everything a reactor needs to serve virtio-blk requests of one device
+/// activation.
 pub struct BlkContext {
     pub backend: Arc<dyn Backend>,
     /// Capacity in 512-byte sectors.
@@ -40,28 +44,29 @@ pub struct BlkContext {
     pub on_error: ErrorPolicy,
     /// SEG_MAX and SIZE_MAX, as advertised.
     pub limits: ChainLimits,
+    /// Entries of each queue (chains are never read past it).
+    pub queue_size: u16,
 }
 
-/// A backend operation.
-#[derive(Debug)]
-pub enum Op {
-    Read(u64),
-    Write { offset: u64, sync: bool },
-    Flush,
-    Discard(Vec<(u64, u64)>),
-    WriteZeroes(Vec<(u64, u64)>, bool),
-}
-
-/// A request after validation.
-pub enum Prepared {
+/// What a validated request needs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
     /// Answered without backend I/O: the status and the used length.
     Done { status: u8, used: u32 },
-    /// Needs the backend; `used` is the used length on success.
-    Io {
-        op: Op,
-        iov: Vec<GuestIov>,
-        used: u32,
-    },
+    /// The backend operation in the `IoRequest`; `used` on success.
+    Io { used: u32 },
+}
+
+/// Per-request state, reused from request to request (one per ring entry).
+#[derive(Debug, Default)]
+pub struct BlkReq {
+    chain: Chain,
+    /// The status byte to answer when no backend I/O ran.
+    ready_status: u8,
+    /// The used length on success.
+    ok_used: u32,
+    /// The backend operation, when there was one.
+    kind: IoKind,
 }
 
 fn used_len(bytes: u64) -> u32 {
@@ -69,9 +74,14 @@ fn used_len(bytes: u64) -> u32 {
 }
 
 impl BlkContext {
-    /// Validates a walked chain and says what it needs. Never touches the
-    /// backend; every check on guest input happens here.
-    pub fn prepare(&self, mem: &GuestMemoryMmap, c: &Chain) -> Result<Prepared, RequestError> {
+    /// Validates a walked chain and fills `io` with what it needs. Never
+    /// touches the backend; every check on guest input happens here.
+    pub fn plan(
+        &self,
+        mem: &GuestMemoryMmap,
+        c: &Chain,
+        io: &mut IoRequest,
+    ) -> Result<Plan, RequestError> {
         if let Some(e) = &c.refused {
             return Err(e.clone());
         }
@@ -84,11 +94,10 @@ impl BlkContext {
         match h.kind {
             VIRTIO_BLK_T_IN => {
                 let offset = check_range(h.sector, in_len, self.capacity, self.block)?;
-                let mut iov = Vec::with_capacity(c.writable.len());
-                iovecs(mem, &c.writable, 0, &mut iov)?;
-                Ok(Prepared::Io {
-                    op: Op::Read(offset),
-                    iov,
+                io.reset(IoKind::Read);
+                io.offset = offset;
+                iovecs(mem, &c.writable, 0, &mut io.iov)?;
+                Ok(Plan::Io {
                     used: used_len(in_len),
                 })
             }
@@ -97,45 +106,32 @@ impl BlkContext {
                     return Err(RequestError::ReadOnly);
                 }
                 let offset = check_range(h.sector, out_len, self.capacity, self.block)?;
-                let mut iov = Vec::with_capacity(c.readable.len());
-                iovecs(mem, &c.readable, HEADER_SIZE as u64, &mut iov)?;
-                Ok(Prepared::Io {
-                    op: Op::Write {
-                        offset,
-                        sync: self.write_through.load(Ordering::Relaxed),
-                    },
-                    iov,
-                    used: 1,
-                })
+                io.reset(IoKind::Write);
+                io.offset = offset;
+                io.sync = self.write_through.load(Ordering::Relaxed);
+                iovecs(mem, &c.readable, HEADER_SIZE as u64, &mut io.iov)?;
+                Ok(Plan::Io { used: 1 })
             }
-            VIRTIO_BLK_T_FLUSH => Ok(Prepared::Io {
-                op: Op::Flush,
-                iov: Vec::new(),
-                used: 1,
-            }),
+            VIRTIO_BLK_T_FLUSH => {
+                io.reset(IoKind::Flush);
+                Ok(Plan::Io { used: 1 })
+            }
             VIRTIO_BLK_T_GET_ID => {
                 let n = scatter(mem, &c.writable, &self.serial)?;
-                Ok(Prepared::Done {
+                Ok(Plan::Done {
                     status: status_u8(VIRTIO_BLK_S_OK),
                     used: used_len(n as u64),
                 })
             }
             VIRTIO_BLK_T_DISCARD if self.discard => {
-                let ranges = self.dwz_ranges(mem, c, self.max_discard_sectors, false)?;
-                Ok(Prepared::Io {
-                    op: Op::Discard(ranges.0),
-                    iov: Vec::new(),
-                    used: 1,
-                })
+                io.reset(IoKind::Discard);
+                self.dwz_ranges(mem, c, self.max_discard_sectors, io)?;
+                Ok(Plan::Io { used: 1 })
             }
             VIRTIO_BLK_T_WRITE_ZEROES if self.write_zeroes => {
-                let (ranges, unmap) =
-                    self.dwz_ranges(mem, c, self.max_write_zeroes_sectors, true)?;
-                Ok(Prepared::Io {
-                    op: Op::WriteZeroes(ranges, unmap),
-                    iov: Vec::new(),
-                    used: 1,
-                })
+                io.reset(IoKind::WriteZeroes);
+                self.dwz_ranges(mem, c, self.max_write_zeroes_sectors, io)?;
+                Ok(Plan::Io { used: 1 })
             }
             other => Err(RequestError::Unsupported(other)),
         }
@@ -146,20 +142,20 @@ impl BlkContext {
         mem: &GuestMemoryMmap,
         c: &Chain,
         max_sectors: u32,
-        write_zeroes: bool,
-    ) -> Result<(Vec<(u64, u64)>, bool), RequestError> {
-        let segs = read_dwz_segments(mem, c, self.max_dwz_segs)?;
-        if self.readonly {
-            return Err(RequestError::ReadOnly);
-        }
+        io: &mut IoRequest,
+    ) -> Result<(), RequestError> {
+        let write_zeroes = io.kind == IoKind::WriteZeroes;
         let allowed_flags = if write_zeroes {
             VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
         } else {
             0
         };
         let mut unmap = true;
-        let mut out = Vec::with_capacity(segs.len());
-        for s in segs {
+        let ranges = &mut io.ranges;
+        for_each_dwz_segment(mem, c, self.max_dwz_segs, |s| {
+            if self.readonly {
+                return Err(RequestError::ReadOnly);
+            }
             if s.flags & !allowed_flags != 0 {
                 return Err(RequestError::BadSegments(format!("flags {:#x}", s.flags)));
             }
@@ -172,66 +168,119 @@ impl BlkContext {
             unmap &= s.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
             let bytes = u64::from(s.num_sectors) << SECTOR_SHIFT;
             let offset = check_range(s.sector, bytes, self.capacity, self.block)?;
-            out.push((offset, bytes));
-        }
-        Ok((out, unmap))
-    }
-
-    /// Runs a backend operation.
-    pub fn execute(&self, op: &Op, iov: &[GuestIov]) -> io::Result<()> {
-        let be = &self.backend;
-        match op {
-            Op::Read(offset) => be.read_at(iov, *offset),
-            Op::Write { offset, sync } => {
-                be.write_at(iov, *offset)?;
-                if *sync {
-                    be.flush()?;
-                }
-                Ok(())
-            }
-            Op::Flush => be.flush(),
-            Op::Discard(ranges) => ranges.iter().try_for_each(|&(o, l)| be.discard(o, l)),
-            Op::WriteZeroes(ranges, unmap) => ranges
-                .iter()
-                .try_for_each(|&(o, l)| be.write_zeroes(o, l, *unmap)),
-        }
-    }
-
-    /// Runs a read or a buffered write at once if it cannot block (page
-    /// cache); `None` means it must go to the I/O pool.
-    pub fn try_nowait(&self, op: &Op, iov: &[GuestIov]) -> Option<io::Result<()>> {
-        match op {
-            Op::Read(offset) => self.backend.try_nowait(iov, *offset, false),
-            Op::Write {
-                offset,
-                sync: false,
-            } => self.backend.try_nowait(iov, *offset, true),
-            _ => None,
-        }
+            ranges.push((offset, bytes));
+            Ok(())
+        })?;
+        io.unmap = write_zeroes && unmap;
+        Ok(())
     }
 
     /// The status for a finished backend operation, with the error logged.
-    pub fn status_of(&self, op: &Op, r: &io::Result<()>) -> u8 {
+    /// Discard is advisory (as QEMU treats it): a file system that cannot
+    /// punch holes (EOPNOTSUPP) has still done what was asked.
+    pub fn status_of(&self, kind: IoKind, r: &io::Result<()>) -> u8 {
         match r {
             Ok(()) => status_u8(VIRTIO_BLK_S_OK),
-            // Discard is advisory (as QEMU treats it): a file system that
-            // cannot punch holes has still done what was asked.
-            Err(e)
-                if matches!(op, Op::Discard(_)) && e.raw_os_error() == Some(libc::EOPNOTSUPP) =>
-            {
+            Err(e) if kind == IoKind::Discard && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 status_u8(VIRTIO_BLK_S_OK)
             }
             Err(e) => {
-                crate::warn_limited!("backend error on {op:?}: {e}");
+                crate::warn_limited!("backend error on {kind:?}: {e}");
                 status_u8(VIRTIO_BLK_S_IOERR)
             }
         }
     }
 }
 
+impl RequestHandler for BlkContext {
+    type Req = BlkReq;
+
+    fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    fn max_segments(&self) -> usize {
+        // A segment may span two DMA windows.
+        2 * self.limits.max_descs
+    }
+
+    fn max_ranges(&self) -> usize {
+        self.max_dwz_segs as usize
+    }
+
+    fn prepare(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        req: &mut BlkReq,
+        io: &mut IoRequest,
+    ) -> Prepared {
+        if let Err(e) = walk_into(chain, self.queue_size, self.limits, &mut req.chain) {
+            return Prepared::Broken(e.to_string());
+        }
+        let c = &req.chain;
+        match self.plan(mem, c, io) {
+            Ok(Plan::Done { status, used }) => {
+                req.ready_status = status;
+                req.ok_used = used;
+                Prepared::Ready
+            }
+            Ok(Plan::Io { used }) => {
+                req.ok_used = used;
+                req.kind = io.kind;
+                if c.status.is_none() {
+                    crate::warn_limited!("request {} has no status byte; not executed", c.head);
+                    req.ready_status = status_u8(VIRTIO_BLK_S_IOERR);
+                    return Prepared::Ready;
+                }
+                Prepared::Io
+            }
+            Err(e) => {
+                crate::warn_limited!("request {}: {e}", c.head);
+                req.ready_status = e.status();
+                req.ok_used = 1;
+                Prepared::Ready
+            }
+        }
+    }
+
+    fn finish(
+        &self,
+        mem: &GuestMemoryMmap,
+        req: &BlkReq,
+        result: Option<&io::Result<()>>,
+    ) -> Finish {
+        let ok = status_u8(VIRTIO_BLK_S_OK);
+        let status = match result {
+            None => req.ready_status,
+            Some(r) => {
+                let st = self.status_of(req.kind, r);
+                if st != ok && self.on_error == ErrorPolicy::Stop {
+                    // werror=stop: the request is not answered; the queue
+                    // waits for a reset.
+                    return Finish::Stop("backend error with --on-error stop".into());
+                }
+                st
+            }
+        };
+        let Some(addr) = req.chain.status else {
+            return Finish::Used(0);
+        };
+        if !write_status(mem, addr, status) {
+            crate::warn_limited!(
+                "status byte of request {} is outside guest memory",
+                req.chain.head
+            );
+            return Finish::Used(0);
+        }
+        Finish::Used(if status == ok { req.ok_used } else { 1 })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::io::GuestIov;
     use std::sync::atomic::AtomicUsize;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -282,6 +331,7 @@ mod tests {
                 max_descs: 256,
                 size_max: 1 << 20,
             },
+            queue_size: 256,
         }
     }
 
@@ -317,11 +367,9 @@ mod tests {
         for (wt, flushes) in [(true, 1), (false, 0)] {
             let be = Arc::new(Counting::default());
             let ctx = ctx(be.clone(), wt);
-            let Ok(Prepared::Io { op, iov, used }) = ctx.prepare(&mem, &c) else {
-                panic!("a write needs I/O");
-            };
-            assert_eq!(used, 1);
-            ctx.execute(&op, &iov).unwrap();
+            let mut io = IoRequest::default();
+            assert_eq!(ctx.plan(&mem, &c, &mut io), Ok(Plan::Io { used: 1 }));
+            io.execute(&*ctx.backend).unwrap();
             assert_eq!(be.writes.load(Ordering::SeqCst), 1);
             assert_eq!(
                 be.flushes.load(Ordering::SeqCst),
@@ -339,16 +387,16 @@ mod tests {
         let ctx = ctx(Arc::new(Counting::default()), false);
         let e = || Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         assert_eq!(
-            ctx.status_of(&Op::Discard(vec![(0, 512)]), &e()),
+            ctx.status_of(IoKind::Discard, &e()),
             status_u8(VIRTIO_BLK_S_OK)
         );
         assert_eq!(
-            ctx.status_of(&Op::WriteZeroes(vec![(0, 512)], false), &e()),
+            ctx.status_of(IoKind::WriteZeroes, &e()),
             status_u8(VIRTIO_BLK_S_IOERR)
         );
         assert_eq!(
             ctx.status_of(
-                &Op::Discard(vec![(0, 512)]),
+                IoKind::Discard,
                 &Err(io::Error::from_raw_os_error(libc::EIO))
             ),
             status_u8(VIRTIO_BLK_S_IOERR)
@@ -367,13 +415,13 @@ mod tests {
             len: 12,
         }];
         assert_eq!(
-            ctx.prepare(&mem, &c).err(),
+            ctx.plan(&mem, &c, &mut IoRequest::default()).err(),
             Some(RequestError::ShortHeader(12))
         );
         // Data outside guest memory.
         let mut c = write_chain(&mem);
         c.readable[1].addr = 0x20000;
-        let e = ctx.prepare(&mem, &c).err().unwrap();
+        let e = ctx.plan(&mem, &c, &mut IoRequest::default()).err().unwrap();
         assert!(matches!(e, RequestError::OutsideMemory { .. }));
         assert_eq!(e.status(), status_u8(VIRTIO_BLK_S_IOERR));
         // A data buffer that runs off the end of guest memory.
@@ -383,14 +431,14 @@ mod tests {
             len: 1024,
         };
         assert!(matches!(
-            ctx.prepare(&mem, &c),
+            ctx.plan(&mem, &c, &mut IoRequest::default()),
             Err(RequestError::OutsideMemory { .. })
         ));
         // Readable after writable.
         let mut c = write_chain(&mem);
         c.readable_after_writable = true;
         assert_eq!(
-            ctx.prepare(&mem, &c).err(),
+            ctx.plan(&mem, &c, &mut IoRequest::default()).err(),
             Some(RequestError::ReadableAfterWritable)
         );
     }

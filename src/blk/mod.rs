@@ -13,8 +13,8 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::backend::io::Backend;
-use crate::engine::{Activation, Engine, EngineConfig, IoPool};
-use crate::vfio_user::GuestMemoryHandle;
+use crate::engine::{Activation, Active, Engine, Fence};
+use crate::vfio_user::{DmaRange, GuestMemoryHandle};
 use crate::virtio::{QueueConfig, VirtioDevice, VirtioInterrupt};
 pub use config::BlkConfig;
 use exec::{BlkContext, ErrorPolicy};
@@ -40,13 +40,15 @@ pub const MAX_DWZ_SECTORS: u32 = 1 << 22;
 pub const MAX_DWZ_SEGS: u32 = 32;
 
 pub struct BlkDevice {
+    /// For the log.
+    name: String,
     opts: BlkOptions,
     config: BlkConfig,
     backend: Arc<dyn Backend>,
     memory: GuestMemoryHandle,
-    engine_cfg: EngineConfig,
-    pool: IoPool,
-    engine: Option<Engine>,
+    engine: Arc<Engine>,
+    /// The queues while the driver has the device running.
+    active: Option<Active>,
     acked: u32,
     write_through: Arc<AtomicBool>,
 }
@@ -57,21 +59,21 @@ fn bit(b: u32) -> u32 {
 
 impl BlkDevice {
     pub fn new(
+        name: String,
         opts: BlkOptions,
         backend: Arc<dyn Backend>,
         memory: GuestMemoryHandle,
-        engine_cfg: EngineConfig,
-        io_threads: usize,
+        engine: Arc<Engine>,
     ) -> BlkDevice {
         let config = BlkConfig::new(&opts);
         BlkDevice {
+            name,
             opts,
             config,
             backend,
             memory,
-            engine_cfg,
-            pool: IoPool::new(io_threads),
-            engine: None,
+            engine,
+            active: None,
             acked: 0,
             write_through: Arc::new(AtomicBool::new(true)),
         }
@@ -139,8 +141,8 @@ impl VirtioDevice for BlkDevice {
     }
 
     fn activate(&mut self, features: u32, queues: Vec<Option<QueueConfig>>, irq: VirtioInterrupt) {
-        if let Some(e) = self.engine.take() {
-            e.stop();
+        if let Some(a) = self.active.take() {
+            a.stop();
         }
         self.acked = features;
         self.config.set_features(features);
@@ -168,6 +170,7 @@ impl VirtioDevice for BlkDevice {
                     .saturating_add(2),
                 size_max: SIZE_MAX,
             },
+            queue_size: self.opts.queue_size,
         });
         info!(
             "virtio-blk active: write cache {}, event idx {}, indirect {}",
@@ -179,49 +182,53 @@ impl VirtioDevice for BlkDevice {
             features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
             features & bit(VIRTIO_RING_F_INDIRECT_DESC) != 0,
         );
-        self.engine = Some(Engine::start(
-            &self.engine_cfg,
-            Activation {
-                ctx,
-                memory: self.memory.clone(),
-                queues,
-                event_idx: features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
-                irq,
-            },
-            &self.pool,
-        ));
+        self.active = Some(self.engine.activate(Activation {
+            name: self.name.clone(),
+            handler: ctx,
+            memory: self.memory.clone(),
+            queues,
+            event_idx: features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
+            irq,
+        }));
     }
 
     fn notify(&mut self, index: u16) {
-        if let Some(e) = &self.engine {
-            e.notify(index);
+        if let Some(a) = &self.active {
+            a.notify(index);
         }
     }
 
     fn reset(&mut self) {
-        if let Some(e) = self.engine.take() {
-            e.stop();
+        if let Some(a) = self.active.take() {
+            a.stop();
         }
         self.acked = 0;
         self.config = BlkConfig::new(&self.opts);
         self.update_write_through();
     }
 
-    fn quiesce(&mut self) {
-        if let Some(e) = &self.engine {
-            e.quiesce();
+    fn quiesce(&mut self, range: Option<DmaRange>) {
+        let Some(a) = &self.active else { return };
+        match range {
+            Some(r) if r.host_len > 0 => a.fence(Fence {
+                guest: (r.iova, r.iova.saturating_add(r.size)),
+                host: (r.host, r.host.saturating_add(r.host_len)),
+            }),
+            // A window the device could never reach: nothing uses it.
+            Some(_) => {}
+            None => a.pause_all(),
         }
     }
 
     fn resume(&mut self) {
-        if let Some(e) = &self.engine {
-            e.resume();
+        if let Some(a) = &self.active {
+            a.resume();
         }
     }
 
     fn memory_added(&mut self) {
-        if let Some(e) = &self.engine {
-            e.wake_all();
+        if let Some(a) = &self.active {
+            a.wake_all();
         }
     }
 

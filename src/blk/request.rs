@@ -97,7 +97,7 @@ pub struct ChainLimits {
 
 /// A validated chain: its parts, before interpretation. Holds at most
 /// `max_descs` segments, whatever the chain claims.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Chain {
     pub head: u16,
     pub readable: Vec<Seg>,
@@ -124,18 +124,33 @@ where
     M: std::ops::Deref,
     M::Target: GuestMemory,
 {
+    let mut c = Chain::default();
+    walk_into(chain, queue_size, limits, &mut c)?;
+    Ok(c)
+}
+
+/// [`walk`] into a chain that is reused from request to request: once its
+/// vectors have grown to `limits.max_descs`, walking allocates nothing.
+pub fn walk_into<M>(
+    chain: DescriptorChain<M>,
+    queue_size: u16,
+    limits: ChainLimits,
+    c: &mut Chain,
+) -> Result<(), ChainError>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
     let head = chain.head_index();
     if head >= queue_size {
         return Err(ChainError::HeadOutOfRange(head));
     }
-    let mut c = Chain {
-        head,
-        readable: Vec::new(),
-        writable: Vec::new(),
-        status: None,
-        readable_after_writable: false,
-        refused: None,
-    };
+    c.head = head;
+    c.readable.clear();
+    c.writable.clear();
+    c.status = None;
+    c.readable_after_writable = false;
+    c.refused = None;
     let mut last: Option<Descriptor> = None;
     // The last writable descriptor is kept even when the chain is too long
     // to keep, so that the refusal can still be answered in its status byte.
@@ -152,7 +167,7 @@ where
             c.writable.clear();
             c.readable_after_writable = false;
             c.refused = Some(RequestError::IndirectTooLong(queue_size));
-            return Ok(c);
+            return Ok(());
         }
         if d.len() > limits.size_max && c.refused.is_none() {
             c.refused = Some(RequestError::SegmentTooLong {
@@ -197,7 +212,7 @@ where
         c.readable_after_writable = false;
         // Only the status byte is used.
         c.status = last_writable.and_then(|s| s.addr.checked_add(u64::from(s.len) - 1));
-        return Ok(c);
+        return Ok(());
     }
     // Split off the status byte: the last writable byte. A buffer that
     // wraps past the end of the address space has none.
@@ -210,7 +225,7 @@ where
             }
         }
     }
-    Ok(c)
+    Ok(())
 }
 
 /// Total length of segments.
@@ -368,11 +383,14 @@ pub struct DwzSeg {
     pub flags: u32,
 }
 
-pub fn read_dwz_segments(
+/// Calls `f` with each discard / write-zeroes segment that follows the
+/// header, after checking how many there are.
+pub fn for_each_dwz_segment(
     mem: &GuestMemoryMmap,
     c: &Chain,
     max_segs: u32,
-) -> Result<Vec<DwzSeg>, RequestError> {
+    mut f: impl FnMut(DwzSeg) -> Result<(), RequestError>,
+) -> Result<(), RequestError> {
     let len = total_len(&c.readable) - HEADER_SIZE as u64;
     if len == 0 || !len.is_multiple_of(DWZ_SEG_SIZE as u64) {
         return Err(RequestError::BadSegments(format!(
@@ -385,7 +403,6 @@ pub fn read_dwz_segments(
             "{n} segments > {max_segs}"
         )));
     }
-    let mut out = Vec::new();
     for i in 0..n {
         let mut b = [0u8; DWZ_SEG_SIZE];
         gather(
@@ -398,15 +415,15 @@ pub fn read_dwz_segments(
         s.copy_from_slice(&b[0..8]);
         let mut ns = [0u8; 4];
         ns.copy_from_slice(&b[8..12]);
-        let mut f = [0u8; 4];
-        f.copy_from_slice(&b[12..16]);
-        out.push(DwzSeg {
+        let mut fl = [0u8; 4];
+        fl.copy_from_slice(&b[12..16]);
+        f(DwzSeg {
             sector: u64::from_le_bytes(s),
             num_sectors: u32::from_le_bytes(ns),
-            flags: u32::from_le_bytes(f),
-        });
+            flags: u32::from_le_bytes(fl),
+        })?;
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

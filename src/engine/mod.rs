@@ -1,28 +1,47 @@
-//! Threads: the pollers that own the queues, and the I/O pool that runs
-//! backend operations. Knows threads and queues, nothing of the protocol.
+//! The polled engine: a fixed set of reactors (poller threads) for the
+//! whole process, serving the queues of every device, and the backends'
+//! I/O engines (an io_uring per reactor, or the thread pool). Knows
+//! threads, virtqueues, guest memory and completions; what a request means
+//! belongs to the device, which plugs in through [`RequestHandler`].
 //!
-//! Only the poller that owns a queue touches that queue's rings. Backend
-//! work goes to the pool over a channel and comes back to the owning poller,
-//! which alone writes status bytes and used entries and decides whether to
-//! interrupt (once per batch).
+//! A device's queues are handed to the least-loaded reactors when its
+//! driver sets DRIVER_OK ([`Engine::activate`]) and taken back at reset,
+//! unmap or disconnect ([`Active`]), without stopping the reactor or any
+//! other device's queues. Only the reactor that owns a queue touches its
+//! rings: no lock on the hot path.
+//!
+//! Nothing has a timeout that lets stale work through: a pause or a
+//! withdrawal is acknowledged only when the requests it concerns are no
+//! longer in flight. A backend that is stuck therefore holds the caller
+//! (the device's protocol thread) until it returns; the log says so every
+//! few seconds. QEMU stops waiting for a reply after 5 s and reports the
+//! failed access; the device never writes into memory the client took back.
 
-mod poller;
+mod pool;
+mod queue;
+mod reactor;
 
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::thread;
+use std::time::Duration;
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use log::{error, info, warn};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::backend::io::GuestIov;
-use crate::blk::exec::{BlkContext, Op};
+use crate::backend::io::Backend;
+use crate::backend::request::IoRequest;
+use crate::backend::uring::{self, Uring};
 use crate::vfio_user::GuestMemoryHandle;
 use crate::virtio::{QueueConfig, VirtioInterrupt};
+use pool::Pool;
+pub use reactor::Fence;
+use reactor::{Msg, Reactor, ReactorTx, Waker};
 
-/// How pollers wait for work.
+/// How reactors wait for work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PollMode {
     /// Spin on the rings; the driver is told not to ring doorbells.
@@ -34,116 +53,100 @@ pub enum PollMode {
     Interrupt,
 }
 
+/// Where file I/O runs (QEMU's `aio=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoEngine {
+    /// A thread pool that grows with demand.
+    Threads,
+    /// An io_uring per reactor, submitted and reaped in its loop; the
+    /// thread pool takes what io_uring cannot do.
+    IoUring,
+}
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    pub pollers: usize,
-    /// CPUs to pin pollers to, round-robin; empty = no pinning.
+    /// Reactor threads.
+    pub reactors: usize,
+    /// CPUs to pin reactors to, round-robin; empty = no pinning.
     pub cpus: Vec<usize>,
     pub mode: PollMode,
-    /// No poller threads: the queues are served on the thread that
-    /// activates the device or rings a doorbell, until they are idle.
-    /// Deterministic, for fuzzing and tests; not offered on the command line.
+    pub io_engine: IoEngine,
+    /// Most threads of the pool.
+    pub max_io_threads: usize,
+    /// No reactor threads: each activation's queues are served on the
+    /// thread that activates the device or rings a doorbell, until they are
+    /// idle. Deterministic, for fuzzing and tests; not on the command line.
     pub inline: bool,
 }
 
-/// A backend operation for the pool, with what the poller needs back.
-pub(crate) struct Job {
-    pub ctx: Arc<BlkContext>,
-    pub op: Op,
-    pub iov: Vec<GuestIov>,
-    /// Keeps the guest memory the iovecs point into mapped.
-    pub _mem: Arc<GuestMemoryMmap>,
-    pub queue: usize,
-    pub heads: Vec<u16>,
-    pub reply: Sender<Event>,
+/// Entries of each reactor's io_uring.
+const URING_ENTRIES: u32 = 256;
+/// While waiting for a drain, how often to say so.
+const DRAIN_REPORT: Duration = Duration::from_secs(5);
+
+/// What a device does with the requests of its queues.
+pub trait RequestHandler: Send + Sync + 'static {
+    /// Per-request state, allocated once per ring entry and reused.
+    type Req: Default + Send + 'static;
+    fn backend(&self) -> &Arc<dyn Backend>;
+    /// Most iovecs one request can need (capacity reserved up front).
+    fn max_segments(&self) -> usize;
+    /// Most ranges one discard/write-zeroes request can carry.
+    fn max_ranges(&self) -> usize;
+    /// Validates a chain and says what it needs: backend work described in
+    /// `io`, an answer without I/O, or a ring that is unusable.
+    fn prepare(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        req: &mut Self::Req,
+        io: &mut IoRequest,
+    ) -> Prepared;
+    /// Writes the outcome into guest memory (status) and gives the used
+    /// length. `result` is the backend's, or None when `prepare` answered.
+    fn finish(
+        &self,
+        mem: &GuestMemoryMmap,
+        req: &Self::Req,
+        result: Option<&io::Result<()>>,
+    ) -> Finish;
 }
 
-pub(crate) enum Event {
-    /// A doorbell for one of this poller's queues.
-    Kick,
-    /// A backend operation finished.
-    Done {
-        queue: usize,
-        heads: Vec<u16>,
-        status: u8,
-        failed: bool,
-    },
-    /// Stop taking requests; acknowledge once nothing is in flight.
-    Pause(Sender<()>),
-    Resume,
-    /// Finish what is in flight, then exit.
-    Stop,
+pub enum Prepared {
+    /// Submit `io`.
+    Io,
+    /// Answered without backend I/O: finish at once.
+    Ready,
+    /// The ring cannot be used: the queue stops until reset.
+    Broken(String),
 }
 
-/// The I/O worker threads. They live as long as the device.
-pub struct IoPool {
-    tx: Option<Sender<Job>>,
-    threads: Vec<JoinHandle<()>>,
+pub enum Finish {
+    /// Add a used entry of this length.
+    Used(u32),
+    /// Leave the request unanswered and stop the queue (werror=stop).
+    Stop(String),
 }
 
-impl IoPool {
-    pub fn new(n: usize) -> IoPool {
-        let (tx, rx) = unbounded::<Job>();
-        let threads = (0..n.max(1))
-            .map(|i| {
-                let rx: Receiver<Job> = rx.clone();
-                thread::Builder::new()
-                    .name(format!("blk-io-{i}"))
-                    .spawn(move || {
-                        while let Ok(job) = rx.recv() {
-                            let r = job.ctx.execute(&job.op, &job.iov);
-                            let status = job.ctx.status_of(&job.op, &r);
-                            let _ = job.reply.send(Event::Done {
-                                queue: job.queue,
-                                heads: job.heads,
-                                status,
-                                failed: r.is_err(),
-                            });
-                        }
-                    })
-                    .expect("spawn I/O thread")
-            })
-            .collect();
-        IoPool {
-            tx: Some(tx),
-            threads,
-        }
-    }
-
-    pub(crate) fn sender(&self) -> Sender<Job> {
-        self.tx.clone().expect("pool is running")
-    }
+struct ReactorHandle {
+    tx: ReactorTx,
+    load: Arc<AtomicUsize>,
 }
 
-impl Drop for IoPool {
-    fn drop(&mut self) {
-        self.tx = None;
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-struct PollerHandle {
-    tx: Sender<Event>,
-    thread: JoinHandle<()>,
-}
-
-/// Pollers serving one activation of the device (DRIVER_OK until reset).
+/// The reactors and the I/O engines of the process. Shared by every device.
 pub struct Engine {
-    pollers: Vec<PollerHandle>,
-    /// Inline mode: the pollers, run by whoever notifies.
-    inline: Option<parking_lot::Mutex<Vec<poller::Poller>>>,
-    /// queue index -> poller index
-    owner: Vec<Option<usize>>,
+    cfg: EngineConfig,
+    reactors: Vec<ReactorHandle>,
+    pool: Arc<Pool>,
+    use_uring: bool,
+    next_queue: AtomicU64,
 }
-
-/// How long quiesce waits for in-flight requests: inside QEMU's 5 s.
-const QUIESCE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// What a device activation hands the engine.
-pub struct Activation {
-    pub ctx: Arc<BlkContext>,
+pub struct Activation<H: RequestHandler> {
+    /// For the log: the device's name.
+    pub name: String,
+    pub handler: Arc<H>,
     pub memory: GuestMemoryHandle,
     pub queues: Vec<Option<QueueConfig>>,
     pub event_idx: bool,
@@ -151,148 +154,289 @@ pub struct Activation {
 }
 
 impl Engine {
-    /// Starts pollers for the queues the driver set up.
-    pub fn start(cfg: &EngineConfig, a: Activation, pool: &IoPool) -> Engine {
-        let mut owner = vec![None; a.queues.len()];
-        let mut active = Vec::new();
-        for (i, qc) in a.queues.into_iter().enumerate() {
-            let Some(qc) = qc else { continue };
-            match make_queue(&qc, a.event_idx) {
-                Ok(q) => active.push(poller::QueueCtx::new(i, q, qc.vector, a.event_idx)),
-                Err(e) => error!("queue {i}: cannot set up the ring: {e}"),
-            }
-        }
-        // Queues spread round-robin; never more pollers than queues (and
-        // none at all, rather than one spinning on nothing, without queues).
-        let n = cfg.pollers.max(1).min(active.len());
-        let mut per_poller: Vec<Vec<poller::QueueCtx>> = (0..n).map(|_| Vec::new()).collect();
-        for (k, q) in active.into_iter().enumerate() {
-            owner[q.index] = Some(k % n);
-            per_poller[k % n].push(q);
-        }
-        let mut pollers = Vec::new();
-        if cfg.inline {
-            let mut inline = Vec::new();
-            for qs in per_poller {
+    /// Starts the reactors (none in inline mode). io_uring is used when
+    /// asked for and available; otherwise the thread pool, with a log line
+    /// saying why.
+    pub fn start(cfg: EngineConfig) -> io::Result<Arc<Engine>> {
+        let pool = Arc::new(Pool::new(cfg.max_io_threads));
+        let use_uring = cfg.io_engine == IoEngine::IoUring
+            && match uring::available() {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!("io_uring is not available ({e}): file I/O runs on the thread pool");
+                    false
+                }
+            };
+        let mut reactors = Vec::new();
+        if !cfg.inline {
+            for i in 0..cfg.reactors.max(1) {
                 let (tx, rx) = unbounded();
-                let mut p = poller::Poller::new(
-                    qs,
-                    a.ctx.clone(),
-                    a.memory.clone(),
-                    a.irq.clone(),
-                    PollMode::Interrupt,
-                    rx,
+                let waker = Arc::new(Waker::new()?);
+                let me = ReactorTx {
                     tx,
-                    pool.sender(),
+                    waker: waker.clone(),
+                };
+                let uring = if use_uring {
+                    Some(Uring::new(URING_ENTRIES, Some(waker.raw_fd()))?)
+                } else {
+                    None
+                };
+                let load = Arc::new(AtomicUsize::new(0));
+                let r = Reactor::new(
+                    format!("reactor {i}"),
+                    rx,
+                    me.clone(),
+                    uring,
+                    pool.clone(),
+                    cfg.mode,
+                    load.clone(),
                 );
-                p.run_until_idle();
-                inline.push(p);
+                let cpu = (!cfg.cpus.is_empty()).then(|| cfg.cpus[i % cfg.cpus.len()]);
+                thread::Builder::new()
+                    .name(format!("reactor-{i}"))
+                    .spawn(move || {
+                        if let Some(cpu) = cpu {
+                            pin_to_cpu(cpu);
+                        }
+                        r.run();
+                    })?;
+                reactors.push(ReactorHandle { tx: me, load });
             }
-            return Engine {
-                pollers,
-                inline: Some(parking_lot::Mutex::new(inline)),
-                owner,
+            info!(
+                "{} reactor(s) in {:?} mode, file I/O on {}",
+                reactors.len(),
+                cfg.mode,
+                if use_uring {
+                    "io_uring"
+                } else {
+                    "the thread pool"
+                }
+            );
+        }
+        Ok(Arc::new(Engine {
+            cfg,
+            reactors,
+            pool,
+            use_uring,
+            next_queue: AtomicU64::new(1),
+        }))
+    }
+
+    pub fn mode(&self) -> PollMode {
+        self.cfg.mode
+    }
+
+    /// Threads the pool runs now.
+    pub fn io_threads(&self) -> usize {
+        self.pool.workers()
+    }
+
+    /// Hands the queues the driver set up to reactors (each to the least
+    /// loaded one).
+    pub fn activate<H: RequestHandler>(self: &Arc<Self>, a: Activation<H>) -> Active {
+        let mut runners: Vec<(usize, Box<dyn reactor::QueueRunner>)> = Vec::new();
+        for (i, qc) in a.queues.iter().enumerate() {
+            let Some(qc) = qc else { continue };
+            match make_queue(qc, a.event_idx) {
+                Ok(q) => {
+                    let id = self.next_queue.fetch_add(1, Ordering::Relaxed);
+                    runners.push((
+                        i,
+                        Box::new(queue::QueueState::new(
+                            id,
+                            format!("{} queue {i}", a.name),
+                            q,
+                            qc.vector,
+                            a.irq.clone(),
+                            a.handler.clone(),
+                            a.memory.clone(),
+                            a.event_idx,
+                            self.use_uring,
+                        )),
+                    ));
+                }
+                Err(e) => error!("{} queue {i}: cannot set up the ring: {e}", a.name),
+            }
+        }
+        let mut placed = vec![None; a.queues.len()];
+        if self.cfg.inline {
+            let (tx, rx) = unbounded();
+            let me = ReactorTx {
+                tx,
+                waker: Arc::new(Waker::new().expect("eventfd")),
+            };
+            let uring = if self.use_uring {
+                Uring::new(URING_ENTRIES, None).ok()
+            } else {
+                None
+            };
+            let mut r = Reactor::new(
+                a.name.clone(),
+                rx,
+                me.clone(),
+                uring,
+                self.pool.clone(),
+                PollMode::Interrupt,
+                Arc::new(AtomicUsize::new(0)),
+            );
+            for (i, q) in runners {
+                placed[i] = Some(Placed {
+                    reactor: 0,
+                    id: q.id(),
+                });
+                me.send(Msg::Assign(q));
+            }
+            r.run_until_idle();
+            return Active {
+                engine: self.clone(),
+                name: a.name,
+                placed,
+                inline: Some(parking_lot::Mutex::new((r, me))),
             };
         }
-        for (pi, qs) in per_poller.into_iter().enumerate() {
-            let (tx, rx) = unbounded();
-            let cpu = (!cfg.cpus.is_empty()).then(|| cfg.cpus[pi % cfg.cpus.len()]);
-            let p = poller::Poller::new(
-                qs,
-                a.ctx.clone(),
-                a.memory.clone(),
-                a.irq.clone(),
-                cfg.mode,
-                rx,
-                tx.clone(),
-                pool.sender(),
-            );
-            let thread = thread::Builder::new()
-                .name(format!("blk-poller-{pi}"))
-                .spawn(move || {
-                    if let Some(cpu) = cpu {
-                        pin_to_cpu(cpu);
-                    }
-                    p.run();
-                })
-                .expect("spawn poller");
-            pollers.push(PollerHandle { tx, thread });
+        for (i, q) in runners {
+            let r = (0..self.reactors.len())
+                .min_by_key(|&r| self.reactors[r].load.load(Ordering::Relaxed))
+                .unwrap_or(0);
+            self.reactors[r].load.fetch_add(1, Ordering::Relaxed);
+            placed[i] = Some(Placed {
+                reactor: r,
+                id: q.id(),
+            });
+            self.reactors[r].tx.send(Msg::Assign(q));
         }
-        info!("{} poller(s) started in {:?} mode", pollers.len(), cfg.mode);
-        Engine {
-            pollers,
+        info!(
+            "{}: queues on reactors {:?}",
+            a.name,
+            placed
+                .iter()
+                .flatten()
+                .map(|p| p.reactor)
+                .collect::<Vec<_>>()
+        );
+        Active {
+            engine: self.clone(),
+            name: a.name,
+            placed,
             inline: None,
-            owner,
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for r in &self.reactors {
+            r.tx.send(Msg::Shutdown);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Placed {
+    reactor: usize,
+    id: u64,
+}
+
+/// One activation of a device on the engine: its queues, wherever they run.
+pub struct Active {
+    engine: Arc<Engine>,
+    name: String,
+    placed: Vec<Option<Placed>>,
+    inline: Option<parking_lot::Mutex<(Reactor, ReactorTx)>>,
+}
+
+impl Active {
+    fn send(&self, p: Placed, m: Msg) {
+        match &self.inline {
+            Some(r) => r.lock().1.send(m),
+            None => self.engine.reactors[p.reactor].tx.send(m),
         }
     }
 
+    fn run_inline(&self) {
+        if let Some(r) = &self.inline {
+            r.lock().0.run_until_idle();
+        }
+    }
+
+    /// The driver rang queue `queue`'s doorbell.
     pub fn notify(&self, queue: u16) {
-        if let Some(inline) = &self.inline {
-            if let Some(Some(p)) = self.owner.get(usize::from(queue)) {
-                inline.lock()[*p].run_until_idle();
-            }
-            return;
-        }
-        if let Some(Some(p)) = self.owner.get(usize::from(queue)) {
-            let _ = self.pollers[*p].tx.send(Event::Kick);
+        if let Some(Some(p)) = self.placed.get(usize::from(queue)) {
+            self.send(*p, Msg::Kick);
+            self.run_inline();
         }
     }
 
-    /// Wakes every poller to look at its queues again (guest memory grew).
+    /// Every queue looks at its ring again (guest memory grew).
     pub fn wake_all(&self) {
-        if let Some(inline) = &self.inline {
-            inline
-                .lock()
-                .iter_mut()
-                .for_each(poller::Poller::run_until_idle);
+        for p in self.placed.iter().flatten() {
+            self.send(*p, Msg::Kick);
         }
-        for p in &self.pollers {
-            let _ = p.tx.send(Event::Kick);
-        }
+        self.run_inline();
     }
 
-    /// Pauses every poller and waits until nothing is in flight.
-    pub fn quiesce(&self) {
+    /// Sends one message per queue and waits, without a time limit, for
+    /// every acknowledgement.
+    fn each_and_wait(&self, what: &str, mk: impl Fn(u64, Sender<()>) -> Msg) {
         let (ack_tx, ack_rx) = unbounded();
-        for p in &self.pollers {
-            let _ = p.tx.send(Event::Pause(ack_tx.clone()));
+        let mut n = 0;
+        for p in self.placed.iter().flatten() {
+            self.send(*p, mk(p.id, ack_tx.clone()));
+            n += 1;
         }
-        let deadline = Instant::now() + QUIESCE_TIMEOUT;
-        for _ in 0..self.pollers.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if ack_rx.recv_timeout(left).is_err() {
-                warn!("quiesce: requests still in flight after {QUIESCE_TIMEOUT:?}; going on");
-                return;
-            }
-        }
+        self.run_inline();
+        wait_acks(&ack_rx, n, &self.name, what);
+    }
+
+    /// Stops every queue from taking requests and waits until none is in
+    /// flight.
+    pub fn pause_all(&self) {
+        self.each_and_wait("pause", |queue, ack| Msg::Pause {
+            queue,
+            fence: None,
+            ack,
+        });
+    }
+
+    /// `fence` is about to be unmapped: queues whose rings or in-flight
+    /// requests lie in it stop and drain; the others go on, but take no
+    /// request that points into it. Returns once that holds.
+    pub fn fence(&self, fence: Fence) {
+        self.each_and_wait("unmap", |queue, ack| Msg::Pause {
+            queue,
+            fence: Some(fence),
+            ack,
+        });
     }
 
     pub fn resume(&self) {
-        for p in &self.pollers {
-            let _ = p.tx.send(Event::Resume);
+        for p in self.placed.iter().flatten() {
+            self.send(*p, Msg::Resume(p.id));
         }
+        self.run_inline();
     }
 
-    /// Stops the pollers after their in-flight requests finish, waiting at
-    /// most QUIESCE_TIMEOUT so that the reply stays inside QEMU's timeout.
-    /// A poller still waiting for a stuck backend is left to finish on its
-    /// own; it holds its own reference to the guest memory it uses.
+    /// Takes the queues back: nothing more is written to their rings, and
+    /// this returns once nothing is in flight.
     pub fn stop(self) {
-        for p in &self.pollers {
-            let _ = p.tx.send(Event::Stop);
-        }
-        let deadline = Instant::now() + QUIESCE_TIMEOUT;
-        while Instant::now() < deadline && !self.pollers.iter().all(|p| p.thread.is_finished()) {
-            thread::sleep(Duration::from_millis(1));
-        }
-        for p in self.pollers {
-            if !p.thread.is_finished() {
-                error!("a poller still has requests in flight after {QUIESCE_TIMEOUT:?}; not waiting longer");
-                continue;
+        self.each_and_wait("reset", |queue, ack| Msg::Withdraw { queue, ack });
+    }
+}
+
+fn wait_acks(rx: &Receiver<()>, n: usize, name: &str, what: &str) {
+    let mut got = 0;
+    let mut waited = Duration::ZERO;
+    while got < n {
+        match rx.recv_timeout(DRAIN_REPORT) {
+            Ok(()) => got += 1,
+            Err(RecvTimeoutError::Timeout) => {
+                waited += DRAIN_REPORT;
+                warn!(
+                    "{name}: {what} waits for requests still in the backend ({waited:?} so far); \
+                     nothing is answered or unmapped until they return"
+                );
             }
-            if p.thread.join().is_err() {
-                error!("a poller thread panicked");
-            }
+            Err(RecvTimeoutError::Disconnected) => return,
         }
     }
 }
@@ -329,7 +473,7 @@ pub fn usable_cpus() -> std::io::Result<Vec<usize>> {
 fn pin_to_cpu(cpu: usize) {
     if cpu >= CPU_SET_BITS {
         // Options are validated at start; never index past the set.
-        warn!("cannot pin poller to CPU {cpu}: beyond the CPU set");
+        warn!("cannot pin a reactor to CPU {cpu}: beyond the CPU set");
         return;
     }
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
@@ -340,7 +484,7 @@ fn pin_to_cpu(cpu: usize) {
     let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if r != 0 {
         warn!(
-            "cannot pin poller to CPU {cpu}: {}",
+            "cannot pin a reactor to CPU {cpu}: {}",
             std::io::Error::last_os_error()
         );
     }

@@ -18,7 +18,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 
-use crate::vfio_user::{Device, Errno, IrqInfo, IrqSet, RegionInfo};
+use crate::vfio_user::{Device, DmaRange, Errno, IrqInfo, IrqSet, RegionInfo};
 use config::{BarKind, ConfigLayout, ConfigSpace, MsixCap, CONFIG_SIZE};
 pub use irq::Interrupts;
 
@@ -31,8 +31,9 @@ pub trait IoBar: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
     /// Function-level reset: stop all activity, back to power-on state.
     fn reset(&mut self);
-    /// Stop using guest memory and wait for in-flight work.
-    fn quiesce(&mut self);
+    /// Stop using guest memory (`range`, or all of it) and wait for
+    /// in-flight work on it.
+    fn quiesce(&mut self, range: Option<DmaRange>);
     fn resume(&mut self);
     /// The guest changed the bus-master enable bit.
     fn bus_master_changed(&mut self, enabled: bool);
@@ -239,8 +240,8 @@ impl<B: IoBar> Device for PciFunction<B> {
         self.irqs.reset();
     }
 
-    fn quiesce(&mut self) {
-        self.bar0.quiesce();
+    fn quiesce(&mut self, range: Option<DmaRange>) {
+        self.bar0.quiesce(range);
     }
 
     fn resume(&mut self) {

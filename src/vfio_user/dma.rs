@@ -197,6 +197,24 @@ impl DmaTable {
         Ok(())
     }
 
+    /// The window `iova + size` exactly, if there is one, with where it is
+    /// mapped here.
+    pub fn find(&self, iova: u64, size: u64) -> Option<super::DmaRange> {
+        self.windows
+            .iter()
+            .find(|w| w.iova == iova && w.size == size)
+            .map(|w| super::DmaRange {
+                iova,
+                size,
+                host: w.region.as_ref().map_or(0, |r| r.as_ptr() as usize),
+                host_len: if w.region.is_some() {
+                    usize::try_from(w.size).unwrap_or(0)
+                } else {
+                    0
+                },
+            })
+    }
+
     /// Removes one window, or all of them. The caller must have quiesced
     /// every user of guest memory first.
     pub fn unmap(&mut self, iova: u64, size: u64, flags: u32) -> Result<(), DmaError> {

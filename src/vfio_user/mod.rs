@@ -20,6 +20,16 @@ pub use socket::{MemTransport, Transport};
 /// A UNIX errno sent back in an error reply. Never zero.
 pub type Errno = i32;
 
+/// A DMA window about to be unmapped: its guest range, and where it is
+/// mapped in this process (empty when it never was: no descriptor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaRange {
+    pub iova: u64,
+    pub size: u64,
+    pub host: usize,
+    pub host_len: usize,
+}
+
 /// What DEVICE_GET_REGION_INFO reports for one index. A size of 0 means the
 /// region is absent (and is still answered successfully).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,9 +93,9 @@ pub trait Device: Send {
     /// DEVICE_RESET: back to power-on state. DMA windows and IRQ
     /// registrations stay.
     fn reset(&mut self);
-    /// Stop every use of guest memory and wait for in-flight work; the DMA
-    /// table is about to lose a window.
-    fn quiesce(&mut self);
+    /// The DMA table is about to lose `range` (None: every window): stop
+    /// every use of that memory and wait for in-flight work on it.
+    fn quiesce(&mut self, range: Option<DmaRange>);
     /// Guest memory may be used again.
     fn resume(&mut self);
     /// A DMA window was added: whatever waits for guest memory to appear

@@ -13,10 +13,10 @@ use std::thread;
 
 use log::{debug, error, info, warn};
 use vfio_bindings::bindings::vfio::{
-    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_MASK,
-    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_ACTION_UNMASK,
-    VFIO_IRQ_SET_DATA_BOOL, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
-    VFIO_IRQ_SET_DATA_TYPE_MASK,
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_DMA_UNMAP_FLAG_ALL,
+    VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK,
+    VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_BOOL, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_IRQ_SET_DATA_TYPE_MASK,
 };
 
 use super::dma::{DmaTable, GuestMemoryHandle, DMA_PAGE_SIZE};
@@ -200,7 +200,7 @@ impl<D: Device> Server<D> {
                 }
             }
         }
-        self.device.quiesce();
+        self.device.quiesce(None);
         self.dma.clear();
         self.device.disconnect();
         self.device.resume();
@@ -364,7 +364,14 @@ impl<D: Device> Server<D> {
                 need(p, DMA_UNMAP_SIZE)?;
                 let (flags, iova, size) = (u32_at(p, 4), u64_at(p, 8), u64_at(p, 16));
                 debug!("DMA_UNMAP {iova:#x}+{size:#x} flags {flags:#x}");
-                self.device.quiesce();
+                // Only what uses this window stops (all of them for
+                // unmap-all, or a request the table will refuse anyway).
+                let range = if flags & VFIO_DMA_UNMAP_FLAG_ALL != 0 {
+                    None
+                } else {
+                    self.dma.find(iova, size)
+                };
+                self.device.quiesce(range);
                 let r = self.dma.unmap(iova, size, flags);
                 self.device.resume();
                 r.map_err(|e| Reject {

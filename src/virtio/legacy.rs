@@ -22,6 +22,7 @@ const _: () = assert!(VIRTIO_CONFIG_S_DRIVER_OK < 256 && VIRTIO_CONFIG_S_FAILED 
 
 use super::{QueueConfig, VirtioDevice, VirtioInterrupt, NO_VECTOR};
 use crate::pci::{Interrupts, IoBar};
+use crate::vfio_user::DmaRange;
 
 pub const HOST_FEATURES: u64 = 0;
 pub const GUEST_FEATURES: u64 = 4;
@@ -325,8 +326,8 @@ impl<D: VirtioDevice> IoBar for LegacyTransport<D> {
         self.reset_registers();
     }
 
-    fn quiesce(&mut self) {
-        self.dev.quiesce();
+    fn quiesce(&mut self, range: Option<DmaRange>) {
+        self.dev.quiesce(range);
     }
 
     fn resume(&mut self) {
@@ -393,7 +394,7 @@ mod tests {
         fn reset(&mut self) {
             *self.resets.lock().unwrap() += 1;
         }
-        fn quiesce(&mut self) {}
+        fn quiesce(&mut self, _range: Option<DmaRange>) {}
         fn resume(&mut self) {}
         fn memory_added(&mut self) {}
         fn features_written(&mut self, _features: u32) {}

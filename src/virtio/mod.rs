@@ -81,8 +81,9 @@ pub trait VirtioDevice: Send {
     fn notify(&mut self, index: u16);
     /// Stop serving, wait for in-flight requests, forget the queues.
     fn reset(&mut self);
-    /// Pause all guest-memory access and wait for in-flight requests.
-    fn quiesce(&mut self);
+    /// Pause guest-memory access to `range` (None: all of it) and wait for
+    /// in-flight requests that use it.
+    fn quiesce(&mut self, range: Option<crate::vfio_user::DmaRange>);
     fn resume(&mut self);
     /// Guest memory grew: queues waiting for their rings look again.
     fn memory_added(&mut self);

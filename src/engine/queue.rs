@@ -1,0 +1,457 @@
+//! One queue of one device on a reactor: its split ring, a request slot per
+//! ring entry (allocated once, reused: no allocation per request), what is
+//! in flight, and the request lifecycle: popped -> prepared by the device's
+//! [`RequestHandler`] -> submitted (inline, page cache, io_uring or thread
+//! pool) -> finished by the handler (status) -> used entry -> one interrupt
+//! decision per pass.
+//!
+//! Only the reactor that owns the queue touches it. A queue belongs to one
+//! activation of its device: once withdrawn (reset, disconnect), late
+//! completions write nothing, and the reactor acknowledges the withdrawal
+//! only when nothing is in flight, so no request outlives the memory it
+//! points into.
+
+use std::io;
+use std::sync::Arc;
+
+use log::info;
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::pool::{Done, Job};
+use super::reactor::{Cx, Fence, QueueRunner};
+use super::{Finish, Prepared, RequestHandler};
+use crate::backend::io::{Backend, UringTarget};
+use crate::backend::request::{IoKind, IoRequest};
+use crate::backend::uring::Uring;
+use crate::vfio_user::GuestMemoryHandle;
+use crate::virtio::VirtioInterrupt;
+
+/// Where a request's backend work is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum At {
+    Free,
+    /// Popped and being prepared or completed on the reactor.
+    Reactor,
+    Uring,
+    Pool,
+}
+
+struct Slot<R> {
+    at: At,
+    req: R,
+    io: IoRequest,
+    /// The guest memory the request was popped from: keeps its windows
+    /// mapped while the backend works on them.
+    mem: Option<Arc<GuestMemoryMmap>>,
+}
+
+pub(crate) struct QueueState<H: RequestHandler> {
+    id: u64,
+    /// Device name and queue index, for the log.
+    name: String,
+    queue: Queue,
+    vector: u16,
+    irq: VirtioInterrupt,
+    handler: Arc<H>,
+    memory: GuestMemoryHandle,
+    backend: Arc<dyn Backend>,
+    inline: bool,
+    uring_target: Option<UringTarget>,
+    slots: Vec<Slot<H::Req>>,
+    in_flight: usize,
+    broken: Option<String>,
+    added: bool,
+    waiting_for_memory: bool,
+    event_idx: bool,
+    paused: bool,
+    fence: Option<Fence>,
+    withdrawn: bool,
+}
+
+impl<H: RequestHandler> QueueState<H> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        name: String,
+        queue: Queue,
+        vector: u16,
+        irq: VirtioInterrupt,
+        handler: Arc<H>,
+        memory: GuestMemoryHandle,
+        event_idx: bool,
+        use_uring: bool,
+    ) -> QueueState<H> {
+        let backend = handler.backend().clone();
+        let size = usize::from(queue.size());
+        let slots = (0..size)
+            .map(|_| Slot {
+                at: At::Free,
+                req: H::Req::default(),
+                io: IoRequest {
+                    iov: Vec::with_capacity(handler.max_segments()),
+                    ranges: Vec::with_capacity(handler.max_ranges()),
+                    ..IoRequest::default()
+                },
+                mem: None,
+            })
+            .collect();
+        QueueState {
+            id,
+            name,
+            queue,
+            vector,
+            irq,
+            inline: backend.inline(),
+            uring_target: if use_uring {
+                backend.uring_target()
+            } else {
+                None
+            },
+            backend,
+            handler,
+            memory,
+            slots,
+            in_flight: 0,
+            broken: None,
+            added: false,
+            waiting_for_memory: false,
+            event_idx,
+            paused: false,
+            fence: None,
+            withdrawn: false,
+        }
+    }
+
+    fn break_queue(&mut self, why: &str) {
+        if self.broken.is_none() {
+            crate::error_limited!(
+                "{} is broken and stops until the driver resets the device: {why}",
+                self.name
+            );
+            self.broken = Some(why.to_string());
+        }
+    }
+
+    /// Whether the whole split ring lies in guest memory. Unlike
+    /// `Queue::is_valid` it does not log: it runs on every pass while a
+    /// queue waits for its memory.
+    fn ring_mapped(&self, mem: &GuestMemoryMmap) -> bool {
+        let q = &self.queue;
+        let n = u64::from(q.size());
+        let ok = |addr: u64, len: u64| {
+            usize::try_from(len)
+                .is_ok_and(|len| GuestMemoryBackend::check_range(mem, GuestAddress(addr), len))
+        };
+        ok(q.desc_table(), 16 * n) && ok(q.avail_ring(), 6 + 2 * n) && ok(q.used_ring(), 6 + 8 * n)
+    }
+
+    fn ring_in(&self, f: &Fence) -> bool {
+        let q = &self.queue;
+        let n = u64::from(q.size());
+        f.covers_guest(q.desc_table(), 16 * n)
+            || f.covers_guest(q.avail_ring(), 6 + 2 * n)
+            || f.covers_guest(q.used_ring(), 6 + 8 * n)
+    }
+
+    fn touches(io: &IoRequest, f: &Fence) -> bool {
+        io.iov.iter().any(|v| f.covers_host(v.addr(), v.len()))
+    }
+
+    /// Finishes the request in `slot`: the handler writes its status, we
+    /// add the used entry. `result` None: answered without backend I/O.
+    fn finish(&mut self, slot: u16, result: Option<io::Result<()>>) {
+        let s = &mut self.slots[usize::from(slot)];
+        if s.at == At::Free {
+            return;
+        }
+        s.at = At::Free;
+        self.in_flight -= 1;
+        let Some(mem) = s.mem.take() else { return };
+        if self.withdrawn || self.broken.is_some() {
+            // The activation is over (or the ring is unusable): nothing is
+            // written for it any more.
+            return;
+        }
+        match self.handler.finish(&mem, &s.req, result.as_ref()) {
+            Finish::Used(len) => {
+                if let Err(e) = self.queue.add_used(&*mem, slot, len) {
+                    self.break_queue(&format!("used ring: {e}"));
+                    return;
+                }
+                self.added = true;
+            }
+            Finish::Stop(why) => self.break_queue(&why),
+        }
+    }
+
+    fn send_to_pool(&mut self, slot: u16, cx: &mut Cx) {
+        let s = &mut self.slots[usize::from(slot)];
+        let Some(mem) = s.mem.clone() else { return };
+        s.at = At::Pool;
+        cx.pool.submit(Job {
+            io: std::mem::take(&mut s.io),
+            backend: self.backend.clone(),
+            mem,
+            queue: self.id,
+            slot,
+            reply: cx.me.clone(),
+        });
+    }
+
+    fn submit(&mut self, slot: u16, cx: &mut Cx) {
+        let s = &mut self.slots[usize::from(slot)];
+        if self.inline {
+            let r = s.io.execute(&*self.backend);
+            self.finish(slot, Some(r));
+            return;
+        }
+        if let Some(r) = s.io.try_nowait(&*self.backend) {
+            self.finish(slot, Some(r));
+            return;
+        }
+        if let (Some(t), Some(u)) = (self.uring_target, cx.uring.as_deref_mut()) {
+            if Uring::accepts(&t, &s.io) {
+                if !u.has_room() {
+                    let _ = u.submit();
+                }
+                let user_data = (self.id << 16) | u64::from(slot);
+                // SAFETY: the request stays in its slot, untouched, until
+                // its completion is reaped (`at` is Uring until then), and
+                // the slot holds the guest-memory snapshot its iovecs
+                // point into.
+                if unsafe { u.push(&t, &s.io, user_data) } {
+                    s.at = At::Uring;
+                    return;
+                }
+            }
+        }
+        self.send_to_pool(slot, cx);
+    }
+}
+
+impl<H: RequestHandler> QueueRunner for QueueState<H> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn poll(&mut self, cx: &mut Cx) -> bool {
+        if self.broken.is_some() || self.paused || self.withdrawn {
+            return false;
+        }
+        let mem = self.memory.memory().into_inner();
+        // The whole ring must be in guest memory before anything is read
+        // from it. A ring outside it is not a broken queue: during
+        // firmware, QEMU unmaps and remaps windows and the ring comes back.
+        if !self.ring_mapped(&mem) {
+            if !self.waiting_for_memory {
+                info!(
+                    "{}: ring is not inside guest memory; waiting until it is mapped",
+                    self.name
+                );
+                self.waiting_for_memory = true;
+            }
+            return false;
+        }
+        if self.waiting_for_memory {
+            info!("{}: ring is inside guest memory again", self.name);
+            self.waiting_for_memory = false;
+        }
+        if let Some(f) = self.fence {
+            if self.ring_in(&f) {
+                self.paused = true;
+                return false;
+            }
+        }
+        let size = self.queue.size();
+        let mut work = false;
+        for _ in 0..size {
+            let chain = match self.queue.iter(&*mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    self.break_queue(&format!("available ring: {e}"));
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            work = true;
+            let head = chain.head_index();
+            let Some(s) = self.slots.get_mut(usize::from(head)) else {
+                self.break_queue(&format!("head index {head} is out of range"));
+                break;
+            };
+            if s.at != At::Free {
+                self.break_queue(&format!("head {head} reused while in flight"));
+                break;
+            }
+            s.at = At::Reactor;
+            s.mem = Some(mem.clone());
+            self.in_flight += 1;
+            match self.handler.prepare(&mem, chain, &mut s.req, &mut s.io) {
+                Prepared::Broken(why) => {
+                    s.at = At::Free;
+                    s.mem = None;
+                    self.in_flight -= 1;
+                    self.break_queue(&why);
+                    break;
+                }
+                Prepared::Ready => self.finish(head, None),
+                Prepared::Io => {
+                    if self.fence.is_some_and(|f| Self::touches(&s.io, &f)) {
+                        // The request points into memory that is being
+                        // taken away: put it back and wait for the map to
+                        // change; it is looked at again after resume.
+                        s.at = At::Free;
+                        s.mem = None;
+                        self.in_flight -= 1;
+                        let next = self.queue.next_avail().wrapping_sub(1);
+                        self.queue.set_next_avail(next);
+                        self.paused = true;
+                        break;
+                    }
+                    self.submit(head, cx);
+                }
+            }
+        }
+        work
+    }
+
+    fn uring_done(&mut self, slot: u16, res: i32, cx: &mut Cx) {
+        let Some(s) = self.slots.get_mut(usize::from(slot)) else {
+            return;
+        };
+        if s.at != At::Uring {
+            return;
+        }
+        s.at = At::Reactor;
+        let want = match s.io.kind {
+            IoKind::Read | IoKind::Write => Some(s.io.len()),
+            _ => None,
+        };
+        let result = if res < 0 {
+            let errno = -res;
+            match (errno, s.io.kind) {
+                // Not done: let a thread do it the long way (write zeros,
+                // or simply retry).
+                (libc::EOPNOTSUPP, IoKind::WriteZeroes) | (libc::EAGAIN | libc::EINTR, _) => {
+                    self.send_to_pool(slot, cx);
+                    return;
+                }
+                _ => Err(io::Error::from_raw_os_error(errno)),
+            }
+        } else if want.is_some_and(|w| usize::try_from(res).ok() != Some(w)) {
+            // A short transfer is redone whole by a thread, which reports
+            // a real end of file as an error.
+            self.send_to_pool(slot, cx);
+            return;
+        } else {
+            Ok(())
+        };
+        self.finish(slot, Some(result));
+    }
+
+    fn pool_done(&mut self, d: Done, _cx: &mut Cx) {
+        let Some(s) = self.slots.get_mut(usize::from(d.slot)) else {
+            return;
+        };
+        if s.at != At::Pool {
+            return;
+        }
+        s.io = d.io;
+        s.at = At::Reactor;
+        self.finish(d.slot, Some(d.result));
+    }
+
+    fn signal(&mut self) {
+        if !self.added {
+            return;
+        }
+        self.added = false;
+        if self.broken.is_some() || self.withdrawn {
+            return;
+        }
+        let mem = self.memory.memory();
+        // virtio-queue does not look at the driver's NO_INTERRUPT flag (it
+        // only applies without EVENT_IDX): we do.
+        if !self.event_idx && driver_suppresses_interrupts(&self.queue, &mem) {
+            return;
+        }
+        match self.queue.needs_notification(&*mem) {
+            Ok(true) => self.irq.signal_queue(self.vector),
+            Ok(false) => {}
+            Err(e) => self.break_queue(&format!("reading the used-event index: {e}")),
+        }
+    }
+
+    fn set_notifications(&mut self, enable: bool) -> bool {
+        if self.broken.is_some() || self.withdrawn {
+            return false;
+        }
+        let mem = self.memory.memory();
+        if !self.ring_mapped(&mem) {
+            return false;
+        }
+        let r = if enable {
+            self.queue.enable_notification(&*mem)
+        } else {
+            self.queue.disable_notification(&*mem).map(|()| false)
+        };
+        match r {
+            // A paused queue takes nothing: what waits is not work.
+            Ok(w) => w && !self.paused,
+            Err(e) => {
+                self.break_queue(&format!("cannot update notification state: {e}"));
+                false
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn pause(&mut self, fence: Option<Fence>) {
+        match fence {
+            None => self.paused = true,
+            Some(f) => {
+                // Affected now: the ring, or a request in flight, lies in
+                // the range. Otherwise the queue goes on, and stops only if
+                // it pops a request that points into the range.
+                let busy = self.slots.iter().any(|s| match s.at {
+                    At::Free => false,
+                    // Its buffers travelled with it: assume the worst.
+                    At::Pool => true,
+                    At::Uring | At::Reactor => Self::touches(&s.io, &f),
+                });
+                if busy || self.ring_in(&f) {
+                    self.paused = true;
+                }
+                self.fence = Some(f);
+            }
+        }
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+        self.fence = None;
+    }
+
+    fn withdraw(&mut self) {
+        self.withdrawn = true;
+    }
+
+    fn quiet(&self) -> bool {
+        !self.paused || self.in_flight == 0
+    }
+
+    fn live(&self) -> bool {
+        self.broken.is_none() && !self.paused && !self.withdrawn
+    }
+}
+
+/// The driver set VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags.
+fn driver_suppresses_interrupts(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    mem.read_obj::<u16>(GuestAddress(q.avail_ring()))
+        .is_ok_and(|f| u32::from(u16::from_le(f)) & VRING_AVAIL_F_NO_INTERRUPT != 0)
+}

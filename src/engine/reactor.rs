@@ -1,0 +1,406 @@
+//! A reactor: one thread that serves every queue assigned to it, from any
+//! number of devices. Each pass it takes its messages (assignments,
+//! doorbells, pauses, completions from the thread pool), reaps its
+//! io_uring, polls its queues (pop, validate, submit), submits the io_uring
+//! batch, makes one interrupt decision per queue, and acknowledges pauses
+//! and withdrawals whose queues have nothing in flight. With no queue it
+//! sleeps; in busy mode it spins while it has queues; in adaptive and
+//! interrupt mode it sleeps on an eventfd that doorbells, the pool and the
+//! io_uring all signal.
+
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::warn;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::pool::{Done, Pool};
+use super::PollMode;
+use crate::backend::uring::Uring;
+
+/// In adaptive mode, how long to keep spinning after the last work.
+const ADAPTIVE_SPIN: Duration = Duration::from_micros(200);
+
+/// Wakes a reactor that sleeps.
+pub(crate) struct Waker {
+    fd: EventFd,
+    sleeping: AtomicBool,
+}
+
+impl Waker {
+    pub fn new() -> std::io::Result<Waker> {
+        Ok(Waker {
+            fd: EventFd::new(0)?,
+            sleeping: AtomicBool::new(false),
+        })
+    }
+
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+
+    /// Called after a message was sent.
+    pub fn wake(&self) {
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            let _ = self.fd.write(1);
+        }
+    }
+}
+
+/// A sender to one reactor that also wakes it.
+#[derive(Clone)]
+pub(crate) struct ReactorTx {
+    pub tx: Sender<Msg>,
+    pub waker: Arc<Waker>,
+}
+
+impl ReactorTx {
+    pub fn send(&self, m: Msg) {
+        // A reactor that is gone has nothing left to tell.
+        let _ = self.tx.send(m);
+        self.waker.wake();
+    }
+}
+
+/// A guest range that is about to be unmapped, and where its window is
+/// mapped in this process.
+#[derive(Clone, Copy, Debug)]
+pub struct Fence {
+    pub guest: (u64, u64),
+    pub host: (usize, usize),
+}
+
+impl Fence {
+    pub fn covers_guest(&self, addr: u64, len: u64) -> bool {
+        addr < self.guest.1 && self.guest.0 < addr.saturating_add(len)
+    }
+    pub fn covers_host(&self, addr: usize, len: usize) -> bool {
+        addr < self.host.1 && self.host.0 < addr.saturating_add(len)
+    }
+}
+
+pub(crate) enum Msg {
+    Assign(Box<dyn QueueRunner>),
+    Kick,
+    /// Stop taking requests on a queue (all of them, or those that touch
+    /// the fence) and acknowledge once what is affected has drained.
+    Pause {
+        queue: u64,
+        fence: Option<Fence>,
+        ack: Sender<()>,
+    },
+    Resume(u64),
+    /// Take the queue away: nothing more is written to its rings; the
+    /// acknowledgement comes once nothing is in flight.
+    Withdraw {
+        queue: u64,
+        ack: Sender<()>,
+    },
+    PoolDone(Done),
+    /// The engine is gone: leave once no queue is left.
+    Shutdown,
+}
+
+/// What a queue needs from its reactor while it runs.
+pub(crate) struct Cx<'a> {
+    pub uring: Option<&'a mut Uring>,
+    pub pool: &'a Pool,
+    pub me: &'a ReactorTx,
+}
+
+/// One queue as a reactor sees it, whatever the device behind it.
+pub(crate) trait QueueRunner: Send {
+    fn id(&self) -> u64;
+    /// Pops, validates and submits what the ring holds; true if any
+    /// request was taken.
+    fn poll(&mut self, cx: &mut Cx) -> bool;
+    /// An io_uring completion for `slot`.
+    fn uring_done(&mut self, slot: u16, res: i32, cx: &mut Cx);
+    fn pool_done(&mut self, d: Done, cx: &mut Cx);
+    /// One interrupt decision for what completed since the last one.
+    fn signal(&mut self);
+    /// Turns doorbells on (true: requests already wait) or off.
+    fn set_notifications(&mut self, enable: bool) -> bool;
+    fn in_flight(&self) -> usize;
+    fn pause(&mut self, fence: Option<Fence>);
+    fn resume(&mut self);
+    fn withdraw(&mut self);
+    /// A pause is honoured: what it affects has nothing in flight.
+    fn quiet(&self) -> bool;
+    /// Takes requests (not paused, withdrawn or broken).
+    fn live(&self) -> bool;
+}
+
+pub(crate) struct Reactor {
+    pub name: String,
+    rx: Receiver<Msg>,
+    me: ReactorTx,
+    queues: Vec<Box<dyn QueueRunner>>,
+    uring: Option<Uring>,
+    pool: Arc<Pool>,
+    mode: PollMode,
+    pause_acks: Vec<(u64, Sender<()>)>,
+    withdraw_acks: Vec<(u64, Sender<()>)>,
+    /// Queues assigned to this reactor (for placement).
+    pub load: Arc<AtomicUsize>,
+    completions: Vec<(u64, i32)>,
+    shutdown: bool,
+}
+
+impl Reactor {
+    pub fn new(
+        name: String,
+        rx: Receiver<Msg>,
+        me: ReactorTx,
+        uring: Option<Uring>,
+        pool: Arc<Pool>,
+        mode: PollMode,
+        load: Arc<AtomicUsize>,
+    ) -> Reactor {
+        Reactor {
+            name,
+            rx,
+            me,
+            queues: Vec::new(),
+            uring,
+            pool,
+            mode,
+            pause_acks: Vec::new(),
+            withdraw_acks: Vec::new(),
+            load,
+            completions: Vec::with_capacity(256),
+            shutdown: false,
+        }
+    }
+
+    fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Assign(mut q) => {
+                q.set_notifications(self.mode != PollMode::Busy);
+                self.queues.push(q);
+            }
+            Msg::Kick => {}
+            Msg::Shutdown => self.shutdown = true,
+            Msg::Pause { queue, fence, ack } => match self.find(queue) {
+                Some(i) => {
+                    self.queues[i].pause(fence);
+                    self.pause_acks.push((queue, ack));
+                }
+                None => {
+                    let _ = ack.send(());
+                }
+            },
+            Msg::Resume(queue) => {
+                if let Some(i) = self.find(queue) {
+                    self.queues[i].resume();
+                }
+            }
+            Msg::Withdraw { queue, ack } => match self.find(queue) {
+                Some(i) => {
+                    self.queues[i].withdraw();
+                    self.withdraw_acks.push((queue, ack));
+                }
+                None => {
+                    let _ = ack.send(());
+                }
+            },
+            Msg::PoolDone(d) => {
+                if let Some(i) = self.find(d.queue) {
+                    let mut cx = Cx {
+                        uring: self.uring.as_mut(),
+                        pool: &self.pool,
+                        me: &self.me,
+                    };
+                    self.queues[i].pool_done(d, &mut cx);
+                }
+            }
+        }
+    }
+
+    fn find(&self, id: u64) -> Option<usize> {
+        self.queues.iter().position(|q| q.id() == id)
+    }
+
+    /// One pass; true if any request was taken from a ring.
+    fn pass(&mut self) -> bool {
+        while let Ok(m) = self.rx.try_recv() {
+            self.handle(m);
+        }
+        if let Some(u) = self.uring.as_mut() {
+            let done = &mut self.completions;
+            u.reap(|ud, res| done.push((ud, res)));
+        }
+        for k in 0..self.completions.len() {
+            let (ud, res) = self.completions[k];
+            let (queue, slot) = (ud >> 16, (ud & 0xffff) as u16);
+            if let Some(i) = self.find(queue) {
+                let mut cx = Cx {
+                    uring: self.uring.as_mut(),
+                    pool: &self.pool,
+                    me: &self.me,
+                };
+                self.queues[i].uring_done(slot, res, &mut cx);
+            }
+        }
+        self.completions.clear();
+        let mut work = false;
+        for q in self.queues.iter_mut() {
+            let mut cx = Cx {
+                uring: self.uring.as_mut(),
+                pool: &self.pool,
+                me: &self.me,
+            };
+            work |= q.poll(&mut cx);
+        }
+        if let Some(u) = self.uring.as_mut() {
+            if let Err(e) = u.submit() {
+                crate::error_limited!("{}: io_uring submit failed: {e}", self.name);
+            }
+        }
+        for q in self.queues.iter_mut() {
+            q.signal();
+        }
+        let faults = crate::memory::take_faults();
+        if faults > 0 {
+            crate::error_limited!(
+                "{faults} guest page(s) vanished under the device: the client cut its \
+                 guest-memory file short; those pages now read as zeros"
+            );
+        }
+        self.acknowledge();
+        work
+    }
+
+    /// Acknowledgements come after the interrupt decision of the pass, so
+    /// that whoever waits for one may change memory at once.
+    fn acknowledge(&mut self) {
+        let queues = &self.queues;
+        let quiet = |id: u64| {
+            queues
+                .iter()
+                .find(|q| q.id() == id)
+                .is_none_or(|q| q.quiet())
+        };
+        self.pause_acks.retain(|(id, ack)| {
+            if quiet(*id) {
+                let _ = ack.send(());
+                false
+            } else {
+                true
+            }
+        });
+        let mut gone = Vec::new();
+        self.withdraw_acks.retain(|(id, ack)| {
+            let drained = queues
+                .iter()
+                .find(|q| q.id() == *id)
+                .is_none_or(|q| q.in_flight() == 0);
+            if drained {
+                gone.push(*id);
+                let _ = ack.send(());
+                false
+            } else {
+                true
+            }
+        });
+        if !gone.is_empty() {
+            self.queues.retain(|q| !gone.contains(&q.id()));
+            self.load.fetch_sub(gone.len(), Ordering::Relaxed);
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queues.iter().map(|q| q.in_flight()).sum()
+    }
+
+    /// Sleeps until a message, a pool completion or an io_uring completion
+    /// arrives.
+    fn sleep(&mut self) {
+        let waker = self.me.waker.clone();
+        waker.sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let cq_ready = self.uring.as_mut().is_some_and(Uring::has_completions);
+        if self.rx.is_empty() && !cq_ready {
+            let _ = waker.fd.read();
+        }
+        waker.sleeping.store(false, Ordering::SeqCst);
+    }
+
+    /// The reactor thread.
+    pub fn run(mut self) {
+        let mut last_work = Instant::now();
+        loop {
+            let work = self.pass();
+            if self.shutdown && self.queues.is_empty() {
+                return;
+            }
+            if work {
+                last_work = Instant::now();
+                continue;
+            }
+            let live = self.queues.iter().any(|q| q.live());
+            let busy_wait = match self.mode {
+                PollMode::Busy => live || self.in_flight() > 0,
+                PollMode::Adaptive => last_work.elapsed() < ADAPTIVE_SPIN,
+                PollMode::Interrupt => false,
+            };
+            if busy_wait {
+                std::hint::spin_loop();
+                continue;
+            }
+            if self.mode != PollMode::Busy {
+                // Ask for doorbells, then look once more: a request that
+                // arrived before notifications were on would otherwise
+                // wait for the next one.
+                let mut waiting = false;
+                for q in self.queues.iter_mut() {
+                    waiting |= q.set_notifications(true);
+                }
+                if waiting {
+                    continue;
+                }
+            }
+            self.sleep();
+            if self.mode == PollMode::Adaptive {
+                for q in self.queues.iter_mut() {
+                    q.set_notifications(false);
+                }
+            }
+            last_work = Instant::now();
+        }
+    }
+
+    /// Serves on the calling thread until nothing is available and nothing
+    /// is in flight (the engine's inline mode).
+    pub fn run_until_idle(&mut self) {
+        loop {
+            let work = self.pass();
+            for q in self.queues.iter_mut() {
+                q.set_notifications(true);
+            }
+            if work {
+                continue;
+            }
+            if self.in_flight() == 0 && self.pause_acks.is_empty() && self.withdraw_acks.is_empty()
+            {
+                return;
+            }
+            match self.uring.as_mut() {
+                Some(u) if u.in_flight() > 0 => {
+                    if let Err(e) = u.wait() {
+                        warn!("{}: io_uring wait failed: {e}", self.name);
+                    }
+                }
+                _ => {
+                    if let Ok(m) = self.rx.recv_timeout(Duration::from_millis(100)) {
+                        self.handle(m);
+                    }
+                }
+            }
+        }
+    }
+}
