@@ -8,6 +8,7 @@ pub mod backend;
 pub mod bench;
 pub mod blk;
 pub mod cli;
+pub mod driver_ring;
 pub mod engine;
 pub mod guest;
 pub mod memory;

@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::guest::ring::{Buf, SplitRing};
+use crate::driver_ring::{Buf, SplitRing};
 use crate::guest::{GuestRam, Transport};
 
 /// What a request does.

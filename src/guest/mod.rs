@@ -5,7 +5,6 @@
 //! rust-vmm's `vhost` frontend), so both are driven by the same ring code,
 //! from the same memfd guest memory.
 
-pub mod ring;
 pub mod vfio;
 pub mod vhost;
 

@@ -13,8 +13,8 @@ use vfio_bindings::bindings::vfio::{
 use vfio_user::Client;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::ring::SplitRing;
 use super::{GuestRam, Transport};
+use crate::driver_ring::SplitRing;
 use crate::virtio::legacy::{self, legacy_ring_layout};
 
 pub struct VfioUserBlk {

@@ -11,8 +11,8 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::ring::SplitRing;
 use super::{GuestRam, Transport};
+use crate::driver_ring::SplitRing;
 use crate::virtio::legacy::legacy_ring_layout;
 
 pub struct VhostUserBlk {
