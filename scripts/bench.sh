@@ -4,6 +4,9 @@
 # interleaved, medians of --repeat runs. Writes bench/results.json,
 # bench/results.txt and bench/iops.svg.
 #
+# The benchmark is its own crate (bench/) in the workspace; it starts the
+# server binary found next to its own, so both are built.
+#
 #   scripts/bench.sh [extra vfio-user-blk-bench options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +15,7 @@ if ! command -v qemu-storage-daemon >/dev/null 2>&1; then
     echo "bench: installing qemu-utils (qemu-storage-daemon)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-utils >/dev/null
 fi
-cargo build --release -q
+cargo build --release --workspace -q
 mkdir -p bench
 ./target/release/vfio-user-blk-bench \
     --image bench/bench.img --size 1G --seconds 2 --repeat 3 \

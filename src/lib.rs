@@ -5,11 +5,10 @@
 //! (virtio-blk), `backend` (blocks and bytes), `cli` (wiring).
 
 pub mod backend;
-pub mod bench;
 pub mod blk;
 pub mod cli;
+pub mod driver_ring;
 pub mod engine;
-pub mod guest;
 pub mod memory;
 pub mod pci;
 pub mod util;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use vfio_bindings::bindings::vfio::*;
 use vfio_user::Client;
-use vfio_user_blk::guest::ring::{Buf, SplitRing};
+use vfio_user_blk::driver_ring::{Buf, SplitRing};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -39,7 +39,7 @@ pub const F_INDIRECT: u32 = 1 << 28;
 pub const F_EVENT_IDX: u32 = 1 << 29;
 
 #[allow(unused_imports)]
-pub use vfio_user_blk::guest::ring::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+pub use vfio_user_blk::driver_ring::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 
 /// Where rings and buffers go in guest RAM.
 const RING_BASE: u64 = 0x10000;

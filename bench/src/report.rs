@@ -8,7 +8,7 @@ use anyhow::Result;
 use plotters::prelude::*;
 use serde_json::json;
 
-use super::{RunResult, Workload};
+use crate::run::{Op, RunResult, Workload};
 
 pub const TARGETS: [&str; 3] = ["ours", "qsd", "direct"];
 
@@ -163,7 +163,7 @@ pub fn plot(results: &Results, path: &Path) -> Result<()> {
         let mut v: Vec<(f64, f64)> = results
             .values()
             .filter(|(w, _)| {
-                w.bs == 4096 && w.random && w.op == super::Op::Read && w.queues == 1 && !w.null
+                w.bs == 4096 && w.random && w.op == Op::Read && w.queues == 1 && !w.null
             })
             .filter_map(|(w, per)| per.get(t).map(|s| (w.qd as f64, f(s))))
             .collect();

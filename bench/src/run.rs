@@ -1,7 +1,7 @@
 //! The benchmark: one request stream, three ways to serve it.
 //!
 //! - `ours`: our server over vfio-user, driven by the synthetic guest
-//!   (`crate::guest`) through rust-vmm's `vfio_user::Client`;
+//!   (`crate::guest`, on the server library's `driver_ring`) through rust-vmm's `vfio_user::Client`;
 //! - `qsd`: QEMU's qemu-storage-daemon exporting the same image as
 //!   vhost-user-blk, driven by the same guest code through rust-vmm's
 //!   `vhost` frontend;
@@ -12,8 +12,6 @@
 //! (NO_NOTIFY / EVENT_IDX), sleeping on the interrupt eventfd when nothing
 //! has completed, indirect descriptors.
 
-pub mod report;
-
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
@@ -21,7 +19,8 @@ use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::guest::ring::{Buf, SplitRing};
+use vfio_user_blk::driver_ring::{Buf, SplitRing};
+
 use crate::guest::{GuestRam, Transport};
 
 /// What a request does.

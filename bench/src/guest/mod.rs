@@ -1,11 +1,10 @@
-//! A synthetic guest: the driver side of virtio-blk, for the benchmark (and
-//! usable by tests). The split ring is shared; the transports are our
-//! device over vfio-user (the legacy virtio-pci register block, through
-//! rust-vmm's `vfio_user::Client`) and a vhost-user-blk backend (through
-//! rust-vmm's `vhost` frontend), so both are driven by the same ring code,
-//! from the same memfd guest memory.
+//! A synthetic guest: the driver side of virtio-blk, for the benchmark. The
+//! split ring is the server library's `driver_ring` (the integration tests'
+//! driver uses it too); the transports are our device over vfio-user (the
+//! legacy virtio-pci register block, through rust-vmm's `vfio_user::Client`)
+//! and a vhost-user-blk backend (through rust-vmm's `vhost` frontend), so
+//! both are driven by the same ring code, from the same memfd guest memory.
 
-pub mod ring;
 pub mod vfio;
 pub mod vhost;
 
@@ -24,7 +23,7 @@ pub struct GuestRam {
 
 impl GuestRam {
     pub fn new(size: u64) -> Result<GuestRam> {
-        let file = crate::util::memfd("guest-ram").context("memfd")?;
+        let file = vfio_user_blk::util::memfd("guest-ram").context("memfd")?;
         file.set_len(size).context("sizing guest RAM")?;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),

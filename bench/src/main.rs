@@ -1,6 +1,11 @@
 //! vfio-user-blk-bench: our device side by side with QEMU's
 //! qemu-storage-daemon (vhost-user-blk) and with the disk itself, measured
-//! in one run with the same request stream. See `vfio_user_blk::bench`.
+//! in one run with the same request stream. See `run` for how, and `guest`
+//! for the synthetic guest that drives both devices.
+
+mod guest;
+mod report;
+mod run;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -11,11 +16,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use vfio_user_blk::bench::report::{self, Results, Summary};
-use vfio_user_blk::bench::{run_direct, run_virtio, Op, RunResult, Workload, RING_BASE};
-use vfio_user_blk::guest::vfio::VfioUserBlk;
-use vfio_user_blk::guest::vhost::VhostUserBlk;
-use vfio_user_blk::guest::GuestRam;
+use guest::vfio::VfioUserBlk;
+use guest::vhost::VhostUserBlk;
+use guest::GuestRam;
+use report::{Results, Summary};
+use run::{run_direct, run_virtio, Op, RunResult, Workload, RING_BASE};
 
 /// Benchmark vfio-user-blk against qemu-storage-daemon and direct I/O.
 #[derive(Parser, Debug)]
@@ -175,7 +180,7 @@ fn start_ours(dir: &Path, disk: &str, extra: &str) -> Result<(Proc, PathBuf)> {
     let bin = exe.with_file_name("vfio-user-blk");
     if !bin.exists() {
         bail!(
-            "{} not found: build both binaries (cargo build --release)",
+            "{} not found next to the benchmark: build both (cargo build --release --workspace)",
             bin.display()
         );
     }

@@ -9,6 +9,7 @@ use support::TempDir;
 
 #[test]
 fn bench_quick_run_writes_json_and_svg() {
+    support::build_server_next_to_bench();
     let dir = TempDir::new("bench");
     let json = dir.path("r.json");
     let svg = dir.path("p.svg");

@@ -13,9 +13,10 @@ use vfio_bindings::bindings::vfio::{
 use vfio_user::Client;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::ring::SplitRing;
+use vfio_user_blk::driver_ring::SplitRing;
+use vfio_user_blk::virtio::legacy::{self, legacy_ring_layout};
+
 use super::{GuestRam, Transport};
-use crate::virtio::legacy::{self, legacy_ring_layout};
 
 pub struct VfioUserBlk {
     pub client: Client,

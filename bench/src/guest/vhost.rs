@@ -11,9 +11,10 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::ring::SplitRing;
+use vfio_user_blk::driver_ring::SplitRing;
+use vfio_user_blk::virtio::legacy::legacy_ring_layout;
+
 use super::{GuestRam, Transport};
-use crate::virtio::legacy::legacy_ring_layout;
 
 pub struct VhostUserBlk {
     /// Held for its connection: dropping it ends the vhost-user session.

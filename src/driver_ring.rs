@@ -2,6 +2,9 @@
 //! keeps it: descriptors from a free list, the available ring, doorbells only
 //! when the device asks for them (VRING_USED_F_NO_NOTIFY, or EVENT_IDX's
 //! avail_event), and used_event to say when it wants the next interrupt.
+//!
+//! The integration tests' driver and the benchmark's synthetic guest use it;
+//! the server itself never does (its side of the ring is `virtio-queue`).
 
 use std::sync::atomic::{fence, Ordering};
 
