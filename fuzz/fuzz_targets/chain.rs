@@ -12,7 +12,8 @@ use std::sync::Arc;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vfio_user_blk::backend::io::NullBackend;
-use vfio_user_blk::blk::exec::{BlkContext, ErrorPolicy, Prepared};
+use vfio_user_blk::backend::request::IoRequest;
+use vfio_user_blk::blk::exec::{BlkContext, ErrorPolicy, Plan};
 use vfio_user_blk::blk::request::{total_len, walk, ChainLimits};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -69,6 +70,7 @@ fuzz_target!(|inp: Input| {
         write_through: Arc::new(AtomicBool::new(false)),
         on_error: ErrorPolicy::Report,
         limits,
+        queue_size: size,
     };
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
     let Ok(iter) = q.iter(&mem) else { return };
@@ -78,17 +80,18 @@ fuzz_target!(|inp: Input| {
         };
         assert!(c.head < size);
         assert!(c.readable.len() + c.writable.len() <= limits.max_descs);
-        match ctx.prepare(&mem, &c) {
-            Ok(Prepared::Io { iov, .. }) => {
+        let mut io = IoRequest::default();
+        match ctx.plan(&mem, &c, &mut io) {
+            Ok(Plan::Io { .. }) => {
                 let mut sum = 0usize;
-                for v in &iov {
+                for v in &io.iov {
                     assert!(v.addr() >= host && v.addr() + v.len() <= host + MEM, "iovec outside guest memory");
                     sum += v.len();
                 }
                 let data = total_len(&c.writable) + total_len(&c.readable);
                 assert!(sum as u64 <= data, "iovecs longer than the chain's buffers");
             }
-            Ok(Prepared::Done { used, .. }) => {
+            Ok(Plan::Done { used, .. }) => {
                 assert!(u64::from(used) <= total_len(&c.writable) + 1);
             }
             Err(_) => {}
