@@ -5,6 +5,8 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use log::{debug, warn};
 use parking_lot::Mutex;
@@ -15,9 +17,12 @@ use vfio_bindings::bindings::vfio::{
 
 use crate::vfio_user::{Errno, IrqAction, IrqData, IrqSet};
 
+/// One MSI-X vector. Each has its own lock, held only to decide: the
+/// eventfd is written after the lock is released, so interrupts of
+/// different queues never wait for each other or for a write.
 #[derive(Default)]
 struct Vector {
-    fd: Option<File>,
+    fd: Option<Arc<File>>,
     masked: bool,
     pending: bool,
 }
@@ -28,16 +33,18 @@ struct State {
     /// INTx is level-triggered and masks itself when it fires.
     intx_masked: bool,
     intx_level: bool,
-    msix: Vec<Vector>,
-    msix_enabled: bool,
-    msix_function_masked: bool,
     err_fd: Option<File>,
 }
 
 /// The interrupt state of one PCI function. Shared between the protocol
-/// thread (which installs descriptors) and whoever raises interrupts.
+/// thread (which installs descriptors) and the reactors that raise
+/// interrupts.
 pub struct Interrupts {
+    /// INTx and the error eventfd (not on the completion path with MSI-X).
     state: Mutex<State>,
+    msix: Vec<Mutex<Vector>>,
+    msix_enabled: AtomicBool,
+    msix_function_masked: AtomicBool,
     /// Size of the MSI-X table; fixed for the life of the function.
     vectors: u16,
 }
@@ -88,11 +95,11 @@ fn kick(fd: &File) {
 
 impl Interrupts {
     pub fn new(msix_vectors: u16) -> Interrupts {
-        let mut st = State::default();
-        st.msix
-            .resize_with(usize::from(msix_vectors), Vector::default);
         Interrupts {
-            state: Mutex::new(st),
+            state: Mutex::new(State::default()),
+            msix: (0..msix_vectors).map(|_| Mutex::default()).collect(),
+            msix_enabled: AtomicBool::new(false),
+            msix_function_masked: AtomicBool::new(false),
             vectors: msix_vectors,
         }
     }
@@ -102,27 +109,38 @@ impl Interrupts {
     }
 
     pub fn msix_enabled(&self) -> bool {
-        self.state.lock().msix_enabled
+        self.msix_enabled.load(Ordering::SeqCst)
     }
 
     /// Raises MSI-X vector `v` if MSI-X is enabled, and says whether it
     /// was (otherwise the caller falls back to INTx). A vector that cannot
     /// be delivered now (function or vector masked, no descriptor yet) stays
-    /// pending and is delivered as soon as it can be. One lock per
-    /// interrupt: this is on the completion path.
+    /// pending and is delivered as soon as it can be. This is on the
+    /// completion path: one short per-vector lock, and the write after it.
     pub fn signal_msix(&self, v: u16) -> bool {
-        let mut st = self.state.lock();
-        if !st.msix_enabled {
+        if !self.msix_enabled.load(Ordering::SeqCst) {
             return false;
         }
-        let blocked = st.msix_function_masked;
-        let Some(vec) = st.msix.get_mut(usize::from(v)) else {
+        let Some(vec) = self.msix.get(usize::from(v)) else {
             debug!("interrupt on vector {v}, which does not exist; dropped");
             return true;
         };
-        match &vec.fd {
-            Some(fd) if !blocked && !vec.masked => kick(fd),
-            _ => vec.pending = true,
+        let fd = {
+            let mut vec = vec.lock();
+            // Read under the vector's lock: set_msix_control stores the
+            // bit first and then looks at every vector under its lock, so
+            // a pending bit set here is never missed.
+            let blocked = self.msix_function_masked.load(Ordering::SeqCst);
+            match &vec.fd {
+                Some(fd) if !blocked && !vec.masked => Some(fd.clone()),
+                _ => {
+                    vec.pending = true;
+                    None
+                }
+            }
+        };
+        if let Some(fd) = fd {
+            kick(&fd);
         }
         true
     }
@@ -150,35 +168,43 @@ impl Interrupts {
 
     /// The MSI-X enable and function-mask bits, as the guest last wrote them.
     pub fn set_msix_control(&self, enabled: bool, function_masked: bool) {
-        let mut st = self.state.lock();
-        st.msix_enabled = enabled;
-        st.msix_function_masked = function_masked;
-        Self::flush_pending(&mut st);
+        self.msix_enabled.store(enabled, Ordering::SeqCst);
+        self.msix_function_masked
+            .store(function_masked, Ordering::SeqCst);
+        self.flush_pending();
     }
 
     /// Pending bits for the PBA, one per vector, packed little-endian into
     /// u64 words.
     pub fn pending_word(&self, word: usize) -> u64 {
-        let st = self.state.lock();
         let mut bits = 0u64;
-        for (i, v) in st.msix.iter().enumerate().skip(word * 64).take(64) {
-            if v.pending {
+        for (i, v) in self.msix.iter().enumerate().skip(word * 64).take(64) {
+            if v.lock().pending {
                 bits |= 1 << (i % 64);
             }
         }
         bits
     }
 
-    fn flush_pending(st: &mut State) {
-        if !st.msix_enabled || st.msix_function_masked {
+    /// Delivers what is pending and deliverable now.
+    fn flush_pending(&self) {
+        if !self.msix_enabled.load(Ordering::SeqCst)
+            || self.msix_function_masked.load(Ordering::SeqCst)
+        {
             return;
         }
-        for vec in st.msix.iter_mut() {
-            if vec.pending && !vec.masked {
-                if let Some(fd) = &vec.fd {
-                    kick(fd);
+        for vec in &self.msix {
+            let fd = {
+                let mut vec = vec.lock();
+                if vec.pending && !vec.masked && vec.fd.is_some() {
                     vec.pending = false;
+                    vec.fd.clone()
+                } else {
+                    None
                 }
+            };
+            if let Some(fd) = fd {
+                kick(&fd);
             }
         }
     }
@@ -186,12 +212,15 @@ impl Interrupts {
     /// Back to power-on: no MSI-X, nothing pending, INTx unmasked and low.
     /// Descriptors stay (DEVICE_RESET keeps IRQ registrations).
     pub fn reset(&self) {
-        let mut st = self.state.lock();
-        st.msix_enabled = false;
-        st.msix_function_masked = false;
-        st.intx_masked = false;
-        st.intx_level = false;
-        for v in st.msix.iter_mut() {
+        self.msix_enabled.store(false, Ordering::SeqCst);
+        self.msix_function_masked.store(false, Ordering::SeqCst);
+        {
+            let mut st = self.state.lock();
+            st.intx_masked = false;
+            st.intx_level = false;
+        }
+        for v in &self.msix {
+            let mut v = v.lock();
             v.pending = false;
             v.masked = false;
         }
@@ -199,11 +228,13 @@ impl Interrupts {
 
     /// Forget every descriptor (the client went away).
     pub fn drop_descriptors(&self) {
-        let mut st = self.state.lock();
-        st.intx_fd = None;
-        st.err_fd = None;
-        for v in st.msix.iter_mut() {
-            v.fd = None;
+        {
+            let mut st = self.state.lock();
+            st.intx_fd = None;
+            st.err_fd = None;
+        }
+        for v in &self.msix {
+            v.lock().fd = None;
         }
     }
 
@@ -248,30 +279,30 @@ impl Interrupts {
             }
             (VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Trigger) => match set.data {
                 IrqData::None if count == 0 => {
-                    for v in st.msix.iter_mut() {
-                        v.fd = None;
+                    for v in &self.msix {
+                        v.lock().fd = None;
                     }
                 }
                 IrqData::Eventfds(fds) if fds.is_empty() => {
-                    for v in &mut st.msix[start..start + count] {
-                        v.fd = None;
+                    for v in &self.msix[start..start + count] {
+                        v.lock().fd = None;
                     }
                 }
                 IrqData::Eventfds(fds) => {
-                    for (v, fd) in st.msix[start..start + count].iter_mut().zip(fds) {
-                        v.fd = Some(File::from(fd));
+                    for (v, fd) in self.msix[start..start + count].iter().zip(fds) {
+                        v.lock().fd = Some(Arc::new(File::from(fd)));
                     }
-                    Self::flush_pending(&mut st);
+                    self.flush_pending();
                 }
                 IrqData::None => {
                     for v in start..start + count {
-                        Self::software_msix(&mut st, v);
+                        self.software_msix(v);
                     }
                 }
                 IrqData::Bool(b) => {
                     for (i, on) in b.into_iter().enumerate() {
                         if on {
-                            Self::software_msix(&mut st, start + i);
+                            self.software_msix(start + i);
                         }
                     }
                 }
@@ -282,12 +313,12 @@ impl Interrupts {
                     IrqData::Bool(b) => b,
                     IrqData::Eventfds(_) => return Err(libc::EINVAL),
                 };
-                for (v, on) in st.msix[start..start + count].iter_mut().zip(flags) {
+                for (v, on) in self.msix[start..start + count].iter().zip(flags) {
                     if on {
-                        v.masked = action == IrqAction::Mask;
+                        v.lock().masked = action == IrqAction::Mask;
                     }
                 }
-                Self::flush_pending(&mut st);
+                self.flush_pending();
             }
             (VFIO_PCI_ERR_IRQ_INDEX, IrqAction::Trigger) => match set.data {
                 // We never report errors through it; holding it keeps QEMU's
@@ -309,9 +340,10 @@ impl Interrupts {
         }
     }
 
-    fn software_msix(st: &mut State, v: usize) {
-        if let Some(Some(fd)) = st.msix.get(v).map(|v| &v.fd) {
-            kick(fd);
+    fn software_msix(&self, v: usize) {
+        let fd = self.msix.get(v).and_then(|v| v.lock().fd.clone());
+        if let Some(fd) = fd {
+            kick(&fd);
         }
     }
 }
