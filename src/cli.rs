@@ -426,7 +426,6 @@ pub fn build_device(
     opts: &Options,
     engine: &Arc<Engine>,
 ) -> Result<Server<BlkFunction>> {
-    let name = format!("disk{index} ({})", spec.socket.display());
     let disk = backend::open(
         &spec.disk,
         OpenOptionsDisk {
@@ -436,7 +435,37 @@ pub fn build_device(
         },
     )
     .with_context(|| format!("opening disk {:?}", spec.disk))?;
-    if disk.size % u64::from(spec.logical_block_size) != 0 {
+    device_on(spec, index, opts, engine, disk)
+}
+
+/// The first device of `opts` on a backend of the caller's (tests, and
+/// anyone embedding the device): `size` bytes, served by `backend`.
+pub fn build_on_backend(
+    opts: &Options,
+    backend: Arc<dyn crate::backend::io::Backend>,
+    size: u64,
+) -> Result<Server<BlkFunction>> {
+    opts.validate()?;
+    let spec = opts.device_specs().remove(0);
+    let engine = Engine::start(opts.engine_config(false)).context("starting the reactors")?;
+    let disk = backend::Disk {
+        spec: spec.disk.clone(),
+        size,
+        readonly: spec.readonly,
+        backend,
+    };
+    device_on(&spec, 0, opts, &engine, disk)
+}
+
+fn device_on(
+    spec: &DeviceSpec,
+    index: usize,
+    opts: &Options,
+    engine: &Arc<Engine>,
+    disk: backend::Disk,
+) -> Result<Server<BlkFunction>> {
+    let name = format!("disk{index} ({})", spec.socket.display());
+    if !disk.size.is_multiple_of(u64::from(spec.logical_block_size)) {
         bail!(
             "disk size {} is not a multiple of the logical block size {}",
             disk.size,

@@ -80,6 +80,11 @@ impl SplitRing {
         }
     }
 
+    /// Whether the ring uses EVENT_IDX.
+    pub fn event_idx(&self) -> bool {
+        self.event_idx
+    }
+
     pub fn free_descriptors(&self) -> usize {
         self.free.len()
     }

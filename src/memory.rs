@@ -163,6 +163,34 @@ pub fn push_iovecs(
     Ok(())
 }
 
+/// Replaces the mapping `host .. host + len` (a guest window of ours, page
+/// aligned) with private zero pages: whatever still writes there later (a
+/// read that was in the kernel when the client went away) lands in our own
+/// memory, not in the client's. The range stays mapped, so the window's own
+/// unmap later covers exactly what it mapped.
+pub fn revoke(host: usize, len: usize) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller passes a window mapping of ours that nothing else
+    // in this process owns; MAP_FIXED replaces it in place, atomically, with
+    // memory of the same size and protection.
+    let r = unsafe {
+        libc::mmap(
+            host as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 // ---- SIGBUS guard -----------------------------------------------------------
 
 const SLOTS: usize = 16384;

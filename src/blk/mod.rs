@@ -207,6 +207,12 @@ impl VirtioDevice for BlkDevice {
         self.update_write_through();
     }
 
+    fn abandon(&mut self) {
+        if let Some(a) = self.active.take() {
+            a.abandon();
+        }
+    }
+
     fn quiesce(&mut self, range: Option<DmaRange>) {
         let Some(a) = &self.active else { return };
         match range {

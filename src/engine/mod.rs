@@ -419,7 +419,23 @@ impl Active {
     /// Takes the queues back: nothing more is written to their rings, and
     /// this returns once nothing is in flight.
     pub fn stop(self) {
-        self.each_and_wait("reset", |queue, ack| Msg::Withdraw { queue, ack });
+        self.each_and_wait("reset", |queue, ack| Msg::Withdraw {
+            queue,
+            ack,
+            drain: true,
+        });
+    }
+
+    /// Takes the queues back without waiting for what is in flight: this
+    /// returns once no reactor will write anything more for them; requests
+    /// still in the backend finish on their own, writing nothing, and the
+    /// queues leave their reactors then.
+    pub fn abandon(self) {
+        self.each_and_wait("disconnect", |queue, ack| Msg::Withdraw {
+            queue,
+            ack,
+            drain: false,
+        });
     }
 }
 

@@ -442,7 +442,8 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
     }
 
     fn quiet(&self) -> bool {
-        !self.paused || self.in_flight == 0
+        // A withdrawn queue writes nothing more, whatever is in flight.
+        self.withdrawn || !self.paused || self.in_flight == 0
     }
 
     fn live(&self) -> bool {

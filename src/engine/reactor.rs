@@ -95,10 +95,12 @@ pub(crate) enum Msg {
     },
     Resume(u64),
     /// Take the queue away: nothing more is written to its rings; the
-    /// acknowledgement comes once nothing is in flight.
+    /// acknowledgement comes once nothing is in flight (`drain`), or at the
+    /// end of this pass (the queue then leaves once drained).
     Withdraw {
         queue: u64,
         ack: Sender<()>,
+        drain: bool,
     },
     PoolDone(Done),
     /// The engine is gone: leave once no queue is left.
@@ -149,6 +151,8 @@ pub(crate) struct Reactor {
     pub load: Arc<AtomicUsize>,
     completions: Vec<(u64, i32)>,
     shutdown: bool,
+    /// Withdrawn queues that leave once nothing is in flight.
+    leaving: Vec<u64>,
 }
 
 impl Reactor {
@@ -174,6 +178,7 @@ impl Reactor {
             load,
             completions: Vec::with_capacity(256),
             shutdown: false,
+            leaving: Vec::new(),
         }
     }
 
@@ -199,10 +204,16 @@ impl Reactor {
                     self.queues[i].resume();
                 }
             }
-            Msg::Withdraw { queue, ack } => match self.find(queue) {
+            Msg::Withdraw { queue, ack, drain } => match self.find(queue) {
                 Some(i) => {
                     self.queues[i].withdraw();
-                    self.withdraw_acks.push((queue, ack));
+                    if drain {
+                        self.withdraw_acks.push((queue, ack));
+                    } else {
+                        // Acknowledged after this pass; gone once drained.
+                        self.pause_acks.push((queue, ack));
+                        self.leaving.push(queue);
+                    }
                 }
                 None => {
                     let _ = ack.send(());
@@ -294,6 +305,16 @@ impl Reactor {
             }
         });
         let mut gone = Vec::new();
+        self.leaving.retain(|id| {
+            let drained = queues
+                .iter()
+                .find(|q| q.id() == *id)
+                .is_none_or(|q| q.in_flight() == 0);
+            if drained {
+                gone.push(*id);
+            }
+            !drained
+        });
         self.withdraw_acks.retain(|(id, ack)| {
             let drained = queues
                 .iter()

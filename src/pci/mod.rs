@@ -31,6 +31,9 @@ pub trait IoBar: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
     /// Function-level reset: stop all activity, back to power-on state.
     fn reset(&mut self);
+    /// The client is gone: back to power-on state without waiting for work
+    /// in flight, which writes nothing more.
+    fn disconnect(&mut self);
     /// Stop using guest memory (`range`, or all of it) and wait for
     /// in-flight work on it.
     fn quiesce(&mut self, range: Option<DmaRange>);
@@ -253,7 +256,10 @@ impl<B: IoBar> Device for PciFunction<B> {
     }
 
     fn disconnect(&mut self) {
-        self.reset();
+        self.bar0.disconnect();
+        self.config.reset();
+        self.reset_msix_table();
+        self.irqs.reset();
         self.irqs.drop_descriptors();
     }
 }

@@ -102,6 +102,7 @@ pub trait Device: Send {
     /// must look again (a driver that kicked while its ring was unmapped
     /// will not kick a second time).
     fn dma_mapped(&mut self);
-    /// The client went away: reset, and drop every descriptor it gave.
+    /// The client went away: reset without waiting for in-flight work
+    /// (which must write nothing more), and drop every descriptor it gave.
     fn disconnect(&mut self);
 }

@@ -200,10 +200,13 @@ impl<D: Device> Server<D> {
                 }
             }
         }
-        self.device.quiesce(None);
-        self.dma.clear();
+        // The queues stop at once (nothing more is written for this client,
+        // and nothing waits for a backend that may be stuck), then the
+        // windows become private memory, so that I/O still in flight cannot
+        // reach the client's, then they go.
         self.device.disconnect();
-        self.device.resume();
+        self.dma.revoke_all();
+        self.dma.clear();
         info!("client disconnected; device reset, DMA windows and interrupt descriptors dropped");
         conn.stream
     }

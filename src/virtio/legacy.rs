@@ -326,6 +326,11 @@ impl<D: VirtioDevice> IoBar for LegacyTransport<D> {
         self.reset_registers();
     }
 
+    fn disconnect(&mut self) {
+        self.dev.abandon();
+        self.reset_registers();
+    }
+
     fn quiesce(&mut self, range: Option<DmaRange>) {
         self.dev.quiesce(range);
     }
@@ -395,6 +400,7 @@ mod tests {
             *self.resets.lock().unwrap() += 1;
         }
         fn quiesce(&mut self, _range: Option<DmaRange>) {}
+        fn abandon(&mut self) {}
         fn resume(&mut self) {}
         fn memory_added(&mut self) {}
         fn features_written(&mut self, _features: u32) {}

@@ -81,6 +81,9 @@ pub trait VirtioDevice: Send {
     fn notify(&mut self, index: u16);
     /// Stop serving, wait for in-flight requests, forget the queues.
     fn reset(&mut self);
+    /// The client is gone: stop serving at once; requests still in flight
+    /// finish on their own and write nothing. A reset follows.
+    fn abandon(&mut self);
     /// Pause guest-memory access to `range` (None: all of it) and wait for
     /// in-flight requests that use it.
     fn quiesce(&mut self, range: Option<crate::vfio_user::DmaRange>);
