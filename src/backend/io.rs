@@ -118,8 +118,9 @@ impl FileBackend {
         // The request's own list; a copy is made only after a short
         // transfer, to move past what was done.
         let mut iovs = std::borrow::Cow::Borrowed(as_iovecs(iov));
+        let mut left: usize = iov.iter().map(GuestIov::len).sum();
         let mut pos = offset;
-        while !iovs.is_empty() {
+        while left > 0 && !iovs.is_empty() {
             let cnt = iovs.len().min(IOV_MAX);
             let cnt_c = libc::c_int::try_from(cnt).unwrap_or(libc::c_int::MAX);
             // SAFETY: every iovec points at guest memory kept mapped by the
@@ -149,7 +150,10 @@ impl FileBackend {
                 ));
             }
             pos += n as u64;
-            advance_iovecs(iovs.to_mut(), n);
+            left = left.saturating_sub(n);
+            if left > 0 {
+                advance_iovecs(iovs.to_mut(), n);
+            }
         }
         Ok(())
     }

@@ -1,0 +1,110 @@
+//! No heap allocation per request on the hot path (issue 9): a counting
+//! allocator sees what every thread other than the test's own (the
+//! reactor, the protocol thread) allocates while the driver runs
+//! thousands of requests in steady state.
+
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use support::driver::*;
+use support::*;
+
+struct Counting;
+
+static TOTAL: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static MINE: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; the
+// counters are a relaxed atomic and a const-initialised thread-local cell,
+// neither of which allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        TOTAL.fetch_add(1, Ordering::Relaxed);
+        let _ = MINE.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: as for System.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as for System.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        TOTAL.fetch_add(1, Ordering::Relaxed);
+        let _ = MINE.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: as for System.
+        unsafe { System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Allocations made by other threads so far.
+fn others() -> u64 {
+    TOTAL.load(Ordering::SeqCst) - MINE.with(Cell::get)
+}
+
+/// The tests of this file run one at a time: another test's driver thread
+/// would count as "other threads".
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn steady_state(args: &[&str]) -> (u64, u64) {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let srv = ThreadServer::start(args);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let data = pattern(5, 4096);
+    let mut run = |n: u64| {
+        for k in 0..n {
+            assert_eq!(d.write(0, (k % 256) * 8, &data), S_OK);
+            assert_eq!(d.read(0, (k % 256) * 8, 4096).0, S_OK);
+        }
+    };
+    run(1000);
+    let before = others();
+    run(2500);
+    let after = others();
+    eprintln!(
+        "{args:?}: {} allocations outside the driver for 5000 requests",
+        after - before
+    );
+    drop(d);
+    drop(srv.finish());
+    (after - before, 5000)
+}
+
+#[test]
+fn no_allocation_per_request_on_a_memory_disk() {
+    let (allocs, requests) = steady_state(&["--disk", "ram:16M", "--poll-mode", "busy"]);
+    assert!(
+        allocs * 100 < requests,
+        "{allocs} allocations outside the driver for {requests} requests"
+    );
+}
+
+#[test]
+fn no_allocation_per_request_with_io_uring() {
+    let dir = TempDir::new("alloc");
+    let img = dir.path("d.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let (allocs, requests) = steady_state(&[
+        "--disk",
+        img.to_str().unwrap(),
+        "--io-engine",
+        "io-uring",
+        "--poll-mode",
+        "busy",
+    ]);
+    assert!(
+        allocs * 100 < requests,
+        "{allocs} allocations outside the driver for {requests} requests"
+    );
+}
