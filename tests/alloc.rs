@@ -55,9 +55,19 @@ fn others() -> u64 {
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn steady_state(args: &[&str]) -> (u64, u64) {
+    steady_state_with(args, 0)
+}
+
+fn steady_state_with(args: &[&str], refuse: u32) -> (u64, u64) {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let srv = ThreadServer::start(args);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let mut d = Driver::new(
+        &srv.socket,
+        DriverOptions {
+            refuse,
+            ..Default::default()
+        },
+    );
     let data = pattern(5, 4096);
     let mut run = |n: u64| {
         for k in 0..n {
@@ -103,6 +113,33 @@ fn no_allocation_per_request_with_io_uring() {
         "--poll-mode",
         "busy",
     ]);
+    assert!(
+        allocs * 100 < requests,
+        "{allocs} allocations outside the driver for {requests} requests"
+    );
+}
+
+/// Without FLUSH the cache is write-through: every write goes to the
+/// io_uring (RWF_DSYNC), not through the page-cache shortcut.
+#[test]
+fn no_allocation_per_request_on_the_io_uring_path() {
+    let dir = TempDir::new("alloc");
+    let img = dir.path("d.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let (allocs, requests) = steady_state_with(
+        &[
+            "--disk",
+            img.to_str().unwrap(),
+            "--io-engine",
+            "io-uring",
+            "--poll-mode",
+            "busy",
+        ],
+        F_FLUSH,
+    );
     assert!(
         allocs * 100 < requests,
         "{allocs} allocations outside the driver for {requests} requests"
