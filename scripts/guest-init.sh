@@ -13,6 +13,7 @@ for a in $(cat /proc/cmdline); do
         vub.phase=*) PHASE=${a#vub.phase=} ;;
         vub.sectors=*) SECTORS=${a#vub.sectors=} ;;
         vub.serial=*) SERIAL=${a#vub.serial=} ;;
+        vub.serial2=*) SERIAL2=${a#vub.serial2=} ;;
     esac
 done
 echo "VUB-BOOTED phase=$PHASE"
@@ -38,7 +39,7 @@ i=0
 while [ $i -lt 120 ]; do
     n=0
     for b in /sys/block/vd*; do [ -e "$b" ] && n=$((n + 1)); done
-    [ $n -ge 2 ] && break
+    [ $n -ge 3 ] && break
     sleep 0.5
     i=$((i + 1))
 done
@@ -46,10 +47,12 @@ mdev -s 2>/dev/null
 
 # Find our disks by serial.
 DISK=""
+DISK2=""
 RO=""
 for b in /sys/block/vd*; do
     s=$(cat $b/serial 2>/dev/null)
     [ "$s" = "$SERIAL" ] && DISK=/dev/$(basename $b)
+    [ -n "$SERIAL2" ] && [ "$s" = "$SERIAL2" ] && DISK2=/dev/$(basename $b)
     [ "$s" = "VUB-RO" ] && RO=/dev/$(basename $b)
 done
 D=$(basename "$DISK")
@@ -117,6 +120,25 @@ main)
         --verify_fatal=1 --output=/tmp/fio3.txt >/dev/null 2>&1
     verdict fio-sequential-128k $? "$(grep -o 'BW=[^ ]*' /tmp/fio3.txt | head -1)"
     echo "VUB-MD5 fio-region $(region_md5 0 32)"
+
+    # Two disks of one target process at once: fio with verification on
+    # both, in one run ([128 MiB, 144 MiB) of the main disk, the first
+    # 16 MiB of the second).
+    n=$(ls -d /sys/block/vd* | wc -l)
+    [ "$n" -ge 3 ]; verdict three-disks-seen $? "$n"
+    if [ -n "$DISK2" ]; then
+        fio --ioengine=$fio_ioengine --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
+            --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 --randrepeat=1 \
+            --name=one --filename="$DISK" --offset=128M \
+            --name=two --filename="$DISK2" --offset=0 \
+            --output=/tmp/fio4.txt >/dev/null 2>&1
+        verdict fio-two-disks-at-once $? "$(grep -o 'IOPS=[^,]*' /tmp/fio4.txt | tr '\n' ' ')"
+        m1=$(dd if="$DISK" bs=1M skip=128 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+        m2=$(dd if="$DISK2" bs=1M count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+        echo "VUB-MD5 two-disks $m1 $m2"
+    else
+        bad second-disk-found "no disk with serial $SERIAL2"
+    fi
 
     # ext4 on a loop device over [64 MiB, 128 MiB).
     losetup -o $((64 * MiB)) --sizelimit $((64 * MiB)) /dev/loop0 "$DISK" 2>/dev/null \

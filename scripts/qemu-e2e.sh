@@ -121,21 +121,28 @@ BIN=$HERE/target/release/vfio-user-blk
 
 DISK_MB=256
 SERIAL=VUB-E2E-0001
+SERIAL2=VUB-E2E-0002
 IMG=$WORK/disk.img
+IMG2=$WORK/disk2.img
 RO_IMG=$WORK/ro.img
 truncate -s ${DISK_MB}M "$IMG"
+truncate -s 64M "$IMG2"
 truncate -s 16M "$RO_IMG"
 printf 'read-only disk\n' | dd of="$RO_IMG" conv=notrunc status=none
 SOCK=$WORK/vblk.sock
+SOCK2=$WORK/vblk2.sock
 RO_SOCK=$WORK/ro.sock
 
-"$BIN" --socket "$SOCK" --disk "$IMG" --queues 2 --serial "$SERIAL" >"$WORK/server.log" 2>&1 &
+# One target process serves all three disks, their queues shared by two
+# reactors: the main disk (one-disk options), a second read-write disk
+# and a read-only one (--device).
+"$BIN" --socket "$SOCK" --disk "$IMG" --queues 2 --serial "$SERIAL" --pollers 2 \
+    --device "socket=$SOCK2,disk=$IMG2,serial=$SERIAL2" \
+    --device "socket=$RO_SOCK,disk=$RO_IMG,readonly=on,serial=VUB-RO" \
+    >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 PIDS+=("$SERVER_PID")
-"$BIN" --socket "$RO_SOCK" --disk "$RO_IMG" --readonly --serial VUB-RO >"$WORK/server-ro.log" 2>&1 &
-RO_PID=$!
-PIDS+=("$RO_PID")
-for s in "$SOCK" "$RO_SOCK"; do
+for s in "$SOCK" "$SOCK2" "$RO_SOCK"; do
     for _ in $(seq 100); do [ -S "$s" ] && break; sleep 0.1; done
     [ -S "$s" ] || die "server did not create $s: $(cat "$WORK"/server*.log)"
 done
@@ -217,9 +224,10 @@ qemu_cmd() {
         -machine q35,memory-backend=mem -accel "$ACCEL" -cpu max -smp 2 -m 1G
         -object memory-backend-memfd,id=mem,size=1G,share=on
         -kernel "$KERNEL" -initrd "$WORK/initramfs.cpio"
-        -append "console=ttyS0 panic=-1 loglevel=4 vub.phase=$phase vub.sectors=$SECTORS vub.serial=$SERIAL"
+        -append "console=ttyS0 panic=-1 loglevel=4 vub.phase=$phase vub.sectors=$SECTORS vub.serial=$SERIAL vub.serial2=$SERIAL2"
         -serial "file:$QEMU_LOG"
         -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$SOCK\",\"type\":\"unix\"}}"
+        -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$SOCK2\",\"type\":\"unix\"}}"
         -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$RO_SOCK\",\"type\":\"unix\"}}"
         "$@")
 }
@@ -262,11 +270,12 @@ collect() { # the guest's own PASS/FAIL lines
     done
 }
 server_alive() {
-    kill -0 "$SERVER_PID" 2>/dev/null && kill -0 "$RO_PID" 2>/dev/null
+    kill -0 "$SERVER_PID" 2>/dev/null
 }
 
 say "boot 1 (checks), reboot, boot 2 (data survives) under $ACCEL"
 if run_qemu main 900; then :; else say "QEMU exited with $?"; fi
+QEMU_LOG_MAIN=$QEMU_LOG
 collect "$QEMU_LOG"
 grep -aq 'VUB-DONE main' "$QEMU_LOG" || check guest-finished FAIL "see $QEMU_LOG"
 grep -aq 'VUB-DONE reboot' "$QEMU_LOG" && check reboot-second-boot PASS || check reboot-second-boot FAIL
@@ -307,7 +316,16 @@ run_qemu after-kill 600 -no-reboot >/dev/null 2>&1 || true
 collect "$WORK/serial-after-kill.log"
 grep -aq 'VUB-DONE after-kill' "$WORK/serial-after-kill.log" || check after-kill-finished FAIL
 
-if server_alive && ! grep -q panicked "$WORK/server.log" "$WORK/server-ro.log"; then
+# The guest wrote the same pattern to both read-write disks at once.
+G2=$(grep -a '^VUB-MD5 two-disks ' "$QEMU_LOG_MAIN" | head -1 | tr -d '\r' | awk '{print $3" "$4}')
+H1=$(dd if="$IMG" bs=1M skip=128 count=16 status=none | md5sum | awk '{print $1}')
+H2=$(dd if="$IMG2" bs=1M count=16 status=none | md5sum | awk '{print $1}')
+if [ "$G2" = "$H1 $H2" ]; then
+    check two-disks-host-images-match PASS
+else
+    check two-disks-host-images-match FAIL "host $H1 $H2"
+fi
+if server_alive && ! grep -q panicked "$WORK/server.log"; then
     check server-never-restarted-no-panic PASS
 else
     check server-never-restarted-no-panic FAIL
