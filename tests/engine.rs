@@ -497,3 +497,49 @@ fn unmap_pauses_only_the_queues_in_the_window() {
     assert_eq!(status, S_OK);
     drop(d);
 }
+
+/// The status byte counts too: a stuck request whose data lies in the lower
+/// window but whose status byte lies in the upper one holds an unmap of the
+/// upper window, which is answered only after the status was written.
+#[test]
+fn unmap_waits_for_a_request_whose_status_byte_is_in_the_window() {
+    let be = StuckBackend::new(64);
+    let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "busy"]);
+    let mut d = Driver::new(
+        &sock,
+        DriverOptions {
+            split_dma: true,
+            ..Default::default()
+        },
+    );
+    let half = d.ram_size / 2;
+    let h = d.header_buf(T_IN, 64);
+    let data = d.alloc(4096);
+    let status = half + 0x4000;
+    d.place(
+        0,
+        &[(h, 16, false), (data, 4096, true), (status, 1, true)],
+        false,
+    );
+    d.force_kick(0);
+    be.wait_entered();
+    let view = watch(&d);
+    view.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+    let unmapper = thread::spawn(move || {
+        d.c.dma_unmap(half, half).unwrap();
+        d
+    });
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        !unmapper.is_finished(),
+        "unmap answered while a request would still write its status byte there"
+    );
+    be.release();
+    let d = unmapper.join().unwrap();
+    let st: u8 = view.read_obj(GuestAddress(status)).unwrap();
+    assert_eq!(
+        st, S_OK,
+        "the status was written before the unmap was answered"
+    );
+    drop(d);
+}

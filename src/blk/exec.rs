@@ -244,6 +244,10 @@ impl RequestHandler for BlkContext {
         }
     }
 
+    fn finish_range(&self, req: &BlkReq) -> Option<(u64, u64)> {
+        req.chain.status.map(|a| (a, 1))
+    }
+
     fn finish(
         &self,
         mem: &GuestMemoryMmap,

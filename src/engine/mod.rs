@@ -102,6 +102,10 @@ pub trait RequestHandler: Send + Sync + 'static {
         req: &mut Self::Req,
         io: &mut IoRequest,
     ) -> Prepared;
+    /// The guest range the request writes when it finishes, beyond its I/O
+    /// buffers (virtio-blk: the status byte), so that an unmap of that
+    /// memory waits for it.
+    fn finish_range(&self, req: &Self::Req) -> Option<(u64, u64)>;
     /// Writes the outcome into guest memory (status) and gives the used
     /// length. `result` is the backend's, or None when `prepare` answered.
     fn finish(
@@ -292,6 +296,7 @@ impl Engine {
                 name: a.name,
                 placed,
                 inline: Some(parking_lot::Mutex::new((r, me))),
+                done: false,
             };
         }
         for (i, q) in runners {
@@ -319,6 +324,7 @@ impl Engine {
             name: a.name,
             placed,
             inline: None,
+            done: false,
         }
     }
 }
@@ -343,6 +349,8 @@ pub struct Active {
     name: String,
     placed: Vec<Option<Placed>>,
     inline: Option<parking_lot::Mutex<(Reactor, ReactorTx)>>,
+    /// The queues were taken back (stop or abandon).
+    done: bool,
 }
 
 impl Active {
@@ -418,24 +426,46 @@ impl Active {
 
     /// Takes the queues back: nothing more is written to their rings, and
     /// this returns once nothing is in flight.
-    pub fn stop(self) {
+    pub fn stop(mut self) {
         self.each_and_wait("reset", |queue, ack| Msg::Withdraw {
             queue,
             ack,
             drain: true,
         });
+        self.done = true;
     }
 
     /// Takes the queues back without waiting for what is in flight: this
     /// returns once no reactor will write anything more for them; requests
     /// still in the backend finish on their own, writing nothing, and the
     /// queues leave their reactors then.
-    pub fn abandon(self) {
+    pub fn abandon(mut self) {
         self.each_and_wait("disconnect", |queue, ack| Msg::Withdraw {
             queue,
             ack,
             drain: false,
         });
+        self.done = true;
+    }
+}
+
+impl Drop for Active {
+    /// An activation dropped without being stopped (a device dropped while
+    /// running) leaves its reactors as an abandoned one would.
+    fn drop(&mut self) {
+        if !self.done {
+            let (ack, _) = unbounded();
+            for p in self.placed.iter().flatten() {
+                self.send(
+                    *p,
+                    Msg::Withdraw {
+                        queue: p.id,
+                        ack: ack.clone(),
+                        drain: false,
+                    },
+                );
+            }
+        }
     }
 }
 

@@ -45,6 +45,9 @@ struct Slot<R> {
     /// The guest memory the request was popped from: keeps its windows
     /// mapped while the backend works on them.
     mem: Option<Arc<GuestMemoryMmap>>,
+    /// While the request is at the pool (its iovecs travel with it): the
+    /// host span they cover, for unmap decisions.
+    span: (usize, usize),
 }
 
 pub(crate) struct QueueState<H: RequestHandler> {
@@ -95,6 +98,7 @@ impl<H: RequestHandler> QueueState<H> {
                     ..IoRequest::default()
                 },
                 mem: None,
+                span: (0, 0),
             })
             .collect();
         QueueState {
@@ -155,8 +159,19 @@ impl<H: RequestHandler> QueueState<H> {
             || f.covers_guest(q.used_ring(), 6 + 8 * n)
     }
 
-    fn touches(io: &IoRequest, f: &Fence) -> bool {
-        io.iov.iter().any(|v| f.covers_host(v.addr(), v.len()))
+    /// Whether the request in `s` uses memory in the fence: its buffers, or
+    /// what it writes when it finishes.
+    fn touches(&self, s: &Slot<H::Req>, f: &Fence) -> bool {
+        let buffers = if s.at == At::Pool {
+            f.covers_host(s.span.0, s.span.1 - s.span.0)
+        } else {
+            s.io.iov.iter().any(|v| f.covers_host(v.addr(), v.len()))
+        };
+        buffers
+            || self
+                .handler
+                .finish_range(&s.req)
+                .is_some_and(|(a, l)| f.covers_guest(a, l))
     }
 
     /// Finishes the request in `slot`: the handler writes its status, we
@@ -190,6 +205,12 @@ impl<H: RequestHandler> QueueState<H> {
         let s = &mut self.slots[usize::from(slot)];
         let Some(mem) = s.mem.clone() else { return };
         s.at = At::Pool;
+        s.span = s.io.iov.iter().fold((usize::MAX, 0), |(lo, hi), v| {
+            (lo.min(v.addr()), hi.max(v.addr() + v.len()))
+        });
+        if s.span.0 > s.span.1 {
+            s.span = (0, 0);
+        }
         cx.pool.submit(Job {
             io: std::mem::take(&mut s.io),
             backend: self.backend.clone(),
@@ -298,7 +319,9 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
                 }
                 Prepared::Ready => self.finish(head, None),
                 Prepared::Io => {
-                    if self.fence.is_some_and(|f| Self::touches(&s.io, &f)) {
+                    let s = &self.slots[usize::from(head)];
+                    if self.fence.is_some_and(|f| self.touches(s, &f)) {
+                        let s = &mut self.slots[usize::from(head)];
                         // The request points into memory that is being
                         // taken away: put it back and wait for the map to
                         // change; it is looked at again after resume.
@@ -418,12 +441,10 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
                 // Affected now: the ring, or a request in flight, lies in
                 // the range. Otherwise the queue goes on, and stops only if
                 // it pops a request that points into the range.
-                let busy = self.slots.iter().any(|s| match s.at {
-                    At::Free => false,
-                    // Its buffers travelled with it: assume the worst.
-                    At::Pool => true,
-                    At::Uring | At::Reactor => Self::touches(&s.io, &f),
-                });
+                let busy = self
+                    .slots
+                    .iter()
+                    .any(|s| s.at != At::Free && self.touches(s, &f));
                 if busy || self.ring_in(&f) {
                     self.paused = true;
                 }
