@@ -367,16 +367,19 @@ impl<D: Device> Server<D> {
                 need(p, DMA_UNMAP_SIZE)?;
                 let (flags, iova, size) = (u32_at(p, 4), u64_at(p, 8), u64_at(p, 16));
                 debug!("DMA_UNMAP {iova:#x}+{size:#x} flags {flags:#x}");
-                // Only what uses this window stops (all of them for
-                // unmap-all, or a request the table will refuse anyway).
-                let range = if flags & VFIO_DMA_UNMAP_FLAG_ALL != 0 {
-                    None
-                } else {
-                    self.dma.find(iova, size)
+                // Only what uses this window stops (everything for
+                // unmap-all). A request the table refuses (no such window,
+                // bad flags) stops nothing.
+                let all = flags & VFIO_DMA_UNMAP_FLAG_ALL != 0 && iova == 0 && size == 0;
+                let r = match (all, self.dma.find(iova, size)) {
+                    (false, None) => self.dma.unmap(iova, size, flags),
+                    (all, range) => {
+                        self.device.quiesce(if all { None } else { range });
+                        let r = self.dma.unmap(iova, size, flags);
+                        self.device.resume();
+                        r
+                    }
                 };
-                self.device.quiesce(range);
-                let r = self.dma.unmap(iova, size, flags);
-                self.device.resume();
                 r.map_err(|e| Reject {
                     errno: e.errno(),
                     why: e.to_string(),
