@@ -71,6 +71,11 @@ pub(crate) struct QueueState<H: RequestHandler> {
     paused: bool,
     fence: Option<Fence>,
     withdrawn: bool,
+    /// The guest-memory snapshot the whole ring was last found in: while the
+    /// table has not changed, the ring need not be checked again. (Held,
+    /// not remembered by address, so that a new snapshot can never look
+    /// like it.)
+    ring_checked: Option<Arc<GuestMemoryMmap>>,
 }
 
 impl<H: RequestHandler> QueueState<H> {
@@ -125,6 +130,7 @@ impl<H: RequestHandler> QueueState<H> {
             paused: false,
             fence: None,
             withdrawn: false,
+            ring_checked: None,
         }
     }
 
@@ -265,7 +271,12 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         // The whole ring must be in guest memory before anything is read
         // from it. A ring outside it is not a broken queue: during
         // firmware, QEMU unmaps and remaps windows and the ring comes back.
-        if !self.ring_mapped(&mem) {
+        let checked = self
+            .ring_checked
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, &mem));
+        if !checked && !self.ring_mapped(&mem) {
+            self.ring_checked = None;
             if !self.waiting_for_memory {
                 info!(
                     "{}: ring is not inside guest memory; waiting until it is mapped",
@@ -274,6 +285,9 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
                 self.waiting_for_memory = true;
             }
             return false;
+        }
+        if !checked {
+            self.ring_checked = Some(mem.clone());
         }
         if self.waiting_for_memory {
             info!("{}: ring is inside guest memory again", self.name);
@@ -460,6 +474,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
 
     fn withdraw(&mut self) {
         self.withdrawn = true;
+        self.ring_checked = None;
     }
 
     fn quiet(&self) -> bool {
