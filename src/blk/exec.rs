@@ -12,7 +12,7 @@ use vm_memory::GuestMemoryMmap;
 use super::request::*;
 use crate::backend::io::Backend;
 use crate::backend::request::{IoKind, IoRequest};
-use crate::engine::{Finish, Prepared, RequestHandler};
+use crate::engine::{Finish, Prepared, QueueStats, RequestHandler};
 
 /// What to do when the backend fails a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -57,9 +57,39 @@ pub enum Plan {
     Io { used: u32 },
 }
 
+/// The request kinds counted in statistics, by index.
+pub const REQUEST_KINDS: [&str; 7] = [
+    "read",
+    "write",
+    "flush",
+    "get_id",
+    "discard",
+    "write_zeroes",
+    "other",
+];
+/// The error outcomes counted in statistics, by index: IOERR, UNSUPP, and
+/// requests answered without a status byte (or left unanswered).
+pub const ERROR_KINDS: [&str; 3] = ["ioerr", "unsupp", "no_status"];
+
+fn kind_index(vtype: u32) -> usize {
+    match vtype {
+        VIRTIO_BLK_T_IN => 0,
+        VIRTIO_BLK_T_OUT => 1,
+        VIRTIO_BLK_T_FLUSH => 2,
+        VIRTIO_BLK_T_GET_ID => 3,
+        VIRTIO_BLK_T_DISCARD => 4,
+        VIRTIO_BLK_T_WRITE_ZEROES => 5,
+        _ => 6,
+    }
+}
+
 /// Per-request state, reused from request to request (one per ring entry).
 #[derive(Debug, Default)]
 pub struct BlkReq {
+    /// The request type from the header (u32::MAX: no header).
+    vtype: u32,
+    /// Bytes of data the request moves (read or written) on success.
+    data_len: u64,
     chain: Chain,
     /// The status byte to answer when no backend I/O ran.
     ready_status: u8,
@@ -85,10 +115,21 @@ impl BlkContext {
         if let Some(e) = &c.refused {
             return Err(e.clone());
         }
+        let h = read_header(mem, c)?;
+        self.plan_header(h, mem, c, io)
+    }
+
+    /// [`plan`](Self::plan) once the header is read.
+    fn plan_header(
+        &self,
+        h: Header,
+        mem: &GuestMemoryMmap,
+        c: &Chain,
+        io: &mut IoRequest,
+    ) -> Result<Plan, RequestError> {
         if c.readable_after_writable {
             return Err(RequestError::ReadableAfterWritable);
         }
-        let h = read_header(mem, c)?;
         let out_len = total_len(&c.readable) - HEADER_SIZE as u64;
         let in_len = total_len(&c.writable);
         match h.kind {
@@ -219,7 +260,21 @@ impl RequestHandler for BlkContext {
             return Prepared::Broken(e.to_string());
         }
         let c = &req.chain;
-        match self.plan(mem, c, io) {
+        let mut vtype = u32::MAX;
+        let planned = match &c.refused {
+            Some(e) => Err(e.clone()),
+            None => read_header(mem, c).and_then(|h| {
+                vtype = h.kind;
+                self.plan_header(h, mem, c, io)
+            }),
+        };
+        req.vtype = vtype;
+        req.data_len = match vtype {
+            VIRTIO_BLK_T_IN => total_len(&c.writable),
+            VIRTIO_BLK_T_OUT => total_len(&c.readable).saturating_sub(HEADER_SIZE as u64),
+            _ => 0,
+        };
+        match planned {
             Ok(Plan::Done { status, used }) => {
                 req.ready_status = status;
                 req.ok_used = used;
@@ -253,7 +308,38 @@ impl RequestHandler for BlkContext {
         mem: &GuestMemoryMmap,
         req: &BlkReq,
         result: Option<&io::Result<()>>,
+        stats: &QueueStats,
     ) -> Finish {
+        let f = self.finish_request(mem, req, result);
+        QueueStats::add(&stats.requests[kind_index(req.vtype)], 1);
+        match &f {
+            (Finish::Used(_), Some(st)) if *st == status_u8(VIRTIO_BLK_S_OK) => {
+                let bytes = &match req.vtype {
+                    VIRTIO_BLK_T_IN => &stats.bytes_read,
+                    VIRTIO_BLK_T_OUT => &stats.bytes_written,
+                    _ => return f.0,
+                };
+                QueueStats::add(bytes, req.data_len);
+            }
+            (_, Some(st)) if *st == status_u8(VIRTIO_BLK_S_UNSUPP) => {
+                QueueStats::add(&stats.errors[1], 1);
+            }
+            (_, Some(_)) => QueueStats::add(&stats.errors[0], 1),
+            (_, None) => QueueStats::add(&stats.errors[2], 1),
+        }
+        f.0
+    }
+}
+
+impl BlkContext {
+    /// Answers a request: the status written (None: none was) and what to
+    /// tell the engine.
+    fn finish_request(
+        &self,
+        mem: &GuestMemoryMmap,
+        req: &BlkReq,
+        result: Option<&io::Result<()>>,
+    ) -> (Finish, Option<u8>) {
         let ok = status_u8(VIRTIO_BLK_S_OK);
         let status = match result {
             None => req.ready_status,
@@ -262,22 +348,28 @@ impl RequestHandler for BlkContext {
                 if st != ok && self.on_error == ErrorPolicy::Stop {
                     // werror=stop: the request is not answered; the queue
                     // waits for a reset.
-                    return Finish::Stop("backend error with --on-error stop".into());
+                    return (
+                        Finish::Stop("backend error with --on-error stop".into()),
+                        None,
+                    );
                 }
                 st
             }
         };
         let Some(addr) = req.chain.status else {
-            return Finish::Used(0);
+            return (Finish::Used(0), None);
         };
         if !write_status(mem, addr, status) {
             crate::warn_limited!(
                 "status byte of request {} is outside guest memory",
                 req.chain.head
             );
-            return Finish::Used(0);
+            return (Finish::Used(0), None);
         }
-        Finish::Used(if status == ok { req.ok_used } else { 1 })
+        (
+            Finish::Used(if status == ok { req.ok_used } else { 1 }),
+            Some(status),
+        )
     }
 }
 

@@ -13,7 +13,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::backend::io::Backend;
-use crate::engine::{Activation, Active, Engine, Fence};
+use crate::engine::{Activation, Active, Engine, Fence, QueueStats};
 use crate::vfio_user::{DmaRange, GuestMemoryHandle};
 use crate::virtio::{QueueConfig, VirtioDevice, VirtioInterrupt};
 pub use config::BlkConfig;
@@ -49,6 +49,8 @@ pub struct BlkDevice {
     engine: Arc<Engine>,
     /// The queues while the driver has the device running.
     active: Option<Active>,
+    /// Per queue, kept across activations and clients.
+    stats: Vec<Arc<QueueStats>>,
     acked: u32,
     write_through: Arc<AtomicBool>,
 }
@@ -67,6 +69,7 @@ impl BlkDevice {
     ) -> BlkDevice {
         let config = BlkConfig::new(&opts);
         BlkDevice {
+            stats: (0..opts.num_queues).map(|_| Arc::default()).collect(),
             name,
             opts,
             config,
@@ -187,6 +190,7 @@ impl VirtioDevice for BlkDevice {
             handler: ctx,
             memory: self.memory.clone(),
             queues,
+            stats: self.stats.clone(),
             event_idx: features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
             irq,
         }));

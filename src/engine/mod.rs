@@ -20,6 +20,7 @@
 mod pool;
 mod queue;
 mod reactor;
+pub mod stats;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -40,6 +41,7 @@ use crate::virtio::{QueueConfig, VirtioInterrupt};
 use pool::Pool;
 pub use reactor::Fence;
 use reactor::{Msg, Reactor, ReactorTx, Waker};
+pub use stats::{QueueStats, ReactorStats};
 
 /// How reactors wait for work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -108,11 +110,13 @@ pub trait RequestHandler: Send + Sync + 'static {
     fn finish_range(&self, req: &Self::Req) -> Option<(u64, u64)>;
     /// Writes the outcome into guest memory (status) and gives the used
     /// length. `result` is the backend's, or None when `prepare` answered.
+    /// `stats` is the queue's, for the device to count the request in.
     fn finish(
         &self,
         mem: &GuestMemoryMmap,
         req: &Self::Req,
         result: Option<&io::Result<()>>,
+        stats: &QueueStats,
     ) -> Finish;
 }
 
@@ -135,6 +139,7 @@ pub enum Finish {
 struct ReactorHandle {
     tx: ReactorTx,
     load: Arc<AtomicUsize>,
+    stats: Arc<ReactorStats>,
 }
 
 /// The reactors and the I/O engines of the process. Shared by every device.
@@ -153,6 +158,8 @@ pub struct Activation<H: RequestHandler> {
     pub handler: Arc<H>,
     pub memory: GuestMemoryHandle,
     pub queues: Vec<Option<QueueConfig>>,
+    /// The device's statistics for each queue (kept across activations).
+    pub stats: Vec<Arc<QueueStats>>,
     pub event_idx: bool,
     pub irq: VirtioInterrupt,
 }
@@ -186,7 +193,8 @@ impl Engine {
                     None
                 };
                 let load = Arc::new(AtomicUsize::new(0));
-                let r = Reactor::new(
+                let stats = Arc::new(ReactorStats::default());
+                let mut r = Reactor::new(
                     format!("reactor {i}"),
                     rx,
                     me.clone(),
@@ -195,6 +203,7 @@ impl Engine {
                     cfg.mode,
                     load.clone(),
                 );
+                r.stats = stats.clone();
                 let cpu = (!cfg.cpus.is_empty()).then(|| cfg.cpus[i % cfg.cpus.len()]);
                 thread::Builder::new()
                     .name(format!("reactor-{i}"))
@@ -204,7 +213,11 @@ impl Engine {
                         }
                         r.run();
                     })?;
-                reactors.push(ReactorHandle { tx: me, load });
+                reactors.push(ReactorHandle {
+                    tx: me,
+                    load,
+                    stats,
+                });
             }
             info!(
                 "{} reactor(s) in {:?} mode, file I/O on {}",
@@ -230,6 +243,19 @@ impl Engine {
         self.cfg.mode
     }
 
+    /// Each reactor's time accounting, in reactor order.
+    pub fn reactor_stats(&self) -> Vec<Arc<ReactorStats>> {
+        self.reactors.iter().map(|r| r.stats.clone()).collect()
+    }
+
+    /// Queues assigned to each reactor now.
+    pub fn reactor_loads(&self) -> Vec<usize> {
+        self.reactors
+            .iter()
+            .map(|r| r.load.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// Threads the pool runs now.
     pub fn io_threads(&self) -> usize {
         self.pool.workers()
@@ -244,6 +270,7 @@ impl Engine {
             match make_queue(qc, a.event_idx) {
                 Ok(q) => {
                     let id = self.next_queue.fetch_add(1, Ordering::Relaxed);
+                    let stats = a.stats.get(i).cloned().unwrap_or_default();
                     runners.push((
                         i,
                         Box::new(queue::QueueState::new(
@@ -256,6 +283,7 @@ impl Engine {
                             a.memory.clone(),
                             a.event_idx,
                             self.use_uring,
+                            stats,
                         )),
                     ));
                 }

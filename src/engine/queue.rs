@@ -12,7 +12,9 @@
 //! points into.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::info;
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
@@ -21,7 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, Gues
 
 use super::pool::{Done, Job};
 use super::reactor::{Cx, Fence, QueueRunner};
-use super::{Finish, Prepared, RequestHandler};
+use super::{Finish, Prepared, QueueStats, RequestHandler};
 use crate::backend::io::{Backend, UringTarget};
 use crate::backend::request::{IoKind, IoRequest};
 use crate::backend::uring::Uring;
@@ -48,6 +50,8 @@ struct Slot<R> {
     /// While the request is at the pool (its iovecs travel with it): the
     /// host span they cover, for unmap decisions.
     span: (usize, usize),
+    /// When it was taken from the ring.
+    start: Instant,
 }
 
 pub(crate) struct QueueState<H: RequestHandler> {
@@ -76,6 +80,7 @@ pub(crate) struct QueueState<H: RequestHandler> {
     /// not remembered by address, so that a new snapshot can never look
     /// like it.)
     ring_checked: Option<Arc<GuestMemoryMmap>>,
+    stats: Arc<QueueStats>,
 }
 
 impl<H: RequestHandler> QueueState<H> {
@@ -90,6 +95,7 @@ impl<H: RequestHandler> QueueState<H> {
         memory: GuestMemoryHandle,
         event_idx: bool,
         use_uring: bool,
+        stats: Arc<QueueStats>,
     ) -> QueueState<H> {
         let backend = handler.backend().clone();
         let size = usize::from(queue.size());
@@ -104,6 +110,7 @@ impl<H: RequestHandler> QueueState<H> {
                 },
                 mem: None,
                 span: (0, 0),
+                start: Instant::now(),
             })
             .collect();
         QueueState {
@@ -131,6 +138,7 @@ impl<H: RequestHandler> QueueState<H> {
             fence: None,
             withdrawn: false,
             ring_checked: None,
+            stats,
         }
     }
 
@@ -189,13 +197,18 @@ impl<H: RequestHandler> QueueState<H> {
         }
         s.at = At::Free;
         self.in_flight -= 1;
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.stats.latency.record(s.start.elapsed());
         let Some(mem) = s.mem.take() else { return };
         if self.withdrawn || self.broken.is_some() {
             // The activation is over (or the ring is unusable): nothing is
             // written for it any more.
             return;
         }
-        match self.handler.finish(&mem, &s.req, result.as_ref()) {
+        match self
+            .handler
+            .finish(&mem, &s.req, result.as_ref(), &self.stats)
+        {
             Finish::Used(len) => {
                 if let Err(e) = self.queue.add_used(&*mem, slot, len) {
                     self.break_queue(&format!("used ring: {e}"));
@@ -322,12 +335,15 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             }
             s.at = At::Reactor;
             s.mem = Some(mem.clone());
+            s.start = Instant::now();
             self.in_flight += 1;
+            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
             match self.handler.prepare(&mem, chain, &mut s.req, &mut s.io) {
                 Prepared::Broken(why) => {
                     s.at = At::Free;
                     s.mem = None;
                     self.in_flight -= 1;
+                    self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                     self.break_queue(&why);
                     break;
                 }
@@ -342,6 +358,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
                         s.at = At::Free;
                         s.mem = None;
                         self.in_flight -= 1;
+                        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                         let next = self.queue.next_avail().wrapping_sub(1);
                         self.queue.set_next_avail(next);
                         self.paused = true;

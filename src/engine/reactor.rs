@@ -150,6 +150,7 @@ pub(crate) struct Reactor {
     /// Queues assigned to this reactor (for placement).
     pub load: Arc<AtomicUsize>,
     completions: Vec<(u64, i32)>,
+    pub stats: Arc<super::ReactorStats>,
     shutdown: bool,
     /// Withdrawn queues that leave once nothing is in flight.
     leaving: Vec<u64>,
@@ -177,6 +178,7 @@ impl Reactor {
             withdraw_acks: Vec::new(),
             load,
             completions: Vec::with_capacity(256),
+            stats: Arc::default(),
             shutdown: false,
             leaving: Vec::new(),
         }
@@ -354,8 +356,18 @@ impl Reactor {
     /// The reactor thread.
     pub fn run(mut self) {
         let mut last_work = Instant::now();
+        let mut mark = Instant::now();
         loop {
             let work = self.pass();
+            // Time since the last mark counts as busy when the pass found
+            // work (sleeps end a mark too, so they never count).
+            let now = Instant::now();
+            let ns = u64::try_from((now - mark).as_nanos()).unwrap_or(u64::MAX);
+            mark = now;
+            self.stats.total_ns.fetch_add(ns, Ordering::Relaxed);
+            if work {
+                self.stats.busy_ns.fetch_add(ns, Ordering::Relaxed);
+            }
             if self.shutdown && self.queues.is_empty() {
                 return;
             }
@@ -386,6 +398,10 @@ impl Reactor {
                 }
             }
             self.sleep();
+            let now = Instant::now();
+            let slept = u64::try_from((now - mark).as_nanos()).unwrap_or(u64::MAX);
+            self.stats.total_ns.fetch_add(slept, Ordering::Relaxed);
+            mark = now;
             if self.mode == PollMode::Adaptive {
                 for q in self.queues.iter_mut() {
                     q.set_notifications(false);
