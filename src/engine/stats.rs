@@ -34,7 +34,8 @@ impl Histogram {
         }
         let power = 63 - ns.leading_zeros();
         let sub = (ns >> (power - SUB_BITS)) & (SUB as u64 - 1);
-        let b = (power - SUB_BITS + 1) as usize * SUB + usize::try_from(sub).unwrap_or(0);
+        let b = usize::try_from(power - SUB_BITS + 1).unwrap_or(0) * SUB
+            + usize::try_from(sub).unwrap_or(0);
         b.min(POWERS * SUB - 1)
     }
 
@@ -43,7 +44,7 @@ impl Histogram {
         if b < SUB {
             return b as u64;
         }
-        let power = (b / SUB) as u32 + SUB_BITS - 1;
+        let power = u32::try_from(b / SUB).unwrap_or(0) + SUB_BITS - 1;
         let sub = (b % SUB) as u64;
         (1u64 << power) | (sub << (power - SUB_BITS))
     }
