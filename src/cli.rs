@@ -94,6 +94,12 @@ pub struct Options {
     #[arg(long)]
     pub no_write_zeroes: bool,
 
+    /// Take no lock on the image and ignore others' (read-only disks only,
+    /// as QEMU's force-share=on). Without it, a read-write image is locked
+    /// exclusively and a read-only one shared, with QEMU's own locks.
+    #[arg(long, requires = "readonly")]
+    pub force_share: bool,
+
     /// Reactor (poller) threads shared by every disk's queues; queues go to
     /// the least-loaded reactor when the guest starts the device.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -140,6 +146,8 @@ pub struct DeviceSpec {
     pub direct: bool,
     pub discard: bool,
     pub write_zeroes: bool,
+    /// Take no image lock (read-only only), as QEMU's force-share=on.
+    pub force_share: bool,
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
@@ -184,6 +192,7 @@ impl std::str::FromStr for DeviceSpec {
             direct: false,
             discard: true,
             write_zeroes: true,
+            force_share: false,
         };
         for item in items.iter().filter(|i| !i.is_empty()) {
             let (k, v) = item
@@ -201,10 +210,12 @@ impl std::str::FromStr for DeviceSpec {
                 "direct" => d.direct = on_off(k, v)?,
                 "discard" => d.discard = on_off(k, v)?,
                 "write-zeroes" => d.write_zeroes = on_off(k, v)?,
+                "force-share" => d.force_share = on_off(k, v)?,
                 _ => {
                     return Err(format!(
                         "unknown key '{k}' (keys: socket, disk, size, readonly, queues, \
-                         queue-size, serial, logical-block-size, direct, discard, write-zeroes)"
+                         queue-size, serial, logical-block-size, direct, discard, write-zeroes, \
+                         force-share)"
                     ))
                 }
             }
@@ -309,6 +320,12 @@ impl Options {
             if devices[..i].iter().any(|e| e.socket == d.socket) {
                 bail!("socket {} is given to two disks", d.socket.display());
             }
+            if d.force_share && !d.readonly {
+                bail!(
+                    "force-share is for read-only disks (socket {}): add readonly=on",
+                    d.socket.display()
+                );
+            }
         }
         if !self.cpus.is_empty() {
             let usable =
@@ -344,6 +361,7 @@ impl Options {
                 direct: self.direct,
                 discard: !self.no_discard,
                 write_zeroes: !self.no_write_zeroes,
+                force_share: self.force_share,
             });
         }
         v.extend(self.devices.iter().cloned());
@@ -432,6 +450,7 @@ pub fn build_device(
             readonly: spec.readonly,
             create_size: spec.size,
             direct: spec.direct.then_some(spec.logical_block_size as usize),
+            force_share: spec.force_share,
         },
     )
     .with_context(|| format!("opening disk {:?}", spec.disk))?;

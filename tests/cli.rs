@@ -166,3 +166,47 @@ fn cpus_that_do_not_exist_are_refused_before_anything_is_created() {
     fresh_client_works(&srv.socket);
     srv.assert_alive();
 }
+
+/// Image locks as QEMU takes them: a second server that would write an
+/// image another one writes is refused, with the image's name; read-only
+/// users share; force-share is for read-only disks only.
+#[test]
+fn a_second_server_on_a_locked_image_is_refused() {
+    let dir = TempDir::new("lock");
+    let img = dir.path("d.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let first = ServerProcess::start(&["--disk", img.to_str().unwrap()]);
+    let sock = dir.path("second.sock");
+    let run = |extra: &[&str]| {
+        Command::new(bin())
+            .args([
+                "--socket",
+                sock.to_str().unwrap(),
+                "--disk",
+                img.to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for extra in [&[][..], &["--readonly"][..]] {
+        let out = run(extra);
+        assert!(!out.status.success(), "{extra:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("locked") && err.contains("d.img"), "{err}");
+        assert!(!sock.exists());
+    }
+    let out = run(&["--force-share"]);
+    assert!(!out.status.success(), "force-share without readonly");
+    drop(first);
+    // Readers share.
+    let r1 = ServerProcess::start(&["--disk", img.to_str().unwrap(), "--readonly"]);
+    let mut r2 = ServerProcess::start(&["--disk", img.to_str().unwrap(), "--readonly"]);
+    r2.assert_alive();
+    let out = run(&[]);
+    assert!(!out.status.success(), "a writer beside readers");
+    drop(r1);
+}

@@ -2,6 +2,7 @@
 //! virtio.
 
 pub mod io;
+pub mod lock;
 pub mod request;
 pub mod uring;
 
@@ -59,6 +60,8 @@ pub enum OpenError {
     Unaligned(u64),
     #[error("disk size is 0")]
     Empty,
+    #[error("{path} is locked: {why} (a read-only device may take it with force-share)")]
+    Locked { path: PathBuf, why: String },
 }
 
 /// An opened disk.
@@ -77,6 +80,9 @@ pub struct OpenOptionsDisk {
     pub create_size: Option<u64>,
     /// O_DIRECT, with this alignment (the logical block size).
     pub direct: Option<usize>,
+    /// Take no image lock and check none (QEMU's force-share; read-only
+    /// devices only).
+    pub force_share: bool,
 }
 
 /// Opens (or, with `create_size`, creates) a disk.
@@ -131,6 +137,12 @@ pub fn open(spec: &DiskSpec, o: OpenOptionsDisk) -> Result<Disk, OpenError> {
                     path: path.clone(),
                     source,
                 })?;
+            if !o.force_share {
+                lock::lock_image(&f, readonly).map_err(|why| OpenError::Locked {
+                    path: path.clone(),
+                    why,
+                })?;
+            }
             // Seeking to the end gives the size of block devices too.
             let size = f.seek(SeekFrom::End(0)).map_err(|source| OpenError::Size {
                 path: path.clone(),
@@ -190,6 +202,9 @@ mod tests {
         };
         let d = open(&spec, create).unwrap();
         assert_eq!(d.size, 1 << 20);
+        // The image is locked while `d` holds it.
+        assert!(matches!(open(&spec, plain), Err(OpenError::Locked { .. })));
+        drop(d);
         std::fs::write(&p, [0u8; 1000]).unwrap();
         assert!(matches!(
             open(&spec, plain),
