@@ -13,7 +13,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::backend::{self, DiskSpec, OpenOptionsDisk};
 use crate::blk::exec::ErrorPolicy;
-use crate::blk::{BlkDevice, BlkOptions};
+use crate::blk::{BlkDevice, BlkOptions, BlkShared};
 use crate::engine::{Engine, EngineConfig, IoEngine, PollMode};
 use crate::pci::{self, Identity, Interrupts, PciFunction};
 use crate::util::parse_size;
@@ -34,8 +34,26 @@ use crate::virtio::legacy::LegacyTransport;
 /// queue-size=N,serial=S,logical-block-size=N,direct=on,discard=off,
 /// write-zeroes=off]`, repeatable (a comma inside a value is written `,,`).
 #[derive(Parser, Debug, Clone)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, args_conflicts_with_subcommands = true)]
 pub struct Options {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Management socket (JSON-RPC 2.0, one object per line; owner-only):
+    /// add, remove, list, resize devices and read statistics while the
+    /// target runs. With it, the target may start with no disk at all.
+    #[arg(long, value_name = "PATH")]
+    pub rpc_socket: Option<PathBuf>,
+
+    /// Serve statistics as Prometheus text on http://ADDR:PORT/metrics
+    /// (loopback unless you say otherwise, e.g. 127.0.0.1:9135).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+
+    /// Log level: error, warn, info, debug or trace (RUST_LOG, when set,
+    /// takes precedence and allows per-module filters).
+    #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: String,
     /// Path of the unix socket to listen on (created with owner-only
     /// permissions), for the one-disk form.
     #[arg(long, value_name = "PATH", requires = "disk")]
@@ -132,9 +150,42 @@ pub struct Options {
     pub on_error: ErrorPolicy,
 }
 
+/// Subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Send one request to a running target's management socket and print
+    /// the result (exit 1 with the error message on an error), e.g.
+    /// `vfio-user-blk rpc --rpc-socket /run/vub.sock device_resize name=disk0 size=2G`.
+    Rpc {
+        #[arg(long, value_name = "PATH")]
+        rpc_socket: PathBuf,
+        /// device_add, device_remove, device_list, device_resize, device_stats
+        method: String,
+        /// Parameters as key=value (numbers and true/false are typed).
+        params: Vec<String>,
+    },
+}
+
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let s = if s.starts_with(':') {
+        format!("127.0.0.1{s}")
+    } else if !s.contains(':') {
+        format!("127.0.0.1:{s}")
+    } else {
+        s.to_string()
+    };
+    s.to_socket_addrs()
+        .map_err(|e| format!("'{s}': {e}"))?
+        .next()
+        .ok_or_else(|| format!("'{s}' names no address"))
+}
+
 /// One disk and its options, from `--device` or the one-disk flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceSpec {
+    /// Its name for the management plane and the log (default `diskN`).
+    pub name: Option<String>,
     pub socket: PathBuf,
     pub disk: DiskSpec,
     pub size: Option<u64>,
@@ -181,6 +232,7 @@ impl std::str::FromStr for DeviceSpec {
         items.push(cur);
         let (mut socket, mut disk) = (None, None);
         let mut d = DeviceSpec {
+            name: None,
             socket: PathBuf::new(),
             disk: DiskSpec::Null(0),
             size: None,
@@ -200,6 +252,7 @@ impl std::str::FromStr for DeviceSpec {
                 .ok_or_else(|| format!("'{item}' is not key=value"))?;
             match k {
                 "socket" => socket = Some(PathBuf::from(v)),
+                "name" => d.name = Some(parse_name(v)?),
                 "disk" => disk = Some(v.parse::<DiskSpec>()?),
                 "size" => d.size = Some(parse_size(v)?),
                 "readonly" => d.readonly = on_off(k, v)?,
@@ -213,7 +266,7 @@ impl std::str::FromStr for DeviceSpec {
                 "force-share" => d.force_share = on_off(k, v)?,
                 _ => {
                     return Err(format!(
-                        "unknown key '{k}' (keys: socket, disk, size, readonly, queues, \
+                        "unknown key '{k}' (keys: name, socket, disk, size, readonly, queues, \
                          queue-size, serial, logical-block-size, direct, discard, write-zeroes, \
                          force-share)"
                     ))
@@ -223,6 +276,50 @@ impl std::str::FromStr for DeviceSpec {
         d.socket = socket.ok_or("socket=PATH is missing")?;
         d.disk = disk.ok_or("disk=SPEC is missing")?;
         Ok(d)
+    }
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "device name '{s}': 1 to 64 letters, digits, '-', '_' or '.'"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+impl DeviceSpec {
+    /// What can be checked before anything is created: the socket path
+    /// fits a unix socket address and its folder exists; force-share is
+    /// for read-only disks.
+    pub fn validate_against_machine(&self) -> Result<()> {
+        let len = self.socket.as_os_str().len();
+        if len == 0 || len > 107 {
+            bail!(
+                "socket path {} is {len} bytes; a unix socket path has 1 to 107",
+                self.socket.display()
+            );
+        }
+        if let Some(dir) = self.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                bail!(
+                    "the folder of socket {} does not exist",
+                    self.socket.display()
+                );
+            }
+        }
+        if self.force_share && !self.readonly {
+            bail!(
+                "force-share is for read-only disks (socket {}): add readonly=on",
+                self.socket.display()
+            );
+        }
+        Ok(())
     }
 }
 
@@ -313,19 +410,23 @@ impl Options {
     /// nor be found only when the guest starts the device.
     pub fn validate(&self) -> Result<()> {
         let devices = self.device_specs();
-        if devices.is_empty() {
-            bail!("no disk to serve: give --socket PATH --disk SPEC, or --device socket=PATH,disk=SPEC");
+        if devices.is_empty() && self.rpc_socket.is_none() {
+            bail!(
+                "no disk to serve: give --socket PATH --disk SPEC, --device socket=PATH,disk=SPEC, \
+                 or --rpc-socket PATH to add disks later"
+            );
         }
         for (i, d) in devices.iter().enumerate() {
             if devices[..i].iter().any(|e| e.socket == d.socket) {
                 bail!("socket {} is given to two disks", d.socket.display());
             }
-            if d.force_share && !d.readonly {
-                bail!(
-                    "force-share is for read-only disks (socket {}): add readonly=on",
-                    d.socket.display()
-                );
+            if devices[..i]
+                .iter()
+                .any(|e| e.name.is_some() && e.name == d.name)
+            {
+                bail!("two disks are named {:?}", d.name);
             }
+            d.validate_against_machine()?;
         }
         if !self.cpus.is_empty() {
             let usable =
@@ -350,6 +451,7 @@ impl Options {
         let mut v = Vec::new();
         if let (Some(socket), Some(disk)) = (&self.socket, &self.disk) {
             v.push(DeviceSpec {
+                name: None,
                 socket: socket.clone(),
                 disk: disk.clone(),
                 size: self.size,
@@ -413,7 +515,7 @@ pub fn build_target(opts: &Options, inline: bool) -> Result<Target> {
     let engine = Engine::start(opts.engine_config(inline)).context("starting the reactors")?;
     let mut devices = Vec::new();
     for (i, spec) in opts.device_specs().into_iter().enumerate() {
-        let server = build_device(&spec, i, opts, &engine)?;
+        let (server, _) = build_device(&spec, i, opts, &engine)?;
         devices.push((spec, server));
     }
     Ok(Target { engine, devices })
@@ -443,7 +545,7 @@ pub fn build_device(
     index: usize,
     opts: &Options,
     engine: &Arc<Engine>,
-) -> Result<Server<BlkFunction>> {
+) -> Result<(Server<BlkFunction>, Arc<BlkShared>)> {
     let disk = backend::open(
         &spec.disk,
         OpenOptionsDisk {
@@ -473,7 +575,7 @@ pub fn build_on_backend(
         readonly: spec.readonly,
         backend,
     };
-    device_on(&spec, 0, opts, &engine, disk)
+    device_on(&spec, 0, opts, &engine, disk).map(|(s, _)| s)
 }
 
 fn device_on(
@@ -482,7 +584,7 @@ fn device_on(
     opts: &Options,
     engine: &Arc<Engine>,
     disk: backend::Disk,
-) -> Result<Server<BlkFunction>> {
+) -> Result<(Server<BlkFunction>, Arc<BlkShared>)> {
     let name = format!("disk{index} ({})", spec.socket.display());
     if !disk.size.is_multiple_of(u64::from(spec.logical_block_size)) {
         bail!(
@@ -520,7 +622,12 @@ fn device_on(
         memory.clone(),
         engine.clone(),
     );
+    let shared = blk.shared();
     let transport = LegacyTransport::new(blk, irqs.clone());
+    shared.set_config_notifier(transport.config_notifier());
     let function = PciFunction::new(VIRTIO_BLK_IDENTITY, transport, irqs);
-    Ok(Server::new(function, memory, ServerConfig::default()))
+    Ok((
+        Server::new(function, memory, ServerConfig::default()),
+        shared,
+    ))
 }

@@ -11,6 +11,7 @@ pub mod driver_ring;
 pub mod engine;
 pub mod memory;
 pub mod pci;
+pub mod target;
 pub mod util;
 pub mod vfio_user;
 pub mod virtio;

@@ -1,75 +1,69 @@
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use log::{error, info};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use vfio_user_blk::cli::{bind_socket, build_target, Options};
+use vfio_user_blk::cli::{Command, Options};
+use vfio_user_blk::target::{metrics, rpc, Target};
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let opts = Options::parse();
-    match run(&opts) {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&opts.log_level))
+        .init();
+    let r = match &opts.command {
+        Some(Command::Rpc {
+            rpc_socket,
+            method,
+            params,
+        }) => rpc::client(rpc_socket, method, params).map(|v| {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+            );
+        }),
+        None => run(&opts),
+    };
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // The whole chain of causes, outermost first.
+            // One line: the causes, outermost first.
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            error!("{}", chain.join(": "));
-            eprintln!("vfio-user-blk: {}", chain.join("\n  caused by: "));
+            eprintln!("vfio-user-blk: {}", chain.join(": "));
             ExitCode::FAILURE
         }
     }
 }
 
 fn run(opts: &Options) -> anyhow::Result<()> {
-    let target = build_target(opts, false)?;
-    // Bind every socket before serving any: a taken path fails the start
-    // and removes the sockets already bound.
-    let mut bound: Vec<PathBuf> = Vec::new();
-    let mut listeners = Vec::new();
-    for (spec, _) in &target.devices {
-        match bind_socket(&spec.socket, opts.force) {
-            Ok(l) => {
-                bound.push(spec.socket.clone());
-                listeners.push(l);
-            }
-            Err(e) => {
-                for p in &bound {
-                    let _ = std::fs::remove_file(p);
-                }
-                return Err(e);
-            }
+    // Signals are taken before anything is created, so that none is lost.
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let target = Target::start(opts)?;
+    if let Some(path) = &opts.rpc_socket {
+        if let Err(e) = rpc::serve(target.clone(), path, opts.force) {
+            target.shutdown();
+            return Err(e);
         }
     }
-    // Remove the sockets on SIGINT/SIGTERM so that the next run starts clean.
-    let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let paths = bound.clone();
-    std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            info!("signal {sig}: removing the sockets and exiting");
-            for p in &paths {
+    if let Some(addr) = opts.metrics {
+        if let Err(e) = metrics::serve(target.clone(), addr) {
+            target.shutdown();
+            if let Some(p) = &opts.rpc_socket {
                 let _ = std::fs::remove_file(p);
             }
-            std::process::exit(0);
+            return Err(e);
         }
-    });
-    let mut threads = Vec::new();
-    for ((spec, mut server), listener) in target.devices.into_iter().zip(listeners) {
-        info!("listening on {}", spec.socket.display());
-        threads.push(
-            std::thread::Builder::new()
-                .name("vfio-user".into())
-                .spawn(move || server.run(listener))?,
-        );
     }
-    for t in threads {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!("a device's server stopped: {e}"),
-            Err(_) => error!("a device's server thread panicked"),
+    if let Some(sig) = signals.forever().next() {
+        info!("signal {sig}: draining, flushing and removing the sockets");
+        target.shutdown();
+        if let Some(p) = &opts.rpc_socket {
+            let _ = std::fs::remove_file(p);
         }
+        info!("stopped");
+    } else {
+        error!("signal handling ended");
     }
     Ok(())
 }

@@ -36,6 +36,14 @@ pub trait Backend: Send + Sync {
     fn uring_target(&self) -> Option<UringTarget> {
         None
     }
+    /// Sets the disk's size to `size` bytes, or (None) reads it again (a
+    /// block device resized underneath); returns the size now.
+    fn resize(&self, _size: Option<u64>) -> io::Result<u64> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this disk cannot be resized",
+        ))
+    }
 }
 
 /// What an io_uring needs to serve a backend.
@@ -72,6 +80,9 @@ impl Backend for NullBackend {
     }
     fn inline(&self) -> bool {
         true
+    }
+    fn resize(&self, size: Option<u64>) -> io::Result<u64> {
+        size.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "give a size"))
     }
 }
 
@@ -346,6 +357,27 @@ impl Backend for FileBackend {
 
     fn inline(&self) -> bool {
         self.inline
+    }
+
+    fn resize(&self, size: Option<u64>) -> io::Result<u64> {
+        let meta = self.file.metadata()?;
+        let block_device = {
+            use std::os::unix::fs::FileTypeExt;
+            meta.file_type().is_block_device()
+        };
+        match (size, block_device) {
+            (Some(_), true) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a block device's size is its own: resize the device, then give no size",
+                ))
+            }
+            (Some(s), false) => self.file.set_len(s)?,
+            (None, _) => {}
+        }
+        // Seeking to the end gives the size of block devices too.
+        let mut f = &self.file;
+        io::Seek::seek(&mut f, io::SeekFrom::End(0))
     }
 
     fn uring_target(&self) -> Option<UringTarget> {

@@ -42,6 +42,16 @@ impl std::str::FromStr for DiskSpec {
     }
 }
 
+impl std::fmt::Display for DiskSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskSpec::File(p) => write!(f, "{}", p.display()),
+            DiskSpec::Ram(s) => write!(f, "ram:{s}"),
+            DiskSpec::Null(s) => write!(f, "null:{s}"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("cannot open {path}: {source}")]

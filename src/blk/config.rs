@@ -1,6 +1,8 @@
 //! The virtio_blk_config block, laid out by virtio-bindings' struct.
 
 use std::mem::{offset_of, size_of};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     virtio_blk_config as Cfg, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH,
@@ -16,6 +18,8 @@ pub fn seg_max(queue_size: u16) -> u32 {
 
 pub struct BlkConfig {
     bytes: Vec<u8>,
+    /// Capacity in sectors, shared with whoever resizes the disk.
+    capacity: Arc<AtomicU64>,
     /// The driver's features: `wce` reads 0 without FLUSH (no cache the
     /// driver could flush) and is writable only with CONFIG_WCE.
     features: u32,
@@ -23,12 +27,12 @@ pub struct BlkConfig {
 
 impl BlkConfig {
     pub fn new(o: &BlkOptions) -> BlkConfig {
+        let sectors = o.capacity_bytes / 512;
         let mut c = BlkConfig {
             bytes: vec![0; size_of::<Cfg>()],
+            capacity: Arc::new(AtomicU64::new(sectors)),
             features: 0,
         };
-        let sectors = o.capacity_bytes / 512;
-        c.put(offset_of!(Cfg, capacity), &sectors.to_le_bytes());
         c.put(offset_of!(Cfg, size_max), &SIZE_MAX.to_le_bytes());
         c.put(
             offset_of!(Cfg, seg_max),
@@ -87,10 +91,18 @@ impl BlkConfig {
     }
 
     pub fn capacity_sectors(&self) -> u64 {
-        let o = offset_of!(Cfg, capacity);
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.bytes[o..o + 8]);
-        u64::from_le_bytes(b)
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// The capacity cell, for the request path and for resizing.
+    pub fn capacity_cell(&self) -> Arc<AtomicU64> {
+        self.capacity.clone()
+    }
+
+    /// Shares `cell` as the capacity (a reset keeps the disk's size).
+    pub fn with_capacity_cell(mut self, cell: Arc<AtomicU64>) -> BlkConfig {
+        self.capacity = cell;
+        self
     }
 
     /// The driver's feature bits, as written so far.
@@ -111,6 +123,13 @@ impl BlkConfig {
     /// Reads config bytes; the caller keeps `offset + data.len()` in range.
     pub fn read(&self, offset: usize, data: &mut [u8]) {
         data.copy_from_slice(&self.bytes[offset..offset + data.len()]);
+        let cap = offset_of!(Cfg, capacity);
+        let bytes = self.capacity_sectors().to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            if let Some(k) = (offset + i).checked_sub(cap).filter(|&k| k < 8) {
+                *b = bytes[k];
+            }
+        }
         let wce = offset_of!(Cfg, wce);
         if (offset..offset + data.len()).contains(&wce) {
             data[wce - offset] = u8::from(self.writeback());

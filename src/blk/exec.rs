@@ -2,7 +2,7 @@
 //! and its answer: the device's [`RequestHandler`] for the engine.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
@@ -27,8 +27,8 @@ pub enum ErrorPolicy {
 /// activation.
 pub struct BlkContext {
     pub backend: Arc<dyn Backend>,
-    /// Capacity in 512-byte sectors.
-    pub capacity: u64,
+    /// Capacity in 512-byte sectors (changes with a resize).
+    pub capacity: Arc<AtomicU64>,
     /// Logical block size in bytes.
     pub block: u64,
     pub readonly: bool,
@@ -104,6 +104,10 @@ fn used_len(bytes: u64) -> u32 {
 }
 
 impl BlkContext {
+    fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
     /// Validates a walked chain and fills `io` with what it needs. Never
     /// touches the backend; every check on guest input happens here.
     pub fn plan(
@@ -134,7 +138,7 @@ impl BlkContext {
         let in_len = total_len(&c.writable);
         match h.kind {
             VIRTIO_BLK_T_IN => {
-                let offset = check_range(h.sector, in_len, self.capacity, self.block)?;
+                let offset = check_range(h.sector, in_len, self.capacity(), self.block)?;
                 io.reset(IoKind::Read);
                 io.offset = offset;
                 iovecs(mem, &c.writable, 0, &mut io.iov)?;
@@ -146,7 +150,7 @@ impl BlkContext {
                 if self.readonly {
                     return Err(RequestError::ReadOnly);
                 }
-                let offset = check_range(h.sector, out_len, self.capacity, self.block)?;
+                let offset = check_range(h.sector, out_len, self.capacity(), self.block)?;
                 io.reset(IoKind::Write);
                 io.offset = offset;
                 io.sync = self.write_through.load(Ordering::Relaxed);
@@ -208,7 +212,7 @@ impl BlkContext {
             }
             unmap &= s.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
             let bytes = u64::from(s.num_sectors) << SECTOR_SHIFT;
-            let offset = check_range(s.sector, bytes, self.capacity, self.block)?;
+            let offset = check_range(s.sector, bytes, self.capacity(), self.block)?;
             ranges.push((offset, bytes));
             Ok(())
         })?;
@@ -412,7 +416,7 @@ mod tests {
     fn ctx(be: Arc<Counting>, write_through: bool) -> BlkContext {
         BlkContext {
             backend: be,
-            capacity: 2048,
+            capacity: Arc::new(AtomicU64::new(2048)),
             block: 512,
             readonly: false,
             serial: [0; 20],

@@ -5,17 +5,18 @@ pub mod config;
 pub mod exec;
 pub mod request;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use log::info;
 use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_NOTIFY_ON_EMPTY};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::backend::io::Backend;
 use crate::engine::{Activation, Active, Engine, Fence, QueueStats};
 use crate::vfio_user::{DmaRange, GuestMemoryHandle};
-use crate::virtio::{QueueConfig, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{ConfigNotifier, QueueConfig, VirtioDevice, VirtioInterrupt};
 pub use config::BlkConfig;
 use exec::{BlkContext, ErrorPolicy};
 
@@ -49,10 +50,117 @@ pub struct BlkDevice {
     engine: Arc<Engine>,
     /// The queues while the driver has the device running.
     active: Option<Active>,
-    /// Per queue, kept across activations and clients.
-    stats: Vec<Arc<QueueStats>>,
     acked: u32,
     write_through: Arc<AtomicBool>,
+    shared: Arc<BlkShared>,
+}
+
+/// What the management plane reads and changes of a running device, from
+/// its own thread: statistics, capacity (resize), negotiated features.
+pub struct BlkShared {
+    /// Per queue, kept across activations and clients.
+    pub stats: Vec<Arc<QueueStats>>,
+    /// Capacity in 512-byte sectors.
+    capacity: Arc<AtomicU64>,
+    /// Feature bits the driver acknowledged (0 when none is attached).
+    features: AtomicU32,
+    /// The driver set DRIVER_OK and has not reset since.
+    running: AtomicBool,
+    backend: Arc<dyn Backend>,
+    block: u32,
+    readonly: bool,
+    /// Raises the configuration-change interrupt.
+    config_notifier: parking_lot::Mutex<Option<Arc<ConfigNotifier>>>,
+}
+
+/// Names of the virtio-blk and ring feature bits, for logs and the
+/// management plane.
+pub fn feature_names(bits: u32) -> Vec<&'static str> {
+    const NAMES: [(u32, &str); 15] = [
+        (VIRTIO_BLK_F_SIZE_MAX, "SIZE_MAX"),
+        (VIRTIO_BLK_F_SEG_MAX, "SEG_MAX"),
+        (VIRTIO_BLK_F_GEOMETRY, "GEOMETRY"),
+        (VIRTIO_BLK_F_RO, "RO"),
+        (VIRTIO_BLK_F_BLK_SIZE, "BLK_SIZE"),
+        (VIRTIO_BLK_F_FLUSH, "FLUSH"),
+        (VIRTIO_BLK_F_TOPOLOGY, "TOPOLOGY"),
+        (VIRTIO_BLK_F_CONFIG_WCE, "CONFIG_WCE"),
+        (VIRTIO_BLK_F_MQ, "MQ"),
+        (VIRTIO_BLK_F_DISCARD, "DISCARD"),
+        (VIRTIO_BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
+        (VIRTIO_RING_F_INDIRECT_DESC, "RING_INDIRECT_DESC"),
+        (VIRTIO_RING_F_EVENT_IDX, "RING_EVENT_IDX"),
+        (VIRTIO_F_NOTIFY_ON_EMPTY, "NOTIFY_ON_EMPTY"),
+        (VIRTIO_F_ANY_LAYOUT, "ANY_LAYOUT"),
+    ];
+    NAMES
+        .iter()
+        .filter(|(b, _)| bits & bit(*b) != 0)
+        .map(|(_, n)| *n)
+        .collect()
+}
+
+impl BlkShared {
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity.load(Ordering::Relaxed) << request::SECTOR_SHIFT
+    }
+
+    pub fn features(&self) -> u32 {
+        self.features.load(Ordering::Relaxed)
+    }
+
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    pub fn set_config_notifier(&self, n: Arc<ConfigNotifier>) {
+        *self.config_notifier.lock() = Some(n);
+    }
+
+    /// Makes completed writes durable (graceful shutdown).
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.backend.flush()
+    }
+
+    /// Resizes the disk to `size` bytes (None: re-read a block device's
+    /// size). Shrinking needs `allow_shrink`: data past the new end is lost.
+    /// The guest is told with the configuration-change interrupt.
+    pub fn resize(&self, size: Option<u64>, allow_shrink: bool) -> Result<u64, String> {
+        if self.readonly && size.is_some() {
+            return Err("the disk is read-only".into());
+        }
+        if let Some(s) = size {
+            if s == 0 || !s.is_multiple_of(u64::from(self.block)) {
+                return Err(format!(
+                    "size {s} is not a positive multiple of the logical block size {}",
+                    self.block
+                ));
+            }
+            if s < self.capacity_bytes() && !allow_shrink {
+                return Err(format!(
+                    "{s} bytes is smaller than the disk ({} bytes); give shrink=true to cut it",
+                    self.capacity_bytes()
+                ));
+            }
+        }
+        let new = self.backend.resize(size).map_err(|e| e.to_string())?;
+        if new == 0 || !new.is_multiple_of(u64::from(self.block)) {
+            return Err(format!(
+                "the disk is now {new} bytes, not a multiple of the block size {}",
+                self.block
+            ));
+        }
+        let old = self.capacity_bytes();
+        self.capacity
+            .store(new >> request::SECTOR_SHIFT, Ordering::Relaxed);
+        if new != old {
+            info!("disk resized from {old} to {new} bytes");
+            if let Some(n) = self.config_notifier.lock().as_ref() {
+                n.notify();
+            }
+        }
+        Ok(new)
+    }
 }
 
 fn bit(b: u32) -> u32 {
@@ -68,8 +176,18 @@ impl BlkDevice {
         engine: Arc<Engine>,
     ) -> BlkDevice {
         let config = BlkConfig::new(&opts);
-        BlkDevice {
+        let shared = Arc::new(BlkShared {
             stats: (0..opts.num_queues).map(|_| Arc::default()).collect(),
+            capacity: config.capacity_cell(),
+            features: AtomicU32::new(0),
+            running: AtomicBool::new(false),
+            backend: backend.clone(),
+            block: opts.logical_block_size,
+            readonly: opts.readonly,
+            config_notifier: parking_lot::Mutex::new(None),
+        });
+        BlkDevice {
+            shared,
             name,
             opts,
             config,
@@ -80,6 +198,11 @@ impl BlkDevice {
             acked: 0,
             write_through: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// What the management plane sees of this device.
+    pub fn shared(&self) -> Arc<BlkShared> {
+        self.shared.clone()
     }
 
     /// Writes must be durable before they complete unless the driver
@@ -148,6 +271,8 @@ impl VirtioDevice for BlkDevice {
             a.stop();
         }
         self.acked = features;
+        self.shared.features.store(features, Ordering::Relaxed);
+        self.shared.running.store(true, Ordering::Relaxed);
         self.config.set_features(features);
         self.update_write_through();
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
@@ -156,7 +281,7 @@ impl VirtioDevice for BlkDevice {
         serial[..n].copy_from_slice(&s[..n]);
         let ctx = Arc::new(BlkContext {
             backend: self.backend.clone(),
-            capacity: self.opts.capacity_bytes >> request::SECTOR_SHIFT,
+            capacity: self.shared.capacity.clone(),
             block: u64::from(self.opts.logical_block_size),
             readonly: self.opts.readonly,
             serial,
@@ -190,7 +315,7 @@ impl VirtioDevice for BlkDevice {
             handler: ctx,
             memory: self.memory.clone(),
             queues,
-            stats: self.stats.clone(),
+            stats: self.shared.stats.clone(),
             event_idx: features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
             irq,
         }));
@@ -207,7 +332,9 @@ impl VirtioDevice for BlkDevice {
             a.stop();
         }
         self.acked = 0;
-        self.config = BlkConfig::new(&self.opts);
+        self.shared.features.store(0, Ordering::Relaxed);
+        self.shared.running.store(false, Ordering::Relaxed);
+        self.config = BlkConfig::new(&self.opts).with_capacity_cell(self.shared.capacity.clone());
         self.update_write_through();
     }
 
@@ -215,6 +342,7 @@ impl VirtioDevice for BlkDevice {
         if let Some(a) = self.active.take() {
             a.abandon();
         }
+        self.shared.running.store(false, Ordering::Relaxed);
     }
 
     fn quiesce(&mut self, range: Option<DmaRange>) {
@@ -244,6 +372,7 @@ impl VirtioDevice for BlkDevice {
 
     fn features_written(&mut self, features: u32) {
         self.acked = features;
+        self.shared.features.store(features, Ordering::Relaxed);
         self.config.set_features(features);
         self.update_write_through();
     }

@@ -7,7 +7,11 @@
 //! sync; descriptors that a request did not use are closed when it is done.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread;
 
@@ -45,6 +49,84 @@ impl Default for ServerConfig {
     }
 }
 
+/// What the management plane sees of, and does to, a running server.
+#[derive(Default)]
+pub struct Control {
+    stopping: AtomicBool,
+    /// At the end of the current client, wait for its requests before the
+    /// device lets go of them (graceful shutdown).
+    drain: Arc<AtomicBool>,
+    listener: Mutex<Option<UnixListener>>,
+    /// The attached client's stream and credentials.
+    client: Mutex<Option<(UnixStream, Option<PeerCred>)>>,
+}
+
+/// Who is on the other end of a socket (SO_PEERCRED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Control {
+    /// The client being served, if any: its credentials.
+    pub fn client(&self) -> Option<Option<PeerCred>> {
+        self.client.lock().as_ref().map(|(_, c)| *c)
+    }
+
+    /// Ends the connection of the client being served (the server then
+    /// resets the device as for any disconnect).
+    pub fn disconnect_client(&self) {
+        if let Some((s, _)) = self.client.lock().as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Ends the current client's connection after its requests in flight
+    /// have completed and been answered (graceful shutdown).
+    pub fn drain_and_disconnect(&self) {
+        self.drain.store(true, Ordering::SeqCst);
+        if let Some((s, _)) = self.client.lock().as_ref() {
+            // The client's further messages are not read: the loop sees
+            // the end of its stream and closes after the drain.
+            let _ = s.shutdown(std::net::Shutdown::Read);
+        }
+    }
+
+    /// Stops taking clients; the current one is served to its end (or
+    /// until `disconnect_client`). `run_controlled` then returns.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(l) = self.listener.lock().as_ref() {
+            // Wakes the accept thread (accept fails with EINVAL).
+            // SAFETY: shutdown on a socket we own; no memory is passed.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}
+
+fn peer_cred(s: &UnixStream) -> Option<PeerCred> {
+    // SAFETY: ucred is plain data; zeroed is valid and getsockopt fills it.
+    let mut c: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = u32::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
+    // SAFETY: the pointer and length describe `c`, which outlives the call.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut c as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(PeerCred {
+        pid: c.pid,
+        uid: c.uid,
+        gid: c.gid,
+    })
+}
+
 /// Extra room over the largest data transfer for headers and fixed structs.
 /// Nothing legitimate is larger than this; anything that claims to be is
 /// refused before a byte of it is allocated.
@@ -76,6 +158,8 @@ pub struct Server<D: Device> {
     device: D,
     dma: DmaTable,
     config: ServerConfig,
+    /// Set: at the end of a client, wait for its requests in flight first.
+    drain_on_close: Arc<AtomicBool>,
 }
 
 /// Per-connection protocol state.
@@ -116,6 +200,7 @@ impl<D: Device> Server<D> {
             device,
             dma,
             config,
+            drain_on_close: Arc::default(),
         }
     }
 
@@ -137,11 +222,27 @@ impl<D: Device> Server<D> {
     /// while another is being served is told so in the log and disconnected
     /// at once, rather than left waiting for a reply that cannot come.
     pub fn run(&mut self, listener: UnixListener) -> io::Result<()> {
+        self.run_controlled(listener, &Arc::new(Control::default()))
+    }
+
+    /// [`run`](Self::run), until `control` says stop.
+    pub fn run_controlled(
+        &mut self,
+        listener: UnixListener,
+        control: &Arc<Control>,
+    ) -> io::Result<()> {
         let (tx, rx) = crossbeam_channel::bounded::<UnixStream>(0);
+        *control.listener.lock() = Some(listener.try_clone()?);
+        self.drain_on_close = control.drain.clone();
+        let ctl = control.clone();
         thread::Builder::new()
             .name("vfio-user-accept".into())
             .spawn(move || loop {
+                if ctl.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
                 match listener.accept() {
+                    Ok(_) if ctl.stopping.load(Ordering::SeqCst) => return,
                     Ok((stream, _)) => {
                         // A client that just left may still be being torn
                         // down: give that a moment before calling the
@@ -154,6 +255,7 @@ impl<D: Device> Server<D> {
                             ),
                         }
                     }
+                    Err(_) if ctl.stopping.load(Ordering::SeqCst) => return,
                     Err(e) => {
                         error!("accept failed: {e}");
                         thread::sleep(std::time::Duration::from_millis(100));
@@ -161,7 +263,16 @@ impl<D: Device> Server<D> {
                 }
             })?;
         while let Ok(stream) = rx.recv() {
+            if control.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let cred = peer_cred(&stream);
+            *control.client.lock() = stream.try_clone().ok().map(|s| (s, cred));
             self.serve(stream);
+            *control.client.lock() = None;
+            if control.stopping.load(Ordering::SeqCst) {
+                break;
+            }
         }
         Ok(())
     }
@@ -199,6 +310,10 @@ impl<D: Device> Server<D> {
                     break;
                 }
             }
+        }
+        if self.drain_on_close.load(Ordering::SeqCst) {
+            // Graceful: what the client asked for completes and is answered.
+            self.device.quiesce(None);
         }
         // The queues stop at once (nothing more is written for this client,
         // and nothing waits for a backend that may be stuck), then the

@@ -20,7 +20,7 @@ const DRIVER_OK: u8 = VIRTIO_CONFIG_S_DRIVER_OK as u8;
 const FAILED: u8 = VIRTIO_CONFIG_S_FAILED as u8;
 const _: () = assert!(VIRTIO_CONFIG_S_DRIVER_OK < 256 && VIRTIO_CONFIG_S_FAILED < 256);
 
-use super::{QueueConfig, VirtioDevice, VirtioInterrupt, NO_VECTOR};
+use super::{ConfigNotifier, QueueConfig, VirtioDevice, VirtioInterrupt, NO_VECTOR};
 use crate::pci::{Interrupts, IoBar};
 use crate::vfio_user::DmaRange;
 
@@ -61,6 +61,7 @@ pub struct LegacyTransport<D: VirtioDevice> {
     status: u8,
     config_vector: u16,
     active: bool,
+    config_notifier: Arc<ConfigNotifier>,
 }
 
 /// Byte offsets of the legacy split ring for `size` entries at `base`.
@@ -77,10 +78,16 @@ pub fn legacy_ring_layout(base: u64, size: u16) -> (u64, u64, u64) {
 impl<D: VirtioDevice> LegacyTransport<D> {
     pub fn new(dev: D, irqs: Arc<Interrupts>) -> LegacyTransport<D> {
         let n = usize::from(dev.num_queues());
+        let isr = Arc::new(AtomicU8::new(0));
+        let config_notifier = Arc::new(ConfigNotifier::new(VirtioInterrupt::new(
+            isr.clone(),
+            irqs.clone(),
+        )));
         LegacyTransport {
             dev,
             irqs,
-            isr: Arc::new(AtomicU8::new(0)),
+            isr,
+            config_notifier,
             guest_features: 0,
             queue_sel: 0,
             queues: vec![
@@ -94,6 +101,11 @@ impl<D: VirtioDevice> LegacyTransport<D> {
             config_vector: NO_VECTOR,
             active: false,
         }
+    }
+
+    /// Raises this device's configuration-change interrupt from anywhere.
+    pub fn config_notifier(&self) -> Arc<ConfigNotifier> {
+        self.config_notifier.clone()
     }
 
     fn config_offset(&self) -> u64 {
@@ -131,6 +143,8 @@ impl<D: VirtioDevice> LegacyTransport<D> {
         }
         self.status = 0;
         self.config_vector = NO_VECTOR;
+        self.config_notifier.set_vector(NO_VECTOR);
+        self.config_notifier.set_live(false);
         self.isr.store(0, Ordering::SeqCst);
         self.irqs.set_intx_level(false);
     }
@@ -162,6 +176,7 @@ impl<D: VirtioDevice> LegacyTransport<D> {
         let irq = VirtioInterrupt::new(self.isr.clone(), self.irqs.clone());
         self.dev.activate(self.guest_features, queues, irq);
         self.active = true;
+        self.config_notifier.set_live(true);
     }
 
     fn read_reg(&mut self, offset: u64, width: usize) -> Option<u32> {
@@ -257,7 +272,10 @@ impl<D: VirtioDevice> LegacyTransport<D> {
                     }
                 }
             }
-            (CONFIG_VECTOR, 2) if msix => self.config_vector = self.valid_vector(v16),
+            (CONFIG_VECTOR, 2) if msix => {
+                self.config_vector = self.valid_vector(v16);
+                self.config_notifier.set_vector(self.config_vector);
+            }
             (QUEUE_VECTOR, 2) if msix => {
                 let vec = self.valid_vector(v16);
                 if let Some(q) = self.selected() {

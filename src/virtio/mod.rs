@@ -63,6 +63,42 @@ impl VirtioInterrupt {
     }
 }
 
+/// Raises the configuration-change interrupt of a device from any thread
+/// (a resize): ISR bit 1 and the config vector, or INTx. The transport keeps
+/// the vector and whether a driver is running up to date.
+pub struct ConfigNotifier {
+    irq: VirtioInterrupt,
+    vector: std::sync::atomic::AtomicU16,
+    live: std::sync::atomic::AtomicBool,
+}
+
+impl ConfigNotifier {
+    pub fn new(irq: VirtioInterrupt) -> ConfigNotifier {
+        ConfigNotifier {
+            irq,
+            vector: std::sync::atomic::AtomicU16::new(NO_VECTOR),
+            live: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_vector(&self, v: u16) {
+        self.vector.store(v, Ordering::SeqCst);
+    }
+
+    pub fn set_live(&self, live: bool) {
+        self.live.store(live, Ordering::SeqCst);
+    }
+
+    /// Tells a running driver that the configuration changed; without one
+    /// there is nobody to tell (a driver reads the configuration when it
+    /// starts).
+    pub fn notify(&self) {
+        if self.live.load(Ordering::SeqCst) {
+            self.irq.signal_config(self.vector.load(Ordering::SeqCst));
+        }
+    }
+}
+
 /// A virtio device behind the transport.
 pub trait VirtioDevice: Send {
     /// Feature bits offered (legacy: the low 32 only).
