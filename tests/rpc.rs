@@ -1,0 +1,429 @@
+//! The management plane (issue 10): devices added to an empty target over
+//! JSON-RPC, attached, resized, counted and removed; the Prometheus text;
+//! bad requests; the `rpc` client.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::driver::*;
+use support::*;
+
+struct Target {
+    child: Child,
+    dir: TempDir,
+    rpc: PathBuf,
+    log: PathBuf,
+}
+
+impl Target {
+    fn start(extra: &[&str]) -> Target {
+        let dir = TempDir::new("rpc");
+        let rpc = dir.path("rpc.sock");
+        let log = dir.path("target.log");
+        let child = Command::new(bin())
+            .arg("--rpc-socket")
+            .arg(&rpc)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let t = Target {
+            child,
+            dir,
+            rpc,
+            log,
+        };
+        wait_until("the management socket", || t.rpc.exists());
+        t
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn call(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
+        let mut s = UnixStream::connect(&self.rpc).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let req = json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params});
+        writeln!(s, "{req}").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["id"], 7);
+        match v.get("error") {
+            Some(e) => Err((
+                e["code"].as_i64().unwrap(),
+                e["message"].as_str().unwrap().to_string(),
+            )),
+            None => Ok(v["result"].clone()),
+        }
+    }
+
+    fn ok(&self, method: &str, params: Value) -> Value {
+        self.call(method, params)
+            .unwrap_or_else(|e| panic!("{method}: {e:?}\n{}", self.log_text()))
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn metric(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn sock(t: &Target, n: &str) -> PathBuf {
+    t.dir.path(&format!("{n}.sock"))
+}
+
+#[test]
+fn three_devices_added_attached_resized_counted_and_removed() {
+    let t = Target::start(&["--metrics", "127.0.0.1:0", "--poll-mode", "interrupt"]);
+    wait_until("the metrics line", || {
+        t.log_text().contains("metrics on http://")
+    });
+    let addr = t
+        .log_text()
+        .split("metrics on http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let img = t.dir.path("a.img");
+    let a = t.ok(
+        "device_add",
+        json!({"name": "a", "socket": sock(&t, "a"), "disk": img, "size": "4M", "queues": 2}),
+    );
+    assert_eq!(a["size"], 4 << 20);
+    t.ok(
+        "device_add",
+        json!({"name": "b", "socket": sock(&t, "b"), "disk": "ram:8M", "serial": "bee"}),
+    );
+    t.ok(
+        "device_add",
+        json!({"name": "c", "socket": sock(&t, "c"), "disk": "null:4M", "readonly": true}),
+    );
+    assert_eq!(t.ok("device_list", json!({})).as_array().unwrap().len(), 3);
+
+    let mut da = Driver::new(&sock(&t, "a"), DriverOptions::default());
+    let mut db = Driver::new(&sock(&t, "b"), DriverOptions::default());
+    let mut dc = Driver::new(&sock(&t, "c"), DriverOptions::default());
+    for k in 0..3u64 {
+        assert_eq!(da.write(0, k * 8, &pattern(k, 4096)), S_OK);
+    }
+    assert_eq!(da.read(1, 0, 4096), (S_OK, pattern(0, 4096)));
+    assert_eq!(da.read(0, 8, 4096), (S_OK, pattern(1, 4096)));
+    assert_eq!(da.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
+    for _ in 0..5 {
+        assert_eq!(db.read(0, 0, 512).0, S_OK);
+    }
+    assert_eq!(dc.simple(0, T_GET_ID, 0, vec![], 20).0, S_OK);
+    // A write to the read-only disk: IOERR, counted as such.
+    assert_eq!(dc.write(0, 0, &[1u8; 512]), S_IOERR);
+
+    let s = t.ok("device_stats", json!({"name": "a"}));
+    let dev = &s["devices"][0];
+    assert_eq!(dev["name"], "a");
+    assert_eq!(dev["requests"], 6);
+    assert_eq!(dev["bytes_written"], 3 * 4096);
+    assert_eq!(dev["bytes_read"], 2 * 4096);
+    assert_eq!(dev["errors"], 0);
+    let q0 = &dev["queues"][0];
+    assert_eq!(q0["requests"]["write"], 3);
+    assert_eq!(q0["requests"]["read"], 1);
+    assert_eq!(q0["requests"]["flush"], 1);
+    assert_eq!(dev["queues"][1]["requests"]["read"], 1);
+    assert!(q0["latency_us"]["p50"].as_f64().unwrap() > 0.0);
+    let all = t.ok("device_stats", json!({}));
+    assert_eq!(all["devices"].as_array().unwrap().len(), 3);
+    let c = all["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "c")
+        .unwrap();
+    assert_eq!(c["queues"][0]["requests"]["get_id"], 1);
+    assert_eq!(c["queues"][0]["errors"]["ioerr"], 1);
+    assert!(all["reactors"][0]["busy_fraction"].as_f64().is_some());
+
+    let list = t.ok("device_list", json!({}));
+    let la = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "a")
+        .unwrap();
+    assert_eq!(la["client"]["pid"], std::process::id());
+    assert!(la["features"].as_array().unwrap().contains(&json!("FLUSH")));
+    assert_eq!(la["queue_state"][0]["state"], "running");
+
+    // The Prometheus text says the same.
+    let m = http_get(&addr, "/metrics");
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    let w = metric(
+        &m,
+        r#"vfio_user_blk_requests_total{device="a",queue="0",kind="write"}"#,
+    );
+    assert_eq!(w, Some(3.0), "{m}");
+    let bw = metric(
+        &m,
+        r#"vfio_user_blk_written_bytes_total{device="a",queue="0"}"#,
+    );
+    assert_eq!(bw, Some(12288.0));
+    assert_eq!(
+        metric(
+            &m,
+            r#"vfio_user_blk_errors_total{device="c",queue="0",kind="ioerr"}"#
+        ),
+        Some(1.0)
+    );
+    assert!(http_get(&addr, "/nope").starts_with("HTTP/1.1 404"));
+
+    // Resize: the capacity in config space follows and the configuration
+    // interrupt (vector 0) fires.
+    while da.vectors[0].read().is_ok() {}
+    let r = t.ok("device_resize", json!({"name": "a", "size": "8M"}));
+    assert_eq!(r["size"], 8 << 20);
+    assert_eq!(da.capacity(), 16384);
+    wait_until("the configuration interrupt", || {
+        da.vectors[0].read().is_ok()
+    });
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 8 << 20);
+    assert_eq!(
+        da.write(0, 16000, &[9u8; 512]),
+        S_OK,
+        "I/O past the old end"
+    );
+    let e = t
+        .call("device_resize", json!({"name": "a", "size": "1M"}))
+        .unwrap_err();
+    assert!(e.1.contains("shrink"), "{e:?}");
+    t.ok(
+        "device_resize",
+        json!({"name": "a", "size": "6M", "shrink": true}),
+    );
+    assert_eq!(da.capacity(), 12288);
+
+    // Remove: refused while a client is attached, unless forced.
+    let e = t.call("device_remove", json!({"name": "a"})).unwrap_err();
+    assert!(e.1.contains("force"), "{e:?}");
+    t.ok("device_remove", json!({"name": "a", "force": true}));
+    assert!(!sock(&t, "a").exists());
+    let mut probe = [0u8; 4];
+    assert!(
+        da.c.region_read(7, 0, &mut probe).is_err(),
+        "the client was disconnected"
+    );
+    drop(dc);
+    wait_until("c's client to leave", || {
+        t.ok("device_list", json!({}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "c" && d["client"].is_null())
+    });
+    t.ok("device_remove", json!({"name": "c"}));
+    let names: Vec<Value> = t
+        .ok("device_list", json!({}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("b")]);
+    assert_eq!(db.read(0, 0, 512).0, S_OK, "b is untouched");
+    drop(db);
+    drop(da);
+    assert!(!t.log_text().contains("panicked"));
+}
+
+#[test]
+fn bad_requests_get_json_rpc_errors_and_the_target_lives() {
+    let t = Target::start(&[]);
+    let raw = |bytes: &[u8]| -> Value {
+        let mut s = UnixStream::connect(&t.rpc).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or(Value::Null)
+    };
+    assert_eq!(raw(b"this is not json\n")["error"]["code"], -32700);
+    assert_eq!(raw(b"[1,2]\n")["error"]["code"], -32600);
+    assert_eq!(
+        raw(b"{\"id\":1,\"method\":\"device_list\"}\n")["error"]["code"],
+        -32600
+    );
+    let r = raw(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"device_explode\"}\n");
+    assert_eq!(r["error"]["code"], -32601);
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("device_explode"));
+    let e = t
+        .call("device_resize", json!({"name": 5, "size": 1}))
+        .unwrap_err();
+    assert_eq!(e.0, -32602);
+    assert!(e.1.contains("string"), "{e:?}");
+    let e = t.call("device_stats", json!({"nmae": "x"})).unwrap_err();
+    assert_eq!(e.0, -32602);
+    assert!(e.1.contains("nmae"), "{e:?}");
+    let e = t
+        .call("device_add", json!({"socket": "/tmp/x.sock"}))
+        .unwrap_err();
+    assert!(e.1.contains("disk"), "{e:?}");
+    let e = t.call("device_list", json!([1])).unwrap_err();
+    assert_eq!(e.0, -32602);
+    // Failures of the method itself name the problem.
+    let e = t
+        .call(
+            "device_add",
+            json!({"socket": sock(&t, "x"), "disk": "/nonexistent/d.img"}),
+        )
+        .unwrap_err();
+    assert_eq!(e.0, -32000);
+    assert!(e.1.contains("/nonexistent/d.img"), "{e:?}");
+    let e = t
+        .call("device_resize", json!({"name": "ghost", "size": "1M"}))
+        .unwrap_err();
+    assert!(e.1.contains("ghost"), "{e:?}");
+    t.ok(
+        "device_add",
+        json!({"name": "n", "socket": sock(&t, "n"), "disk": "null:1M"}),
+    );
+    let e = t
+        .call(
+            "device_add",
+            json!({"name": "n", "socket": sock(&t, "m"), "disk": "null:1M"}),
+        )
+        .unwrap_err();
+    assert!(e.1.contains("exists"), "{e:?}");
+    let e = t
+        .call(
+            "device_add",
+            json!({"name": "m", "socket": sock(&t, "n"), "disk": "null:1M"}),
+        )
+        .unwrap_err();
+    assert!(e.1.contains("used by device"), "{e:?}");
+    // A huge line is refused and the connection closed.
+    let mut s = UnixStream::connect(&t.rpc).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let big = vec![b'x'; (1 << 20) + 4096];
+    let _ = s.write_all(&big);
+    let mut line = String::new();
+    let _ = BufReader::new(&s).read_line(&mut line);
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["error"]["code"], -32600);
+    // A client that goes away in the middle of a request.
+    for _ in 0..20 {
+        let mut s = UnixStream::connect(&t.rpc).unwrap();
+        s.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":3,\"meth")
+            .unwrap();
+    }
+    // Notifications (no id) get no answer; the next request on the same
+    // connection does.
+    let mut s = UnixStream::connect(&t.rpc).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"device_list\"}\n{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"device_list\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["id"], 9);
+    // Still serving.
+    let l = t.ok("device_list", json!({}));
+    assert_eq!(l.as_array().unwrap().len(), 1);
+    assert!(!t.log_text().contains("panicked"));
+}
+
+fn rpc_cli(rpc: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .arg("rpc")
+        .arg("--rpc-socket")
+        .arg(rpc)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_rpc_client_prints_results_and_fails_on_errors() {
+    let t = Target::start(&[]);
+    let s = sock(&t, "z");
+    let out = rpc_cli(
+        &t.rpc,
+        &[
+            "device_add",
+            "name=z",
+            &format!("socket={}", s.display()),
+            "disk=ram:2M",
+            "queues=2",
+            "readonly=false",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["queues"], 2);
+    let out = rpc_cli(&t.rpc, &["device_resize", "name=z", "size=4M"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["size"], 4 << 20);
+    let out = rpc_cli(&t.rpc, &["device_resize", "name=nope", "size=4M"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nope") && err.lines().count() == 1, "{err}");
+    let out = rpc_cli(&t.rpc, &["device_list"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["name"], "z");
+}
+
+#[test]
+fn sigterm_drains_and_removes_every_socket() {
+    let mut t = Target::start(&[]);
+    t.ok(
+        "device_add",
+        json!({"name": "p", "socket": sock(&t, "p"), "disk": "ram:1M"}),
+    );
+    let mut d = Driver::new(&sock(&t, "p"), DriverOptions::default());
+    assert_eq!(d.write(0, 0, &[1u8; 512]), S_OK);
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(t.child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the target did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(t.child.try_wait().unwrap().unwrap().success());
+    assert!(!sock(&t, "p").exists() && !t.rpc.exists());
+    let log = t.log_text();
+    assert!(log.contains("p: stopped after 1 request(s)"), "{log}");
+    drop(d);
+}
