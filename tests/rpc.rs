@@ -415,7 +415,7 @@ fn sigterm_drains_and_removes_every_socket() {
     let mut d = Driver::new(&sock(&t, "p"), DriverOptions::default());
     assert_eq!(d.write(0, 0, &[1u8; 512]), S_OK);
     // SAFETY: a signal to our own child.
-    unsafe { libc::kill(t.child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(i32::try_from(t.child.id()).unwrap(), libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(10);
     while t.child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "the target did not stop");
