@@ -319,6 +319,25 @@ impl DeviceSpec {
                 self.socket.display()
             );
         }
+        let block = u64::from(self.logical_block_size);
+        let size = match &self.disk {
+            DiskSpec::File(_) => self.size,
+            DiskSpec::Ram(s) | DiskSpec::Null(s) => Some(*s),
+        };
+        if let Some(s) = size {
+            if s == 0 || !s.is_multiple_of(block) {
+                bail!(
+                    "disk size {s} must be a positive multiple of the logical block size {block}"
+                );
+            }
+        }
+        if let DiskSpec::File(p) = &self.disk {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if !p.exists() && !dir.is_dir() {
+                    bail!("the folder of {} does not exist", p.display());
+                }
+            }
+        }
         Ok(())
     }
 }

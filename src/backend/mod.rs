@@ -9,7 +9,7 @@ pub mod uring;
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::util::parse_size;
@@ -72,6 +72,16 @@ pub enum OpenError {
     Empty,
     #[error("{path} is locked: {why} (a read-only device may take it with force-share)")]
     Locked { path: PathBuf, why: String },
+    #[error("{0} is not an image file or a block device")]
+    NotADisk(PathBuf),
+    #[error("{0} is on a read-only file system; use --readonly (readonly=on) to serve it")]
+    ReadOnlyMount(PathBuf),
+    #[error("{0} is not writable by this user; use --readonly (readonly=on) to serve it read-only")]
+    NoWriteAccess(PathBuf),
+    #[error("the file system of {0} does not support O_DIRECT; drop --direct (direct=on)")]
+    NoDirect(PathBuf),
+    #[error("size {0} cannot create an image: it must be a positive multiple of 512 bytes")]
+    BadCreateSize(u64),
 }
 
 /// An opened disk.
@@ -95,10 +105,103 @@ pub struct OpenOptionsDisk {
     pub force_share: bool,
 }
 
+/// Opens an image file or block device; with `create_size`, creates a
+/// missing image, and removes it again if anything after that fails.
+fn open_file(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::Backend>), OpenError> {
+    let open_err = |source: std::io::Error| OpenError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut created = false;
+    match (std::fs::metadata(path), o.create_size) {
+        (Ok(m), _) if m.is_dir() => return Err(OpenError::NotADisk(path.to_path_buf())),
+        (Ok(m), Some(want)) if m.is_file() && m.len() != want => {
+            log::warn!(
+                "{} exists ({} bytes): the size {want} given to create it is not used",
+                path.display(),
+                m.len()
+            );
+        }
+        (Ok(_), _) => {}
+        (Err(_), None) => return Err(OpenError::Missing { path: path.to_path_buf() }),
+        (Err(_), Some(size)) => {
+            if size == 0 || !size.is_multiple_of(512) {
+                return Err(OpenError::BadCreateSize(size));
+            }
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(open_err)?;
+            created = true;
+            if let Err(source) = f.set_len(size) {
+                let _ = std::fs::remove_file(path);
+                return Err(OpenError::Size {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+    let r = open_existing(path, o);
+    if r.is_err() && created {
+        // Leave nothing half made behind.
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+fn open_existing(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::Backend>), OpenError> {
+    let readonly = o.readonly;
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .custom_flags(if o.direct.is_some() { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EROFS) => OpenError::ReadOnlyMount(path.to_path_buf()),
+            Some(libc::EINVAL) if o.direct.is_some() => OpenError::NoDirect(path.to_path_buf()),
+            Some(libc::EACCES) if !readonly => OpenError::NoWriteAccess(path.to_path_buf()),
+            _ => OpenError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+    let ft = f
+        .metadata()
+        .map_err(|source| OpenError::Size {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .file_type();
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if !(ft.is_file() || ft.is_block_device()) {
+            return Err(OpenError::NotADisk(path.to_path_buf()));
+        }
+    }
+    if !o.force_share {
+        lock::lock_image(&f, readonly).map_err(|why| OpenError::Locked {
+            path: path.to_path_buf(),
+            why,
+        })?;
+    }
+    // Seeking to the end gives the size of block devices too.
+    let size = f.seek(SeekFrom::End(0)).map_err(|source| OpenError::Size {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let align = o.direct.unwrap_or(512);
+    Ok((
+        size,
+        Arc::new(io::FileBackend::new(f, o.direct.is_some(), align, true, false)),
+    ))
+}
+
 /// Opens (or, with `create_size`, creates) a disk.
 pub fn open(spec: &DiskSpec, o: OpenOptionsDisk) -> Result<Disk, OpenError> {
     let readonly = o.readonly;
-    let create_size = o.create_size;
     let (size, backend): (u64, Arc<dyn io::Backend>) = match spec {
         DiskSpec::Null(size) => (*size, Arc::new(io::NullBackend)),
         DiskSpec::Ram(size) => {
@@ -115,61 +218,7 @@ pub fn open(spec: &DiskSpec, o: OpenOptionsDisk) -> Result<Disk, OpenError> {
                 Arc::new(io::FileBackend::new(f, false, 512, false, true)),
             )
         }
-        DiskSpec::File(path) => {
-            if !path.exists() {
-                let Some(size) = create_size else {
-                    return Err(OpenError::Missing { path: path.clone() });
-                };
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(path)
-                    .map_err(|source| OpenError::Open {
-                        path: path.clone(),
-                        source,
-                    })?;
-                f.set_len(size).map_err(|source| OpenError::Size {
-                    path: path.clone(),
-                    source,
-                })?;
-            }
-            let mut f = OpenOptions::new()
-                .read(true)
-                .write(!readonly)
-                .custom_flags(if o.direct.is_some() {
-                    libc::O_DIRECT
-                } else {
-                    0
-                })
-                .open(path)
-                .map_err(|source| OpenError::Open {
-                    path: path.clone(),
-                    source,
-                })?;
-            if !o.force_share {
-                lock::lock_image(&f, readonly).map_err(|why| OpenError::Locked {
-                    path: path.clone(),
-                    why,
-                })?;
-            }
-            // Seeking to the end gives the size of block devices too.
-            let size = f.seek(SeekFrom::End(0)).map_err(|source| OpenError::Size {
-                path: path.clone(),
-                source,
-            })?;
-            let align = o.direct.unwrap_or(512);
-            (
-                size,
-                Arc::new(io::FileBackend::new(
-                    f,
-                    o.direct.is_some(),
-                    align,
-                    true,
-                    false,
-                )),
-            )
-        }
+        DiskSpec::File(path) => open_file(path, &o)?,
     };
     if size == 0 {
         return Err(OpenError::Empty);
