@@ -1,0 +1,190 @@
+//! `--metrics ADDR:PORT`: the same statistics as `device_stats`, as
+//! Prometheus text exposition (encoded by the prometheus-client crate),
+//! served over plain HTTP to whoever scrapes it.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use log::{info, warn};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::Target;
+use crate::blk::exec::{ERROR_KINDS, REQUEST_KINDS};
+use crate::engine::QueueStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    device: String,
+    queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    device: String,
+    queue: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuantileLabels {
+    device: String,
+    queue: String,
+    quantile: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReactorLabels {
+    reactor: String,
+}
+
+/// The exposition text for every device and reactor now.
+pub fn render(t: &Target) -> String {
+    let mut reg = Registry::with_prefix("vfio_user_blk");
+    let requests = Family::<KindLabels, Counter>::default();
+    let errors = Family::<KindLabels, Counter>::default();
+    let read = Family::<QueueLabels, Counter>::default();
+    let written = Family::<QueueLabels, Counter>::default();
+    let in_flight = Family::<QueueLabels, Gauge>::default();
+    let latency = Family::<QuantileLabels, Gauge<f64, AtomicU64>>::default();
+    let size = Family::<DeviceLabels, Gauge>::default();
+    let busy = Family::<ReactorLabels, Gauge<f64, AtomicU64>>::default();
+    reg.register("requests", "Requests completed, by kind", requests.clone());
+    reg.register("errors", "Requests that failed, by outcome", errors.clone());
+    reg.register("read_bytes", "Bytes read by the guest", read.clone());
+    reg.register(
+        "written_bytes",
+        "Bytes written by the guest",
+        written.clone(),
+    );
+    reg.register("in_flight", "Requests in flight", in_flight.clone());
+    reg.register(
+        "latency_seconds",
+        "Request latency, from the ring to the used entry",
+        latency.clone(),
+    );
+    reg.register("disk_size_bytes", "Size of the disk", size.clone());
+    reg.register(
+        "reactor_busy_ratio",
+        "Share of the reactor's time spent in passes that found work",
+        busy.clone(),
+    );
+    for (name, s) in t.snapshot() {
+        size.get_or_create(&DeviceLabels {
+            device: name.clone(),
+        })
+        .set(i64::try_from(s.capacity_bytes()).unwrap_or(i64::MAX));
+        for (qi, q) in s.stats.iter().enumerate() {
+            let ql = QueueLabels {
+                device: name.clone(),
+                queue: qi.to_string(),
+            };
+            let kl = |kind: &str| KindLabels {
+                device: name.clone(),
+                queue: qi.to_string(),
+                kind: kind.to_string(),
+            };
+            for (k, c) in REQUEST_KINDS.iter().zip(&q.requests) {
+                requests.get_or_create(&kl(k)).inc_by(QueueStats::get(c));
+            }
+            for (k, c) in ERROR_KINDS.iter().zip(&q.errors) {
+                errors.get_or_create(&kl(k)).inc_by(QueueStats::get(c));
+            }
+            read.get_or_create(&ql)
+                .inc_by(QueueStats::get(&q.bytes_read));
+            written
+                .get_or_create(&ql)
+                .inc_by(QueueStats::get(&q.bytes_written));
+            in_flight
+                .get_or_create(&ql)
+                .set(i64::try_from(QueueStats::get(&q.in_flight)).unwrap_or(i64::MAX));
+            for (label, p) in [("0.5", 0.5), ("0.99", 0.99), ("0.999", 0.999)] {
+                if let Some(d) = q.latency.quantile(p) {
+                    latency
+                        .get_or_create(&QuantileLabels {
+                            device: name.clone(),
+                            queue: qi.to_string(),
+                            quantile: label.to_string(),
+                        })
+                        .set(d.as_secs_f64());
+                }
+            }
+        }
+    }
+    for (i, r) in t.engine().reactor_stats().iter().enumerate() {
+        busy.get_or_create(&ReactorLabels {
+            reactor: i.to_string(),
+        })
+        .set(r.busy_fraction());
+    }
+    let mut out = String::new();
+    if encode(&mut out, &reg).is_err() {
+        out.clear();
+    }
+    out
+}
+
+fn answer(t: &Target, mut s: TcpStream) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+    // The request line and headers: up to 8 KiB, until a blank line.
+    let mut buf = [0u8; 8192];
+    let mut n = 0;
+    while n < buf.len() {
+        match s.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+            || buf[..n].windows(2).any(|w| w == b"\n\n")
+        {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, body, ctype) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
+        (
+            "200 OK",
+            render(t),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        ("404 Not Found", "GET /metrics\n".to_string(), "text/plain")
+    };
+    let _ = write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Serves the metrics on `addr` on its own thread.
+pub fn serve(target: Arc<Target>, addr: SocketAddr) -> Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("binding metrics on {addr}"))?;
+    if !addr.ip().is_loopback() {
+        warn!("metrics on {addr}: reachable from outside this machine");
+    }
+    info!("metrics on http://{}/metrics", l.local_addr()?);
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for s in l.incoming().flatten() {
+                answer(&target, s);
+            }
+        })?;
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! The target: the set of devices one process serves, on one engine, and
+//! what an operator does with them while they run: add, remove, list,
+//! resize, read statistics (JSON-RPC, `rpc`; Prometheus text, `metrics`).
+//! Knows devices and their options, nothing of rings.
+
+pub mod metrics;
+pub mod rpc;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context, Result};
+use log::{info, warn};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+use crate::blk::exec::{ERROR_KINDS, REQUEST_KINDS};
+use crate::blk::{feature_names, BlkShared};
+use crate::cli::{bind_socket, build_device, DeviceSpec, Options};
+use crate::engine::{Engine, QueueStats};
+use crate::vfio_user::Control;
+
+struct Entry {
+    spec: DeviceSpec,
+    shared: Arc<BlkShared>,
+    control: Arc<Control>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Every device of the process.
+pub struct Target {
+    engine: Arc<Engine>,
+    opts: Options,
+    devices: Mutex<BTreeMap<String, Entry>>,
+    /// Serialises add and remove (building a device opens files and binds
+    /// a socket; two adds of one socket must not race).
+    admin: Mutex<()>,
+}
+
+impl Target {
+    /// Starts the engine and every device the options name. A failure
+    /// removes what was already started.
+    pub fn start(opts: &Options) -> Result<Arc<Target>> {
+        opts.validate()?;
+        let engine = Engine::start(opts.engine_config(false)).context("starting the reactors")?;
+        let t = Arc::new(Target {
+            engine,
+            opts: opts.clone(),
+            devices: Mutex::new(BTreeMap::new()),
+            admin: Mutex::new(()),
+        });
+        for spec in opts.device_specs() {
+            if let Err(e) = t.add(spec) {
+                t.shutdown();
+                return Err(e);
+            }
+        }
+        Ok(t)
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Adds a device: opens its disk, binds its socket, serves it.
+    pub fn add(&self, mut spec: DeviceSpec) -> Result<Value> {
+        let _admin = self.admin.lock();
+        let index = self.devices.lock().len();
+        let name = spec.name.clone().unwrap_or_else(|| {
+            (0..)
+                .map(|i| format!("disk{i}"))
+                .find(|n| !self.devices.lock().contains_key(n))
+                .unwrap_or_default()
+        });
+        spec.name = Some(name.clone());
+        {
+            let devs = self.devices.lock();
+            if devs.contains_key(&name) {
+                bail!("a device named '{name}' exists already");
+            }
+            if let Some((n, _)) = devs.iter().find(|(_, e)| e.spec.socket == spec.socket) {
+                bail!(
+                    "socket {} is used by device '{n}' already",
+                    spec.socket.display()
+                );
+            }
+        }
+        spec.validate_against_machine()?;
+        let created = match &spec.disk {
+            crate::backend::DiskSpec::File(p) if !p.exists() => Some(p.clone()),
+            _ => None,
+        };
+        let remove_created = || {
+            if let Some(p) = &created {
+                let _ = std::fs::remove_file(p);
+            }
+        };
+        let (mut server, shared) = build_device(&spec, index, &self.opts, &self.engine)
+            .inspect_err(|_| remove_created())?;
+        let listener = match bind_socket(&spec.socket, self.opts.force) {
+            Ok(l) => l,
+            Err(e) => {
+                drop(server);
+                remove_created();
+                return Err(e);
+            }
+        };
+        let control = Arc::new(Control::default());
+        let ctl = control.clone();
+        let label = name.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vfio-user-{name}"))
+            .spawn(move || {
+                if let Err(e) = server.run_controlled(listener, &ctl) {
+                    warn!("{label}: the server stopped: {e}");
+                }
+            })
+            .context("starting the device's thread")?;
+        info!(
+            "{name}: listening on {} ({:?}, {} bytes, {} queue(s) of {}{})",
+            spec.socket.display(),
+            spec.disk,
+            shared.capacity_bytes(),
+            spec.queues,
+            spec.queue_size,
+            if spec.readonly { ", read-only" } else { "" }
+        );
+        let entry = Entry {
+            spec,
+            shared,
+            control,
+            thread: Some(thread),
+        };
+        let info = describe(&name, &entry);
+        self.devices.lock().insert(name, entry);
+        Ok(info)
+    }
+
+    /// Removes a device. With a client attached, only with `force`: the
+    /// client is disconnected first (the device withdraws its queues, as
+    /// for any disconnect).
+    pub fn remove(&self, name: &str, force: bool) -> Result<()> {
+        let _admin = self.admin.lock();
+        let mut entry = {
+            let mut devs = self.devices.lock();
+            let Some(e) = devs.get(name) else {
+                bail!("no device named '{name}'");
+            };
+            if let Some(client) = e.control.client() {
+                if !force {
+                    bail!(
+                        "device '{name}' has a client attached (pid {}); give force=true to disconnect it",
+                        client.map_or(-1, |c| c.pid)
+                    );
+                }
+            }
+            devs.remove(name).unwrap_or_else(|| unreachable!())
+        };
+        entry.control.stop();
+        entry.control.disconnect_client();
+        if let Some(t) = entry.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&entry.spec.socket);
+        info!("{name}: removed");
+        Ok(())
+    }
+
+    /// Every device, with its options, size, client and state.
+    pub fn list(&self) -> Value {
+        let devs = self.devices.lock();
+        Value::Array(devs.iter().map(|(n, e)| describe(n, e)).collect())
+    }
+
+    /// Resizes a device's disk (see `BlkShared::resize`).
+    pub fn resize(&self, name: &str, size: Option<u64>, shrink: bool) -> Result<Value> {
+        let shared = {
+            let devs = self.devices.lock();
+            let Some(e) = devs.get(name) else {
+                bail!("no device named '{name}'");
+            };
+            e.shared.clone()
+        };
+        let new = shared
+            .resize(size, shrink)
+            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        Ok(json!({ "name": name, "size": new }))
+    }
+
+    /// Statistics of one device, or of all, and of the reactors.
+    pub fn stats(&self, name: Option<&str>) -> Result<Value> {
+        let devs = self.devices.lock();
+        if let Some(n) = name {
+            if !devs.contains_key(n) {
+                bail!("no device named '{n}'");
+            }
+        }
+        let devices: Vec<Value> = devs
+            .iter()
+            .filter(|(n, _)| name.is_none_or(|w| w == n.as_str()))
+            .map(|(n, e)| device_stats(n, &e.shared))
+            .collect();
+        let reactors: Vec<Value> = self
+            .engine
+            .reactor_stats()
+            .iter()
+            .zip(self.engine.reactor_loads())
+            .enumerate()
+            .map(|(i, (r, load))| {
+                json!({ "reactor": i, "queues": load, "busy_fraction": r.busy_fraction() })
+            })
+            .collect();
+        Ok(
+            json!({ "devices": devices, "reactors": reactors, "io_threads": self.engine.io_threads() }),
+        )
+    }
+
+    /// For the metrics endpoint: every device's name and shared state.
+    pub fn snapshot(&self) -> Vec<(String, Arc<BlkShared>)> {
+        self.devices
+            .lock()
+            .iter()
+            .map(|(n, e)| (n.clone(), e.shared.clone()))
+            .collect()
+    }
+
+    /// Graceful end: clients are disconnected after their requests drain,
+    /// disks are flushed, sockets removed.
+    pub fn shutdown(&self) {
+        let names: Vec<String> = self.devices.lock().keys().cloned().collect();
+        for n in names {
+            let entry = self.devices.lock().remove(&n);
+            let Some(mut e) = entry else { continue };
+            e.control.stop();
+            e.control.drain_and_disconnect();
+            if let Some(t) = e.thread.take() {
+                let _ = t.join();
+            }
+            if let Err(err) = e.shared.flush() {
+                warn!("{n}: flush at shutdown failed: {err}");
+            }
+            let _ = std::fs::remove_file(&e.spec.socket);
+            let counts = totals(&e.shared);
+            info!(
+                "{n}: stopped after {} request(s), {} byte(s) read, {} written, {} error(s)",
+                counts.0, counts.1, counts.2, counts.3
+            );
+        }
+    }
+}
+
+/// Requests, bytes read, bytes written, errors of a device.
+pub fn totals(s: &BlkShared) -> (u64, u64, u64, u64) {
+    let mut t = (0, 0, 0, 0);
+    for q in &s.stats {
+        t.0 += q.requests.iter().map(QueueStats::get).sum::<u64>();
+        t.1 += QueueStats::get(&q.bytes_read);
+        t.2 += QueueStats::get(&q.bytes_written);
+        t.3 += q.errors.iter().map(QueueStats::get).sum::<u64>();
+    }
+    t
+}
+
+fn describe(name: &str, e: &Entry) -> Value {
+    let s = &e.spec;
+    let client = e.control.client().map(|c| match c {
+        Some(c) => json!({ "pid": c.pid, "uid": c.uid, "gid": c.gid }),
+        None => json!({}),
+    });
+    let queues: Vec<Value> = e
+        .shared
+        .stats
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            json!({
+                "index": i,
+                "state": if e.shared.running() { "running" } else { "stopped" },
+                "in_flight": QueueStats::get(&q.in_flight),
+            })
+        })
+        .collect();
+    json!({
+        "name": name,
+        "socket": s.socket,
+        "disk": s.disk.to_string(),
+        "size": e.shared.capacity_bytes(),
+        "readonly": s.readonly,
+        "queues": s.queues,
+        "queue_size": s.queue_size,
+        "serial": s.serial,
+        "logical_block_size": s.logical_block_size,
+        "direct": s.direct,
+        "discard": s.discard,
+        "write_zeroes": s.write_zeroes,
+        "client": client,
+        "features": feature_names(e.shared.features()),
+        "queue_state": queues,
+    })
+}
+
+fn device_stats(name: &str, s: &BlkShared) -> Value {
+    let queue = |q: &QueueStats| {
+        let requests: serde_json::Map<String, Value> = REQUEST_KINDS
+            .iter()
+            .zip(&q.requests)
+            .map(|(k, c)| ((*k).to_string(), json!(QueueStats::get(c))))
+            .collect();
+        let errors: serde_json::Map<String, Value> = ERROR_KINDS
+            .iter()
+            .zip(&q.errors)
+            .map(|(k, c)| ((*k).to_string(), json!(QueueStats::get(c))))
+            .collect();
+        let us = |p| q.latency.quantile(p).map(|d| d.as_secs_f64() * 1e6);
+        json!({
+            "requests": requests,
+            "errors": errors,
+            "bytes_read": QueueStats::get(&q.bytes_read),
+            "bytes_written": QueueStats::get(&q.bytes_written),
+            "in_flight": QueueStats::get(&q.in_flight),
+            "latency_us": { "p50": us(0.5), "p99": us(0.99), "p99.9": us(0.999) },
+        })
+    };
+    let (requests, read, written, errors) = totals(s);
+    json!({
+        "name": name,
+        "requests": requests,
+        "bytes_read": read,
+        "bytes_written": written,
+        "errors": errors,
+        "queues": s.stats.iter().map(|q| queue(q)).collect::<Vec<_>>(),
+    })
+}

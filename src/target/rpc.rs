@@ -1,0 +1,386 @@
+//! The management socket: JSON-RPC 2.0, one JSON object per line each way,
+//! over a unix socket created owner-only. One table of methods, each with
+//! typed parameters that refuse unknown keys; errors name what was wrong.
+//! Nothing a management client sends can stop the target: lines are capped,
+//! connections are bounded, a client that goes away mid-request is fine.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use log::{debug, info, warn};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::Target;
+use crate::cli::{bind_socket, DeviceSpec};
+use crate::util::parse_size;
+
+/// The longest request line taken.
+const MAX_LINE: usize = 1 << 20;
+/// Management connections served at once.
+const MAX_CONNECTIONS: usize = 16;
+
+const PARSE_ERROR: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+const METHOD_NOT_FOUND: i64 = -32601;
+const INVALID_PARAMS: i64 = -32602;
+/// The method ran and failed (a device that does not exist, a socket in
+/// use, ...).
+const FAILED: i64 = -32000;
+
+struct RpcError {
+    code: i64,
+    message: String,
+}
+
+fn err(code: i64, message: impl Into<String>) -> RpcError {
+    RpcError {
+        code,
+        message: message.into(),
+    }
+}
+
+/// A size: a number of bytes, or a string with a suffix ("128M").
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self) -> Result<u64, RpcError> {
+        match self {
+            Size::Bytes(b) => Ok(*b),
+            Size::Text(t) => parse_size(t).map_err(|e| err(INVALID_PARAMS, format!("size: {e}"))),
+        }
+    }
+}
+
+/// A boolean, or "on"/"off" as on the command line.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Flag {
+    Bool(bool),
+    Text(String),
+}
+
+impl Flag {
+    fn get(&self, key: &str) -> Result<bool, RpcError> {
+        match self {
+            Flag::Bool(b) => Ok(*b),
+            Flag::Text(t) => match t.as_str() {
+                "on" | "true" | "yes" => Ok(true),
+                "off" | "false" | "no" => Ok(false),
+                _ => Err(err(INVALID_PARAMS, format!("{key}: '{t}' is not on/off"))),
+            },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct AddParams {
+    name: Option<String>,
+    socket: PathBuf,
+    disk: String,
+    size: Option<Size>,
+    readonly: Option<Flag>,
+    queues: Option<u16>,
+    #[serde(alias = "queue_size")]
+    queue_size: Option<u16>,
+    serial: Option<String>,
+    #[serde(alias = "logical_block_size")]
+    logical_block_size: Option<u32>,
+    direct: Option<Flag>,
+    discard: Option<Flag>,
+    #[serde(alias = "write_zeroes")]
+    write_zeroes: Option<Flag>,
+    #[serde(alias = "force_share")]
+    force_share: Option<Flag>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveParams {
+    name: String,
+    force: Option<Flag>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeParams {
+    name: String,
+    size: Option<Size>,
+    shrink: Option<Flag>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsParams {
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+fn params<T: DeserializeOwned>(p: Value) -> Result<T, RpcError> {
+    let p = if p.is_null() { json!({}) } else { p };
+    if !p.is_object() {
+        return Err(err(INVALID_PARAMS, "params must be an object"));
+    }
+    serde_json::from_value(p).map_err(|e| err(INVALID_PARAMS, e.to_string()))
+}
+
+fn add_spec(p: AddParams) -> Result<DeviceSpec, RpcError> {
+    let bad = |e: String| err(INVALID_PARAMS, e);
+    // The same parser as --device, so that both take the same values.
+    let mut s = format!(
+        "socket={},disk={}",
+        p.socket.to_string_lossy().replace(',', ",,"),
+        p.disk.replace(',', ",,")
+    );
+    let mut put = |k: &str, v: String| {
+        s.push(',');
+        s.push_str(k);
+        s.push('=');
+        s.push_str(&v.replace(',', ",,"));
+    };
+    if let Some(n) = p.name {
+        put("name", n);
+    }
+    if let Some(v) = p.size {
+        put("size", v.bytes()?.to_string());
+    }
+    if let Some(v) = p.queues {
+        put("queues", v.to_string());
+    }
+    if let Some(v) = p.queue_size {
+        put("queue-size", v.to_string());
+    }
+    if let Some(v) = p.serial {
+        put("serial", v);
+    }
+    if let Some(v) = p.logical_block_size {
+        put("logical-block-size", v.to_string());
+    }
+    for (k, f) in [
+        ("readonly", p.readonly),
+        ("direct", p.direct),
+        ("discard", p.discard),
+        ("write-zeroes", p.write_zeroes),
+        ("force-share", p.force_share),
+    ] {
+        if let Some(f) = f {
+            put(k, if f.get(k)? { "on" } else { "off" }.into());
+        }
+    }
+    s.parse::<DeviceSpec>().map_err(bad)
+}
+
+fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
+    let failed = |e: anyhow::Error| {
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        err(FAILED, chain.join(": "))
+    };
+    match method {
+        "device_add" => {
+            let spec = add_spec(params(p)?)?;
+            t.add(spec).map_err(failed)
+        }
+        "device_remove" => {
+            let p: RemoveParams = params(p)?;
+            let force = p
+                .force
+                .map(|f| f.get("force"))
+                .transpose()?
+                .unwrap_or(false);
+            t.remove(&p.name, force).map_err(failed)?;
+            Ok(json!({ "name": p.name, "removed": true }))
+        }
+        "device_list" => {
+            let _: NoParams = params(p)?;
+            Ok(t.list())
+        }
+        "device_resize" => {
+            let p: ResizeParams = params(p)?;
+            let size = p.size.map(|s| s.bytes()).transpose()?;
+            let shrink = p
+                .shrink
+                .map(|f| f.get("shrink"))
+                .transpose()?
+                .unwrap_or(false);
+            t.resize(&p.name, size, shrink).map_err(failed)
+        }
+        "device_stats" => {
+            let p: StatsParams = params(p)?;
+            t.stats(p.name.as_deref()).map_err(failed)
+        }
+        other => Err(err(
+            METHOD_NOT_FOUND,
+            format!(
+                "no method '{other}' (methods: device_add, device_remove, device_list, \
+                 device_resize, device_stats)"
+            ),
+        )),
+    }
+}
+
+/// Answers one request line; None for a notification (no id), which gets
+/// no answer.
+fn answer(t: &Target, line: &[u8]) -> Option<Value> {
+    let reply = |id: Value, r: Result<Value, RpcError>| {
+        Some(match r {
+            Ok(v) => json!({ "jsonrpc": "2.0", "id": id, "result": v }),
+            Err(e) => json!({ "jsonrpc": "2.0", "id": id,
+                              "error": { "code": e.code, "message": e.message } }),
+        })
+    };
+    let v: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return reply(Value::Null, Err(err(PARSE_ERROR, format!("not JSON: {e}")))),
+    };
+    let Some(obj) = v.as_object() else {
+        return reply(
+            Value::Null,
+            Err(err(INVALID_REQUEST, "a request is a JSON object")),
+        );
+    };
+    let id = obj.get("id").cloned();
+    let id_ok = id
+        .as_ref()
+        .is_none_or(|i| i.is_null() || i.is_string() || i.is_number());
+    if obj.get("jsonrpc") != Some(&json!("2.0")) || !id_ok {
+        return reply(
+            id.filter(|_| id_ok).unwrap_or(Value::Null),
+            Err(err(
+                INVALID_REQUEST,
+                "need \"jsonrpc\": \"2.0\" and a string or number id",
+            )),
+        );
+    }
+    let Some(method) = obj.get("method").and_then(Value::as_str) else {
+        return reply(
+            id.unwrap_or(Value::Null),
+            Err(err(INVALID_REQUEST, "\"method\" must be a string")),
+        );
+    };
+    let p = obj.get("params").cloned().unwrap_or(Value::Null);
+    debug!("rpc: {method} {p}");
+    let r = call(t, method, p);
+    match id {
+        Some(id) => reply(id, r),
+        None => None,
+    }
+}
+
+fn serve_conn(t: &Target, stream: UnixStream) {
+    let Ok(w) = stream.try_clone() else { return };
+    let mut w = w;
+    let mut r = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // Read one line, never more than MAX_LINE + 1 bytes of it.
+        let n = match (&mut r)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        if line.len() > MAX_LINE && !line.ends_with(b"\n") {
+            let e = json!({ "jsonrpc": "2.0", "id": null, "error": {
+                "code": INVALID_REQUEST, "message": format!("request longer than {MAX_LINE} bytes") } });
+            let _ = writeln!(w, "{e}");
+            crate::warn_limited!("rpc: request line over {MAX_LINE} bytes; connection closed");
+            return;
+        }
+        let trimmed = line.trim_ascii();
+        if trimmed.is_empty() {
+            continue;
+        }
+        if let Some(v) = answer(t, trimmed) {
+            if writeln!(w, "{v}").is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Serves the management socket at `path` (owner-only) on its own threads.
+pub fn serve(target: Arc<Target>, path: &Path, force: bool) -> Result<()> {
+    let listener = bind_socket(path, force)?;
+    let active = Arc::new(AtomicUsize::new(0));
+    info!("management socket on {}", path.display());
+    std::thread::Builder::new()
+        .name("rpc-accept".into())
+        .spawn(move || {
+            for s in listener.incoming() {
+                let Ok(s) = s else { continue };
+                if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    crate::warn_limited!("rpc: more than {MAX_CONNECTIONS} connections; refused");
+                    continue;
+                }
+                let (t, a) = (target.clone(), active.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("rpc".into())
+                    .spawn(move || {
+                        serve_conn(&t, s);
+                        a.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if let Err(e) = spawned {
+                    warn!("rpc: cannot start a thread: {e}");
+                }
+            }
+        })
+        .context("starting the management socket's thread")?;
+    Ok(())
+}
+
+/// `vfio-user-blk rpc`: sends one request and prints the result. Values are
+/// typed as on a command line: integers become numbers, true/false
+/// booleans, anything else a string (a size such as 128M stays a string,
+/// which the target parses).
+pub fn client(socket: &Path, method: &str, args: &[String]) -> Result<Value> {
+    let mut p = serde_json::Map::new();
+    for a in args {
+        let Some((k, v)) = a.split_once('=') else {
+            bail!("'{a}' is not key=value");
+        };
+        let value = if let Ok(n) = v.parse::<i64>() {
+            json!(n)
+        } else if v == "true" || v == "false" {
+            json!(v == "true")
+        } else {
+            json!(v)
+        };
+        p.insert(k.to_string(), value);
+    }
+    let mut s = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let req = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": p });
+    writeln!(s, "{req}")?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    let v: Value = serde_json::from_str(&line).context("the answer is not JSON")?;
+    if let Some(e) = v.get("error") {
+        bail!(
+            "{}",
+            e.get("message").and_then(Value::as_str).unwrap_or("error")
+        );
+    }
+    Ok(v.get("result").cloned().unwrap_or(Value::Null))
+}
