@@ -201,6 +201,9 @@ const RETIRED: u8 = 2;
 struct Slot {
     start: AtomicUsize,
     end: AtomicUsize,
+    /// The mapping's page size: what the kernel can replace at once (a huge
+    /// page for hugetlbfs).
+    page: AtomicUsize,
     state: AtomicU8,
 }
 
@@ -208,6 +211,7 @@ struct Slot {
 const EMPTY: Slot = Slot {
     start: AtomicUsize::new(0),
     end: AtomicUsize::new(0),
+    page: AtomicUsize::new(4096),
     state: AtomicU8::new(FREE),
 };
 static WINDOWS: [Slot; SLOTS] = [EMPTY; SLOTS];
@@ -228,9 +232,10 @@ impl Drop for GuardedWindow {
     }
 }
 
-/// Registers the mapping `start .. start + len` (page-aligned) so that a
-/// SIGBUS inside it is survived. `None` when every slot holds a live window.
-pub fn guard_window(start: usize, len: usize) -> Option<GuardedWindow> {
+/// Registers the mapping `start .. start + len` (aligned to `page`, the
+/// mapping's page size) so that a SIGBUS inside it is survived. `None`
+/// when every slot holds a live window.
+pub fn guard_window(start: usize, len: usize, page: usize) -> Option<GuardedWindow> {
     install_sigbus_guard();
     let take = |from: u8| {
         (0..SLOTS).find(|&i| {
@@ -244,6 +249,9 @@ pub fn guard_window(start: usize, len: usize) -> Option<GuardedWindow> {
     // The handler reads the bounds only of LIVE/RETIRED slots; a fault that
     // races with this store sees either range, both of them real mappings
     // of ours (or none, and then the default action).
+    WINDOWS[slot]
+        .page
+        .store(page.max(PAGE.load(Ordering::Relaxed)), Ordering::Release);
     WINDOWS[slot].start.store(start, Ordering::Release);
     WINDOWS[slot]
         .end
@@ -269,21 +277,38 @@ fn page_size() -> usize {
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // Only async-signal-safe work here: atomics, mmap, sigaction.
+    // Only async-signal-safe work here: atomics, mmap, sigaction, raise.
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    let page = PAGE.load(Ordering::Relaxed);
-    let ours = WINDOWS.iter().any(|s| {
-        s.state.load(Ordering::Acquire) != FREE
-            && s.start.load(Ordering::Acquire) <= addr
-            && addr < s.end.load(Ordering::Acquire)
-    });
-    if ours {
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    if code <= 0 {
+        // Sent by a process (kill, raise), not a fault: it keeps its
+        // default meaning.
+        // SAFETY: sigaction with a zeroed (SIG_DFL) action, then raise.
+        unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            libc::raise(sig);
+        }
+        return;
+    }
+    let page = WINDOWS
+        .iter()
+        .find(|s| {
+            s.state.load(Ordering::Acquire) != FREE
+                && s.start.load(Ordering::Acquire) <= addr
+                && addr < s.end.load(Ordering::Acquire)
+        })
+        .map(|s| s.page.load(Ordering::Acquire));
+    if let Some(page) = page {
+        // A huge-page mapping can only be replaced a whole huge page at a
+        // time (the replacement itself is ordinary memory).
         let base = addr & !(page - 1);
-        // SAFETY: `base` is a page inside one of our guest windows, which we
-        // mapped and which nothing else in this process owns; replacing the
-        // page with a private anonymous one keeps the range mapped (so the
-        // window's own munmap later still covers exactly what it mapped).
+        // SAFETY: `base .. base + page` is a whole page of the mapping of one
+        // of our guest windows (windows are aligned to their page size),
+        // which we mapped and which nothing else in this process owns;
+        // replacing it with private anonymous memory keeps the range mapped
+        // (so the window's own munmap later still covers what it mapped).
         let r = unsafe {
             libc::mmap(
                 base as *mut libc::c_void,
@@ -387,7 +412,7 @@ mod tests {
             )
         };
         assert_ne!(p, libc::MAP_FAILED);
-        let g = guard_window(p as usize, 2 * 4096).unwrap();
+        let g = guard_window(p as usize, 2 * 4096, 4096).unwrap();
         // SAFETY: inside the mapping above, which stays until munmap below.
         let v = unsafe { GuestIov::new(p.cast(), 2 * 4096) };
         v.write_at(4096, &[5; 8]);

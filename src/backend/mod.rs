@@ -76,7 +76,9 @@ pub enum OpenError {
     NotADisk(PathBuf),
     #[error("{0} is on a read-only file system; use --readonly (readonly=on) to serve it")]
     ReadOnlyMount(PathBuf),
-    #[error("{0} is not writable by this user; use --readonly (readonly=on) to serve it read-only")]
+    #[error(
+        "{0} is not writable by this user; use --readonly (readonly=on) to serve it read-only"
+    )]
     NoWriteAccess(PathBuf),
     #[error("the file system of {0} does not support O_DIRECT; drop --direct (direct=on)")]
     NoDirect(PathBuf),
@@ -123,7 +125,11 @@ fn open_file(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::Backe
             );
         }
         (Ok(_), _) => {}
-        (Err(_), None) => return Err(OpenError::Missing { path: path.to_path_buf() }),
+        (Err(_), None) => {
+            return Err(OpenError::Missing {
+                path: path.to_path_buf(),
+            })
+        }
         (Err(_), Some(size)) => {
             if size == 0 || !size.is_multiple_of(512) {
                 return Err(OpenError::BadCreateSize(size));
@@ -152,12 +158,19 @@ fn open_file(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::Backe
     r
 }
 
-fn open_existing(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::Backend>), OpenError> {
+fn open_existing(
+    path: &Path,
+    o: &OpenOptionsDisk,
+) -> Result<(u64, Arc<dyn io::Backend>), OpenError> {
     let readonly = o.readonly;
     let mut f = OpenOptions::new()
         .read(true)
         .write(!readonly)
-        .custom_flags(if o.direct.is_some() { libc::O_DIRECT } else { 0 })
+        .custom_flags(if o.direct.is_some() {
+            libc::O_DIRECT
+        } else {
+            0
+        })
         .open(path)
         .map_err(|source| match source.raw_os_error() {
             Some(libc::EROFS) => OpenError::ReadOnlyMount(path.to_path_buf()),
@@ -195,7 +208,13 @@ fn open_existing(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::B
     let align = o.direct.unwrap_or(512);
     Ok((
         size,
-        Arc::new(io::FileBackend::new(f, o.direct.is_some(), align, true, false)),
+        Arc::new(io::FileBackend::new(
+            f,
+            o.direct.is_some(),
+            align,
+            true,
+            false,
+        )),
     ))
 }
 

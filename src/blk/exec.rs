@@ -162,10 +162,12 @@ impl BlkContext {
                 Ok(Plan::Io { used: 1 })
             }
             VIRTIO_BLK_T_GET_ID => {
-                let n = scatter(mem, &c.writable, &self.serial)?;
+                // The serial is written when the request finishes (after
+                // the engine has checked where it goes).
+                let n = total_len(&c.writable).min(self.serial.len() as u64);
                 Ok(Plan::Done {
                     status: status_u8(VIRTIO_BLK_S_OK),
-                    used: used_len(n as u64),
+                    used: used_len(n),
                 })
             }
             VIRTIO_BLK_T_DISCARD if self.discard => {
@@ -303,8 +305,15 @@ impl RequestHandler for BlkContext {
         }
     }
 
-    fn finish_range(&self, req: &BlkReq) -> Option<(u64, u64)> {
-        req.chain.status.map(|a| (a, 1))
+    fn finish_writes(&self, req: &BlkReq, lo: u64, hi: u64) -> bool {
+        let hit = |a: u64, len: u64| a < hi && lo < a.saturating_add(len);
+        req.chain.status.is_some_and(|a| hit(a, 1))
+            || (req.vtype == VIRTIO_BLK_T_GET_ID
+                && req
+                    .chain
+                    .writable
+                    .iter()
+                    .any(|s| hit(s.addr, u64::from(s.len))))
     }
 
     fn finish(
@@ -346,6 +355,15 @@ impl BlkContext {
     ) -> (Finish, Option<u8>) {
         let ok = status_u8(VIRTIO_BLK_S_OK);
         let status = match result {
+            None if req.vtype == VIRTIO_BLK_T_GET_ID && req.ready_status == ok => {
+                match scatter(mem, &req.chain.writable, &self.serial) {
+                    Ok(_) => ok,
+                    Err(e) => {
+                        crate::warn_limited!("request {}: {e}", req.chain.head);
+                        status_u8(VIRTIO_BLK_S_IOERR)
+                    }
+                }
+            }
             None => req.ready_status,
             Some(r) => {
                 let st = self.status_of(req.kind, r);

@@ -104,10 +104,11 @@ pub trait RequestHandler: Send + Sync + 'static {
         req: &mut Self::Req,
         io: &mut IoRequest,
     ) -> Prepared;
-    /// The guest range the request writes when it finishes, beyond its I/O
-    /// buffers (virtio-blk: the status byte), so that an unmap of that
-    /// memory waits for it.
-    fn finish_range(&self, req: &Self::Req) -> Option<(u64, u64)>;
+    /// Whether finishing the request writes guest memory in `lo .. hi`,
+    /// beyond its I/O buffers (virtio-blk: the status byte, GET_ID's
+    /// answer), so that an unmap of that memory waits for it or puts the
+    /// request back. Nothing is written into guest memory before `finish`.
+    fn finish_writes(&self, req: &Self::Req, lo: u64, hi: u64) -> bool;
     /// Writes the outcome into guest memory (status) and gives the used
     /// length. `result` is the backend's, or None when `prepare` answered.
     /// `stats` is the queue's, for the device to count the request in.
@@ -389,6 +390,12 @@ impl Active {
         }
     }
 
+    fn kick(&self, p: Placed) {
+        if self.inline.is_none() {
+            self.engine.reactors[p.reactor].tx.waker.kick();
+        }
+    }
+
     fn run_inline(&self) {
         if let Some(r) = &self.inline {
             r.lock().0.run_until_idle();
@@ -398,7 +405,7 @@ impl Active {
     /// The driver rang queue `queue`'s doorbell.
     pub fn notify(&self, queue: u16) {
         if let Some(Some(p)) = self.placed.get(usize::from(queue)) {
-            self.send(*p, Msg::Kick);
+            self.kick(*p);
             self.run_inline();
         }
     }
@@ -406,7 +413,7 @@ impl Active {
     /// Every queue looks at its ring again (guest memory grew).
     pub fn wake_all(&self) {
         for p in self.placed.iter().flatten() {
-            self.send(*p, Msg::Kick);
+            self.kick(*p);
         }
         self.run_inline();
     }

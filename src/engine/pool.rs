@@ -5,7 +5,7 @@
 //! grows, up to a maximum, and leave after a while idle, so that queue depth
 //! reaches the disk without a fixed cap.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -43,8 +43,12 @@ pub(crate) struct Done {
 struct Shared {
     rx: Receiver<Job>,
     workers: AtomicUsize,
-    idle: AtomicUsize,
+    /// Workers waiting for a job, minus jobs sent and not yet taken: below
+    /// zero, jobs wait for a worker. A worker leaves only by taking back a
+    /// unit above zero, so no job is ever left with nobody to take it.
+    idle: AtomicIsize,
     max: usize,
+    idle_exit: Duration,
 }
 
 pub struct Pool {
@@ -54,14 +58,19 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(max: usize) -> Pool {
+        Pool::with_idle_exit(max, IDLE_EXIT)
+    }
+
+    fn with_idle_exit(max: usize, idle_exit: Duration) -> Pool {
         let (tx, rx) = unbounded();
         Pool {
             tx,
             shared: Arc::new(Shared {
                 rx,
                 workers: AtomicUsize::new(0),
-                idle: AtomicUsize::new(0),
+                idle: AtomicIsize::new(0),
                 max: max.max(1),
+                idle_exit,
             }),
         }
     }
@@ -73,8 +82,9 @@ impl Pool {
 
     pub(crate) fn submit(&self, job: Job) {
         let s = &self.shared;
-        // Grow while nobody is idle to take the job.
-        if s.idle.load(Ordering::Acquire) == 0 {
+        // Count the job against the waiting workers; grow when none was
+        // free to take it.
+        if s.idle.fetch_sub(1, Ordering::AcqRel) <= 0 {
             let n = s.workers.load(Ordering::Acquire);
             if n < s.max
                 && s.workers
@@ -105,10 +115,17 @@ impl Pool {
 }
 
 fn worker(s: &Shared) {
+    let mut waiting = false;
     loop {
-        s.idle.fetch_add(1, Ordering::AcqRel);
-        let r = s.rx.recv_timeout(IDLE_EXIT);
-        s.idle.fetch_sub(1, Ordering::AcqRel);
+        if !waiting {
+            s.idle.fetch_add(1, Ordering::AcqRel);
+            waiting = true;
+        }
+        let r = s.rx.recv_timeout(s.idle_exit);
+        if r.is_ok() {
+            // The submitter counted the job: this worker's unit is spent.
+            waiting = false;
+        }
         match r {
             Ok(job) => {
                 let result = job.io.execute(&*job.backend);
@@ -121,23 +138,62 @@ fn worker(s: &Shared) {
                 }));
             }
             Err(RecvTimeoutError::Timeout) => {
-                s.workers.fetch_sub(1, Ordering::AcqRel);
-                if s.rx.is_empty() {
+                // Leave only by taking back a unit above zero; otherwise a
+                // job is on its way and one of us must be there for it.
+                let left = s
+                    .idle
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |i| {
+                        (i > 0).then_some(i - 1)
+                    })
+                    .is_ok();
+                if left {
+                    s.workers.fetch_sub(1, Ordering::AcqRel);
                     debug!("idle I/O thread leaves");
                     return;
                 }
-                // A job was sent while we decided to leave, and its sender
-                // saw the pool full: stay for it if there is room.
-                if s.workers.fetch_add(1, Ordering::AcqRel) < s.max {
-                    continue;
-                }
-                s.workers.fetch_sub(1, Ordering::AcqRel);
-                return;
             }
             Err(RecvTimeoutError::Disconnected) => {
                 s.workers.fetch_sub(1, Ordering::AcqRel);
                 return;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::io::NullBackend;
+    use crate::engine::reactor::Waker;
+    use vm_memory::GuestAddress;
+
+    /// Workers leave after a millisecond idle while jobs keep arriving a
+    /// millisecond apart: the race between a worker leaving and a job being
+    /// counted for it. Every job must be taken, promptly.
+    #[test]
+    fn no_job_is_stranded_by_a_worker_leaving() {
+        let pool = Pool::with_idle_exit(2, Duration::from_millis(1));
+        let (tx, rx) = unbounded();
+        let reply = ReactorTx {
+            tx,
+            waker: Arc::new(Waker::new().unwrap()),
+        };
+        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4096)]).unwrap());
+        for i in 0..300u16 {
+            pool.submit(Job {
+                io: IoRequest::default(),
+                backend: Arc::new(NullBackend),
+                mem: mem.clone(),
+                queue: 1,
+                slot: i,
+                reply: reply.clone(),
+            });
+            match rx.recv_timeout(Duration::from_secs(2)) {
+                Ok(Msg::PoolDone(d)) => assert_eq!(d.slot, i),
+                Ok(_) => panic!("unexpected message"),
+                Err(_) => panic!("job {i} was never taken ({} workers)", pool.workers()),
+            }
+            thread::sleep(Duration::from_micros(u64::from(i % 7) * 300));
         }
     }
 }

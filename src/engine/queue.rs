@@ -30,6 +30,17 @@ use crate::backend::uring::Uring;
 use crate::vfio_user::GuestMemoryHandle;
 use crate::virtio::VirtioInterrupt;
 
+/// Requests one queue takes from its ring in one pass, and bytes of work it
+/// does on the reactor itself in one pass: a guest with a full ring of huge
+/// requests cannot hold the reactor, and the other queues and devices on
+/// it, for more than a moment.
+const PASS_REQUESTS: u16 = 64;
+const PASS_SYNC_BYTES: usize = 8 << 20;
+/// The largest request run on the reactor (memory disks, page cache);
+/// larger ones, and discard and write-zeroes on memory disks, go to the
+/// thread pool.
+const INLINE_MAX: usize = 1 << 20;
+
 /// Where a request's backend work is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum At {
@@ -181,11 +192,7 @@ impl<H: RequestHandler> QueueState<H> {
         } else {
             s.io.iov.iter().any(|v| f.covers_host(v.addr(), v.len()))
         };
-        buffers
-            || self
-                .handler
-                .finish_range(&s.req)
-                .is_some_and(|(a, l)| f.covers_guest(a, l))
+        buffers || self.handler.finish_writes(&s.req, f.guest.0, f.guest.1)
     }
 
     /// Finishes the request in `slot`: the handler writes its status, we
@@ -220,6 +227,20 @@ impl<H: RequestHandler> QueueState<H> {
         }
     }
 
+    /// The request just popped points into memory that is being taken
+    /// away: it goes back to the ring, the queue waits for the map to
+    /// change, and it is looked at again after resume.
+    fn put_back(&mut self, head: u16) {
+        let s = &mut self.slots[usize::from(head)];
+        s.at = At::Free;
+        s.mem = None;
+        self.in_flight -= 1;
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let next = self.queue.next_avail().wrapping_sub(1);
+        self.queue.set_next_avail(next);
+        self.paused = true;
+    }
+
     fn send_to_pool(&mut self, slot: u16, cx: &mut Cx) {
         let s = &mut self.slots[usize::from(slot)];
         let Some(mem) = s.mem.clone() else { return };
@@ -240,16 +261,23 @@ impl<H: RequestHandler> QueueState<H> {
         });
     }
 
-    fn submit(&mut self, slot: u16, cx: &mut Cx) {
+    /// Submits the request in `slot`; returns the bytes it moved on the
+    /// reactor itself (memory disk, page cache).
+    fn submit(&mut self, slot: u16, cx: &mut Cx) -> usize {
         let s = &mut self.slots[usize::from(slot)];
-        if self.inline {
+        let len = s.io.len();
+        let small = len <= INLINE_MAX;
+        if self.inline && small && matches!(s.io.kind, IoKind::Read | IoKind::Write | IoKind::Flush)
+        {
             let r = s.io.execute(&*self.backend);
             self.finish(slot, Some(r));
-            return;
+            return len;
         }
-        if let Some(r) = s.io.try_nowait(&*self.backend) {
-            self.finish(slot, Some(r));
-            return;
+        if small {
+            if let Some(r) = s.io.try_nowait(&*self.backend) {
+                self.finish(slot, Some(r));
+                return len;
+            }
         }
         if let (Some(t), Some(u)) = (self.uring_target, cx.uring.as_deref_mut()) {
             if Uring::accepts(&t, &s.io) {
@@ -263,11 +291,12 @@ impl<H: RequestHandler> QueueState<H> {
                 // point into.
                 if unsafe { u.push(&t, &s.io, user_data) } {
                     s.at = At::Uring;
-                    return;
+                    return 0;
                 }
             }
         }
         self.send_to_pool(slot, cx);
+        0
     }
 }
 
@@ -314,7 +343,11 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         }
         let size = self.queue.size();
         let mut work = false;
-        for _ in 0..size {
+        let mut sync_bytes = 0;
+        for _ in 0..size.min(PASS_REQUESTS) {
+            if sync_bytes > PASS_SYNC_BYTES {
+                break;
+            }
             let chain = match self.queue.iter(&*mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => {
@@ -347,24 +380,21 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
                     self.break_queue(&why);
                     break;
                 }
-                Prepared::Ready => self.finish(head, None),
+                Prepared::Ready => {
+                    let s = &self.slots[usize::from(head)];
+                    if self.fence.is_some_and(|f| self.touches(s, &f)) {
+                        self.put_back(head);
+                        break;
+                    }
+                    self.finish(head, None);
+                }
                 Prepared::Io => {
                     let s = &self.slots[usize::from(head)];
                     if self.fence.is_some_and(|f| self.touches(s, &f)) {
-                        let s = &mut self.slots[usize::from(head)];
-                        // The request points into memory that is being
-                        // taken away: put it back and wait for the map to
-                        // change; it is looked at again after resume.
-                        s.at = At::Free;
-                        s.mem = None;
-                        self.in_flight -= 1;
-                        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        let next = self.queue.next_avail().wrapping_sub(1);
-                        self.queue.set_next_avail(next);
-                        self.paused = true;
+                        self.put_back(head);
                         break;
                     }
-                    self.submit(head, cx);
+                    sync_bytes += self.submit(head, cx);
                 }
             }
         }

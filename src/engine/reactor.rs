@@ -23,10 +23,13 @@ use crate::backend::uring::Uring;
 /// In adaptive mode, how long to keep spinning after the last work.
 const ADAPTIVE_SPIN: Duration = Duration::from_micros(200);
 
-/// Wakes a reactor that sleeps.
+/// Wakes a reactor that sleeps. A doorbell sets `kicked` and wakes: no
+/// message per doorbell, so a client ringing doorbells while the reactor is
+/// busy costs no memory.
 pub(crate) struct Waker {
     fd: EventFd,
     sleeping: AtomicBool,
+    kicked: AtomicBool,
 }
 
 impl Waker {
@@ -34,6 +37,7 @@ impl Waker {
         Ok(Waker {
             fd: EventFd::new(0)?,
             sleeping: AtomicBool::new(false),
+            kicked: AtomicBool::new(false),
         })
     }
 
@@ -48,6 +52,12 @@ impl Waker {
         if self.sleeping.load(Ordering::SeqCst) {
             let _ = self.fd.write(1);
         }
+    }
+
+    /// A doorbell: the reactor looks at its rings again.
+    pub fn kick(&self) {
+        self.kicked.store(true, Ordering::SeqCst);
+        self.wake();
     }
 }
 
@@ -85,7 +95,6 @@ impl Fence {
 
 pub(crate) enum Msg {
     Assign(Box<dyn QueueRunner>),
-    Kick,
     /// Stop taking requests on a queue (all of them, or those that touch
     /// the fence) and acknowledge once what is affected has drained.
     Pause {
@@ -190,7 +199,6 @@ impl Reactor {
                 q.set_notifications(self.mode != PollMode::Busy);
                 self.queues.push(q);
             }
-            Msg::Kick => {}
             Msg::Shutdown => self.shutdown = true,
             Msg::Pause { queue, fence, ack } => match self.find(queue) {
                 Some(i) => {
@@ -347,10 +355,11 @@ impl Reactor {
         waker.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         let cq_ready = self.uring.as_mut().is_some_and(Uring::has_completions);
-        if self.rx.is_empty() && !cq_ready {
+        if self.rx.is_empty() && !cq_ready && !waker.kicked.swap(false, Ordering::SeqCst) {
             let _ = waker.fd.read();
         }
         waker.sleeping.store(false, Ordering::SeqCst);
+        waker.kicked.store(false, Ordering::SeqCst);
     }
 
     /// The reactor thread.

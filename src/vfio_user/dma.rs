@@ -315,6 +315,21 @@ fn check_file(file: &File, iova: u64, size: u64, offset: u64) -> Result<(), DmaE
     Ok(())
 }
 
+/// The page size of a file's mappings: a huge page on hugetlbfs.
+fn mapping_page(f: Option<&FileOffset>) -> usize {
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    let Some(f) = f else { return 4096 };
+    // SAFETY: statfs is plain data; zeroed is valid and fstatfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on a descriptor we own, with a pointer to `st`.
+    let r = unsafe { libc::fstatfs(f.file().as_raw_fd(), &mut st) };
+    if r == 0 && st.f_type == HUGETLBFS_MAGIC {
+        usize::try_from(st.f_bsize).unwrap_or(4096)
+    } else {
+        4096
+    }
+}
+
 fn map_window(
     iova: u64,
     size: u64,
@@ -333,7 +348,11 @@ fn map_window(
         libc::MAP_SHARED,
     )
     .map_err(|e| fail(e.to_string()))?;
-    let guard = memory::guard_window(mapping.as_ptr() as usize, len);
+    let guard = memory::guard_window(
+        mapping.as_ptr() as usize,
+        len,
+        mapping_page(mapping.file_offset()),
+    );
     if guard.is_none() {
         warn!("DMA window {iova:#x}+{size:#x}: too many windows to guard against SIGBUS");
     }
