@@ -855,3 +855,66 @@ fn real_main(args: &Args) -> Result<()> {
 fn canonical(p: &Path) -> PathBuf {
     p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn targets_resolve_aliases_and_refuse_unknown_names() {
+        assert_eq!(resolve_targets(&names(&["all"])).unwrap(), TARGETS.to_vec());
+        assert_eq!(
+            resolve_targets(&names(&["direct", "qsd", "ours"])).unwrap(),
+            vec!["ours", "qsd-threads", "qsd-uring", "qsd-native", "direct"]
+        );
+        assert_eq!(
+            resolve_targets(&names(&["ours", "ours"])).unwrap(),
+            vec!["ours"]
+        );
+        assert!(resolve_targets(&names(&["ours", "qsdd"])).is_err());
+        assert!(resolve_targets(&names(&[""])).is_err());
+    }
+
+    #[test]
+    fn each_workload_gets_the_targets_that_make_sense() {
+        let all = TARGETS.to_vec();
+        let find = |name: &str| {
+            workloads(false)
+                .into_iter()
+                .find(|w| w.name == name)
+                .unwrap()
+        };
+        assert_eq!(
+            targets_of(&find("4k-randread-qd32"), &all),
+            vec!["ours", "ours-threads", "qsd-threads", "qsd-uring", "direct"]
+        );
+        assert_eq!(targets_of(&find("direct-4k-randwrite-qd32"), &all), all);
+        assert_eq!(
+            targets_of(&find("null-4k-randread-qd128"), &all),
+            vec!["ours", "qsd-threads"]
+        );
+        assert_eq!(
+            targets_of(&find("null-4k-randread-qd128"), &["qsd-uring"]),
+            vec!["qsd-uring"]
+        );
+        assert_eq!(
+            targets_of(&find("multi4-4k-randread-qd32"), &all),
+            MULTI_SETUPS.to_vec()
+        );
+        assert_eq!(
+            targets_of(
+                &find("multi4-4k-randread-qd32"),
+                &["ours-threads", "direct"]
+            ),
+            Vec::<&str>::new()
+        );
+        // --quick covers every new workload kind.
+        let quick = workloads(true);
+        assert!(quick.iter().any(|w| w.disk == Disk::Direct));
+        assert!(quick.iter().any(|w| w.devices == MULTI));
+    }
+}
