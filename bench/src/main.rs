@@ -29,8 +29,10 @@ use servers::{start_ours, start_qsd, OursDisk, QsdDisk, Server};
 use vfio_user_blk::driver_ring::SplitRing;
 
 /// Benchmark vfio-user-blk against qemu-storage-daemon and direct I/O.
+/// An option given twice takes its last value (so that scripts/bench.sh's
+/// defaults can be overridden).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Args {
     /// Image file to use (created and filled if missing). The direct-*
     /// workloads use IMAGE-direct.img beside it (on a disk, not tmpfs), the
