@@ -233,6 +233,13 @@ pub fn table(results: &Results) -> String {
         "* the fastest qsd of the workload, which ours/qsd and p50 o/q compare against; \
          ours/dir compares against direct-uring on direct-* workloads, direct elsewhere"
     );
+    if results.values().any(|r| r.w.disk == Disk::Null) {
+        let _ = writeln!(
+            out,
+            "null-* workloads do no file I/O, so the I/O engine and aio do not matter: \
+             each device runs once (ours, qsd-threads when selected)"
+        );
+    }
     out
 }
 
