@@ -465,7 +465,7 @@ impl Images {
 }
 
 /// The device processes, started when a target first needs them and kept
-/// to the end. A target that the host refuses (io_uring or native AIO in
+/// until the end or until another server needs their image. A target that the host refuses (io_uring or native AIO in
 /// qemu-storage-daemon) is remembered as not run, with the reason.
 struct Servers<'a> {
     args: &'a Args,
@@ -493,7 +493,18 @@ impl Servers<'_> {
             format!("{t}-{:?}", w.disk).to_lowercase()
         };
         if !self.map.contains_key(&key) {
-            let r = self.start(t, w, &self.dir.join(&key));
+            // Servers lock their images as QEMU does (a writer shares with
+            // nobody): whatever holds one of this server's images is
+            // stopped first. Interleaved runs thus each get a fresh server.
+            let holds = self.images_of(w);
+            self.map.retain(|_, s| match s {
+                Ok(s) => !s.holds.iter().any(|p| holds.contains(p)),
+                Err(_) => true,
+            });
+            let r = self.start(t, w, &self.dir.join(&key)).map(|mut s| {
+                s.holds = holds;
+                s
+            });
             let may_refuse = t.contains("uring") || t.contains("native");
             let r = match r {
                 Ok(s) => {
@@ -512,6 +523,17 @@ impl Servers<'_> {
             self.map.insert(key.clone(), r);
         }
         Ok(self.map[&key].as_ref().map_err(Clone::clone))
+    }
+
+    /// The image files that the server of workload `w` opens.
+    fn images_of(&self, w: &Workload) -> Vec<PathBuf> {
+        if w.devices > 1 {
+            self.images.multi.clone()
+        } else if w.disk == Disk::Null {
+            Vec::new()
+        } else {
+            vec![self.images.path(w.disk).to_path_buf()]
+        }
     }
 
     fn start(&self, t: &str, w: &Workload, dir: &Path) -> Result<Server> {
@@ -588,6 +610,7 @@ impl Servers<'_> {
                     procs: Vec::new(),
                     socks: Vec::new(),
                     note: None,
+                    holds: Vec::new(),
                 };
                 for (i, p) in im.multi.iter().enumerate() {
                     let s = start_ours(

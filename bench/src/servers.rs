@@ -43,6 +43,8 @@ pub struct Server {
     pub socks: Vec<PathBuf>,
     /// Something the reader should know about how it runs (a fallback).
     pub note: Option<String>,
+    /// The image files it has open (and locked).
+    pub holds: Vec<PathBuf>,
 }
 
 impl Server {
@@ -140,6 +142,7 @@ pub fn start_ours(
         procs: vec![p],
         socks,
         note,
+        holds: Vec::new(),
     })
 }
 
@@ -204,5 +207,6 @@ pub fn start_qsd(
         procs: vec![p],
         socks,
         note: None,
+        holds: Vec::new(),
     })
 }
