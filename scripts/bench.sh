@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Runs the standard benchmark set in release mode: our device, QEMU's
-# qemu-storage-daemon (vhost-user-blk) and direct I/O on the same image,
-# interleaved, medians of --repeat runs. Writes bench/results.json,
-# bench/results.txt and bench/iops.svg.
+# Runs the standard benchmark set in release mode: our device (io_uring and
+# thread-pool engines), QEMU's qemu-storage-daemon (vhost-user-blk, with
+# aio=threads, io_uring and, on O_DIRECT, native) and the image itself
+# (threads, and io_uring on O_DIRECT), interleaved, medians of --repeat
+# runs; then 4 disks served by one process, by four, and by one
+# qemu-storage-daemon. Writes bench/results.json, bench/results.txt and
+# bench/iops.svg.
 #
 # The benchmark is its own crate (bench/) in the workspace; it starts the
-# server binary found next to its own, so both are built.
+# server binary found next to its own, so both are built. Options given
+# here override the defaults below (the last value wins).
 #
 #   scripts/bench.sh [extra vfio-user-blk-bench options]
+#   scripts/bench.sh --quick --seconds 1     # a short set, about 2 minutes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
@@ -17,6 +22,8 @@ if ! command -v qemu-storage-daemon >/dev/null 2>&1; then
 fi
 cargo build --release --workspace -q
 mkdir -p bench
-./target/release/vfio-user-blk-bench \
+# The direct-* workloads need the image folder on a real disk, not tmpfs.
+df -hT bench | tail -n 1 | awk '{print "bench: images on " $1 " (" $2 ")"}' >&2
+"${CARGO_TARGET_DIR:-target}/release/vfio-user-blk-bench" \
     --image bench/bench.img --size 1G --seconds 2 --repeat 3 \
     --json bench/results.json --svg bench/iops.svg "$@" | tee bench/results.txt

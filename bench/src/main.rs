@@ -1,16 +1,18 @@
 //! vfio-user-blk-bench: our device side by side with QEMU's
 //! qemu-storage-daemon (vhost-user-blk) and with the disk itself, measured
-//! in one run with the same request stream. See `run` for how, and `guest`
-//! for the synthetic guest that drives both devices.
+//! in one run with the same request stream. See `run` for how, `guest` for
+//! the synthetic guest that drives the devices, and `servers` for the
+//! device processes.
 
 mod guest;
 mod report;
 mod run;
+mod servers;
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -18,21 +20,29 @@ use clap::Parser;
 
 use guest::vfio::VfioUserBlk;
 use guest::vhost::VhostUserBlk;
-use guest::GuestRam;
-use report::{Results, Summary};
-use run::{run_direct, run_virtio, Op, RunResult, Workload, RING_BASE};
+use guest::{GuestRam, Transport};
+use report::{Meta, Results, Row, Summary, MULTI_SETUPS, TARGETS};
+use run::{
+    process_cpu, run_direct, run_direct_uring, run_virtio, Disk, Op, RunResult, Workload, RING_BASE,
+};
+use servers::{start_ours, start_qsd, OursDisk, QsdDisk, Server};
+use vfio_user_blk::driver_ring::SplitRing;
 
 /// Benchmark vfio-user-blk against qemu-storage-daemon and direct I/O.
+/// An option given twice takes its last value (so that scripts/bench.sh's
+/// defaults can be overridden).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Args {
-    /// Image file to use (created and filled if missing).
+    /// Image file to use (created and filled if missing). The direct-*
+    /// workloads use IMAGE-direct.img beside it (on a disk, not tmpfs), the
+    /// multi-device one IMAGE-m0..3.img of SIZE/4 each.
     #[arg(long, default_value = "bench/bench.img")]
     image: PathBuf,
     /// Image size.
     #[arg(long, default_value = "1G", value_parser = vfio_user_blk::util::parse_size)]
     size: u64,
-    /// Seconds per run.
+    /// Seconds per run (more than 0).
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
     /// Runs per workload and target (interleaved); medians are reported.
@@ -44,21 +54,26 @@ struct Args {
     /// Write the IOPS/p99 plot here (SVG).
     #[arg(long)]
     svg: Option<PathBuf>,
-    /// A short set: 4 KiB random read at QD 1 and 32 only.
+    /// A short set: 4 KiB random read at QD 1 and 32, the two direct-*
+    /// workloads and the multi-device one.
     #[arg(long)]
     quick: bool,
     /// Run only the workloads whose name contains one of these words.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Targets to run (ours, qsd, direct).
-    #[arg(long, value_delimiter = ',', default_value = "ours,qsd,direct")]
+    /// Targets to run: ours, ours-threads, qsd-threads, qsd-uring,
+    /// qsd-native (direct-* workloads only), direct, direct-uring (direct-*
+    /// workloads only); `qsd` is all three qsd-*, `all` is everything.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
     targets: Vec<String>,
-    /// Options for our server.
+    /// Options for our server as `ours` (io_uring engine; the benchmark adds
+    /// `--io-engine io-uring`), also used by the multi-device set-ups.
     #[arg(long, default_value = "--poll-mode busy --pollers 1 --io-threads 2")]
     ours_args: String,
-    /// qemu-storage-daemon's AIO engine for the file (threads or io_uring).
-    #[arg(long, default_value = "threads")]
-    qsd_aio: String,
+    /// Options for our server as `ours-threads` (the benchmark adds
+    /// `--io-engine threads`); 64 threads as qemu's aio=threads pool.
+    #[arg(long, default_value = "--poll-mode busy --pollers 1 --io-threads 64")]
+    ours_threads_args: String,
     /// qemu-storage-daemon iothread polling (poll-max-ns; 0 turns it off).
     #[arg(long, default_value_t = 32768)]
     qsd_poll_max_ns: u64,
@@ -66,75 +81,143 @@ struct Args {
 
 const QUEUES: usize = 4;
 const QUEUE_SIZE: u16 = 256;
+/// Disks of the multi-device workload.
+const MULTI: usize = 4;
+
+/// `--targets` as target names: aliases expanded, unknown names refused.
+fn resolve_targets(names: &[String]) -> Result<Vec<&'static str>> {
+    let mut v: Vec<&'static str> = Vec::new();
+    for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        let add: Vec<&'static str> = match n {
+            "all" => TARGETS.to_vec(),
+            "qsd" => vec!["qsd-threads", "qsd-uring", "qsd-native"],
+            _ => match TARGETS.iter().find(|t| **t == n) {
+                Some(t) => vec![*t],
+                None => bail!(
+                    "unknown target '{n}' (targets: {}, or qsd, all)",
+                    TARGETS.join(", ")
+                ),
+            },
+        };
+        for t in add {
+            if !v.contains(&t) {
+                v.push(t);
+            }
+        }
+    }
+    if v.is_empty() {
+        bail!("--targets is empty");
+    }
+    v.sort_by_key(|t| TARGETS.iter().position(|x| x == t));
+    Ok(v)
+}
+
+/// Whether target `t` runs workload `w` (single-device workloads only).
+fn applies(t: &str, w: &Workload, selected: &[&str]) -> bool {
+    if w.devices > 1 {
+        return false;
+    }
+    match (t, w.disk) {
+        ("qsd-native" | "direct-uring", d) => d == Disk::Direct,
+        ("direct", d) => d != Disk::Null,
+        // A null disk does no file I/O: the engine does not matter, so each
+        // device runs once.
+        ("ours-threads", Disk::Null) => !selected.contains(&"ours"),
+        ("qsd-uring", Disk::Null) => !selected.contains(&"qsd-threads"),
+        _ => true,
+    }
+}
+
+/// The multi-device set-ups that the selected targets ask for.
+fn multi_setups(selected: &[&str]) -> Vec<&'static str> {
+    MULTI_SETUPS
+        .into_iter()
+        .filter(|s| match *s {
+            "ours-1proc" | "ours-4proc" => selected.contains(&"ours"),
+            "qsd-threads-1iot" => selected.contains(&"qsd-threads"),
+            _ => selected.contains(&"qsd-uring"),
+        })
+        .collect()
+}
+
+/// What workload `w` runs on, given the selected targets.
+fn targets_of(w: &Workload, selected: &[&str]) -> Vec<&'static str> {
+    if w.devices > 1 {
+        multi_setups(selected)
+    } else {
+        TARGETS
+            .into_iter()
+            .filter(|t| selected.contains(t) && applies(t, w, selected))
+            .collect()
+    }
+}
 
 fn workloads(quick: bool) -> Vec<Workload> {
-    let w = |name: &str, op, random, bs, qd, queues, null| Workload {
+    let w = |name: &str, op, random, bs, qd, queues, disk| Workload {
         name: name.to_string(),
         op,
         random,
         bs,
         qd,
         queues,
-        null,
+        disk,
+        devices: 1,
     };
-    if quick {
-        return vec![
-            w("4k-randread-qd1", Op::Read, true, 4096, 1, 1, false),
-            w("4k-randread-qd32", Op::Read, true, 4096, 32, 1, false),
-        ];
-    }
-    let mut v = Vec::new();
-    for qd in [1, 8, 32, 128] {
-        v.push(w(
-            &format!("4k-randread-qd{qd}"),
+    let direct = [
+        w(
+            "direct-4k-randread-qd32",
             Op::Read,
             true,
             4096,
-            qd,
+            32,
             1,
-            false,
-        ));
-    }
-    for qd in [1, 8, 32, 128] {
-        v.push(w(
-            &format!("4k-randwrite-qd{qd}"),
+            Disk::Direct,
+        ),
+        w(
+            "direct-4k-randwrite-qd32",
             Op::Write,
             true,
             4096,
-            qd,
+            32,
             1,
-            false,
-        ));
+            Disk::Direct,
+        ),
+    ];
+    let multi = Workload {
+        devices: MULTI,
+        ..w(
+            &format!("multi{MULTI}-4k-randread-qd32"),
+            Op::Read,
+            true,
+            4096,
+            32,
+            1,
+            Disk::Cached,
+        )
+    };
+    let c = Disk::Cached;
+    let mut v = Vec::new();
+    if quick {
+        v.push(w("4k-randread-qd1", Op::Read, true, 4096, 1, 1, c));
+        v.push(w("4k-randread-qd32", Op::Read, true, 4096, 32, 1, c));
+        v.extend(direct);
+        v.push(multi);
+        return v;
     }
-    v.push(w(
-        "128k-seqread-qd8",
-        Op::Read,
-        false,
-        128 << 10,
-        8,
-        1,
-        false,
-    ));
-    v.push(w(
-        "128k-seqwrite-qd8",
-        Op::Write,
-        false,
-        128 << 10,
-        8,
-        1,
-        false,
-    ));
-    v.push(w("4k-mix70-qd32", Op::Mix(70), true, 4096, 32, 1, false));
-    v.push(w("4k-randread-qd32-4q", Op::Read, true, 4096, 32, 4, false));
-    v.push(w(
-        "4k-randwrite-qd32-4q",
-        Op::Write,
-        true,
-        4096,
-        32,
-        4,
-        false,
-    ));
+    for qd in [1, 8, 32, 128] {
+        let name = format!("4k-randread-qd{qd}");
+        v.push(w(&name, Op::Read, true, 4096, qd, 1, c));
+    }
+    for qd in [1, 8, 32, 128] {
+        let name = format!("4k-randwrite-qd{qd}");
+        v.push(w(&name, Op::Write, true, 4096, qd, 1, c));
+    }
+    v.push(w("128k-seqread-qd8", Op::Read, false, 128 << 10, 8, 1, c));
+    v.push(w("128k-seqwrite-qd8", Op::Write, false, 128 << 10, 8, 1, c));
+    v.push(w("4k-mix70-qd32", Op::Mix(70), true, 4096, 32, 1, c));
+    v.push(w("4k-randread-qd32-4q", Op::Read, true, 4096, 32, 4, c));
+    v.push(w("4k-randwrite-qd32-4q", Op::Write, true, 4096, 32, 4, c));
+    v.extend(direct);
     v.push(w(
         "null-4k-randread-qd128",
         Op::Read,
@@ -142,114 +225,16 @@ fn workloads(quick: bool) -> Vec<Workload> {
         4096,
         128,
         1,
-        true,
+        Disk::Null,
     ));
+    v.push(multi);
     v
 }
 
-/// A child process, killed by PID when dropped.
-struct Proc {
-    child: Child,
-    what: &'static str,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_socket(p: &mut Proc, sock: &Path) -> Result<()> {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(20) {
-        if sock.exists() {
-            std::thread::sleep(Duration::from_millis(50));
-            return Ok(());
-        }
-        if let Some(st) = p.child.try_wait()? {
-            bail!("{} exited with {st}", p.what);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("{} did not create {}", p.what, sock.display())
-}
-
-fn start_ours(dir: &Path, disk: &str, extra: &str) -> Result<(Proc, PathBuf)> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name("vfio-user-blk");
-    if !bin.exists() {
-        bail!(
-            "{} not found next to the benchmark: build both (cargo build --release --workspace)",
-            bin.display()
-        );
-    }
-    let sock = dir.join(format!("ours-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&sock);
-    let child = Command::new(&bin)
-        .args(["--socket", sock.to_str().context("path")?, "--disk", disk])
-        .args([
-            "--queues",
-            &QUEUES.to_string(),
-            "--queue-size",
-            &QUEUE_SIZE.to_string(),
-        ])
-        .args(extra.split_whitespace())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("ours.log"))?)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut p = Proc {
-        child,
-        what: "vfio-user-blk",
-    };
-    wait_socket(&mut p, &sock)?;
-    Ok((p, sock))
-}
-
-fn start_qsd(
-    dir: &Path,
-    image: Option<&Path>,
-    size: u64,
-    aio: &str,
-    poll: u64,
-) -> Result<(Proc, PathBuf)> {
-    let sock = dir.join(format!("qsd-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&sock);
-    let blockdev = match image {
-        Some(img) => format!(
-            "driver=file,node-name=file0,filename={},cache.direct=off,aio={aio}",
-            img.display()
-        ),
-        None => format!("driver=null-co,node-name=file0,size={size},read-zeroes=on"),
-    };
-    let child = Command::new("qemu-storage-daemon")
-        .args(["--blockdev", &blockdev])
-        .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
-        .args(["--object", &format!("iothread,id=iot0,poll-max-ns={poll}")])
-        .args([
-            "--export",
-            &format!(
-                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,iothread=iot0,num-queues={QUEUES}",
-                sock.display()
-            ),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("qsd.log"))?)
-        .spawn()
-        .context("starting qemu-storage-daemon (Debian package qemu-utils)")?;
-    let mut p = Proc {
-        child,
-        what: "qemu-storage-daemon",
-    };
-    wait_socket(&mut p, &sock)?;
-    Ok((p, sock))
-}
-
-fn prepare_image(path: &Path, size: u64) -> Result<()> {
+/// Writes the image (not sparse, not zeros) unless it has the right size.
+/// `warm` reads it into the page cache; otherwise its pages are dropped
+/// from the cache (for O_DIRECT users, which should find the disk).
+fn prepare_image(path: &Path, size: u64, warm: bool) -> Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
@@ -266,15 +251,47 @@ fn prepare_image(path: &Path, size: u64) -> Result<()> {
         let chunk: Vec<u8> = (0..(1usize << 20))
             .map(|i| (i * 31 + 7).to_le_bytes()[0])
             .collect();
-        for _ in 0..size >> 20 {
-            f.write_all(&chunk)?;
+        let mut left = size;
+        while left > 0 {
+            let n = usize::try_from(left.min(1 << 20)).context("chunk")?;
+            f.write_all(&chunk[..n])?;
+            left -= n as u64;
         }
         f.sync_all()?;
     }
-    // Warm the page cache so that every target reads from memory.
     let mut f = std::fs::File::open(path)?;
-    std::io::copy(&mut f, &mut std::io::sink())?;
+    if warm {
+        // Warm the page cache so that every target reads from memory.
+        std::io::copy(&mut f, &mut std::io::sink())?;
+    } else {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an advisory call on a file descriptor we own.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
     Ok(())
+}
+
+/// The mount that holds `path`: (source, file system type, mount point),
+/// as `df` and `mount` would tell.
+fn mount_of(path: &Path) -> Option<(String, String, String)> {
+    let path = path.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3).then(|| (f[0].to_string(), f[2].to_string(), f[1].to_string()))
+        })
+        .filter(|(_, _, mp)| path.starts_with(mp))
+        .max_by_key(|(_, _, mp)| mp.len())
+}
+
+fn sibling(image: &Path, suffix: &str) -> PathBuf {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bench".into());
+    image.with_file_name(format!("{stem}{suffix}.img"))
 }
 
 fn machine() -> String {
@@ -303,20 +320,322 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, {mem} GiB, Linux {}", kernel.trim())
 }
 
-fn run_ours(sock: &Path, pid: u32, w: &Workload, size: u64, secs: Duration) -> Result<RunResult> {
-    let ram = GuestRam::new(64 << 20)?;
-    let mut dev = VfioUserBlk::connect(sock, &ram)?;
-    let mut rings = dev.setup(&ram, w.queues, RING_BASE, 0)?;
-    let r = run_virtio(&mut dev, &ram, &mut rings, w, size, secs, &[pid]);
-    let _ = dev.client.shutdown();
+/// A synthetic guest's connection to one device.
+struct Guest {
+    ram: GuestRam,
+    dev: Dev,
+    rings: Vec<SplitRing>,
+}
+
+enum Dev {
+    Vfio(VfioUserBlk),
+    Vhost(VhostUserBlk),
+}
+
+impl Guest {
+    /// Connects to our device (`vhost` false) or to a vhost-user-blk export
+    /// and sets up `queues` queues.
+    fn connect(sock: &Path, vhost: bool, queues: usize) -> Result<Guest> {
+        let ram = GuestRam::new(64 << 20)?;
+        let (dev, rings) = if vhost {
+            let (d, r) = VhostUserBlk::connect(sock, &ram, queues, QUEUE_SIZE, RING_BASE, 0)?;
+            (Dev::Vhost(d), r)
+        } else {
+            let mut d = VfioUserBlk::connect(sock, &ram)?;
+            let r = d.setup(&ram, queues, RING_BASE, 0)?;
+            (Dev::Vfio(d), r)
+        };
+        Ok(Guest { ram, dev, rings })
+    }
+
+    fn run(&mut self, w: &Workload, size: u64, secs: Duration, pids: &[u32]) -> Result<RunResult> {
+        let t: &mut dyn Transport = match &mut self.dev {
+            Dev::Vfio(d) => d,
+            Dev::Vhost(d) => d,
+        };
+        run_virtio(t, &self.ram, &mut self.rings, w, size, secs, pids)
+    }
+
+    fn close(self) {
+        if let Dev::Vfio(d) = self.dev {
+            let _ = d.client.shutdown();
+        }
+    }
+}
+
+/// One guest driving the server's first disk.
+fn run_single(
+    s: &Server,
+    vhost: bool,
+    w: &Workload,
+    size: u64,
+    secs: Duration,
+) -> Result<RunResult> {
+    let mut g = Guest::connect(&s.socks[0], vhost, w.queues)?;
+    let r = g.run(w, size, secs, &s.pids());
+    g.close();
     r
 }
 
-fn run_qsd(sock: &Path, pid: u32, w: &Workload, size: u64, secs: Duration) -> Result<RunResult> {
-    let ram = GuestRam::new(64 << 20)?;
-    let (mut dev, mut rings) =
-        VhostUserBlk::connect(sock, &ram, w.queues, QUEUE_SIZE, RING_BASE, 0)?;
-    run_virtio(&mut dev, &ram, &mut rings, w, size, secs, &[pid])
+/// One guest thread per disk of `s`, all started together; the server
+/// CPU is that of all its processes over the wall time of the runs.
+fn run_multi(
+    s: &Server,
+    vhost: bool,
+    w: &Workload,
+    size: u64,
+    secs: Duration,
+) -> Result<RunResult> {
+    let n = s.socks.len();
+    let start = Barrier::new(n + 1);
+    let stop = Barrier::new(n + 1);
+    let pids = s.pids();
+    let cpu = || pids.iter().map(|&p| process_cpu(p)).sum::<f64>();
+    let (results, device_cpu, wall) = std::thread::scope(|sc| {
+        let handles: Vec<_> = s
+            .socks
+            .iter()
+            .map(|sock| {
+                let (start, stop) = (&start, &stop);
+                sc.spawn(move || -> Result<RunResult> {
+                    let g = Guest::connect(sock, vhost, w.queues);
+                    // Every thread reaches both barriers, whatever failed.
+                    start.wait();
+                    let r = match g {
+                        Ok(mut g) => {
+                            let r = g.run(w, size, secs, &[]);
+                            stop.wait();
+                            g.close();
+                            r
+                        }
+                        Err(e) => {
+                            stop.wait();
+                            Err(e)
+                        }
+                    };
+                    r.with_context(|| format!("guest on {}", sock.display()))
+                })
+            })
+            .collect();
+        start.wait();
+        let (c0, t0) = (cpu(), Instant::now());
+        stop.wait();
+        let (c1, wall) = (cpu(), t0.elapsed().as_secs_f64());
+        let results: Vec<Result<RunResult>> = handles
+            .into_iter()
+            .map(|h| h.join().expect("guest thread"))
+            .collect();
+        (results, c1 - c0, wall)
+    });
+    let mut total = RunResult {
+        ios: 0,
+        bytes: 0,
+        secs: wall,
+        hist: run::new_hist(),
+        device_cpu,
+        driver_cpu: 0.0,
+    };
+    for r in results {
+        let r = r?;
+        total.ios += r.ios;
+        total.bytes += r.bytes;
+        total.driver_cpu += r.driver_cpu;
+        total.hist.add(r.hist).context("merging histograms")?;
+    }
+    Ok(total)
+}
+
+/// Where each kind of disk lives.
+struct Images {
+    cached: PathBuf,
+    direct: PathBuf,
+    multi: Vec<PathBuf>,
+    size: u64,
+    multi_size: u64,
+}
+
+impl Images {
+    fn path(&self, d: Disk) -> &Path {
+        if d == Disk::Direct {
+            &self.direct
+        } else {
+            &self.cached
+        }
+    }
+}
+
+/// The device processes, started when a target first needs them and kept
+/// until the end or until another server needs their image. A target that the host refuses (io_uring or native AIO in
+/// qemu-storage-daemon) is remembered as not run, with the reason.
+struct Servers<'a> {
+    args: &'a Args,
+    images: &'a Images,
+    dir: PathBuf,
+    map: BTreeMap<String, std::result::Result<Server, String>>,
+}
+
+fn split_args(s: &str, engine: &str) -> Vec<String> {
+    s.split_whitespace()
+        .map(str::to_string)
+        .chain(["--io-engine".to_string(), engine.to_string()])
+        .collect()
+}
+
+impl Servers<'_> {
+    fn get(
+        &mut self,
+        t: &'static str,
+        w: &Workload,
+    ) -> Result<std::result::Result<&Server, String>> {
+        let key = if w.devices > 1 {
+            t.to_string()
+        } else {
+            format!("{t}-{:?}", w.disk).to_lowercase()
+        };
+        if !self.map.contains_key(&key) {
+            // Servers lock their images as QEMU does (a writer shares with
+            // nobody): whatever holds one of this server's images is
+            // stopped first. Interleaved runs thus each get a fresh server.
+            let holds = self.images_of(w);
+            self.map.retain(|_, s| match s {
+                Ok(s) => !s.holds.iter().any(|p| holds.contains(p)),
+                Err(_) => true,
+            });
+            let r = self.start(t, w, &self.dir.join(&key)).map(|mut s| {
+                s.holds = holds;
+                s
+            });
+            let may_refuse = t.contains("uring") || t.contains("native");
+            let r = match r {
+                Ok(s) => {
+                    if let Some(n) = &s.note {
+                        eprintln!("\nbench: {t}: {n}");
+                    }
+                    Ok(s)
+                }
+                Err(e) if may_refuse && t.starts_with("qsd") => {
+                    let why = format!("{e:#}");
+                    eprintln!("\nbench: {t} is not run: {why}");
+                    Err(why)
+                }
+                Err(e) => return Err(e.context(format!("starting the server of {t}"))),
+            };
+            self.map.insert(key.clone(), r);
+        }
+        Ok(self.map[&key].as_ref().map_err(Clone::clone))
+    }
+
+    /// The image files that the server of workload `w` opens.
+    fn images_of(&self, w: &Workload) -> Vec<PathBuf> {
+        if w.devices > 1 {
+            self.images.multi.clone()
+        } else if w.disk == Disk::Null {
+            Vec::new()
+        } else {
+            vec![self.images.path(w.disk).to_path_buf()]
+        }
+    }
+
+    fn start(&self, t: &str, w: &Workload, dir: &Path) -> Result<Server> {
+        let a = self.args;
+        let im = self.images;
+        let ours_disk = |d: Disk| -> Result<OursDisk> {
+            Ok(match d {
+                Disk::Null => OursDisk {
+                    spec: format!("null:{}", im.size),
+                    direct: false,
+                },
+                _ => OursDisk {
+                    spec: im.path(d).to_str().context("image path")?.to_string(),
+                    direct: d == Disk::Direct,
+                },
+            })
+        };
+        let qsd_aio = |t: &str| {
+            if t.starts_with("qsd-uring") {
+                "io_uring"
+            } else if t.starts_with("qsd-native") {
+                "native"
+            } else {
+                "threads"
+            }
+        };
+        let multi_files = |p: &PathBuf| QsdDisk::File {
+            path: p.clone(),
+            direct: false,
+        };
+        let multi_ours = |p: &PathBuf| -> Result<OursDisk> {
+            Ok(OursDisk {
+                spec: p.to_str().context("image path")?.to_string(),
+                direct: false,
+            })
+        };
+        match t {
+            "ours" => start_ours(
+                dir,
+                &[ours_disk(w.disk)?],
+                QUEUES,
+                QUEUE_SIZE,
+                &split_args(&a.ours_args, "io-uring"),
+            ),
+            "ours-threads" => start_ours(
+                dir,
+                &[ours_disk(w.disk)?],
+                QUEUES,
+                QUEUE_SIZE,
+                &split_args(&a.ours_threads_args, "threads"),
+            ),
+            "qsd-threads" | "qsd-uring" | "qsd-native" => {
+                let d = match w.disk {
+                    Disk::Null => QsdDisk::Null { size: im.size },
+                    d => QsdDisk::File {
+                        path: im.path(d).to_path_buf(),
+                        direct: d == Disk::Direct,
+                    },
+                };
+                start_qsd(dir, &[d], qsd_aio(t), a.qsd_poll_max_ns, QUEUES)
+            }
+            "ours-1proc" => start_ours(
+                dir,
+                &im.multi
+                    .iter()
+                    .map(multi_ours)
+                    .collect::<Result<Vec<_>>>()?,
+                1,
+                QUEUE_SIZE,
+                &split_args(&a.ours_args, "io-uring"),
+            ),
+            "ours-4proc" => {
+                let mut all = Server {
+                    procs: Vec::new(),
+                    socks: Vec::new(),
+                    note: None,
+                    holds: Vec::new(),
+                };
+                for (i, p) in im.multi.iter().enumerate() {
+                    let s = start_ours(
+                        &dir.join(i.to_string()),
+                        &[multi_ours(p)?],
+                        1,
+                        QUEUE_SIZE,
+                        &split_args(&a.ours_args, "io-uring"),
+                    )?;
+                    all.procs.extend(s.procs);
+                    all.socks.extend(s.socks);
+                    all.note = all.note.or(s.note);
+                }
+                Ok(all)
+            }
+            "qsd-threads-1iot" | "qsd-uring-1iot" => start_qsd(
+                dir,
+                &im.multi.iter().map(multi_files).collect::<Vec<_>>(),
+                qsd_aio(t),
+                a.qsd_poll_max_ns,
+                1,
+            ),
+            _ => bail!("no server for target {t}"),
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -337,10 +656,109 @@ fn main() -> std::process::ExitCode {
 }
 
 fn real_main(args: &Args) -> Result<()> {
+    if !(args.seconds.is_finite() && args.seconds > 0.0) {
+        bail!("--seconds must be more than 0 (got {})", args.seconds);
+    }
+    if args.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    for (name, v) in [
+        ("--ours-args", &args.ours_args),
+        ("--ours-threads-args", &args.ours_threads_args),
+    ] {
+        if v.split_whitespace().any(|a| a.starts_with("--io-engine")) {
+            bail!("{name}: leave --io-engine out; the target sets it (ours: io-uring, ours-threads: threads)");
+        }
+    }
+    let selected = resolve_targets(&args.targets)?;
     let secs = Duration::from_secs_f64(args.seconds);
-    let want = |t: &str| args.targets.iter().any(|x| x == t);
-    prepare_image(&args.image, args.size)?;
-    let image = args.image.canonicalize()?;
+    let mut skipped: BTreeMap<String, String> = BTreeMap::new();
+    let mut list: Vec<Workload> = workloads(args.quick)
+        .into_iter()
+        .filter(|w| args.only.is_empty() || args.only.iter().any(|o| w.name.contains(o.as_str())))
+        .collect();
+    if list.is_empty() {
+        bail!("no workload matches --only {:?}", args.only);
+    }
+    list.retain(|w| {
+        let keep = !targets_of(w, &selected).is_empty();
+        if !keep {
+            skipped.insert(w.name.clone(), "no selected target runs it".into());
+        }
+        keep
+    });
+
+    if let Some(d) = args.image.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d)?;
+    }
+    let images = Images {
+        cached: args.image.clone(),
+        direct: sibling(&args.image, "-direct"),
+        multi: (0..MULTI)
+            .map(|i| sibling(&args.image, &format!("-m{i}")))
+            .collect(),
+        size: args.size,
+        multi_size: ((args.size / MULTI as u64) & !((1 << 20) - 1)).max(1 << 20),
+    };
+    let mut disk_note = String::new();
+    if list.iter().any(|w| w.disk == Disk::Direct) {
+        let folder = images.direct.parent().unwrap_or(Path::new("."));
+        let folder = if folder.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            folder
+        };
+        let mount = mount_of(folder);
+        let refuse = match &mount {
+            Some((_, fs, _)) if ["tmpfs", "ramfs"].contains(&fs.as_str()) => Some(format!(
+                "{} is on {fs}: O_DIRECT there reaches no disk",
+                folder.display()
+            )),
+            _ => None,
+        };
+        let refuse = refuse.or_else(|| {
+            prepare_image(&images.direct, images.size, false)
+                .and_then(|()| run::open_image(&images.direct, Disk::Direct).map(drop))
+                .err()
+                .map(|e| format!("O_DIRECT on {}: {e:#}", images.direct.display()))
+        });
+        if let Some(why) = refuse {
+            eprintln!("bench: skipping the direct-* workloads: {why}");
+            list.retain(|w| {
+                if w.disk == Disk::Direct {
+                    skipped.insert(w.name.clone(), why.clone());
+                }
+                w.disk != Disk::Direct
+            });
+        } else if let Some((src, fs, mp)) = mount {
+            disk_note = format!(
+                "direct-* image {} on {src} ({fs}, mounted at {mp})",
+                images.direct.display()
+            );
+        }
+    }
+    if list.is_empty() {
+        bail!("no workload left to run");
+    }
+    if list
+        .iter()
+        .any(|w| w.disk == Disk::Cached && w.devices == 1)
+    {
+        prepare_image(&images.cached, images.size, true)?;
+    }
+    if list.iter().any(|w| w.devices > 1) {
+        for p in &images.multi {
+            prepare_image(p, images.multi_size, true)?;
+        }
+    }
+    let images = Images {
+        cached: canonical(&images.cached),
+        direct: canonical(&images.direct),
+        multi: images.multi.iter().map(|p| canonical(p)).collect(),
+        ..images
+    };
+    let uring = run::uring_available().map_err(|e| format!("{e:#}"));
+
     let dir = std::env::temp_dir().join(format!("vub-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     struct Cleanup(PathBuf);
@@ -350,94 +768,60 @@ fn real_main(args: &Args) -> Result<()> {
         }
     }
     let _cleanup = Cleanup(dir.clone());
-
-    let img = image.to_str().context("image path")?;
-    let null = format!("null:{}", args.size);
-    for sub in ["f", "n", "qf", "qn"] {
-        std::fs::create_dir_all(dir.join(sub))?;
-    }
-    let none = || (None, PathBuf::new());
-    let (ours_file, ours_file_sock) = match want("ours") {
-        true => start_ours(&dir.join("f"), img, &args.ours_args).map(|(p, s)| (Some(p), s))?,
-        false => none(),
-    };
-    let (ours_null, ours_null_sock) = match want("ours") {
-        true => start_ours(&dir.join("n"), &null, &args.ours_args).map(|(p, s)| (Some(p), s))?,
-        false => none(),
-    };
-    let (qsd_file, qsd_file_sock) = match want("qsd") {
-        true => start_qsd(
-            &dir.join("qf"),
-            Some(&image),
-            args.size,
-            &args.qsd_aio,
-            args.qsd_poll_max_ns,
-        )
-        .map(|(p, s)| (Some(p), s))?,
-        false => none(),
-    };
-    let (qsd_null, qsd_null_sock) = match want("qsd") {
-        true => start_qsd(
-            &dir.join("qn"),
-            None,
-            args.size,
-            &args.qsd_aio,
-            args.qsd_poll_max_ns,
-        )
-        .map(|(p, s)| (Some(p), s))?,
-        false => none(),
+    let mut servers = Servers {
+        args,
+        images: &images,
+        dir,
+        map: BTreeMap::new(),
     };
 
-    let list: Vec<Workload> = workloads(args.quick)
-        .into_iter()
-        .filter(|w| args.only.is_empty() || args.only.iter().any(|o| w.name.contains(o.as_str())))
-        .collect();
-    if list.is_empty() {
-        bail!("no workload matches --only {:?}", args.only);
-    }
     let total: usize = list
         .iter()
-        .map(|w| {
-            args.repeat
-                * report::TARGETS
-                    .iter()
-                    .filter(|t| want(t) && !(w.null && **t == "direct"))
-                    .count()
-        })
+        .map(|w| args.repeat * targets_of(w, &selected).len())
         .sum();
     let mut done = 0;
     let mut results: Results = BTreeMap::new();
     for (i, w) in list.iter().enumerate() {
+        let targets = targets_of(w, &selected);
+        let size = if w.devices > 1 {
+            images.multi_size
+        } else {
+            images.size
+        };
         let mut runs: BTreeMap<&'static str, Vec<RunResult>> = BTreeMap::new();
+        let mut not_run: BTreeMap<&'static str, String> = BTreeMap::new();
         for _ in 0..args.repeat {
             // Interleaved, so that drift on a noisy machine hits all alike.
-            for t in report::TARGETS {
-                if !want(t) || (w.null && t == "direct") {
+            for &t in &targets {
+                done += 1;
+                if not_run.contains_key(t) {
                     continue;
                 }
-                done += 1;
                 eprint!("\r\x1b[2K[{done}/{total}] {} {t} ...", w.name);
                 let _ = std::io::stderr().flush();
                 let r = match t {
-                    "ours" => {
-                        let (p, s) = if w.null {
-                            (&ours_null, &ours_null_sock)
-                        } else {
-                            (&ours_file, &ours_file_sock)
-                        };
-                        let pid = p.as_ref().map(|p| p.child.id()).unwrap_or(0);
-                        run_ours(s, pid, w, args.size, secs)
-                    }
-                    "qsd" => {
-                        let (p, s) = if w.null {
-                            (&qsd_null, &qsd_null_sock)
-                        } else {
-                            (&qsd_file, &qsd_file_sock)
-                        };
-                        let pid = p.as_ref().map(|p| p.child.id()).unwrap_or(0);
-                        run_qsd(s, pid, w, args.size, secs)
-                    }
-                    _ => run_direct(&image, w, args.size, secs),
+                    "direct" => run_direct(images.path(w.disk), w, size, secs),
+                    "direct-uring" => match &uring {
+                        Ok(()) => run_direct_uring(images.path(w.disk), w, size, secs),
+                        Err(why) => {
+                            not_run.insert(t, why.clone());
+                            continue;
+                        }
+                    },
+                    _ => match servers.get(t, w)? {
+                        Ok(s) => {
+                            let vhost = t.starts_with("qsd");
+                            if w.devices > 1 {
+                                run_multi(s, vhost, w, size, secs)
+                            } else {
+                                run_single(s, vhost, w, size, secs)
+                            }
+                        }
+                        Err(why) => {
+                            not_run.insert(t, why);
+                            continue;
+                        }
+                    },
                 }
                 .with_context(|| format!("{} on {t}", w.name))?;
                 runs.entry(t).or_default().push(r);
@@ -447,25 +831,38 @@ fn real_main(args: &Args) -> Result<()> {
             .iter()
             .map(|(t, v)| (*t, report::summarize(v)))
             .collect();
-        results.insert(i, (w.clone(), per));
+        results.insert(
+            i,
+            Row {
+                w: w.clone(),
+                targets,
+                per,
+                not_run,
+            },
+        );
     }
     eprintln!("\r\x1b[2Kdone: {total} runs");
-    let m = machine();
-    println!("machine: {m}");
-    println!("{} s per run, {} run(s) per cell (medians); CPU s/M = CPU seconds per million requests (device + driver)", args.seconds, args.repeat);
+    let meta = Meta {
+        machine: machine(),
+        repeat: args.repeat,
+        seconds: args.seconds,
+        targets: selected.clone(),
+        ours_args: args.ours_args.clone(),
+        ours_threads_args: args.ours_threads_args.clone(),
+        disk: disk_note,
+        multi_size: images.multi_size,
+        skipped,
+    };
+    print!("{}", report::header(&meta));
     print!("{}", report::table(&results));
+    print!("{}", report::multi_table(&results, &meta));
     if let Some(p) = &args.json {
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d)?;
         }
         std::fs::write(
             p,
-            serde_json::to_string_pretty(&report::to_json(
-                &results,
-                &m,
-                args.repeat,
-                args.seconds,
-            ))?,
+            serde_json::to_string_pretty(&report::to_json(&results, &meta))?,
         )?;
         eprintln!("wrote {}", p.display());
     }
@@ -476,6 +873,73 @@ fn real_main(args: &Args) -> Result<()> {
         report::plot(&results, p)?;
         eprintln!("wrote {}", p.display());
     }
-    drop((ours_file, ours_null, qsd_file, qsd_null));
+    drop(servers);
     Ok(())
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn targets_resolve_aliases_and_refuse_unknown_names() {
+        assert_eq!(resolve_targets(&names(&["all"])).unwrap(), TARGETS.to_vec());
+        assert_eq!(
+            resolve_targets(&names(&["direct", "qsd", "ours"])).unwrap(),
+            vec!["ours", "qsd-threads", "qsd-uring", "qsd-native", "direct"]
+        );
+        assert_eq!(
+            resolve_targets(&names(&["ours", "ours"])).unwrap(),
+            vec!["ours"]
+        );
+        assert!(resolve_targets(&names(&["ours", "qsdd"])).is_err());
+        assert!(resolve_targets(&names(&[""])).is_err());
+    }
+
+    #[test]
+    fn each_workload_gets_the_targets_that_make_sense() {
+        let all = TARGETS.to_vec();
+        let find = |name: &str| {
+            workloads(false)
+                .into_iter()
+                .find(|w| w.name == name)
+                .unwrap()
+        };
+        assert_eq!(
+            targets_of(&find("4k-randread-qd32"), &all),
+            vec!["ours", "ours-threads", "qsd-threads", "qsd-uring", "direct"]
+        );
+        assert_eq!(targets_of(&find("direct-4k-randwrite-qd32"), &all), all);
+        assert_eq!(
+            targets_of(&find("null-4k-randread-qd128"), &all),
+            vec!["ours", "qsd-threads"]
+        );
+        assert_eq!(
+            targets_of(&find("null-4k-randread-qd128"), &["qsd-uring"]),
+            vec!["qsd-uring"]
+        );
+        assert_eq!(
+            targets_of(&find("multi4-4k-randread-qd32"), &all),
+            MULTI_SETUPS.to_vec()
+        );
+        assert_eq!(
+            targets_of(
+                &find("multi4-4k-randread-qd32"),
+                &["ours-threads", "direct"]
+            ),
+            Vec::<&str>::new()
+        );
+        // --quick covers every new workload kind.
+        let quick = workloads(true);
+        assert!(quick.iter().any(|w| w.disk == Disk::Direct));
+        assert!(quick.iter().any(|w| w.devices == MULTI));
+    }
 }

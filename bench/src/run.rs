@@ -1,18 +1,26 @@
-//! The benchmark: one request stream, three ways to serve it.
+//! The benchmark: one request stream, served several ways.
 //!
-//! - `ours`: our server over vfio-user, driven by the synthetic guest
-//!   (`crate::guest`, on the server library's `driver_ring`) through rust-vmm's `vfio_user::Client`;
-//! - `qsd`: QEMU's qemu-storage-daemon exporting the same image as
-//!   vhost-user-blk, driven by the same guest code through rust-vmm's
-//!   `vhost` frontend;
-//! - `direct`: the same image with preadv/pwritev from as many threads as
-//!   the queue depth: what the disk and page cache can do.
+//! - `ours`, `ours-threads`: our server over vfio-user (io_uring and
+//!   thread-pool I/O engines), driven by the synthetic guest
+//!   (`crate::guest`, on the server library's `driver_ring`) through
+//!   rust-vmm's `vfio_user::Client`;
+//! - `qsd-threads`, `qsd-uring`, `qsd-native`: QEMU's qemu-storage-daemon
+//!   exporting the same image as vhost-user-blk (`aio=threads`, `io_uring`,
+//!   `native`), driven by the same guest code through rust-vmm's `vhost`
+//!   frontend;
+//! - `direct`: the same image with pread/pwrite from as many threads as
+//!   the queue depth: what the disk and page cache can do;
+//! - `direct-uring`: the same image through one io_uring at the queue
+//!   depth, from one thread, as fio's io_uring engine does (`run_direct_uring`).
 //!
 //! The guest behaves like Linux: doorbells only when the device asks
 //! (NO_NOTIFY / EVENT_IDX), sleeping on the interrupt eventfd when nothing
 //! has completed, indirect descriptors.
 
-use std::os::unix::fs::FileExt;
+use std::alloc::Layout;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -32,6 +40,17 @@ pub enum Op {
     Mix(u8),
 }
 
+/// What the requests reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Disk {
+    /// The image file, read through the (warm) host page cache.
+    Cached,
+    /// A `null:` disk (ours) / `null-co` (qsd): the device alone.
+    Null,
+    /// A second image file opened with O_DIRECT by every target: the disk.
+    Direct,
+}
+
 #[derive(Clone, Debug)]
 pub struct Workload {
     pub name: String,
@@ -41,8 +60,10 @@ pub struct Workload {
     /// Requests in flight per queue.
     pub qd: usize,
     pub queues: usize,
-    /// Runs on a `null:` disk (ours) / `null-co` (qsd); no direct run.
-    pub null: bool,
+    pub disk: Disk,
+    /// Disks driven at once, each by its own guest thread (the multi-device
+    /// workload); 1 otherwise.
+    pub devices: usize,
 }
 
 /// One measured run.
@@ -56,6 +77,52 @@ pub struct RunResult {
     /// CPU seconds used by the device process(es) and by the driver.
     pub device_cpu: f64,
     pub driver_cpu: f64,
+}
+
+/// A zeroed heap buffer aligned for O_DIRECT.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl AlignedBuf {
+    pub fn new(len: usize, fill: u8) -> Result<AlignedBuf> {
+        let layout = Layout::from_size_align(len.max(1), 4096).context("buffer layout")?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            bail!("out of memory for a {len}-byte buffer");
+        }
+        let mut b = AlignedBuf { ptr, layout };
+        b.as_mut_slice().fill(fill);
+        Ok(b)
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is a live allocation of layout.size() bytes, owned by
+        // self and borrowed mutably here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// Opens the image for a reference run: with O_DIRECT on `Disk::Direct`.
+pub fn open_image(path: &Path, disk: Disk) -> Result<std::fs::File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(true);
+    if disk == Disk::Direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path)
+        .with_context(|| format!("opening {}", path.display()))
 }
 
 impl RunResult {
@@ -364,9 +431,10 @@ pub fn run_virtio(
     })
 }
 
-/// The same stream with preadv/pwritev from `qd * queues` threads.
+/// The same stream with pread/pwrite from `qd * queues` threads (with
+/// O_DIRECT on `Disk::Direct`).
 pub fn run_direct(
-    path: &std::path::Path,
+    path: &Path,
     w: &Workload,
     disk_size: u64,
     duration: Duration,
@@ -379,11 +447,9 @@ pub fn run_direct(
         let handles: Vec<_> = (0..threads)
             .map(|i| {
                 sc.spawn(move || -> Result<(u64, Histogram<u64>)> {
-                    let f = std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(path)?;
-                    let mut buf = vec![0x5au8; w.bs];
+                    let f = open_image(path, w.disk)?;
+                    let mut buf = AlignedBuf::new(w.bs, 0x5a)?;
+                    let buf = buf.as_mut_slice();
                     let mut hist = new_hist();
                     let mut stream = Stream::new(w, disk_size, 1 + i as u64);
                     let mut n = 0;
@@ -391,9 +457,9 @@ pub fn run_direct(
                         let (read, off) = stream.next_request();
                         let s = Instant::now();
                         if read {
-                            f.read_exact_at(&mut buf, off)?;
+                            f.read_exact_at(buf, off)?;
                         } else {
-                            f.write_all_at(&buf, off)?;
+                            f.write_all_at(buf, off)?;
                         }
                         let lat = s.elapsed().as_nanos();
                         let _ = hist.record(u64::try_from(lat).unwrap_or(u64::MAX).max(1));
@@ -417,6 +483,125 @@ pub fn run_direct(
         ios += n;
         hist.add(h).context("merging histograms")?;
     }
+    Ok(RunResult {
+        ios,
+        bytes: ios * w.bs as u64,
+        secs,
+        hist,
+        device_cpu: cpu,
+        driver_cpu: 0.0,
+    })
+}
+
+/// Whether this process may use io_uring (it may be disabled by sysctl or
+/// a seccomp filter).
+pub fn uring_available() -> Result<()> {
+    io_uring::IoUring::new(8)
+        .map(drop)
+        .context("io_uring_setup")
+}
+
+/// The same stream through one io_uring kept `qd * queues` deep, from this
+/// thread, on the image opened with O_DIRECT on `Disk::Direct`: what fio
+/// does with `--ioengine=io_uring --iodepth=QD --direct=1` (no registered
+/// buffers or files, no polling). CPU is this thread's.
+pub fn run_direct_uring(
+    path: &Path,
+    w: &Workload,
+    disk_size: u64,
+    duration: Duration,
+) -> Result<RunResult> {
+    use io_uring::{opcode, types, IoUring};
+
+    let depth = w.qd * w.queues;
+    let entries = u32::try_from(depth.next_power_of_two().max(8)).context("queue depth")?;
+    let mut ring = IoUring::new(entries).context("io_uring_setup")?;
+    let f = open_image(path, w.disk)?;
+    let fd = types::Fd(f.as_raw_fd());
+    let len = u32::try_from(w.bs).context("block size")?;
+    let mut bufs = (0..depth)
+        .map(|_| AlignedBuf::new(w.bs, 0x5a))
+        .collect::<Result<Vec<_>>>()?;
+    let mut start = vec![Instant::now(); depth];
+    let mut stream = Stream::new(w, disk_size, 1);
+    let mut hist = new_hist();
+    let mut ios = 0u64;
+    let mut inflight = 0usize;
+    let mut failure: Option<String> = None;
+    let mut done: Vec<(u64, i32)> = Vec::with_capacity(depth);
+
+    let cpu0 = thread_cpu();
+    let t0 = Instant::now();
+    let deadline = t0 + duration;
+    let mut submit = |ring: &mut IoUring, i: usize, start: &mut [Instant]| -> Result<()> {
+        let (read, off) = stream.next_request();
+        let ptr = bufs[i].as_mut_ptr();
+        let e = if read {
+            opcode::Read::new(fd, ptr, len).offset(off).build()
+        } else {
+            opcode::Write::new(fd, ptr, len).offset(off).build()
+        }
+        .user_data(i as u64);
+        start[i] = Instant::now();
+        // SAFETY: the buffer lives in `bufs` until every request has
+        // completed (the drain below), and the file in `f` as long.
+        unsafe { ring.submission().push(&e) }
+            .map_err(|_| anyhow::anyhow!("submission queue full"))?;
+        Ok(())
+    };
+    let mut result = (|| -> Result<()> {
+        for i in 0..depth {
+            submit(&mut ring, i, &mut start)?;
+            inflight += 1;
+        }
+        while inflight > 0 && Instant::now() < deadline {
+            ring.submit_and_wait(1).context("io_uring_enter")?;
+            done.clear();
+            done.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+            let now = Instant::now();
+            for &(i, res) in &done {
+                inflight -= 1;
+                let i = usize::try_from(i).context("user data")?;
+                if usize::try_from(res).ok() != Some(w.bs) {
+                    failure.get_or_insert_with(|| {
+                        format!(
+                            "request returned {res} ({})",
+                            std::io::Error::from_raw_os_error(-res)
+                        )
+                    });
+                    continue;
+                }
+                let lat = now.duration_since(start[i]).as_nanos();
+                let _ = hist.record(u64::try_from(lat).unwrap_or(u64::MAX).max(1));
+                ios += 1;
+                if now < deadline {
+                    submit(&mut ring, i, &mut start)?;
+                    inflight += 1;
+                }
+            }
+        }
+        Ok(())
+    })();
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = thread_cpu() - cpu0;
+    // Whatever is still in flight must finish before its buffer is freed.
+    while inflight > 0 {
+        if let Err(e) = ring.submit_and_wait(1) {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            // The buffers can no longer be proven idle: leak them rather
+            // than let the kernel write into freed memory.
+            std::mem::forget(bufs);
+            return Err(e).context("io_uring_enter while draining");
+        }
+        inflight -= ring.completion().count();
+    }
+    drop(bufs);
+    if let Some(f) = failure {
+        result = result.and(Err(anyhow::anyhow!(f)));
+    }
+    result?;
     Ok(RunResult {
         ios,
         bytes: ios * w.bs as u64,

@@ -1,0 +1,212 @@
+//! The device processes the benchmark drives: our server and QEMU's
+//! qemu-storage-daemon, each serving one or more disks on their own unix
+//! sockets. Every process is killed by PID when its `Server` is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// A child process, killed by PID when dropped.
+pub struct Proc {
+    child: Child,
+    what: &'static str,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// The last non-empty line of the process's standard error, for a
+    /// short reason when it refused to start.
+    fn last_log_line(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    }
+}
+
+/// Device process(es) and the sockets of their disks, in order.
+pub struct Server {
+    pub procs: Vec<Proc>,
+    pub socks: Vec<PathBuf>,
+    /// Something the reader should know about how it runs (a fallback).
+    pub note: Option<String>,
+    /// The image files it has open (and locked).
+    pub holds: Vec<PathBuf>,
+}
+
+impl Server {
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|p| p.child.id()).collect()
+    }
+}
+
+fn wait_sockets(p: &mut Proc, socks: &[PathBuf]) -> Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        if socks.iter().all(|s| s.exists()) {
+            std::thread::sleep(Duration::from_millis(50));
+            return Ok(());
+        }
+        if let Some(st) = p.child.try_wait()? {
+            let why = p.last_log_line();
+            if why.is_empty() {
+                bail!("{} exited with {st}", p.what);
+            }
+            bail!("{} exited with {st}: {why}", p.what);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{} did not create its sockets in 20 s", p.what)
+}
+
+/// One disk of our server.
+pub struct OursDisk {
+    /// `--device`'s disk=: a file, `null:SIZE`, ...
+    pub spec: String,
+    pub direct: bool,
+}
+
+/// A value for QEMU-style `key=value,...` lists: a comma is doubled.
+fn escape(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
+/// Our server (next to the benchmark's binary) serving `disks`, each with
+/// `queues` queues of `queue_size`, in one process; `args` are its
+/// process-wide options (engine, reactors, poll mode...).
+pub fn start_ours(
+    dir: &Path,
+    disks: &[OursDisk],
+    queues: usize,
+    queue_size: u16,
+    args: &[String],
+) -> Result<Server> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("vfio-user-blk");
+    if !bin.exists() {
+        bail!(
+            "{} not found next to the benchmark: build both (cargo build --release --workspace)",
+            bin.display()
+        );
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Command::new(&bin);
+    let mut socks = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        let sock = dir.join(format!("ours{i}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let mut spec = format!(
+            "socket={},disk={},queues={queues},queue-size={queue_size}",
+            escape(sock.to_str().context("socket path")?),
+            escape(&d.spec)
+        );
+        if d.direct {
+            spec.push_str(",direct=on");
+        }
+        cmd.args(["--device", &spec]);
+        socks.push(sock);
+    }
+    let log = dir.join("server.log");
+    let child = cmd
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut p = Proc {
+        child,
+        what: "vfio-user-blk",
+        log,
+    };
+    wait_sockets(&mut p, &socks)?;
+    let note = std::fs::read_to_string(&p.log)
+        .unwrap_or_default()
+        .contains("io_uring is not available")
+        .then(|| "io_uring is not available: the server fell back to its thread pool".into());
+    Ok(Server {
+        procs: vec![p],
+        socks,
+        note,
+        holds: Vec::new(),
+    })
+}
+
+/// One disk of qemu-storage-daemon.
+pub enum QsdDisk {
+    File { path: PathBuf, direct: bool },
+    Null { size: u64 },
+}
+
+/// qemu-storage-daemon exporting `disks` as vhost-user-blk, all on one
+/// iothread (`poll-max-ns=poll`), files opened with `aio` (threads,
+/// io_uring or native).
+pub fn start_qsd(
+    dir: &Path,
+    disks: &[QsdDisk],
+    aio: &str,
+    poll: u64,
+    queues: usize,
+) -> Result<Server> {
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.args(["--object", &format!("iothread,id=iot0,poll-max-ns={poll}")]);
+    let mut socks = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        let sock = dir.join(format!("qsd{i}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let file = match d {
+            QsdDisk::File { path, direct } => format!(
+                "driver=file,node-name=file{i},filename={},cache.direct={},aio={aio}",
+                escape(path.to_str().context("image path")?),
+                if *direct { "on" } else { "off" }
+            ),
+            QsdDisk::Null { size } => {
+                format!("driver=null-co,node-name=file{i},size={size},read-zeroes=on")
+            }
+        };
+        cmd.args(["--blockdev", &file])
+            .args(["--blockdev", &format!("driver=raw,node-name=disk{i},file=file{i}")])
+            .args([
+                "--export",
+                &format!(
+                    "type=vhost-user-blk,id=exp{i},node-name=disk{i},addr.type=unix,addr.path={},writable=on,iothread=iot0,num-queues={queues}",
+                    escape(sock.to_str().context("socket path")?)
+                ),
+            ]);
+        socks.push(sock);
+    }
+    let log = dir.join("server.log");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting qemu-storage-daemon (Debian package qemu-utils)")?;
+    let mut p = Proc {
+        child,
+        what: "qemu-storage-daemon",
+        log,
+    };
+    wait_sockets(&mut p, &socks)?;
+    Ok(Server {
+        procs: vec![p],
+        socks,
+        note: None,
+        holds: Vec::new(),
+    })
+}
