@@ -136,6 +136,18 @@ main)
         m1=$(dd if="$DISK" bs=1M skip=128 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
         m2=$(dd if="$DISK2" bs=1M count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
         echo "VUB-MD5 two-disks $m1 $m2"
+        # The host grows the second disk through the management socket
+        # while we run; the kernel sees the configuration interrupt.
+        D2=$(basename "$DISK2")
+        before=$(cat /sys/block/$D2/size)
+        echo "VUB-RESIZE-READY"
+        i=0
+        while [ $i -lt 240 ] && [ "$(cat /sys/block/$D2/size)" = "$before" ]; do
+            sleep 0.5
+            i=$((i + 1))
+        done
+        after=$(cat /sys/block/$D2/size)
+        [ "$after" = 262144 ]; verdict resize-seen-by-guest $? "$before -> $after sectors"
     else
         bad second-disk-found "no disk with serial $SERIAL2"
     fi

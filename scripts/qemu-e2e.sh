@@ -136,8 +136,10 @@ RO_SOCK=$WORK/ro.sock
 # One target process serves all three disks, their queues shared by two
 # reactors: the main disk (one-disk options), a second read-write disk
 # and a read-only one (--device).
+RPC_SOCK=$WORK/rpc.sock
 "$BIN" --socket "$SOCK" --disk "$IMG" --queues 2 --serial "$SERIAL" --pollers 2 \
-    --device "socket=$SOCK2,disk=$IMG2,serial=$SERIAL2" \
+    --rpc-socket "$RPC_SOCK" \
+    --device "name=second,socket=$SOCK2,disk=$IMG2,serial=$SERIAL2" \
     --device "socket=$RO_SOCK,disk=$RO_IMG,readonly=on,serial=VUB-RO" \
     >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
@@ -274,6 +276,19 @@ server_alive() {
 }
 
 say "boot 1 (checks), reboot, boot 2 (data survives) under $ACCEL"
+# While the guest runs: when it says it is ready, grow the second disk
+# through the management socket; the guest checks that it sees the size.
+(
+    for _ in $(seq 1800); do
+        if grep -aq 'VUB-RESIZE-READY' "$WORK/serial-main.log" 2>/dev/null; then
+            "$BIN" rpc --rpc-socket "$RPC_SOCK" device_resize name=second size=128M \
+                >"$WORK/resize.out" 2>&1 || true
+            exit 0
+        fi
+        sleep 0.5
+    done
+) &
+PIDS+=("$!")
 if run_qemu main 900; then :; else say "QEMU exited with $?"; fi
 QEMU_LOG_MAIN=$QEMU_LOG
 collect "$QEMU_LOG"

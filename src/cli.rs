@@ -91,8 +91,10 @@ pub struct Options {
     pub queue_size: u16,
 
     /// Serial number reported to the guest (GET_ID; at most 20 bytes).
-    #[arg(long, default_value = "vfio-user-blk", value_parser = parse_serial)]
-    pub serial: String,
+    /// (default: `vub-` and a hash of the socket path, so that two disks
+    /// never share a /dev/disk/by-id name)
+    #[arg(long, value_parser = parse_serial)]
+    pub serial: Option<String>,
 
     /// Logical block size in bytes reported to the guest (512 or 4096);
     /// requests must be aligned to it.
@@ -239,7 +241,7 @@ impl std::str::FromStr for DeviceSpec {
             readonly: false,
             queues: 1,
             queue_size: 256,
-            serial: "vfio-user-blk".into(),
+            serial: String::new(),
             logical_block_size: 512,
             direct: false,
             discard: true,
@@ -274,6 +276,9 @@ impl std::str::FromStr for DeviceSpec {
             }
         }
         d.socket = socket.ok_or("socket=PATH is missing")?;
+        if d.serial.is_empty() {
+            d.serial = default_serial(&d.socket);
+        }
         d.disk = disk.ok_or("disk=SPEC is missing")?;
         Ok(d)
     }
@@ -347,6 +352,20 @@ fn parse_queues(s: &str) -> Result<u16, String> {
         Ok(n @ 1..=64) => Ok(n),
         _ => Err(format!("queues '{s}' must be from 1 to 64")),
     }
+}
+
+/// A serial unique to the socket path (FNV-1a of it, 16 hex digits), in
+/// the 20 bytes GET_ID has.
+pub fn default_serial(socket: &Path) -> String {
+    let path = std::fs::canonicalize(socket.parent().unwrap_or(Path::new(".")))
+        .map(|d| d.join(socket.file_name().unwrap_or_default()))
+        .unwrap_or_else(|_| socket.to_path_buf());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("vub-{h:016x}")
 }
 
 fn parse_serial(s: &str) -> Result<String, String> {
@@ -477,7 +496,10 @@ impl Options {
                 readonly: self.readonly,
                 queues: self.queues,
                 queue_size: self.queue_size,
-                serial: self.serial.clone(),
+                serial: self
+                    .serial
+                    .clone()
+                    .unwrap_or_else(|| default_serial(socket)),
                 logical_block_size: self.logical_block_size,
                 direct: self.direct,
                 discard: !self.no_discard,
@@ -574,7 +596,7 @@ pub fn build_device(
             force_share: spec.force_share,
         },
     )
-    .with_context(|| format!("opening disk {:?}", spec.disk))?;
+    .with_context(|| format!("opening disk {}", spec.disk))?;
     device_on(spec, index, opts, engine, disk)
 }
 
@@ -612,7 +634,7 @@ fn device_on(
             spec.logical_block_size
         );
     }
-    info!(
+    log::debug!(
         "{name}: disk {:?}, {} bytes{}, {} queue(s) of {}",
         disk.spec,
         disk.size,
@@ -649,4 +671,42 @@ fn device_on(
         Server::new(function, memory, ServerConfig::default()),
         shared,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_parse_like_qemu() {
+        let d: DeviceSpec = "socket=/tmp/a,,b.sock,disk=ram:1M,queues=2,readonly=on,name=x"
+            .parse()
+            .unwrap();
+        assert_eq!(d.socket, PathBuf::from("/tmp/a,b.sock"));
+        assert_eq!(d.disk, DiskSpec::Ram(1 << 20));
+        assert_eq!((d.queues, d.readonly), (2, true));
+        assert_eq!(d.name.as_deref(), Some("x"));
+        assert!("disk=ram:1M".parse::<DeviceSpec>().is_err());
+        assert!("socket=/s,disk=ram:1M,colour=red"
+            .parse::<DeviceSpec>()
+            .unwrap_err()
+            .contains("colour"));
+        assert!("socket=/s,disk=ram:1M,queues=0"
+            .parse::<DeviceSpec>()
+            .is_err());
+        assert!("socket=/s,disk=ram:1M,readonly=maybe"
+            .parse::<DeviceSpec>()
+            .is_err());
+    }
+
+    /// Two disks never share a default serial (and a /dev/disk/by-id name).
+    #[test]
+    fn default_serials_are_unique_per_socket() {
+        let a: DeviceSpec = "socket=/tmp/a.sock,disk=ram:1M".parse().unwrap();
+        let b: DeviceSpec = "socket=/tmp/b.sock,disk=ram:1M".parse().unwrap();
+        assert_ne!(a.serial, b.serial);
+        assert!(a.serial.len() <= 20 && a.serial.starts_with("vub-"));
+        let again: DeviceSpec = "socket=/tmp/a.sock,disk=null:1M".parse().unwrap();
+        assert_eq!(a.serial, again.serial, "stable for a socket path");
+    }
 }

@@ -210,3 +210,100 @@ fn a_second_server_on_a_locked_image_is_refused() {
     assert!(!out.status.success(), "a writer beside readers");
     drop(r1);
 }
+
+fn refused(args: &[&str]) -> String {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} accepted");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.trim().lines().count(), 1, "one plain line: {err}");
+    err
+}
+
+/// The operator's first hour: bad options are refused with one line that
+/// says why, before any file or socket is created, and nothing half made
+/// is left behind.
+#[test]
+fn bad_options_are_refused_before_anything_is_created() {
+    let dir = TempDir::new("first-hour");
+    let sock = dir.path("s.sock");
+    let img = dir.path("new.img");
+    let s = sock.to_str().unwrap();
+    let i = img.to_str().unwrap();
+    for (size, why) in [("0", "positive multiple"), ("1000", "positive multiple")] {
+        let e = refused(&["--socket", s, "--disk", i, "--size", size]);
+        assert!(e.contains(why), "{e}");
+        assert!(!img.exists() && !sock.exists());
+    }
+    let e = refused(&[
+        "--socket",
+        s,
+        "--disk",
+        i,
+        "--size",
+        "6K",
+        "--logical-block-size",
+        "4096",
+    ]);
+    assert!(e.contains("logical block size 4096"), "{e}");
+    assert!(!img.exists());
+    let long = format!("{}/{}", dir.0.display(), "s".repeat(120));
+    let e = refused(&["--socket", &long, "--disk", i, "--size", "1M"]);
+    assert!(e.contains("107"), "{e}");
+    assert!(!img.exists());
+    let e = refused(&[
+        "--socket",
+        "/nonexistent-folder/s.sock",
+        "--disk",
+        i,
+        "--size",
+        "1M",
+    ]);
+    assert!(e.contains("folder"), "{e}");
+    assert!(!img.exists());
+    let e = refused(&[
+        "--socket",
+        s,
+        "--disk",
+        "/nonexistent-folder/d.img",
+        "--size",
+        "1M",
+    ]);
+    assert!(e.contains("folder"), "{e}");
+    // A folder as a disk: no size of 2^63.
+    let e = refused(&[
+        "--socket",
+        s,
+        "--disk",
+        dir.0.to_str().unwrap(),
+        "--readonly",
+    ]);
+    assert!(e.contains("not an image file or a block device"), "{e}");
+    // A start that fails after the image was created removes it: the
+    // socket path is taken by a regular file.
+    std::fs::write(&sock, b"not a socket").unwrap();
+    let e = refused(&["--socket", s, "--disk", i, "--size", "1M"]);
+    assert!(e.contains("not a socket"), "{e}");
+    assert!(
+        !img.exists(),
+        "the image created for the failed start is left"
+    );
+    std::fs::remove_file(&sock).unwrap();
+    // A missing image without --size says how to create one.
+    let e = refused(&["--socket", s, "--disk", i]);
+    assert!(e.contains("--size"), "{e}");
+}
+
+/// --size on an image that exists is not used, and the log says so.
+#[test]
+fn size_given_for_an_existing_image_is_reported() {
+    let dir = TempDir::new("size-existing");
+    let img = dir.path("d.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let mut srv = ServerProcess::start_in(dir, &["--disk", img.to_str().unwrap(), "--size", "8M"]);
+    assert!(srv.log_text().contains("is not used"), "{}", srv.log_text());
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 2 << 20);
+    srv.assert_alive();
+}

@@ -68,11 +68,19 @@ struct Args {
     targets: Vec<String>,
     /// Options for our server as `ours` (io_uring engine; the benchmark adds
     /// `--io-engine io-uring`), also used by the multi-device set-ups.
-    #[arg(long, default_value = "--poll-mode busy --pollers 1 --io-threads 2")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value = "--poll-mode busy --pollers 1 --io-threads 2"
+    )]
     ours_args: String,
     /// Options for our server as `ours-threads` (the benchmark adds
     /// `--io-engine threads`); 64 threads as qemu's aio=threads pool.
-    #[arg(long, default_value = "--poll-mode busy --pollers 1 --io-threads 64")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value = "--poll-mode busy --pollers 1 --io-threads 64"
+    )]
     ours_threads_args: String,
     /// qemu-storage-daemon iothread polling (poll-max-ns; 0 turns it off).
     #[arg(long, default_value_t = 32768)]
@@ -811,11 +819,13 @@ fn real_main(args: &Args) -> Result<()> {
                     _ => match servers.get(t, w)? {
                         Ok(s) => {
                             let vhost = t.starts_with("qsd");
-                            if w.devices > 1 {
+                            let r = if w.devices > 1 {
                                 run_multi(s, vhost, w, size, secs)
                             } else {
                                 run_single(s, vhost, w, size, secs)
-                            }
+                            };
+                            s.check_alive(t)?;
+                            r
                         }
                         Err(why) => {
                             not_run.insert(t, why);

@@ -51,6 +51,31 @@ impl Server {
     pub fn pids(&self) -> Vec<u32> {
         self.procs.iter().map(|p| p.child.id()).collect()
     }
+
+    /// Fails if a process of this server has exited (a crash during a run),
+    /// keeping its log as `bench/<name>.log` and naming it.
+    pub fn check_alive(&self, name: &str) -> Result<()> {
+        for p in &self.procs {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{}/stat", p.child.id())).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("X");
+            if state == "Z" || state == "X" || stat.is_empty() {
+                let kept = PathBuf::from(format!("bench/{name}-died.log"));
+                let _ = std::fs::copy(&p.log, &kept);
+                bail!(
+                    "{} died during the run (its log: {}): {}",
+                    p.what,
+                    kept.display(),
+                    p.last_log_line()
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 fn wait_sockets(p: &mut Proc, socks: &[PathBuf]) -> Result<()> {

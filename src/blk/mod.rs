@@ -301,14 +301,14 @@ impl VirtioDevice for BlkDevice {
             queue_size: self.opts.queue_size,
         });
         info!(
-            "virtio-blk active: write cache {}, event idx {}, indirect {}",
+            "{}: driver ready, write cache {}, features {}",
+            self.name,
             if self.write_through.load(Ordering::Relaxed) {
                 "write-through"
             } else {
                 "writeback"
             },
-            features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
-            features & bit(VIRTIO_RING_F_INDIRECT_DESC) != 0,
+            feature_names(features).join(" "),
         );
         self.active = Some(self.engine.activate(Activation {
             name: self.name.clone(),
@@ -342,6 +342,17 @@ impl VirtioDevice for BlkDevice {
         if let Some(a) = self.active.take() {
             a.abandon();
         }
+        let (mut req, mut rd, mut wr, mut err) = (0, 0, 0, 0);
+        for q in &self.shared.stats {
+            req += q.requests.iter().map(QueueStats::get).sum::<u64>();
+            rd += QueueStats::get(&q.bytes_read);
+            wr += QueueStats::get(&q.bytes_written);
+            err += q.errors.iter().map(QueueStats::get).sum::<u64>();
+        }
+        info!(
+            "{}: client gone; since start {req} request(s), {rd} byte(s) read, {wr} written, {err} error(s)",
+            self.name
+        );
         self.shared.running.store(false, Ordering::Relaxed);
     }
 

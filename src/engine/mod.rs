@@ -29,7 +29,7 @@ use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -220,7 +220,7 @@ impl Engine {
                     stats,
                 });
             }
-            info!(
+            debug!(
                 "{} reactor(s) in {:?} mode, file I/O on {}",
                 reactors.len(),
                 cfg.mode,
@@ -242,6 +242,20 @@ impl Engine {
 
     pub fn mode(&self) -> PollMode {
         self.cfg.mode
+    }
+
+    /// One line for the log: reactors, mode, where file I/O runs.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} reactor(s) in {:?} mode, file I/O on {}",
+            self.reactors.len(),
+            self.cfg.mode,
+            if self.use_uring {
+                "io_uring"
+            } else {
+                "the thread pool"
+            }
+        )
     }
 
     /// Each reactor's time accounting, in reactor order.

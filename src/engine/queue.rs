@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use log::info;
+use log::debug;
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
@@ -320,7 +320,8 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         if !checked && !self.ring_mapped(&mem) {
             self.ring_checked = None;
             if !self.waiting_for_memory {
-                info!(
+                // QEMU remaps RAM windows while the firmware runs: routine.
+                debug!(
                     "{}: ring is not inside guest memory; waiting until it is mapped",
                     self.name
                 );
@@ -332,7 +333,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             self.ring_checked = Some(mem.clone());
         }
         if self.waiting_for_memory {
-            info!("{}: ring is inside guest memory again", self.name);
+            debug!("{}: ring is inside guest memory again", self.name);
             self.waiting_for_memory = false;
         }
         if let Some(f) = self.fence {

@@ -22,6 +22,8 @@ use crate::backend::uring::Uring;
 
 /// In adaptive mode, how long to keep spinning after the last work.
 const ADAPTIVE_SPIN: Duration = Duration::from_micros(200);
+/// Idle passes of a spinning reactor between two yields of its core.
+const IDLE_PASSES_PER_YIELD: u32 = 64;
 
 /// Wakes a reactor that sleeps. A doorbell sets `kicked` and wakes: no
 /// message per doorbell, so a client ringing doorbells while the reactor is
@@ -366,6 +368,7 @@ impl Reactor {
     pub fn run(mut self) {
         let mut last_work = Instant::now();
         let mut mark = Instant::now();
+        let mut idle_passes: u32 = 0;
         loop {
             let work = self.pass();
             // Time since the last mark counts as busy when the pass found
@@ -382,6 +385,7 @@ impl Reactor {
             }
             if work {
                 last_work = Instant::now();
+                idle_passes = 0;
                 continue;
             }
             let live = self.queues.iter().any(|q| q.live());
@@ -391,7 +395,16 @@ impl Reactor {
                 PollMode::Interrupt => false,
             };
             if busy_wait {
-                std::hint::spin_loop();
+                // A spinning reactor gives its core away for a moment when
+                // something else wants it (an I/O thread, the kernel's
+                // writeback, the guest on a small machine): a yield costs
+                // nothing when nobody else is runnable.
+                idle_passes += 1;
+                if idle_passes.is_multiple_of(IDLE_PASSES_PER_YIELD) {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
             if self.mode != PollMode::Busy {

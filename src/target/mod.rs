@@ -56,6 +56,11 @@ impl Target {
                 return Err(e);
             }
         }
+        info!(
+            "target ready: {} disk(s), {}",
+            t.devices.lock().len(),
+            t.engine.describe()
+        );
         Ok(t)
     }
 

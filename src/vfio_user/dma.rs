@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::os::fd::AsRawFd;
 
 use crate::memory::{self, GuardedWindow};
-use log::{debug, info, warn};
+use log::{debug, warn};
 use vfio_bindings::bindings::vfio::{
     VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DMA_UNMAP_FLAG_ALL,
     VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
@@ -167,7 +167,8 @@ impl DmaTable {
                 // A read-only window (ROM). Virtio buffers never live there,
                 // and a read-only mapping would fault on a device write, so
                 // it is not made reachable.
-                info!("DMA window {iova:#x}+{size:#x} is read-only; not used for device DMA");
+                // Firmware (ROM) windows come and go while SeaBIOS runs.
+                debug!("DMA window {iova:#x}+{size:#x} is read-only; not used for device DMA");
                 None
             }
             None => {
@@ -178,7 +179,7 @@ impl DmaTable {
                          -object memory-backend-memfd,share=on for guest RAM"
                     );
                 } else {
-                    info!("DMA window {iova:#x}+{size:#x} has no file descriptor (ROM)");
+                    debug!("DMA window {iova:#x}+{size:#x} has no file descriptor (ROM)");
                 }
                 None
             }

@@ -168,9 +168,8 @@ impl<D: VirtioDevice> LegacyTransport<D> {
                 })
             })
             .collect();
-        info!(
-            "driver ready: features {:#010x}, queues at pfn {:?}",
-            self.guest_features,
+        debug!(
+            "driver ready: queues at pfn {:?}",
             self.queues.iter().map(|q| q.pfn).collect::<Vec<_>>()
         );
         let irq = VirtioInterrupt::new(self.isr.clone(), self.irqs.clone());
