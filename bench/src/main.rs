@@ -71,7 +71,7 @@ struct Args {
     #[arg(
         long,
         allow_hyphen_values = true,
-        default_value = "--poll-mode busy --pollers 1 --io-threads 2"
+        default_value = "--poll-mode busy --pollers 1"
     )]
     ours_args: String,
     /// Options for our server as `ours-threads` (the benchmark adds
