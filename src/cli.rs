@@ -658,6 +658,7 @@ fn device_on(
             discard: spec.discard,
             write_zeroes: spec.write_zeroes,
             on_error: opts.on_error,
+            in_memory: matches!(spec.disk, DiskSpec::Ram(_)),
         },
         disk.backend,
         memory.clone(),

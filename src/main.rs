@@ -36,7 +36,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Every guest-memory window and every client holds descriptors: take the
+/// whole allowance the system gives (the soft limit is often 1024).
+fn raise_fd_limit() {
+    // SAFETY: rlimit is plain data; getrlimit fills it in.
+    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to `r`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 && r.rlim_cur < r.rlim_max {
+        r.rlim_cur = r.rlim_max;
+        // SAFETY: a valid pointer to `r`.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+    }
+}
+
 fn run(opts: &Options) -> anyhow::Result<()> {
+    raise_fd_limit();
     // Signals are taken before anything is created, so that none is lost.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let target = Target::start(opts)?;
@@ -55,15 +69,29 @@ fn run(opts: &Options) -> anyhow::Result<()> {
             return Err(e);
         }
     }
-    if let Some(sig) = signals.forever().next() {
-        info!("signal {sig}: draining, flushing and removing the sockets");
-        target.shutdown();
-        if let Some(p) = &opts.rpc_socket {
-            let _ = std::fs::remove_file(p);
-        }
-        info!("stopped");
-    } else {
+    let Some(sig) = signals.forever().next() else {
         error!("signal handling ended");
+        return Ok(());
+    };
+    info!(
+        "signal {sig}: draining, flushing and removing the sockets (a second signal stops at once)"
+    );
+    let sockets = target.sockets();
+    let t = target.clone();
+    let done = std::thread::spawn(move || t.shutdown());
+    while !done.is_finished() {
+        if let Some(sig) = signals.pending().next() {
+            error!("signal {sig} again: stopping now, without draining");
+            for p in sockets.iter().chain(&opts.rpc_socket) {
+                let _ = std::fs::remove_file(p);
+            }
+            std::process::exit(1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    if let Some(p) = &opts.rpc_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    info!("stopped");
     Ok(())
 }

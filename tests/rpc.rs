@@ -427,3 +427,217 @@ fn sigterm_drains_and_removes_every_socket() {
     assert!(log.contains("p: stopped after 1 request(s)"), "{log}");
     drop(d);
 }
+
+// ---- regressions from the hostile review of the management plane -------
+
+fn wait_exit(t: &mut Target, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if t.child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn sigterm(t: &Target) {
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(i32::try_from(t.child.id()).unwrap(), libc::SIGTERM) };
+}
+
+/// A client that stops reading its replies (a stopped QEMU) used to make
+/// the target ignore SIGTERM for good, leaving the other disks unflushed
+/// and every socket behind.
+#[test]
+fn sigterm_stops_the_target_even_with_a_client_that_reads_nothing() {
+    let mut t = Target::start(&[]);
+    t.ok(
+        "device_add",
+        json!({"name": "p", "socket": sock(&t, "p"), "disk": "ram:1M"}),
+    );
+    let q_img = t.dir.path("q.img");
+    t.ok(
+        "device_add",
+        json!({"name": "q", "socket": sock(&t, "q"), "disk": q_img, "size": "1M"}),
+    );
+    let mut dq = Driver::new(&sock(&t, "q"), DriverOptions::default());
+    assert_eq!(dq.write(0, 0, &[7u8; 4096]), S_OK);
+    let mut r = Raw::negotiated(&sock(&t, "p"));
+    let one = message(5, 9, 0, &region_read_payload(7, 0, 256));
+    let batch: Vec<u8> = std::iter::repeat_n(one, 4000).flatten().collect();
+    r.s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = r.s.write_all(&batch);
+    std::thread::sleep(Duration::from_millis(300));
+    sigterm(&t);
+    assert!(wait_exit(&mut t, 25), "SIGTERM did not stop the target");
+    let log = t.log_text();
+    assert!(
+        log.contains("q: stopped"),
+        "q was not flushed and stopped: {log}"
+    );
+    assert!(!sock(&t, "p").exists() && !sock(&t, "q").exists() && !t.rpc.exists());
+    drop((r, dq));
+}
+
+/// Opening a FIFO as a disk used to block device_add, and every add and
+/// remove behind it, until a writer came.
+#[test]
+fn a_fifo_as_a_disk_is_refused_at_once() {
+    let t = Target::start(&[]);
+    let fifo = t.dir.path("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path; mkfifo has no other memory effects.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let t0 = Instant::now();
+    let e = t
+        .call(
+            "device_add",
+            json!({"name": "f", "socket": sock(&t, "f"), "disk": fifo, "readonly": true}),
+        )
+        .unwrap_err();
+    assert!(e.1.contains("not an image file"), "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    t.ok(
+        "device_add",
+        json!({"name": "r", "socket": sock(&t, "r"), "disk": "ram:1M"}),
+    );
+}
+
+/// A failed add used to delete a dangling symlink given as the disk; a
+/// remove used to delete whatever file had taken the socket's place.
+#[test]
+fn failed_adds_and_removes_delete_nothing_that_is_not_ours() {
+    let t = Target::start(&[]);
+    let link = t.dir.path("vm-disk.img");
+    std::os::unix::fs::symlink("/dev/mapper/not-activated-yet", &link).unwrap();
+    for p in [json!({}), json!({"size": "1M"})] {
+        let mut req = json!({"name": "l", "socket": sock(&t, "l"), "disk": link});
+        req.as_object_mut()
+            .unwrap()
+            .extend(p.as_object().unwrap().clone());
+        assert!(t.call("device_add", req).is_err());
+        assert!(link.symlink_metadata().is_ok(), "the symlink was deleted");
+    }
+    t.ok(
+        "device_add",
+        json!({"name": "s1", "socket": sock(&t, "s1"), "disk": "null:1M"}),
+    );
+    std::fs::remove_file(sock(&t, "s1")).unwrap();
+    std::fs::write(sock(&t, "s1"), b"someone else's file").unwrap();
+    t.ok("device_remove", json!({"name": "s1"}));
+    assert_eq!(
+        std::fs::read(sock(&t, "s1")).unwrap(),
+        b"someone else's file"
+    );
+}
+
+/// A scrape that trickles its request used to hold the metrics thread, so
+/// no other scrape was answered.
+#[test]
+fn a_slow_metrics_client_does_not_hold_the_others() {
+    let t = Target::start(&["--metrics", "127.0.0.1:0"]);
+    wait_until("the metrics line", || {
+        t.log_text().contains("metrics on http://")
+    });
+    let addr = t
+        .log_text()
+        .split("metrics on http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut slow: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(b"G").unwrap();
+            s
+        })
+        .collect();
+    let t0 = Instant::now();
+    assert!(http_get(&addr, "/metrics").starts_with("HTTP/1.1 200"));
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "a scrape waited {:?}",
+        t0.elapsed()
+    );
+    for s in &mut slow {
+        let _ = s.write_all(b"E");
+    }
+}
+
+/// The 17th management connection is told why, not reset.
+#[test]
+fn a_management_connection_over_the_limit_is_told_why() {
+    let t = Target::start(&[]);
+    let idle: Vec<UnixStream> = (0..16)
+        .map(|_| UnixStream::connect(&t.rpc).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let s = UnixStream::connect(&t.rpc).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.contains("management connections"), "{line}");
+    drop(idle);
+    wait_until("a free connection", || {
+        t.call("device_list", json!({})).is_ok()
+    });
+}
+
+/// Shrinking while writes are in flight used to let them land past the new
+/// end (the file regrew) and to adopt a size that was neither: the queues
+/// are held while the size changes.
+#[test]
+fn a_resize_holds_the_queues_while_the_size_changes() {
+    let t = Target::start(&["--io-engine", "threads", "--poll-mode", "interrupt"]);
+    let img = t.dir.path("w.img");
+    t.ok(
+        "device_add",
+        json!({"name": "w", "socket": sock(&t, "w"), "disk": img, "size": "128M"}),
+    );
+    let mut d = Driver::new(
+        &sock(&t, "w"),
+        DriverOptions {
+            ram_size: 256 << 20,
+            ..Default::default()
+        },
+    );
+    for round in 0..6u64 {
+        t.ok("device_resize", json!({"name": "w", "size": "128M"}));
+        d.reset_alloc();
+        for i in 0..64u64 {
+            d.submit(
+                0,
+                &Request {
+                    kind: T_OUT,
+                    sector: (64 << 11) + i * 2048,
+                    out: vec![0x5a; 1 << 20],
+                    in_len: 0,
+                    layout: Layout::default(),
+                },
+            );
+        }
+        d.force_kick(0);
+        std::thread::sleep(Duration::from_millis(2 + round));
+        t.ok(
+            "device_resize",
+            json!({"name": "w", "size": "64M", "shrink": true}),
+        );
+        d.wait_used(0, 64, Duration::from_secs(60));
+        let cap = t.ok("device_list", json!({}))[0]["size"].as_u64().unwrap();
+        let file = std::fs::metadata(&img).unwrap().len();
+        assert_eq!((cap, file), (64 << 20, 64 << 20), "round {round}");
+    }
+    // A disk in memory cannot outgrow the machine.
+    t.ok(
+        "device_add",
+        json!({"name": "m", "socket": sock(&t, "m"), "disk": "ram:1M"}),
+    );
+    let e = t
+        .call("device_resize", json!({"name": "m", "size": "4096T"}))
+        .unwrap_err();
+    assert!(e.1.contains("memory") || e.1.contains("more than"), "{e:?}");
+}

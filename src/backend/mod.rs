@@ -163,14 +163,28 @@ fn open_existing(
     o: &OpenOptionsDisk,
 ) -> Result<(u64, Arc<dyn io::Backend>), OpenError> {
     let readonly = o.readonly;
+    // Only image files and block devices: checked before opening, since
+    // opening a FIFO or some devices blocks; O_NONBLOCK keeps a file swapped
+    // in meanwhile from blocking too (and is cleared right after).
+    {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() || m.file_type().is_block_device() => {}
+            Ok(_) => return Err(OpenError::NotADisk(path.to_path_buf())),
+            Err(_) => {}
+        }
+    }
     let mut f = OpenOptions::new()
         .read(true)
         .write(!readonly)
-        .custom_flags(if o.direct.is_some() {
-            libc::O_DIRECT
-        } else {
-            0
-        })
+        .custom_flags(
+            libc::O_NONBLOCK
+                | if o.direct.is_some() {
+                    libc::O_DIRECT
+                } else {
+                    0
+                },
+        )
         .open(path)
         .map_err(|source| match source.raw_os_error() {
             Some(libc::EROFS) => OpenError::ReadOnlyMount(path.to_path_buf()),
@@ -181,6 +195,15 @@ fn open_existing(
                 source,
             },
         })?;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on our own descriptor; no memory is passed.
+        let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        if fl >= 0 {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) };
+        }
+    }
     let ft = f
         .metadata()
         .map_err(|source| OpenError::Size {

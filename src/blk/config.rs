@@ -168,6 +168,7 @@ mod tests {
             discard: true,
             write_zeroes: true,
             on_error: ErrorPolicy::Report,
+            in_memory: false,
         });
         assert_eq!(c.capacity_sectors(), 1 << 21);
         let r32 = |c: &BlkConfig, o: usize| {

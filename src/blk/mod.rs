@@ -32,6 +32,25 @@ pub struct BlkOptions {
     pub discard: bool,
     pub write_zeroes: bool,
     pub on_error: ErrorPolicy,
+    /// The disk lives in the server's memory (`ram:`).
+    pub in_memory: bool,
+}
+
+/// The largest disk a resize may ask for (64 PiB).
+const MAX_DISK_BYTES: u64 = 1 << 56;
+
+/// The machine's memory, in bytes.
+fn memory_bytes() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    u64::try_from(pages)
+        .unwrap_or(0)
+        .saturating_mul(u64::try_from(size).unwrap_or(0))
 }
 
 /// Largest segment (descriptor) we accept: SIZE_MAX.
@@ -49,7 +68,9 @@ pub struct BlkDevice {
     memory: GuestMemoryHandle,
     engine: Arc<Engine>,
     /// The queues while the driver has the device running.
-    active: Option<Active>,
+    active: Option<Arc<Active>>,
+    /// What the last quiesce did: fence an unmap (true) or hold all.
+    fenced: bool,
     acked: u32,
     write_through: Arc<AtomicBool>,
     shared: Arc<BlkShared>,
@@ -69,8 +90,14 @@ pub struct BlkShared {
     backend: Arc<dyn Backend>,
     block: u32,
     readonly: bool,
+    /// A `ram:` disk: its size is the server's memory.
+    in_memory: bool,
     /// Raises the configuration-change interrupt.
     config_notifier: parking_lot::Mutex<Option<Arc<ConfigNotifier>>>,
+    /// The running activation's queues, to hold them during a resize.
+    active: parking_lot::Mutex<std::sync::Weak<Active>>,
+    /// One resize at a time.
+    resizing: parking_lot::Mutex<()>,
 }
 
 /// Names of the virtio-blk and ring feature bits, for logs and the
@@ -143,7 +170,35 @@ impl BlkShared {
                 ));
             }
         }
-        let new = self.backend.resize(size).map_err(|e| e.to_string())?;
+        if let Some(s) = size {
+            if s > MAX_DISK_BYTES {
+                return Err(format!("size {s} is more than {MAX_DISK_BYTES} bytes"));
+            }
+            if self.in_memory && s > memory_bytes() {
+                return Err(format!(
+                    "a disk in memory cannot be larger than this machine's memory ({} bytes)",
+                    memory_bytes()
+                ));
+            }
+        }
+        let _one = self.resizing.lock();
+        // No request may be in flight while the size changes: one checked
+        // against the old size would write past a new, smaller end, and the
+        // size read back must be the one the disk has.
+        let active = self.active.lock().upgrade();
+        if let Some(a) = &active {
+            a.pause_all();
+        }
+        let r = self.backend.resize(size).map_err(|e| e.to_string());
+        let new = match r {
+            Ok(n) => n,
+            Err(e) => {
+                if let Some(a) = &active {
+                    a.resume();
+                }
+                return Err(e);
+            }
+        };
         if new == 0 || !new.is_multiple_of(u64::from(self.block)) {
             return Err(format!(
                 "the disk is now {new} bytes, not a multiple of the block size {}",
@@ -153,6 +208,9 @@ impl BlkShared {
         let old = self.capacity_bytes();
         self.capacity
             .store(new >> request::SECTOR_SHIFT, Ordering::Relaxed);
+        if let Some(a) = &active {
+            a.resume();
+        }
         if new != old {
             info!("disk resized from {old} to {new} bytes");
             if let Some(n) = self.config_notifier.lock().as_ref() {
@@ -184,7 +242,10 @@ impl BlkDevice {
             backend: backend.clone(),
             block: opts.logical_block_size,
             readonly: opts.readonly,
+            in_memory: opts.in_memory,
             config_notifier: parking_lot::Mutex::new(None),
+            active: parking_lot::Mutex::new(std::sync::Weak::new()),
+            resizing: parking_lot::Mutex::new(()),
         });
         BlkDevice {
             shared,
@@ -195,6 +256,7 @@ impl BlkDevice {
             memory,
             engine,
             active: None,
+            fenced: false,
             acked: 0,
             write_through: Arc::new(AtomicBool::new(true)),
         }
@@ -310,7 +372,7 @@ impl VirtioDevice for BlkDevice {
             },
             feature_names(features).join(" "),
         );
-        self.active = Some(self.engine.activate(Activation {
+        let active = Arc::new(self.engine.activate(Activation {
             name: self.name.clone(),
             handler: ctx,
             memory: self.memory.clone(),
@@ -319,6 +381,8 @@ impl VirtioDevice for BlkDevice {
             event_idx: features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
             irq,
         }));
+        *self.shared.active.lock() = Arc::downgrade(&active);
+        self.active = Some(active);
     }
 
     fn notify(&mut self, index: u16) {
@@ -358,6 +422,7 @@ impl VirtioDevice for BlkDevice {
 
     fn quiesce(&mut self, range: Option<DmaRange>) {
         let Some(a) = &self.active else { return };
+        self.fenced = range.is_some();
         match range {
             Some(r) if r.host_len > 0 => a.fence(Fence {
                 guest: (r.iova, r.iova.saturating_add(r.size)),
@@ -371,7 +436,11 @@ impl VirtioDevice for BlkDevice {
 
     fn resume(&mut self) {
         if let Some(a) = &self.active {
-            a.resume();
+            if self.fenced {
+                a.lift_fence();
+            } else {
+                a.resume();
+            }
         }
     }
 

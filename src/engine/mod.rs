@@ -339,7 +339,7 @@ impl Engine {
                 name: a.name,
                 placed,
                 inline: Some(parking_lot::Mutex::new((r, me))),
-                done: false,
+                done: Default::default(),
             };
         }
         for (i, q) in runners {
@@ -367,7 +367,7 @@ impl Engine {
             name: a.name,
             placed,
             inline: None,
-            done: false,
+            done: Default::default(),
         }
     }
 }
@@ -393,7 +393,7 @@ pub struct Active {
     placed: Vec<Option<Placed>>,
     inline: Option<parking_lot::Mutex<(Reactor, ReactorTx)>>,
     /// The queues were taken back (stop or abandon).
-    done: bool,
+    done: std::sync::atomic::AtomicBool,
 }
 
 impl Active {
@@ -466,35 +466,49 @@ impl Active {
         });
     }
 
+    /// Lifts one `pause_all`.
     pub fn resume(&self) {
+        self.lift(false);
+    }
+
+    /// Lifts the `fence` of an unmap that is done.
+    pub fn lift_fence(&self) {
+        self.lift(true);
+    }
+
+    fn lift(&self, fence: bool) {
         for p in self.placed.iter().flatten() {
-            self.send(*p, Msg::Resume(p.id));
+            self.send(*p, Msg::Resume { queue: p.id, fence });
         }
         self.run_inline();
     }
 
     /// Takes the queues back: nothing more is written to their rings, and
     /// this returns once nothing is in flight.
-    pub fn stop(mut self) {
+    pub fn stop(&self) {
+        if self.done.swap(true, Ordering::SeqCst) {
+            return;
+        }
         self.each_and_wait("reset", |queue, ack| Msg::Withdraw {
             queue,
             ack,
             drain: true,
         });
-        self.done = true;
     }
 
     /// Takes the queues back without waiting for what is in flight: this
     /// returns once no reactor will write anything more for them; requests
     /// still in the backend finish on their own, writing nothing, and the
     /// queues leave their reactors then.
-    pub fn abandon(mut self) {
+    pub fn abandon(&self) {
+        if self.done.swap(true, Ordering::SeqCst) {
+            return;
+        }
         self.each_and_wait("disconnect", |queue, ack| Msg::Withdraw {
             queue,
             ack,
             drain: false,
         });
-        self.done = true;
     }
 }
 
@@ -502,7 +516,7 @@ impl Drop for Active {
     /// An activation dropped without being stopped (a device dropped while
     /// running) leaves its reactors as an abandoned one would.
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done.load(Ordering::SeqCst) {
             let (ack, _) = unbounded();
             for p in self.placed.iter().flatten() {
                 self.send(

@@ -83,8 +83,12 @@ pub(crate) struct QueueState<H: RequestHandler> {
     added: bool,
     waiting_for_memory: bool,
     event_idx: bool,
-    paused: bool,
+    /// Pauses of the whole queue in force (reset of a neighbour's memory,
+    /// a resize): each is lifted by its own resume.
+    holds: u32,
+    /// An unmap in progress, and whether it concerns this queue.
     fence: Option<Fence>,
+    fence_hit: bool,
     withdrawn: bool,
     /// The guest-memory snapshot the whole ring was last found in: while the
     /// table has not changed, the ring need not be checked again. (Held,
@@ -145,8 +149,9 @@ impl<H: RequestHandler> QueueState<H> {
             added: false,
             waiting_for_memory: false,
             event_idx,
-            paused: false,
+            holds: 0,
             fence: None,
+            fence_hit: false,
             withdrawn: false,
             ring_checked: None,
             stats,
@@ -161,6 +166,11 @@ impl<H: RequestHandler> QueueState<H> {
             );
             self.broken = Some(why.to_string());
         }
+    }
+
+    /// Takes no request: held, or hit by an unmap's fence.
+    fn paused(&self) -> bool {
+        self.holds > 0 || self.fence_hit
     }
 
     /// Whether the whole split ring lies in guest memory. Unlike
@@ -238,7 +248,7 @@ impl<H: RequestHandler> QueueState<H> {
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         let next = self.queue.next_avail().wrapping_sub(1);
         self.queue.set_next_avail(next);
-        self.paused = true;
+        self.fence_hit = true;
     }
 
     fn send_to_pool(&mut self, slot: u16, cx: &mut Cx) {
@@ -306,7 +316,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
     }
 
     fn poll(&mut self, cx: &mut Cx) -> bool {
-        if self.broken.is_some() || self.paused || self.withdrawn {
+        if self.broken.is_some() || self.paused() || self.withdrawn {
             return false;
         }
         let mem = self.memory.memory().into_inner();
@@ -338,7 +348,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         }
         if let Some(f) = self.fence {
             if self.ring_in(&f) {
-                self.paused = true;
+                self.fence_hit = true;
                 return false;
             }
         }
@@ -484,7 +494,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         };
         match r {
             // A paused queue takes nothing: what waits is not work.
-            Ok(w) => w && !self.paused,
+            Ok(w) => w && !self.paused(),
             Err(e) => {
                 self.break_queue(&format!("cannot update notification state: {e}"));
                 false
@@ -498,7 +508,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
 
     fn pause(&mut self, fence: Option<Fence>) {
         match fence {
-            None => self.paused = true,
+            None => self.holds += 1,
             Some(f) => {
                 // Affected now: the ring, or a request in flight, lies in
                 // the range. Otherwise the queue goes on, and stops only if
@@ -507,17 +517,19 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
                     .slots
                     .iter()
                     .any(|s| s.at != At::Free && self.touches(s, &f));
-                if busy || self.ring_in(&f) {
-                    self.paused = true;
-                }
+                self.fence_hit = busy || self.ring_in(&f);
                 self.fence = Some(f);
             }
         }
     }
 
-    fn resume(&mut self) {
-        self.paused = false;
-        self.fence = None;
+    fn resume(&mut self, fence: bool) {
+        if fence {
+            self.fence = None;
+            self.fence_hit = false;
+        } else {
+            self.holds = self.holds.saturating_sub(1);
+        }
     }
 
     fn withdraw(&mut self) {
@@ -527,11 +539,11 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
 
     fn quiet(&self) -> bool {
         // A withdrawn queue writes nothing more, whatever is in flight.
-        self.withdrawn || !self.paused || self.in_flight == 0
+        self.withdrawn || !self.paused() || self.in_flight == 0
     }
 
     fn live(&self) -> bool {
-        self.broken.is_none() && !self.paused && !self.withdrawn
+        self.broken.is_none() && !self.paused() && !self.withdrawn
     }
 }
 

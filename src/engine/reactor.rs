@@ -104,7 +104,11 @@ pub(crate) enum Msg {
         fence: Option<Fence>,
         ack: Sender<()>,
     },
-    Resume(u64),
+    /// Lifts a pause: the fence of an unmap, or one hold.
+    Resume {
+        queue: u64,
+        fence: bool,
+    },
     /// Take the queue away: nothing more is written to its rings; the
     /// acknowledgement comes once nothing is in flight (`drain`), or at the
     /// end of this pass (the queue then leaves once drained).
@@ -140,7 +144,7 @@ pub(crate) trait QueueRunner: Send {
     fn set_notifications(&mut self, enable: bool) -> bool;
     fn in_flight(&self) -> usize;
     fn pause(&mut self, fence: Option<Fence>);
-    fn resume(&mut self);
+    fn resume(&mut self, fence: bool);
     fn withdraw(&mut self);
     /// A pause is honoured: what it affects has nothing in flight.
     fn quiet(&self) -> bool;
@@ -211,9 +215,9 @@ impl Reactor {
                     let _ = ack.send(());
                 }
             },
-            Msg::Resume(queue) => {
+            Msg::Resume { queue, fence } => {
                 if let Some(i) = self.find(queue) {
-                    self.queues[i].resume();
+                    self.queues[i].resume(fence);
                 }
             }
             Msg::Withdraw { queue, ack, drain } => match self.find(queue) {

@@ -137,13 +137,22 @@ pub fn render(t: &Target) -> String {
     out
 }
 
+/// Scrapes served at once; each gets this long to send its request.
+const MAX_CONNECTIONS: usize = 8;
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
 fn answer(t: &Target, mut s: TcpStream) {
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-    // The request line and headers: up to 8 KiB, until a blank line.
+    // The request line and headers: up to 8 KiB, until a blank line, within
+    // REQUEST_DEADLINE in all (a client trickling bytes gets no longer).
+    let deadline = std::time::Instant::now() + REQUEST_DEADLINE;
     let mut buf = [0u8; 8192];
     let mut n = 0;
     while n < buf.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
         match s.read(&mut buf[n..]) {
             Ok(0) | Err(_) => break,
             Ok(k) => n += k,
@@ -179,11 +188,35 @@ pub fn serve(target: Arc<Target>, addr: SocketAddr) -> Result<()> {
         warn!("metrics on {addr}: reachable from outside this machine");
     }
     info!("metrics on http://{}/metrics", l.local_addr()?);
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            for s in l.incoming().flatten() {
-                answer(&target, s);
+            for s in l.incoming() {
+                let s = match s {
+                    Ok(s) => s,
+                    Err(e) => {
+                        crate::warn_limited!("metrics: accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                // Each scrape on its own thread: a slow one holds only itself.
+                if active.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    active.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    continue;
+                }
+                let (t, a) = (target.clone(), active.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-conn".into())
+                    .spawn(move || {
+                        answer(&t, s);
+                        a.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    crate::warn_limited!("metrics: cannot start a thread");
+                }
             }
         })?;
     Ok(())

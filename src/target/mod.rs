@@ -26,6 +26,27 @@ struct Entry {
     shared: Arc<BlkShared>,
     control: Arc<Control>,
     thread: Option<JoinHandle<()>>,
+    /// The socket file we bound (device, inode): only it is removed later.
+    socket_id: Option<(u64, u64)>,
+}
+
+/// How long a graceful shutdown waits for clients to let go.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most devices one target serves.
+const MAX_DEVICES: usize = 1024;
+
+fn file_id(p: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes the socket at `p` only if it is still the one we bound.
+fn remove_own_socket(p: &std::path::Path, id: Option<(u64, u64)>) {
+    if id.is_some() && file_id(p) == id {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// Every device of the process.
@@ -36,6 +57,8 @@ pub struct Target {
     /// Serialises add and remove (building a device opens files and binds
     /// a socket; two adds of one socket must not race).
     admin: Mutex<()>,
+    /// Shutting down: nothing is added any more.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Target {
@@ -49,6 +72,7 @@ impl Target {
             opts: opts.clone(),
             devices: Mutex::new(BTreeMap::new()),
             admin: Mutex::new(()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         });
         for spec in opts.device_specs() {
             if let Err(e) = t.add(spec) {
@@ -71,7 +95,13 @@ impl Target {
     /// Adds a device: opens its disk, binds its socket, serves it.
     pub fn add(&self, mut spec: DeviceSpec) -> Result<Value> {
         let _admin = self.admin.lock();
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            bail!("the target is shutting down");
+        }
         let index = self.devices.lock().len();
+        if index >= MAX_DEVICES {
+            bail!("this target serves {MAX_DEVICES} devices already");
+        }
         let name = spec.name.clone().unwrap_or_else(|| {
             (0..)
                 .map(|i| format!("disk{i}"))
@@ -92,8 +122,10 @@ impl Target {
             }
         }
         spec.validate_against_machine()?;
+        // Only what did not exist at all (not even as a dangling link) is
+        // ours to remove if the add fails.
         let created = match &spec.disk {
-            crate::backend::DiskSpec::File(p) if !p.exists() => Some(p.clone()),
+            crate::backend::DiskSpec::File(p) if p.symlink_metadata().is_err() => Some(p.clone()),
             _ => None,
         };
         let remove_created = || {
@@ -111,6 +143,7 @@ impl Target {
                 return Err(e);
             }
         };
+        let socket_id = file_id(&spec.socket);
         let control = Arc::new(Control::default());
         let ctl = control.clone();
         let label = name.clone();
@@ -136,6 +169,7 @@ impl Target {
             shared,
             control,
             thread: Some(thread),
+            socket_id,
         };
         let info = describe(&name, &entry);
         self.devices.lock().insert(name, entry);
@@ -167,7 +201,7 @@ impl Target {
         if let Some(t) = entry.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&entry.spec.socket);
+        remove_own_socket(&entry.spec.socket, entry.socket_id);
         info!("{name}: removed");
         Ok(())
     }
@@ -221,6 +255,15 @@ impl Target {
         )
     }
 
+    /// Every device's socket path.
+    pub fn sockets(&self) -> Vec<std::path::PathBuf> {
+        self.devices
+            .lock()
+            .values()
+            .map(|e| e.spec.socket.clone())
+            .collect()
+    }
+
     /// For the metrics endpoint: every device's name and shared state.
     pub fn snapshot(&self) -> Vec<(String, Arc<BlkShared>)> {
         self.devices
@@ -233,19 +276,39 @@ impl Target {
     /// Graceful end: clients are disconnected after their requests drain,
     /// disks are flushed, sockets removed.
     pub fn shutdown(&self) {
-        let names: Vec<String> = self.devices.lock().keys().cloned().collect();
-        for n in names {
-            let entry = self.devices.lock().remove(&n);
-            let Some(mut e) = entry else { continue };
+        // No add or remove from here on (they wait for this lock, then see
+        // the flag).
+        let _admin = self.admin.lock();
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let entries: Vec<(String, Entry)> = std::mem::take(&mut *self.devices.lock())
+            .into_iter()
+            .collect();
+        // Every device drains at once; one whose client does not let go
+        // in time (a stuck or stopped QEMU) is disconnected outright.
+        for (_, e) in &entries {
             e.control.stop();
             e.control.drain_and_disconnect();
+        }
+        let deadline = std::time::Instant::now() + SHUTDOWN_DRAIN;
+        for (n, e) in &entries {
+            while !e.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+                if std::time::Instant::now() > deadline {
+                    warn!("{n}: the client did not let go in {SHUTDOWN_DRAIN:?}; disconnecting it");
+                    e.control.disconnect_client();
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        for (n, mut e) in entries {
             if let Some(t) = e.thread.take() {
                 let _ = t.join();
             }
             if let Err(err) = e.shared.flush() {
                 warn!("{n}: flush at shutdown failed: {err}");
             }
-            let _ = std::fs::remove_file(&e.spec.socket);
+            remove_own_socket(&e.spec.socket, e.socket_id);
             let counts = totals(&e.shared);
             info!(
                 "{n}: stopped after {} request(s), {} byte(s) read, {} written, {} error(s)",

@@ -25,6 +25,10 @@ use crate::util::parse_size;
 const MAX_LINE: usize = 1 << 20;
 /// Management connections served at once.
 const MAX_CONNECTIONS: usize = 16;
+/// A connection idle this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// An answer its client does not take in this time closes the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
@@ -327,12 +331,29 @@ pub fn serve(target: Arc<Target>, path: &Path, force: bool) -> Result<()> {
         .name("rpc-accept".into())
         .spawn(move || {
             for s in listener.incoming() {
-                let Ok(s) = s else { continue };
+                let mut s = match s {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of descriptors, most likely: wait for some to
+                        // come back rather than spin.
+                        crate::warn_limited!("rpc: accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
                 if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                     active.fetch_sub(1, Ordering::SeqCst);
                     crate::warn_limited!("rpc: more than {MAX_CONNECTIONS} connections; refused");
+                    let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+                    let e = json!({ "jsonrpc": "2.0", "id": null, "error": {
+                        "code": FAILED, "message": format!("more than {MAX_CONNECTIONS} management connections") } });
+                    let _ = writeln!(s, "{e}");
                     continue;
                 }
+                // A connection that neither asks nor reads its answers
+                // gives its place back.
+                let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
+                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
                 let (t, a) = (target.clone(), active.clone());
                 let spawned = std::thread::Builder::new()
                     .name("rpc".into())

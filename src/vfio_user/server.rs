@@ -94,6 +94,11 @@ impl Control {
         }
     }
 
+    /// Whether the server's loop has returned (see `stop`).
+    pub fn stopped(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst) && self.client.lock().is_none()
+    }
+
     /// Stops taking clients; the current one is served to its end (or
     /// until `disconnect_client`). `run_controlled` then returns.
     pub fn stop(&self) {
@@ -131,6 +136,10 @@ fn peer_cred(s: &UnixStream) -> Option<PeerCred> {
 /// Nothing legitimate is larger than this; anything that claims to be is
 /// refused before a byte of it is allocated.
 const MSG_OVERHEAD: u32 = 4096;
+
+/// How long a reply may wait for the client to read: past it the client is
+/// treated as gone.
+const REPLY_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a new connection waits for the previous client's teardown.
 const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -267,6 +276,10 @@ impl<D: Device> Server<D> {
                 break;
             }
             let cred = peer_cred(&stream);
+            // A client that stops reading its replies must not hold this
+            // thread (and a graceful shutdown) forever: QEMU reads every
+            // reply at once.
+            let _ = stream.set_write_timeout(Some(REPLY_WRITE_TIMEOUT));
             *control.client.lock() = stream.try_clone().ok().map(|s| (s, cred));
             self.serve(stream);
             *control.client.lock() = None;
