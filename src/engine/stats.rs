@@ -112,7 +112,8 @@ impl QueueStats {
     }
 }
 
-/// Time a reactor spent in passes that found work, and in all.
+/// Time a reactor spent in passes that found work, and in all, in clock
+/// ticks (time-stamp counter cycles on x86_64): only their ratio is used.
 #[derive(Default)]
 pub struct ReactorStats {
     pub busy_ns: AtomicU64,
