@@ -21,7 +21,7 @@ use support::driver::*;
 use support::*;
 use vfio_user_blk::backend::io::{Backend, FileBackend, GuestIov};
 use vfio_user_blk::driver_ring::{Buf, SplitRing};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MB: u64 = 1 << 20;
 
@@ -255,17 +255,6 @@ fn serve_on(backend: Arc<StuckBackend>, extra: &[&str]) -> (TempDir, std::path::
     (dir, sock)
 }
 
-/// Another view of the driver's guest RAM, for watching it while the
-/// driver itself is blocked in a call on another thread.
-fn watch(d: &Driver) -> GuestMemoryMmap {
-    GuestMemoryMmap::<()>::from_ranges_with_files([(
-        GuestAddress(0),
-        d.ram_size as usize,
-        Some(FileOffset::new(d.ram.try_clone().unwrap(), 0)),
-    )])
-    .unwrap()
-}
-
 fn stuck_read(d: &mut Driver, sector: u64) -> Submitted {
     let s = d.submit(
         0,
@@ -294,7 +283,7 @@ fn a_stuck_backend_holds_a_reset_and_its_late_completion_writes_nothing() {
     let be = StuckBackend::new(64);
     let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "interrupt"]);
     let mut d = Driver::new(&sock, DriverOptions::default());
-    let view = watch(&d);
+    let view = d.watch();
     let used = d.queues[0].used;
     let s = stuck_read(&mut d, 64);
     be.wait_entered();
@@ -333,7 +322,7 @@ fn a_stuck_backend_holds_an_unmap_and_nothing_writes_after_it() {
     let be = StuckBackend::new(64);
     let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "busy"]);
     let mut d = Driver::new(&sock, DriverOptions::default());
-    let view = watch(&d);
+    let view = d.watch();
     let s = stuck_read(&mut d, 64);
     be.wait_entered();
     let unmapper = thread::spawn(move || {
@@ -377,7 +366,7 @@ fn a_stuck_backend_across_a_disconnect_leaves_the_next_client_untouched() {
     let be = StuckBackend::new(64);
     let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "adaptive"]);
     let mut d = Driver::new(&sock, DriverOptions::default());
-    let view = watch(&d);
+    let view = d.watch();
     let used = d.queues[0].used;
     let s = stuck_read(&mut d, 64);
     be.wait_entered();
@@ -429,7 +418,7 @@ fn unmap_pauses_only_the_queues_in_the_window() {
     );
     d.force_kick(1);
     be.wait_entered();
-    let view = watch(&d);
+    let view = d.watch();
     // Queue 0 has not been used: a fresh driver-side ring over the same
     // memory drives it while `d` is blocked in the unmap on another thread
     // (busy mode: no doorbell needed).
@@ -523,7 +512,7 @@ fn unmap_waits_for_a_request_whose_status_byte_is_in_the_window() {
     );
     d.force_kick(0);
     be.wait_entered();
-    let view = watch(&d);
+    let view = d.watch();
     view.write_obj(0xeeu8, GuestAddress(status)).unwrap();
     let unmapper = thread::spawn(move || {
         d.c.dma_unmap(half, half).unwrap();

@@ -13,24 +13,7 @@ use vm_memory::Bytes;
 const MB: u64 = 1 << 20;
 
 fn server(size: u64, args: &[&str]) -> (ServerProcess, std::path::PathBuf) {
-    let dir = TempDir::new("gi");
-    let img = dir.path("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
-    let mut a: Vec<String> = vec!["--disk".into(), img.to_str().unwrap().into()];
-    a.extend(args.iter().map(|s| s.to_string()));
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    (ServerProcess::start_in(dir, &a), img)
-}
-
-/// A fresh driver on a fresh connection does I/O: the server survived.
-fn serves_again(srv: &mut ServerProcess) {
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
-    let data = pattern(77, 4096);
-    assert_eq!(d.write(0, 0, &data), S_OK);
-    assert_eq!(d.read(0, 0, 4096), (S_OK, data));
-    drop(d);
-    srv.assert_alive();
-    assert!(!srv.log_text().contains("panicked"));
+    image_server("gi", size, args)
 }
 
 fn wait_log(srv: &ServerProcess, needle: &str) {

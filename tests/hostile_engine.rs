@@ -14,18 +14,9 @@ use std::time::{Duration, Instant};
 use support::driver::*;
 use support::*;
 use vfio_user_blk::driver_ring::{Buf, SplitRing};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MB: u64 = 1 << 20;
-
-fn watch(d: &Driver) -> GuestMemoryMmap {
-    GuestMemoryMmap::<()>::from_ranges_with_files([(
-        GuestAddress(0),
-        d.ram_size as usize,
-        Some(FileOffset::new(d.ram.try_clone().unwrap(), 0)),
-    )])
-    .unwrap()
-}
 
 /// A guest on device 0 fills its ring with maximal reads (seg_max x 1 MiB,
 /// one indirect descriptor each). Device 1 shares the reactor: how long do
@@ -131,7 +122,7 @@ fn request_answered_without_io_never_writes_into_a_window_after_its_unmap_reply(
         },
     );
     let half = d.ram_size / 2;
-    let view = watch(&d);
+    let view = d.watch();
     let r = &d.queues[0];
     let mut q = SplitRing::new(&view, r.size, r.desc, r.avail, r.used, r.event_idx());
     put_header(&view, 0xf000, T_IN, 0);

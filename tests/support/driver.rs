@@ -549,3 +549,42 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+impl Driver {
+    /// Another view of the driver's guest RAM, for watching it while the
+    /// driver itself is blocked in a call on another thread.
+    pub fn watch(&self) -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            usize::try_from(self.ram_size).unwrap(),
+            Some(FileOffset::new(self.ram.try_clone().unwrap(), 0)),
+        )])
+        .unwrap()
+    }
+}
+
+/// A server on a fresh image of `size` bytes, with `args`.
+pub fn image_server(
+    tag: &str,
+    size: u64,
+    args: &[&str],
+) -> (super::ServerProcess, std::path::PathBuf) {
+    let dir = super::TempDir::new(tag);
+    let img = dir.path("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+    let mut a: Vec<String> = vec!["--disk".into(), img.to_str().unwrap().into()];
+    a.extend(args.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    (super::ServerProcess::start_in(dir, &a), img)
+}
+
+/// A fresh driver on a fresh connection does I/O: the server survived.
+pub fn serves_again(srv: &mut super::ServerProcess) {
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let data = pattern(77, 4096);
+    assert_eq!(d.write(0, 0, &data), S_OK);
+    assert_eq!(d.read(0, 0, 4096), (S_OK, data));
+    drop(d);
+    srv.assert_alive();
+    assert!(!srv.log_text().contains("panicked"));
+}
