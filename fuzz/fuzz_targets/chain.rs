@@ -6,7 +6,7 @@
 //! request that needs no I/O reports a used length within its buffers.
 #![no_main]
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 use arbitrary::Arbitrary;
@@ -58,7 +58,7 @@ fuzz_target!(|inp: Input| {
     };
     let ctx = BlkContext {
         backend: Arc::new(NullBackend),
-        capacity: u64::from(inp.capacity),
+        capacity: Arc::new(AtomicU64::new(u64::from(inp.capacity))),
         block: if inp.block_4k { 4096 } else { 512 },
         readonly: inp.readonly,
         serial: *b"fuzz-serial-00000000",
