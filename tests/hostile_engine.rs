@@ -23,6 +23,7 @@ const MB: u64 = 1 << 20;
 /// one 512-byte read and one DMA_UNMAP of device 1 take meanwhile?
 #[test]
 fn one_guest_cannot_starve_another_device_on_the_same_reactor() {
+    let _one = one_at_a_time();
     let qs: u16 = 256;
     let dir = TempDir::new("a1");
     let b_sock = dir.path("b.sock");
@@ -113,6 +114,7 @@ fn put_header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
 /// into the window after the DMA_UNMAP reply?
 #[test]
 fn request_answered_without_io_never_writes_into_a_window_after_its_unmap_reply() {
+    let _one = one_at_a_time();
     let srv = ServerProcess::start(&["--disk", "null:1G", "--poll-mode", "busy"]);
     let mut d = Driver::new(
         &srv.socket,
@@ -239,6 +241,7 @@ fn rss_kb(pid: u32, key: &str) -> u64 {
 /// reactor in an unbounded channel. Does the server's memory grow?
 #[test]
 fn a_doorbell_flood_while_the_reactor_is_busy_costs_no_memory() {
+    let _one = one_at_a_time();
     let dir = TempDir::new("a3");
     let b_sock = dir.path("b.sock");
     let dev = format!("socket={},disk=ram:64M", b_sock.display());
@@ -314,6 +317,7 @@ fn a_doorbell_flood_while_the_reactor_is_busy_costs_no_memory() {
 /// ranges of the whole disk per request, on the reactor (ram: is inline).
 #[test]
 fn write_zeroes_on_a_memory_disk_does_not_stall_the_shared_reactor() {
+    let _one = one_at_a_time();
     let dir = TempDir::new("a4");
     let b_sock = dir.path("b.sock");
     let dev = format!("socket={},disk=ram:64M", b_sock.display());
@@ -361,6 +365,7 @@ fn write_zeroes_on_a_memory_disk_does_not_stall_the_shared_reactor() {
 /// SIGBUS guard puts a 4 KiB page into a huge-page mapping.
 #[test]
 fn a_truncated_hugetlbfs_window_does_not_kill_the_server() {
+    let _one = one_at_a_time();
     use vfio_bindings::bindings::vfio::VFIO_PCI_BAR0_REGION_INDEX as BAR0;
     let Some(_pages) = HugePages::reserve(4) else {
         // scripts/test.sh runs as root in CI, where this test always runs.
@@ -408,6 +413,7 @@ fn a_truncated_hugetlbfs_window_does_not_kill_the_server() {
 /// for a 256-entry ring): 1000 write-through writes on a 1024-entry queue.
 #[test]
 fn more_io_uring_completions_than_the_completion_queue_holds() {
+    let _one = one_at_a_time();
     let dir = TempDir::new("a6");
     let img = dir.path("disk.img");
     let imgs = img.to_str().unwrap().to_string();
@@ -501,4 +507,11 @@ impl Drop for HugePages {
 fn euid() -> u32 {
     // SAFETY: geteuid has no memory effects.
     unsafe { libc::geteuid() }
+}
+
+/// These tests measure latency and memory while a flood runs: one at a
+/// time, so that they do not measure each other.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
