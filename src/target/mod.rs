@@ -145,6 +145,9 @@ impl Target {
         };
         let socket_id = file_id(&spec.socket);
         let control = Arc::new(Control::default());
+        // Before the device's thread starts: the process's descriptors are
+        // all there once the socket is announced.
+        control.watch_listener(&listener)?;
         let ctl = control.clone();
         let label = name.clone();
         let thread = std::thread::Builder::new()

@@ -94,6 +94,16 @@ impl Control {
         }
     }
 
+    /// Keeps a handle on the listening socket, so that `stop` can wake its
+    /// accept (done by `run_controlled` if the caller did not).
+    pub fn watch_listener(&self, l: &UnixListener) -> io::Result<()> {
+        let mut slot = self.listener.lock();
+        if slot.is_none() {
+            *slot = Some(l.try_clone()?);
+        }
+        Ok(())
+    }
+
     /// Whether the server's loop has returned (see `stop`).
     pub fn stopped(&self) -> bool {
         self.stopping.load(Ordering::SeqCst) && self.client.lock().is_none()
@@ -241,7 +251,7 @@ impl<D: Device> Server<D> {
         control: &Arc<Control>,
     ) -> io::Result<()> {
         let (tx, rx) = crossbeam_channel::bounded::<UnixStream>(0);
-        *control.listener.lock() = Some(listener.try_clone()?);
+        control.watch_listener(&listener)?;
         self.drain_on_close = control.drain.clone();
         let ctl = control.clone();
         thread::Builder::new()
