@@ -544,7 +544,8 @@ fn an_idle_reactor_uses_no_cpu() {
     let a = reactor_cpu_ticks(pid);
     std::thread::sleep(Duration::from_millis(500));
     let b = reactor_cpu_ticks(pid);
-    assert!(b[0] - a[0] > 10, "a busy reactor with a queue spins");
+    // 500 ms of spinning is ~50 ticks; other tests may share the cores.
+    assert!(b[0] - a[0] > 5, "a busy reactor with a queue spins");
     drop(d);
     // The client left: its queue was withdrawn, the reactor sleeps again.
     std::thread::sleep(Duration::from_millis(100));
