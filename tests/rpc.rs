@@ -647,3 +647,27 @@ fn a_resize_holds_the_queues_while_the_size_changes() {
         .unwrap_err();
     assert!(e.1.contains("memory") || e.1.contains("more than"), "{e:?}");
 }
+
+/// A resize that finds the image at a size that is no whole number of
+/// blocks is refused, and the queues it held go on: the guest's next read
+/// completes (it used to wait forever).
+#[test]
+fn a_refused_resize_lets_the_queues_go_on() {
+    let t = Target::start(&["--poll-mode", "interrupt"]);
+    let img = t.dir.path("r.img");
+    t.ok(
+        "device_add",
+        json!({"name": "r", "socket": sock(&t, "r"), "disk": img, "size": "8M"}),
+    );
+    let mut d = Driver::new(&sock(&t, "r"), DriverOptions::default());
+    assert_eq!(d.read(0, 0, 512).0, 0);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len((8 << 20) + 100)
+        .unwrap();
+    let e = t.call("device_resize", json!({"name": "r"})).unwrap_err();
+    assert!(e.1.contains("not a multiple"), "{e:?}");
+    assert_eq!(d.read(0, 0, 512).0, 0);
+}

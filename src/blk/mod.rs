@@ -153,6 +153,10 @@ impl BlkShared {
     /// size). Shrinking needs `allow_shrink`: data past the new end is lost.
     /// The guest is told with the configuration-change interrupt.
     pub fn resize(&self, size: Option<u64>, allow_shrink: bool) -> Result<u64, String> {
+        // One resize at a time, and the size checks below hold against the
+        // size this resize starts from (two grows at once must not let the
+        // later one shrink without `allow_shrink`).
+        let _one = self.resizing.lock();
         if self.readonly && size.is_some() {
             return Err("the disk is read-only".into());
         }
@@ -169,8 +173,6 @@ impl BlkShared {
                     self.capacity_bytes()
                 ));
             }
-        }
-        if let Some(s) = size {
             if s > MAX_DISK_BYTES {
                 return Err(format!("size {s} is more than {MAX_DISK_BYTES} bytes"));
             }
@@ -181,24 +183,12 @@ impl BlkShared {
                 ));
             }
         }
-        let _one = self.resizing.lock();
         // No request may be in flight while the size changes: one checked
         // against the old size would write past a new, smaller end, and the
-        // size read back must be the one the disk has.
-        let active = self.active.lock().upgrade();
-        if let Some(a) = &active {
-            a.pause_all();
-        }
-        let r = self.backend.resize(size).map_err(|e| e.to_string());
-        let new = match r {
-            Ok(n) => n,
-            Err(e) => {
-                if let Some(a) = &active {
-                    a.resume();
-                }
-                return Err(e);
-            }
-        };
+        // size read back must be the one the disk has. The queues go on
+        // when `paused` drops, on every way out of here.
+        let paused = Paused::new(self.active.lock().upgrade());
+        let new = self.backend.resize(size).map_err(|e| e.to_string())?;
         if new == 0 || !new.is_multiple_of(u64::from(self.block)) {
             return Err(format!(
                 "the disk is now {new} bytes, not a multiple of the block size {}",
@@ -208,9 +198,7 @@ impl BlkShared {
         let old = self.capacity_bytes();
         self.capacity
             .store(new >> request::SECTOR_SHIFT, Ordering::Relaxed);
-        if let Some(a) = &active {
-            a.resume();
-        }
+        drop(paused);
         if new != old {
             info!("disk resized from {old} to {new} bytes");
             if let Some(n) = self.config_notifier.lock().as_ref() {
@@ -218,6 +206,26 @@ impl BlkShared {
             }
         }
         Ok(new)
+    }
+}
+
+/// The queues of an activation, paused for as long as this lives.
+struct Paused(Option<Arc<Active>>);
+
+impl Paused {
+    fn new(active: Option<Arc<Active>>) -> Paused {
+        if let Some(a) = &active {
+            a.pause_all();
+        }
+        Paused(active)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if let Some(a) = &self.0 {
+            a.resume();
+        }
     }
 }
 
