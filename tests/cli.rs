@@ -131,24 +131,12 @@ fn cpus_that_do_not_exist_are_refused_before_anything_is_created() {
     let img = dir.path("d.img");
     for cpus in ["5000", "0,4096", "1023"] {
         // The old server accepted these and ran: never wait forever.
-        let mut child = Command::new(bin())
-            .args(["--socket", sock.to_str().unwrap()])
-            .args(["--disk", img.to_str().unwrap(), "--size", "1M"])
-            .args(["--cpus", cpus])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while child.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("--cpus {cpus} accepted: the server is running");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let out = child.wait_with_output().unwrap();
+        let out = exits_within(
+            Command::new(bin())
+                .args(["--socket", sock.to_str().unwrap()])
+                .args(["--disk", img.to_str().unwrap(), "--size", "1M"])
+                .args(["--cpus", cpus]),
+        );
         assert!(!out.status.success(), "--cpus {cpus} accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--cpus") && err.contains("usable"), "{err}");
@@ -180,17 +168,18 @@ fn a_second_server_on_a_locked_image_is_refused() {
         .unwrap();
     let first = ServerProcess::start(&["--disk", img.to_str().unwrap()]);
     let sock = dir.path("second.sock");
+    // A server that takes the image anyway runs: never wait forever.
     let run = |extra: &[&str]| {
-        Command::new(bin())
-            .args([
-                "--socket",
-                sock.to_str().unwrap(),
-                "--disk",
-                img.to_str().unwrap(),
-            ])
-            .args(extra)
-            .output()
-            .unwrap()
+        exits_within(
+            Command::new(bin())
+                .args([
+                    "--socket",
+                    sock.to_str().unwrap(),
+                    "--disk",
+                    img.to_str().unwrap(),
+                ])
+                .args(extra),
+        )
     };
     for extra in [&[][..], &["--readonly"][..]] {
         let out = run(extra);
@@ -211,8 +200,28 @@ fn a_second_server_on_a_locked_image_is_refused() {
     drop(r1);
 }
 
+/// Runs `cmd` to its end, which must come within 10 s: a server that
+/// accepted what it should refuse is killed and the test fails.
+fn exits_within(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} accepted: the server is running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
 fn refused(args: &[&str]) -> String {
-    let out = Command::new(bin()).args(args).output().unwrap();
+    let out = exits_within(Command::new(bin()).args(args));
     assert!(!out.status.success(), "{args:?} accepted");
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(err.trim().lines().count(), 1, "one plain line: {err}");
