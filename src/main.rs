@@ -6,7 +6,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use vfio_user_blk::cli::{Command, Options};
-use vfio_user_blk::target::{metrics, rpc, Target};
+use vfio_user_blk::target::{metrics, remove_own_socket, rpc, Target};
 
 fn main() -> ExitCode {
     let opts = Options::parse();
@@ -82,7 +82,10 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     while !done.is_finished() {
         if let Some(sig) = signals.pending().next() {
             error!("signal {sig} again: stopping now, without draining");
-            for p in sockets.iter().chain(&opts.rpc_socket) {
+            for (p, id) in &sockets {
+                remove_own_socket(p, *id);
+            }
+            if let Some(p) = &opts.rpc_socket {
                 let _ = std::fs::remove_file(p);
             }
             std::process::exit(1);

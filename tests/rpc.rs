@@ -671,3 +671,30 @@ fn a_refused_resize_lets_the_queues_go_on() {
     assert!(e.1.contains("not a multiple"), "{e:?}");
     assert_eq!(d.read(0, 0, 512).0, 0);
 }
+
+/// A second signal stops at once; it used to remove whatever stood at a
+/// device's socket path, even a file that had replaced our socket.
+#[test]
+fn a_second_signal_removes_only_our_own_sockets() {
+    let mut t = Target::start(&[]);
+    t.ok(
+        "device_add",
+        json!({"name": "p", "socket": sock(&t, "p"), "disk": "ram:1M"}),
+    );
+    // A client that reads nothing keeps the drain going for seconds.
+    let mut r = Raw::negotiated(&sock(&t, "p"));
+    let one = message(5, 9, 0, &region_read_payload(7, 0, 256));
+    let batch: Vec<u8> = std::iter::repeat_n(one, 4000).flatten().collect();
+    r.s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = r.s.write_all(&batch);
+    sigterm(&t);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(sock(&t, "p")).unwrap();
+    std::fs::write(sock(&t, "p"), b"not ours").unwrap();
+    sigterm(&t);
+    assert!(wait_exit(&mut t, 10), "a second SIGTERM did not stop it");
+    assert!(t.log_text().contains("again"), "{}", t.log_text());
+    assert_eq!(std::fs::read(sock(&t, "p")).unwrap(), b"not ours");
+    assert!(!t.rpc.exists());
+    drop(r);
+}

@@ -32,6 +32,9 @@ struct Entry {
 
 /// How long a graceful shutdown waits for clients to let go.
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a disconnected device has to stop before shutdown goes on
+/// without it.
+const SHUTDOWN_LET_GO: std::time::Duration = std::time::Duration::from_secs(2);
 /// Most devices one target serves.
 const MAX_DEVICES: usize = 1024;
 
@@ -43,7 +46,7 @@ fn file_id(p: &std::path::Path) -> Option<(u64, u64)> {
 }
 
 /// Removes the socket at `p` only if it is still the one we bound.
-fn remove_own_socket(p: &std::path::Path, id: Option<(u64, u64)>) {
+pub fn remove_own_socket(p: &std::path::Path, id: Option<(u64, u64)>) {
     if id.is_some() && file_id(p) == id {
         let _ = std::fs::remove_file(p);
     }
@@ -259,11 +262,13 @@ impl Target {
     }
 
     /// Every device's socket path.
-    pub fn sockets(&self) -> Vec<std::path::PathBuf> {
+    /// Every device's socket path, with the identity of the socket we bound
+    /// there (for `remove_own_socket`).
+    pub fn sockets(&self) -> Vec<(std::path::PathBuf, Option<(u64, u64)>)> {
         self.devices
             .lock()
             .values()
-            .map(|e| e.spec.socket.clone())
+            .map(|e| (e.spec.socket.clone(), e.socket_id))
             .collect()
     }
 
@@ -305,8 +310,19 @@ impl Target {
             }
         }
         for (n, mut e) in entries {
+            // A device whose disk holds a request forever cannot stop; it
+            // is left behind (it ends with the process) so that the others
+            // are still flushed and their sockets removed.
             if let Some(t) = e.thread.take() {
-                let _ = t.join();
+                let until = std::time::Instant::now() + SHUTDOWN_LET_GO;
+                while !t.is_finished() && std::time::Instant::now() < until {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                if t.is_finished() {
+                    let _ = t.join();
+                } else {
+                    warn!("{n}: its disk still holds a request; not waiting for it");
+                }
             }
             if let Err(err) = e.shared.flush() {
                 warn!("{n}: flush at shutdown failed: {err}");
