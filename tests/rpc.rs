@@ -578,10 +578,20 @@ fn a_slow_metrics_client_does_not_hold_the_others() {
 #[test]
 fn a_management_connection_over_the_limit_is_told_why() {
     let t = Target::start(&[]);
+    // Each of the 16 is answered once, so all hold their slots (a fixed
+    // wait for the server to take them failed on a loaded machine).
     let idle: Vec<UnixStream> = (0..16)
-        .map(|_| UnixStream::connect(&t.rpc).unwrap())
+        .map(|_| {
+            let s = UnixStream::connect(&t.rpc).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            (&s).write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"device_list\"}\n")
+                .unwrap();
+            let mut answer = String::new();
+            BufReader::new(&s).read_line(&mut answer).unwrap();
+            assert!(answer.contains("\"result\""), "{answer}");
+            s
+        })
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
     let s = UnixStream::connect(&t.rpc).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut line = String::new();
