@@ -150,7 +150,13 @@ impl Target {
         let control = Arc::new(Control::default());
         // Before the device's thread starts: the process's descriptors are
         // all there once the socket is announced.
-        control.watch_listener(&listener)?;
+        let undo_bind = || {
+            remove_own_socket(&spec.socket, socket_id);
+            remove_created();
+        };
+        control
+            .watch_listener(&listener)
+            .inspect_err(|_| undo_bind())?;
         let ctl = control.clone();
         let label = name.clone();
         let thread = std::thread::Builder::new()
@@ -160,7 +166,8 @@ impl Target {
                     warn!("{label}: the server stopped: {e}");
                 }
             })
-            .context("starting the device's thread")?;
+            .context("starting the device's thread")
+            .inspect_err(|_| undo_bind())?;
         info!(
             "{name}: listening on {} ({:?}, {} bytes, {} queue(s) of {}{})",
             spec.socket.display(),
