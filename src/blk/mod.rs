@@ -337,6 +337,10 @@ impl VirtioDevice for BlkDevice {
     }
 
     fn activate(&mut self, features: u32, queues: Vec<Option<QueueConfig>>, irq: VirtioInterrupt) {
+        // A resize under way holds the queues it found; new ones wait for
+        // it to end, so that none runs against the old size.
+        let shared = self.shared.clone();
+        let _no_resize = shared.resizing.lock();
         if let Some(a) = self.active.take() {
             a.stop();
         }
