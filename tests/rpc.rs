@@ -100,6 +100,21 @@ fn metric(text: &str, line_start: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The address the metrics endpoint of `t` announced in its log.
+fn metrics_addr(t: &Target) -> String {
+    wait_until("the metrics line", || {
+        t.log_text().contains("metrics on http://")
+    });
+    t.log_text()
+        .split("metrics on http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 fn sock(t: &Target, n: &str) -> PathBuf {
     t.dir.path(&format!("{n}.sock"))
 }
@@ -107,18 +122,7 @@ fn sock(t: &Target, n: &str) -> PathBuf {
 #[test]
 fn three_devices_added_attached_resized_counted_and_removed() {
     let t = Target::start(&["--metrics", "127.0.0.1:0", "--poll-mode", "interrupt"]);
-    wait_until("the metrics line", || {
-        t.log_text().contains("metrics on http://")
-    });
-    let addr = t
-        .log_text()
-        .split("metrics on http://")
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = metrics_addr(&t);
     let img = t.dir.path("a.img");
     let a = t.ok(
         "device_add",
@@ -543,18 +547,7 @@ fn failed_adds_and_removes_delete_nothing_that_is_not_ours() {
 #[test]
 fn a_slow_metrics_client_does_not_hold_the_others() {
     let t = Target::start(&["--metrics", "127.0.0.1:0"]);
-    wait_until("the metrics line", || {
-        t.log_text().contains("metrics on http://")
-    });
-    let addr = t
-        .log_text()
-        .split("metrics on http://")
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = metrics_addr(&t);
     let mut slow: Vec<std::net::TcpStream> = (0..3)
         .map(|_| {
             let mut s = std::net::TcpStream::connect(&addr).unwrap();
