@@ -18,7 +18,7 @@ use crate::engine::{Engine, EngineConfig, IoEngine, PollMode};
 use crate::pci::{self, Identity, Interrupts, PciFunction};
 use crate::util::parse_size;
 use crate::vfio_user::{GuestMemoryHandle, Server, ServerConfig};
-use crate::virtio::legacy::LegacyTransport;
+use crate::virtio::transport::{NotifyMode, PciTransport};
 
 /// Serve virtio-blk disks as PCI devices over vfio-user.
 ///
@@ -135,6 +135,16 @@ pub struct Options {
     /// doorbells. A reactor with no queue sleeps in every mode.
     #[arg(long, value_enum, default_value_t = PollMode::Adaptive)]
     pub poll_mode: PollMode,
+
+    /// How doorbells on the modern (virtio 1.x) interface arrive:
+    /// `message`, writes to the notify area that QEMU posts without waiting
+    /// (the guest's vCPU exits but does not wait for us); or `mmap`, a
+    /// shared page QEMU maps into the guest (no exit at all) while this
+    /// device's queues are polled whatever `--poll-mode` says. With `mmap`
+    /// QEMU stops posting the device's other register writes. The legacy
+    /// interface always takes doorbells as messages.
+    #[arg(long, value_enum, default_value_t = NotifyMode::Message)]
+    pub notify: NotifyMode,
 
     /// Where file I/O runs: `io-uring` (an io_uring per reactor; falls back
     /// to threads when io_uring is unavailable) or `threads` (a pool that
@@ -440,7 +450,7 @@ pub const VIRTIO_BLK_IDENTITY: Identity = Identity {
     class: [0x01, 0x00, 0x00],
 };
 
-pub type BlkFunction = PciFunction<LegacyTransport<BlkDevice>>;
+pub type BlkFunction = PciFunction<PciTransport<BlkDevice>>;
 
 impl Options {
     /// Checks what the parser cannot, against this machine, before anything
@@ -665,7 +675,8 @@ fn device_on(
         engine.clone(),
     );
     let shared = blk.shared();
-    let transport = LegacyTransport::new(blk, irqs.clone());
+    let transport = PciTransport::new(blk, irqs.clone(), opts.notify)
+        .context("creating the shared notify page")?;
     shared.set_config_notifier(transport.config_notifier());
     let function = PciFunction::new(VIRTIO_BLK_IDENTITY, transport, irqs);
     Ok((

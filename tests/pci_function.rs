@@ -46,7 +46,12 @@ fn regions_and_irqs_as_a_client_sees_them() {
     assert_eq!((r1.size, r1.flags), (0x1000, rw));
     let r7 = c.region(VFIO_PCI_CONFIG_REGION_INDEX).unwrap();
     assert_eq!((r7.size, r7.flags), (256, rw));
-    for i in [2, 3, 4, 5, 6, 8] {
+    // BAR4: the modern virtio structures, not mappable by default (so
+    // that QEMU posts the writes to it).
+    let r4 = c.region(VFIO_PCI_BAR4_REGION_INDEX).unwrap();
+    assert_eq!((r4.size, r4.flags), (0x4000, rw));
+    assert!(r4.file_offset.is_none() && r4.sparse_areas.is_empty());
+    for i in [2, 3, 5, 6, 8] {
         let r = c.region(i).unwrap();
         assert_eq!((r.size, r.flags), (0, 0), "region {i}");
         assert!(r.file_offset.is_none());
@@ -85,7 +90,8 @@ fn config_space_bytes() {
         0x0,
         "BAR1 is 32-bit non-prefetchable memory"
     );
-    for o in [0x18, 0x1c, 0x20, 0x24, 0x30] {
+    assert_eq!(r32(0x20), 0xc, "BAR4 is 64-bit prefetchable memory");
+    for o in [0x18, 0x1c, 0x24, 0x30] {
         assert_eq!(r32(o), 0, "unused BAR/ROM at {o:#x}");
     }
     assert_eq!(r16(0x2c), 0x1af4, "subsystem vendor");
@@ -96,14 +102,28 @@ fn config_space_bytes() {
     let mut ptr = cfg[0x34] as usize;
     let mut found = None;
     let mut hops = 0;
+    let mut virtio_types = Vec::new();
     while ptr != 0 {
         hops += 1;
         assert!(hops < 48 && (0x40..256).contains(&ptr));
         if cfg[ptr] == 0x11 {
             found = Some(ptr);
         }
+        if cfg[ptr] == 0x09 {
+            // A virtio capability: cfg_type, and a BAR of 4.
+            assert!(cfg[ptr + 2] >= 16, "cap_len");
+            virtio_types.push(cfg[ptr + 3]);
+            if cfg[ptr + 3] != 5 {
+                assert_eq!(cfg[ptr + 4], 4, "in BAR4");
+            }
+        }
         ptr = cfg[ptr + 1] as usize;
     }
+    assert_eq!(
+        virtio_types,
+        vec![1, 2, 3, 4, 5],
+        "common, notify, ISR, device, PCI config access"
+    );
     let m = found.expect("MSI-X capability");
     let ctl = r16(m + 2);
     assert_eq!(ctl & 0x7ff, 1, "2 vectors for 1 queue + config");

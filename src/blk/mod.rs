@@ -5,12 +5,14 @@ pub mod config;
 pub mod exec;
 pub mod request;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use log::info;
 use virtio_bindings::virtio_blk::*;
-use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_NOTIFY_ON_EMPTY};
+use virtio_bindings::virtio_config::{
+    VIRTIO_F_ANY_LAYOUT, VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::backend::io::Backend;
@@ -84,7 +86,7 @@ pub struct BlkShared {
     /// Capacity in 512-byte sectors.
     capacity: Arc<AtomicU64>,
     /// Feature bits the driver acknowledged (0 when none is attached).
-    features: AtomicU32,
+    features: AtomicU64,
     /// The driver set DRIVER_OK and has not reset since.
     running: AtomicBool,
     backend: Arc<dyn Backend>,
@@ -102,8 +104,8 @@ pub struct BlkShared {
 
 /// Names of the virtio-blk and ring feature bits, for logs and the
 /// management plane.
-pub fn feature_names(bits: u32) -> Vec<&'static str> {
-    const NAMES: [(u32, &str); 15] = [
+pub fn feature_names(bits: u64) -> Vec<&'static str> {
+    const NAMES: [(u32, &str); 17] = [
         (VIRTIO_BLK_F_SIZE_MAX, "SIZE_MAX"),
         (VIRTIO_BLK_F_SEG_MAX, "SEG_MAX"),
         (VIRTIO_BLK_F_GEOMETRY, "GEOMETRY"),
@@ -119,10 +121,12 @@ pub fn feature_names(bits: u32) -> Vec<&'static str> {
         (VIRTIO_RING_F_EVENT_IDX, "RING_EVENT_IDX"),
         (VIRTIO_F_NOTIFY_ON_EMPTY, "NOTIFY_ON_EMPTY"),
         (VIRTIO_F_ANY_LAYOUT, "ANY_LAYOUT"),
+        (VIRTIO_F_VERSION_1, "VERSION_1"),
+        (VIRTIO_F_RING_PACKED, "RING_PACKED"),
     ];
     NAMES
         .iter()
-        .filter(|(b, _)| bits & bit(*b) != 0)
+        .filter(|(b, _)| bits & (1u64 << *b) != 0)
         .map(|(_, n)| *n)
         .collect()
 }
@@ -132,7 +136,7 @@ impl BlkShared {
         self.capacity.load(Ordering::Relaxed) << request::SECTOR_SHIFT
     }
 
-    pub fn features(&self) -> u32 {
+    pub fn features(&self) -> u64 {
         self.features.load(Ordering::Relaxed)
     }
 
@@ -245,7 +249,7 @@ impl BlkDevice {
         let shared = Arc::new(BlkShared {
             stats: (0..opts.num_queues).map(|_| Arc::default()).collect(),
             capacity: config.capacity_cell(),
-            features: AtomicU32::new(0),
+            features: AtomicU64::new(0),
             running: AtomicBool::new(false),
             backend: backend.clone(),
             block: opts.logical_block_size,
@@ -291,8 +295,13 @@ impl BlkDevice {
     }
 }
 
+/// The low 32 feature bits, where virtio-blk's own live.
+fn low32(v: u64) -> u32 {
+    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
+}
+
 impl VirtioDevice for BlkDevice {
-    fn features(&self) -> u32 {
+    fn features(&self) -> u64 {
         let mut f = bit(VIRTIO_BLK_F_SEG_MAX)
             | bit(VIRTIO_BLK_F_SIZE_MAX)
             | bit(VIRTIO_BLK_F_BLK_SIZE)
@@ -312,7 +321,9 @@ impl VirtioDevice for BlkDevice {
                 f |= bit(VIRTIO_BLK_F_WRITE_ZEROES);
             }
         }
-        f
+        // The modern interface adds VERSION_1; the legacy one never shows
+        // bits above 31.
+        u64::from(f) | (1u64 << VIRTIO_F_VERSION_1)
     }
 
     fn num_queues(&self) -> u16 {
@@ -336,7 +347,13 @@ impl VirtioDevice for BlkDevice {
         self.update_write_through();
     }
 
-    fn activate(&mut self, features: u32, queues: Vec<Option<QueueConfig>>, irq: VirtioInterrupt) {
+    fn activate(
+        &mut self,
+        features: u64,
+        queues: Vec<Option<QueueConfig>>,
+        irq: VirtioInterrupt,
+        polled: bool,
+    ) {
         // A resize under way holds the queues it found; new ones wait for
         // it to end, so that none runs against the old size.
         let shared = self.shared.clone();
@@ -344,10 +361,10 @@ impl VirtioDevice for BlkDevice {
         if let Some(a) = self.active.take() {
             a.stop();
         }
-        self.acked = features;
+        self.acked = low32(features);
         self.shared.features.store(features, Ordering::Relaxed);
         self.shared.running.store(true, Ordering::Relaxed);
-        self.config.set_features(features);
+        self.config.set_features(self.acked);
         self.update_write_through();
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let s = self.opts.serial.as_bytes();
@@ -359,8 +376,8 @@ impl VirtioDevice for BlkDevice {
             block: u64::from(self.opts.logical_block_size),
             readonly: self.opts.readonly,
             serial,
-            discard: features & bit(VIRTIO_BLK_F_DISCARD) != 0,
-            write_zeroes: features & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+            discard: self.acked & bit(VIRTIO_BLK_F_DISCARD) != 0,
+            write_zeroes: self.acked & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
             max_discard_sectors: MAX_DWZ_SECTORS,
             max_write_zeroes_sectors: MAX_DWZ_SECTORS,
             max_dwz_segs: MAX_DWZ_SEGS,
@@ -390,7 +407,8 @@ impl VirtioDevice for BlkDevice {
             memory: self.memory.clone(),
             queues,
             stats: self.shared.stats.clone(),
-            event_idx: features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
+            event_idx: self.acked & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
+            polled,
             irq,
         }));
         *self.shared.active.lock() = Arc::downgrade(&active);
@@ -462,10 +480,10 @@ impl VirtioDevice for BlkDevice {
         }
     }
 
-    fn features_written(&mut self, features: u32) {
-        self.acked = features;
+    fn features_written(&mut self, features: u64) {
+        self.acked = low32(features);
         self.shared.features.store(features, Ordering::Relaxed);
-        self.config.set_features(features);
+        self.config.set_features(self.acked);
         self.update_write_through();
     }
 }

@@ -162,6 +162,9 @@ pub struct Activation<H: RequestHandler> {
     /// The device's statistics for each queue (kept across activations).
     pub stats: Vec<Arc<QueueStats>>,
     pub event_idx: bool,
+    /// No doorbell will come (the driver writes them to shared memory):
+    /// the reactor polls these queues and never sleeps while it has one.
+    pub polled: bool,
     pub irq: VirtioInterrupt,
 }
 
@@ -297,6 +300,7 @@ impl Engine {
                             a.handler.clone(),
                             a.memory.clone(),
                             a.event_idx,
+                            a.polled,
                             self.use_uring,
                             stats,
                         )),

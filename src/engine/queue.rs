@@ -83,6 +83,8 @@ pub(crate) struct QueueState<H: RequestHandler> {
     added: bool,
     waiting_for_memory: bool,
     event_idx: bool,
+    /// Doorbells land in shared memory: never asked for, always polled.
+    polled: bool,
     /// Pauses of the whole queue in force (reset of a neighbour's memory,
     /// a resize): each is lifted by its own resume.
     holds: u32,
@@ -109,6 +111,7 @@ impl<H: RequestHandler> QueueState<H> {
         handler: Arc<H>,
         memory: GuestMemoryHandle,
         event_idx: bool,
+        polled: bool,
         use_uring: bool,
         stats: Arc<QueueStats>,
     ) -> QueueState<H> {
@@ -149,6 +152,7 @@ impl<H: RequestHandler> QueueState<H> {
             added: false,
             waiting_for_memory: false,
             event_idx,
+            polled,
             holds: 0,
             fence: None,
             fence_hit: false,
@@ -165,6 +169,7 @@ impl<H: RequestHandler> QueueState<H> {
                 self.name
             );
             self.broken = Some(why.to_string());
+            self.irq.device_needs_reset();
         }
     }
 
@@ -483,6 +488,9 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         if self.broken.is_some() || self.withdrawn {
             return false;
         }
+        // A polled queue's doorbells would reach nobody: the driver need
+        // not write them (it costs a guest nothing, but saves the store).
+        let enable = enable && !self.polled;
         let mem = self.memory.memory();
         if !self.ring_mapped(&mem) {
             return false;
@@ -544,6 +552,10 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
 
     fn live(&self) -> bool {
         self.broken.is_none() && !self.paused() && !self.withdrawn
+    }
+
+    fn polled(&self) -> bool {
+        self.polled && self.live()
     }
 }
 

@@ -167,6 +167,9 @@ pub(crate) trait QueueRunner: Send {
     fn quiet(&self) -> bool;
     /// Takes requests (not paused, withdrawn or broken).
     fn live(&self) -> bool;
+    /// Live, and no doorbell will ever say that it has work: it must be
+    /// polled whatever the reactor's mode.
+    fn polled(&self) -> bool;
 }
 
 pub(crate) struct Reactor {
@@ -410,11 +413,12 @@ impl Reactor {
                 continue;
             }
             let live = self.queues.iter().any(|q| q.live());
-            let busy_wait = match self.mode {
-                PollMode::Busy => live || self.in_flight() > 0,
-                PollMode::Adaptive => last_work.elapsed() < ADAPTIVE_SPIN,
-                PollMode::Interrupt => false,
-            };
+            let busy_wait = self.queues.iter().any(|q| q.polled())
+                || match self.mode {
+                    PollMode::Busy => live || self.in_flight() > 0,
+                    PollMode::Adaptive => last_work.elapsed() < ADAPTIVE_SPIN,
+                    PollMode::Interrupt => false,
+                };
             if busy_wait {
                 // A spinning reactor gives its core away for a moment when
                 // something else wants it (an I/O thread, the kernel's

@@ -36,6 +36,9 @@ pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
 pub const STATUS_CAP_LIST: u16 = 1 << 4;
 
 pub const CAP_ID_MSIX: u8 = 0x11;
+pub const CAP_ID_VENDOR: u8 = 0x09;
+/// Where the vendor-specific capabilities start (after MSI-X's 12 bytes).
+const VENDOR_CAPS_START: usize = 0x50;
 pub const MSIX_ENABLE: u16 = 1 << 15;
 pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 
@@ -44,6 +47,30 @@ pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 pub enum BarKind {
     Io,
     Mem32,
+    /// 64-bit prefetchable memory: takes this BAR and the next (upper half).
+    Mem64Prefetch,
+}
+
+/// A vendor-specific capability: its bytes from the capability ID on
+/// (ID and next pointer are filled in when it is placed), which of them the
+/// driver may write, and whether it is a window into the BARs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VendorCap {
+    pub bytes: Vec<u8>,
+    pub wmask: Vec<u8>,
+    pub window: Option<CapWindow>,
+}
+
+/// A capability through which config accesses reach a BAR: offsets, inside
+/// the capability, of the BAR number (1 byte), the offset and the length
+/// (4 bytes each) the driver writes, and the 4 data bytes it reads or
+/// writes to make the access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapWindow {
+    pub bar_at: usize,
+    pub offset_at: usize,
+    pub length_at: usize,
+    pub data_at: usize,
 }
 
 /// Identity and layout of a function's config space.
@@ -57,10 +84,13 @@ pub struct ConfigLayout {
     /// class, subclass, prog-if
     pub class: [u8; 3],
     pub int_pin: u8,
-    /// (kind, size) for BAR0.. ; sizes are powers of two.
-    pub bars: Vec<(BarKind, u32)>,
+    /// (kind, size) for BAR0..BAR5, None where there is none (and after a
+    /// 64-bit BAR); sizes are powers of two.
+    pub bars: Vec<Option<(BarKind, u64)>>,
     /// MSI-X: (config offset, table size, table BIR/offset word, PBA BIR/offset word)
     pub msix: Option<MsixCap>,
+    /// Listed after MSI-X, in this order.
+    pub vendor_caps: Vec<VendorCap>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -76,6 +106,7 @@ pub struct ConfigSpace {
     wmask: [u8; CONFIG_SIZE],
     power_on: [u8; CONFIG_SIZE],
     msix_offset: Option<usize>,
+    vendor_offsets: Vec<usize>,
 }
 
 /// What a config write changed that the function must act on.
@@ -92,6 +123,7 @@ impl ConfigSpace {
             wmask: [0; CONFIG_SIZE],
             power_on: [0; CONFIG_SIZE],
             msix_offset: None,
+            vendor_offsets: Vec::new(),
         };
         c.put16(VENDOR_ID, l.vendor);
         c.put16(DEVICE_ID, l.device);
@@ -113,29 +145,64 @@ impl ConfigSpace {
         c.wmask[CACHE_LINE] = 0xff;
         c.wmask[LATENCY] = 0xff;
         c.wmask[INT_LINE] = 0xff;
-        for (i, &(kind, size)) in l.bars.iter().enumerate().take(6) {
+        for (i, bar) in l.bars.iter().enumerate().take(6) {
+            let Some((kind, size)) = *bar else { continue };
             assert!(size.is_power_of_two(), "BAR sizes are powers of two");
             let off = BAR0 + 4 * i;
             let (type_bits, min) = match kind {
-                BarKind::Io => (0x1u32, 4u32),
-                BarKind::Mem32 => (0x0u32, 16u32),
+                BarKind::Io => (0x1u32, 4u64),
+                BarKind::Mem32 => (0x0u32, 16u64),
+                // Type 0b10 (64-bit) in bits 1-2, prefetchable in bit 3.
+                BarKind::Mem64Prefetch => (0xcu32, 16u64),
             };
-            let size = size.max(min);
+            let mask = !(size.max(min) - 1);
             c.put32(off, type_bits);
-            c.mask32(off, !(size - 1));
+            c.mask32(off, u32::try_from(mask & 0xffff_ffff).unwrap_or(0));
+            if kind == BarKind::Mem64Prefetch {
+                assert!(
+                    i < 5 && l.bars[i + 1].is_none(),
+                    "a 64-bit BAR takes two slots"
+                );
+                c.mask32(off + 4, u32::try_from(mask >> 32).unwrap_or(0));
+            }
         }
         // The expansion ROM register stays 0: no ROM, and a sizing write
         // reads back 0, which QEMU takes as "no ROM".
+        let mut chain: Vec<usize> = Vec::new();
         if let Some(m) = l.msix {
-            c.put16(STATUS, STATUS_CAP_LIST);
-            c.data[CAP_PTR] = u8::try_from(m.offset).expect("capability inside config space");
             c.data[m.offset] = CAP_ID_MSIX;
-            c.data[m.offset + 1] = 0;
             c.put16(m.offset + 2, m.vectors - 1);
             c.mask16(m.offset + 2, MSIX_ENABLE | MSIX_FUNCTION_MASK);
             c.put32(m.offset + 4, m.table);
             c.put32(m.offset + 8, m.pba);
             c.msix_offset = Some(m.offset);
+            chain.push(m.offset);
+        }
+        let mut at = VENDOR_CAPS_START;
+        for v in &l.vendor_caps {
+            assert!(v.bytes.len() >= 3 && v.wmask.len() == v.bytes.len());
+            assert!(
+                at + v.bytes.len() <= CONFIG_SIZE,
+                "capabilities fit in config space"
+            );
+            c.data[at..at + v.bytes.len()].copy_from_slice(&v.bytes);
+            c.wmask[at..at + v.bytes.len()].copy_from_slice(&v.wmask);
+            c.data[at] = CAP_ID_VENDOR;
+            c.wmask[at] = 0;
+            c.wmask[at + 1] = 0;
+            c.vendor_offsets.push(at);
+            chain.push(at);
+            at = (at + v.bytes.len()).div_ceil(4) * 4;
+        }
+        if let Some(&first) = chain.first() {
+            c.put16(STATUS, STATUS_CAP_LIST);
+            c.data[CAP_PTR] = u8::try_from(first).expect("capability inside config space");
+        }
+        for pair in chain.windows(2) {
+            c.data[pair[0] + 1] = u8::try_from(pair[1]).expect("capability inside config space");
+        }
+        if let Some(&last) = chain.last() {
+            c.data[last + 1] = 0;
         }
         c.power_on = c.data;
         c
@@ -152,6 +219,21 @@ impl ConfigSpace {
     }
     fn mask32(&mut self, off: usize, m: u32) {
         self.wmask[off..off + 4].copy_from_slice(&m.to_le_bytes());
+    }
+
+    /// Config offsets of the vendor-specific capabilities, in layout order.
+    pub fn vendor_cap_offsets(&self) -> &[usize] {
+        &self.vendor_offsets
+    }
+
+    pub fn byte(&self, off: usize) -> u8 {
+        self.data[off]
+    }
+
+    /// Sets bytes whatever their mask (the function's own state, e.g. the
+    /// data of a window read).
+    pub fn set_bytes(&mut self, off: usize, v: &[u8]) {
+        self.data[off..off + v.len()].copy_from_slice(v);
     }
 
     pub fn read16(&self, off: usize) -> u16 {
@@ -222,13 +304,32 @@ mod tests {
             revision: 0,
             class: [0x01, 0x00, 0x00],
             int_pin: 1,
-            bars: vec![(BarKind::Io, 0x80), (BarKind::Mem32, 0x1000)],
+            bars: vec![
+                Some((BarKind::Io, 0x80)),
+                Some((BarKind::Mem32, 0x1000)),
+                None,
+                None,
+                Some((BarKind::Mem64Prefetch, 0x4000)),
+                None,
+            ],
             msix: Some(MsixCap {
                 offset: 0x40,
                 vectors: 2,
                 table: 1,
                 pba: 0x801,
             }),
+            vendor_caps: vec![
+                VendorCap {
+                    bytes: vec![0, 0, 4, 7],
+                    wmask: vec![0, 0, 0, 0xff],
+                    window: None,
+                },
+                VendorCap {
+                    bytes: vec![0, 0, 5, 1, 2],
+                    wmask: vec![0xff; 5],
+                    window: None,
+                },
+            ],
         }
     }
 
@@ -242,6 +343,23 @@ mod tests {
         assert_eq!(c.read16(STATUS) & STATUS_CAP_LIST, STATUS_CAP_LIST);
         assert_eq!(c.read16(0x42), 1);
         assert_eq!(c.data[INT_PIN], 1);
+        // MSI-X first, then the vendor capabilities, chained.
+        assert_eq!(c.data[0x41], 0x50);
+        assert_eq!(c.vendor_cap_offsets(), &[0x50, 0x54]);
+        assert_eq!(&c.data[0x50..0x54], &[CAP_ID_VENDOR, 0x54, 4, 7]);
+        assert_eq!(&c.data[0x54..0x59], &[CAP_ID_VENDOR, 0, 5, 1, 2]);
+    }
+
+    #[test]
+    fn vendor_caps_keep_their_masks() {
+        let mut c = ConfigSpace::new(&layout());
+        // ID, next and length are read-only; the masked bytes move.
+        c.write(0x50, &[0xff; 4]);
+        assert_eq!(&c.data[0x50..0x54], &[CAP_ID_VENDOR, 0x54, 4, 0xff]);
+        c.write(0x54, &[0xee; 5]);
+        assert_eq!(&c.data[0x54..0x59], &[CAP_ID_VENDOR, 0, 0xee, 0xee, 0xee]);
+        c.reset();
+        assert_eq!(c.data[0x53], 7);
     }
 
     #[test]
@@ -256,8 +374,16 @@ mod tests {
         assert_eq!(c.read32(0x14), 0xffff_f000);
         c.write(0x14, &0xfebf_1000u32.to_le_bytes());
         assert_eq!(c.read32(0x14), 0xfebf_1000);
+        // The 64-bit BAR: type bits 0b1100, both halves sized.
+        assert_eq!(c.read32(0x20), 0xc);
+        c.write(0x20, &0xffff_ffffu32.to_le_bytes());
+        c.write(0x24, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(c.read32(0x20), 0xffff_c00c);
+        assert_eq!(c.read32(0x24), 0xffff_ffff);
+        c.write(0x24, &0x0000_0080u32.to_le_bytes());
+        assert_eq!(c.read32(0x24), 0x80, "placed above 4 GiB");
         // Unused BARs and the ROM BAR read 0 whatever is written.
-        for off in [0x18, 0x1c, 0x20, 0x24, 0x30] {
+        for off in [0x18, 0x1c, 0x30] {
             c.write(off, &0xffff_ffffu32.to_le_bytes());
             assert_eq!(c.read32(off), 0, "offset {off:#x}");
         }
@@ -279,7 +405,7 @@ mod tests {
         assert!(fx.msix_control_changed);
         assert_eq!(c.read16(0x42), 0xc001);
         assert_eq!(c.msix_control(), (true, true));
-        assert_eq!(c.data[0x41], 0);
+        assert_eq!(c.data[0x41], 0x50, "the next pointer is read-only");
         c.reset();
         assert_eq!(c.msix_control(), (false, false));
         assert_eq!(c.command(), 0);

@@ -1,34 +1,64 @@
-//! The PCI function: config space, BAR0 (an I/O BAR whose contents belong to
-//! the function's logic, e.g. a legacy virtio register block), BAR1 (the
-//! MSI-X table and PBA), and the interrupt eventfds.
+//! The PCI function: config space with its capability list, BAR0 (an I/O
+//! BAR), an optional 64-bit memory BAR (BAR4) and the vendor-specific
+//! capabilities that describe it, whose contents all belong to the
+//! function's logic (e.g. a virtio transport), BAR1 (the MSI-X table and
+//! PBA), and the interrupt eventfds.
 //!
-//! This layer knows PCI and MSI-X; what lives behind BAR0 is a [`IoBar`]
-//! supplied by the caller, so nothing here knows about virtio-blk.
+//! This layer knows PCI and MSI-X; what lives behind the BARs is a
+//! [`BarLogic`] supplied by the caller, so nothing here knows about virtio.
 
 pub mod config;
 pub mod irq;
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use log::{debug, info};
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE,
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR1_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS,
-    VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR1_REGION_INDEX, VFIO_PCI_BAR4_REGION_INDEX,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
 
-use crate::vfio_user::{Device, DmaRange, Errno, IrqInfo, IrqSet, RegionInfo};
+use crate::vfio_user::{Device, DmaRange, Errno, IrqInfo, IrqSet, RegionInfo, RegionMmap};
 use config::{BarKind, ConfigLayout, ConfigSpace, MsixCap, CONFIG_SIZE};
+pub use config::{CapWindow, VendorCap};
 pub use irq::Interrupts;
 
-/// The logic behind BAR0. Accesses are bounds-checked against `size()` by
-/// the caller, and may have any width and any offset.
-pub trait IoBar: Send {
-    /// Size of the BAR in bytes: a power of two.
-    fn size(&self) -> u32;
-    fn read(&mut self, offset: u64, data: &mut [u8]);
-    fn write(&mut self, offset: u64, data: &[u8]);
+/// The memory BAR's index (BAR4; BAR5 holds its upper half).
+pub const MEM_BAR: u8 = 4;
+const _: () = assert!(VFIO_PCI_BAR4_REGION_INDEX == MEM_BAR as u32);
+
+/// The memory BAR a function offers: its size (a power of two) and, when
+/// the client may map parts of it, the file behind it and those
+/// (offset, size) areas.
+pub struct MemBar<'a> {
+    pub size: u64,
+    pub mmap: Option<(BorrowedFd<'a>, Vec<(u64, u64)>)>,
+}
+
+/// The logic behind BAR0 and the memory BAR. Accesses are bounds-checked
+/// against the BAR's size by the caller, and may have any width and any
+/// offset.
+pub trait BarLogic: Send {
+    /// Size of the I/O BAR in bytes: a power of two.
+    fn io_bar_size(&self) -> u32;
+    fn io_read(&mut self, offset: u64, data: &mut [u8]);
+    fn io_write(&mut self, offset: u64, data: &[u8]);
+    /// The memory BAR, if the function has one.
+    fn mem_bar(&self) -> Option<MemBar<'_>> {
+        None
+    }
+    fn mem_read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn mem_write(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Vendor-specific capabilities to list after MSI-X.
+    fn capabilities(&self) -> Vec<VendorCap> {
+        Vec::new()
+    }
     /// Function-level reset: stop all activity, back to power-on state.
     fn reset(&mut self);
     /// The client is gone: back to power-on state without waiting for work
@@ -65,16 +95,20 @@ pub struct Identity {
     pub class: [u8; 3],
 }
 
-pub struct PciFunction<B: IoBar> {
+pub struct PciFunction<B: BarLogic> {
     config: ConfigSpace,
     bar0: B,
+    /// Size of the memory BAR (0: none).
+    mem_size: u64,
+    /// The config offset of the capability that windows into the BARs.
+    window: Option<(usize, CapWindow)>,
     /// Our copy of the MSI-X table. QEMU emulates the table itself and never
     /// sends table accesses; other clients may.
     msix_table: Vec<u8>,
     irqs: Arc<Interrupts>,
 }
 
-impl<B: IoBar> PciFunction<B> {
+impl<B: BarLogic> PciFunction<B> {
     /// `irqs` must have been created with the number of MSI-X vectors the
     /// function exposes (1..=MAX_MSIX_VECTORS).
     pub fn new(id: Identity, bar0: B, irqs: Arc<Interrupts>) -> PciFunction<B> {
@@ -88,7 +122,21 @@ impl<B: IoBar> PciFunction<B> {
             revision: id.revision,
             class: id.class,
             int_pin: 1,
-            bars: vec![(BarKind::Io, bar0.size()), (BarKind::Mem32, MSIX_BAR_SIZE)],
+            bars: {
+                let mut b = vec![
+                    Some((BarKind::Io, u64::from(bar0.io_bar_size()))),
+                    Some((BarKind::Mem32, u64::from(MSIX_BAR_SIZE))),
+                    None,
+                    None,
+                    None,
+                    None,
+                ];
+                if let Some(m) = bar0.mem_bar() {
+                    b[usize::from(MEM_BAR)] = Some((BarKind::Mem64Prefetch, m.size));
+                }
+                b
+            },
+            vendor_caps: bar0.capabilities(),
             msix: Some(MsixCap {
                 offset: MSIX_CAP_OFFSET,
                 vectors,
@@ -97,8 +145,17 @@ impl<B: IoBar> PciFunction<B> {
                 pba: u32::try_from(MSIX_PBA_OFFSET).unwrap_or(0) | 1,
             }),
         };
+        let config = ConfigSpace::new(&layout);
+        let window = layout
+            .vendor_caps
+            .iter()
+            .zip(config.vendor_cap_offsets())
+            .find_map(|(c, &off)| c.window.map(|w| (off, w)));
+        let mem_size = bar0.mem_bar().map_or(0, |m| m.size);
         let mut f = PciFunction {
-            config: ConfigSpace::new(&layout),
+            config,
+            mem_size,
+            window,
             bar0,
             msix_table: Vec::new(),
             irqs,
@@ -157,7 +214,70 @@ impl<B: IoBar> PciFunction<B> {
     }
 }
 
-impl<B: IoBar> Device for PciFunction<B> {
+impl<B: BarLogic> PciFunction<B> {
+    /// The BAR access the window capability describes, if it is one the
+    /// function has: (BAR, offset, length of 1, 2 or 4 bytes).
+    fn window_target(&self, cap: usize, w: CapWindow) -> Option<(u8, u64, usize)> {
+        let bar = self.config.byte(cap + w.bar_at);
+        let offset = u64::from(self.config.read32(cap + w.offset_at));
+        let length = usize::try_from(self.config.read32(cap + w.length_at)).ok()?;
+        let size = match bar {
+            0 => u64::from(self.bar0.io_bar_size()),
+            MEM_BAR => self.mem_size,
+            _ => 0,
+        };
+        let fits = matches!(length, 1 | 2 | 4)
+            && offset
+                .checked_add(length as u64)
+                .is_some_and(|end| end <= size);
+        if fits {
+            Some((bar, offset, length))
+        } else {
+            crate::warn_limited!(
+                "config window access of {length} bytes at BAR{bar} offset {offset:#x}: outside the BAR; ignored"
+            );
+            None
+        }
+    }
+
+    /// Whether a config access of `len` bytes at `off` touches the window's
+    /// data bytes; returns the capability's offset and layout.
+    fn window_hit(&self, off: usize, len: usize) -> Option<(usize, CapWindow)> {
+        let (cap, w) = self.window?;
+        let d = cap + w.data_at;
+        (off < d + 4 && off + len > d).then_some((cap, w))
+    }
+
+    fn window_read(&mut self, off: usize, len: usize) {
+        let Some((cap, w)) = self.window_hit(off, len) else {
+            return;
+        };
+        let mut buf = [0u8; 4];
+        if let Some((bar, offset, length)) = self.window_target(cap, w) {
+            match bar {
+                0 => self.bar0.io_read(offset, &mut buf[..length]),
+                _ => self.bar0.mem_read(offset, &mut buf[..length]),
+            }
+        }
+        self.config.set_bytes(cap + w.data_at, &buf);
+    }
+
+    fn window_write(&mut self, off: usize, len: usize) {
+        let Some((cap, w)) = self.window_hit(off, len) else {
+            return;
+        };
+        if let Some((bar, offset, length)) = self.window_target(cap, w) {
+            let mut buf = [0u8; 4];
+            self.config.read(cap + w.data_at, &mut buf);
+            match bar {
+                0 => self.bar0.io_write(offset, &buf[..length]),
+                _ => self.bar0.mem_write(offset, &buf[..length]),
+            }
+        }
+    }
+}
+
+impl<B: BarLogic> Device for PciFunction<B> {
     fn num_regions(&self) -> u32 {
         VFIO_PCI_NUM_REGIONS
     }
@@ -169,12 +289,30 @@ impl<B: IoBar> Device for PciFunction<B> {
     fn region_info(&self, index: u32) -> RegionInfo {
         let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
         let size = match index {
-            VFIO_PCI_BAR0_REGION_INDEX => u64::from(self.bar0.size()),
+            VFIO_PCI_BAR0_REGION_INDEX => u64::from(self.bar0.io_bar_size()),
             VFIO_PCI_BAR1_REGION_INDEX => u64::from(MSIX_BAR_SIZE),
+            VFIO_PCI_BAR4_REGION_INDEX => {
+                let Some(m) = self.bar0.mem_bar() else {
+                    return RegionInfo::default();
+                };
+                return RegionInfo {
+                    size: m.size,
+                    flags: rw,
+                    mmap: m.mmap.map(|(fd, areas)| RegionMmap {
+                        fd: fd.as_raw_fd(),
+                        offset: 0,
+                        areas,
+                    }),
+                };
+            }
             VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE as u64,
             _ => return RegionInfo::default(),
         };
-        RegionInfo { size, flags: rw }
+        RegionInfo {
+            size,
+            flags: rw,
+            mmap: None,
+        }
     }
 
     fn irq_info(&self, index: u32) -> IrqInfo {
@@ -193,10 +331,13 @@ impl<B: IoBar> Device for PciFunction<B> {
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
         match index {
-            VFIO_PCI_CONFIG_REGION_INDEX => self
-                .config
-                .read(usize::try_from(offset).map_err(|_| libc::EINVAL)?, data),
-            VFIO_PCI_BAR0_REGION_INDEX => self.bar0.read(offset, data),
+            VFIO_PCI_CONFIG_REGION_INDEX => {
+                let off = usize::try_from(offset).map_err(|_| libc::EINVAL)?;
+                self.window_read(off, data.len());
+                self.config.read(off, data);
+            }
+            VFIO_PCI_BAR0_REGION_INDEX => self.bar0.io_read(offset, data),
+            VFIO_PCI_BAR4_REGION_INDEX if self.mem_size > 0 => self.bar0.mem_read(offset, data),
             VFIO_PCI_BAR1_REGION_INDEX => self.bar1_read(offset, data),
             _ => return Err(libc::EINVAL),
         }
@@ -209,6 +350,7 @@ impl<B: IoBar> Device for PciFunction<B> {
                 let off = usize::try_from(offset).map_err(|_| libc::EINVAL)?;
                 let before_bm = self.config.command() & config::COMMAND_BUS_MASTER != 0;
                 let fx = self.config.write(off, data);
+                self.window_write(off, data.len());
                 if fx.msix_control_changed {
                     let (enabled, masked) = self.config.msix_control();
                     info!(
@@ -225,7 +367,8 @@ impl<B: IoBar> Device for PciFunction<B> {
                     }
                 }
             }
-            VFIO_PCI_BAR0_REGION_INDEX => self.bar0.write(offset, data),
+            VFIO_PCI_BAR0_REGION_INDEX => self.bar0.io_write(offset, data),
+            VFIO_PCI_BAR4_REGION_INDEX if self.mem_size > 0 => self.bar0.mem_write(offset, data),
             VFIO_PCI_BAR1_REGION_INDEX => self.bar1_write(offset, data),
             _ => return Err(libc::EINVAL),
         }

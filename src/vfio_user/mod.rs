@@ -32,11 +32,24 @@ pub struct DmaRange {
 
 /// What DEVICE_GET_REGION_INFO reports for one index. A size of 0 means the
 /// region is absent (and is still answered successfully).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RegionInfo {
     pub size: u64,
     /// `VFIO_REGION_INFO_FLAG_*`
     pub flags: u32,
+    /// Parts of the region the client may map from a file the device
+    /// owns: sent with `FLAG_MMAP` and a sparse-mmap capability.
+    pub mmap: Option<RegionMmap>,
+}
+
+/// A mappable region: the file (borrowed from the device, which keeps it
+/// open for its whole life), where the region starts in it, and the
+/// (offset, size) areas of the region that may be mapped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionMmap {
+    pub fd: std::os::fd::RawFd,
+    pub offset: u64,
+    pub areas: Vec<(u64, u64)>,
 }
 
 /// What DEVICE_GET_IRQ_INFO reports for one index.

@@ -20,7 +20,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_DMA_UNMAP_FLAG_ALL,
     VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK,
     VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_BOOL, VFIO_IRQ_SET_DATA_EVENTFD,
-    VFIO_IRQ_SET_DATA_NONE, VFIO_IRQ_SET_DATA_TYPE_MASK,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_IRQ_SET_DATA_TYPE_MASK, VFIO_REGION_INFO_FLAG_CAPS,
+    VFIO_REGION_INFO_FLAG_MMAP,
 };
 
 use super::dma::{DmaTable, GuestMemoryHandle, DMA_PAGE_SIZE};
@@ -189,6 +190,8 @@ struct Conn<T: Transport> {
     /// Reply under construction: header space, then the payload. Reused
     /// for every message.
     reply: Vec<u8>,
+    /// A descriptor to send with the reply (a mappable region's file).
+    reply_fd: Option<std::os::fd::RawFd>,
 }
 
 fn command_name(cmd: u16) -> &'static str {
@@ -318,6 +321,7 @@ impl<D: Device> Server<D> {
             negotiated: false,
             max_xfer: self.config.max_data_xfer_size,
             reply: Vec::new(),
+            reply_fd: None,
         };
         let mut payload = Vec::new();
         loop {
@@ -450,10 +454,14 @@ impl<D: Device> Server<D> {
             error,
         };
         out[..HEADER_SIZE].copy_from_slice(&header.encode());
+        let fd = conn.reply_fd.take();
         let sent = if hdr.no_reply() {
             Ok(())
         } else {
-            conn.stream.send_all(&out)
+            match fd {
+                Some(fd) if error == 0 => conn.stream.send_with_fd(&out, fd),
+                _ => conn.stream.send_all(&out),
+            }
         };
         conn.reply = out;
         sent?;
@@ -542,12 +550,41 @@ impl<D: Device> Server<D> {
                     return reject(libc::EINVAL, format!("no region {index}"));
                 }
                 let info = self.device.region_info(index);
-                out.put_u32(REGION_INFO_SIZE_U32);
-                out.put_u32(info.flags);
+                let Some(m) = info.mmap else {
+                    out.put_u32(REGION_INFO_SIZE_U32);
+                    out.put_u32(info.flags);
+                    out.put_u32(index);
+                    out.put_u32(0); // cap_offset: no capabilities
+                    out.put_u64(info.size);
+                    out.put_u64(0); // mmap offset: nothing is mappable
+                    return Ok(());
+                };
+                // A sparse-mmap capability right after the info; the whole
+                // of it only when the client's argsz leaves room (else it
+                // learns the size it needs and asks again), and the file
+                // with every reply.
+                let areas = u32::try_from(m.areas.len()).unwrap_or(0);
+                let cap_len = SPARSE_CAP_HEADER + 16 * areas;
+                let full = REGION_INFO_SIZE_U32 + cap_len;
+                let room = u32_at(p, 0) >= full;
+                out.put_u32(full);
+                out.put_u32(info.flags | VFIO_REGION_INFO_FLAG_MMAP | VFIO_REGION_INFO_FLAG_CAPS);
                 out.put_u32(index);
-                out.put_u32(0); // cap_offset: we have no capabilities
+                out.put_u32(if room { REGION_INFO_SIZE_U32 } else { 0 });
                 out.put_u64(info.size);
-                out.put_u64(0); // mmap offset: nothing is mappable
+                out.put_u64(m.offset);
+                if room {
+                    out.put_u16(VFIO_REGION_INFO_CAP_SPARSE_MMAP_U16);
+                    out.put_u16(1); // version
+                    out.put_u32(0); // next: the last capability
+                    out.put_u32(areas);
+                    out.put_u32(0);
+                    for (off, size) in m.areas.iter().take(areas as usize) {
+                        out.put_u64(*off);
+                        out.put_u64(*size);
+                    }
+                }
+                conn.reply_fd = Some(m.fd);
                 Ok(())
             }
             CMD_DEVICE_GET_IRQ_INFO => {

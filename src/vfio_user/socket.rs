@@ -112,6 +112,8 @@ pub trait Transport {
     fn recv_exact(&mut self, buf: &mut [u8]) -> io::Result<()>;
     /// Sends one whole message.
     fn send_all(&mut self, msg: &[u8]) -> io::Result<()>;
+    /// Sends one whole message with a descriptor riding on its first byte.
+    fn send_with_fd(&mut self, msg: &[u8], fd: RawFd) -> io::Result<()>;
 }
 
 impl Transport for UnixStream {
@@ -123,6 +125,12 @@ impl Transport for UnixStream {
     }
     fn send_all(&mut self, msg: &[u8]) -> io::Result<()> {
         send_all(self, msg)
+    }
+    fn send_with_fd(&mut self, msg: &[u8], fd: RawFd) -> io::Result<()> {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let sent = ScmSocket::send_with_fd(self, msg, fd).map_err(io::Error::from)?;
+        // The descriptor went with the first bytes; the rest as a stream.
+        send_all(self, &msg[sent..])
     }
 }
 
@@ -202,6 +210,9 @@ impl Transport for MemTransport {
     fn send_all(&mut self, msg: &[u8]) -> io::Result<()> {
         self.output.extend_from_slice(msg);
         Ok(())
+    }
+    fn send_with_fd(&mut self, msg: &[u8], _fd: RawFd) -> io::Result<()> {
+        self.send_all(msg)
     }
 }
 

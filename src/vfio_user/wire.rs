@@ -39,6 +39,14 @@ pub const DEVICE_INFO_SIZE: usize = 16;
 pub const DEVICE_INFO_SIZE_U32: u32 = 16;
 pub const REGION_INFO_SIZE: usize = 32;
 pub const REGION_INFO_SIZE_U32: u32 = 32;
+/// `vfio_info_cap_header` and the area count of a sparse-mmap capability
+/// (its areas follow, 16 bytes each).
+pub const SPARSE_CAP_HEADER: u32 = 16;
+/// `VFIO_REGION_INFO_CAP_SPARSE_MMAP`, as its 16-bit wire field.
+#[allow(clippy::cast_possible_truncation)]
+pub const VFIO_REGION_INFO_CAP_SPARSE_MMAP_U16: u16 =
+    vfio_bindings::bindings::vfio::VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16;
+const _: () = assert!(vfio_bindings::bindings::vfio::VFIO_REGION_INFO_CAP_SPARSE_MMAP < 0x10000);
 pub const IRQ_INFO_SIZE: usize = 16;
 pub const IRQ_INFO_SIZE_U32: u32 = 16;
 pub const IRQ_SET_SIZE: usize = 20;

@@ -1,14 +1,19 @@
-//! Virtio over the legacy (transitional) PCI transport: the register block
-//! in BAR0, feature negotiation (32 bits), the ISR, MSI-X vector registers
-//! and the legacy ring layout.
+//! Virtio over PCI, as a transitional function: the legacy register block
+//! in BAR0 and the virtio 1.x capabilities in a memory BAR (BAR4), sharing
+//! one device state ([`transport`]). Feature negotiation, the ISR, MSI-X
+//! vector registers, and the ring layouts the driver chose.
 //!
 //! This layer knows virtio and the PCI interrupts it raises; what the device
 //! does with its queues belongs to a [`VirtioDevice`] (e.g. virtio-blk), and
 //! nothing here touches files.
 
 pub mod legacy;
+pub mod modern;
+#[cfg(test)]
+mod test_device;
+pub mod transport;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::pci::Interrupts;
@@ -26,12 +31,62 @@ pub struct QueueConfig {
     pub vector: u16,
 }
 
+/// The configuration-change side of a device, shared by the transport, the
+/// queues (a broken queue asks for a reset) and the management plane (a
+/// resize): the config vector, whether a driver is running, the config
+/// generation and NEEDS_RESET.
+#[derive(Debug)]
+pub struct ConfigState {
+    vector: AtomicU16,
+    live: AtomicBool,
+    generation: AtomicU32,
+    needs_reset: AtomicBool,
+}
+
+impl Default for ConfigState {
+    fn default() -> Self {
+        ConfigState {
+            vector: AtomicU16::new(NO_VECTOR),
+            live: AtomicBool::new(false),
+            generation: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+        }
+    }
+}
+
+impl ConfigState {
+    pub fn set_vector(&self, v: u16) {
+        self.vector.store(v, Ordering::SeqCst);
+    }
+
+    pub fn set_live(&self, live: bool) {
+        self.live.store(live, Ordering::SeqCst);
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Back to power-on (the generation keeps counting: a driver that read
+    /// half a config before a reset must still see it change).
+    pub fn reset(&self) {
+        self.set_vector(NO_VECTOR);
+        self.set_live(false);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
 /// How a device raises its interrupts: MSI-X vector when the driver enabled
 /// MSI-X and assigned one, otherwise the ISR bit and INTx.
 #[derive(Clone)]
 pub struct VirtioInterrupt {
     isr: Arc<AtomicU8>,
     irqs: Arc<Interrupts>,
+    config: Arc<ConfigState>,
 }
 
 /// ISR bit 0: a queue has used buffers.
@@ -40,8 +95,12 @@ pub const ISR_QUEUE: u8 = 1;
 pub const ISR_CONFIG: u8 = 2;
 
 impl VirtioInterrupt {
-    pub fn new(isr: Arc<AtomicU8>, irqs: Arc<Interrupts>) -> VirtioInterrupt {
-        VirtioInterrupt { isr, irqs }
+    pub fn new(
+        isr: Arc<AtomicU8>,
+        irqs: Arc<Interrupts>,
+        config: Arc<ConfigState>,
+    ) -> VirtioInterrupt {
+        VirtioInterrupt { isr, irqs, config }
     }
 
     /// Signals a queue whose driver-assigned vector is `vector`.
@@ -51,6 +110,17 @@ impl VirtioInterrupt {
 
     pub fn signal_config(&self, vector: u16) {
         self.signal(vector, ISR_CONFIG);
+    }
+
+    /// A queue broke: the device needs a reset (DEVICE_NEEDS_RESET in the
+    /// status on the modern interface), and a running driver is told with
+    /// the configuration-change interrupt, as virtio 1.x prescribes.
+    pub fn device_needs_reset(&self) {
+        if !self.config.needs_reset.swap(true, Ordering::SeqCst)
+            && self.config.live.load(Ordering::SeqCst)
+        {
+            self.signal_config(self.config.vector.load(Ordering::SeqCst));
+        }
     }
 
     fn signal(&self, vector: u16, isr_bit: u8) {
@@ -64,47 +134,37 @@ impl VirtioInterrupt {
 }
 
 /// Raises the configuration-change interrupt of a device from any thread
-/// (a resize): ISR bit 1 and the config vector, or INTx. The transport keeps
-/// the vector and whether a driver is running up to date.
+/// (a resize): the config generation moves, then ISR bit 1 and the config
+/// vector, or INTx. The transport keeps the vector and whether a driver is
+/// running up to date.
 pub struct ConfigNotifier {
     irq: VirtioInterrupt,
-    vector: std::sync::atomic::AtomicU16,
-    live: std::sync::atomic::AtomicBool,
 }
 
 impl ConfigNotifier {
     pub fn new(irq: VirtioInterrupt) -> ConfigNotifier {
-        ConfigNotifier {
-            irq,
-            vector: std::sync::atomic::AtomicU16::new(NO_VECTOR),
-            live: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    pub fn set_vector(&self, v: u16) {
-        self.vector.store(v, Ordering::SeqCst);
-    }
-
-    pub fn set_live(&self, live: bool) {
-        self.live.store(live, Ordering::SeqCst);
+        ConfigNotifier { irq }
     }
 
     /// Tells a running driver that the configuration changed; without one
     /// there is nobody to tell (a driver reads the configuration when it
-    /// starts).
+    /// starts). The generation moves either way.
     pub fn notify(&self) {
-        if self.live.load(Ordering::SeqCst) {
-            self.irq.signal_config(self.vector.load(Ordering::SeqCst));
+        let c = &self.irq.config;
+        c.generation.fetch_add(1, Ordering::SeqCst);
+        if c.live.load(Ordering::SeqCst) {
+            self.irq.signal_config(c.vector.load(Ordering::SeqCst));
         }
     }
 }
 
 /// A virtio device behind the transport.
 pub trait VirtioDevice: Send {
-    /// Feature bits offered (legacy: the low 32 only).
-    fn features(&self) -> u32;
+    /// Feature bits offered, device and ring bits with VERSION_1 (the
+    /// legacy interface shows the low 32 only).
+    fn features(&self) -> u64;
     fn num_queues(&self) -> u16;
-    /// The (fixed, legacy) size of every queue.
+    /// The largest (and the legacy interface's fixed) size of every queue.
     fn queue_size(&self) -> u16;
     /// Length of the device config block.
     fn config_len(&self) -> usize;
@@ -112,7 +172,15 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: usize, data: &[u8]);
     /// The driver set DRIVER_OK: start serving the queues that have an
     /// address. `features` is what the driver acknowledged.
-    fn activate(&mut self, features: u32, queues: Vec<Option<QueueConfig>>, irq: VirtioInterrupt);
+    /// `polled`: no doorbell will come (they land in shared memory): the
+    /// queues must be polled.
+    fn activate(
+        &mut self,
+        features: u64,
+        queues: Vec<Option<QueueConfig>>,
+        irq: VirtioInterrupt,
+        polled: bool,
+    );
     /// The driver rang queue `index`'s doorbell.
     fn notify(&mut self, index: u16);
     /// Stop serving, wait for in-flight requests, forget the queues.
@@ -128,5 +196,5 @@ pub trait VirtioDevice: Send {
     fn memory_added(&mut self);
     /// The driver wrote its feature bits (before DRIVER_OK): what the
     /// device config shows may depend on them.
-    fn features_written(&mut self, features: u32);
+    fn features_written(&mut self, features: u64);
 }
