@@ -701,3 +701,43 @@ fn a_second_signal_removes_only_our_own_sockets() {
     assert!(!t.rpc.exists());
     drop(r);
 }
+
+/// On the modern interface a resize moves the config generation (a driver
+/// reading the 8-byte capacity in two halves sees that it must read again),
+/// raises the config vector, and device_list shows VERSION_1.
+#[test]
+fn a_resize_moves_the_config_generation_on_the_modern_interface() {
+    let t = Target::start(&[]);
+    let img = t.dir.path("m.img");
+    t.ok(
+        "device_add",
+        json!({"name": "m", "socket": sock(&t, "m"), "disk": img, "size": "4M"}),
+    );
+    let mut d = Driver::new(
+        &sock(&t, "m"),
+        DriverOptions {
+            modern: true,
+            ..Default::default()
+        },
+    );
+    let generation = |d: &mut Driver| {
+        let mut g = [0u8];
+        d.c.region_read(
+            vfio_bindings::bindings::vfio::VFIO_PCI_BAR4_REGION_INDEX,
+            vfio_user_blk::virtio::modern::CONFIG_GENERATION,
+            &mut g,
+        )
+        .unwrap();
+        g[0]
+    };
+    let g0 = generation(&mut d);
+    while d.vectors[0].read().is_ok() {}
+    t.ok("device_resize", json!({"name": "m", "size": "8M"}));
+    assert_eq!(d.capacity(), 16384);
+    assert_ne!(generation(&mut d), g0, "the generation moved");
+    wait_until("the configuration interrupt", || d.vectors[0].read().is_ok());
+    let list = t.ok("device_list", json!({}));
+    let f = list[0]["features"].as_array().unwrap();
+    assert!(f.iter().any(|v| v == "VERSION_1"), "{list}");
+    assert_eq!(d.write(0, 16000, &[9u8; 512]), S_OK);
+}

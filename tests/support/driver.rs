@@ -1,6 +1,6 @@
-//! A small legacy virtio-blk driver for tests, behaving like Linux's
-//! virtio_pci_legacy + virtio_blk, on top of rust-vmm's `vfio_user::Client`
-//! with memfd guest RAM. The rings live in the memfd; the driver writes
+//! A small virtio-blk driver for tests, behaving like Linux's
+//! virtio_pci_legacy or virtio_pci_modern + virtio_blk, on top of rust-vmm's
+//! `vfio_user::Client` with memfd guest RAM. The rings live in the memfd; the driver writes
 //! descriptors and the available ring, rings doorbells when the device
 //! wants them, and reads the used ring back.
 #![allow(dead_code)]
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use vfio_bindings::bindings::vfio::*;
 use vfio_user::Client;
 use vfio_user_blk::driver_ring::{Buf, SplitRing};
+use vfio_user_blk::virtio::modern;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -83,6 +84,12 @@ pub struct Submitted {
 
 pub struct Driver {
     pub c: Client,
+    /// Driving the modern (virtio 1.x) interface in BAR4.
+    pub modern: bool,
+    /// The modern interface's features, all 64 bits.
+    pub features64: u64,
+    /// `--notify mmap`: the notify page, mapped as QEMU maps it.
+    notify_page: Option<vm_memory::MmapRegion>,
     pub ram: File,
     pub mem: GuestMemoryMmap,
     pub ram_size: u64,
@@ -114,6 +121,26 @@ fn wr(c: &mut Client, off: u64, data: &[u8]) {
         .unwrap();
 }
 
+/// Modern interface: BAR4.
+fn mwr(c: &mut Client, off: u64, data: &[u8]) {
+    c.region_write(VFIO_PCI_BAR4_REGION_INDEX, off, data)
+        .unwrap();
+}
+
+fn mrd16(c: &mut Client, off: u64) -> u16 {
+    let mut b = [0u8; 2];
+    c.region_read(VFIO_PCI_BAR4_REGION_INDEX, off, &mut b)
+        .unwrap();
+    u16::from_le_bytes(b)
+}
+
+fn mrd32(c: &mut Client, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    c.region_read(VFIO_PCI_BAR4_REGION_INDEX, off, &mut b)
+        .unwrap();
+    u32::from_le_bytes(b)
+}
+
 pub struct DriverOptions {
     pub ram_size: u64,
     pub msix: bool,
@@ -121,6 +148,10 @@ pub struct DriverOptions {
     pub refuse: u32,
     /// Map guest RAM as two DMA windows (halves) instead of one.
     pub split_dma: bool,
+    /// Use the modern interface (BAR4) instead of the legacy one.
+    pub modern: bool,
+    /// Modern: ask for queues of this size (a power of two).
+    pub queue_size: Option<u16>,
 }
 
 impl Default for DriverOptions {
@@ -130,6 +161,8 @@ impl Default for DriverOptions {
             msix: true,
             refuse: 0,
             split_dma: false,
+            modern: false,
+            queue_size: None,
         }
     }
 }
@@ -147,6 +180,9 @@ impl Driver {
         .unwrap();
         let mut d = Driver {
             c,
+            modern: o.modern,
+            features64: 0,
+            notify_page: None,
             ram,
             mem,
             ram_size: o.ram_size,
@@ -164,7 +200,12 @@ impl Driver {
         } else {
             d.c.dma_map(0, 0, o.ram_size, d.ram.as_raw_fd()).unwrap();
         }
-        d.init(o.refuse);
+        if o.modern {
+            d.init_modern(u64::from(o.refuse), o.queue_size)
+                .expect("the device accepts the features");
+        } else {
+            d.init(o.refuse);
+        }
         d
     }
 
@@ -174,10 +215,8 @@ impl Driver {
             .unwrap();
     }
 
-    /// The Linux probe sequence.
-    pub fn init(&mut self, refuse: u32) {
-        self.cfg_write(0x04, &0x0005u16.to_le_bytes()); // I/O + bus master
-        let nq_max = 64;
+    /// MSI-X on with one eventfd per vector, or an INTx eventfd.
+    fn setup_interrupts(&mut self) {
         if self.msix {
             self.cfg_write(0x42, &0x8000u16.to_le_bytes());
             let count = self.c.get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX).unwrap().count;
@@ -207,6 +246,13 @@ impl Driver {
                 .unwrap();
             self.intx = Some(e);
         }
+    }
+
+    /// The Linux legacy probe sequence.
+    pub fn init(&mut self, refuse: u32) {
+        self.cfg_write(0x04, &0x0005u16.to_le_bytes()); // I/O + bus master
+        let nq_max = 64;
+        self.setup_interrupts();
         wr(&mut self.c, 18, &[0]);
         wr(&mut self.c, 18, &[1]);
         wr(&mut self.c, 18, &[3]);
@@ -246,45 +292,162 @@ impl Driver {
         wr(&mut self.c, 18, &[7]);
     }
 
-    /// Device config offset (24 with MSI-X, 20 without).
-    fn cfg_base(&self) -> u64 {
-        if self.msix {
-            24
+    /// Where the device config is: (region, offset). Legacy: 24 with
+    /// MSI-X, 20 without; modern: the device structure in BAR4.
+    fn cfg_base(&self) -> (u32, u64) {
+        if self.modern {
+            (VFIO_PCI_BAR4_REGION_INDEX, modern::DEVICE_OFFSET)
+        } else if self.msix {
+            (VFIO_PCI_BAR0_REGION_INDEX, 24)
         } else {
-            20
+            (VFIO_PCI_BAR0_REGION_INDEX, 20)
         }
     }
 
+    fn cfg_read(&mut self, off: u64, out: &mut [u8]) {
+        let (r, b) = self.cfg_base();
+        self.c.region_read(r, b + off, out).unwrap();
+    }
+
     pub fn config_u16(&mut self, off: u64) -> u16 {
-        let b = self.cfg_base();
-        rd16(&mut self.c, b + off)
+        let mut b = [0u8; 2];
+        self.cfg_read(off, &mut b);
+        u16::from_le_bytes(b)
     }
 
     pub fn config_u32(&mut self, off: u64) -> u32 {
-        let b = self.cfg_base();
-        rd32(&mut self.c, b + off)
+        let mut b = [0u8; 4];
+        self.cfg_read(off, &mut b);
+        u32::from_le_bytes(b)
     }
 
     pub fn capacity(&mut self) -> u64 {
-        let b = self.cfg_base();
-        let lo = rd32(&mut self.c, b);
-        let hi = rd32(&mut self.c, b + 4);
+        let lo = self.config_u32(0);
+        let hi = self.config_u32(4);
         u64::from(lo) | (u64::from(hi) << 32)
     }
 
     pub fn set_writeback(&mut self, on: bool) {
-        let b = self.cfg_base();
-        wr(&mut self.c, b + 32, &[u8::from(on)]);
+        let (r, b) = self.cfg_base();
+        self.c.region_write(r, b + 32, &[u8::from(on)]).unwrap();
+    }
+
+    /// The device status register of the interface in use.
+    pub fn status(&mut self) -> u8 {
+        let mut st = [0xffu8];
+        if self.modern {
+            self.c
+                .region_read(VFIO_PCI_BAR4_REGION_INDEX, modern::DEVICE_STATUS, &mut st)
+                .unwrap();
+        } else {
+            self.c
+                .region_read(VFIO_PCI_BAR0_REGION_INDEX, 18, &mut st)
+                .unwrap();
+        }
+        st[0]
     }
 
     /// Resets the device (status 0), as the driver does on remove.
     pub fn reset(&mut self) {
-        wr(&mut self.c, 18, &[0]);
-        let mut st = [0xffu8];
-        self.c
-            .region_read(VFIO_PCI_BAR0_REGION_INDEX, 18, &mut st)
-            .unwrap();
-        assert_eq!(st[0], 0);
+        if self.modern {
+            mwr(&mut self.c, modern::DEVICE_STATUS, &[0]);
+        } else {
+            wr(&mut self.c, 18, &[0]);
+        }
+        assert_eq!(self.status(), 0);
+    }
+
+    /// The Linux modern probe sequence (virtio_pci_modern + virtio_blk):
+    /// features through FEATURES_OK, then each queue's size, three ring
+    /// addresses, vector and enable, then DRIVER_OK. Fails when the device
+    /// does not keep FEATURES_OK.
+    pub fn init_modern(&mut self, refuse: u64, queue_size: Option<u16>) -> Result<(), String> {
+        self.cfg_write(0x04, &0x0006u16.to_le_bytes()); // memory + bus master
+        self.setup_interrupts();
+        mwr(&mut self.c, modern::DEVICE_STATUS, &[0]);
+        mwr(&mut self.c, modern::DEVICE_STATUS, &[1]);
+        mwr(&mut self.c, modern::DEVICE_STATUS, &[3]);
+        let mut offered = 0u64;
+        for sel in 0..2u32 {
+            mwr(&mut self.c, modern::DEVICE_FEATURE_SELECT, &sel.to_le_bytes());
+            offered |= u64::from(mrd32(&mut self.c, modern::DEVICE_FEATURE)) << (32 * sel);
+        }
+        let want = offered & !refuse;
+        self.negotiate_modern(want)?;
+        self.features64 = want;
+        self.features = (want & 0xffff_ffff) as u32;
+        let nq = if self.features & F_MQ != 0 {
+            usize::from(self.config_u16(34))
+        } else {
+            1
+        };
+        let num_queues = usize::from(mrd16(&mut self.c, modern::NUM_QUEUES));
+        assert!(num_queues >= nq, "num_queues covers the config's");
+        self.queues.clear();
+        for i in 0..nq {
+            let q = i as u16;
+            mwr(&mut self.c, modern::QUEUE_SELECT, &q.to_le_bytes());
+            let max = mrd16(&mut self.c, modern::QUEUE_SIZE);
+            assert!(max > 0, "queue {i} exists");
+            let size = queue_size.unwrap_or(max);
+            mwr(&mut self.c, modern::QUEUE_SIZE, &size.to_le_bytes());
+            assert_eq!(mrd16(&mut self.c, modern::QUEUE_SIZE), size, "size taken");
+            let base = RING_BASE + RING_STRIDE * i as u64;
+            let n = u64::from(size);
+            let (desc, avail) = (base, base + 16 * n);
+            let used = (avail + 6 + 2 * n).div_ceil(4) * 4;
+            mwr(&mut self.c, modern::QUEUE_DESC, &(desc as u32).to_le_bytes());
+            mwr(&mut self.c, modern::QUEUE_DESC + 4, &((desc >> 32) as u32).to_le_bytes());
+            mwr(&mut self.c, modern::QUEUE_DRIVER, &avail.to_le_bytes());
+            mwr(&mut self.c, modern::QUEUE_DEVICE, &(used as u32).to_le_bytes());
+            mwr(&mut self.c, modern::QUEUE_DEVICE + 4, &0u32.to_le_bytes());
+            if self.msix {
+                mwr(&mut self.c, modern::QUEUE_MSIX_VECTOR, &(q + 1).to_le_bytes());
+                assert_eq!(mrd16(&mut self.c, modern::QUEUE_MSIX_VECTOR), q + 1);
+            }
+            assert_eq!(mrd16(&mut self.c, modern::QUEUE_NOTIFY_OFF), q);
+            mwr(&mut self.c, modern::QUEUE_ENABLE, &1u16.to_le_bytes());
+            let event_idx = self.features & F_EVENT_IDX != 0;
+            self.queues.push(SplitRing::new(
+                &self.mem, size, desc, avail, used, event_idx,
+            ));
+        }
+        if self.msix {
+            mwr(&mut self.c, modern::MSIX_CONFIG, &0u16.to_le_bytes());
+            assert_eq!(mrd16(&mut self.c, modern::MSIX_CONFIG), 0);
+        }
+        // The notify page, when the device offers it for mapping.
+        if let Some(r) = self.c.region(VFIO_PCI_BAR4_REGION_INDEX) {
+            if let (Some(fo), Some(area)) = (&r.file_offset, r.sparse_areas.first()) {
+                let f = fo.file().try_clone().unwrap();
+                let region = vm_memory::MmapRegion::<()>::from_file(
+                    FileOffset::new(f, fo.start() + area.offset),
+                    usize::try_from(area.size).unwrap(),
+                )
+                .expect("map the notify page");
+                assert_eq!(area.offset, modern::NOTIFY_OFFSET);
+                self.notify_page = Some(region);
+            }
+        }
+        mwr(&mut self.c, modern::DEVICE_STATUS, &[0xf]);
+        assert_eq!(self.status() & 0x4, 0x4, "DRIVER_OK taken");
+        Ok(())
+    }
+
+    /// Writes `want` as the driver's features and sets FEATURES_OK; Err
+    /// when the device clears it (it refuses the set).
+    pub fn negotiate_modern(&mut self, want: u64) -> Result<(), String> {
+        for sel in 0..2u32 {
+            mwr(&mut self.c, modern::DRIVER_FEATURE_SELECT, &sel.to_le_bytes());
+            let word = (want >> (32 * sel)) as u32;
+            mwr(&mut self.c, modern::DRIVER_FEATURE, &word.to_le_bytes());
+        }
+        mwr(&mut self.c, modern::DEVICE_STATUS, &[0xb]);
+        let st = self.status();
+        if st & 0x8 == 0 {
+            return Err(format!("FEATURES_OK refused for {want:#x} (status {st:#x})"));
+        }
+        Ok(())
     }
 
     /// Allocates guest buffer space (16-byte aligned).
@@ -427,7 +590,23 @@ impl Driver {
     }
 
     pub fn force_kick(&mut self, q: usize) {
-        wr(&mut self.c, 16, &(q as u16).to_le_bytes());
+        let q16 = q as u16;
+        if !self.modern {
+            wr(&mut self.c, 16, &q16.to_le_bytes());
+        } else if let Some(page) = &self.notify_page {
+            // A store into the shared page, as a guest's doorbell lands
+            // with the page mapped: no message at all.
+            let off = q * modern::NOTIFY_MULTIPLIER as usize;
+            assert!(off + 2 <= page.size());
+            // SAFETY: the page is mapped for its whole size and off + 2
+            // lies inside it.
+            unsafe {
+                std::ptr::write_volatile(page.as_ptr().add(off).cast::<u16>(), q16);
+            }
+        } else {
+            let off = modern::NOTIFY_OFFSET + u64::from(modern::NOTIFY_MULTIPLIER) * q as u64;
+            mwr(&mut self.c, off, &q16.to_le_bytes());
+        }
     }
 
     pub fn used_idx(&self, q: usize) -> u16 {
