@@ -14,6 +14,8 @@ for a in $(cat /proc/cmdline); do
         vub.sectors=*) SECTORS=${a#vub.sectors=} ;;
         vub.serial=*) SERIAL=${a#vub.serial=} ;;
         vub.serial2=*) SERIAL2=${a#vub.serial2=} ;;
+        vub.iface=*) IFACE=${a#vub.iface=} ;;
+        vub.resize=*) RESIZE=${a#vub.resize=} ;;
     esac
 done
 echo "VUB-BOOTED phase=$PHASE"
@@ -95,8 +97,15 @@ main)
     [ -n "$dev" ]; verdict pci-1af4-1001 $? "$dev"
     drv=$(basename "$(readlink $dev/driver 2>/dev/null)")
     [ "$drv" = virtio-pci ]; verdict virtio-pci-driver-bound $? "$drv"
-    # A legacy device: no modern capabilities, revision 0.
-    [ "$(cat $dev/revision)" = 0x00 ]; verdict legacy-virtio-revision-0 $? "$(cat $dev/revision)"
+    # A transitional device: revision 0, so that legacy drivers bind.
+    [ "$(cat $dev/revision)" = 0x00 ]; verdict transitional-revision-0 $? "$(cat $dev/revision)"
+    # The interface the driver chose: bit 32 (VERSION_1) of the negotiated
+    # features is set on the modern interface, clear on the legacy one
+    # (virtio_pci.force_legacy=1).
+    feats=$(cat $dev/virtio*/features 2>/dev/null)
+    bit32=$(echo "$feats" | cut -c33)
+    if [ "$IFACE" = legacy ]; then want=0; else want=1; fi
+    [ "$bit32" = "$want" ]; verdict "virtio-interface-${IFACE:-modern}" $? "features $feats"
     nvec=$(ls $dev/msi_irqs 2>/dev/null | wc -l)
     [ "$nvec" -ge 2 ]; verdict msix-vectors-in-use $? "$nvec vectors"
 
@@ -147,7 +156,7 @@ main)
             i=$((i + 1))
         done
         after=$(cat /sys/block/$D2/size)
-        [ "$after" = 262144 ]; verdict resize-seen-by-guest $? "$before -> $after sectors"
+        [ "$after" = "${RESIZE:-262144}" ]; verdict resize-seen-by-guest $? "$before -> $after sectors"
     else
         bad second-disk-found "no disk with serial $SERIAL2"
     fi

@@ -215,18 +215,21 @@ build_initramfs
 
 SECTORS=$((DISK_MB * 2048))
 QEMU_LOG_N=0
+# A log name other than the phase's, and more kernel arguments (main_run).
+LOG_TAG=""
+APPEND_EXTRA=""
 # qemu_cmd PHASE [extra args...]: the QEMU command line, in QCMD.
 qemu_cmd() {
     local phase=$1
     shift
-    QEMU_LOG=$WORK/serial-$phase.log
+    QEMU_LOG=$WORK/serial-${LOG_TAG:-$phase}.log
     : >"$QEMU_LOG"
     QCMD=("${QEMU[@]}"
         -nodefaults -no-user-config -nographic -display none
         -machine q35,memory-backend=mem -accel "$ACCEL" -cpu max -smp 2 -m 1G
         -object memory-backend-memfd,id=mem,size=1G,share=on
         -kernel "$KERNEL" -initrd "$WORK/initramfs.cpio"
-        -append "console=ttyS0 panic=-1 loglevel=4 vub.phase=$phase vub.sectors=$SECTORS vub.serial=$SERIAL vub.serial2=$SERIAL2"
+        -append "console=ttyS0 panic=-1 loglevel=4 vub.phase=$phase vub.sectors=$SECTORS vub.serial=$SERIAL vub.serial2=$SERIAL2 $APPEND_EXTRA"
         -serial "file:$QEMU_LOG"
         -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$SOCK\",\"type\":\"unix\"}}"
         -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$SOCK2\",\"type\":\"unix\"}}"
@@ -266,44 +269,74 @@ RESULTS=$WORK/results.txt
 check() { # name PASS|FAIL [detail]
     printf '%-28s %s %s\n' "$1" "$2" "${3:-}" | tee -a "$RESULTS"
 }
-collect() { # the guest's own PASS/FAIL lines
+collect() { # serial-log [prefix]: the guest's own PASS/FAIL lines
     { grep -a '^VUB-CHECK ' "$1" || true; } | while read -r _ name verdict rest; do
-        check "$name" "$verdict" "$rest"
+        check "${2:-}$name" "$verdict" "$rest"
     done
 }
 server_alive() {
     kill -0 "$SERVER_PID" 2>/dev/null
 }
 
-say "boot 1 (checks), reboot, boot 2 (data survives) under $ACCEL"
 # While the guest runs: when it says it is ready, grow the second disk
 # through the management socket; the guest checks that it sees the size.
-(
-    for _ in $(seq 1800); do
-        if grep -aq 'VUB-RESIZE-READY' "$WORK/serial-main.log" 2>/dev/null; then
-            "$BIN" rpc --rpc-socket "$RPC_SOCK" device_resize name=second size=128M \
-                >"$WORK/resize.out" 2>&1 || true
-            exit 0
-        fi
-        sleep 0.5
-    done
-) &
-PIDS+=("$!")
-if run_qemu main 900; then :; else say "QEMU exited with $?"; fi
-QEMU_LOG_MAIN=$QEMU_LOG
-collect "$QEMU_LOG"
-grep -aq 'VUB-DONE main' "$QEMU_LOG" || check guest-finished FAIL "see $QEMU_LOG"
-grep -aq 'VUB-DONE reboot' "$QEMU_LOG" && check reboot-second-boot PASS || check reboot-second-boot FAIL
+resize_when_ready() { # serial-log size
+    (
+        for _ in $(seq 1800); do
+            if grep -aq 'VUB-RESIZE-READY' "$1" 2>/dev/null; then
+                "$BIN" rpc --rpc-socket "$RPC_SOCK" device_resize name=second size="$2" \
+                    >>"$WORK/resize.out" 2>&1 || true
+                exit 0
+            fi
+            sleep 0.5
+        done
+    ) &
+    PIDS+=("$!")
+}
 
-# The host compares what the guest wrote with the image file.
-GUEST_MD5=$(grep -a '^VUB-MD5 fio-region ' "$QEMU_LOG" | head -1 | tr -d '\r' | awk '{print $3}')
-HOST_MD5=$(dd if="$IMG" bs=1M count=32 status=none | md5sum | awk '{print $1}')
-if [ -n "$GUEST_MD5" ] && [ "$GUEST_MD5" = "$HOST_MD5" ]; then
-    check host-image-matches-guest PASS "$HOST_MD5"
-else
-    check host-image-matches-guest FAIL "guest ${GUEST_MD5:-none} host $HOST_MD5"
-fi
-server_alive && check server-survived-reboot PASS || check server-survived-reboot FAIL
+# main_run TAG INTERFACE RESIZE_MB [kernel args]: boot 1 (checks), reboot,
+# boot 2 (data survives), then the host compares the images with what the
+# guest read. Check names of runs after the first carry TAG/.
+main_run() {
+    local tag=$1 iface=$2 mb=$3 prefix=""
+    shift 3
+    [ "$tag" = main ] || prefix="$tag/"
+    say "$tag: boot 1 (checks, $iface interface), reboot, boot 2 (data survives) under $ACCEL"
+    LOG_TAG=$tag
+    APPEND_EXTRA="vub.iface=$iface vub.resize=$((mb * 2048)) $*"
+    resize_when_ready "$WORK/serial-$tag.log" "${mb}M"
+    if run_qemu main 900; then :; else say "QEMU exited with $?"; fi
+    LOG_TAG=""
+    APPEND_EXTRA=""
+    collect "$QEMU_LOG" "$prefix"
+    grep -aq 'VUB-DONE main' "$QEMU_LOG" || check "${prefix}guest-finished" FAIL "see $QEMU_LOG"
+    grep -aq 'VUB-DONE reboot' "$QEMU_LOG" && check "${prefix}reboot-second-boot" PASS ||
+        check "${prefix}reboot-second-boot" FAIL
+    local g h g2 h1 h2
+    g=$(grep -a '^VUB-MD5 fio-region ' "$QEMU_LOG" | head -1 | tr -d '\r' | awk '{print $3}')
+    h=$(dd if="$IMG" bs=1M count=32 status=none | md5sum | awk '{print $1}')
+    if [ -n "$g" ] && [ "$g" = "$h" ]; then
+        check "${prefix}host-image-matches-guest" PASS "$h"
+    else
+        check "${prefix}host-image-matches-guest" FAIL "guest ${g:-none} host $h"
+    fi
+    # The guest wrote the same pattern to both read-write disks at once.
+    g2=$(grep -a '^VUB-MD5 two-disks ' "$QEMU_LOG" | head -1 | tr -d '\r' | awk '{print $3" "$4}')
+    h1=$(dd if="$IMG" bs=1M skip=128 count=16 status=none | md5sum | awk '{print $1}')
+    h2=$(dd if="$IMG2" bs=1M count=16 status=none | md5sum | awk '{print $1}')
+    if [ "$g2" = "$h1 $h2" ]; then
+        check "${prefix}two-disks-host-images-match" PASS
+    else
+        check "${prefix}two-disks-host-images-match" FAIL "host $h1 $h2"
+    fi
+    server_alive && check "${prefix}server-survived-reboot" PASS ||
+        check "${prefix}server-survived-reboot" FAIL
+}
+
+# The default: Linux binds the modern interface. Then the same guest with
+# virtio_pci.force_legacy=1 drives the legacy one.
+main_run main modern 128
+main_run legacy legacy 192 virtio_pci.force_legacy=1
 
 say "QEMU killed with SIGKILL during fio, then a new QEMU on the same socket"
 qemu_cmd fio-kill -no-reboot
@@ -331,15 +364,6 @@ run_qemu after-kill 600 -no-reboot >/dev/null 2>&1 || true
 collect "$WORK/serial-after-kill.log"
 grep -aq 'VUB-DONE after-kill' "$WORK/serial-after-kill.log" || check after-kill-finished FAIL
 
-# The guest wrote the same pattern to both read-write disks at once.
-G2=$(grep -a '^VUB-MD5 two-disks ' "$QEMU_LOG_MAIN" | head -1 | tr -d '\r' | awk '{print $3" "$4}')
-H1=$(dd if="$IMG" bs=1M skip=128 count=16 status=none | md5sum | awk '{print $1}')
-H2=$(dd if="$IMG2" bs=1M count=16 status=none | md5sum | awk '{print $1}')
-if [ "$G2" = "$H1 $H2" ]; then
-    check two-disks-host-images-match PASS
-else
-    check two-disks-host-images-match FAIL "host $H1 $H2"
-fi
 if server_alive && ! grep -q panicked "$WORK/server.log"; then
     check server-never-restarted-no-panic PASS
 else

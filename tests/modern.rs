@@ -196,7 +196,8 @@ fn a_driver_that_mixes_interfaces_gets_the_first_one() {
         .unwrap();
     d.c.region_write(VFIO_PCI_BAR0_REGION_INDEX, 8, &0u32.to_le_bytes())
         .unwrap();
-    d.c.region_write(VFIO_PCI_BAR0_REGION_INDEX, 18, &[1]).unwrap();
+    d.c.region_write(VFIO_PCI_BAR0_REGION_INDEX, 18, &[1])
+        .unwrap();
     assert_eq!(d.status() & 0x4, 0x4, "still running");
     assert_eq!(d.write(0, 0, &[3u8; 512]), S_OK);
     let log = srv.log_text();
@@ -214,7 +215,9 @@ fn a_broken_queue_sets_needs_reset_and_raises_the_config_vector() {
     d.publish(0, 999);
     d.force_kick(0);
     wait_until("NEEDS_RESET", || d.status() & 0x40 != 0);
-    wait_until("the configuration interrupt", || d.vectors[0].read().is_ok());
+    wait_until("the configuration interrupt", || {
+        d.vectors[0].read().is_ok()
+    });
     // A reset clears it, and the device works again.
     d.reset();
     assert_eq!(d.status(), 0);
@@ -226,7 +229,8 @@ fn a_broken_queue_sets_needs_reset_and_raises_the_config_vector() {
 /// Writes the PCI-config access capability's bar, offset and length.
 fn window(c: &mut vfio_user::Client, cap: u64, bar: u8, offset: u32, length: u32) {
     let w = |c: &mut vfio_user::Client, off: u64, d: &[u8]| {
-        c.region_write(VFIO_PCI_CONFIG_REGION_INDEX, off, d).unwrap();
+        c.region_write(VFIO_PCI_CONFIG_REGION_INDEX, off, d)
+            .unwrap();
     };
     w(c, cap + 4, &[bar]);
     w(c, cap + 8, &offset.to_le_bytes());
@@ -299,7 +303,10 @@ fn notify_mmap_offers_the_page_and_polls_without_doorbell_messages() {
     let mut c = vfio_user::Client::new(&srv.socket).unwrap();
     let r4 = c.region(VFIO_PCI_BAR4_REGION_INDEX).unwrap();
     assert_ne!(r4.flags & VFIO_REGION_INFO_FLAG_MMAP, 0);
-    assert!(r4.file_offset.is_some(), "the page's file comes with the reply");
+    assert!(
+        r4.file_offset.is_some(),
+        "the page's file comes with the reply"
+    );
     assert_eq!(r4.sparse_areas.len(), 1);
     assert_eq!(
         (r4.sparse_areas[0].offset, r4.sparse_areas[0].size),

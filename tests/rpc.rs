@@ -735,7 +735,9 @@ fn a_resize_moves_the_config_generation_on_the_modern_interface() {
     t.ok("device_resize", json!({"name": "m", "size": "8M"}));
     assert_eq!(d.capacity(), 16384);
     assert_ne!(generation(&mut d), g0, "the generation moved");
-    wait_until("the configuration interrupt", || d.vectors[0].read().is_ok());
+    wait_until("the configuration interrupt", || {
+        d.vectors[0].read().is_ok()
+    });
     let list = t.ok("device_list", json!({}));
     let f = list[0]["features"].as_array().unwrap();
     assert!(f.iter().any(|v| v == "VERSION_1"), "{list}");

@@ -369,7 +369,11 @@ impl Driver {
         mwr(&mut self.c, modern::DEVICE_STATUS, &[3]);
         let mut offered = 0u64;
         for sel in 0..2u32 {
-            mwr(&mut self.c, modern::DEVICE_FEATURE_SELECT, &sel.to_le_bytes());
+            mwr(
+                &mut self.c,
+                modern::DEVICE_FEATURE_SELECT,
+                &sel.to_le_bytes(),
+            );
             offered |= u64::from(mrd32(&mut self.c, modern::DEVICE_FEATURE)) << (32 * sel);
         }
         let want = offered & !refuse;
@@ -396,13 +400,29 @@ impl Driver {
             let n = u64::from(size);
             let (desc, avail) = (base, base + 16 * n);
             let used = (avail + 6 + 2 * n).div_ceil(4) * 4;
-            mwr(&mut self.c, modern::QUEUE_DESC, &(desc as u32).to_le_bytes());
-            mwr(&mut self.c, modern::QUEUE_DESC + 4, &((desc >> 32) as u32).to_le_bytes());
+            mwr(
+                &mut self.c,
+                modern::QUEUE_DESC,
+                &(desc as u32).to_le_bytes(),
+            );
+            mwr(
+                &mut self.c,
+                modern::QUEUE_DESC + 4,
+                &((desc >> 32) as u32).to_le_bytes(),
+            );
             mwr(&mut self.c, modern::QUEUE_DRIVER, &avail.to_le_bytes());
-            mwr(&mut self.c, modern::QUEUE_DEVICE, &(used as u32).to_le_bytes());
+            mwr(
+                &mut self.c,
+                modern::QUEUE_DEVICE,
+                &(used as u32).to_le_bytes(),
+            );
             mwr(&mut self.c, modern::QUEUE_DEVICE + 4, &0u32.to_le_bytes());
             if self.msix {
-                mwr(&mut self.c, modern::QUEUE_MSIX_VECTOR, &(q + 1).to_le_bytes());
+                mwr(
+                    &mut self.c,
+                    modern::QUEUE_MSIX_VECTOR,
+                    &(q + 1).to_le_bytes(),
+                );
                 assert_eq!(mrd16(&mut self.c, modern::QUEUE_MSIX_VECTOR), q + 1);
             }
             assert_eq!(mrd16(&mut self.c, modern::QUEUE_NOTIFY_OFF), q);
@@ -438,14 +458,20 @@ impl Driver {
     /// when the device clears it (it refuses the set).
     pub fn negotiate_modern(&mut self, want: u64) -> Result<(), String> {
         for sel in 0..2u32 {
-            mwr(&mut self.c, modern::DRIVER_FEATURE_SELECT, &sel.to_le_bytes());
+            mwr(
+                &mut self.c,
+                modern::DRIVER_FEATURE_SELECT,
+                &sel.to_le_bytes(),
+            );
             let word = (want >> (32 * sel)) as u32;
             mwr(&mut self.c, modern::DRIVER_FEATURE, &word.to_le_bytes());
         }
         mwr(&mut self.c, modern::DEVICE_STATUS, &[0xb]);
         let st = self.status();
         if st & 0x8 == 0 {
-            return Err(format!("FEATURES_OK refused for {want:#x} (status {st:#x})"));
+            return Err(format!(
+                "FEATURES_OK refused for {want:#x} (status {st:#x})"
+            ));
         }
         Ok(())
     }
