@@ -261,10 +261,22 @@ fn the_pci_config_window_reaches_the_modern_bar() {
         u32::from_le_bytes(b)
     };
     // The capacity, through the window: 4 MiB = 8192 sectors.
-    window(&mut c, cap, 4, modern::DEVICE_OFFSET as u32, 4);
+    window(
+        &mut c,
+        cap,
+        4,
+        u32::try_from(modern::DEVICE_OFFSET).unwrap(),
+        4,
+    );
     assert_eq!(rd(&mut c), 8192);
     // A write through it: the device status.
-    window(&mut c, cap, 4, modern::DEVICE_STATUS as u32, 1);
+    window(
+        &mut c,
+        cap,
+        4,
+        u32::try_from(modern::DEVICE_STATUS).unwrap(),
+        1,
+    );
     c.region_write(VFIO_PCI_CONFIG_REGION_INDEX, data, &[1, 0, 0, 0])
         .unwrap();
     let mut st = [0u8];
@@ -300,7 +312,7 @@ fn notify_mmap_offers_the_page_and_polls_without_doorbell_messages() {
         4 * MB,
         &["--notify", "mmap", "--poll-mode", "interrupt"],
     );
-    let mut c = vfio_user::Client::new(&srv.socket).unwrap();
+    let c = vfio_user::Client::new(&srv.socket).unwrap();
     let r4 = c.region(VFIO_PCI_BAR4_REGION_INDEX).unwrap();
     assert_ne!(r4.flags & VFIO_REGION_INFO_FLAG_MMAP, 0);
     assert!(
