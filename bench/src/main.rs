@@ -5,6 +5,7 @@
 //! device processes.
 
 mod guest;
+mod notify;
 mod report;
 mod run;
 mod servers;
@@ -85,6 +86,11 @@ struct Args {
     /// qemu-storage-daemon iothread polling (poll-max-ns; 0 turns it off).
     #[arg(long, default_value_t = 32768)]
     qsd_poll_max_ns: u64,
+    /// Run only the doorbell study: QD1 latency in adaptive mode with the
+    /// legacy interface, the modern one (posted doorbells) and the modern
+    /// one with `--notify mmap`.
+    #[arg(long)]
+    notify_study: bool,
 }
 
 const QUEUES: usize = 4;
@@ -677,6 +683,19 @@ fn real_main(args: &Args) -> Result<()> {
         if v.split_whitespace().any(|a| a.starts_with("--io-engine")) {
             bail!("{name}: leave --io-engine out; the target sets it (ours: io-uring, ours-threads: threads)");
         }
+    }
+    if args.notify_study {
+        prepare_image(&args.image, args.size, true)?;
+        let v = notify::study(
+            &canonical(&args.image),
+            args.size,
+            Duration::from_secs_f64(args.seconds),
+            args.repeat,
+        )?;
+        if let Some(p) = &args.json {
+            std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+        }
+        return Ok(());
     }
     let selected = resolve_targets(&args.targets)?;
     let secs = Duration::from_secs_f64(args.seconds);
