@@ -32,7 +32,8 @@ use crate::virtio::transport::{NotifyMode, PciTransport};
 /// One disk: `--socket PATH --disk SPEC` with the per-disk options below.
 /// More: `--device socket=PATH,disk=SPEC[,size=SIZE,readonly=on,queues=N,
 /// queue-size=N,serial=S,logical-block-size=N,direct=on,discard=off,
-/// write-zeroes=off]`, repeatable (a comma inside a value is written `,,`).
+/// write-zeroes=off,packed=on]`, repeatable (a comma inside a value is
+/// written `,,`).
 #[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about, args_conflicts_with_subcommands = true)]
 pub struct Options {
@@ -113,6 +114,11 @@ pub struct Options {
     /// Do not offer WRITE_ZEROES.
     #[arg(long)]
     pub no_write_zeroes: bool,
+
+    /// Offer the packed ring layout (VIRTIO_F_RING_PACKED) on the modern
+    /// interface; a driver that accepts it gets packed queues.
+    #[arg(long)]
+    pub packed: bool,
 
     /// Take no lock on the image and ignore others' (read-only disks only,
     /// as QEMU's force-share=on). Without it, a read-write image is locked
@@ -209,6 +215,8 @@ pub struct DeviceSpec {
     pub direct: bool,
     pub discard: bool,
     pub write_zeroes: bool,
+    /// Offer the packed ring layout.
+    pub packed: bool,
     /// Take no image lock (read-only only), as QEMU's force-share=on.
     pub force_share: bool,
 }
@@ -256,6 +264,7 @@ impl std::str::FromStr for DeviceSpec {
             direct: false,
             discard: true,
             write_zeroes: true,
+            packed: false,
             force_share: false,
         };
         for item in items.iter().filter(|i| !i.is_empty()) {
@@ -275,12 +284,13 @@ impl std::str::FromStr for DeviceSpec {
                 "direct" => d.direct = on_off(k, v)?,
                 "discard" => d.discard = on_off(k, v)?,
                 "write-zeroes" => d.write_zeroes = on_off(k, v)?,
+                "packed" => d.packed = on_off(k, v)?,
                 "force-share" => d.force_share = on_off(k, v)?,
                 _ => {
                     return Err(format!(
                         "unknown key '{k}' (keys: name, socket, disk, size, readonly, queues, \
                          queue-size, serial, logical-block-size, direct, discard, write-zeroes, \
-                         force-share)"
+                         packed, force-share)"
                     ))
                 }
             }
@@ -514,6 +524,7 @@ impl Options {
                 direct: self.direct,
                 discard: !self.no_discard,
                 write_zeroes: !self.no_write_zeroes,
+                packed: self.packed,
                 force_share: self.force_share,
             });
         }
@@ -667,6 +678,7 @@ fn device_on(
             serial: spec.serial.clone(),
             discard: spec.discard,
             write_zeroes: spec.write_zeroes,
+            packed: spec.packed,
             on_error: opts.on_error,
             in_memory: matches!(spec.disk, DiskSpec::Ram(_)),
         },

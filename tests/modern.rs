@@ -341,3 +341,149 @@ fn notify_mmap_offers_the_page_and_polls_without_doorbell_messages() {
     assert_eq!(d.read(0, 0, 4096), (S_OK, pattern(0, 4096)));
     healthy(&mut srv);
 }
+
+fn packed_opts(queue_size: Option<u16>, refuse: u32) -> DriverOptions {
+    DriverOptions {
+        modern: true,
+        queue_size,
+        refuse,
+        ..Default::default()
+    }
+}
+
+/// Many requests of every layout on every packed queue, two in flight at
+/// once, byte for byte against the image.
+fn packed_traffic(d: &mut Driver, img: &std::path::Path, rounds: u64) {
+    let layouts = [
+        Layout::default(),
+        Layout {
+            indirect: true,
+            ..Default::default()
+        },
+        Layout {
+            split_header: true,
+            data_chunk: 4096,
+            ..Default::default()
+        },
+    ];
+    for q in 0..d.packed.len() {
+        for round in 0..rounds {
+            let layout = layouts[(round % 3) as usize];
+            let sector = (q as u64 * 4096) + round * 16;
+            let data = pattern(round * 7 + q as u64, 8192);
+            let s = d.submit(
+                q,
+                &Request {
+                    kind: T_OUT,
+                    sector,
+                    out: data.clone(),
+                    in_len: 0,
+                    layout,
+                },
+            );
+            let r = d.submit(
+                q,
+                &Request {
+                    kind: T_IN,
+                    sector: sector + 100_000,
+                    out: vec![],
+                    in_len: 4096,
+                    layout,
+                },
+            );
+            d.kick(q);
+            let used = d.wait_used(q, 2, Duration::from_secs(10));
+            assert_eq!(used.len(), 2);
+            assert_eq!(d.result(&s).0, S_OK);
+            let (st, got) = d.result(&r);
+            assert_eq!(st, S_OK);
+            assert_eq!(got, image_bytes(img, (sector + 100_000) * 512, 4096));
+            assert_eq!(
+                image_bytes(img, sector * 512, 8192),
+                data,
+                "q {q} round {round}"
+            );
+        }
+    }
+}
+
+#[test]
+fn packed_rings_do_io_byte_for_byte_and_wrap() {
+    let (mut srv, img) = image_server(
+        "packed-io",
+        128 * MB,
+        &["--packed", "--queues", "2", "--queue-size", "128"],
+    );
+    // A queue size that is no power of two: allowed for packed rings.
+    let mut d = Driver::new(&srv.socket, packed_opts(Some(11), 0));
+    assert_ne!(d.features64 & F_RING_PACKED, 0, "packed negotiated");
+    assert_eq!(d.packed.len(), 2);
+    assert_eq!(d.packed[0].size, 11);
+    packed_traffic(&mut d, &img, 30);
+    // Without EVENT_IDX the interrupt and doorbell flags alone decide.
+    d.reset();
+    d.init_modern(u64::from(F_EVENT_IDX), Some(16)).unwrap();
+    assert_eq!(d.features & F_EVENT_IDX, 0);
+    packed_traffic(&mut d, &img, 12);
+    let log = srv.log_text();
+    assert!(log.contains("RING_PACKED"), "{log}");
+    healthy(&mut srv);
+}
+
+#[test]
+fn packed_is_offered_only_when_asked_for_and_only_on_the_modern_interface() {
+    let (mut srv, _img) = image_server("packed-offer", 4 * MB, &[]);
+    let d = Driver::new(&srv.socket, modern_opts());
+    assert_eq!(d.features64 & F_RING_PACKED, 0);
+    drop(d);
+    healthy(&mut srv);
+    let (mut srv, img) = image_server("packed-offer2", 4 * MB, &["--packed"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    assert!(d.packed.is_empty(), "a legacy driver gets split rings");
+    assert_eq!(d.write(0, 0, &[5u8; 4096]), S_OK);
+    // A modern driver that refuses it gets split rings too.
+    d.reset();
+    d.modern = true;
+    d.init_modern(F_RING_PACKED, None).unwrap();
+    assert!(d.packed.is_empty());
+    assert_eq!(d.read(0, 0, 4096), (S_OK, vec![5u8; 4096]));
+    // And one that takes it, packed ones.
+    d.reset();
+    d.init_modern(0, None).unwrap();
+    assert_eq!(d.packed.len(), 1);
+    assert_eq!(d.read(0, 0, 4096), (S_OK, vec![5u8; 4096]));
+    assert_eq!(image_bytes(&img, 0, 4096), vec![5u8; 4096]);
+    healthy(&mut srv);
+}
+
+#[test]
+fn a_broken_packed_chain_breaks_the_queue_until_reset() {
+    let (mut srv, _img) = image_server("packed-broken", 4 * MB, &["--packed"]);
+    let mut d = Driver::new(&srv.socket, packed_opts(Some(8), 0));
+    assert_eq!(d.write(0, 0, &[1u8; 512]), S_OK);
+    while d.vectors[0].read().is_ok() {}
+    // One write took descriptors 0-2 of the first lap. Every descriptor
+    // now says NEXT and looks available for that lap: a chain with no end.
+    let desc = d.packed[0].desc;
+    for i in 0..8u64 {
+        vfio_user_blk::driver_ring::PackedRing::write_raw(
+            &d.mem,
+            desc + 16 * i,
+            0x100000,
+            16,
+            0,
+            1 | 1 << 7,
+        );
+    }
+    d.force_kick(0);
+    wait_until("NEEDS_RESET", || d.status() & 0x40 != 0);
+    wait_until("the configuration interrupt", || {
+        d.vectors[0].read().is_ok()
+    });
+    let log = srv.log_text();
+    assert!(log.contains("longer than the queue"), "{log}");
+    d.reset();
+    d.init_modern(0, Some(8)).unwrap();
+    assert_eq!(d.read(0, 0, 512), (S_OK, vec![1u8; 512]));
+    healthy(&mut srv);
+}

@@ -167,6 +167,7 @@ mod tests {
             serial: String::new(),
             discard: true,
             write_zeroes: true,
+            packed: false,
             on_error: ErrorPolicy::Report,
             in_memory: false,
         });

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use super::request::*;
@@ -258,7 +257,7 @@ impl RequestHandler for BlkContext {
     fn prepare(
         &self,
         mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        chain: crate::virtio::ring::RingChain<'_>,
         req: &mut BlkReq,
         io: &mut IoRequest,
     ) -> Prepared {

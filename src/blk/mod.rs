@@ -33,6 +33,8 @@ pub struct BlkOptions {
     pub serial: String,
     pub discard: bool,
     pub write_zeroes: bool,
+    /// Offer the packed ring (modern interface only).
+    pub packed: bool,
     pub on_error: ErrorPolicy,
     /// The disk lives in the server's memory (`ram:`).
     pub in_memory: bool,
@@ -321,9 +323,13 @@ impl VirtioDevice for BlkDevice {
                 f |= bit(VIRTIO_BLK_F_WRITE_ZEROES);
             }
         }
-        // The modern interface adds VERSION_1; the legacy one never shows
-        // bits above 31.
-        u64::from(f) | (1u64 << VIRTIO_F_VERSION_1)
+        // The modern interface adds VERSION_1 (and the packed ring when
+        // asked for); the legacy one never shows bits above 31.
+        let mut f = u64::from(f) | (1u64 << VIRTIO_F_VERSION_1);
+        if self.opts.packed {
+            f |= 1u64 << VIRTIO_F_RING_PACKED;
+        }
+        f
     }
 
     fn num_queues(&self) -> u16 {

@@ -9,10 +9,10 @@
 use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::{desc::split::Descriptor, DescriptorChain};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::memory::{push_iovecs, GuestIov};
+use crate::virtio::ring::{Desc, DescSource};
 
 pub const SECTOR_SHIFT: u32 = 9;
 pub const SECTOR_SIZE: u64 = 512;
@@ -115,15 +115,11 @@ pub struct Chain {
 /// what it allocates never depends on what the guest claims.
 /// Descriptor addresses are not checked here (only the descriptor table is
 /// read); buffers are checked when used.
-pub fn walk<M>(
-    chain: DescriptorChain<M>,
+pub fn walk<C: DescSource>(
+    chain: C,
     queue_size: u16,
     limits: ChainLimits,
-) -> Result<Chain, ChainError>
-where
-    M: std::ops::Deref,
-    M::Target: GuestMemory,
-{
+) -> Result<Chain, ChainError> {
     let mut c = Chain::default();
     walk_into(chain, queue_size, limits, &mut c)?;
     Ok(c)
@@ -131,16 +127,12 @@ where
 
 /// [`walk`] into a chain that is reused from request to request: once its
 /// vectors have grown to `limits.max_descs`, walking allocates nothing.
-pub fn walk_into<M>(
-    chain: DescriptorChain<M>,
+pub fn walk_into<C: DescSource>(
+    mut chain: C,
     queue_size: u16,
     limits: ChainLimits,
     c: &mut Chain,
-) -> Result<(), ChainError>
-where
-    M: std::ops::Deref,
-    M::Target: GuestMemory,
-{
+) -> Result<(), ChainError> {
     let head = chain.head_index();
     if head >= queue_size {
         return Err(ChainError::HeadOutOfRange(head));
@@ -151,12 +143,12 @@ where
     c.status = None;
     c.readable_after_writable = false;
     c.refused = None;
-    let mut last: Option<Descriptor> = None;
+    let mut last: Option<Desc> = None;
     // The last writable descriptor is kept even when the chain is too long
     // to keep, so that the refusal can still be answered in its status byte.
     let mut last_writable: Option<Seg> = None;
     let mut count = 0usize;
-    for d in chain {
+    while let Some(d) = chain.next_desc() {
         count += 1;
         if count > usize::from(queue_size) {
             // Direct chains stop at the queue size by themselves: only an
@@ -169,22 +161,22 @@ where
             c.refused = Some(RequestError::IndirectTooLong(queue_size));
             return Ok(());
         }
-        if d.len() > limits.size_max && c.refused.is_none() {
+        if d.len > limits.size_max && c.refused.is_none() {
             c.refused = Some(RequestError::SegmentTooLong {
-                len: d.len(),
+                len: d.len,
                 max: limits.size_max,
             });
         }
-        if d.len() > 0 {
+        if d.len > 0 {
             let seg = Seg {
-                addr: d.addr().0,
-                len: d.len(),
+                addr: d.addr,
+                len: d.len,
             };
-            if d.is_write_only() {
+            if d.write {
                 last_writable = Some(seg);
             }
             if count <= limits.max_descs {
-                if d.is_write_only() {
+                if d.write {
                     c.writable.push(seg);
                 } else {
                     if !c.writable.is_empty() {
@@ -199,7 +191,7 @@ where
     // The iterator stops early, with the last descriptor still pointing on,
     // on a loop, a too-long chain, or an unreadable descriptor or table.
     match last {
-        Some(d) if !d.has_next() => {}
+        Some(d) if !d.next => {}
         _ => return Err(ChainError::Unterminated),
     }
     if count > limits.max_descs {

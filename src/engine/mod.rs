@@ -30,8 +30,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use log::{debug, error, info, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use crate::backend::io::Backend;
 use crate::backend::request::IoRequest;
@@ -100,7 +99,7 @@ pub trait RequestHandler: Send + Sync + 'static {
     fn prepare(
         &self,
         mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        chain: crate::virtio::ring::RingChain<'_>,
         req: &mut Self::Req,
         io: &mut IoRequest,
     ) -> Prepared;
@@ -285,7 +284,7 @@ impl Engine {
         let mut runners: Vec<(usize, Box<dyn reactor::QueueRunner>)> = Vec::new();
         for (i, qc) in a.queues.iter().enumerate() {
             let Some(qc) = qc else { continue };
-            match make_queue(qc, a.event_idx) {
+            match crate::virtio::ring::DeviceRing::new(qc, a.event_idx) {
                 Ok(q) => {
                     let id = self.next_queue.fetch_add(1, Ordering::Relaxed);
                     let stats = a.stats.get(i).cloned().unwrap_or_default();
@@ -552,17 +551,6 @@ fn wait_acks(rx: &Receiver<()>, n: usize, name: &str, what: &str) {
             Err(RecvTimeoutError::Disconnected) => return,
         }
     }
-}
-
-fn make_queue(qc: &QueueConfig, event_idx: bool) -> Result<Queue, virtio_queue::Error> {
-    let mut q = Queue::new(qc.size)?;
-    q.try_set_size(qc.size)?;
-    q.try_set_desc_table_address(GuestAddress(qc.desc))?;
-    q.try_set_avail_ring_address(GuestAddress(qc.avail))?;
-    q.try_set_used_ring_address(GuestAddress(qc.used))?;
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    Ok(q)
 }
 
 /// Largest CPU number a `cpu_set_t` holds.

@@ -17,9 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use log::debug;
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::pool::{Done, Job};
 use super::reactor::{Cx, Fence, QueueRunner};
@@ -28,6 +26,7 @@ use crate::backend::io::{Backend, UringTarget};
 use crate::backend::request::{IoKind, IoRequest};
 use crate::backend::uring::Uring;
 use crate::vfio_user::GuestMemoryHandle;
+use crate::virtio::ring::{DescSource, DeviceRing};
 use crate::virtio::VirtioInterrupt;
 
 /// Requests one queue takes from its ring in one pass, and bytes of work it
@@ -69,7 +68,7 @@ pub(crate) struct QueueState<H: RequestHandler> {
     id: u64,
     /// Device name and queue index, for the log.
     name: String,
-    queue: Queue,
+    queue: DeviceRing,
     vector: u16,
     irq: VirtioInterrupt,
     handler: Arc<H>,
@@ -105,7 +104,7 @@ impl<H: RequestHandler> QueueState<H> {
     pub fn new(
         id: u64,
         name: String,
-        queue: Queue,
+        queue: DeviceRing,
         vector: u16,
         irq: VirtioInterrupt,
         handler: Arc<H>,
@@ -178,25 +177,21 @@ impl<H: RequestHandler> QueueState<H> {
         self.holds > 0 || self.fence_hit
     }
 
-    /// Whether the whole split ring lies in guest memory. Unlike
+    /// Whether the whole ring lies in guest memory. Unlike
     /// `Queue::is_valid` it does not log: it runs on every pass while a
     /// queue waits for its memory.
     fn ring_mapped(&self, mem: &GuestMemoryMmap) -> bool {
-        let q = &self.queue;
-        let n = u64::from(q.size());
-        let ok = |addr: u64, len: u64| {
+        self.queue.areas().iter().all(|&(addr, len)| {
             usize::try_from(len)
                 .is_ok_and(|len| GuestMemoryBackend::check_range(mem, GuestAddress(addr), len))
-        };
-        ok(q.desc_table(), 16 * n) && ok(q.avail_ring(), 6 + 2 * n) && ok(q.used_ring(), 6 + 8 * n)
+        })
     }
 
     fn ring_in(&self, f: &Fence) -> bool {
-        let q = &self.queue;
-        let n = u64::from(q.size());
-        f.covers_guest(q.desc_table(), 16 * n)
-            || f.covers_guest(q.avail_ring(), 6 + 2 * n)
-            || f.covers_guest(q.used_ring(), 6 + 8 * n)
+        self.queue
+            .areas()
+            .iter()
+            .any(|&(addr, len)| f.covers_guest(addr, len))
     }
 
     /// Whether the request in `s` uses memory in the fence: its buffers, or
@@ -232,7 +227,7 @@ impl<H: RequestHandler> QueueState<H> {
             .finish(&mem, &s.req, result.as_ref(), &self.stats)
         {
             Finish::Used(len) => {
-                if let Err(e) = self.queue.add_used(&*mem, slot, len) {
+                if let Err(e) = self.queue.add_used(&mem, slot, len) {
                     self.break_queue(&format!("used ring: {e}"));
                     return;
                 }
@@ -251,8 +246,7 @@ impl<H: RequestHandler> QueueState<H> {
         s.mem = None;
         self.in_flight -= 1;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let next = self.queue.next_avail().wrapping_sub(1);
-        self.queue.set_next_avail(next);
+        self.queue.undo_pop();
         self.fence_hit = true;
     }
 
@@ -364,8 +358,8 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             if sync_bytes > PASS_SYNC_BYTES {
                 break;
             }
-            let chain = match self.queue.iter(&*mem) {
-                Ok(mut it) => it.next(),
+            let chain = match self.queue.pop(&mem) {
+                Ok(c) => c,
                 Err(e) => {
                     self.break_queue(&format!("available ring: {e}"));
                     break;
@@ -472,12 +466,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             return;
         }
         let mem = self.memory.memory();
-        // virtio-queue does not look at the driver's NO_INTERRUPT flag (it
-        // only applies without EVENT_IDX): we do.
-        if !self.event_idx && driver_suppresses_interrupts(&self.queue, &mem) {
-            return;
-        }
-        match self.queue.needs_notification(&*mem) {
+        match self.queue.needs_notification(&mem, self.event_idx) {
             Ok(true) => self.irq.signal_queue(self.vector),
             Ok(false) => {}
             Err(e) => self.break_queue(&format!("reading the used-event index: {e}")),
@@ -495,11 +484,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         if !self.ring_mapped(&mem) {
             return false;
         }
-        let r = if enable {
-            self.queue.enable_notification(&*mem)
-        } else {
-            self.queue.disable_notification(&*mem).map(|()| false)
-        };
+        let r = self.queue.set_notification(&mem, enable);
         match r {
             // A paused queue takes nothing: what waits is not work.
             Ok(w) => w && !self.paused(),
@@ -557,10 +542,4 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
     fn polled(&self) -> bool {
         self.polled && self.live()
     }
-}
-
-/// The driver set VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags.
-fn driver_suppresses_interrupts(q: &Queue, mem: &GuestMemoryMmap) -> bool {
-    mem.read_obj::<u16>(GuestAddress(q.avail_ring()))
-        .is_ok_and(|f| u32::from(u16::from_le(f)) & VRING_AVAIL_F_NO_INTERRUPT != 0)
 }

@@ -388,6 +388,7 @@ fn describe(name: &str, e: &Entry) -> Value {
         "direct": s.direct,
         "discard": s.discard,
         "write_zeroes": s.write_zeroes,
+        "packed": s.packed,
         "client": client,
         "features": feature_names(e.shared.features()),
         "queue_state": queues,

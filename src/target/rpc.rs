@@ -106,6 +106,7 @@ struct AddParams {
     discard: Option<Flag>,
     #[serde(alias = "write_zeroes")]
     write_zeroes: Option<Flag>,
+    packed: Option<Flag>,
     #[serde(alias = "force_share")]
     force_share: Option<Flag>,
 }
@@ -180,6 +181,7 @@ fn add_spec(p: AddParams) -> Result<DeviceSpec, RpcError> {
         ("direct", p.direct),
         ("discard", p.discard),
         ("write-zeroes", p.write_zeroes),
+        ("packed", p.packed),
         ("force-share", p.force_share),
     ] {
         if let Some(f) = f {

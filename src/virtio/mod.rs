@@ -9,6 +9,8 @@
 
 pub mod legacy;
 pub mod modern;
+pub mod packed;
+pub mod ring;
 #[cfg(test)]
 mod test_device;
 pub mod transport;
@@ -29,6 +31,9 @@ pub struct QueueConfig {
     pub avail: u64,
     pub used: u64,
     pub vector: u16,
+    /// The packed layout (desc: the ring; avail and used: the driver's and
+    /// the device's event suppression structures).
+    pub packed: bool,
 }
 
 /// The configuration-change side of a device, shared by the transport, the

@@ -241,6 +241,10 @@ impl<D: VirtioDevice> PciTransport<D> {
     fn activate(&mut self) {
         let max = self.dev.queue_size();
         let modern = self.interface == Some(Interface::Modern);
+        // The packed layout exists only on the modern interface.
+        let packed = modern
+            && self.driver_features & (1 << virtio_bindings::virtio_config::VIRTIO_F_RING_PACKED)
+                != 0;
         let queues: Vec<Option<QueueConfig>> = self
             .queues
             .iter()
@@ -252,6 +256,7 @@ impl<D: VirtioDevice> PciTransport<D> {
                         avail: q.avail,
                         used: q.used,
                         vector: q.vector,
+                        packed,
                     })
                 } else {
                     (q.pfn != 0).then(|| {
@@ -263,6 +268,7 @@ impl<D: VirtioDevice> PciTransport<D> {
                             avail,
                             used,
                             vector: q.vector,
+                            packed: false,
                         }
                     })
                 }

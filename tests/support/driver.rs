@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use vfio_bindings::bindings::vfio::*;
 use vfio_user::Client;
-use vfio_user_blk::driver_ring::{Buf, SplitRing};
+use vfio_user_blk::driver_ring::{Buf, PackedRing, SplitRing};
 use vfio_user_blk::virtio::modern;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -88,6 +88,9 @@ pub struct Driver {
     pub modern: bool,
     /// The modern interface's features, all 64 bits.
     pub features64: u64,
+    /// Packed rings (modern interface, RING_PACKED negotiated): these
+    /// instead of `queues`.
+    pub packed: Vec<PackedRing>,
     /// `--notify mmap`: the notify page, mapped as QEMU maps it.
     notify_page: Option<vm_memory::MmapRegion>,
     pub ram: File,
@@ -150,9 +153,12 @@ pub struct DriverOptions {
     pub split_dma: bool,
     /// Use the modern interface (BAR4) instead of the legacy one.
     pub modern: bool,
-    /// Modern: ask for queues of this size (a power of two).
+    /// Modern: ask for queues of this size.
     pub queue_size: Option<u16>,
 }
+
+/// VIRTIO_F_RING_PACKED, as a bit.
+pub const F_RING_PACKED: u64 = 1 << 34;
 
 impl Default for DriverOptions {
     fn default() -> Self {
@@ -182,6 +188,7 @@ impl Driver {
             c,
             modern: o.modern,
             features64: 0,
+            packed: Vec::new(),
             notify_page: None,
             ram,
             mem,
@@ -388,6 +395,7 @@ impl Driver {
         let num_queues = usize::from(mrd16(&mut self.c, modern::NUM_QUEUES));
         assert!(num_queues >= nq, "num_queues covers the config's");
         self.queues.clear();
+        self.packed.clear();
         for i in 0..nq {
             let q = i as u16;
             mwr(&mut self.c, modern::QUEUE_SELECT, &q.to_le_bytes());
@@ -398,8 +406,15 @@ impl Driver {
             assert_eq!(mrd16(&mut self.c, modern::QUEUE_SIZE), size, "size taken");
             let base = RING_BASE + RING_STRIDE * i as u64;
             let n = u64::from(size);
-            let (desc, avail) = (base, base + 16 * n);
-            let used = (avail + 6 + 2 * n).div_ceil(4) * 4;
+            let packed = self.features64 & F_RING_PACKED != 0;
+            let (desc, avail, used) = if packed {
+                // The ring, then the driver's and the device's event
+                // structures.
+                (base, base + 16 * n, base + 16 * n + 4)
+            } else {
+                let avail = base + 16 * n;
+                (base, avail, (avail + 6 + 2 * n).div_ceil(4) * 4)
+            };
             mwr(
                 &mut self.c,
                 modern::QUEUE_DESC,
@@ -428,9 +443,15 @@ impl Driver {
             assert_eq!(mrd16(&mut self.c, modern::QUEUE_NOTIFY_OFF), q);
             mwr(&mut self.c, modern::QUEUE_ENABLE, &1u16.to_le_bytes());
             let event_idx = self.features & F_EVENT_IDX != 0;
-            self.queues.push(SplitRing::new(
-                &self.mem, size, desc, avail, used, event_idx,
-            ));
+            if packed {
+                self.packed.push(PackedRing::new(
+                    &self.mem, size, desc, avail, used, event_idx,
+                ));
+            } else {
+                self.queues.push(SplitRing::new(
+                    &self.mem, size, desc, avail, used, event_idx,
+                ));
+            }
         }
         if self.msix {
             mwr(&mut self.c, modern::MSIX_CONFIG, &0u16.to_le_bytes());
@@ -586,6 +607,11 @@ impl Driver {
             .map(|&(addr, len, write)| Buf { addr, len, write })
             .collect();
         let table = indirect.then(|| self.alloc(16 * bufs.len()));
+        if let Some(r) = self.packed.get_mut(q) {
+            let id = r.add(&self.mem, &bufs, table).expect("free descriptor");
+            r.publish(&self.mem, id);
+            return id;
+        }
         let head = self.queues[q]
             .add(&self.mem, &bufs, table)
             .expect("free descriptor");
@@ -608,7 +634,10 @@ impl Driver {
 
     /// Rings the doorbell if the device asked for it, as Linux does.
     pub fn kick(&mut self, q: usize) -> bool {
-        let want = self.queues[q].kick_needed(&self.mem);
+        let want = match self.packed.get_mut(q) {
+            Some(r) => r.kick_needed(&self.mem),
+            None => self.queues[q].kick_needed(&self.mem),
+        };
         if want {
             self.force_kick(q);
         }
@@ -645,13 +674,24 @@ impl Driver {
         let mut out = Vec::new();
         while out.len() < n {
             while out.len() < n {
-                match self.queues[q].pop_used(&self.mem) {
+                let e = match self.packed.get_mut(q) {
+                    Some(r) => r.pop_used(&self.mem),
+                    None => self.queues[q].pop_used(&self.mem),
+                };
+                match e {
                     Some(e) => out.push(e),
                     None => break,
                 }
             }
             // used_event: interrupt me after the next completion.
-            self.queues[q].enable_interrupts(&self.mem);
+            match self.packed.get_mut(q) {
+                Some(r) => {
+                    r.enable_interrupts(&self.mem);
+                }
+                None => {
+                    self.queues[q].enable_interrupts(&self.mem);
+                }
+            }
             if out.len() < n {
                 assert!(
                     Instant::now() < deadline,
