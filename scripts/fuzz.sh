@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(chain protocol device)
+    targets=(chain packed protocol device)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

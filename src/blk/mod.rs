@@ -202,12 +202,18 @@ impl BlkShared {
             ));
         }
         let old = self.capacity_bytes();
+        let notifier = self.config_notifier.lock().clone();
+        if new != old {
+            if let Some(n) = &notifier {
+                n.begin_change();
+            }
+        }
         self.capacity
             .store(new >> request::SECTOR_SHIFT, Ordering::Relaxed);
         drop(paused);
         if new != old {
             info!("disk resized from {old} to {new} bytes");
-            if let Some(n) = self.config_notifier.lock().as_ref() {
+            if let Some(n) = &notifier {
                 n.notify();
             }
         }

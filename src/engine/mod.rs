@@ -305,7 +305,11 @@ impl Engine {
                         )),
                     ));
                 }
-                Err(e) => error!("{} queue {i}: cannot set up the ring: {e}", a.name),
+                Err(e) => {
+                    error!("{} queue {i}: cannot set up the ring: {e}", a.name);
+                    // The driver would wait on it for ever: tell it.
+                    a.irq.device_needs_reset();
+                }
             }
         }
         let mut placed = vec![None; a.queues.len()];

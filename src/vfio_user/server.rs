@@ -568,7 +568,10 @@ impl<D: Device> Server<D> {
                 let full = REGION_INFO_SIZE_U32 + cap_len;
                 let room = u32_at(p, 0) >= full;
                 out.put_u32(full);
-                out.put_u32(info.flags | VFIO_REGION_INFO_FLAG_MMAP | VFIO_REGION_INFO_FLAG_CAPS);
+                // CAPS only with the chain itself: QEMU refuses a reply that
+                // says CAPS with no capability offset.
+                let caps = if room { VFIO_REGION_INFO_FLAG_CAPS } else { 0 };
+                out.put_u32(info.flags | VFIO_REGION_INFO_FLAG_MMAP | caps);
                 out.put_u32(index);
                 out.put_u32(if room { REGION_INFO_SIZE_U32 } else { 0 });
                 out.put_u64(info.size);

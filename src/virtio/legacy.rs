@@ -149,12 +149,7 @@ impl<D: VirtioDevice> PciTransport<D> {
             (QUEUE_NOTIFY, 2) => self.doorbell(v16),
             (STATUS, 1) => self.write_status((v & 0xff) as u8),
             (CONFIG_VECTOR, 2) => self.set_config_vector(v16),
-            (QUEUE_VECTOR, 2) => {
-                let vec = self.valid_vector(v16);
-                if let Some(q) = self.selected() {
-                    q.vector = vec;
-                }
-            }
+            (QUEUE_VECTOR, 2) => self.set_queue_vector(v16),
             _ => {}
         }
         true

@@ -151,6 +151,13 @@ impl ConfigNotifier {
         ConfigNotifier { irq }
     }
 
+    /// The configuration is about to change: the generation moves now and
+    /// again in `notify`, so that a driver reading a field in two halves
+    /// across the change sees the generation differ.
+    pub fn begin_change(&self) {
+        self.irq.config.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Tells a running driver that the configuration changed; without one
     /// there is nobody to tell (a driver reads the configuration when it
     /// starts). The generation moves either way.

@@ -157,8 +157,13 @@ fn ring_field(offset: u64) -> Option<(Ring, bool)> {
 }
 
 impl<D: VirtioDevice> PciTransport<D> {
+    /// RING_PACKED offered, accepted, and the acceptance checked
+    /// (FEATURES_OK stuck): only then may queue sizes be any number.
     fn packed_negotiated(&self) -> bool {
-        self.driver_features & (1 << VIRTIO_F_RING_PACKED) != 0
+        let bit = 1 << VIRTIO_F_RING_PACKED;
+        self.status & FEATURES_OK != 0
+            && self.driver_features & bit != 0
+            && self.dev.features() & bit != 0
     }
 
     fn common_read(&mut self, offset: u64, width: usize) -> Option<u64> {
@@ -320,12 +325,7 @@ impl<D: VirtioDevice> PciTransport<D> {
                     }
                 }
             }
-            (QUEUE_MSIX_VECTOR, 2) => {
-                let vec = self.valid_vector(v16);
-                if let Some(q) = self.selected() {
-                    q.vector = vec;
-                }
-            }
+            (QUEUE_MSIX_VECTOR, 2) => self.set_queue_vector(v16),
             (QUEUE_ENABLE, 2) => {
                 if v16 == 1 {
                     if self.queue_settable("enable") {

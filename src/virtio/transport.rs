@@ -117,11 +117,12 @@ impl<D: VirtioDevice> PciTransport<D> {
         )));
         let notify_file = match notify {
             NotifyMode::Message => None,
-            NotifyMode::Mmap => {
-                let f = crate::util::memfd("virtio-notify")?;
-                f.set_len(modern::BAR_SIZE)?;
-                Some(f)
-            }
+            // Sealed: a client cannot shrink the page under the next one
+            // (whose guest would fault on its doorbell).
+            NotifyMode::Mmap => Some(crate::util::sealed_memfd(
+                "virtio-notify",
+                modern::BAR_SIZE,
+            )?),
         };
         Ok(PciTransport {
             dev,
@@ -180,6 +181,22 @@ impl<D: VirtioDevice> PciTransport<D> {
             v
         } else {
             NO_VECTOR
+        }
+    }
+
+    /// A queue's vector: fixed while the device runs (the queue signals the
+    /// one it started with).
+    pub(super) fn set_queue_vector(&mut self, v: u16) {
+        if self.active {
+            crate::warn_limited!(
+                "queue {} vector written after DRIVER_OK; ignored",
+                self.queue_sel
+            );
+            return;
+        }
+        let vec = self.valid_vector(v);
+        if let Some(q) = self.selected() {
+            q.vector = vec;
         }
     }
 
@@ -279,6 +296,10 @@ impl<D: VirtioDevice> PciTransport<D> {
             self.interface
         );
         let irq = VirtioInterrupt::new(self.isr.clone(), self.irqs.clone(), self.config.clone());
+        // Live first: a queue that breaks while the device starts (a busy
+        // reactor may take its first request at once) must still raise the
+        // configuration interrupt.
+        self.config.set_live(true);
         self.dev.activate(
             self.driver_features,
             queues,
@@ -286,7 +307,6 @@ impl<D: VirtioDevice> PciTransport<D> {
             self.notify == NotifyMode::Mmap && modern,
         );
         self.active = true;
-        self.config.set_live(true);
     }
 
     /// Device config read at `off` (bytes past its end read zeros).
