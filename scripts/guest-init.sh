@@ -16,6 +16,8 @@ for a in $(cat /proc/cmdline); do
         vub.serial2=*) SERIAL2=${a#vub.serial2=} ;;
         vub.iface=*) IFACE=${a#vub.iface=} ;;
         vub.resize=*) RESIZE=${a#vub.resize=} ;;
+        vub.quick=*) SERIAL=${a#vub.quick=} ;;
+        vub.packed=*) PACKED=${a#vub.packed=} ;;
     esac
 done
 echo "VUB-BOOTED phase=$PHASE"
@@ -42,6 +44,7 @@ while [ $i -lt 120 ]; do
     n=0
     for b in /sys/block/vd*; do [ -e "$b" ] && n=$((n + 1)); done
     [ $n -ge 3 ] && break
+    [ "$PHASE" = quick ] && [ $n -ge 1 ] && break
     sleep 0.5
     i=$((i + 1))
 done
@@ -204,6 +207,35 @@ main)
     echo "VUB-DONE main"
     reboot -f
     sleep 30
+    ;;
+quick)
+    # One disk, on the modern interface: fio with verification, and what
+    # the driver negotiated.
+    if [ -z "$DISK" ]; then
+        bad disk-found "no virtio disk with serial $SERIAL"
+        finish quick
+    fi
+    ok disk-found "$DISK"
+    feats=""
+    for v in /sys/bus/virtio/devices/virtio*; do
+        [ -e "$v/block/$D" ] && feats=$(cat "$v/features")
+    done
+    [ "$(echo "$feats" | cut -c33)" = 1 ]; verdict virtio-interface-modern $? "features $feats"
+    if [ "$PACKED" = 1 ]; then
+        [ "$(echo "$feats" | cut -c35)" = 1 ]; verdict packed-ring-negotiated $? ""
+    fi
+    fio --name=randwrite --filename="$DISK" --ioengine=$fio_ioengine --direct=1 --rw=randwrite \
+        --bs=4k --iodepth=16 --offset=0 --size=16M --verify=crc32c --do_verify=1 \
+        --verify_fatal=1 --randrepeat=1 --output=/tmp/fq1.txt >/dev/null 2>&1
+    verdict fio-randwrite-crc32c $? "$(grep -o 'IOPS=[^,]*' /tmp/fq1.txt | head -1)"
+    fio --name=seq --filename="$DISK" --ioengine=$fio_ioengine --direct=1 --rw=write \
+        --bs=128k --iodepth=4 --offset=16M --size=16M --verify=crc32c --do_verify=1 \
+        --verify_fatal=1 --output=/tmp/fq2.txt >/dev/null 2>&1
+    verdict fio-sequential-128k $? "$(grep -o 'BW=[^ ]*' /tmp/fq2.txt | head -1)"
+    nq=$(ls /sys/block/$D/mq | wc -l)
+    [ "$nq" = 2 ]; verdict two-hardware-queues $? "$nq"
+    echo "VUB-MD5 quick $(region_md5 0 32)"
+    finish quick
     ;;
 fio-kill)
     losetup -o $((64 * MiB)) /dev/loop0 "$DISK"
