@@ -86,6 +86,11 @@ struct Args {
     /// qemu-storage-daemon iothread polling (poll-max-ns; 0 turns it off).
     #[arg(long, default_value_t = 32768)]
     qsd_poll_max_ns: u64,
+    /// The interface the synthetic guest drives our device through:
+    /// `legacy` (BAR0, doorbells waited for) or `modern` (BAR4, doorbells
+    /// posted as QEMU posts memory writes).
+    #[arg(long, default_value = "legacy", value_parser = ["legacy", "modern"])]
+    ours_interface: String,
     /// Run only the doorbell study: QD1 latency in adaptive mode with the
     /// legacy interface, the modern one (posted doorbells) and the modern
     /// one with `--notify mmap`.
@@ -349,14 +354,18 @@ enum Dev {
 impl Guest {
     /// Connects to our device (`vhost` false) or to a vhost-user-blk export
     /// and sets up `queues` queues.
-    fn connect(sock: &Path, vhost: bool, queues: usize) -> Result<Guest> {
+    fn connect(sock: &Path, vhost: bool, queues: usize, modern: bool) -> Result<Guest> {
         let ram = GuestRam::new(64 << 20)?;
         let (dev, rings) = if vhost {
             let (d, r) = VhostUserBlk::connect(sock, &ram, queues, QUEUE_SIZE, RING_BASE, 0)?;
             (Dev::Vhost(d), r)
         } else {
             let mut d = VfioUserBlk::connect(sock, &ram)?;
-            let r = d.setup(&ram, queues, RING_BASE, 0)?;
+            let r = if modern {
+                d.setup_modern(sock, &ram, queues, RING_BASE, 0)?
+            } else {
+                d.setup(&ram, queues, RING_BASE, 0)?
+            };
             (Dev::Vfio(d), r)
         };
         Ok(Guest { ram, dev, rings })
@@ -381,11 +390,12 @@ impl Guest {
 fn run_single(
     s: &Server,
     vhost: bool,
+    modern: bool,
     w: &Workload,
     size: u64,
     secs: Duration,
 ) -> Result<RunResult> {
-    let mut g = Guest::connect(&s.socks[0], vhost, w.queues)?;
+    let mut g = Guest::connect(&s.socks[0], vhost, w.queues, modern)?;
     let r = g.run(w, size, secs, &s.pids());
     g.close();
     r
@@ -396,6 +406,7 @@ fn run_single(
 fn run_multi(
     s: &Server,
     vhost: bool,
+    modern: bool,
     w: &Workload,
     size: u64,
     secs: Duration,
@@ -412,7 +423,7 @@ fn run_multi(
             .map(|sock| {
                 let (start, stop) = (&start, &stop);
                 sc.spawn(move || -> Result<RunResult> {
-                    let g = Guest::connect(sock, vhost, w.queues);
+                    let g = Guest::connect(sock, vhost, w.queues, modern);
                     // Every thread reaches both barriers, whatever failed.
                     start.wait();
                     let r = match g {
@@ -838,10 +849,11 @@ fn real_main(args: &Args) -> Result<()> {
                     _ => match servers.get(t, w)? {
                         Ok(s) => {
                             let vhost = t.starts_with("qsd");
+                            let modern = args.ours_interface == "modern";
                             let r = if w.devices > 1 {
-                                run_multi(s, vhost, w, size, secs)
+                                run_multi(s, vhost, modern, w, size, secs)
                             } else {
-                                run_single(s, vhost, w, size, secs)
+                                run_single(s, vhost, modern, w, size, secs)
                             };
                             s.check_alive(t)?;
                             r
@@ -878,6 +890,7 @@ fn real_main(args: &Args) -> Result<()> {
         targets: selected.clone(),
         ours_args: args.ours_args.clone(),
         ours_threads_args: args.ours_threads_args.clone(),
+        interface: args.ours_interface.clone(),
         disk: disk_note,
         multi_size: images.multi_size,
         skipped,

@@ -103,6 +103,8 @@ pub struct Meta {
     pub targets: Vec<&'static str>,
     pub ours_args: String,
     pub ours_threads_args: String,
+    /// The interface the synthetic guest drives ours through.
+    pub interface: String,
     /// Where the direct-* image is (device, file system), or empty.
     pub disk: String,
     pub multi_size: u64,
@@ -162,8 +164,8 @@ pub fn header(m: &Meta) -> String {
     );
     let _ = writeln!(
         out,
-        "ours: {} --io-engine io-uring; ours-threads: {} --io-engine threads",
-        m.ours_args, m.ours_threads_args
+        "ours: {} --io-engine io-uring; ours-threads: {} --io-engine threads; guest on the {} interface",
+        m.ours_args, m.ours_threads_args, m.interface
     );
     if !m.disk.is_empty() {
         let _ = writeln!(out, "{}", m.disk);
@@ -408,6 +410,7 @@ pub fn to_json(results: &Results, m: &Meta) -> Value {
         "seconds_per_run": m.seconds,
         "targets": m.targets,
         "ours_args": m.ours_args,
+        "interface": m.interface,
         "ours_threads_args": m.ours_threads_args,
         "direct_disk": if m.disk.is_empty() { Value::Null } else { Value::from(m.disk.as_str()) },
         "skipped": m.skipped,
