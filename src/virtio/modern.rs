@@ -398,6 +398,7 @@ impl<D: VirtioDevice> PciTransport<D> {
             if rel.is_multiple_of(u64::from(NOTIFY_MULTIPLIER)) && n >= 2 {
                 let q = u16::try_from(rel / u64::from(NOTIFY_MULTIPLIER)).unwrap_or(u16::MAX);
                 if self.interface == Some(Interface::Modern) {
+                    self.doorbell_messages += 1;
                     self.doorbell(q);
                 } else {
                     debug!(

@@ -101,6 +101,10 @@ pub struct PciTransport<D: VirtioDevice> {
     /// `--notify mmap`: the file behind the modern BAR that the client
     /// maps; only the notify page of it is offered.
     notify_file: Option<File>,
+    /// Doorbells that came as messages through the modern notify area,
+    /// since the process started (with `--notify mmap` none should: the
+    /// client maps the page).
+    pub(super) doorbell_messages: u64,
     config_notifier: Arc<ConfigNotifier>,
 }
 
@@ -141,6 +145,7 @@ impl<D: VirtioDevice> PciTransport<D> {
             interface: None,
             notify,
             notify_file,
+            doorbell_messages: 0,
         })
     }
 
@@ -374,6 +379,10 @@ impl<D: VirtioDevice> BarLogic for PciTransport<D> {
     fn disconnect(&mut self) {
         self.dev.abandon();
         self.reset_registers();
+        info!(
+            "{} doorbell message(s) through the modern notify area since start (notify {:?})",
+            self.doorbell_messages, self.notify
+        );
     }
 
     fn quiesce(&mut self, range: Option<DmaRange>) {
