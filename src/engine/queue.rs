@@ -477,6 +477,11 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         if self.broken.is_some() || self.withdrawn {
             return false;
         }
+        // A paused queue writes nothing into guest memory (an unmap may be
+        // taking it away); it looks again when it resumes.
+        if self.paused() {
+            return false;
+        }
         // A polled queue's doorbells would reach nobody: the driver need
         // not write them (it costs a guest nothing, but saves the store).
         let enable = enable && !self.polled;

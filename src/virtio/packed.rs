@@ -294,7 +294,14 @@ impl PackedQueue {
         if !store16(mem, at + 14, flags) {
             return Err(PackedError::Unwritable(at));
         }
-        (self.next_used, self.used_wrap) = self.advance(self.next_used, self.used_wrap, count);
+        let wrap = self.used_wrap;
+        (self.next_used, self.used_wrap) = self.advance(self.next_used, wrap, count);
+        if self.used_wrap != wrap {
+            // Positions alone cannot say whether the driver's event was
+            // passed across a wrap (a whole lap may complete between two
+            // decisions): the next decision notifies, as QEMU does.
+            self.signalled = None;
+        }
         Ok(())
     }
 
