@@ -44,7 +44,7 @@ while [ $i -lt 120 ]; do
     n=0
     for b in /sys/block/vd*; do [ -e "$b" ] && n=$((n + 1)); done
     [ $n -ge 3 ] && break
-    [ "$PHASE" = quick ] && [ $n -ge 1 ] && break
+    case "$PHASE" in quick | boot) [ $n -ge 1 ] && break ;; esac
     sleep 0.5
     i=$((i + 1))
 done
@@ -207,6 +207,15 @@ main)
     echo "VUB-DONE main"
     reboot -f
     sleep 30
+    ;;
+boot)
+    # Booted by SeaBIOS and extlinux from our disk: the boot loader put
+    # BOOT_IMAGE on the command line, and the disk holds its partition.
+    grep -q 'BOOT_IMAGE=' /proc/cmdline; b=$?
+    part=""
+    for p in /sys/block/vd*/vd*1; do [ -e "$p" ] && part=$(basename "$p"); done
+    [ $b -eq 0 ] && [ -n "$part" ]; verdict boot-from-disk $? "$(cat /proc/cmdline | cut -c1-60) on $part"
+    finish boot
     ;;
 quick)
     # One disk, on the modern interface: fio with verification, and what

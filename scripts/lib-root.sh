@@ -2,7 +2,7 @@
 # 10.1+ from trixie-backports and a stock kernel. Only distribution
 # packages are downloaded.
 
-ROOT_PACKAGES="qemu-system-x86 linux-image-amd64 busybox-static fio e2fsprogs util-linux kmod ovmf- "
+ROOT_PACKAGES="qemu-system-x86 linux-image-amd64 busybox-static fio e2fsprogs util-linux kmod extlinux syslinux-common fdisk ovmf- "
 ROOT_STAMP_VERSION=3
 
 root_ready() {
@@ -33,7 +33,7 @@ SRC
     chroot "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive sh -c "
         apt-get update -q &&
         apt-get install -y -q --no-install-recommends -t trixie-backports qemu-system-x86 &&
-        apt-get install -y -q --no-install-recommends linux-image-amd64 busybox-static fio e2fsprogs util-linux kmod &&
+        apt-get install -y -q --no-install-recommends linux-image-amd64 busybox-static fio e2fsprogs util-linux kmod extlinux syslinux-common fdisk &&
         apt-get clean" >"$root.apt.log" 2>&1 || rc=$?
     umount_root_fs "$root"
     if [ $rc -ne 0 ]; then
@@ -41,6 +41,22 @@ SRC
         return 1
     fi
     echo "$ROOT_STAMP_VERSION" >"$root/.vub-root-ready"
+}
+
+# The boot loader (and sfdisk) for the boot-from-disk image, added to a root built
+# before it was part of the package list. Needs the mirror; 1 if missing.
+ensure_boot_tools() {
+    local root=$1
+    local have='[ -x "$root/usr/bin/extlinux" ] && [ -f "$root/usr/lib/syslinux/mbr/mbr.bin" ] && [ -x "$root/usr/sbin/sfdisk" ]'
+    eval "$have" && return 0
+    chroot "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive sh -c "
+        apt-get update -q &&
+        apt-get install -y -q --no-install-recommends extlinux syslinux-common fdisk &&
+        apt-get clean" >"$root.apt-boot.log" 2>&1 || {
+        tail -10 "$root.apt-boot.log"
+        return 1
+    }
+    eval "$have"
 }
 
 mount_root_fs() {
