@@ -18,6 +18,9 @@ for a in $(cat /proc/cmdline); do
         vub.resize=*) RESIZE=${a#vub.resize=} ;;
         vub.quick=*) SERIAL=${a#vub.quick=} ;;
         vub.packed=*) PACKED=${a#vub.packed=} ;;
+        vub.jobs=*) JOBS=${a#vub.jobs=} ;;
+        vub.engines=*) ENGINES=${a#vub.engines=} ;;
+        vub.runtime=*) RUNTIME=${a#vub.runtime=} ;;
     esac
 done
 echo "VUB-BOOTED phase=$PHASE"
@@ -44,7 +47,7 @@ while [ $i -lt 120 ]; do
     n=0
     for b in /sys/block/vd*; do [ -e "$b" ] && n=$((n + 1)); done
     [ $n -ge 3 ] && break
-    case "$PHASE" in quick | boot) [ $n -ge 1 ] && break ;; esac
+    case "$PHASE" in quick | boot | bench) [ $n -ge 1 ] && break ;; esac
     sleep 0.5
     i=$((i + 1))
 done
@@ -207,6 +210,40 @@ main)
     echo "VUB-DONE main"
     reboot -f
     sleep 30
+    ;;
+bench)
+    # scripts/guest-bench.sh: the same fio jobs on the one disk, whatever
+    # serves it; each job's JSON between markers on the console.
+    B=$(ls -d /sys/block/vd* | head -1)
+    DEV=/dev/$(basename "$B")
+    NQ=$(ls "$B/mq" | wc -l)
+    echo "VUB-BENCH-START queues=$NQ"
+    for eng in $(echo "${ENGINES:-libaio}" | tr , ' '); do
+        fio --enghelp 2>/dev/null | grep -q "$eng" || { echo "VUB-BENCH-NOENGINE $eng"; continue; }
+        for job in $(echo "$JOBS" | tr , ' '); do
+            case "$job" in
+            randread-qd1) a="--rw=randread --bs=4k --iodepth=1 --numjobs=1" ;;
+            randread-qd32) a="--rw=randread --bs=4k --iodepth=$((32 / NQ)) --numjobs=$NQ" ;;
+            randwrite-qd32) a="--rw=randwrite --bs=4k --iodepth=$((32 / NQ)) --numjobs=$NQ" ;;
+            seqread-128k) a="--rw=read --bs=128k --iodepth=8 --numjobs=1" ;;
+            seqwrite-128k) a="--rw=write --bs=128k --iodepth=8 --numjobs=1" ;;
+            mix70-qd32) a="--rw=randrw --rwmixread=70 --bs=4k --iodepth=$((32 / NQ)) --numjobs=$NQ" ;;
+            *) echo "VUB-BENCH-UNKNOWN $job"; continue ;;
+            esac
+            echo "VUB-JOB-START $job $eng"
+            # shellcheck disable=SC2086
+            fio --name="$job" --filename="$DEV" --direct=1 --ioengine="$eng" $a \
+                --group_reporting --time_based --runtime="${RUNTIME:-3}" --ramp_time=1 \
+                --size=192M --output-format=json --output=/tmp/j.json >/dev/null 2>&1
+            echo "VUB-JSON-BEGIN $job $eng"
+            cat /tmp/j.json
+            echo "VUB-JSON-END"
+        done
+    done
+    echo "VUB-BENCH-END"
+    # The host reads QEMU's CPU time when it sees the line above.
+    sleep 2
+    finish bench
     ;;
 boot)
     # Booted by SeaBIOS and extlinux from our disk: the boot loader put

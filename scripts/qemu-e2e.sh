@@ -212,6 +212,11 @@ build_initramfs() {
 }
 say "building the initramfs (kernel $KVER)"
 build_initramfs
+# scripts/guest-bench.sh only wants the guest: the kernel and initramfs.
+if [ -n "${VUB_E2E_PREPARE_ONLY:-}" ]; then
+    cp "$KERNEL" "$WORK/initramfs.cpio" "$VUB_E2E_PREPARE_ONLY/"
+    exit 0
+fi
 
 SECTORS=$((DISK_MB * 2048))
 QEMU_LOG_N=0

@@ -5,6 +5,7 @@
 //! device processes.
 
 mod guest;
+mod guest_report;
 mod notify;
 mod report;
 mod run;
@@ -96,6 +97,10 @@ struct Args {
     /// one with `--notify mmap`.
     #[arg(long)]
     notify_study: bool,
+    /// Only report scripts/guest-bench.sh's runs in this folder (with
+    /// --json and --svg).
+    #[arg(long, value_name = "DIR")]
+    guest_report: Option<PathBuf>,
 }
 
 const QUEUES: usize = 4;
@@ -694,6 +699,9 @@ fn real_main(args: &Args) -> Result<()> {
         if v.split_whitespace().any(|a| a.starts_with("--io-engine")) {
             bail!("{name}: leave --io-engine out; the target sets it (ours: io-uring, ours-threads: threads)");
         }
+    }
+    if let Some(dir) = &args.guest_report {
+        return guest_report::run(dir, args.json.as_deref(), args.svg.as_deref());
     }
     if args.notify_study {
         prepare_image(&args.image, args.size, true)?;
