@@ -406,3 +406,140 @@ impl<B: BarLogic> Device for PciFunction<B> {
         self.irqs.drop_descriptors();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    const IO_SIZE: u64 = 0x80;
+    /// (BAR, offset, length, write) of each access that reached the logic.
+    type Log = Arc<Mutex<Vec<(u8, u64, usize, bool)>>>;
+    const MEM_SIZE: u64 = 0x4000;
+
+    /// BARs that record every access and insist it lies inside the BAR:
+    /// the function promises its logic bounds-checked accesses.
+    #[derive(Default)]
+    struct Recorder(Log);
+
+    impl Recorder {
+        fn access(&self, bar: u8, offset: u64, len: usize, write: bool) {
+            let size = if bar == 0 { IO_SIZE } else { MEM_SIZE };
+            assert!(
+                offset + len as u64 <= size,
+                "BAR{bar} access of {len} at {offset:#x}"
+            );
+            self.0.lock().unwrap().push((bar, offset, len, write));
+        }
+    }
+
+    impl BarLogic for Recorder {
+        fn io_bar_size(&self) -> u32 {
+            u32::try_from(IO_SIZE).unwrap()
+        }
+        fn io_read(&mut self, offset: u64, data: &mut [u8]) {
+            self.access(0, offset, data.len(), false);
+            data.fill(0xab);
+        }
+        fn io_write(&mut self, offset: u64, data: &[u8]) {
+            self.access(0, offset, data.len(), true);
+        }
+        fn mem_bar(&self) -> Option<MemBar<'_>> {
+            Some(MemBar {
+                size: MEM_SIZE,
+                mmap: None,
+            })
+        }
+        fn mem_read(&mut self, offset: u64, data: &mut [u8]) {
+            self.access(MEM_BAR, offset, data.len(), false);
+            data.fill(0xcd);
+        }
+        fn mem_write(&mut self, offset: u64, data: &[u8]) {
+            self.access(MEM_BAR, offset, data.len(), true);
+        }
+        fn capabilities(&self) -> Vec<VendorCap> {
+            let mut bytes = vec![0u8; 20];
+            bytes[2] = 20;
+            let mut wmask = vec![0u8; 20];
+            wmask[4] = 0xff;
+            wmask[8..20].fill(0xff);
+            vec![VendorCap {
+                bytes,
+                wmask,
+                window: Some(CapWindow {
+                    bar_at: 4,
+                    offset_at: 8,
+                    length_at: 12,
+                    data_at: 16,
+                }),
+            }]
+        }
+        fn reset(&mut self) {}
+        fn disconnect(&mut self) {}
+        fn quiesce(&mut self, _range: Option<DmaRange>) {}
+        fn resume(&mut self) {}
+        fn bus_master_changed(&mut self, _enabled: bool) {}
+        fn memory_added(&mut self) {}
+    }
+
+    fn function() -> (PciFunction<Recorder>, Log, u64) {
+        let rec = Recorder::default();
+        let log = rec.0.clone();
+        let f = PciFunction::new(
+            Identity {
+                vendor: 0x1af4,
+                device: 0x1001,
+                subsys_vendor: 0x1af4,
+                subsys_id: 2,
+                revision: 0,
+                class: [1, 0, 0],
+            },
+            rec,
+            Arc::new(Interrupts::new(2)),
+        );
+        let cap = f.config.vendor_cap_offsets()[0] as u64;
+        (f, log, cap)
+    }
+
+    fn aim(f: &mut PciFunction<Recorder>, cap: u64, bar: u8, offset: u32, length: u32) {
+        let cfg = VFIO_PCI_CONFIG_REGION_INDEX;
+        f.region_write(cfg, cap + 4, &[bar]).unwrap();
+        f.region_write(cfg, cap + 8, &offset.to_le_bytes()).unwrap();
+        f.region_write(cfg, cap + 12, &length.to_le_bytes())
+            .unwrap();
+    }
+
+    #[test]
+    fn the_config_window_reaches_only_inside_the_bars() {
+        let (mut f, log, cap) = function();
+        let cfg = VFIO_PCI_CONFIG_REGION_INDEX;
+        let mut b = [0u8; 4];
+        // Inside: the access goes through, with the window's length.
+        aim(&mut f, cap, MEM_BAR, 0x3ffc, 4);
+        f.region_read(cfg, cap + 16, &mut b).unwrap();
+        assert_eq!(b, [0xcd; 4]);
+        aim(&mut f, cap, 0, 0x7e, 2);
+        f.region_write(cfg, cap + 16, &[1, 2, 3, 4]).unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![(MEM_BAR, 0x3ffc, 4, false), (0, 0x7e, 2, true)]
+        );
+        // Past the end, a width that is no access size, a BAR that is not
+        // there, an offset that would overflow: nothing reaches the logic
+        // and reads give zeros.
+        for (bar, off, len) in [
+            (MEM_BAR, 0x3ffe, 4),
+            (0, 0x7f, 2),
+            (MEM_BAR, 0, 3),
+            (MEM_BAR, 0, 8),
+            (2, 0, 4),
+            (MEM_BAR, u32::MAX, 4),
+        ] {
+            aim(&mut f, cap, bar, off, len);
+            f.region_read(cfg, cap + 16, &mut b).unwrap();
+            assert_eq!(b, [0; 4], "bar {bar} offset {off:#x} length {len}");
+            f.region_write(cfg, cap + 15, &[9, 9, 9, 9, 9]).unwrap();
+        }
+        assert_eq!(log.lock().unwrap().len(), 2);
+    }
+}
