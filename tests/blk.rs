@@ -29,19 +29,6 @@ fn with_image(size: u64, args: &[&str]) -> Setup {
     Setup { srv, img }
 }
 
-fn image_bytes(img: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
-    let f = std::fs::File::open(img).unwrap();
-    let mut b = vec![0u8; len];
-    f.read_exact_at(&mut b, off).unwrap();
-    b
-}
-
-fn check_no_panic(srv: &mut ServerProcess) {
-    srv.assert_alive();
-    let log = srv.log_text();
-    assert!(!log.contains("panicked"), "{log}");
-}
-
 #[test]
 fn read_write_byte_for_byte_against_the_image() {
     let mut s = with_image(16 * MB, &[]);
@@ -67,7 +54,7 @@ fn read_write_byte_for_byte_against_the_image() {
     // Last sector of the disk.
     assert_eq!(d.write(0, 16 * MB / 512 - 1, &[7u8; 512]), S_OK);
     assert_eq!(image_bytes(&s.img, 16 * MB - 512, 512), vec![7u8; 512]);
-    check_no_panic(&mut s.srv);
+    s.srv.assert_healthy();
 }
 
 #[test]
@@ -346,7 +333,7 @@ fn two_hundred_fifty_six_in_flight_in_each_poll_mode() {
         many_in_flight(&mut d, &s.img, 0, 256, 0);
         // Sequential neighbours are merged; they still complete one by one.
         many_in_flight(&mut d, &s.img, 0, 64, 4096);
-        check_no_panic(&mut s.srv);
+        s.srv.assert_healthy();
     }
 }
 

@@ -22,19 +22,6 @@ fn modern_opts() -> DriverOptions {
     }
 }
 
-fn image_bytes(img: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
-    let f = std::fs::File::open(img).unwrap();
-    let mut b = vec![0u8; len];
-    f.read_exact_at(&mut b, off).unwrap();
-    b
-}
-
-fn healthy(srv: &mut ServerProcess) {
-    srv.assert_alive();
-    let log = srv.log_text();
-    assert!(!log.contains("panicked"), "{log}");
-}
-
 #[test]
 fn a_modern_driver_does_io_byte_for_byte_on_every_queue() {
     let (mut srv, img) = image_server("modern-io", 16 * MB, &["--queues", "2"]);
@@ -60,7 +47,7 @@ fn a_modern_driver_does_io_byte_for_byte_on_every_queue() {
     }
     let log = srv.log_text();
     assert!(log.contains("VERSION_1"), "{log}");
-    healthy(&mut srv);
+    srv.assert_healthy();
 }
 
 #[test]
@@ -109,7 +96,7 @@ fn a_smaller_queue_wraps_around() {
             );
         }
     }
-    healthy(&mut srv);
+    srv.assert_healthy();
 }
 
 #[test]
@@ -140,7 +127,7 @@ fn features_ok_is_refused_for_what_was_not_offered_or_without_version_1() {
     assert_eq!(d.read(0, 0, 4096), (S_OK, vec![7u8; 4096]));
     let log = srv.log_text();
     assert!(log.contains("FEATURES_OK refused"), "{log}");
-    healthy(&mut srv);
+    srv.assert_healthy();
 }
 
 #[test]
@@ -161,7 +148,7 @@ fn a_refused_feature_keeps_its_effect_off() {
     assert_eq!(d.simple(0, T_DISCARD, 0, seg, 0).0, S_UNSUPP);
     let log = srv.log_text();
     assert!(log.contains("write cache write-through"), "{log}");
-    healthy(&mut srv);
+    srv.assert_healthy();
 }
 
 #[test]
@@ -183,7 +170,7 @@ fn reset_and_restart_on_either_interface() {
     d.init_modern(0, None).unwrap();
     assert_eq!(d.read(0, 16, 4096), (S_OK, pattern(2, 4096)));
     assert_eq!(image_bytes(&img, 16 * 512, 4096), pattern(2, 4096));
-    healthy(&mut srv);
+    srv.assert_healthy();
 }
 
 #[test]
@@ -202,7 +189,7 @@ fn a_driver_that_mixes_interfaces_gets_the_first_one() {
     assert_eq!(d.write(0, 0, &[3u8; 512]), S_OK);
     let log = srv.log_text();
     assert!(log.contains("while using the Modern one"), "{log}");
-    healthy(&mut srv);
+    srv.assert_healthy();
 }
 
 #[test]
@@ -223,7 +210,7 @@ fn a_broken_queue_sets_needs_reset_and_raises_the_config_vector() {
     assert_eq!(d.status(), 0);
     d.init_modern(0, None).unwrap();
     assert_eq!(d.read(0, 0, 512), (S_OK, vec![1u8; 512]));
-    healthy(&mut srv);
+    srv.assert_healthy();
 }
 
 /// Writes the PCI-config access capability's bar, offset and length.
@@ -300,7 +287,7 @@ fn the_pci_config_window_reaches_the_modern_bar() {
     c.region_read(VFIO_PCI_BAR4_REGION_INDEX, modern::DEVICE_STATUS, &mut st)
         .unwrap();
     assert_eq!(st[0], 1);
-    healthy(&mut srv);
+    srv.assert_healthy();
 }
 
 #[test]
@@ -339,7 +326,7 @@ fn notify_mmap_offers_the_page_and_polls_without_doorbell_messages() {
     d.modern = false;
     d.init(0);
     assert_eq!(d.read(0, 0, 4096), (S_OK, pattern(0, 4096)));
-    healthy(&mut srv);
+    srv.assert_healthy();
 }
 
 fn packed_opts(queue_size: Option<u16>, refuse: u32) -> DriverOptions {
@@ -427,7 +414,7 @@ fn packed_rings_do_io_byte_for_byte_and_wrap() {
     packed_traffic(&mut d, &img, 12);
     let log = srv.log_text();
     assert!(log.contains("RING_PACKED"), "{log}");
-    healthy(&mut srv);
+    srv.assert_healthy();
 }
 
 #[test]
@@ -436,7 +423,7 @@ fn packed_is_offered_only_when_asked_for_and_only_on_the_modern_interface() {
     let d = Driver::new(&srv.socket, modern_opts());
     assert_eq!(d.features64 & F_RING_PACKED, 0);
     drop(d);
-    healthy(&mut srv);
+    srv.assert_healthy();
     let (mut srv, img) = image_server("packed-offer2", 4 * MB, &["--packed"]);
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert!(d.packed.is_empty(), "a legacy driver gets split rings");
@@ -453,7 +440,7 @@ fn packed_is_offered_only_when_asked_for_and_only_on_the_modern_interface() {
     assert_eq!(d.packed.len(), 1);
     assert_eq!(d.read(0, 0, 4096), (S_OK, vec![5u8; 4096]));
     assert_eq!(image_bytes(&img, 0, 4096), vec![5u8; 4096]);
-    healthy(&mut srv);
+    srv.assert_healthy();
 }
 
 #[test]
@@ -485,5 +472,5 @@ fn a_broken_packed_chain_breaks_the_queue_until_reset() {
     d.reset();
     d.init_modern(0, Some(8)).unwrap();
     assert_eq!(d.read(0, 0, 512), (S_OK, vec![1u8; 512]));
-    healthy(&mut srv);
+    srv.assert_healthy();
 }

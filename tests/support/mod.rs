@@ -121,6 +121,22 @@ impl ServerProcess {
             self.log_text()
         );
     }
+
+    /// Alive, and no thread of it ever panicked.
+    pub fn assert_healthy(&mut self) {
+        self.assert_alive();
+        let log = self.log_text();
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
+/// `len` bytes of an image file at `off`.
+pub fn image_bytes(img: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(img).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, off).unwrap();
+    b
 }
 
 impl Drop for ServerProcess {
