@@ -10,10 +10,14 @@ use std::time::Instant;
 
 /// Creates an anonymous memory file (memfd), close-on-exec.
 pub fn memfd(name: &str) -> io::Result<File> {
+    memfd_with(name, libc::MFD_CLOEXEC)
+}
+
+fn memfd_with(name: &str, flags: libc::c_uint) -> io::Result<File> {
     let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: name is a valid NUL-terminated string; the call has no other
     // memory effects.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -25,16 +29,7 @@ pub fn memfd(name: &str) -> io::Result<File> {
 /// against shrinking, growing and further seals): a file handed to clients
 /// that none of them can cut short under the others.
 pub fn sealed_memfd(name: &str, len: u64) -> io::Result<File> {
-    let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: cname is a valid NUL-terminated string; the call has no other
-    // memory effects.
-    let fd =
-        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
-    let f = unsafe { File::from_raw_fd(fd) };
+    let f = memfd_with(name, libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)?;
     f.set_len(len)?;
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: F_ADD_SEALS on a descriptor we own; no memory effects.

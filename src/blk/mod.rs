@@ -18,7 +18,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use crate::backend::io::Backend;
 use crate::engine::{Activation, Active, Engine, Fence, QueueStats};
 use crate::vfio_user::{DmaRange, GuestMemoryHandle};
-use crate::virtio::{ConfigNotifier, QueueConfig, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{low32, ConfigNotifier, QueueConfig, VirtioDevice, VirtioInterrupt};
 pub use config::BlkConfig;
 use exec::{BlkContext, ErrorPolicy};
 
@@ -301,11 +301,6 @@ impl BlkDevice {
             );
         }
     }
-}
-
-/// The low 32 feature bits, where virtio-blk's own live.
-fn low32(v: u64) -> u32 {
-    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
 }
 
 impl VirtioDevice for BlkDevice {

@@ -12,7 +12,7 @@
 use log::{debug, info};
 
 use super::transport::{Interface, PciTransport};
-use super::{VirtioDevice, NO_VECTOR};
+use super::{low32, VirtioDevice, NO_VECTOR};
 
 pub const HOST_FEATURES: u64 = 0;
 pub const GUEST_FEATURES: u64 = 4;
@@ -49,11 +49,6 @@ pub fn legacy_ring_layout(base: u64, size: u16) -> (u64, u64, u64) {
 pub fn bar_size(config_len: usize) -> u32 {
     let need = CONFIG_OFFSET_MSIX_USIZE + config_len;
     u32::try_from(need.next_power_of_two()).unwrap_or(u32::MAX)
-}
-
-/// The low 32 bits: all the legacy interface has.
-fn low32(v: u64) -> u32 {
-    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
 }
 
 impl<D: VirtioDevice> PciTransport<D> {

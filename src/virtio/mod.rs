@@ -20,6 +20,12 @@ use std::sync::Arc;
 
 use crate::pci::Interrupts;
 
+/// The low 32 feature bits: all the legacy interface has, and where a
+/// device's own bits live.
+pub fn low32(v: u64) -> u32 {
+    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
+}
+
 /// `VIRTIO_MSI_NO_VECTOR`: no vector assigned.
 pub const NO_VECTOR: u16 = 0xffff;
 

@@ -17,7 +17,7 @@ use virtio_bindings::virtio_config::{
 };
 
 use super::transport::{Interface, PciTransport, DRIVER_OK};
-use super::{VirtioDevice, NO_VECTOR};
+use super::{low32, VirtioDevice, NO_VECTOR};
 use crate::pci::{CapWindow, VendorCap};
 
 #[allow(clippy::cast_possible_truncation)]
@@ -130,8 +130,8 @@ pub fn capabilities(num_queues: u16, config_len: usize) -> Vec<VendorCap> {
 
 fn word(v: u64, sel: u32) -> u32 {
     match sel {
-        0 => u32::try_from(v & 0xffff_ffff).unwrap_or(0),
-        1 => u32::try_from(v >> 32).unwrap_or(0),
+        0 => low32(v),
+        1 => low32(v >> 32),
         _ => 0,
     }
 }
