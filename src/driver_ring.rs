@@ -45,6 +45,18 @@ fn store16(mem: &GuestMemoryMmap, addr: u64, v: u16) {
         .expect("ring inside guest memory");
 }
 
+/// A 16-byte descriptor of either layout at `at`: address, length, then
+/// two 16-bit fields (split: flags, next; packed: id, flags).
+fn write_desc16(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, a: u16, b: u16) {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&a.to_le_bytes());
+    d[14..16].copy_from_slice(&b.to_le_bytes());
+    mem.write_slice(&d, GuestAddress(at))
+        .expect("descriptor inside guest memory");
+}
+
 fn load16(mem: &GuestMemoryMmap, addr: u64) -> u16 {
     mem.load(GuestAddress(addr), Ordering::Acquire)
         .expect("ring inside guest memory")
@@ -106,14 +118,7 @@ impl SplitRing {
         flags: u16,
         next: u16,
     ) {
-        let d = table + 16 * u64::from(i);
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&addr.to_le_bytes());
-        b[8..12].copy_from_slice(&len.to_le_bytes());
-        b[12..14].copy_from_slice(&flags.to_le_bytes());
-        b[14..16].copy_from_slice(&next.to_le_bytes());
-        mem.write_slice(&b, GuestAddress(d))
-            .expect("descriptor inside guest memory");
+        write_desc16(mem, table + 16 * u64::from(i), addr, len, flags, next);
     }
 
     /// Places a chain in the descriptor table (or in `indirect`, a table of
@@ -315,13 +320,7 @@ impl PackedRing {
 
     /// Writes one 16-byte packed descriptor (flags included) at `at`.
     pub fn write_raw(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, id: u16, flags: u16) {
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&addr.to_le_bytes());
-        b[8..12].copy_from_slice(&len.to_le_bytes());
-        b[12..14].copy_from_slice(&id.to_le_bytes());
-        b[14..16].copy_from_slice(&flags.to_le_bytes());
-        mem.write_slice(&b, GuestAddress(at))
-            .expect("descriptor inside guest memory");
+        write_desc16(mem, at, addr, len, id, flags);
     }
 
     /// Places a chain (or one indirect descriptor for a table at
