@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
+use crate::report::median;
+
 /// One job of one run: (IOPS, p50 µs, p99 µs).
 type Fig = (f64, f64, f64);
 
@@ -61,11 +63,6 @@ fn parse_log(text: &str) -> BTreeMap<String, Fig> {
         }
     }
     out
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 pub fn run(dir: &Path, json_path: Option<&Path>, svg: Option<&Path>) -> Result<()> {
@@ -227,20 +224,7 @@ fn plot(
         })
         .y_desc("IOPS")
         .draw()?;
-    let palette = [
-        RGBColor(200, 40, 40),
-        RGBColor(230, 140, 30),
-        RGBColor(40, 90, 200),
-        RGBColor(120, 60, 180),
-        RGBColor(60, 170, 190),
-        RGBColor(60, 150, 60),
-        RGBColor(120, 120, 120),
-        RGBColor(170, 110, 60),
-        RGBColor(0, 0, 0),
-        RGBColor(220, 90, 160),
-        RGBColor(90, 90, 40),
-        RGBColor(40, 160, 120),
-    ];
+    let palette = crate::report::PALETTE;
     for (k, c) in configs.iter().enumerate() {
         let color = palette[k % palette.len()];
         let bars: Vec<Rectangle<(f64, f64)>> = jobs

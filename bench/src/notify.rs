@@ -21,6 +21,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::guest::vfio::{Interface, VfioUserBlk};
 use crate::guest::{GuestRam, Transport};
+use crate::report::median;
 use crate::run::{new_hist, process_cpu, RING_BASE};
 use crate::servers::{start_ours, OursDisk};
 use vfio_user_blk::driver_ring::Buf;
@@ -175,11 +176,6 @@ fn run_one(
         kicks_per_io: (g.kicks - kicks0) as f64 / ios.max(1) as f64,
         server_cpu_us_per_io: cpu * 1e6 / ios.max(1) as f64,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Runs the study on the (cached) image; prints the table and returns it

@@ -48,7 +48,8 @@ pub struct Summary {
     pub runs: usize,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (the mean of the middle two for an even count; 0 for none).
+pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -422,6 +423,22 @@ pub fn to_json(results: &Results, m: &Meta) -> Value {
 type Series = (&'static str, Vec<(f64, f64)>, RGBColor);
 
 /// IOPS and p99 against queue depth for 4 KiB random reads on one queue.
+/// Series colours of the charts.
+pub const PALETTE: [RGBColor; 12] = [
+    RGBColor(200, 40, 40),
+    RGBColor(230, 140, 30),
+    RGBColor(40, 90, 200),
+    RGBColor(120, 60, 180),
+    RGBColor(60, 170, 190),
+    RGBColor(60, 150, 60),
+    RGBColor(120, 120, 120),
+    RGBColor(170, 110, 60),
+    RGBColor(0, 0, 0),
+    RGBColor(220, 90, 160),
+    RGBColor(90, 90, 40),
+    RGBColor(40, 160, 120),
+];
+
 pub fn plot(results: &Results, path: &Path) -> Result<()> {
     let pts = |t: &str, f: &dyn Fn(&Summary) -> f64| -> Vec<(f64, f64)> {
         let mut v: Vec<(f64, f64)> = results
@@ -443,15 +460,7 @@ pub fn plot(results: &Results, path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(500);
-    let colors = [
-        RGBColor(200, 40, 40),
-        RGBColor(230, 140, 30),
-        RGBColor(40, 90, 200),
-        RGBColor(120, 60, 180),
-        RGBColor(60, 170, 190),
-        RGBColor(60, 150, 60),
-        RGBColor(120, 120, 120),
-    ];
+    let colors = PALETTE;
     for (area, title, f, unit) in [
         (
             &left,
