@@ -6,14 +6,13 @@
 //! request that needs no I/O reports a used length within its buffers.
 #![no_main]
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::Arc;
+#[path = "blk_ctx.rs"]
+mod blk_ctx;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use vfio_user_blk::backend::io::NullBackend;
 use vfio_user_blk::backend::request::IoRequest;
-use vfio_user_blk::blk::exec::{BlkContext, ErrorPolicy, Plan};
+use vfio_user_blk::blk::exec::Plan;
 use vfio_user_blk::blk::request::{total_len, walk, ChainLimits};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -44,9 +43,12 @@ fuzz_target!(|inp: Input| {
         Ok(q) => q,
         Err(_) => return,
     };
-    if q.try_set_desc_table_address(GuestAddress(u64::from(inp.desc & !15))).is_err()
-        || q.try_set_avail_ring_address(GuestAddress(u64::from(inp.avail & !1))).is_err()
-        || q.try_set_used_ring_address(GuestAddress(u64::from(inp.used & !3))).is_err()
+    if q.try_set_desc_table_address(GuestAddress(u64::from(inp.desc & !15)))
+        .is_err()
+        || q.try_set_avail_ring_address(GuestAddress(u64::from(inp.avail & !1)))
+            .is_err()
+        || q.try_set_used_ring_address(GuestAddress(u64::from(inp.used & !3)))
+            .is_err()
     {
         return;
     }
@@ -56,22 +58,13 @@ fuzz_target!(|inp: Input| {
         max_descs: usize::from(inp.max_descs).max(3),
         size_max: u32::from(inp.size_max).max(512),
     };
-    let ctx = BlkContext {
-        backend: Arc::new(NullBackend),
-        capacity: Arc::new(AtomicU64::new(u64::from(inp.capacity))),
-        block: if inp.block_4k { 4096 } else { 512 },
-        readonly: inp.readonly,
-        serial: *b"fuzz-serial-00000000",
-        discard: true,
-        write_zeroes: true,
-        max_discard_sectors: 64,
-        max_write_zeroes_sectors: 64,
-        max_dwz_segs: 4,
-        write_through: Arc::new(AtomicBool::new(false)),
-        on_error: ErrorPolicy::Report,
+    let ctx = blk_ctx::blk_context(
         limits,
-        queue_size: size,
-    };
+        size,
+        u64::from(inp.capacity),
+        if inp.block_4k { 4096 } else { 512 },
+        inp.readonly,
+    );
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
     let Ok(iter) = q.iter(&mem) else { return };
     for chain in iter.take(usize::from(size)) {
@@ -85,7 +78,10 @@ fuzz_target!(|inp: Input| {
             Ok(Plan::Io { .. }) => {
                 let mut sum = 0usize;
                 for v in &io.iov {
-                    assert!(v.addr() >= host && v.addr() + v.len() <= host + MEM, "iovec outside guest memory");
+                    assert!(
+                        v.addr() >= host && v.addr() + v.len() <= host + MEM,
+                        "iovec outside guest memory"
+                    );
                     sum += v.len();
                 }
                 let data = total_len(&c.writable) + total_len(&c.readable);

@@ -70,7 +70,13 @@ fn u16_at(b: &[u8], o: usize) -> u16 {
 
 fuzz_target!(|inp: Input| {
     let opts = Options::parse_from([
-        "fuzz", "--socket", "/nonexistent", "--disk", "ram:1M", "--queue-size", "16",
+        "fuzz",
+        "--socket",
+        "/nonexistent",
+        "--disk",
+        "ram:1M",
+        "--queue-size",
+        "16",
     ]);
     let mut server = build_with(&opts, true).expect("device");
     let ram = vfio_user_blk::util::memfd("fuzz-ram").unwrap();
@@ -90,7 +96,13 @@ fuzz_target!(|inp: Input| {
     map.extend_from_slice(&0u64.to_le_bytes());
     map.extend_from_slice(&0u64.to_le_bytes());
     map.extend_from_slice(&RAM.to_le_bytes());
-    msg(&mut t, &mut id, 2, &map, vec![OwnedFd::from(ram.try_clone().unwrap())]);
+    msg(
+        &mut t,
+        &mut id,
+        2,
+        &map,
+        vec![OwnedFd::from(ram.try_clone().unwrap())],
+    );
     // SAFETY: eventfd has no memory effects; the descriptor is owned below.
     let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if efd >= 0 {
@@ -120,7 +132,11 @@ fuzz_target!(|inp: Input| {
     let mut reset = false;
     for op in inp.ops.iter().take(32) {
         match op {
-            Op::Bar0 { offset, width, value } => {
+            Op::Bar0 {
+                offset,
+                width,
+                value,
+            } => {
                 let w = [1usize, 2, 4][usize::from(*width) % 3];
                 let off = u64::from(*offset % 64);
                 reset |= off <= 18 && off + w as u64 > 8;
@@ -167,7 +183,9 @@ fuzz_target!(|inp: Input| {
     // What the device was offered: the first avail_idx ring entries.
     let mut offered: HashMap<u16, usize> = HashMap::new();
     for j in 0..usize::from(avail_idx) {
-        *offered.entry(u16_at(&after, 4 + 2 * (j % QSIZE as usize))).or_default() += 1;
+        *offered
+            .entry(u16_at(&after, 4 + 2 * (j % QSIZE as usize)))
+            .or_default() += 1;
     }
     // The used ring wraps at QSIZE: only the last QSIZE entries are there.
     let completed = usize::from(used_idx);
@@ -213,7 +231,9 @@ fn writable_overlap(ram: &std::fs::File, table: u64, start: u64, end: u64) -> bo
         flags & 2 != 0 && addr < end && start < addr.saturating_add(u64::from(len))
     };
     for i in 0..QSIZE {
-        let Some(d) = desc(table + 16 * i) else { continue };
+        let Some(d) = desc(table + 16 * i) else {
+            continue;
+        };
         if d.2 & 4 != 0 {
             for k in 0..u64::from(d.1 / 16).min(4096) {
                 if let Some(e) = desc(d.0.wrapping_add(16 * k)) {

@@ -9,14 +9,13 @@
 //! descriptors in flight for.
 #![no_main]
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::Arc;
+#[path = "blk_ctx.rs"]
+mod blk_ctx;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use vfio_user_blk::backend::io::NullBackend;
 use vfio_user_blk::backend::request::IoRequest;
-use vfio_user_blk::blk::exec::{BlkContext, ErrorPolicy, Plan};
+use vfio_user_blk::blk::exec::Plan;
 use vfio_user_blk::blk::request::{walk, ChainLimits};
 use vfio_user_blk::virtio::packed::PackedQueue;
 use vfio_user_blk::virtio::ring::DescSource;
@@ -55,22 +54,7 @@ fuzz_target!(|inp: Input| {
         max_descs: usize::from(inp.max_descs).max(3),
         size_max: 1 << 20,
     };
-    let ctx = BlkContext {
-        backend: Arc::new(NullBackend),
-        capacity: Arc::new(AtomicU64::new(1 << 20)),
-        block: 512,
-        readonly: false,
-        serial: *b"fuzz-serial-00000000",
-        discard: true,
-        write_zeroes: true,
-        max_discard_sectors: 64,
-        max_write_zeroes_sectors: 64,
-        max_dwz_segs: 4,
-        write_through: Arc::new(AtomicBool::new(false)),
-        on_error: ErrorPolicy::Report,
-        limits,
-        queue_size: size,
-    };
+    let ctx = blk_ctx::blk_context(limits, size, 1 << 20, 512, false);
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
     let mut in_flight: std::collections::VecDeque<u16> = Default::default();
     for (i, pop) in inp.steps.iter().take(4 * usize::from(size) + 4).enumerate() {
@@ -92,7 +76,10 @@ fuzz_target!(|inp: Input| {
             // The engine refuses a reused id (the queue breaks).
             break;
         }
-        assert!(in_flight.len() < usize::from(size), "more chains than the ring holds");
+        assert!(
+            in_flight.len() < usize::from(size),
+            "more chains than the ring holds"
+        );
         in_flight.push_back(id);
         let Ok(c) = walk(chain, size, limits) else {
             continue;

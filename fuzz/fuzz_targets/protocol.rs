@@ -86,7 +86,15 @@ fuzz_target!(|inp: Input| {
         let cmd = COMMANDS[usize::from(m.command) % COMMANDS.len()];
         let fds: Vec<OwnedFd> = m.fds.iter().take(20).filter_map(make_fd).collect();
         let body = &m.body[..m.body.len().min(4096)];
-        push(&mut t, id, cmd, u32::from(m.flags & 0x3f), m.size_delta, body, fds);
+        push(
+            &mut t,
+            id,
+            cmd,
+            u32::from(m.flags & 0x3f),
+            m.size_delta,
+            body,
+            fds,
+        );
         sent.push((id, m.flags & 0x10 != 0));
         if m.size_delta != 0 && framed == usize::MAX {
             framed = sent.len() - 1;
@@ -96,7 +104,15 @@ fuzz_target!(|inp: Input| {
     check_replies(&t.output, &sent, framed.min(sent.len()));
 });
 
-fn push(t: &mut MemTransport, id: u16, cmd: u16, flags: u32, delta: i8, body: &[u8], fds: Vec<OwnedFd>) {
+fn push(
+    t: &mut MemTransport,
+    id: u16,
+    cmd: u16,
+    flags: u32,
+    delta: i8,
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+) {
     let size = (16 + body.len() as i64 + i64::from(delta)).max(0) as u32;
     let mut m = Vec::with_capacity(16 + body.len());
     m.extend_from_slice(&id.to_le_bytes());
