@@ -53,11 +53,14 @@ ROOT=$CACHE/trixie-root
 mkdir -p "$ROOT/tmp"
 W=$(mktemp -d "$ROOT/tmp/vub-gbench.XXXXXX")
 GW=/tmp/$(basename "$W") # the same folder, seen from inside the root
-PIDS=()
 cleanup() {
     local rc=$?
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    # Only our background jobs still running: a PID reaped earlier may
+    # belong to another process by now.
+    local live
+    live=$(jobs -p)
+    for p in $live; do kill "$p" 2>/dev/null || true; done
+    for p in $live; do wait "$p" 2>/dev/null || true; done
     umount_root_fs "$ROOT"
     rm -rf "$W"
     exit $rc
@@ -87,7 +90,6 @@ run_guest() { # log accel args...
         -kernel "$GW/vmlinuz" -initrd "$GW/initramfs.cpio" \
         -serial "file:${log/#$W/$GW}" -no-reboot "$@" >"$log.qemu" 2>&1 &
     QPID=$!
-    PIDS+=("$QPID")
 }
 
 ACCEL=tcg
@@ -141,7 +143,6 @@ for rep in $(seq "$repeat"); do
             # shellcheck disable=SC2086
             "$BIN" --socket "$W/ours.sock" --disk "$IMG" --queues 2 $sopts >"$W/server.log" 2>&1 &
             SPID=$!
-            PIDS+=("$SPID")
             for _ in $(seq 100); do [ -S "$W/ours.sock" ] && break; sleep 0.1; done
             dev=(-device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$GW/ours.sock\",\"type\":\"unix\"}}")
         else

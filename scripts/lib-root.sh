@@ -18,7 +18,10 @@ root_ready() {
 build_root() {
     local root=$1 mirror=$2
     echo "e2e: building a Debian trixie root in $root (a few minutes, once)"
-    rm -rf "$root"
+    # A run interrupted while the host's /dev, /proc and /sys were bound in
+    # must not take them with it.
+    umount_root_fs "$root"
+    rm -rf --one-file-system "$root"
     mkdir -p "$root"
     debootstrap --variant=minbase trixie "$root" "$mirror" >"$root.debootstrap.log" 2>&1 || {
         tail -20 "$root.debootstrap.log"

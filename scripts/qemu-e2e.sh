@@ -27,16 +27,18 @@ die() { printf 'e2e: FATAL: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot, bind mounts)"
 
 WORK=$(mktemp -d /tmp/vub-e2e.XXXXXX)
-PIDS=()
 ROOT_MOUNTED=""
 cleanup() {
     local rc=$?
-    for p in "${PIDS[@]}"; do
-        kill "$p" 2>/dev/null || true
-    done
-    for p in "${PIDS[@]}"; do
-        wait "$p" 2>/dev/null || true
-    done
+    # Only our background jobs still running: a PID reaped earlier may
+    # belong to another process by now.
+    local live
+    live=$(jobs -p)
+    for p in $live; do kill "$p" 2>/dev/null || true; done
+    for p in $live; do wait "$p" 2>/dev/null || true; done
+    # A boot image interrupted while it was being built.
+    [ -n "${BOOT_MNT:-}" ] && { umount "$BOOT_MNT" 2>/dev/null || true; }
+    [ -n "${BOOT_LOOP:-}" ] && { losetup -d "$BOOT_LOOP" 2>/dev/null || true; }
     if [ -n "$ROOT_MOUNTED" ]; then
         umount "$ROOT$WORK" 2>/dev/null || umount -l "$ROOT$WORK" 2>/dev/null || true
         rmdir "$ROOT$WORK" 2>/dev/null || true
@@ -143,7 +145,6 @@ RPC_SOCK=$WORK/rpc.sock
     --device "socket=$RO_SOCK,disk=$RO_IMG,readonly=on,serial=VUB-RO" \
     >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
-PIDS+=("$SERVER_PID")
 for s in "$SOCK" "$SOCK2" "$RO_SOCK"; do
     for _ in $(seq 100); do [ -S "$s" ] && break; sleep 0.1; done
     [ -S "$s" ] || die "server did not create $s: $(cat "$WORK"/server*.log)"
@@ -251,7 +252,6 @@ run_qemu() {
     # and cleanup ends QEMU too (timeout passes the signal on).
     timeout --signal=KILL "$t" "${QCMD[@]}" &
     local p=$!
-    PIDS+=("$p")
     wait "$p"
 }
 
@@ -297,7 +297,6 @@ resize_when_ready() { # serial-log size
             sleep 0.5
         done
     ) &
-    PIDS+=("$!")
 }
 
 # main_run TAG INTERFACE RESIZE_MB [kernel args]: boot 1 (checks), reboot,
@@ -353,7 +352,6 @@ truncate -s 64M "$MM_IMG"
 "$BIN" --socket "$MM_SOCK" --disk "$MM_IMG" --queues 2 --serial VUB-E2E-MMAP \
     --notify mmap --packed --poll-mode adaptive >"$WORK/server-mmap.log" 2>&1 &
 MM_PID=$!
-PIDS+=("$MM_PID")
 for _ in $(seq 100); do [ -S "$MM_SOCK" ] && break; sleep 0.1; done
 SAVED_QDEVS=("${QDEVS[@]}")
 QDEVS=(-device "$(vdev "$MM_SOCK")")
@@ -403,10 +401,12 @@ build_boot_image() { # image
         chroot "$ROOT" sfdisk -q "$tmp" >/dev/null || return 1
     dd if="$ROOT/usr/lib/syslinux/mbr/mbr.bin" of="$tmp" bs=440 count=1 conv=notrunc status=none || return 1
     loop=$(losetup -f --show -o $((start * 512)) "$tmp") || return 1
+    BOOT_LOOP=$loop
     # extlinux reads ext4 without the 64bit and metadata_csum features.
-    chroot "$ROOT" mkfs.ext4 -q -F -L vubboot -O ^64bit,^metadata_csum "$loop" || { losetup -d "$loop"; return 1; }
+    chroot "$ROOT" mkfs.ext4 -q -F -L vubboot -O ^64bit,^metadata_csum "$loop" || { losetup -d "$loop"; BOOT_LOOP=""; return 1; }
     mkdir -p "$mnt"
-    mount "$loop" "$mnt" || { losetup -d "$loop"; return 1; }
+    mount "$loop" "$mnt" || { losetup -d "$loop"; BOOT_LOOP=""; return 1; }
+    BOOT_MNT=$mnt
     local rc=0
     mkdir -p "$mnt/boot/extlinux"
     cp "$KERNEL" "$mnt/boot/vmlinuz" && cp "$WORK/initramfs.cpio" "$mnt/boot/initramfs.cpio" || rc=1
@@ -421,7 +421,9 @@ LABEL vub
 CONF
     [ $rc -eq 0 ] && { chroot "$ROOT" extlinux --install /tmp/vub-boot-mnt/boot/extlinux >/dev/null 2>&1 || rc=1; }
     umount "$mnt"
+    BOOT_MNT=""
     losetup -d "$loop"
+    BOOT_LOOP=""
     rmdir "$mnt" 2>/dev/null || true
     # The file system went in through a loop device at an offset, which
     # tells extlinux that it starts at sector 0: its boot sector's hidden
@@ -446,7 +448,6 @@ else
     "$BIN" --socket "$BOOT_SOCK" --disk "$BOOT_IMG" --readonly --serial VUB-BOOT \
         >"$WORK/server-boot.log" 2>&1 &
     BOOT_PID=$!
-    PIDS+=("$BOOT_PID")
     for _ in $(seq 100); do [ -S "$BOOT_SOCK" ] && break; sleep 0.1; done
     QEMU_LOG=$WORK/serial-boot.log
     : >"$QEMU_LOG"
@@ -465,7 +466,6 @@ else
         -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$BOOT_SOCK\",\"type\":\"unix\"},\"bootindex\":1}" \
         >"$WORK/qemu-boot.log" 2>&1 &
     QPID=$!
-    PIDS+=("$QPID")
     for _ in $(seq 240); do
         grep -aq 'VUB-DONE boot' "$QEMU_LOG" && break
         kill -0 "$QPID" 2>/dev/null || break
@@ -502,7 +502,6 @@ qemu_cmd fio-kill -no-reboot
 # chroot execs QEMU, so this PID is QEMU's own.
 "${QCMD[@]}" >/dev/null 2>&1 &
 QPID=$!
-PIDS+=("$QPID")
 for _ in $(seq 600); do
     grep -aq 'VUB-FIO-RUNNING' "$QEMU_LOG" 2>/dev/null && break
     kill -0 "$QPID" 2>/dev/null || break
