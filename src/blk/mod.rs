@@ -203,13 +203,14 @@ impl BlkShared {
         }
         let old = self.capacity_bytes();
         let notifier = self.config_notifier.lock().clone();
-        if new != old {
-            if let Some(n) = &notifier {
-                n.begin_change();
-            }
+        let store = || {
+            self.capacity
+                .store(new >> request::SECTOR_SHIFT, Ordering::Relaxed);
+        };
+        match &notifier {
+            Some(n) if new != old => n.change(store),
+            _ => store(),
         }
-        self.capacity
-            .store(new >> request::SECTOR_SHIFT, Ordering::Relaxed);
         drop(paused);
         if new != old {
             info!("disk resized from {old} to {new} bytes");

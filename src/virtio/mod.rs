@@ -52,6 +52,10 @@ pub struct ConfigState {
     live: AtomicBool,
     generation: AtomicU32,
     needs_reset: AtomicBool,
+    /// Held over a change of the device config and the generation step
+    /// that follows it, and by every read of the device config: no read
+    /// sees the new value before the generation has moved.
+    change: parking_lot::Mutex<()>,
 }
 
 impl Default for ConfigState {
@@ -61,6 +65,7 @@ impl Default for ConfigState {
             live: AtomicBool::new(false),
             generation: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
+            change: parking_lot::Mutex::new(()),
         }
     }
 }
@@ -76,6 +81,12 @@ impl ConfigState {
 
     pub fn generation(&self) -> u32 {
         self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Runs a read of the device config, never in the middle of a change.
+    pub fn read<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _g = self.change.lock();
+        f()
     }
 
     pub fn needs_reset(&self) -> bool {
@@ -157,11 +168,14 @@ impl ConfigNotifier {
         ConfigNotifier { irq }
     }
 
-    /// The configuration is about to change: the generation moves now and
-    /// again in `notify`, so that a driver reading a field in two halves
-    /// across the change sees the generation differ.
-    pub fn begin_change(&self) {
-        self.irq.config.generation.fetch_add(1, Ordering::SeqCst);
+    /// Changes the device config (`f`) and moves the generation, as one
+    /// step for every reader of the config: a driver that reads a field in
+    /// two halves across the change sees the generation differ.
+    pub fn change(&self, f: impl FnOnce()) {
+        let c = &self.irq.config;
+        let _g = c.change.lock();
+        f();
+        c.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Tells a running driver that the configuration changed; without one

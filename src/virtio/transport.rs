@@ -321,7 +321,8 @@ impl<D: VirtioDevice> PciTransport<D> {
         let len = self.dev.config_len();
         if off < len {
             let n = data.len().min(len - off);
-            self.dev.read_config(off, &mut data[..n]);
+            self.config
+                .read(|| self.dev.read_config(off, &mut data[..n]));
         }
     }
 
