@@ -163,26 +163,65 @@ pub fn push_iovecs(
     Ok(())
 }
 
-/// Replaces the mapping `host .. host + len` (a guest window of ours, page
-/// aligned) with private zero pages: whatever still writes there later (a
-/// read that was in the kernel when the client went away) lands in our own
-/// memory, not in the client's. The range stays mapped, so the window's own
-/// unmap later covers exactly what it mapped.
-pub fn revoke(host: usize, len: usize) -> std::io::Result<()> {
+/// Appends the part `from .. from + len` of the buffers `iov` (a request's
+/// list) to `out`, as buffers of their own: one step of a request that is
+/// run a piece at a time. Stops at the end of `iov`.
+pub fn sub_iovecs(iov: &[GuestIov], from: usize, len: usize, out: &mut Vec<GuestIov>) {
+    let mut skip = from;
+    let mut left = len;
+    for v in iov {
+        if left == 0 {
+            break;
+        }
+        if skip >= v.len {
+            skip -= v.len;
+            continue;
+        }
+        let n = (v.len - skip).min(left);
+        // wrapping_add never dereferences; skip < v.len keeps the new base
+        // inside the same buffer, and `n` bytes from it stay inside it, so
+        // the piece lies in memory the original buffer's contract covers.
+        out.push(GuestIov {
+            ptr: v.ptr.wrapping_add(skip),
+            len: n,
+        });
+        skip = 0;
+        left -= n;
+    }
+}
+
+/// Takes a guest window of ours (`host .. host + len`, page aligned) away
+/// from the client without pulling it from under I/O still in flight:
+/// the range becomes a private (copy-on-write) mapping of the same file at
+/// the same offset. A write to disk still in flight reads the client's
+/// bytes, as it would have; a read from disk that lands late writes into
+/// private copies, never into the client's memory. (Private zero pages
+/// instead would have put zeros on disk for writes queued at a disconnect.)
+/// The range stays mapped, so the window's own unmap later covers exactly
+/// what it mapped. Without a file, or when the private mapping fails (a
+/// hugetlbfs file without huge pages to spare), the window is left shared:
+/// the client's bytes stay the ones written, at the cost of a late read
+/// landing in its memory.
+pub fn revoke(host: usize, len: usize, file: &std::fs::File, offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     if len == 0 {
         return Ok(());
     }
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: the caller passes a window mapping of ours that nothing else
-    // in this process owns; MAP_FIXED replaces it in place, atomically, with
-    // memory of the same size and protection.
+    // in this process owns, mapped from `file` at `offset` for `len` bytes;
+    // MAP_FIXED replaces it in place, atomically, with a private mapping of
+    // the same bytes, size and protection, so every pointer into it stays
+    // valid.
     let r = unsafe {
         libc::mmap(
             host as *mut libc::c_void,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            -1,
-            0,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            off,
         )
     };
     if r == libc::MAP_FAILED {

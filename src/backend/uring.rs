@@ -20,21 +20,26 @@ pub struct Uring {
     ring: IoUring,
     /// Entries pushed since the last submit.
     queued: usize,
+    /// Pushed and not yet reaped: never more than the completion queue
+    /// holds, so that it cannot overflow.
     in_flight: usize,
+    cq_entries: usize,
 }
 
 impl Uring {
     /// A ring of `entries` submissions. With `wake`, every completion also
     /// signals that eventfd, so a reactor sleeping on it wakes up.
     pub fn new(entries: u32, wake: Option<RawFd>) -> io::Result<Uring> {
-        let ring = IoUring::builder().build(entries)?;
+        let mut ring = IoUring::builder().build(entries)?;
         if let Some(fd) = wake {
             ring.submitter().register_eventfd(fd)?;
         }
+        let cq_entries = ring.completion().capacity();
         Ok(Uring {
             ring,
             queued: 0,
             in_flight: 0,
+            cq_entries,
         })
     }
 
@@ -67,8 +72,16 @@ impl Uring {
         }
     }
 
-    /// Room for one more submission.
+    /// Room for one more request: fewer in flight than the completion
+    /// queue holds, and a free submission entry (what is queued is handed
+    /// to the kernel to make one).
     pub fn has_room(&mut self) -> bool {
+        if self.in_flight >= self.cq_entries {
+            return false;
+        }
+        if self.ring.submission().is_full() {
+            let _ = self.submit();
+        }
         !self.ring.submission().is_full()
     }
 
@@ -159,11 +172,27 @@ impl Uring {
     /// Calls `f(user_data, result)` for every completion that is ready
     /// (result: bytes transferred, or a negative errno).
     pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) {
-        let mut cq = self.ring.completion();
-        cq.sync();
-        for cqe in &mut cq {
-            self.in_flight -= 1;
-            f(cqe.user_data(), cqe.result());
+        loop {
+            let mut cq = self.ring.completion();
+            cq.sync();
+            for cqe in &mut cq {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                f(cqe.user_data(), cqe.result());
+            }
+            drop(cq);
+            // Completions the kernel could not post (the queue was full)
+            // wait in its overflow list until the ring is entered: enter
+            // it (the submit asks for events when the flag is up) and reap
+            // what that flushed.
+            if !self.ring.submission().cq_overflow() {
+                return;
+            }
+            match self.ring.submitter().submit() {
+                // What was queued went in with it.
+                Ok(_) => self.queued = 0,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(_) => return,
+            }
         }
     }
 

@@ -8,7 +8,7 @@ use virtio_bindings::virtio_blk::{
     virtio_blk_config as Cfg, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH,
 };
 
-use super::{BlkOptions, MAX_DWZ_SECTORS, MAX_DWZ_SEGS, SIZE_MAX};
+use super::{BlkOptions, MAX_DISCARD_SEGS, MAX_DWZ_SECTORS, MAX_WRITE_ZEROES_SEGS, SIZE_MAX};
 
 /// SEG_MAX: data segments per request. Linux adds the header and status
 /// descriptors to it, and a chain may not be longer than the queue.
@@ -60,7 +60,7 @@ impl BlkConfig {
         );
         c.put(
             offset_of!(Cfg, max_discard_seg),
-            &MAX_DWZ_SEGS.to_le_bytes(),
+            &MAX_DISCARD_SEGS.to_le_bytes(),
         );
         c.put(
             offset_of!(Cfg, discard_sector_alignment),
@@ -72,7 +72,7 @@ impl BlkConfig {
         );
         c.put(
             offset_of!(Cfg, max_write_zeroes_seg),
-            &MAX_DWZ_SEGS.to_le_bytes(),
+            &MAX_WRITE_ZEROES_SEGS.to_le_bytes(),
         );
         c.bytes[offset_of!(Cfg, write_zeroes_may_unmap)] = 1;
         c

@@ -37,7 +37,9 @@ pub struct BlkContext {
     pub write_zeroes: bool,
     pub max_discard_sectors: u32,
     pub max_write_zeroes_sectors: u32,
-    pub max_dwz_segs: u32,
+    /// Segments of one discard, and of one write-zeroes request.
+    pub max_discard_segs: u32,
+    pub max_write_zeroes_segs: u32,
     /// Writes complete only once durable (write-through cache).
     pub write_through: Arc<AtomicBool>,
     pub on_error: ErrorPolicy,
@@ -198,7 +200,12 @@ impl BlkContext {
         };
         let mut unmap = true;
         let ranges = &mut io.ranges;
-        for_each_dwz_segment(mem, c, self.max_dwz_segs, |s| {
+        let max_segs = if write_zeroes {
+            self.max_write_zeroes_segs
+        } else {
+            self.max_discard_segs
+        };
+        for_each_dwz_segment(mem, c, max_segs, |s| {
             if self.readonly {
                 return Err(RequestError::ReadOnly);
             }
@@ -251,7 +258,7 @@ impl RequestHandler for BlkContext {
     }
 
     fn max_ranges(&self) -> usize {
-        self.max_dwz_segs as usize
+        self.max_discard_segs.max(self.max_write_zeroes_segs) as usize
     }
 
     fn prepare(
@@ -441,7 +448,8 @@ mod tests {
             write_zeroes: true,
             max_discard_sectors: 1 << 22,
             max_write_zeroes_sectors: 1 << 22,
-            max_dwz_segs: 32,
+            max_discard_segs: 32,
+            max_write_zeroes_segs: 1,
             write_through: Arc::new(AtomicBool::new(write_through)),
             on_error: ErrorPolicy::Report,
             limits: ChainLimits {

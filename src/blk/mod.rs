@@ -61,7 +61,10 @@ fn memory_bytes() -> u64 {
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Discard / write-zeroes limits advertised (and enforced).
 pub const MAX_DWZ_SECTORS: u32 = 1 << 22;
-pub const MAX_DWZ_SEGS: u32 = 32;
+pub const MAX_DISCARD_SEGS: u32 = 32;
+/// One range per write-zeroes request (as QEMU and Linux's own driver): the
+/// zeros one request asks for are bounded by MAX_DWZ_SECTORS.
+pub const MAX_WRITE_ZEROES_SEGS: u32 = 1;
 
 pub struct BlkDevice {
     /// For the log.
@@ -73,6 +76,11 @@ pub struct BlkDevice {
     engine: Arc<Engine>,
     /// The queues while the driver has the device running.
     active: Option<Arc<Active>>,
+    /// The activation of a client that left without a reset: its writes
+    /// may still be in the backend, and the next activation waits for them.
+    departed: Option<Arc<Active>>,
+    /// Who this device is to the engine's thread pool.
+    tenant: u64,
     /// What the last quiesce did: fence an unmap (true) or hold all.
     fenced: bool,
     acked: u32,
@@ -275,8 +283,10 @@ impl BlkDevice {
             config,
             backend,
             memory,
+            tenant: engine.new_tenant(),
             engine,
             active: None,
+            departed: None,
             fenced: false,
             acked: 0,
             write_through: Arc::new(AtomicBool::new(true)),
@@ -369,6 +379,11 @@ impl VirtioDevice for BlkDevice {
         if let Some(a) = self.active.take() {
             a.stop();
         }
+        // A client that left may have left writes in the backend: none may
+        // land after a write of this activation.
+        if let Some(old) = self.departed.take() {
+            old.wait_mutations();
+        }
         self.acked = low32(features);
         self.shared.features.store(features, Ordering::Relaxed);
         self.shared.running.store(true, Ordering::Relaxed);
@@ -388,7 +403,8 @@ impl VirtioDevice for BlkDevice {
             write_zeroes: self.acked & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
             max_discard_sectors: MAX_DWZ_SECTORS,
             max_write_zeroes_sectors: MAX_DWZ_SECTORS,
-            max_dwz_segs: MAX_DWZ_SEGS,
+            max_discard_segs: MAX_DISCARD_SEGS,
+            max_write_zeroes_segs: MAX_WRITE_ZEROES_SEGS,
             write_through: self.write_through.clone(),
             on_error: self.opts.on_error,
             limits: request::ChainLimits {
@@ -418,6 +434,7 @@ impl VirtioDevice for BlkDevice {
             event_idx: self.acked & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
             polled,
             irq,
+            tenant: self.tenant,
         }));
         *self.shared.active.lock() = Arc::downgrade(&active);
         self.active = Some(active);
@@ -443,6 +460,9 @@ impl VirtioDevice for BlkDevice {
     fn abandon(&mut self) {
         if let Some(a) = self.active.take() {
             a.abandon();
+            // (Any earlier departed activation was waited for when this
+            // one started.)
+            self.departed = Some(a);
         }
         let (mut req, mut rd, mut wr, mut err) = (0, 0, 0, 0);
         for q in &self.shared.stats {

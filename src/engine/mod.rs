@@ -149,6 +149,7 @@ pub struct Engine {
     pool: Arc<Pool>,
     use_uring: bool,
     next_queue: AtomicU64,
+    next_tenant: AtomicU64,
 }
 
 /// What a device activation hands the engine.
@@ -165,6 +166,56 @@ pub struct Activation<H: RequestHandler> {
     /// the reactor polls these queues and never sleeps while it has one.
     pub polled: bool,
     pub irq: VirtioInterrupt,
+    /// The device, for sharing the thread pool fairly (see
+    /// [`Engine::new_tenant`]); the same for all its activations.
+    pub tenant: u64,
+}
+
+/// An activation's requests that change the disk (writes, discards,
+/// write-zeroes) and have left the reactor for the io_uring or the thread
+/// pool. A queue taken back without waiting (a client that left) may still
+/// have some in the backend: the device's next activation waits for them
+/// to end, so that none lands after a write of the next client.
+#[derive(Default)]
+pub struct Mutations {
+    n: AtomicUsize,
+    lock: parking_lot::Mutex<()>,
+    zero: parking_lot::Condvar,
+}
+
+impl Mutations {
+    fn add(&self) {
+        self.n.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn done(&self) {
+        if self.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _g = self.lock.lock();
+            self.zero.notify_all();
+        }
+    }
+
+    /// In flight now.
+    pub fn count(&self) -> usize {
+        self.n.load(Ordering::Acquire)
+    }
+
+    /// Returns once none is in flight, saying so in the log every few
+    /// seconds while it waits.
+    fn wait(&self, name: &str) {
+        let mut g = self.lock.lock();
+        let mut waited = Duration::ZERO;
+        while self.count() > 0 {
+            if self.zero.wait_for(&mut g, DRAIN_REPORT).timed_out() && self.count() > 0 {
+                waited += DRAIN_REPORT;
+                warn!(
+                    "{name}: {} write(s) of the previous client are still in the backend \
+                     ({waited:?} so far); the device starts once they have ended",
+                    self.count()
+                );
+            }
+        }
+    }
 }
 
 impl Engine {
@@ -239,6 +290,7 @@ impl Engine {
             pool,
             use_uring,
             next_queue: AtomicU64::new(1),
+            next_tenant: AtomicU64::new(1),
         }))
     }
 
@@ -278,32 +330,36 @@ impl Engine {
         self.pool.workers()
     }
 
+    /// A new identity for a device, under which the thread pool shares its
+    /// workers fairly with the other devices.
+    pub fn new_tenant(&self) -> u64 {
+        self.next_tenant.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Hands the queues the driver set up to reactors (each to the least
     /// loaded one).
     pub fn activate<H: RequestHandler>(self: &Arc<Self>, a: Activation<H>) -> Active {
         let mut runners: Vec<(usize, Box<dyn reactor::QueueRunner>)> = Vec::new();
+        let mutations = Arc::new(Mutations::default());
         for (i, qc) in a.queues.iter().enumerate() {
             let Some(qc) = qc else { continue };
             match crate::virtio::ring::DeviceRing::new(qc, a.event_idx) {
                 Ok(q) => {
-                    let id = self.next_queue.fetch_add(1, Ordering::Relaxed);
-                    let stats = a.stats.get(i).cloned().unwrap_or_default();
-                    runners.push((
-                        i,
-                        Box::new(queue::QueueState::new(
-                            id,
-                            format!("{} queue {i}", a.name),
-                            q,
-                            qc.vector,
-                            a.irq.clone(),
-                            a.handler.clone(),
-                            a.memory.clone(),
-                            a.event_idx,
-                            a.polled,
-                            self.use_uring,
-                            stats,
-                        )),
-                    ));
+                    let params = queue::QueueParams {
+                        id: self.next_queue.fetch_add(1, Ordering::Relaxed),
+                        name: format!("{} queue {i}", a.name),
+                        vector: qc.vector,
+                        irq: a.irq.clone(),
+                        handler: a.handler.clone(),
+                        memory: a.memory.clone(),
+                        event_idx: a.event_idx,
+                        polled: a.polled,
+                        use_uring: self.use_uring,
+                        stats: a.stats.get(i).cloned().unwrap_or_default(),
+                        tenant: a.tenant,
+                        mutations: mutations.clone(),
+                    };
+                    runners.push((i, Box::new(queue::QueueState::new(q, params))));
                 }
                 Err(e) => {
                     error!("{} queue {i}: cannot set up the ring: {e}", a.name);
@@ -347,6 +403,7 @@ impl Engine {
                 placed,
                 inline: Some(parking_lot::Mutex::new((r, me))),
                 done: Default::default(),
+                mutations,
             };
         }
         for (i, q) in runners {
@@ -375,6 +432,7 @@ impl Engine {
             placed,
             inline: None,
             done: Default::default(),
+            mutations,
         }
     }
 }
@@ -401,6 +459,7 @@ pub struct Active {
     inline: Option<parking_lot::Mutex<(Reactor, ReactorTx)>>,
     /// The queues were taken back (stop or abandon).
     done: std::sync::atomic::AtomicBool,
+    mutations: Arc<Mutations>,
 }
 
 impl Active {
@@ -516,6 +575,17 @@ impl Active {
             ack,
             drain: false,
         });
+    }
+}
+
+impl Active {
+    /// Returns once no request of this activation that changes the disk is
+    /// in the backend (after [`abandon`](Self::abandon), before the
+    /// device's next activation). Without a time limit: a stuck backend
+    /// holds the caller, and the log says so every few seconds.
+    pub fn wait_mutations(&self) {
+        self.run_inline();
+        self.mutations.wait(&self.name);
     }
 }
 

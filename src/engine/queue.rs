@@ -12,7 +12,7 @@
 //! points into.
 
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,7 +21,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemory
 
 use super::pool::{Done, Job};
 use super::reactor::{Cx, Fence, QueueRunner};
-use super::{Finish, Prepared, QueueStats, RequestHandler};
+use super::{Finish, Mutations, Prepared, QueueStats, RequestHandler};
 use crate::backend::io::{Backend, UringTarget};
 use crate::backend::request::{IoKind, IoRequest};
 use crate::backend::uring::Uring;
@@ -62,6 +62,9 @@ struct Slot<R> {
     span: (usize, usize),
     /// When it was taken from the ring.
     start: Instant,
+    /// Counted in the activation's [`Mutations`]: it changes the disk and
+    /// left the reactor (io_uring or pool).
+    mutates: bool,
 }
 
 pub(crate) struct QueueState<H: RequestHandler> {
@@ -97,23 +100,37 @@ pub(crate) struct QueueState<H: RequestHandler> {
     /// like it.)
     ring_checked: Option<Arc<GuestMemoryMmap>>,
     stats: Arc<QueueStats>,
+    /// The device, for the pool's fairness.
+    tenant: u64,
+    /// Set at withdrawal: the pool takes no further step of our jobs.
+    cancel: Arc<AtomicBool>,
+    /// The activation's requests that change the disk, in flight.
+    mutations: Arc<Mutations>,
+    /// The last poll stopped because the io_uring was full: requests wait
+    /// in the ring, for completions to make room, not for a doorbell.
+    throttled: bool,
+}
+
+/// What a queue needs besides its ring: who it is, what it serves, where
+/// it reports.
+pub(crate) struct QueueParams<H: RequestHandler> {
+    pub id: u64,
+    pub name: String,
+    pub vector: u16,
+    pub irq: VirtioInterrupt,
+    pub handler: Arc<H>,
+    pub memory: GuestMemoryHandle,
+    pub event_idx: bool,
+    pub polled: bool,
+    pub use_uring: bool,
+    pub stats: Arc<QueueStats>,
+    pub tenant: u64,
+    pub mutations: Arc<Mutations>,
 }
 
 impl<H: RequestHandler> QueueState<H> {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        id: u64,
-        name: String,
-        queue: DeviceRing,
-        vector: u16,
-        irq: VirtioInterrupt,
-        handler: Arc<H>,
-        memory: GuestMemoryHandle,
-        event_idx: bool,
-        polled: bool,
-        use_uring: bool,
-        stats: Arc<QueueStats>,
-    ) -> QueueState<H> {
+    pub fn new(queue: DeviceRing, p: QueueParams<H>) -> QueueState<H> {
+        let handler = p.handler;
         let backend = handler.backend().clone();
         let size = usize::from(queue.size());
         let slots = (0..size)
@@ -128,36 +145,41 @@ impl<H: RequestHandler> QueueState<H> {
                 mem: None,
                 span: (0, 0),
                 start: Instant::now(),
+                mutates: false,
             })
             .collect();
         QueueState {
-            id,
-            name,
+            id: p.id,
+            name: p.name,
             queue,
-            vector,
-            irq,
+            vector: p.vector,
+            irq: p.irq,
             inline: backend.inline(),
-            uring_target: if use_uring {
+            uring_target: if p.use_uring {
                 backend.uring_target()
             } else {
                 None
             },
             backend,
             handler,
-            memory,
+            memory: p.memory,
             slots,
             in_flight: 0,
             broken: None,
             added: false,
             waiting_for_memory: false,
-            event_idx,
-            polled,
+            event_idx: p.event_idx,
+            polled: p.polled,
             holds: 0,
             fence: None,
             fence_hit: false,
             withdrawn: false,
             ring_checked: None,
-            stats,
+            stats: p.stats,
+            tenant: p.tenant,
+            cancel: Arc::default(),
+            mutations: p.mutations,
+            throttled: false,
         }
     }
 
@@ -213,6 +235,9 @@ impl<H: RequestHandler> QueueState<H> {
             return;
         }
         s.at = At::Free;
+        if std::mem::take(&mut s.mutates) {
+            self.mutations.done();
+        }
         self.in_flight -= 1;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.stats.latency.record(s.start.elapsed());
@@ -250,7 +275,23 @@ impl<H: RequestHandler> QueueState<H> {
         self.fence_hit = true;
     }
 
+    /// Marks the request in `slot` as leaving the reactor: a request that
+    /// changes the disk is counted until it finishes.
+    fn leaves(&mut self, slot: u16) {
+        let s = &mut self.slots[usize::from(slot)];
+        if !s.mutates
+            && matches!(
+                s.io.kind,
+                IoKind::Write | IoKind::Discard | IoKind::WriteZeroes
+            )
+        {
+            s.mutates = true;
+            self.mutations.add();
+        }
+    }
+
     fn send_to_pool(&mut self, slot: u16, cx: &mut Cx) {
+        self.leaves(slot);
         let s = &mut self.slots[usize::from(slot)];
         let Some(mem) = s.mem.clone() else { return };
         s.at = At::Pool;
@@ -267,6 +308,10 @@ impl<H: RequestHandler> QueueState<H> {
             queue: self.id,
             slot,
             reply: cx.me.clone(),
+            tenant: self.tenant,
+            cancel: self.cancel.clone(),
+            cpu_bound: self.inline,
+            progress: Default::default(),
         });
     }
 
@@ -289,10 +334,7 @@ impl<H: RequestHandler> QueueState<H> {
             }
         }
         if let (Some(t), Some(u)) = (self.uring_target, cx.uring.as_deref_mut()) {
-            if Uring::accepts(&t, &s.io) {
-                if !u.has_room() {
-                    let _ = u.submit();
-                }
+            if Uring::accepts(&t, &s.io) && u.has_room() {
                 let user_data = (self.id << 16) | u64::from(slot);
                 // SAFETY: the request stays in its slot, untouched, until
                 // its completion is reaped (`at` is Uring until then), and
@@ -300,6 +342,7 @@ impl<H: RequestHandler> QueueState<H> {
                 // point into.
                 if unsafe { u.push(&t, &s.io, user_data) } {
                     s.at = At::Uring;
+                    self.leaves(slot);
                     return 0;
                 }
             }
@@ -354,8 +397,17 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         let size = self.queue.size();
         let mut work = false;
         let mut sync_bytes = 0;
+        self.throttled = false;
         for _ in 0..size.min(PASS_REQUESTS) {
             if sync_bytes > PASS_SYNC_BYTES {
+                break;
+            }
+            // Nothing is taken that the io_uring could not hold: its
+            // completion queue must never overflow. What waits stays in the
+            // ring until completions make room.
+            if self.uring_target.is_some() && cx.uring.as_deref_mut().is_some_and(|u| !u.has_room())
+            {
+                self.throttled = true;
                 break;
             }
             let chain = match self.queue.pop(&mem) {
@@ -427,18 +479,28 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             let errno = -res;
             match (errno, s.io.kind) {
                 // Not done: let a thread do it the long way (write zeros,
-                // or simply retry).
-                (libc::EOPNOTSUPP, IoKind::WriteZeroes) | (libc::EAGAIN | libc::EINTR, _) => {
+                // or simply retry), unless the queue was withdrawn
+                // meanwhile: then nothing new starts for it.
+                (libc::EOPNOTSUPP, IoKind::WriteZeroes) | (libc::EAGAIN | libc::EINTR, _)
+                    if !self.withdrawn =>
+                {
                     self.send_to_pool(slot, cx);
                     return;
+                }
+                (libc::EOPNOTSUPP, IoKind::WriteZeroes) | (libc::EAGAIN | libc::EINTR, _) => {
+                    Err(io::Error::from_raw_os_error(libc::ECANCELED))
                 }
                 _ => Err(io::Error::from_raw_os_error(errno)),
             }
         } else if want.is_some_and(|w| usize::try_from(res).ok() != Some(w)) {
             // A short transfer is redone whole by a thread, which reports
-            // a real end of file as an error.
-            self.send_to_pool(slot, cx);
-            return;
+            // a real end of file as an error; not for a withdrawn queue.
+            if self.withdrawn {
+                Err(io::Error::from_raw_os_error(libc::ECANCELED))
+            } else {
+                self.send_to_pool(slot, cx);
+                return;
+            }
         } else {
             Ok(())
         };
@@ -491,8 +553,10 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         }
         let r = self.queue.set_notification(&mem, enable);
         match r {
-            // A paused queue takes nothing: what waits is not work.
-            Ok(w) => w && !self.paused(),
+            // A paused queue takes nothing: what waits is not work; a
+            // throttled one waits for io_uring completions, which wake the
+            // reactor anyway.
+            Ok(w) => w && !self.paused() && !self.throttled,
             Err(e) => {
                 self.break_queue(&format!("cannot update notification state: {e}"));
                 false
@@ -532,6 +596,9 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
 
     fn withdraw(&mut self) {
         self.withdrawn = true;
+        // Jobs of ours waiting for a pool thread never start; running ones
+        // stop at their next step.
+        self.cancel.store(true, Ordering::Release);
         self.ring_checked = None;
     }
 

@@ -189,6 +189,8 @@ pub(crate) struct Reactor {
     shutdown: bool,
     /// Withdrawn queues that leave once nothing is in flight.
     leaving: Vec<u64>,
+    /// Which queue the next pass polls first.
+    turn: usize,
 }
 
 impl Reactor {
@@ -216,6 +218,7 @@ impl Reactor {
             stats: Arc::default(),
             shutdown: false,
             leaving: Vec::new(),
+            turn: 0,
         }
     }
 
@@ -295,7 +298,12 @@ impl Reactor {
         }
         self.completions.clear();
         let mut work = false;
-        for q in self.queues.iter_mut() {
+        // Each pass starts with the next queue: when the io_uring has room
+        // for only some requests, every queue gets its turn at it.
+        let n = self.queues.len();
+        self.turn = self.turn.wrapping_add(1);
+        for k in 0..n {
+            let q = &mut self.queues[(self.turn + k) % n];
             let mut cx = Cx {
                 uring: self.uring.as_mut(),
                 pool: &self.pool,

@@ -241,18 +241,22 @@ impl DmaTable {
         Ok(())
     }
 
-    /// The client is gone: every window's mapping becomes private zero
-    /// pages here, so that backend I/O still in flight cannot write into
-    /// the client's memory. (Reads with O_DIRECT already in the disk write
-    /// into the pages they pinned at submission, which no remapping can
-    /// redirect.)
+    /// The client is gone: every window's mapping becomes a private
+    /// (copy-on-write) mapping of the same file, so that backend I/O still
+    /// in flight cannot write into the client's memory, while writes to
+    /// disk still in flight read the client's bytes, never zeros. (Reads
+    /// with O_DIRECT already in the disk write into the pages they pinned
+    /// at submission, which no remapping can redirect.)
     pub fn revoke_all(&self) {
         for w in &self.windows {
-            if let Some(r) = &w.region {
-                let len = usize::try_from(w.size).unwrap_or(0);
-                if let Err(e) = memory::revoke(r.as_ptr() as usize, len) {
-                    warn!("DMA window {:#x}+{:#x}: cannot revoke: {e}", w.iova, w.size);
-                }
+            let Some(r) = &w.region else { continue };
+            let Some(fo) = r.file_offset() else { continue };
+            let len = usize::try_from(w.size).unwrap_or(0);
+            if let Err(e) = memory::revoke(r.as_ptr() as usize, len, fo.file(), fo.start()) {
+                warn!(
+                    "DMA window {:#x}+{:#x}: cannot make it private ({e}); left shared",
+                    w.iova, w.size
+                );
             }
         }
     }
