@@ -21,6 +21,15 @@ use vfio_user_blk::backend::io::{Backend, FileBackend, GuestIov};
 
 const MB: u64 = 1 << 20;
 
+/// A folder on the disk the tests are built on (not tmpfs: O_DIRECT).
+fn disk_dir(tag: &str) -> TempDir {
+    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let p = base.join(format!("vub-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    TempDir(p)
+}
+
 /// Every 512-byte sector of `bytes` holds `old` or `new` only: the index
 /// and value of the first sector that holds anything else.
 fn first_foreign_sector(bytes: &[u8], old: u8, new: u8) -> Option<(usize, u8)> {
@@ -225,4 +234,113 @@ fn a_write_zeroes_request_takes_one_range() {
     // Discard still takes several.
     let two = [dwz_segment(0, 8, 0), dwz_segment(64, 8, 0)].concat();
     assert_eq!(d.simple(0, T_DISCARD, 0, two, 0).0, S_OK);
+}
+
+/// Finding 2: the io_uring of a reactor (256 submissions, 512 completions)
+/// had nothing capping the work in flight, and never entered the kernel to
+/// flush completions that overflowed: with O_DIRECT reads on a file on the
+/// disk (so that they really go through io_uring), 16 queues of 1024 reads
+/// posted at once with one doorbell each left 8,192 unanswered, and the
+/// reset after them waited for ever. Every read must complete, in every
+/// poll mode, and the reset return.
+#[test]
+fn more_reads_than_the_io_uring_holds_all_complete_and_a_reset_returns() {
+    for (mode, queues, per_queue) in [
+        ("interrupt", 16usize, 1024usize),
+        ("busy", 16, 1024),
+        ("adaptive", 9, 64),
+        ("adaptive", 16, 1024),
+    ] {
+        let dir = disk_dir("uring");
+        let img = dir.path("disk.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(64 * MB).unwrap();
+        f.write_all_at(&pattern(9, 64 * MB as usize), 0).unwrap();
+        drop(f);
+        let qn = queues.to_string();
+        let srv = ServerProcess::start_in(
+            dir,
+            &[
+                "--disk",
+                img.to_str().unwrap(),
+                "--direct",
+                "--queues",
+                &qn,
+                "--queue-size",
+                "1024",
+                "--pollers",
+                "1",
+                "--poll-mode",
+                mode,
+            ],
+        );
+        let mut d = Driver::new(
+            &srv.socket,
+            DriverOptions {
+                ram_size: 160 * MB,
+                ..Default::default()
+            },
+        );
+        assert_eq!(d.queues.len(), queues);
+        let mut subs = Vec::new();
+        for q in 0..queues {
+            for i in 0..per_queue {
+                let sector = ((q * per_queue + i) % 16384) as u64 * 8;
+                subs.push((
+                    sector,
+                    d.submit(
+                        q,
+                        &Request {
+                            kind: T_IN,
+                            sector,
+                            out: vec![],
+                            in_len: 4096,
+                            layout: Layout {
+                                indirect: true,
+                                ..Default::default()
+                            },
+                        },
+                    ),
+                ));
+            }
+        }
+        let t = Instant::now();
+        for q in 0..queues {
+            d.force_kick(q);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut got = vec![0usize; queues];
+        while got.iter().sum::<usize>() < queues * per_queue && Instant::now() < deadline {
+            for (q, n) in got.iter_mut().enumerate() {
+                while d.queues[q].pop_used(&d.mem).is_some() {
+                    *n += 1;
+                }
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        let done: usize = got.iter().sum();
+        eprintln!(
+            "{mode}, {queues} x {per_queue} O_DIRECT reads: {done} completed in {:?}",
+            t.elapsed()
+        );
+        assert_eq!(done, queues * per_queue, "{mode}: reads stranded ({got:?})");
+        let img_data = pattern(9, 64 * MB as usize);
+        for (sector, s) in subs.iter().step_by(97) {
+            let (st, data) = d.result(s);
+            let at = *sector as usize * 512;
+            assert_eq!(st, S_OK);
+            assert!(data == img_data[at..at + 4096], "{mode}: sector {sector}");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            d.reset();
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "{mode}: the reset did not return"
+        );
+        let mut srv = srv;
+        srv.assert_healthy();
+    }
 }

@@ -45,6 +45,8 @@ pub use vfio_user_blk::driver_ring::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE}
 /// Where rings and buffers go in guest RAM.
 const RING_BASE: u64 = 0x10000;
 const RING_STRIDE: u64 = 0x10000;
+/// Buffers start here, or after the rings when there are more than 15
+/// queues.
 const BUF_BASE: u64 = 0x100000;
 
 /// How one request is laid out in descriptors.
@@ -103,6 +105,7 @@ pub struct Driver {
     pub vectors: Vec<EventFd>,
     pub intx: Option<EventFd>,
     next_buf: u64,
+    buf_base: u64,
 }
 
 fn rd16(c: &mut Client, off: u64) -> u16 {
@@ -199,6 +202,7 @@ impl Driver {
             vectors: Vec::new(),
             intx: None,
             next_buf: BUF_BASE,
+            buf_base: BUF_BASE,
         };
         if o.split_dma {
             let half = o.ram_size / 2;
@@ -231,15 +235,19 @@ impl Driver {
                 .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
                 .collect();
             let fds: Vec<i32> = self.vectors.iter().map(|e| e.as_raw_fd()).collect();
-            self.c
-                .set_irqs(
-                    VFIO_PCI_MSIX_IRQ_INDEX,
-                    VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                    0,
-                    count,
-                    &fds,
-                )
-                .unwrap();
+            // At most 8 descriptors a message (the server's max_msg_fds),
+            // as QEMU splits them.
+            for (k, chunk) in fds.chunks(8).enumerate() {
+                self.c
+                    .set_irqs(
+                        VFIO_PCI_MSIX_IRQ_INDEX,
+                        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                        (k * 8) as u32,
+                        chunk.len() as u32,
+                        chunk,
+                    )
+                    .unwrap();
+            }
         } else {
             let e = EventFd::new(EFD_NONBLOCK).unwrap();
             self.c
@@ -272,6 +280,7 @@ impl Driver {
             1
         };
         self.queues.clear();
+        self.place_buffers_after(nq.min(nq_max));
         for i in 0..nq.min(nq_max) {
             wr(&mut self.c, 14, &(i as u16).to_le_bytes());
             let size = rd16(&mut self.c, 12);
@@ -396,6 +405,7 @@ impl Driver {
         assert!(num_queues >= nq, "num_queues covers the config's");
         self.queues.clear();
         self.packed.clear();
+        self.place_buffers_after(nq);
         for i in 0..nq {
             let q = i as u16;
             mwr(&mut self.c, modern::QUEUE_SELECT, &q.to_le_bytes());
@@ -502,14 +512,24 @@ impl Driver {
         let a = self.next_buf;
         self.next_buf = (self.next_buf + len as u64 + 15) & !15;
         if self.next_buf > self.ram_size {
-            self.next_buf = BUF_BASE;
+            assert!(
+                self.buf_base + len as u64 <= self.ram_size,
+                "no room for {len} bytes"
+            );
+            self.next_buf = self.buf_base;
             return self.alloc(len);
         }
         a
     }
 
     pub fn reset_alloc(&mut self) {
-        self.next_buf = BUF_BASE;
+        self.next_buf = self.buf_base;
+    }
+
+    /// Buffers go after the rings of `queues` queues.
+    fn place_buffers_after(&mut self, queues: usize) {
+        self.buf_base = (RING_BASE + RING_STRIDE * queues as u64).max(BUF_BASE);
+        self.next_buf = self.next_buf.max(self.buf_base);
     }
 
     /// Writes one descriptor of queue `q`'s table by hand.
