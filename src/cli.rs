@@ -691,8 +691,10 @@ fn device_on(
         .context("creating the shared notify page")?;
     shared.set_config_notifier(transport.config_notifier());
     let function = PciFunction::new(VIRTIO_BLK_IDENTITY, transport, irqs);
+    let share = crate::vfio_user::budget::Share::register()
+        .context("taking the device's share of guest-memory windows")?;
     Ok((
-        Server::new(function, memory, ServerConfig::default()),
+        Server::new(function, memory, ServerConfig::default(), share),
         shared,
     ))
 }

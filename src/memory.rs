@@ -232,7 +232,10 @@ pub fn revoke(host: usize, len: usize, file: &std::fs::File, offset: u64) -> std
 
 // ---- SIGBUS guard -----------------------------------------------------------
 
-const SLOTS: usize = 16384;
+/// Windows the SIGBUS guard can cover at once, in the whole process (the
+/// budget of windows in `vfio_user::budget` never asks for more).
+pub const GUARD_SLOTS: usize = 16384;
+const SLOTS: usize = GUARD_SLOTS;
 const FREE: u8 = 0;
 const LIVE: u8 = 1;
 const RETIRED: u8 = 2;

@@ -115,3 +115,112 @@ fn one_devices_write_zeroes_flood_does_not_hold_anothers_pool_work() {
     let mut srv = srv;
     srv.assert_healthy();
 }
+
+/// DMA_MAP of one 4 KiB window of `fd` at `iova`, over a raw connection:
+/// the errno of the reply (0: mapped).
+fn dma_map(r: &mut Raw, iova: u64, fd: std::os::fd::RawFd) -> u32 {
+    let mut p = Vec::new();
+    p.extend_from_slice(&32u32.to_le_bytes());
+    p.extend_from_slice(&3u32.to_le_bytes()); // read | write
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&iova.to_le_bytes());
+    p.extend_from_slice(&4096u64.to_le_bytes());
+    let rep = r.call_fds(2, &p, &[fd]);
+    if rep.flags & ERROR != 0 {
+        rep.error
+    } else {
+        0
+    }
+}
+
+/// Finding 4: the limit of 4,096 windows held per connection, not per
+/// process, while every window holds a descriptor and one of the process's
+/// 16,384 SIGBUS guard slots. Four clients mapping 4,096 windows each took
+/// every slot; the fifth device's window was then mapped unguarded, and
+/// its memfd cut short under a live queue killed the whole process. Now
+/// each device is held to its share of a process-wide budget (refused with
+/// ENOSPC beyond it), no window is ever mapped unguarded, and the
+/// management socket and accept keep working.
+#[test]
+fn four_greedy_clients_cannot_disarm_a_fifth_devices_sigbus_guard() {
+    use std::os::fd::AsRawFd;
+    let dir = TempDir::new("budget");
+    let rpc = dir.path("rpc.sock");
+    let mut args: Vec<String> = vec![
+        "--disk".into(),
+        "null:16M".into(),
+        "--rpc-socket".into(),
+        rpc.to_str().unwrap().into(),
+    ];
+    let mut socks = Vec::new();
+    for i in 0..4 {
+        let s = dir.path(&format!("g{i}.sock"));
+        args.push("--device".into());
+        args.push(format!(
+            "socket={},disk=null:16M,name=greedy{i}",
+            s.display()
+        ));
+        socks.push(s);
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut srv = ServerProcess::start_in(dir, &a);
+    let page = vfio_user_blk::util::memfd("page").unwrap();
+    page.set_len(4096).unwrap();
+    let mut greedy = Vec::new();
+    let mut mapped = Vec::new();
+    for s in &socks {
+        let mut r = Raw::negotiated(s);
+        let mut n = 0u64;
+        let refused = loop {
+            if n == 4096 {
+                break 0;
+            }
+            match dma_map(&mut r, n * 4096, page.as_raw_fd()) {
+                0 => n += 1,
+                e => break e,
+            }
+        };
+        eprintln!("a greedy client mapped {n} windows, then errno {refused}");
+        assert!(
+            refused == 0 || refused == libc::ENOSPC as u32,
+            "refused with errno {refused}"
+        );
+        mapped.push(n);
+        greedy.push(r);
+    }
+    srv.assert_alive();
+    // The fifth device: its guest RAM is a memfd that cannot be sealed,
+    // cut short under a live queue.
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    assert_eq!(d.write(0, 0, &[7u8; 4096]), S_OK);
+    d.submit(
+        0,
+        &Request {
+            kind: T_OUT,
+            sector: 8,
+            out: vec![1u8; 4096],
+            in_len: 0,
+            layout: Layout::default(),
+        },
+    );
+    // (This process must not touch the memory once it is cut.)
+    d.ram.set_len(0).unwrap();
+    d.force_kick(0);
+    thread::sleep(Duration::from_millis(300));
+    srv.assert_alive();
+    assert!(
+        srv.log_text().contains("vanished"),
+        "the guard did not see the truncation"
+    );
+    // The management socket and accept still work.
+    let mut m = std::os::unix::net::UnixStream::connect(&rpc).unwrap();
+    use std::io::{BufRead, Write};
+    writeln!(m, r#"{{"jsonrpc":"2.0","id":1,"method":"device_list"}}"#).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&m).read_line(&mut line).unwrap();
+    assert!(line.contains("greedy3"), "{line}");
+    drop(greedy);
+    drop(d);
+    fresh_client_works(&socks[0]);
+    srv.assert_healthy();
+}

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use std::os::fd::AsRawFd;
 
+use super::budget::{BudgetError, Share, Token};
 use crate::memory::{self, GuardedWindow};
 use log::{debug, warn};
 use vfio_bindings::bindings::vfio::{
@@ -62,13 +63,23 @@ pub enum DmaError {
     },
     #[error("window {iova:#x}+{size:#x}: the descriptor is not a regular file or memfd")]
     NotAFile { iova: u64, size: u64 },
+    #[error("window {iova:#x}+{size:#x} refused: {why}")]
+    Budget {
+        iova: u64,
+        size: u64,
+        why: BudgetError,
+    },
+    #[error("window {iova:#x}+{size:#x} refused: no SIGBUS guard slot is free")]
+    Unguarded { iova: u64, size: u64 },
 }
 
 impl DmaError {
     pub fn errno(&self) -> i32 {
         match self {
             DmaError::Overlap { .. } => libc::EEXIST,
-            DmaError::TooMany(_) => libc::ENOSPC,
+            DmaError::TooMany(_) | DmaError::Budget { .. } | DmaError::Unguarded { .. } => {
+                libc::ENOSPC
+            }
             DmaError::NoSuchWindow { .. } => libc::ENOENT,
             DmaError::BadUnmapFlags(_) => libc::ENOTSUP,
             _ => libc::EINVAL,
@@ -83,21 +94,43 @@ struct Window {
     region: Option<Arc<GuestRegionMmap>>,
     /// Keeps a SIGBUS inside the mapping survivable (see `memory`).
     _guard: Option<GuardedWindow>,
+    /// The window's place in the process's budget (after the mapping and
+    /// the guard: given back once both are gone).
+    _token: Option<Token>,
 }
 
 /// The per-connection table of DMA windows.
 pub struct DmaTable {
     windows: Vec<Window>,
+    /// Windows taken away while a snapshot of guest memory (a request in
+    /// flight) still used them: they stay mapped, guarded and counted in
+    /// the budget until the last snapshot lets go.
+    retired: Vec<Window>,
     max_windows: usize,
     memory: GuestMemoryHandle,
+    share: Arc<Share>,
 }
 
 impl DmaTable {
-    pub fn new(memory: GuestMemoryHandle, max_windows: usize) -> DmaTable {
+    pub fn new(memory: GuestMemoryHandle, max_windows: usize, share: Arc<Share>) -> DmaTable {
         DmaTable {
             windows: Vec::new(),
+            retired: Vec::new(),
             max_windows,
             memory,
+            share,
+        }
+    }
+
+    /// Gives back the retired windows no snapshot uses any more.
+    pub fn sweep(&mut self) {
+        self.retired
+            .retain(|w| w.region.as_ref().is_some_and(|r| Arc::strong_count(r) > 1));
+    }
+
+    fn retire(&mut self, w: Window) {
+        if w.region.as_ref().is_some_and(|r| Arc::strong_count(r) > 1) {
+            self.retired.push(w);
         }
     }
 
@@ -154,13 +187,22 @@ impl DmaTable {
         if self.windows.len() >= self.max_windows {
             return Err(DmaError::TooMany(self.max_windows));
         }
+        self.sweep();
 
         let writable = flags & VFIO_DMA_MAP_FLAG_WRITE != 0;
         let mut guard = None;
+        let mut token = None;
         let region = match fd {
             Some(fd) if writable => {
+                // Its descriptor and guard slot come out of the process's
+                // budget, within this device's share.
+                let t = self
+                    .share
+                    .take()
+                    .map_err(|why| DmaError::Budget { iova, size, why })?;
                 let (region, g) = map_window(iova, size, offset, fd)?;
-                guard = g;
+                guard = Some(g);
+                token = Some(t);
                 Some(Arc::new(region))
             }
             Some(_) => {
@@ -192,6 +234,7 @@ impl DmaTable {
                 size,
                 region,
                 _guard: guard,
+                _token: token,
             },
         );
         self.publish();
@@ -236,8 +279,10 @@ impl DmaTable {
             .iter()
             .position(|w| w.iova == iova && w.size == size)
             .ok_or(DmaError::NoSuchWindow { iova, size })?;
-        self.windows.remove(pos);
+        let w = self.windows.remove(pos);
         self.publish();
+        self.retire(w);
+        self.sweep();
         Ok(())
     }
 
@@ -263,8 +308,12 @@ impl DmaTable {
 
     /// Drops every window (disconnect).
     pub fn clear(&mut self) {
-        self.windows.clear();
+        let gone = std::mem::take(&mut self.windows);
         self.publish();
+        for w in gone {
+            self.retire(w);
+        }
+        self.sweep();
     }
 
     fn publish(&self) {
@@ -340,7 +389,7 @@ fn map_window(
     size: u64,
     offset: u64,
     fd: OwnedFd,
-) -> Result<(GuestRegionMmap, Option<GuardedWindow>), DmaError> {
+) -> Result<(GuestRegionMmap, GuardedWindow), DmaError> {
     let fail = |reason: String| DmaError::Mmap { iova, size, reason };
     let len = usize::try_from(size).map_err(|_| fail("size does not fit in memory".into()))?;
     let file = File::from(fd);
@@ -353,14 +402,15 @@ fn map_window(
         libc::MAP_SHARED,
     )
     .map_err(|e| fail(e.to_string()))?;
+    // Never mapped unguarded: a file cut short under it would kill the
+    // process. (The budget keeps within the guard's slots; this holds even
+    // if a snapshot keeps retired windows a while longer.)
     let guard = memory::guard_window(
         mapping.as_ptr() as usize,
         len,
         mapping_page(mapping.file_offset()),
-    );
-    if guard.is_none() {
-        warn!("DMA window {iova:#x}+{size:#x}: too many windows to guard against SIGBUS");
-    }
+    )
+    .ok_or(DmaError::Unguarded { iova, size })?;
     let region = GuestRegionMmap::new(mapping, GuestAddress(iova))
         .ok_or_else(|| fail("address wraps".into()))?;
     Ok((region, guard))
@@ -382,7 +432,7 @@ mod tests {
     #[test]
     fn map_read_unmap() {
         let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(mem.clone(), 16);
+        let mut t = DmaTable::new(mem.clone(), 16, Share::register().unwrap());
         t.map(0x10000, 0x2000, 0x1000, RW, Some(memfd(0x4000)))
             .unwrap();
         mem.memory()
@@ -407,7 +457,7 @@ mod tests {
     #[test]
     fn rejects_bad_windows() {
         let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(mem, 2);
+        let mut t = DmaTable::new(mem, 2, Share::register().unwrap());
         assert_eq!(t.map(0, 0, 0, RW, None), Err(DmaError::EmptyWindow));
         assert!(matches!(
             t.map(u64::MAX - 0xfff, 0x2000, 0, RW, None),
@@ -446,7 +496,7 @@ mod tests {
     #[test]
     fn window_past_the_end_of_its_file_is_refused() {
         let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(mem, 4);
+        let mut t = DmaTable::new(mem, 4, Share::register().unwrap());
         let e = t.map(0, 16 << 20, 0, RW, Some(memfd(4096))).unwrap_err();
         assert!(matches!(e, DmaError::PastEndOfFile { .. }), "{e}");
         assert_eq!(e.errno(), libc::EINVAL);
@@ -476,7 +526,7 @@ mod tests {
         let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         f.set_len(0x2000).unwrap();
         let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(mem, 4);
+        let mut t = DmaTable::new(mem, 4, Share::register().unwrap());
         t.map(
             0,
             0x2000,
@@ -492,7 +542,7 @@ mod tests {
     #[test]
     fn fdless_window_is_unreachable() {
         let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(mem.clone(), 4);
+        let mut t = DmaTable::new(mem.clone(), 4, Share::register().unwrap());
         t.map(0, 0x1000, 0, RW, None).unwrap();
         assert!(mem.memory().read_obj::<u8>(GuestAddress(0)).is_err());
         // A read-only window with a descriptor is not reachable either.

@@ -6,6 +6,7 @@
 //! [`Device`]; the server validates every request (sizes, indices, ranges,
 //! descriptor counts) before the device sees it.
 
+pub mod budget;
 pub mod dma;
 pub mod server;
 pub mod socket;

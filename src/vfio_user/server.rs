@@ -216,8 +216,15 @@ fn command_name(cmd: u16) -> &'static str {
 impl<D: Device> Server<D> {
     /// `memory` is the guest memory handle the device reads and writes
     /// through; the server's DMA table fills it in.
-    pub fn new(device: D, memory: GuestMemoryHandle, config: ServerConfig) -> Server<D> {
-        let dma = DmaTable::new(memory, config.max_dma_maps as usize);
+    /// `share` is the device's part of the process's budget of windows
+    /// (see [`super::budget`]).
+    pub fn new(
+        device: D,
+        memory: GuestMemoryHandle,
+        config: ServerConfig,
+        share: Arc<super::budget::Share>,
+    ) -> Server<D> {
+        let dma = DmaTable::new(memory, config.max_dma_maps as usize, share);
         Server {
             device,
             dma,
@@ -315,6 +322,9 @@ impl<D: Device> Server<D> {
     /// Returns the transport, with what the server sent.
     pub fn serve_on<T: Transport>(&mut self, stream: T) -> T {
         info!("client connected");
+        // What the last client's requests still held is back by now, or
+        // stays counted.
+        self.dma.sweep();
         self.dma.set_max_windows(self.config.max_dma_maps as usize);
         let mut conn = Conn {
             stream,
