@@ -577,7 +577,8 @@ pub fn build_target(opts: &Options, inline: bool) -> Result<Target> {
     let engine = Engine::start(opts.engine_config(inline)).context("starting the reactors")?;
     let mut devices = Vec::new();
     for (i, spec) in opts.device_specs().into_iter().enumerate() {
-        let (server, _) = build_device(&spec, i, opts, &engine)?;
+        let name = spec.name.clone().unwrap_or_else(|| format!("disk{i}"));
+        let (server, _) = build_device(&spec, &name, opts, &engine)?;
         devices.push((spec, server));
     }
     Ok(Target { engine, devices })
@@ -604,7 +605,7 @@ pub fn build_with(opts: &Options, inline: bool) -> Result<Server<BlkFunction>> {
 /// Opens one disk and builds its PCI function and server on `engine`.
 pub fn build_device(
     spec: &DeviceSpec,
-    index: usize,
+    name: &str,
     opts: &Options,
     engine: &Arc<Engine>,
 ) -> Result<(Server<BlkFunction>, Arc<BlkShared>)> {
@@ -618,7 +619,7 @@ pub fn build_device(
         },
     )
     .with_context(|| format!("opening disk {}", spec.disk))?;
-    device_on(spec, index, opts, engine, disk)
+    device_on(spec, name, opts, engine, disk)
 }
 
 /// The first device of `opts` on a backend of the caller's (tests, and
@@ -637,17 +638,20 @@ pub fn build_on_backend(
         readonly: spec.readonly,
         backend,
     };
-    device_on(&spec, 0, opts, &engine, disk).map(|(s, _)| s)
+    let name = spec.name.clone().unwrap_or_else(|| "disk0".into());
+    device_on(&spec, &name, opts, &engine, disk).map(|(s, _)| s)
 }
 
-fn device_on(
+/// Builds one device on an opened disk; `name` is how the log and the
+/// management plane call it.
+pub fn device_on(
     spec: &DeviceSpec,
-    index: usize,
+    name: &str,
     opts: &Options,
     engine: &Arc<Engine>,
     disk: backend::Disk,
 ) -> Result<(Server<BlkFunction>, Arc<BlkShared>)> {
-    let name = format!("disk{index} ({})", spec.socket.display());
+    let name = name.to_string();
     if !disk.size.is_multiple_of(u64::from(spec.logical_block_size)) {
         bail!(
             "disk size {} is not a multiple of the logical block size {}",

@@ -224,3 +224,186 @@ fn four_greedy_clients_cannot_disarm_a_fifth_devices_sigbus_guard() {
     fresh_client_works(&socks[0]);
     srv.assert_healthy();
 }
+
+/// A backend over a memfd whose reads of one sector block until released.
+struct StuckReads {
+    inner: vfio_user_blk::backend::io::FileBackend,
+    at: u64,
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+    entered: std::sync::atomic::AtomicBool,
+}
+
+impl StuckReads {
+    fn release(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+impl vfio_user_blk::backend::io::Backend for StuckReads {
+    fn read_at(
+        &self,
+        iov: &[vfio_user_blk::backend::io::GuestIov],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        if offset == self.at {
+            self.entered
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.cv.wait(open).unwrap();
+            }
+        }
+        self.inner.read_at(iov, offset)
+    }
+    fn write_at(
+        &self,
+        iov: &[vfio_user_blk::backend::io::GuestIov],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        self.inner.write_at(iov, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn inline(&self) -> bool {
+        false
+    }
+    fn resize(&self, size: Option<u64>) -> std::io::Result<u64> {
+        self.inner.resize(size)
+    }
+}
+
+/// Runs `f` on a thread and waits up to `limit` for its answer.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// Finding 5: `device_remove` held the admin lock while it joined a device
+/// thread waiting without limit in a drain (a reset behind a stuck disk),
+/// so every later add, remove and shutdown blocked; a resize waited
+/// without limit for the queues to drain, and 16 of them took every
+/// management connection. Now nothing in the control plane waits on a
+/// device without a bound.
+#[test]
+fn a_stuck_disk_never_hangs_the_control_plane() {
+    use clap::Parser;
+    use std::sync::atomic::Ordering;
+    use vfio_user_blk::backend::io::FileBackend;
+    let dir = TempDir::new("ctl");
+    let opts = vfio_user_blk::cli::Options::parse_from([
+        "x",
+        "--rpc-socket",
+        dir.path("unused-rpc.sock").to_str().unwrap(),
+        "--poll-mode",
+        "interrupt",
+    ]);
+    let target = vfio_user_blk::target::Target::start(&opts).unwrap();
+    let f = vfio_user_blk::util::memfd("stuck").unwrap();
+    f.set_len(8 * MB).unwrap();
+    let be = std::sync::Arc::new(StuckReads {
+        inner: FileBackend::new(f, false, 512, true, false),
+        at: 64 * 512,
+        open: std::sync::Mutex::new(false),
+        cv: std::sync::Condvar::new(),
+        entered: Default::default(),
+    });
+    let sock = dir.path("stuck.sock");
+    let spec: vfio_user_blk::cli::DeviceSpec =
+        format!("socket={},disk=null:8M,name=stuck", sock.display())
+            .parse()
+            .unwrap();
+    target
+        .add_disk(
+            spec,
+            vfio_user_blk::backend::Disk {
+                spec: vfio_user_blk::backend::DiskSpec::Null(8 * MB),
+                size: 8 * MB,
+                readonly: false,
+                backend: be.clone(),
+            },
+        )
+        .unwrap();
+    let mut d = Driver::new(&sock, DriverOptions::default());
+    d.submit(
+        0,
+        &Request {
+            kind: T_IN,
+            sector: 64,
+            out: vec![],
+            in_len: 4096,
+            layout: Layout::default(),
+        },
+    );
+    d.force_kick(0);
+    wait_until("the read to be stuck", || be.entered.load(Ordering::SeqCst));
+
+    // A resize waits for the stuck read only so long, and says why.
+    let t = target.clone();
+    let r = within(Duration::from_secs(15), move || {
+        t.resize("stuck", Some(16 * MB), false)
+    })
+    .expect("device_resize did not answer");
+    let e = r.expect_err("resized with a request stuck in the backend");
+    eprintln!("resize behind a stuck read: {e:#}");
+    assert!(format!("{e:#}").contains("still in the backend"), "{e:#}");
+    // Many at once (each its own management connection) all answer.
+    let many: Vec<_> = (0..16)
+        .map(|_| {
+            let t = target.clone();
+            thread::spawn(move || t.resize("stuck", Some(16 * MB), false).is_err())
+        })
+        .collect();
+    let t0 = Instant::now();
+    for h in many {
+        assert!(h.join().unwrap());
+    }
+    eprintln!("16 resizes at once behind a stuck read: {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+
+    // The driver resets: its protocol thread now waits for the stuck read
+    // (the removal below then disconnects it: no answer comes).
+    let resetter = thread::spawn(move || {
+        use vfio_bindings::bindings::vfio::VFIO_PCI_BAR0_REGION_INDEX;
+        let _ = d.c.region_write(VFIO_PCI_BAR0_REGION_INDEX, 18, &[0]);
+        d
+    });
+    thread::sleep(Duration::from_millis(200));
+    let t = target.clone();
+    let removed = within(Duration::from_secs(10), move || t.remove("stuck", true))
+        .expect("device_remove did not answer");
+    assert!(!removed.unwrap(), "a stuck device cannot have stopped yet");
+    // The admin lock is free: another device comes and goes.
+    let other: vfio_user_blk::cli::DeviceSpec = format!(
+        "socket={},disk=ram:4M,name=other",
+        dir.path("o.sock").display()
+    )
+    .parse()
+    .unwrap();
+    let t = target.clone();
+    within(Duration::from_secs(10), move || t.add(other).map(|_| ()))
+        .expect("device_add did not answer")
+        .unwrap();
+    fresh_client_works(&dir.path("o.sock"));
+    let t = target.clone();
+    assert!(
+        within(Duration::from_secs(10), move || t.remove("other", true))
+            .expect("device_remove did not answer")
+            .unwrap()
+    );
+    let t = target.clone();
+    within(Duration::from_secs(20), move || t.shutdown()).expect("shutdown did not return");
+    be.release();
+    let _ = resetter.join();
+}

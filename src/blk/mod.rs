@@ -170,7 +170,14 @@ impl BlkShared {
         // One resize at a time, and the size checks below hold against the
         // size this resize starts from (two grows at once must not let the
         // later one shrink without `allow_shrink`).
-        let _one = self.resizing.lock();
+        // A second resize does not queue behind the first (which may wait
+        // up to RESIZE_WAIT for a stuck disk): it is refused at once.
+        let Some(_one) = self
+            .resizing
+            .try_lock_for(std::time::Duration::from_millis(200))
+        else {
+            return Err("another resize of this device is in progress; not resized".into());
+        };
         if self.readonly && size.is_some() {
             return Err("the disk is read-only".into());
         }
@@ -201,7 +208,13 @@ impl BlkShared {
         // against the old size would write past a new, smaller end, and the
         // size read back must be the one the disk has. The queues go on
         // when `paused` drops, on every way out of here.
-        let paused = Paused::new(self.active.lock().upgrade());
+        let active = self.active.lock().upgrade();
+        let Some(paused) = Paused::within(active, RESIZE_WAIT) else {
+            return Err(format!(
+                "requests of the device are still in the backend after {RESIZE_WAIT:?} \
+                 (a disk that stopped answering?); not resized"
+            ));
+        };
         let new = self.backend.resize(size).map_err(|e| e.to_string())?;
         if new == 0 || !new.is_multiple_of(u64::from(self.block)) {
             return Err(format!(
@@ -234,13 +247,19 @@ impl BlkShared {
 struct Paused(Option<Arc<Active>>);
 
 impl Paused {
-    fn new(active: Option<Arc<Active>>) -> Paused {
-        if let Some(a) = &active {
-            a.pause_all();
+    /// None when the queues did not drain within `limit` (they go on).
+    fn within(active: Option<Arc<Active>>, limit: std::time::Duration) -> Option<Paused> {
+        match &active {
+            Some(a) if !a.pause_all_within(limit) => None,
+            _ => Some(Paused(active)),
         }
-        Paused(active)
     }
 }
+
+/// How long a resize waits for the device's requests in flight to drain
+/// (and for a resize of the same device before it): the management plane
+/// never waits on a stuck disk without a bound.
+pub const RESIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Drop for Paused {
     fn drop(&mut self) {

@@ -521,6 +521,41 @@ impl Active {
         });
     }
 
+    /// [`pause_all`](Self::pause_all), for a caller that must not wait on
+    /// a stuck disk (the management plane): true once every queue is
+    /// paused and drained within `limit`; otherwise the queues are resumed
+    /// and the answer is false.
+    pub fn pause_all_within(&self, limit: Duration) -> bool {
+        let (ack_tx, ack_rx) = unbounded();
+        let mut n = 0;
+        for p in self.placed.iter().flatten() {
+            self.send(
+                *p,
+                Msg::Pause {
+                    queue: p.id,
+                    fence: None,
+                    ack: ack_tx.clone(),
+                },
+            );
+            n += 1;
+        }
+        self.run_inline();
+        let deadline = std::time::Instant::now() + limit;
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match ack_rx.recv_timeout(left) {
+                Ok(()) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    // Every queue took a hold: each gives it back.
+                    self.resume();
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// `fence` is about to be unmapped: queues whose rings or in-flight
     /// requests lie in it stop and drain; the others go on, but take no
     /// request that points into it. Returns once that holds.

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::blk::exec::{ERROR_KINDS, REQUEST_KINDS};
 use crate::blk::{feature_names, BlkShared};
-use crate::cli::{bind_socket, build_device, DeviceSpec, Options};
+use crate::cli::{bind_socket, build_device, device_on, DeviceSpec, Options};
 use crate::engine::{Engine, QueueStats};
 use crate::vfio_user::Control;
 
@@ -28,6 +28,33 @@ struct Entry {
     thread: Option<JoinHandle<()>>,
     /// The socket file we bound (device, inode): only it is removed later.
     socket_id: Option<(u64, u64)>,
+}
+
+/// How long a removal waits for the device to stop before it answers
+/// (the device then finishes stopping in the background).
+pub const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long shutdown waits for one disk's flush.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits up to `limit` for a thread to finish.
+fn wait_finished<T>(t: &JoinHandle<T>, limit: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + limit;
+    while !t.is_finished() {
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
+}
+
+/// Runs `f` on a thread of its own and waits up to `limit` for it: false
+/// when it has not returned by then (it goes on, unwaited for).
+fn bounded(what: &str, limit: std::time::Duration, f: impl FnOnce() + Send + 'static) -> bool {
+    match std::thread::Builder::new().name(what.into()).spawn(f) {
+        Ok(t) => wait_finished(&t, limit),
+        Err(_) => false,
+    }
 }
 
 /// How long a graceful shutdown waits for clients to let go.
@@ -96,13 +123,22 @@ impl Target {
     }
 
     /// Adds a device: opens its disk, binds its socket, serves it.
-    pub fn add(&self, mut spec: DeviceSpec) -> Result<Value> {
+    pub fn add(&self, spec: DeviceSpec) -> Result<Value> {
+        self.add_on(spec, None)
+    }
+
+    /// Adds a device on a disk the caller opened (embedding, tests): the
+    /// spec's disk is only its description.
+    pub fn add_disk(&self, spec: DeviceSpec, disk: crate::backend::Disk) -> Result<Value> {
+        self.add_on(spec, Some(disk))
+    }
+
+    fn add_on(&self, mut spec: DeviceSpec, disk: Option<crate::backend::Disk>) -> Result<Value> {
         let _admin = self.admin.lock();
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             bail!("the target is shutting down");
         }
-        let index = self.devices.lock().len();
-        if index >= MAX_DEVICES {
+        if self.devices.lock().len() >= MAX_DEVICES {
             bail!("this target serves {MAX_DEVICES} devices already");
         }
         let name = spec.name.clone().unwrap_or_else(|| {
@@ -136,8 +172,11 @@ impl Target {
                 let _ = std::fs::remove_file(p);
             }
         };
-        let (mut server, shared) = build_device(&spec, index, &self.opts, &self.engine)
-            .inspect_err(|_| remove_created())?;
+        let built = match disk {
+            Some(d) => device_on(&spec, &name, &self.opts, &self.engine, d),
+            None => build_device(&spec, &name, &self.opts, &self.engine),
+        };
+        let (mut server, shared) = built.inspect_err(|_| remove_created())?;
         let listener = match bind_socket(&spec.socket, self.opts.force) {
             Ok(l) => l,
             Err(e) => {
@@ -191,10 +230,13 @@ impl Target {
 
     /// Removes a device. With a client attached, only with `force`: the
     /// client is disconnected first (the device withdraws its queues, as
-    /// for any disconnect).
-    pub fn remove(&self, name: &str, force: bool) -> Result<()> {
-        let _admin = self.admin.lock();
+    /// for any disconnect). Returns whether the device has stopped; one
+    /// whose disk still holds a request (a stuck backend) finishes stopping
+    /// in the background, and the log says when: nothing here waits on a
+    /// device longer than [`REMOVE_WAIT`].
+    pub fn remove(&self, name: &str, force: bool) -> Result<bool> {
         let mut entry = {
+            let _admin = self.admin.lock();
             let mut devs = self.devices.lock();
             let Some(e) = devs.get(name) else {
                 bail!("no device named '{name}'");
@@ -211,12 +253,31 @@ impl Target {
         };
         entry.control.stop();
         entry.control.disconnect_client();
-        if let Some(t) = entry.thread.take() {
-            let _ = t.join();
-        }
+        // Nobody can connect any more: the name and the socket are free.
         remove_own_socket(&entry.spec.socket, entry.socket_id);
-        info!("{name}: removed");
-        Ok(())
+        let Some(t) = entry.thread.take() else {
+            return Ok(true);
+        };
+        if wait_finished(&t, REMOVE_WAIT) {
+            let _ = t.join();
+            info!("{name}: removed");
+            return Ok(true);
+        }
+        warn!(
+            "{name}: removed, but its disk still holds a request: the device stops in the \
+             background once the disk answers (its image stays locked until then)"
+        );
+        let label = name.to_string();
+        let reaper = std::thread::Builder::new()
+            .name(format!("remove-{name}"))
+            .spawn(move || {
+                let _ = t.join();
+                info!("{label}: stopped, after its disk let go of its last request");
+            });
+        if let Err(e) = reaper {
+            warn!("{name}: cannot watch the device stop: {e}");
+        }
+        Ok(false)
     }
 
     /// Every device, with its options, size, client and state.
@@ -320,19 +381,26 @@ impl Target {
             // A device whose disk holds a request forever cannot stop; it
             // is left behind (it ends with the process) so that the others
             // are still flushed and their sockets removed.
+            let mut stuck = false;
             if let Some(t) = e.thread.take() {
-                let until = std::time::Instant::now() + SHUTDOWN_LET_GO;
-                while !t.is_finished() && std::time::Instant::now() < until {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                if t.is_finished() {
+                if wait_finished(&t, SHUTDOWN_LET_GO) {
                     let _ = t.join();
                 } else {
                     warn!("{n}: its disk still holds a request; not waiting for it");
+                    stuck = true;
                 }
             }
-            if let Err(err) = e.shared.flush() {
-                warn!("{n}: flush at shutdown failed: {err}");
+            // A flush can hang on a disk that stopped answering: bounded.
+            let shared = e.shared.clone();
+            let label = n.clone();
+            let flushed = !stuck
+                && bounded("flush", FLUSH_WAIT, move || {
+                    if let Err(err) = shared.flush() {
+                        warn!("{label}: flush at shutdown failed: {err}");
+                    }
+                });
+            if !flushed {
+                warn!("{n}: not flushed at shutdown (its disk does not answer)");
             }
             remove_own_socket(&e.spec.socket, e.socket_id);
             let counts = totals(&e.shared);

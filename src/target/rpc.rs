@@ -208,8 +208,8 @@ fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
                 .map(|f| f.get("force"))
                 .transpose()?
                 .unwrap_or(false);
-            t.remove(&p.name, force).map_err(failed)?;
-            Ok(json!({ "name": p.name, "removed": true }))
+            let stopped = t.remove(&p.name, force).map_err(failed)?;
+            Ok(json!({ "name": p.name, "removed": true, "stopped": stopped }))
         }
         "device_list" => {
             let _: NoParams = params(p)?;
