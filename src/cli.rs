@@ -356,6 +356,15 @@ impl DeviceSpec {
                 );
             }
         }
+        if let DiskSpec::Ram(s) = &self.disk {
+            let mem = crate::util::memory_bytes();
+            if *s > mem {
+                bail!(
+                    "a disk in memory of {s} bytes is larger than this machine's memory \
+                     ({mem} bytes)"
+                );
+            }
+        }
         if let DiskSpec::File(p) = &self.disk {
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                 if !p.exists() && !dir.is_dir() {
@@ -417,6 +426,7 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 /// Binds the listening socket: owner-only permissions, and a clear answer
 /// when the path is taken.
 pub fn bind_socket(path: &Path, force: bool) -> Result<UnixListener> {
+    crate::util::check_path_is_ours(path, "socket").map_err(anyhow::Error::msg)?;
     match std::fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => match UnixStream::connect(path) {
             Ok(_) => bail!("{} is in use by a running server", path.display()),

@@ -39,6 +39,79 @@ pub fn sealed_memfd(name: &str, len: u64) -> io::Result<File> {
     Ok(f)
 }
 
+/// The machine's memory, in bytes.
+pub fn memory_bytes() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    u64::try_from(pages)
+        .unwrap_or(0)
+        .saturating_mul(u64::try_from(size).unwrap_or(0))
+}
+
+/// Refuses a path whose file another local user controls: in a folder
+/// every user may write to (sticky, world-writable: /tmp), an existing
+/// entry owned by another user (neither us nor the folder's owner) or a
+/// symlink not ours is refused, as the kernel's protected_regular and
+/// protected_symlinks rules would have it; a folder anyone can write to
+/// without the sticky bit is refused outright (any user can swap the file
+/// under us). `what` names the path in the message ("image", "socket").
+pub fn check_path_is_ours(path: &std::path::Path, what: &str) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let Ok(dir) = std::fs::metadata(parent) else {
+        // No folder: the open or bind says so.
+        return Ok(());
+    };
+    let mode = dir.permissions().mode();
+    let world_writable = mode & 0o002 != 0;
+    let sticky = mode & 0o1000 != 0;
+    let hint = "; use a folder of your own (e.g. one made with mkdir -m 700)";
+    if world_writable && !sticky {
+        return Err(format!(
+            "the {what} {} is in {}, a folder every user can write to: another user could \
+             replace it{hint}",
+            path.display(),
+            parent.display()
+        ));
+    }
+    if !(world_writable && sticky) {
+        return Ok(());
+    }
+    let Ok(entry) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    // SAFETY: geteuid has no memory effects.
+    let me = unsafe { libc::geteuid() };
+    let trusted = |uid: u32| uid == me || uid == dir.uid();
+    if entry.file_type().is_symlink() && !trusted(entry.uid()) {
+        return Err(format!(
+            "the {what} {} is a symlink that user {} made in {}, a folder every user can \
+             write to: refusing to follow it{hint}",
+            path.display(),
+            entry.uid(),
+            parent.display()
+        ));
+    }
+    if !trusted(entry.uid()) {
+        return Err(format!(
+            "the {what} {} belongs to user {}, another user, in {}, a folder every user can \
+             write to: refusing it (that user could read or replace the guest's data){hint}",
+            path.display(),
+            entry.uid(),
+            parent.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a size such as `4096`, `64K`, `512M`, `2G`, `1T` (binary units; an
 /// optional trailing `B` or `iB` is accepted).
 pub fn parse_size(s: &str) -> Result<u64, String> {

@@ -7,83 +7,14 @@ mod support;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::driver::*;
 use support::*;
 
-struct Target {
-    child: Child,
-    dir: TempDir,
-    rpc: PathBuf,
-    log: PathBuf,
-}
-
-impl Target {
-    fn start(extra: &[&str]) -> Target {
-        let dir = TempDir::new("rpc");
-        let rpc = dir.path("rpc.sock");
-        let log = dir.path("target.log");
-        let child = Command::new(bin())
-            .arg("--rpc-socket")
-            .arg(&rpc)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let t = Target {
-            child,
-            dir,
-            rpc,
-            log,
-        };
-        wait_until("the management socket", || t.rpc.exists());
-        t
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn call(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
-        let mut s = UnixStream::connect(&self.rpc).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let req = json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params});
-        // A refusal (too many connections) may close the socket before the
-        // request is written: its answer is still there to read.
-        let _ = writeln!(s, "{req}");
-        let mut line = String::new();
-        BufReader::new(&s)
-            .read_line(&mut line)
-            .map_err(|e| (0, e.to_string()))?;
-        let v: Value = serde_json::from_str(&line).map_err(|e| (0, e.to_string()))?;
-        if v.get("error").is_none() {
-            assert_eq!(v["id"], 7);
-        }
-        match v.get("error") {
-            Some(e) => Err((
-                e["code"].as_i64().unwrap(),
-                e["message"].as_str().unwrap().to_string(),
-            )),
-            None => Ok(v["result"].clone()),
-        }
-    }
-
-    fn ok(&self, method: &str, params: Value) -> Value {
-        self.call(method, params)
-            .unwrap_or_else(|e| panic!("{method}: {e:?}\n{}", self.log_text()))
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::RpcTarget as Target;
 
 fn http_get(addr: &str, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -294,11 +225,17 @@ fn bad_requests_get_json_rpc_errors_and_the_target_lives() {
         .as_str()
         .unwrap()
         .contains("device_explode"));
+    // A name is text (a number is taken as its digits, since issue 16);
+    // a list is no name.
+    let e = t
+        .call("device_resize", json!({"name": [5], "size": 1}))
+        .unwrap_err();
+    assert_eq!(e.0, -32602);
     let e = t
         .call("device_resize", json!({"name": 5, "size": 1}))
         .unwrap_err();
-    assert_eq!(e.0, -32602);
-    assert!(e.1.contains("string"), "{e:?}");
+    assert_eq!(e.0, -32000, "{e:?}");
+    assert!(e.1.contains("no device named '5'"), "{e:?}");
     let e = t.call("device_stats", json!({"nmae": "x"})).unwrap_err();
     assert_eq!(e.0, -32602);
     assert!(e.1.contains("nmae"), "{e:?}");

@@ -84,6 +84,8 @@ pub enum OpenError {
     NoDirect(PathBuf),
     #[error("size {0} cannot create an image: it must be a positive multiple of 512 bytes")]
     BadCreateSize(u64),
+    #[error("{0}")]
+    NotOurs(String),
 }
 
 /// An opened disk.
@@ -114,6 +116,7 @@ fn open_file(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::Backe
         path: path.to_path_buf(),
         source,
     };
+    crate::util::check_path_is_ours(path, "image").map_err(OpenError::NotOurs)?;
     let mut created = false;
     match (std::fs::metadata(path), o.create_size) {
         (Ok(m), _) if m.is_dir() => return Err(OpenError::NotADisk(path.to_path_buf())),
@@ -134,10 +137,12 @@ fn open_file(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::Backe
             if size == 0 || !size.is_multiple_of(512) {
                 return Err(OpenError::BadCreateSize(size));
             }
+            // Owner-only, whatever the umask: the image holds a guest's data.
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(path)
                 .map_err(open_err)?;
             created = true;

@@ -43,20 +43,6 @@ pub struct BlkOptions {
 /// The largest disk a resize may ask for (64 PiB).
 const MAX_DISK_BYTES: u64 = 1 << 56;
 
-/// The machine's memory, in bytes.
-fn memory_bytes() -> u64 {
-    // SAFETY: sysconf has no memory effects.
-    let (pages, size) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    u64::try_from(pages)
-        .unwrap_or(0)
-        .saturating_mul(u64::try_from(size).unwrap_or(0))
-}
-
 /// Largest segment (descriptor) we accept: SIZE_MAX.
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Discard / write-zeroes limits advertised (and enforced).
@@ -197,10 +183,10 @@ impl BlkShared {
             if s > MAX_DISK_BYTES {
                 return Err(format!("size {s} is more than {MAX_DISK_BYTES} bytes"));
             }
-            if self.in_memory && s > memory_bytes() {
+            if self.in_memory && s > crate::util::memory_bytes() {
                 return Err(format!(
                     "a disk in memory cannot be larger than this machine's memory ({} bytes)",
-                    memory_bytes()
+                    crate::util::memory_bytes()
                 ));
             }
         }

@@ -348,7 +348,7 @@ impl Engine {
                     let params = queue::QueueParams {
                         id: self.next_queue.fetch_add(1, Ordering::Relaxed),
                         name: format!("{} queue {i}", a.name),
-                        vector: qc.vector,
+                        index: u16::try_from(i).unwrap_or(u16::MAX),
                         irq: a.irq.clone(),
                         handler: a.handler.clone(),
                         memory: a.memory.clone(),

@@ -72,7 +72,9 @@ pub(crate) struct QueueState<H: RequestHandler> {
     /// Device name and queue index, for the log.
     name: String,
     queue: DeviceRing,
-    vector: u16,
+    /// The queue's index in its device (its interrupt vector is looked up
+    /// by it at each interrupt).
+    index: u16,
     irq: VirtioInterrupt,
     handler: Arc<H>,
     memory: GuestMemoryHandle,
@@ -116,7 +118,7 @@ pub(crate) struct QueueState<H: RequestHandler> {
 pub(crate) struct QueueParams<H: RequestHandler> {
     pub id: u64,
     pub name: String,
-    pub vector: u16,
+    pub index: u16,
     pub irq: VirtioInterrupt,
     pub handler: Arc<H>,
     pub memory: GuestMemoryHandle,
@@ -152,7 +154,7 @@ impl<H: RequestHandler> QueueState<H> {
             id: p.id,
             name: p.name,
             queue,
-            vector: p.vector,
+            index: p.index,
             irq: p.irq,
             inline: backend.inline(),
             uring_target: if p.use_uring {
@@ -529,7 +531,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         }
         let mem = self.memory.memory();
         match self.queue.needs_notification(&mem, self.event_idx) {
-            Ok(true) => self.irq.signal_queue(self.vector),
+            Ok(true) => self.irq.signal_queue_at(self.index),
             Ok(false) => {}
             Err(e) => self.break_queue(&format!("reading the used-event index: {e}")),
         }

@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,23 +67,50 @@ impl Size {
     }
 }
 
-/// A boolean, or "on"/"off" as on the command line.
+/// A boolean: true/false, or "on"/"off", "yes"/"no", 1/0 as on the
+/// command line (as JSON values or as text).
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Flag {
     Bool(bool),
+    Number(serde_json::Number),
     Text(String),
 }
 
 impl Flag {
     fn get(&self, key: &str) -> Result<bool, RpcError> {
+        let text = match self {
+            Flag::Bool(b) => return Ok(*b),
+            Flag::Number(n) => n.to_string(),
+            Flag::Text(t) => t.clone(),
+        };
+        match text.as_str() {
+            "on" | "true" | "yes" | "1" => Ok(true),
+            "off" | "false" | "no" | "0" => Ok(false),
+            _ => Err(err(
+                INVALID_PARAMS,
+                format!("{key}: '{text}' is not on/off"),
+            )),
+        }
+    }
+}
+
+/// A value the parameter's own parser reads as text (a name, a serial, a
+/// path, a count): JSON text, or a JSON number taken as the digits it
+/// shows. The type is the parameter's, never guessed from how the value
+/// looks: `serial=12345` is a serial, `name=1` a name.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Text {
+    Number(serde_json::Number),
+    Text(String),
+}
+
+impl Text {
+    fn get(self) -> String {
         match self {
-            Flag::Bool(b) => Ok(*b),
-            Flag::Text(t) => match t.as_str() {
-                "on" | "true" | "yes" => Ok(true),
-                "off" | "false" | "no" => Ok(false),
-                _ => Err(err(INVALID_PARAMS, format!("{key}: '{t}' is not on/off"))),
-            },
+            Text::Number(n) => n.to_string(),
+            Text::Text(t) => t,
         }
     }
 }
@@ -91,17 +118,17 @@ impl Flag {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct AddParams {
-    name: Option<String>,
-    socket: PathBuf,
-    disk: String,
+    name: Option<Text>,
+    socket: Text,
+    disk: Text,
     size: Option<Size>,
     readonly: Option<Flag>,
-    queues: Option<u16>,
+    queues: Option<Text>,
     #[serde(alias = "queue_size")]
-    queue_size: Option<u16>,
-    serial: Option<String>,
+    queue_size: Option<Text>,
+    serial: Option<Text>,
     #[serde(alias = "logical_block_size")]
-    logical_block_size: Option<u32>,
+    logical_block_size: Option<Text>,
     direct: Option<Flag>,
     discard: Option<Flag>,
     #[serde(alias = "write_zeroes")]
@@ -114,14 +141,14 @@ struct AddParams {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RemoveParams {
-    name: String,
+    name: Text,
     force: Option<Flag>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResizeParams {
-    name: String,
+    name: Text,
     size: Option<Size>,
     shrink: Option<Flag>,
 }
@@ -129,7 +156,7 @@ struct ResizeParams {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StatsParams {
-    name: Option<String>,
+    name: Option<Text>,
 }
 
 #[derive(Deserialize)]
@@ -149,8 +176,8 @@ fn add_spec(p: AddParams) -> Result<DeviceSpec, RpcError> {
     // The same parser as --device, so that both take the same values.
     let mut s = format!(
         "socket={},disk={}",
-        p.socket.to_string_lossy().replace(',', ",,"),
-        p.disk.replace(',', ",,")
+        p.socket.get().replace(',', ",,"),
+        p.disk.get().replace(',', ",,")
     );
     let mut put = |k: &str, v: String| {
         s.push(',');
@@ -159,22 +186,22 @@ fn add_spec(p: AddParams) -> Result<DeviceSpec, RpcError> {
         s.push_str(&v.replace(',', ",,"));
     };
     if let Some(n) = p.name {
-        put("name", n);
+        put("name", n.get());
     }
     if let Some(v) = p.size {
         put("size", v.bytes()?.to_string());
     }
     if let Some(v) = p.queues {
-        put("queues", v.to_string());
+        put("queues", v.get());
     }
     if let Some(v) = p.queue_size {
-        put("queue-size", v.to_string());
+        put("queue-size", v.get());
     }
     if let Some(v) = p.serial {
-        put("serial", v);
+        put("serial", v.get());
     }
     if let Some(v) = p.logical_block_size {
-        put("logical-block-size", v.to_string());
+        put("logical-block-size", v.get());
     }
     for (k, f) in [
         ("readonly", p.readonly),
@@ -208,8 +235,9 @@ fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
                 .map(|f| f.get("force"))
                 .transpose()?
                 .unwrap_or(false);
-            let stopped = t.remove(&p.name, force).map_err(failed)?;
-            Ok(json!({ "name": p.name, "removed": true, "stopped": stopped }))
+            let name = p.name.get();
+            let stopped = t.remove(&name, force).map_err(failed)?;
+            Ok(json!({ "name": name, "removed": true, "stopped": stopped }))
         }
         "device_list" => {
             let _: NoParams = params(p)?;
@@ -223,11 +251,11 @@ fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
                 .map(|f| f.get("shrink"))
                 .transpose()?
                 .unwrap_or(false);
-            t.resize(&p.name, size, shrink).map_err(failed)
+            t.resize(&p.name.get(), size, shrink).map_err(failed)
         }
         "device_stats" => {
             let p: StatsParams = params(p)?;
-            t.stats(p.name.as_deref()).map_err(failed)
+            t.stats(p.name.map(Text::get).as_deref()).map_err(failed)
         }
         other => Err(err(
             METHOD_NOT_FOUND,
@@ -372,24 +400,17 @@ pub fn serve(target: Arc<Target>, path: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// `vfio-user-blk rpc`: sends one request and prints the result. Values are
-/// typed as on a command line: integers become numbers, true/false
-/// booleans, anything else a string (a size such as 128M stays a string,
-/// which the target parses).
+/// `vfio-user-blk rpc`: sends one request and prints the result. Values
+/// are sent as text, and the target reads each as its parameter's type
+/// (a size such as 128M, a count, on/off, a serial of digits), as on a
+/// command line.
 pub fn client(socket: &Path, method: &str, args: &[String]) -> Result<Value> {
     let mut p = serde_json::Map::new();
     for a in args {
         let Some((k, v)) = a.split_once('=') else {
             bail!("'{a}' is not key=value");
         };
-        let value = if let Ok(n) = v.parse::<i64>() {
-            json!(n)
-        } else if v == "true" || v == "false" {
-            json!(v == "true")
-        } else {
-            json!(v)
-        };
-        p.insert(k.to_string(), value);
+        p.insert(k.to_string(), json!(v));
     }
     let mut s = UnixStream::connect(socket)
         .with_context(|| format!("connecting to {}", socket.display()))?;

@@ -109,6 +109,9 @@ pub struct VirtioInterrupt {
     isr: Arc<AtomicU8>,
     irqs: Arc<Interrupts>,
     config: Arc<ConfigState>,
+    /// Each queue's vector as the driver set it last: a driver may move a
+    /// running queue to another vector, and the next interrupt follows.
+    queue_vectors: Arc<[AtomicU16]>,
 }
 
 /// ISR bit 0: a queue has used buffers.
@@ -122,12 +125,33 @@ impl VirtioInterrupt {
         irqs: Arc<Interrupts>,
         config: Arc<ConfigState>,
     ) -> VirtioInterrupt {
-        VirtioInterrupt { isr, irqs, config }
+        VirtioInterrupt {
+            isr,
+            irqs,
+            config,
+            queue_vectors: Arc::new([]),
+        }
+    }
+
+    /// The same, signalling queue `i` on `vectors[i]` (see
+    /// [`signal_queue_at`](Self::signal_queue_at)).
+    pub fn with_queue_vectors(mut self, vectors: Arc<[AtomicU16]>) -> VirtioInterrupt {
+        self.queue_vectors = vectors;
+        self
     }
 
     /// Signals a queue whose driver-assigned vector is `vector`.
     pub fn signal_queue(&self, vector: u16) {
         self.signal(vector, ISR_QUEUE);
+    }
+
+    /// Signals queue `index` on the vector its driver gave it last.
+    pub fn signal_queue_at(&self, index: u16) {
+        let v = self
+            .queue_vectors
+            .get(usize::from(index))
+            .map_or(NO_VECTOR, |v| v.load(Ordering::Relaxed));
+        self.signal(v, ISR_QUEUE);
     }
 
     pub fn signal_config(&self, vector: u16) {

@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use log::{debug, info};
@@ -94,6 +94,8 @@ pub struct PciTransport<D: VirtioDevice> {
     pub(super) driver_feature_select: u32,
     pub(super) queue_sel: u16,
     pub(super) queues: Vec<QueueRegs>,
+    /// The queues' vectors as running queues read them at each interrupt.
+    live_vectors: Arc<[AtomicU16]>,
     pub(super) config_vector: u16,
     pub(super) active: bool,
     pub(super) interface: Option<Interface>,
@@ -140,6 +142,7 @@ impl<D: VirtioDevice> PciTransport<D> {
             driver_feature_select: 0,
             queue_sel: 0,
             queues: vec![QueueRegs::power_on(max); n],
+            live_vectors: (0..n).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
             config_vector: NO_VECTOR,
             active: false,
             interface: None,
@@ -189,19 +192,18 @@ impl<D: VirtioDevice> PciTransport<D> {
         }
     }
 
-    /// A queue's vector: fixed while the device runs (the queue signals the
-    /// one it started with).
+    /// A queue's vector, at any time: a running queue signals the new one
+    /// from its next interrupt on (virtio 1.x lets a driver remap a queue;
+    /// QEMU honours it too). A vector that does not exist reads back as
+    /// NO_VECTOR, the spec's answer to a mapping that failed.
     pub(super) fn set_queue_vector(&mut self, v: u16) {
-        if self.active {
-            crate::warn_limited!(
-                "queue {} vector written after DRIVER_OK; ignored",
-                self.queue_sel
-            );
-            return;
-        }
         let vec = self.valid_vector(v);
+        let sel = usize::from(self.queue_sel);
         if let Some(q) = self.selected() {
             q.vector = vec;
+        }
+        if let Some(live) = self.live_vectors.get(sel) {
+            live.store(vec, Ordering::Relaxed);
         }
     }
 
@@ -222,6 +224,9 @@ impl<D: VirtioDevice> PciTransport<D> {
         let max = self.dev.queue_size();
         for q in &mut self.queues {
             *q = QueueRegs::power_on(max);
+        }
+        for v in self.live_vectors.iter() {
+            v.store(NO_VECTOR, Ordering::Relaxed);
         }
         self.status = 0;
         self.interface = None;
@@ -300,7 +305,8 @@ impl<D: VirtioDevice> PciTransport<D> {
             "driver ready ({:?} interface): queues {queues:?}",
             self.interface
         );
-        let irq = VirtioInterrupt::new(self.isr.clone(), self.irqs.clone(), self.config.clone());
+        let irq = VirtioInterrupt::new(self.isr.clone(), self.irqs.clone(), self.config.clone())
+            .with_queue_vectors(self.live_vectors.clone());
         // Live first: a queue that breaks while the device starts (a busy
         // reactor may take its first request at once) must still raise the
         // configuration interrupt.

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use serde_json::{json, Value};
 use vfio_user_blk::cli::{self, BlkFunction, Options};
 use vfio_user_blk::vfio_user::Server;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -333,3 +334,76 @@ pub fn fresh_client_works(socket: &Path) {
     c.shutdown().unwrap();
 }
 pub mod driver;
+
+/// A target started with a management socket (and `extra`), killed (by
+/// PID) on drop.
+pub struct RpcTarget {
+    pub child: Child,
+    pub dir: TempDir,
+    pub rpc: PathBuf,
+    pub log: PathBuf,
+}
+
+impl RpcTarget {
+    pub fn start(extra: &[&str]) -> RpcTarget {
+        let dir = TempDir::new("rpc");
+        let rpc = dir.path("rpc.sock");
+        let log = dir.path("target.log");
+        let child = Command::new(bin())
+            .arg("--rpc-socket")
+            .arg(&rpc)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let t = RpcTarget {
+            child,
+            dir,
+            rpc,
+            log,
+        };
+        wait_until("the management socket", || t.rpc.exists());
+        t
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn call(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
+        let mut s = UnixStream::connect(&self.rpc).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let req = json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params});
+        // A refusal (too many connections) may close the socket before the
+        // request is written: its answer is still there to read.
+        let _ = writeln!(s, "{req}");
+        let mut line = String::new();
+        BufReader::new(&s)
+            .read_line(&mut line)
+            .map_err(|e| (0, e.to_string()))?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| (0, e.to_string()))?;
+        if v.get("error").is_none() {
+            assert_eq!(v["id"], 7);
+        }
+        match v.get("error") {
+            Some(e) => Err((
+                e["code"].as_i64().unwrap(),
+                e["message"].as_str().unwrap().to_string(),
+            )),
+            None => Ok(v["result"].clone()),
+        }
+    }
+
+    pub fn ok(&self, method: &str, params: Value) -> Value {
+        self.call(method, params)
+            .unwrap_or_else(|e| panic!("{method}: {e:?}\n{}", self.log_text()))
+    }
+}
+
+impl Drop for RpcTarget {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
