@@ -661,7 +661,7 @@ pub fn device_on(
     engine: &Arc<Engine>,
     disk: backend::Disk,
 ) -> Result<(Server<BlkFunction>, Arc<BlkShared>)> {
-    let name = name.to_string();
+    let log = crate::util::DeviceLog::new(name);
     if !disk.size.is_multiple_of(u64::from(spec.logical_block_size)) {
         bail!(
             "disk size {} is not a multiple of the logical block size {}",
@@ -680,9 +680,9 @@ pub fn device_on(
     let memory = GuestMemoryHandle::new(GuestMemoryMmap::default());
     // One vector per queue plus one for configuration changes.
     let vectors = (spec.queues + 1).min(pci::MAX_MSIX_VECTORS);
-    let irqs = Arc::new(Interrupts::new(vectors));
+    let irqs = Arc::new(Interrupts::new(vectors, log.clone()));
     let blk = BlkDevice::new(
-        name,
+        log.clone(),
         BlkOptions {
             capacity_bytes: disk.size,
             readonly: spec.readonly,
@@ -708,7 +708,7 @@ pub fn device_on(
     let share = crate::vfio_user::budget::Share::register()
         .context("taking the device's share of guest-memory windows")?;
     Ok((
-        Server::new(function, memory, ServerConfig::default(), share),
+        Server::new(function, memory, ServerConfig::default(), share, log),
         shared,
     ))
 }

@@ -164,6 +164,11 @@ impl RateLimit {
     /// `Some(n)` when a line may be logged now, `n` being the lines dropped
     /// since the last one; `None` when this one is dropped.
     pub fn allow(&self) -> Option<u64> {
+        self.allow_burst(Self::BURST)
+    }
+
+    /// [`allow`](Self::allow) with `burst` lines a second.
+    pub fn allow_burst(&self, burst: u32) -> Option<u64> {
         static EPOCH: OnceLock<Instant> = OnceLock::new();
         let now = u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis())
             .unwrap_or(u64::MAX)
@@ -177,7 +182,7 @@ impl RateLimit {
         {
             self.count.store(0, Ordering::Relaxed);
         }
-        if self.count.fetch_add(1, Ordering::Relaxed) < Self::BURST {
+        if self.count.fetch_add(1, Ordering::Relaxed) < burst {
             Some(self.suppressed.swap(0, Ordering::Relaxed))
         } else {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
@@ -199,6 +204,78 @@ macro_rules! warn_limited {
                 log::warn!($($arg)+);
             }
         }
+    }};
+}
+
+/// The log of one device: every line names the device as the operator
+/// named it, and the lines a guest or a client can cause at will share one
+/// limit per device (a guest looping through resets floods nobody's log,
+/// and cannot mute another device's warnings).
+#[derive(Debug)]
+pub struct DeviceLog {
+    name: String,
+    limit: RateLimit,
+}
+
+impl std::fmt::Debug for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RateLimit")
+    }
+}
+
+impl DeviceLog {
+    /// Lines a second one device may write about what its guest or client
+    /// does.
+    pub const BURST: u32 = 20;
+
+    pub fn new(name: impl Into<String>) -> std::sync::Arc<DeviceLog> {
+        std::sync::Arc::new(DeviceLog {
+            name: name.into(),
+            limit: RateLimit::new(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `Some(dropped)` when a line may be written now.
+    pub fn allow(&self) -> Option<u64> {
+        self.limit.allow_burst(Self::BURST)
+    }
+}
+
+/// A line about a device that its guest or client caused, at `log` level
+/// `$lvl` (Error, Warn, Info): prefixed with the device's name, limited per
+/// device (see [`DeviceLog`]).
+#[macro_export]
+macro_rules! dev_log {
+    ($dev:expr, $lvl:ident, $($arg:tt)+) => {{
+        let dev: &$crate::util::DeviceLog = &$dev;
+        if log::log_enabled!(log::Level::$lvl) {
+            if let Some(dropped) = dev.allow() {
+                if dropped > 0 {
+                    log::log!(
+                        log::Level::$lvl,
+                        "{}: {} ({dropped} lines of this device suppressed)",
+                        dev.name(),
+                        format_args!($($arg)+)
+                    );
+                } else {
+                    log::log!(log::Level::$lvl, "{}: {}", dev.name(), format_args!($($arg)+));
+                }
+            }
+        }
+    }};
+}
+
+/// A debug line about a device, prefixed with its name (not limited: debug
+/// output is the operator's choice).
+#[macro_export]
+macro_rules! dev_debug {
+    ($dev:expr, $($arg:tt)+) => {{
+        let dev: &$crate::util::DeviceLog = &$dev;
+        log::debug!("{}: {}", dev.name(), format_args!($($arg)+));
     }};
 }
 

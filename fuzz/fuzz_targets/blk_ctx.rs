@@ -31,5 +31,6 @@ pub fn blk_context(
         on_error: ErrorPolicy::Report,
         limits,
         queue_size,
+        log: vfio_user_blk::util::DeviceLog::new("fuzz"),
     }
 }

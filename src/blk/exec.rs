@@ -47,6 +47,8 @@ pub struct BlkContext {
     pub limits: ChainLimits,
     /// Entries of each queue (chains are never read past it).
     pub queue_size: u16,
+    /// The device's log (its name, its limit on guest-caused lines).
+    pub log: Arc<crate::util::DeviceLog>,
 }
 
 /// What a validated request needs.
@@ -238,7 +240,7 @@ impl BlkContext {
                 status_u8(VIRTIO_BLK_S_OK)
             }
             Err(e) => {
-                crate::warn_limited!("backend error on {kind:?}: {e}");
+                crate::dev_log!(self.log, Warn, "backend error on {kind:?}: {e}");
                 status_u8(VIRTIO_BLK_S_IOERR)
             }
         }
@@ -296,14 +298,19 @@ impl RequestHandler for BlkContext {
                 req.ok_used = used;
                 req.kind = io.kind;
                 if c.status.is_none() {
-                    crate::warn_limited!("request {} has no status byte; not executed", c.head);
+                    crate::dev_log!(
+                        self.log,
+                        Warn,
+                        "request {} has no status byte; not executed",
+                        c.head
+                    );
                     req.ready_status = status_u8(VIRTIO_BLK_S_IOERR);
                     return Prepared::Ready;
                 }
                 Prepared::Io
             }
             Err(e) => {
-                crate::warn_limited!("request {}: {e}", c.head);
+                crate::dev_log!(self.log, Warn, "request {}: {e}", c.head);
                 req.ready_status = e.status();
                 req.ok_used = 1;
                 Prepared::Ready
@@ -365,7 +372,7 @@ impl BlkContext {
                 match scatter(mem, &req.chain.writable, &self.serial) {
                     Ok(_) => ok,
                     Err(e) => {
-                        crate::warn_limited!("request {}: {e}", req.chain.head);
+                        crate::dev_log!(self.log, Warn, "request {}: {e}", req.chain.head);
                         status_u8(VIRTIO_BLK_S_IOERR)
                     }
                 }
@@ -388,7 +395,9 @@ impl BlkContext {
             return (Finish::Used(0), None);
         };
         if !write_status(mem, addr, status) {
-            crate::warn_limited!(
+            crate::dev_log!(
+                self.log,
+                Warn,
                 "status byte of request {} is outside guest memory",
                 req.chain.head
             );
@@ -457,6 +466,7 @@ mod tests {
                 size_max: 1 << 20,
             },
             queue_size: 256,
+            log: crate::util::DeviceLog::new("test"),
         }
     }
 

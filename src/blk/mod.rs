@@ -17,6 +17,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 use crate::backend::io::Backend;
 use crate::engine::{Activation, Active, Engine, Fence, QueueStats};
+use crate::util::DeviceLog;
 use crate::vfio_user::{DmaRange, GuestMemoryHandle};
 use crate::virtio::{low32, ConfigNotifier, QueueConfig, VirtioDevice, VirtioInterrupt};
 pub use config::BlkConfig;
@@ -53,8 +54,8 @@ pub const MAX_DISCARD_SEGS: u32 = 32;
 pub const MAX_WRITE_ZEROES_SEGS: u32 = 1;
 
 pub struct BlkDevice {
-    /// For the log.
-    name: String,
+    /// The device's log (its name, its limit on guest-caused lines).
+    log: Arc<DeviceLog>,
     opts: BlkOptions,
     config: BlkConfig,
     backend: Arc<dyn Backend>,
@@ -96,6 +97,7 @@ pub struct BlkShared {
     active: parking_lot::Mutex<std::sync::Weak<Active>>,
     /// One resize at a time.
     resizing: parking_lot::Mutex<()>,
+    log: Arc<DeviceLog>,
 }
 
 /// Names of the virtio-blk and ring feature bits, for logs and the
@@ -220,7 +222,10 @@ impl BlkShared {
         }
         drop(paused);
         if new != old {
-            info!("disk resized from {old} to {new} bytes");
+            info!(
+                "{}: disk resized from {old} to {new} bytes",
+                self.log.name()
+            );
             if let Some(n) = &notifier {
                 n.notify();
             }
@@ -261,7 +266,7 @@ fn bit(b: u32) -> u32 {
 
 impl BlkDevice {
     pub fn new(
-        name: String,
+        log: Arc<DeviceLog>,
         opts: BlkOptions,
         backend: Arc<dyn Backend>,
         memory: GuestMemoryHandle,
@@ -280,10 +285,11 @@ impl BlkDevice {
             config_notifier: parking_lot::Mutex::new(None),
             active: parking_lot::Mutex::new(std::sync::Weak::new()),
             resizing: parking_lot::Mutex::new(()),
+            log: log.clone(),
         });
         BlkDevice {
             shared,
-            name,
+            log,
             opts,
             config,
             backend,
@@ -311,7 +317,9 @@ impl BlkDevice {
         let wt = !flush || (wce_ctl && !self.config.writeback());
         let was = self.write_through.swap(wt, Ordering::Relaxed);
         if was != wt && self.acked != 0 {
-            info!(
+            crate::dev_log!(
+                self.log,
+                Info,
                 "write cache now {}",
                 if wt { "write-through" } else { "writeback" }
             );
@@ -419,10 +427,12 @@ impl VirtioDevice for BlkDevice {
                 size_max: SIZE_MAX,
             },
             queue_size: self.opts.queue_size,
+            log: self.log.clone(),
         });
-        info!(
-            "{}: driver ready, write cache {}, features {}",
-            self.name,
+        crate::dev_log!(
+            self.log,
+            Info,
+            "driver ready, write cache {}, features {}",
             if self.write_through.load(Ordering::Relaxed) {
                 "write-through"
             } else {
@@ -431,7 +441,7 @@ impl VirtioDevice for BlkDevice {
             feature_names(features).join(" "),
         );
         let active = Arc::new(self.engine.activate(Activation {
-            name: self.name.clone(),
+            log: self.log.clone(),
             handler: ctx,
             memory: self.memory.clone(),
             queues,
@@ -476,9 +486,11 @@ impl VirtioDevice for BlkDevice {
             wr += QueueStats::get(&q.bytes_written);
             err += q.errors.iter().map(QueueStats::get).sum::<u64>();
         }
-        info!(
-            "{}: client gone; since start {req} request(s), {rd} byte(s) read, {wr} written, {err} error(s)",
-            self.name
+        crate::dev_log!(
+            self.log,
+            Info,
+            "client gone; since start {req} request(s), {rd} byte(s) read, {wr} written, \
+             {err} error(s)"
         );
         self.shared.running.store(false, Ordering::Relaxed);
     }

@@ -29,12 +29,13 @@ use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
-use log::{debug, error, info, warn};
+use log::{debug, warn};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backend::io::Backend;
 use crate::backend::request::IoRequest;
 use crate::backend::uring::{self, Uring};
+use crate::util::DeviceLog;
 use crate::vfio_user::GuestMemoryHandle;
 use crate::virtio::{QueueConfig, VirtioInterrupt};
 use pool::Pool;
@@ -154,8 +155,8 @@ pub struct Engine {
 
 /// What a device activation hands the engine.
 pub struct Activation<H: RequestHandler> {
-    /// For the log: the device's name.
-    pub name: String,
+    /// The device's log (its name, its limit on guest-caused lines).
+    pub log: Arc<DeviceLog>,
     pub handler: Arc<H>,
     pub memory: GuestMemoryHandle,
     pub queues: Vec<Option<QueueConfig>>,
@@ -202,15 +203,16 @@ impl Mutations {
 
     /// Returns once none is in flight, saying so in the log every few
     /// seconds while it waits.
-    fn wait(&self, name: &str) {
+    fn wait(&self, log: &DeviceLog) {
         let mut g = self.lock.lock();
         let mut waited = Duration::ZERO;
         while self.count() > 0 {
             if self.zero.wait_for(&mut g, DRAIN_REPORT).timed_out() && self.count() > 0 {
                 waited += DRAIN_REPORT;
-                warn!(
-                    "{name}: {} write(s) of the previous client are still in the backend \
+                log::warn!(
+                    "{}: {} write(s) of the previous client are still in the backend \
                      ({waited:?} so far); the device starts once they have ended",
+                    log.name(),
                     self.count()
                 );
             }
@@ -347,7 +349,7 @@ impl Engine {
                 Ok(q) => {
                     let params = queue::QueueParams {
                         id: self.next_queue.fetch_add(1, Ordering::Relaxed),
-                        name: format!("{} queue {i}", a.name),
+                        log: a.log.clone(),
                         index: u16::try_from(i).unwrap_or(u16::MAX),
                         irq: a.irq.clone(),
                         handler: a.handler.clone(),
@@ -362,7 +364,7 @@ impl Engine {
                     runners.push((i, Box::new(queue::QueueState::new(q, params))));
                 }
                 Err(e) => {
-                    error!("{} queue {i}: cannot set up the ring: {e}", a.name);
+                    crate::dev_log!(a.log, Error, "queue {i}: cannot set up the ring: {e}");
                     // The driver would wait on it for ever: tell it.
                     a.irq.device_needs_reset();
                 }
@@ -381,7 +383,7 @@ impl Engine {
                 None
             };
             let mut r = Reactor::new(
-                a.name.clone(),
+                a.log.name().to_string(),
                 rx,
                 me.clone(),
                 uring,
@@ -399,7 +401,7 @@ impl Engine {
             r.run_until_idle();
             return Active {
                 engine: self.clone(),
-                name: a.name,
+                log: a.log,
                 placed,
                 inline: Some(parking_lot::Mutex::new((r, me))),
                 done: Default::default(),
@@ -417,9 +419,10 @@ impl Engine {
             });
             self.reactors[r].tx.send(Msg::Assign(q));
         }
-        info!(
-            "{}: queues on reactors {:?}",
-            a.name,
+        crate::dev_log!(
+            a.log,
+            Info,
+            "queues on reactors {:?}",
             placed
                 .iter()
                 .flatten()
@@ -428,7 +431,7 @@ impl Engine {
         );
         Active {
             engine: self.clone(),
-            name: a.name,
+            log: a.log,
             placed,
             inline: None,
             done: Default::default(),
@@ -454,7 +457,7 @@ struct Placed {
 /// One activation of a device on the engine: its queues, wherever they run.
 pub struct Active {
     engine: Arc<Engine>,
-    name: String,
+    log: Arc<DeviceLog>,
     placed: Vec<Option<Placed>>,
     inline: Option<parking_lot::Mutex<(Reactor, ReactorTx)>>,
     /// The queues were taken back (stop or abandon).
@@ -508,7 +511,7 @@ impl Active {
             n += 1;
         }
         self.run_inline();
-        wait_acks(&ack_rx, n, &self.name, what);
+        wait_acks(&ack_rx, n, &self.log, what);
     }
 
     /// Stops every queue from taking requests and waits until none is in
@@ -620,7 +623,7 @@ impl Active {
     /// holds the caller, and the log says so every few seconds.
     pub fn wait_mutations(&self) {
         self.run_inline();
-        self.mutations.wait(&self.name);
+        self.mutations.wait(&self.log);
     }
 }
 
@@ -644,7 +647,7 @@ impl Drop for Active {
     }
 }
 
-fn wait_acks(rx: &Receiver<()>, n: usize, name: &str, what: &str) {
+fn wait_acks(rx: &Receiver<()>, n: usize, log: &DeviceLog, what: &str) {
     let mut got = 0;
     let mut waited = Duration::ZERO;
     while got < n {
@@ -652,9 +655,10 @@ fn wait_acks(rx: &Receiver<()>, n: usize, name: &str, what: &str) {
             Ok(()) => got += 1,
             Err(RecvTimeoutError::Timeout) => {
                 waited += DRAIN_REPORT;
-                warn!(
-                    "{name}: {what} waits for requests still in the backend ({waited:?} so far); \
-                     nothing is answered or unmapped until they return"
+                log::warn!(
+                    "{}: {what} waits for requests still in the backend ({waited:?} so far); \
+                     nothing is answered or unmapped until they return",
+                    log.name()
                 );
             }
             Err(RecvTimeoutError::Disconnected) => return,

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use log::debug;
+use crate::util::DeviceLog;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::pool::{Done, Job};
@@ -69,8 +69,8 @@ struct Slot<R> {
 
 pub(crate) struct QueueState<H: RequestHandler> {
     id: u64,
-    /// Device name and queue index, for the log.
-    name: String,
+    /// The device's log.
+    log: Arc<DeviceLog>,
     queue: DeviceRing,
     /// The queue's index in its device (its interrupt vector is looked up
     /// by it at each interrupt).
@@ -117,7 +117,7 @@ pub(crate) struct QueueState<H: RequestHandler> {
 /// it reports.
 pub(crate) struct QueueParams<H: RequestHandler> {
     pub id: u64,
-    pub name: String,
+    pub log: Arc<DeviceLog>,
     pub index: u16,
     pub irq: VirtioInterrupt,
     pub handler: Arc<H>,
@@ -152,7 +152,7 @@ impl<H: RequestHandler> QueueState<H> {
             .collect();
         QueueState {
             id: p.id,
-            name: p.name,
+            log: p.log,
             queue,
             index: p.index,
             irq: p.irq,
@@ -187,9 +187,11 @@ impl<H: RequestHandler> QueueState<H> {
 
     fn break_queue(&mut self, why: &str) {
         if self.broken.is_none() {
-            crate::error_limited!(
-                "{} is broken and stops until the driver resets the device: {why}",
-                self.name
+            crate::dev_log!(
+                self.log,
+                Error,
+                "queue {} is broken and stops until the driver resets the device: {why}",
+                self.index
             );
             self.broken = Some(why.to_string());
             self.irq.device_needs_reset();
@@ -375,9 +377,10 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             self.ring_checked = None;
             if !self.waiting_for_memory {
                 // QEMU remaps RAM windows while the firmware runs: routine.
-                debug!(
-                    "{}: ring is not inside guest memory; waiting until it is mapped",
-                    self.name
+                crate::dev_debug!(
+                    self.log,
+                    "queue {}: ring is not inside guest memory; waiting until it is mapped",
+                    self.index
                 );
                 self.waiting_for_memory = true;
             }
@@ -387,7 +390,11 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             self.ring_checked = Some(mem.clone());
         }
         if self.waiting_for_memory {
-            debug!("{}: ring is inside guest memory again", self.name);
+            crate::dev_debug!(
+                self.log,
+                "queue {}: ring is inside guest memory again",
+                self.index
+            );
             self.waiting_for_memory = false;
         }
         if let Some(f) = self.fence {

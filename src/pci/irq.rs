@@ -8,13 +8,13 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use log::{debug, warn};
 use parking_lot::Mutex;
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
     VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
 };
 
+use crate::util::DeviceLog;
 use crate::vfio_user::{Errno, IrqAction, IrqData, IrqSet};
 
 /// One MSI-X vector. Each has its own lock, held only to decide: the
@@ -47,17 +47,21 @@ pub struct Interrupts {
     msix_function_masked: AtomicBool,
     /// Size of the MSI-X table; fixed for the life of the function.
     vectors: u16,
+    /// The function's log (its name, its limit on guest-caused lines).
+    log: Arc<DeviceLog>,
 }
 
 /// Takes an interrupt descriptor from the client: it must be an eventfd,
 /// and it is made non-blocking, so that raising an interrupt can never block
 /// the thread that raises it (a counter at its maximum, a full pipe).
-fn check_interrupt_fd(fd: &OwnedFd) -> Result<(), Errno> {
+fn check_interrupt_fd(fd: &OwnedFd, log: &DeviceLog) -> Result<(), Errno> {
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
     match link {
         Ok(l) if l.as_os_str() == "anon_inode:[eventfd]" => {}
         Ok(l) => {
-            warn!(
+            crate::dev_log!(
+                log,
+                Warn,
                 "SET_IRQS: interrupt descriptor is {}, not an eventfd; refused",
                 l.display()
             );
@@ -65,7 +69,7 @@ fn check_interrupt_fd(fd: &OwnedFd) -> Result<(), Errno> {
         }
         // Without /proc we cannot tell; non-blocking below still keeps us
         // from blocking on it.
-        Err(e) => debug!("cannot inspect an interrupt descriptor: {e}"),
+        Err(e) => crate::dev_debug!(log, "cannot inspect an interrupt descriptor: {e}"),
     }
     // SAFETY: fcntl on a descriptor we own; no memory is passed.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
@@ -74,7 +78,9 @@ fn check_interrupt_fd(fd: &OwnedFd) -> Result<(), Errno> {
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0 }
     };
     if !set {
-        warn!(
+        crate::dev_log!(
+            log,
+            Warn,
             "SET_IRQS: cannot make an interrupt descriptor non-blocking: {}",
             std::io::Error::last_os_error()
         );
@@ -94,14 +100,20 @@ fn kick(fd: &File) {
 }
 
 impl Interrupts {
-    pub fn new(msix_vectors: u16) -> Interrupts {
+    pub fn new(msix_vectors: u16, log: Arc<DeviceLog>) -> Interrupts {
         Interrupts {
+            log,
             state: Mutex::new(State::default()),
             msix: (0..msix_vectors).map(|_| Mutex::default()).collect(),
             msix_enabled: AtomicBool::new(false),
             msix_function_masked: AtomicBool::new(false),
             vectors: msix_vectors,
         }
+    }
+
+    /// The log of the function these interrupts belong to.
+    pub fn log(&self) -> &DeviceLog {
+        &self.log
     }
 
     pub fn msix_vectors(&self) -> u16 {
@@ -122,7 +134,10 @@ impl Interrupts {
             return false;
         }
         let Some(vec) = self.msix.get(usize::from(v)) else {
-            debug!("interrupt on vector {v}, which does not exist; dropped");
+            crate::dev_debug!(
+                self.log,
+                "interrupt on vector {v}, which does not exist; dropped"
+            );
             return true;
         };
         let fd = {
@@ -242,7 +257,8 @@ impl Interrupts {
     pub fn set_irqs(&self, set: IrqSet) -> Result<(), Errno> {
         // Every descriptor is checked before any state changes.
         if let IrqData::Eventfds(fds) = &set.data {
-            fds.iter().try_for_each(check_interrupt_fd)?;
+            fds.iter()
+                .try_for_each(|fd| check_interrupt_fd(fd, &self.log))?;
         }
         let mut st = self.state.lock();
         let (start, count) = (set.start as usize, set.count as usize);

@@ -13,7 +13,6 @@ pub mod irq;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
-use log::{debug, info};
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE,
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR1_REGION_INDEX, VFIO_PCI_BAR4_REGION_INDEX,
@@ -233,7 +232,7 @@ impl<B: BarLogic> PciFunction<B> {
         if fits {
             Some((bar, offset, length))
         } else {
-            crate::warn_limited!(
+            crate::dev_log!(self.irqs.log(), Warn,
                 "config window access of {length} bytes at BAR{bar} offset {offset:#x}: outside the BAR; ignored"
             );
             None
@@ -353,7 +352,9 @@ impl<B: BarLogic> Device for PciFunction<B> {
                 self.window_write(off, data.len());
                 if fx.msix_control_changed {
                     let (enabled, masked) = self.config.msix_control();
-                    info!(
+                    crate::dev_log!(
+                        self.irqs.log(),
+                        Info,
                         "MSI-X {} (function mask {masked})",
                         if enabled { "enabled" } else { "disabled" }
                     );
@@ -362,7 +363,11 @@ impl<B: BarLogic> Device for PciFunction<B> {
                 if fx.command_changed {
                     let bm = self.config.command() & config::COMMAND_BUS_MASTER != 0;
                     if bm != before_bm {
-                        debug!("bus mastering {}", if bm { "enabled" } else { "disabled" });
+                        crate::dev_debug!(
+                            self.irqs.log(),
+                            "bus mastering {}",
+                            if bm { "enabled" } else { "disabled" }
+                        );
                         self.bar0.bus_master_changed(bm);
                     }
                 }
@@ -495,7 +500,7 @@ mod tests {
                 class: [1, 0, 0],
             },
             rec,
-            Arc::new(Interrupts::new(2)),
+            Arc::new(Interrupts::new(2, crate::util::DeviceLog::new("test"))),
         );
         let cap = f.config.vendor_cap_offsets()[0] as u64;
         (f, log, cap)

@@ -14,7 +14,8 @@ use std::os::fd::AsRawFd;
 
 use super::budget::{BudgetError, Share, Token};
 use crate::memory::{self, GuardedWindow};
-use log::{debug, warn};
+use crate::util::DeviceLog;
+use log::debug;
 use vfio_bindings::bindings::vfio::{
     VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DMA_UNMAP_FLAG_ALL,
     VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
@@ -109,16 +110,23 @@ pub struct DmaTable {
     max_windows: usize,
     memory: GuestMemoryHandle,
     share: Arc<Share>,
+    log: Arc<DeviceLog>,
 }
 
 impl DmaTable {
-    pub fn new(memory: GuestMemoryHandle, max_windows: usize, share: Arc<Share>) -> DmaTable {
+    pub fn new(
+        memory: GuestMemoryHandle,
+        max_windows: usize,
+        share: Arc<Share>,
+        log: Arc<DeviceLog>,
+    ) -> DmaTable {
         DmaTable {
             windows: Vec::new(),
             retired: Vec::new(),
             max_windows,
             memory,
             share,
+            log,
         }
     }
 
@@ -210,18 +218,26 @@ impl DmaTable {
                 // and a read-only mapping would fault on a device write, so
                 // it is not made reachable.
                 // Firmware (ROM) windows come and go while SeaBIOS runs.
-                debug!("DMA window {iova:#x}+{size:#x} is read-only; not used for device DMA");
+                crate::dev_debug!(
+                    self.log,
+                    "DMA window {iova:#x}+{size:#x} is read-only; not used for device DMA"
+                );
                 None
             }
             None => {
                 if writable {
-                    warn!(
+                    crate::dev_log!(
+                        self.log,
+                        Warn,
                         "DMA window {iova:#x}+{size:#x} came without a file descriptor: \
                          the device cannot reach it. Start QEMU with \
                          -object memory-backend-memfd,share=on for guest RAM"
                     );
                 } else {
-                    debug!("DMA window {iova:#x}+{size:#x} has no file descriptor (ROM)");
+                    crate::dev_debug!(
+                        self.log,
+                        "DMA window {iova:#x}+{size:#x} has no file descriptor (ROM)"
+                    );
                 }
                 None
             }
@@ -298,9 +314,12 @@ impl DmaTable {
             let Some(fo) = r.file_offset() else { continue };
             let len = usize::try_from(w.size).unwrap_or(0);
             if let Err(e) = memory::revoke(r.as_ptr() as usize, len, fo.file(), fo.start()) {
-                warn!(
+                crate::dev_log!(
+                    self.log,
+                    Warn,
                     "DMA window {:#x}+{:#x}: cannot make it private ({e}); left shared",
-                    w.iova, w.size
+                    w.iova,
+                    w.size
                 );
             }
         }
@@ -432,7 +451,12 @@ mod tests {
     #[test]
     fn map_read_unmap() {
         let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(mem.clone(), 16, Share::register().unwrap());
+        let mut t = DmaTable::new(
+            mem.clone(),
+            16,
+            Share::register().unwrap(),
+            DeviceLog::new("test"),
+        );
         t.map(0x10000, 0x2000, 0x1000, RW, Some(memfd(0x4000)))
             .unwrap();
         mem.memory()
@@ -457,7 +481,7 @@ mod tests {
     #[test]
     fn rejects_bad_windows() {
         let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(mem, 2, Share::register().unwrap());
+        let mut t = DmaTable::new(mem, 2, Share::register().unwrap(), DeviceLog::new("test"));
         assert_eq!(t.map(0, 0, 0, RW, None), Err(DmaError::EmptyWindow));
         assert!(matches!(
             t.map(u64::MAX - 0xfff, 0x2000, 0, RW, None),
@@ -496,7 +520,7 @@ mod tests {
     #[test]
     fn window_past_the_end_of_its_file_is_refused() {
         let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(mem, 4, Share::register().unwrap());
+        let mut t = DmaTable::new(mem, 4, Share::register().unwrap(), DeviceLog::new("test"));
         let e = t.map(0, 16 << 20, 0, RW, Some(memfd(4096))).unwrap_err();
         assert!(matches!(e, DmaError::PastEndOfFile { .. }), "{e}");
         assert_eq!(e.errno(), libc::EINVAL);
@@ -526,7 +550,7 @@ mod tests {
         let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         f.set_len(0x2000).unwrap();
         let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(mem, 4, Share::register().unwrap());
+        let mut t = DmaTable::new(mem, 4, Share::register().unwrap(), DeviceLog::new("test"));
         t.map(
             0,
             0x2000,
@@ -542,7 +566,12 @@ mod tests {
     #[test]
     fn fdless_window_is_unreachable() {
         let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(mem.clone(), 4, Share::register().unwrap());
+        let mut t = DmaTable::new(
+            mem.clone(),
+            4,
+            Share::register().unwrap(),
+            DeviceLog::new("test"),
+        );
         t.map(0, 0x1000, 0, RW, None).unwrap();
         assert!(mem.memory().read_obj::<u8>(GuestAddress(0)).is_err());
         // A read-only window with a descriptor is not reachable either.

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread;
 
-use log::{debug, error, info, warn};
+use crate::util::DeviceLog;
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_DMA_UNMAP_FLAG_ALL,
     VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK,
@@ -180,6 +180,7 @@ pub struct Server<D: Device> {
     config: ServerConfig,
     /// Set: at the end of a client, wait for its requests in flight first.
     drain_on_close: Arc<AtomicBool>,
+    log: Arc<DeviceLog>,
 }
 
 /// Per-connection protocol state.
@@ -223,13 +224,15 @@ impl<D: Device> Server<D> {
         memory: GuestMemoryHandle,
         config: ServerConfig,
         share: Arc<super::budget::Share>,
+        log: Arc<DeviceLog>,
     ) -> Server<D> {
-        let dma = DmaTable::new(memory, config.max_dma_maps as usize, share);
+        let dma = DmaTable::new(memory, config.max_dma_maps as usize, share, log.clone());
         Server {
             device,
             dma,
             config,
             drain_on_close: Arc::default(),
+            log,
         }
     }
 
@@ -264,6 +267,7 @@ impl<D: Device> Server<D> {
         control.watch_listener(&listener)?;
         self.drain_on_close = control.drain.clone();
         let ctl = control.clone();
+        let log = self.log.clone();
         thread::Builder::new()
             .name("vfio-user-accept".into())
             .spawn(move || loop {
@@ -279,14 +283,16 @@ impl<D: Device> Server<D> {
                         match tx.send_timeout(stream, HANDOVER_WAIT) {
                             Ok(()) => {}
                             Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return,
-                            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => warn!(
+                            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => {
+                                crate::dev_log!(log, Warn,
                                 "refusing a second client: this device serves one client at a time"
-                            ),
+                            )
+                            }
                         }
                     }
                     Err(_) if ctl.stopping.load(Ordering::SeqCst) => return,
                     Err(e) => {
-                        error!("accept failed: {e}");
+                        crate::dev_log!(log, Error, "accept failed: {e}");
                         thread::sleep(std::time::Duration::from_millis(100));
                     }
                 }
@@ -321,7 +327,7 @@ impl<D: Device> Server<D> {
     /// loop as on a socket, so a fuzzer or a test can drive it in memory.
     /// Returns the transport, with what the server sent.
     pub fn serve_on<T: Transport>(&mut self, stream: T) -> T {
-        info!("client connected");
+        crate::dev_log!(self.log, Info, "client connected");
         // What the last client's requests still held is back by now, or
         // stays counted.
         self.dma.sweep();
@@ -340,9 +346,13 @@ impl<D: Device> Server<D> {
                 Ok(Next::Close) => break,
                 Err(e) => {
                     if e.kind() == io::ErrorKind::UnexpectedEof {
-                        warn!("client closed the socket in the middle of a message");
+                        crate::dev_log!(
+                            self.log,
+                            Warn,
+                            "client closed the socket in the middle of a message"
+                        );
                     } else {
-                        warn!("connection error: {e}");
+                        crate::dev_log!(self.log, Warn, "connection error: {e}");
                     }
                     break;
                 }
@@ -359,7 +369,11 @@ impl<D: Device> Server<D> {
         self.device.disconnect();
         self.dma.revoke_all();
         self.dma.clear();
-        info!("client disconnected; device reset, DMA windows and interrupt descriptors dropped");
+        crate::dev_log!(
+            self.log,
+            Info,
+            "client disconnected; device reset, DMA windows and interrupt descriptors dropped"
+        );
         conn.stream
     }
 
@@ -374,14 +388,16 @@ impl<D: Device> Server<D> {
         let hdr = Header::decode(&rh.bytes);
         let cap = self.config.max_data_xfer_size.saturating_add(MSG_OVERHEAD);
         if (hdr.msg_size as usize) < HEADER_SIZE {
-            warn!(
+            crate::dev_log!(self.log, Warn,
                 "message {} claims size {} < {HEADER_SIZE}: the stream cannot be resynchronised, closing",
                 hdr.msg_id, hdr.msg_size
             );
             return Ok(Next::Close);
         }
         if hdr.msg_size > cap {
-            warn!(
+            crate::dev_log!(
+                self.log,
+                Warn,
                 "message {} ({}) claims size {} > limit {cap}: closing",
                 hdr.msg_id,
                 command_name(hdr.command),
@@ -397,14 +413,19 @@ impl<D: Device> Server<D> {
         match hdr.msg_type() {
             FLAG_TYPE_COMMAND => {}
             FLAG_TYPE_REPLY => {
-                crate::warn_limited!(
+                crate::dev_log!(self.log, Warn,
                     "unexpected reply (id {}, command {}) from the client: we sent no request; discarded",
                     hdr.msg_id, hdr.command
                 );
                 return Ok(Next::Continue);
             }
             t => {
-                warn!("message {} has invalid type {t}: closing", hdr.msg_id);
+                crate::dev_log!(
+                    self.log,
+                    Warn,
+                    "message {} has invalid type {t}: closing",
+                    hdr.msg_id
+                );
                 return Ok(Next::Close);
             }
         }
@@ -439,11 +460,18 @@ impl<D: Device> Server<D> {
 
         let (flags, error) = match result {
             Ok(()) => {
-                debug!("{} (id {}) ok", command_name(hdr.command), hdr.msg_id);
+                crate::dev_debug!(
+                    self.log,
+                    "{} (id {}) ok",
+                    command_name(hdr.command),
+                    hdr.msg_id
+                );
                 (FLAG_TYPE_REPLY, 0)
             }
             Err(r) => {
-                crate::warn_limited!(
+                crate::dev_log!(
+                    self.log,
+                    Warn,
                     "{} (id {}, command {}) refused with errno {}: {}",
                     command_name(hdr.command),
                     hdr.msg_id,
@@ -506,7 +534,8 @@ impl<D: Device> Server<D> {
                 }
                 let (flags, offset, iova, size) =
                     (u32_at(p, 4), u64_at(p, 8), u64_at(p, 16), u64_at(p, 24));
-                debug!(
+                crate::dev_debug!(
+                    self.log,
                     "DMA_MAP {iova:#x}+{size:#x} offset {offset:#x} flags {flags:#x} fd {}",
                     !fds.is_empty()
                 );
@@ -522,7 +551,7 @@ impl<D: Device> Server<D> {
             CMD_DMA_UNMAP => {
                 need(p, DMA_UNMAP_SIZE)?;
                 let (flags, iova, size) = (u32_at(p, 4), u64_at(p, 8), u64_at(p, 16));
-                debug!("DMA_UNMAP {iova:#x}+{size:#x} flags {flags:#x}");
+                crate::dev_debug!(self.log, "DMA_UNMAP {iova:#x}+{size:#x} flags {flags:#x}");
                 // Only what uses this window stops (everything for
                 // unmap-all). A request the table refuses (no such window,
                 // bad flags) stops nothing.
@@ -616,7 +645,7 @@ impl<D: Device> Server<D> {
             }
             CMD_DEVICE_SET_IRQS => {
                 let set = self.parse_irq_set(p, fds)?;
-                debug!("SET_IRQS {set:?}");
+                crate::dev_debug!(self.log, "SET_IRQS {set:?}");
                 self.device.set_irqs(set).map_err(|errno| Reject {
                     errno,
                     why: "refused by the device".into(),
@@ -750,7 +779,7 @@ impl<D: Device> Server<D> {
             "{{\"capabilities\":{{\"max_msg_fds\":{max_msg_fds},\"max_data_xfer_size\":{max_xfer},\
              \"pgsizes\":{pgsizes},\"max_dma_maps\":{max_dma_maps}}}}}"
         );
-        info!("version 0.0 negotiated: {json}");
+        crate::dev_log!(self.log, Info, "version 0.0 negotiated: {json}");
         out.put_u16(0);
         out.put_u16(0);
         out.extend_from_slice(json.as_bytes());

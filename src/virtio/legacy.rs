@@ -9,8 +9,6 @@
 //! read back what they accepted or `NO_VECTOR`. Only the low 32 feature
 //! bits exist here (no VERSION_1, no FEATURES_OK).
 
-use log::{debug, info};
-
 use super::transport::{Interface, PciTransport};
 use super::{low32, VirtioDevice, NO_VECTOR};
 
@@ -97,7 +95,7 @@ impl<D: VirtioDevice> PciTransport<D> {
             return false;
         }
         if (offset, width) == (STATUS, 1) && v & 0xff == 0 {
-            info!("driver reset the device");
+            crate::dev_log!(self.irqs.log(), Info, "driver reset the device");
             self.reset_registers();
             return true;
         }
@@ -107,11 +105,17 @@ impl<D: VirtioDevice> PciTransport<D> {
         match (offset, width) {
             (GUEST_FEATURES, 4) => {
                 if self.active {
-                    crate::warn_limited!("guest features written after DRIVER_OK; ignored");
+                    crate::dev_log!(
+                        self.irqs.log(),
+                        Warn,
+                        "guest features written after DRIVER_OK; ignored"
+                    );
                 } else {
                     let offered = low32(self.dev.features());
                     if v & !offered != 0 {
-                        crate::warn_limited!(
+                        crate::dev_log!(
+                            self.irqs.log(),
+                            Warn,
                             "driver acknowledged features {:#x} that were not offered; dropped",
                             v & !offered
                         );
@@ -129,15 +133,26 @@ impl<D: VirtioDevice> PciTransport<D> {
                     if self.active {
                         // Legacy drivers clear a queue only while tearing
                         // down; treat it as the reset it precedes.
-                        info!("queue {sel} address cleared while running: resetting the device");
+                        crate::dev_log!(
+                            self.irqs.log(),
+                            Info,
+                            "queue {sel} address cleared while running: resetting the device"
+                        );
                         self.reset_registers();
                     }
                 } else if self.active {
-                    crate::warn_limited!("queue {sel} address written after DRIVER_OK; ignored");
+                    crate::dev_log!(
+                        self.irqs.log(),
+                        Warn,
+                        "queue {sel} address written after DRIVER_OK; ignored"
+                    );
                 } else if let Some(q) = self.selected() {
                     q.pfn = v;
                 } else {
-                    debug!("queue address for queue {sel}, which does not exist; ignored");
+                    crate::dev_debug!(
+                        self.irqs.log(),
+                        "queue address for queue {sel}, which does not exist; ignored"
+                    );
                 }
             }
             (QUEUE_SEL, 2) => self.queue_sel = v16,
@@ -163,7 +178,8 @@ impl<D: VirtioDevice> PciTransport<D> {
                 let n = data.len();
                 data.copy_from_slice(&v.to_le_bytes()[..n]);
             }
-            None => debug!(
+            None => crate::dev_debug!(
+                self.irqs.log(),
                 "BAR0 read of {} bytes at {offset:#x}: no such register",
                 data.len()
             ),
@@ -182,7 +198,8 @@ impl<D: VirtioDevice> PciTransport<D> {
         let n = data.len().min(4);
         b[..n].copy_from_slice(&data[..n]);
         if data.len() > 4 || !self.legacy_write_reg(offset, data.len(), u32::from_le_bytes(b)) {
-            debug!(
+            crate::dev_debug!(
+                self.irqs.log(),
                 "BAR0 write of {} bytes at {offset:#x}: no such register; ignored",
                 data.len()
             );

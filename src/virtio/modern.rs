@@ -10,7 +10,6 @@
 //! accessed with a width it does not have reads zeros and ignores writes;
 //! the 64-bit ring addresses take two 32-bit halves or one 64-bit access.
 
-use log::{debug, info};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
@@ -214,15 +213,26 @@ impl<D: VirtioDevice> PciTransport<D> {
         let sel = self.queue_sel;
         match self.queues.get(usize::from(sel)) {
             None => {
-                debug!("{what} of queue {sel}, which does not exist; ignored");
+                crate::dev_debug!(
+                    self.irqs.log(),
+                    "{what} of queue {sel}, which does not exist; ignored"
+                );
                 false
             }
             Some(_) if self.active => {
-                crate::warn_limited!("{what} of queue {sel} after DRIVER_OK; ignored");
+                crate::dev_log!(
+                    self.irqs.log(),
+                    Warn,
+                    "{what} of queue {sel} after DRIVER_OK; ignored"
+                );
                 false
             }
             Some(q) if q.enable => {
-                crate::warn_limited!("{what} of queue {sel}, which is enabled; ignored");
+                crate::dev_log!(
+                    self.irqs.log(),
+                    Warn,
+                    "{what} of queue {sel}, which is enabled; ignored"
+                );
                 false
             }
             Some(_) => true,
@@ -231,7 +241,7 @@ impl<D: VirtioDevice> PciTransport<D> {
 
     fn write_modern_status(&mut self, v: u8) {
         if v == 0 {
-            info!("driver reset the device");
+            crate::dev_log!(self.irqs.log(), Info, "driver reset the device");
             self.reset_registers();
             return;
         }
@@ -240,13 +250,17 @@ impl<D: VirtioDevice> PciTransport<D> {
             let offered = self.dev.features();
             let acked = self.driver_features;
             if acked & !offered != 0 {
-                crate::warn_limited!(
+                crate::dev_log!(
+                    self.irqs.log(),
+                    Warn,
                     "driver accepted features {:#x} that were not offered: FEATURES_OK refused",
                     acked & !offered
                 );
                 s &= !FEATURES_OK;
             } else if acked & (1 << VIRTIO_F_VERSION_1) == 0 {
-                crate::warn_limited!(
+                crate::dev_log!(
+                    self.irqs.log(),
+                    Warn,
                     "driver did not accept VERSION_1 on the modern interface: FEATURES_OK refused"
                 );
                 s &= !FEATURES_OK;
@@ -255,7 +269,11 @@ impl<D: VirtioDevice> PciTransport<D> {
             }
         }
         if s & DRIVER_OK != 0 && s & FEATURES_OK == 0 && self.status & DRIVER_OK == 0 {
-            crate::warn_limited!("driver set DRIVER_OK without FEATURES_OK; not started");
+            crate::dev_log!(
+                self.irqs.log(),
+                Warn,
+                "driver set DRIVER_OK without FEATURES_OK; not started"
+            );
             s &= !DRIVER_OK;
         }
         self.write_status(s);
@@ -293,7 +311,11 @@ impl<D: VirtioDevice> PciTransport<D> {
             (DRIVER_FEATURE_SELECT, 4) => self.driver_feature_select = v32,
             (DRIVER_FEATURE, 4) => {
                 if self.status & FEATURES_OK != 0 || self.active {
-                    crate::warn_limited!("driver features written after FEATURES_OK; ignored");
+                    crate::dev_log!(
+                        self.irqs.log(),
+                        Warn,
+                        "driver features written after FEATURES_OK; ignored"
+                    );
                 } else {
                     match self.driver_feature_select {
                         0 => {
@@ -304,7 +326,10 @@ impl<D: VirtioDevice> PciTransport<D> {
                             self.driver_features =
                                 (self.driver_features & 0xffff_ffff) | (u64::from(v32) << 32);
                         }
-                        s => debug!("driver features word {s} written; there is none"),
+                        s => crate::dev_debug!(
+                            self.irqs.log(),
+                            "driver features word {s} written; there is none"
+                        ),
                     }
                 }
             }
@@ -316,7 +341,9 @@ impl<D: VirtioDevice> PciTransport<D> {
                     let max = self.dev.queue_size();
                     let shape_ok = v16.is_power_of_two() || self.packed_negotiated();
                     if v16 == 0 || v16 > max || !shape_ok {
-                        crate::warn_limited!(
+                        crate::dev_log!(
+                            self.irqs.log(),
+                            Warn,
                             "queue {} size {v16} refused (a power of two up to {max})",
                             self.queue_sel
                         );
@@ -334,7 +361,9 @@ impl<D: VirtioDevice> PciTransport<D> {
                         }
                     }
                 } else {
-                    crate::warn_limited!(
+                    crate::dev_log!(
+                        self.irqs.log(),
+                        Warn,
                         "queue_enable written with {v16} (only 1 enables a queue); ignored"
                     );
                 }
@@ -368,7 +397,10 @@ impl<D: VirtioDevice> PciTransport<D> {
         if offset < COMMON_OFFSET + COMMON_LEN {
             match self.common_read(offset - COMMON_OFFSET, n) {
                 Some(v) => data.copy_from_slice(&v.to_le_bytes()[..n.min(8)]),
-                None => debug!("common config read of {n} bytes at {offset:#x}: no such field"),
+                None => crate::dev_debug!(
+                    self.irqs.log(),
+                    "common config read of {n} bytes at {offset:#x}: no such field"
+                ),
             }
         } else if (ISR_OFFSET..ISR_OFFSET + ISR_LEN).contains(&offset) {
             if offset == ISR_OFFSET {
@@ -387,7 +419,10 @@ impl<D: VirtioDevice> PciTransport<D> {
         let v = u64::from_le_bytes(b);
         if offset < COMMON_OFFSET + COMMON_LEN {
             if n > 8 || !self.common_write(offset - COMMON_OFFSET, n, v) {
-                debug!("common config write of {n} bytes at {offset:#x}: no such field; ignored");
+                crate::dev_debug!(
+                    self.irqs.log(),
+                    "common config write of {n} bytes at {offset:#x}: no such field; ignored"
+                );
             }
         } else if (DEVICE_OFFSET..NOTIFY_OFFSET).contains(&offset) {
             if self.claim(Interface::Modern) {
@@ -401,14 +436,18 @@ impl<D: VirtioDevice> PciTransport<D> {
                     self.doorbell_messages += 1;
                     self.doorbell(q);
                 } else {
-                    debug!(
+                    crate::dev_debug!(
+                        self.irqs.log(),
                         "modern doorbell of queue {q} while the driver uses {:?}; ignored",
                         self.interface
                     );
                 }
             }
         } else {
-            debug!("modern BAR write of {n} bytes at {offset:#x}: nothing there; ignored");
+            crate::dev_debug!(
+                self.irqs.log(),
+                "modern BAR write of {n} bytes at {offset:#x}: nothing there; ignored"
+            );
         }
     }
 }

@@ -68,7 +68,7 @@ pub type Transport = PciTransport<Fake>;
 /// A transport over a fake device with 60 bytes of config (0, 1, 2...),
 /// 3 MSI-X vectors, and a probe that sees what the device was told.
 pub fn transport() -> (Transport, Arc<Interrupts>, Fake) {
-    let irqs = Arc::new(Interrupts::new(3));
+    let irqs = Arc::new(Interrupts::new(3, crate::util::DeviceLog::new("test")));
     let fake = Fake {
         config: (0u8..60).collect(),
         ..Default::default()

@@ -17,7 +17,6 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use log::{debug, info};
 use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED};
 
 use super::legacy::{self, legacy_ring_layout, QUEUE_PFN_SHIFT};
@@ -166,13 +165,15 @@ impl<D: VirtioDevice> PciTransport<D> {
     pub(super) fn claim(&mut self, via: Interface) -> bool {
         match self.interface {
             None => {
-                debug!("driver uses the {via:?} interface");
+                crate::dev_debug!(self.irqs.log(), "driver uses the {via:?} interface");
                 self.interface = Some(via);
                 true
             }
             Some(i) if i == via => true,
             Some(i) => {
-                crate::warn_limited!(
+                crate::dev_log!(
+                    self.irqs.log(),
+                    Warn,
                     "driver wrote through the {via:?} interface while using the {i:?} one; ignored"
                 );
                 false
@@ -248,7 +249,11 @@ impl<D: VirtioDevice> PciTransport<D> {
         if self.active && usize::from(q) < self.queues.len() {
             self.dev.notify(q);
         } else {
-            debug!("notify of queue {q} ignored (active {})", self.active);
+            crate::dev_debug!(
+                self.irqs.log(),
+                "notify of queue {q} ignored (active {})",
+                self.active
+            );
         }
     }
 
@@ -258,7 +263,7 @@ impl<D: VirtioDevice> PciTransport<D> {
         let was_ok = self.status & DRIVER_OK != 0;
         self.status = s;
         if s & FAILED != 0 {
-            crate::warn_limited!("driver marked the device FAILED");
+            crate::dev_log!(self.irqs.log(), Warn, "driver marked the device FAILED");
         }
         if !was_ok && s & DRIVER_OK != 0 && !self.active {
             self.activate();
@@ -301,7 +306,8 @@ impl<D: VirtioDevice> PciTransport<D> {
                 }
             })
             .collect();
-        debug!(
+        crate::dev_debug!(
+            self.irqs.log(),
             "driver ready ({:?} interface): queues {queues:?}",
             self.interface
         );
@@ -386,9 +392,12 @@ impl<D: VirtioDevice> BarLogic for PciTransport<D> {
     fn disconnect(&mut self) {
         self.dev.abandon();
         self.reset_registers();
-        info!(
+        crate::dev_log!(
+            self.irqs.log(),
+            Info,
             "{} doorbell message(s) through the modern notify area since start (notify {:?})",
-            self.doorbell_messages, self.notify
+            self.doorbell_messages,
+            self.notify
         );
     }
 
@@ -407,7 +416,11 @@ impl<D: VirtioDevice> BarLogic for PciTransport<D> {
     fn bus_master_changed(&mut self, enabled: bool) {
         if !enabled && self.active {
             // Without bus mastering the function may not touch memory.
-            info!("bus mastering disabled while running: device reset");
+            crate::dev_log!(
+                self.irqs.log(),
+                Info,
+                "bus mastering disabled while running: device reset"
+            );
             self.reset_registers();
         }
     }
