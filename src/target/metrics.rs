@@ -17,6 +17,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::conns::{Admitted, Place, Places};
 use super::Target;
 use crate::blk::exec::{ERROR_KINDS, REQUEST_KINDS};
 use crate::engine::QueueStats;
@@ -137,11 +138,13 @@ pub fn render(t: &Target) -> String {
     out
 }
 
-/// Scrapes served at once; each gets this long to send its request.
-const MAX_CONNECTIONS: usize = 8;
+/// Scrape connections open at once (past it, the one that has waited
+/// longest for its request is closed for the newcomer); each gets this long
+/// to send its request.
+const MAX_CONNECTIONS: usize = 16;
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 
-fn answer(t: &Target, mut s: TcpStream) {
+fn answer(t: &Target, mut s: TcpStream, place: &Place) {
     let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
     // The request line and headers: up to 8 KiB, until a blank line, within
     // REQUEST_DEADLINE in all (a client trickling bytes gets no longer).
@@ -163,6 +166,8 @@ fn answer(t: &Target, mut s: TcpStream) {
             break;
         }
     }
+    // Being answered: not closed to make room for another.
+    place.busy(true);
     let head = String::from_utf8_lossy(&buf[..n]);
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, body, ctype) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
@@ -188,7 +193,7 @@ pub fn serve(target: Arc<Target>, addr: SocketAddr) -> Result<()> {
         warn!("metrics on {addr}: reachable from outside this machine");
     }
     info!("metrics on http://{}/metrics", l.local_addr()?);
-    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let places = Places::new(MAX_CONNECTIONS);
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
@@ -201,20 +206,25 @@ pub fn serve(target: Arc<Target>, addr: SocketAddr) -> Result<()> {
                         continue;
                     }
                 };
-                // Each scrape on its own thread: a slow one holds only itself.
-                if active.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_CONNECTIONS {
-                    active.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                    continue;
-                }
-                let (t, a) = (target.clone(), active.clone());
+                // Each scrape on its own thread: a slow one holds only
+                // itself, and only until a newcomer needs its place.
+                let place = match places.admit(&s) {
+                    Admitted::Yes { place, evicted } => {
+                        if evicted {
+                            crate::warn_limited!(
+                                "metrics: {MAX_CONNECTIONS} connections open: the one waiting \
+                                 longest for its request was closed for a new one"
+                            );
+                        }
+                        place
+                    }
+                    Admitted::Full => continue,
+                };
+                let t = target.clone();
                 let spawned = std::thread::Builder::new()
                     .name("metrics-conn".into())
-                    .spawn(move || {
-                        answer(&t, s);
-                        a.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                    });
+                    .spawn(move || answer(&t, s, &place));
                 if spawned.is_err() {
-                    active.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     crate::warn_limited!("metrics: cannot start a thread");
                 }
             }

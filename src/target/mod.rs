@@ -3,6 +3,7 @@
 //! resize, read statistics (JSON-RPC, `rpc`; Prometheus text, `metrics`).
 //! Knows devices and their options, nothing of rings.
 
+mod conns;
 pub mod metrics;
 pub mod rpc;
 

@@ -7,7 +7,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::conns::{Admitted, Place, Places};
 use super::Target;
 use crate::cli::{bind_socket, DeviceSpec};
 use crate::util::parse_size;
@@ -27,6 +27,8 @@ const MAX_LINE: usize = 1 << 20;
 const MAX_CONNECTIONS: usize = 16;
 /// A connection idle this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request must arrive whole this long after its first byte.
+const LINE_DEADLINE: Duration = Duration::from_secs(10);
 /// An answer its client does not take in this time closes the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -315,39 +317,77 @@ fn answer(t: &Target, line: &[u8]) -> Option<Value> {
     }
 }
 
-fn serve_conn(t: &Target, stream: UnixStream) {
-    let Ok(w) = stream.try_clone() else { return };
-    let mut w = w;
-    let mut r = BufReader::new(stream);
-    let mut line = Vec::new();
+/// Reads the next request line into `line` (without its newline): false
+/// when the connection is over (closed, idle for IDLE_TIMEOUT, a line that
+/// took longer than LINE_DEADLINE to arrive, or one longer than MAX_LINE,
+/// which is answered first).
+fn next_line(s: &mut UnixStream, buf: &mut Vec<u8>, line: &mut Vec<u8>) -> bool {
+    let mut started: Option<std::time::Instant> = None;
+    let mut chunk = [0u8; 8192];
     loop {
-        line.clear();
-        // Read one line, never more than MAX_LINE + 1 bytes of it.
-        let n = match (&mut r)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(n) => n,
-            Err(_) => return,
-        };
-        if n == 0 {
-            return;
+        if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            line.clear();
+            line.extend_from_slice(&buf[..pos]);
+            buf.drain(..=pos);
+            return true;
         }
-        if line.len() > MAX_LINE && !line.ends_with(b"\n") {
+        if buf.len() > MAX_LINE {
             let e = json!({ "jsonrpc": "2.0", "id": null, "error": {
                 "code": INVALID_REQUEST, "message": format!("request longer than {MAX_LINE} bytes") } });
-            let _ = writeln!(w, "{e}");
+            let _ = writeln!(s, "{e}");
             crate::warn_limited!("rpc: request line over {MAX_LINE} bytes; connection closed");
-            return;
+            return false;
         }
+        // Idle between requests for a while; once a request has begun, it
+        // must arrive whole in LINE_DEADLINE, however it trickles.
+        let left = match (buf.is_empty(), started) {
+            (true, _) => IDLE_TIMEOUT,
+            (false, Some(t)) => LINE_DEADLINE.saturating_sub(t.elapsed()),
+            (false, None) => LINE_DEADLINE,
+        };
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            if !buf.is_empty() {
+                crate::warn_limited!(
+                    "rpc: a request took over {LINE_DEADLINE:?} to arrive; connection closed"
+                );
+            }
+            return false;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => {
+                if buf.is_empty() {
+                    started = Some(std::time::Instant::now());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                if !buf.is_empty() {
+                    crate::warn_limited!(
+                        "rpc: a request took over {LINE_DEADLINE:?} to arrive; connection closed"
+                    );
+                }
+                return false;
+            }
+        }
+    }
+}
+
+fn serve_conn(t: &Target, mut stream: UnixStream, place: &Place) {
+    let mut buf = Vec::new();
+    let mut line = Vec::new();
+    while next_line(&mut stream, &mut buf, &mut line) {
         let trimmed = line.trim_ascii();
         if trimmed.is_empty() {
             continue;
         }
-        if let Some(v) = answer(t, trimmed) {
-            if writeln!(w, "{v}").is_err() {
-                return;
-            }
+        // Being answered: not closed to make room for another.
+        place.busy(true);
+        let answered = answer(t, trimmed).is_none_or(|v| writeln!(stream, "{v}").is_ok());
+        place.busy(false);
+        if !answered {
+            return;
         }
     }
 }
@@ -355,7 +395,7 @@ fn serve_conn(t: &Target, stream: UnixStream) {
 /// Serves the management socket at `path` (owner-only) on its own threads.
 pub fn serve(target: Arc<Target>, path: &Path, force: bool) -> Result<()> {
     let listener = bind_socket(path, force)?;
-    let active = Arc::new(AtomicUsize::new(0));
+    let places = Places::new(MAX_CONNECTIONS);
     info!("management socket on {}", path.display());
     std::thread::Builder::new()
         .name("rpc-accept".into())
@@ -371,26 +411,34 @@ pub fn serve(target: Arc<Target>, path: &Path, force: bool) -> Result<()> {
                         continue;
                     }
                 };
-                if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                    active.fetch_sub(1, Ordering::SeqCst);
-                    crate::warn_limited!("rpc: more than {MAX_CONNECTIONS} connections; refused");
-                    let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
-                    let e = json!({ "jsonrpc": "2.0", "id": null, "error": {
-                        "code": FAILED, "message": format!("more than {MAX_CONNECTIONS} management connections") } });
-                    let _ = writeln!(s, "{e}");
-                    continue;
-                }
-                // A connection that neither asks nor reads its answers
-                // gives its place back.
-                let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
+                let place = match places.admit(&s) {
+                    Admitted::Yes { place, evicted } => {
+                        if evicted {
+                            crate::warn_limited!(
+                                "rpc: {MAX_CONNECTIONS} connections open: the one idle longest \
+                                 was closed for a new one"
+                            );
+                        }
+                        place
+                    }
+                    Admitted::Full => {
+                        crate::warn_limited!(
+                            "rpc: {MAX_CONNECTIONS} connections are all being answered; refused"
+                        );
+                        let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+                        let e = json!({ "jsonrpc": "2.0", "id": null, "error": {
+                            "code": FAILED, "message": format!("more than {MAX_CONNECTIONS} management connections") } });
+                        let _ = writeln!(s, "{e}");
+                        continue;
+                    }
+                };
+                // A connection that does not read its answers gives its
+                // place back.
                 let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
-                let (t, a) = (target.clone(), active.clone());
+                let t = target.clone();
                 let spawned = std::thread::Builder::new()
                     .name("rpc".into())
-                    .spawn(move || {
-                        serve_conn(&t, s);
-                        a.fetch_sub(1, Ordering::SeqCst);
-                    });
+                    .spawn(move || serve_conn(&t, s, &place));
                 if let Err(e) = spawned {
                     warn!("rpc: cannot start a thread: {e}");
                 }
