@@ -10,6 +10,7 @@ mod notify;
 mod report;
 mod run;
 mod servers;
+mod soak;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -34,8 +35,17 @@ use vfio_user_blk::driver_ring::SplitRing;
 /// An option given twice takes its last value (so that scripts/bench.sh's
 /// defaults can be overridden).
 #[derive(Parser, Debug)]
-#[command(version, about, args_override_self = true)]
+#[command(
+    version,
+    about,
+    args_override_self = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    /// The soak test (`soak`, see scripts/soak.sh) and its client
+    /// (`soak-client`) instead of the benchmark.
+    #[command(subcommand)]
+    command: Option<soak::SoakCommand>,
     /// Image file to use (created and filled if missing). The direct-*
     /// workloads use IMAGE-direct.img beside it (on a disk, not tmpfs), the
     /// multi-device one IMAGE-m0..3.img of SIZE/4 each.
@@ -670,6 +680,9 @@ impl Servers<'_> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(cmd) = args.command {
+        return soak::main(cmd);
+    }
     match real_main(&args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
