@@ -344,6 +344,7 @@ struct Neighbour {
     max_gap_ns: u64,
     window_acks_min: u64,
     window_acks_min_cycle: u64,
+    interface: &'static str,
 }
 
 impl Drop for Neighbour {
@@ -547,6 +548,7 @@ fn run(a: &SoakArgs) -> Result<bool> {
             let journal = a.workdir.join(format!("{}-journal.bin", d.name));
             let log = a.workdir.join(format!("{}-client.log", d.name));
             let _ = std::fs::remove_file(&journal);
+            let modern = rng.next_u64() % 2 == 1;
             let mut child = spawn(&Spawn {
                 exe: &exe,
                 socket: &d.socket,
@@ -556,12 +558,13 @@ fn run(a: &SoakArgs) -> Result<bool> {
                 cycle: u32::MAX,
                 rng: pattern::mix(seed ^ 0xd1),
                 disk: size,
-                modern: true,
+                modern,
                 queues: info["queues"].as_u64().unwrap_or(1).clamp(1, 4),
                 refuse: 0,
                 long_lived: true,
             })?;
             let stdin = child.stdin.take();
+            let interface = if modern { "modern" } else { "legacy" };
             // Wait for its first acknowledged write.
             let t = Instant::now();
             while !journal::read_all_lenient(&journal)?
@@ -597,6 +600,7 @@ fn run(a: &SoakArgs) -> Result<bool> {
                 max_gap_ns: 0,
                 window_acks_min: u64::MAX,
                 window_acks_min_cycle: 0,
+                interface,
             })
         }
         None => None,
@@ -885,6 +889,11 @@ fn run(a: &SoakArgs) -> Result<bool> {
         let mut img = vec![0u8; usize::try_from(n.model.sectors)? * pattern::SECTOR];
         read_image(&n.dev.image, &mut img)?;
         let bad = n.model.verify(&img);
+        let verdict = if bad.is_empty() {
+            "every sector as the model allows".to_string()
+        } else {
+            format!("{} sector(s) bad", bad.len())
+        };
         if !bad.is_empty() {
             failure.get_or_insert(format!(
                 "the end: {} sector(s) of {} (the long-lived client's) hold what they must not:\n{}",
@@ -895,8 +904,9 @@ fn run(a: &SoakArgs) -> Result<bool> {
         }
         let s = &n.model.stats;
         neighbour_line = format!(
-            "  {} (long-lived client): writes {} submitted / {} acknowledged ({:.1} MiB), {} flushes, {} reads verified; fewest writes acknowledged in a cycle: {} (cycle {}); longest gap between acknowledgements {:.1} ms\n",
+            "  {} (long-lived client, {}): writes {} submitted / {} acknowledged ({:.1} MiB), {} flushes, {} reads verified; fewest writes acknowledged in a cycle: {} (cycle {}); longest gap between acknowledgements {:.1} ms; its image at the end: {verdict}\n",
             n.dev.name,
+            n.interface,
             s.submitted,
             s.acked,
             s.bytes_acked as f64 / (1 << 20) as f64,
