@@ -73,6 +73,11 @@ pub struct SoakArgs {
     /// late write of the killed one more chances to land on its writes.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub verify_every: u64,
+    /// The longest the long-lived client may go without an acknowledged
+    /// write (ms), and how long the end of a cycle in which it has none
+    /// yet waits for one.
+    #[arg(long, default_value_t = 500)]
+    pub stall_ms: u64,
     /// Go on after a cycle that loses data (each bad sector is then taken
     /// as found) and count such cycles; the soak still fails at the end.
     #[arg(long)]
@@ -342,6 +347,8 @@ struct Neighbour {
     model: Model,
     last_ack_ns: u64,
     max_gap_ns: u64,
+    /// The cycle whose window the longest gap ended in.
+    max_gap_cycle: u64,
     window_acks_min: u64,
     window_acks_min_cycle: u64,
     interface: &'static str,
@@ -359,7 +366,7 @@ impl Drop for Neighbour {
 impl Neighbour {
     /// Replays what its journal gained; returns the acknowledgements, or
     /// what went wrong.
-    fn poll(&mut self, complete: bool) -> Result<std::result::Result<u64, String>> {
+    fn poll(&mut self, complete: bool, cycle: u64) -> Result<std::result::Result<u64, String>> {
         let recs = self.reader.read_new(complete)?;
         let mut acks = 0;
         for r in &recs {
@@ -367,8 +374,10 @@ impl Neighbour {
             match r.kind {
                 Kind::Ack => {
                     acks += 1;
-                    if self.last_ack_ns > 0 {
-                        self.max_gap_ns = self.max_gap_ns.max(r.t_ns - self.last_ack_ns);
+                    let gap = r.t_ns.saturating_sub(self.last_ack_ns);
+                    if self.last_ack_ns > 0 && gap > self.max_gap_ns {
+                        self.max_gap_ns = gap;
+                        self.max_gap_cycle = cycle;
                     }
                     self.last_ack_ns = r.t_ns;
                 }
@@ -479,6 +488,7 @@ struct Totals {
     kills_attach: u64,
     kills_io: u64,
     teardown_max: Duration,
+    teardown_max_cycle: u64,
     fds_min: usize,
     fds_max: usize,
     threads_min: u64,
@@ -598,6 +608,7 @@ fn run(a: &SoakArgs) -> Result<bool> {
                 model: Model::new(seed, size),
                 last_ack_ns: 0,
                 max_gap_ns: 0,
+                max_gap_cycle: 0,
                 window_acks_min: u64::MAX,
                 window_acks_min_cycle: 0,
                 interface,
@@ -606,7 +617,7 @@ fn run(a: &SoakArgs) -> Result<bool> {
         None => None,
     };
     if let Some(n) = neighbour.as_mut() {
-        if let Err(why) = n.poll(false)? {
+        if let Err(why) = n.poll(false, 0)? {
             bail!("{}: {why}", n.dev.name);
         }
     }
@@ -633,6 +644,8 @@ fn run(a: &SoakArgs) -> Result<bool> {
     let start = Instant::now();
     let mut failure: Option<String> = None;
     let mut loss = Loss::default();
+    let stall_ns = a.stall_ms.saturating_mul(1_000_000);
+    let mut window_start = Instant::now();
     let mut cycles_done = 0;
 
     for cycle in 1..=a.cycles {
@@ -688,7 +701,10 @@ fn run(a: &SoakArgs) -> Result<bool> {
                 break;
             }
         };
-        t.teardown_max = t.teardown_max.max(teardown);
+        if teardown > t.teardown_max {
+            t.teardown_max = teardown;
+            t.teardown_max_cycle = cycle;
+        }
         let recs = journal::read_all(&journal_path)?;
         let at = |k: Kind| recs.iter().find(|r| r.kind == k).map(|r| r.t_ns);
         if let (Some(a0), Some(a1)) = (at(Kind::Attach), at(Kind::Ready)) {
@@ -796,7 +812,16 @@ fn run(a: &SoakArgs) -> Result<bool> {
             ));
         }
         if let Some(n) = neighbour.as_mut() {
-            let polled = n.poll(false)?;
+            let window = window_start.elapsed();
+            let mut polled = n.poll(false, cycle)?;
+            // None yet (a short cycle on a busy machine): the window
+            // stretches until an acknowledgement, or until a stall.
+            while matches!(polled, Ok(0))
+                && journal::now_ns().saturating_sub(n.last_ack_ns) < stall_ns
+            {
+                std::thread::sleep(Duration::from_millis(1));
+                polled = n.poll(false, cycle)?;
+            }
             n.model.compact();
             match polled {
                 Ok(acks) => {
@@ -806,8 +831,19 @@ fn run(a: &SoakArgs) -> Result<bool> {
                     }
                     if acks == 0 {
                         failure.get_or_insert(format!(
-                            "cycle {cycle}: the long-lived client on {} acknowledged no write during the cycle (stalled by its neighbour's kill?)",
-                            n.dev.name
+                            "cycle {cycle}: the long-lived client on {} acknowledged no write during the cycle ({:.1} ms) nor in the {} ms after: stalled (by its neighbour's kill?) for {:.1} ms",
+                            n.dev.name,
+                            window.as_secs_f64() * 1e3,
+                            a.stall_ms,
+                            journal::now_ns().saturating_sub(n.last_ack_ns) as f64 / 1e6
+                        ));
+                    } else if n.max_gap_cycle == cycle && n.max_gap_ns > stall_ns {
+                        failure.get_or_insert(format!(
+                            "cycle {cycle}: the long-lived client on {} went {:.1} ms without an acknowledged write (limit {} ms; this cycle's teardown took {:.1} ms)",
+                            n.dev.name,
+                            n.max_gap_ns as f64 / 1e6,
+                            a.stall_ms,
+                            teardown.as_secs_f64() * 1e3
                         ));
                     }
                 }
@@ -816,6 +852,7 @@ fn run(a: &SoakArgs) -> Result<bool> {
                 }
             }
         }
+        window_start = Instant::now();
         cycles_done = cycle;
         let every = (a.cycles / 10).clamp(1, 50);
         if cycle % every == 0 || failure.is_some() {
@@ -867,7 +904,7 @@ fn run(a: &SoakArgs) -> Result<bool> {
                 ));
             }
         }
-        match n.poll(true) {
+        match n.poll(true, cycles_done) {
             Ok(Ok(_)) => {}
             Ok(Err(why)) => {
                 failure.get_or_insert(format!("{}: {why}", n.dev.name));
@@ -904,7 +941,7 @@ fn run(a: &SoakArgs) -> Result<bool> {
         }
         let s = &n.model.stats;
         neighbour_line = format!(
-            "  {} (long-lived client, {}): writes {} submitted / {} acknowledged ({:.1} MiB), {} flushes, {} reads verified; fewest writes acknowledged in a cycle: {} (cycle {}); longest gap between acknowledgements {:.1} ms; its image at the end: {verdict}\n",
+            "  {} (long-lived client, {}): writes {} submitted / {} acknowledged ({:.1} MiB), {} flushes, {} reads verified; fewest writes acknowledged in a cycle: {} (cycle {}); longest gap between acknowledgements {:.1} ms (cycle {}); its image at the end: {verdict}\n",
             n.dev.name,
             n.interface,
             s.submitted,
@@ -914,7 +951,8 @@ fn run(a: &SoakArgs) -> Result<bool> {
             s.reads_ok,
             if n.window_acks_min == u64::MAX { 0 } else { n.window_acks_min },
             n.window_acks_min_cycle,
-            n.max_gap_ns as f64 / 1e6
+            n.max_gap_ns as f64 / 1e6,
+            n.max_gap_cycle
         );
     }
 
@@ -969,13 +1007,14 @@ fn run(a: &SoakArgs) -> Result<bool> {
             .map_or(0.0, |v| *v as f64 / 1e6)
     };
     out.push_str(&format!(
-        "  kills: {} during start-up, {} during attach/initialisation, {} during I/O (an attach took {:.1} ms median, {:.1} ms at most); slowest teardown {:.1} ms\n",
+        "  kills: {} during start-up, {} during attach/initialisation, {} during I/O (an attach took {:.1} ms median, {:.1} ms at most); slowest teardown {:.1} ms (cycle {})\n",
         t.kills_startup,
         t.kills_attach,
         t.kills_io,
         attach_ms(50),
         attach_ms(100),
-        t.teardown_max.as_secs_f64() * 1e3
+        t.teardown_max.as_secs_f64() * 1e3,
+        t.teardown_max_cycle
     ));
     out.push_str(&neighbour_line);
     if cycles_done > 0 {
