@@ -506,6 +506,8 @@ struct Loss {
     cycles: u64,
     sectors: u64,
     read_bad_cycles: u64,
+    /// Cycles where a torn-down client's write landed after the teardown.
+    late_cycles: u64,
     first: Option<String>,
 }
 
@@ -646,6 +648,7 @@ fn run(a: &SoakArgs) -> Result<bool> {
     let mut loss = Loss::default();
     let stall_ns = a.stall_ms.saturating_mul(1_000_000);
     let mut window_start = Instant::now();
+    let mut last_verified = 0u64;
     let mut cycles_done = 0;
 
     for cycle in 1..=a.cycles {
@@ -752,8 +755,26 @@ fn run(a: &SoakArgs) -> Result<bool> {
             Vec::new()
         };
         if !bad.is_empty() {
+            // Sectors that passed the last verification and changed since
+            // with no write of this cycle's client submitted to them: a
+            // write of an earlier, torn-down client landed after that.
+            let late = bad
+                .iter()
+                .filter(|b| {
+                    last_verified > 0
+                        && !b.maybe.is_empty()
+                        && b.maybe.iter().all(|g| g >> 32 <= last_verified)
+                })
+                .count();
+            let late = if late > 0 {
+                format!(
+                    "  {late} of them passed the verification after cycle {last_verified} (its client torn down, as device_list said) and have changed since, though no later write was submitted to them: a torn-down client's write landed late\n"
+                )
+            } else {
+                String::new()
+            };
             let msg = format!(
-                "cycle {cycle} ({}, {queues} queue(s), killed after {:.1} ms): {} sector(s) of {} hold what they must not:\n{}",
+                "cycle {cycle} ({}, {queues} queue(s), killed after {:.1} ms): {} sector(s) of {} hold what they must not:\n{late}{}",
                 if modern { "modern" } else { "legacy" },
                 delay.as_secs_f64() * 1e3,
                 bad.len(),
@@ -763,12 +784,16 @@ fn run(a: &SoakArgs) -> Result<bool> {
             if a.keep_going {
                 print!("soak: {msg}");
                 loss.cycles += 1;
+                loss.late_cycles += u64::from(!late.is_empty());
                 loss.sectors += bad.len() as u64;
                 loss.first.get_or_insert(msg);
                 model.accept(&bad);
             } else {
                 failure = Some(msg);
             }
+        }
+        if verify_now {
+            last_verified = cycle;
         }
         model.compact();
         // Resources once the client is gone: descriptors back to the
@@ -958,9 +983,10 @@ fn run(a: &SoakArgs) -> Result<bool> {
 
     if loss.cycles + loss.read_bad_cycles > 0 {
         failure.get_or_insert(format!(
-            "data lost in {} of {cycles_done} cycles ({} sectors found bad in the image; a client's read found bad data in {} cycles); the first:\n{}",
+            "data lost in {} of {cycles_done} cycles ({} sectors found bad in the image; in {} of these cycles a torn-down client's write landed after its teardown and the image's verification; a client's read found bad data in {} cycles); the first:\n{}",
             loss.cycles,
             loss.sectors,
+            loss.late_cycles,
             loss.read_bad_cycles,
             loss.first.as_deref().unwrap_or("")
         ));
