@@ -71,8 +71,15 @@ server_bin="${server_bin:-$bin/vfio-user-blk}"
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/vub-soak.XXXXXX")
 server_pid=""
+soak_pid=""
 cleanup() {
     local rc=$?
+    # The soak's clients die with it (they ask for SIGKILL when their
+    # parent goes).
+    if [ -n "$soak_pid" ] && kill -0 "$soak_pid" 2>/dev/null; then
+        kill -TERM "$soak_pid" 2>/dev/null || true
+        wait "$soak_pid" 2>/dev/null || true
+    fi
     if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
         kill -TERM "$server_pid" 2>/dev/null || true
         for _ in $(seq 100); do
@@ -117,9 +124,14 @@ for _ in $(seq 200); do
 done
 [ "${ready:-0}" = 1 ] || die "the server did not create its sockets in 10 s"
 
-rc=0
+# In the background, so that a signal to this script is handled at once
+# (bash runs traps only between commands, and `wait` is one).
 "$bin/vfio-user-blk-bench" soak --server-pid "$server_pid" --rpc-socket "$dir/rpc.sock" \
     "${soak_devs[@]}" --cycles "$cycles" --io-threads "$io_threads" --workdir "$dir" \
     --verify-every "$verify_every" \
-    ${seed:+--seed "$seed"} $keep_going || rc=$?
+    ${seed:+--seed "$seed"} $keep_going &
+soak_pid=$!
+rc=0
+wait "$soak_pid" || rc=$?
+soak_pid=""
 exit "$rc"
