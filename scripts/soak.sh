@@ -62,7 +62,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$devices" in 1|2) ;; *) die "--devices is 1 or 2" ;; esac
-case "$cycles" in ''|*[!0-9]*) die "--cycles takes a number" ;; esac
+case "$cycles" in ''|*[!0-9]*|0) die "--cycles takes a number from 1" ;; esac
 
 cargo build --release --workspace -q
 bin="${CARGO_TARGET_DIR:-target}/release"
@@ -117,8 +117,9 @@ server_pid=$!
 for _ in $(seq 200); do
     kill -0 "$server_pid" 2>/dev/null || die "the server exited: $(tail -n 3 "$dir/server.log")"
     ready=1
-    for s in "$dir/rpc.sock" "$dir"/d*.sock; do [ -S "$s" ] || ready=0; done
-    [ -S "$dir/d0.sock" ] || ready=0
+    for s in rpc $(seq -f 'd%g' 0 $((devices - 1))); do
+        [ -S "$dir/$s.sock" ] || ready=0
+    done
     [ "$ready" = 1 ] && break
     sleep 0.05
 done
@@ -129,7 +130,7 @@ done
 "$bin/vfio-user-blk-bench" soak --server-pid "$server_pid" --rpc-socket "$dir/rpc.sock" \
     "${soak_devs[@]}" --cycles "$cycles" --io-threads "$io_threads" --workdir "$dir" \
     --verify-every "$verify_every" \
-    ${seed:+--seed "$seed"} $keep_going &
+    ${seed:+--seed "$seed"} ${keep_going:+"$keep_going"} &
 soak_pid=$!
 rc=0
 wait "$soak_pid" || rc=$?
