@@ -552,7 +552,10 @@ fn run(a: &SoakArgs) -> Result<bool> {
     let journal_path = a.workdir.join(format!("{}-journal.bin", devs[0].name));
     let log_path = a.workdir.join(format!("{}-client.log", devs[0].name));
 
-    // The neighbour: the second device's client, all along.
+    // The neighbour: the second device's client, all along. Its sectors
+    // have their own patterns: one of the first device's found there
+    // (or the other way round) is no valid sector.
+    let neighbour_seed = pattern::mix(seed ^ 0xd1d1);
     let mut neighbour = match devs.get(1) {
         Some(d) => {
             let info = rpc.device(&d.name)?;
@@ -566,7 +569,7 @@ fn run(a: &SoakArgs) -> Result<bool> {
                 socket: &d.socket,
                 journal: &journal,
                 log: &log,
-                seed,
+                seed: neighbour_seed,
                 cycle: u32::MAX,
                 rng: pattern::mix(seed ^ 0xd1),
                 disk: size,
@@ -607,7 +610,7 @@ fn run(a: &SoakArgs) -> Result<bool> {
                 reader: Reader::open(&journal)?,
                 journal,
                 log,
-                model: Model::new(seed, size),
+                model: Model::new(neighbour_seed, size),
                 last_ack_ns: 0,
                 max_gap_ns: 0,
                 max_gap_cycle: 0,
