@@ -152,6 +152,10 @@ const MSG_OVERHEAD: u32 = 4096;
 /// treated as gone.
 const REPLY_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Between clients, how often windows still held by the last client's
+/// requests are looked at again.
+const RETIRED_SWEEP: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// How long a new connection waits for the previous client's teardown.
 const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -297,7 +301,17 @@ impl<D: Device> Server<D> {
                     }
                 }
             })?;
-        while let Ok(stream) = rx.recv() {
+        loop {
+            let stream = match rx.recv_timeout(RETIRED_SWEEP) {
+                Ok(s) => s,
+                // Between clients: give back the windows the last one's
+                // requests held a little longer than the client itself.
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.dma.sweep();
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
             if control.stopping.load(Ordering::SeqCst) {
                 break;
             }
