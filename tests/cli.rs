@@ -316,3 +316,40 @@ fn size_given_for_an_existing_image_is_reported() {
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 2 << 20);
     srv.assert_alive();
 }
+
+/// The README's first command, as written there (its arguments, run in a
+/// fresh folder as `cargo run --release --` would in the checkout): it
+/// creates the 1 GiB image owner-only and serves it on the socket beside
+/// it.
+#[test]
+fn the_readmes_first_command_serves_a_default_disk() {
+    let readme = include_str!("../README.md");
+    let line = readme
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("cargo run --release -- "))
+        .expect("the README's first command");
+    let args: Vec<&str> = line["cargo run --release -- ".len()..]
+        .split_whitespace()
+        .collect();
+    let dir = TempDir::new("readme");
+    let mut child = std::process::Command::new(bin())
+        .args(&args)
+        .current_dir(&dir.0)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = dir.path("vblk.sock");
+    wait_until("the README's socket", || sock.exists());
+    let mut d = support::driver::Driver::new(&sock, Default::default());
+    assert_eq!(d.capacity(), (1 << 30) / 512);
+    let data = support::driver::pattern(1, 4096);
+    assert_eq!(d.write(0, 8, &data), support::driver::S_OK);
+    assert_eq!(d.read(0, 8, 4096), (support::driver::S_OK, data));
+    drop(d);
+    let meta = std::fs::metadata(dir.path("vblk.img")).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(meta.len(), 1 << 30);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+}
