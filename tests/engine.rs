@@ -7,19 +7,16 @@
 mod support;
 
 use std::fs::File;
-use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use support::driver::*;
+use support::gate::{serve_on, stuck_read, Gate, Stuck};
 use support::*;
-use vfio_user_blk::backend::io::{Backend, FileBackend, GuestIov};
 use vfio_user_blk::driver_ring::{Buf, SplitRing};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -180,96 +177,6 @@ fn one_device_reset_unmapped_and_disconnected_while_another_works() {
     drop(guard);
 }
 
-/// A backend over a memfd whose reads of one sector block until released.
-struct StuckBackend {
-    inner: FileBackend,
-    stuck_offset: u64,
-    gate: Mutex<bool>,
-    cv: Condvar,
-    entered: AtomicU64,
-}
-
-impl StuckBackend {
-    fn new(stuck_sector: u64) -> Arc<StuckBackend> {
-        let f = vfio_user_blk::util::memfd("stuck").unwrap();
-        f.set_len(8 * MB).unwrap();
-        f.write_all_at(&[0x5au8; 4096], stuck_sector * 512).unwrap();
-        Arc::new(StuckBackend {
-            inner: FileBackend::new(f, false, 512, true, false),
-            stuck_offset: stuck_sector * 512,
-            gate: Mutex::new(false),
-            cv: Condvar::new(),
-            entered: AtomicU64::new(0),
-        })
-    }
-    fn release(&self) {
-        *self.gate.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-    fn wait_entered(&self) {
-        wait_until("the backend to be stuck", || {
-            self.entered.load(Ordering::SeqCst) > 0
-        });
-    }
-}
-
-impl Backend for StuckBackend {
-    fn read_at(&self, iov: &[GuestIov], offset: u64) -> io::Result<()> {
-        if offset == self.stuck_offset {
-            self.entered.fetch_add(1, Ordering::SeqCst);
-            let mut open = self.gate.lock().unwrap();
-            while !*open {
-                open = self.cv.wait(open).unwrap();
-            }
-        }
-        self.inner.read_at(iov, offset)
-    }
-    fn write_at(&self, iov: &[GuestIov], offset: u64) -> io::Result<()> {
-        self.inner.write_at(iov, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        self.inner.write_zeroes(offset, len, unmap)
-    }
-    fn inline(&self) -> bool {
-        false
-    }
-}
-
-/// A server in this process on a backend of the test's, serving clients
-/// one after another until the test ends.
-fn serve_on(backend: Arc<StuckBackend>, extra: &[&str]) -> (TempDir, std::path::PathBuf) {
-    let dir = TempDir::new("stuck");
-    let sock = dir.path("s.sock");
-    let mut argv = vec!["x", "--socket", sock.to_str().unwrap(), "--disk", "null:8M"];
-    argv.extend_from_slice(extra);
-    let opts = vfio_user_blk::cli::Options::parse_from(argv);
-    let mut server = vfio_user_blk::cli::build_on_backend(&opts, backend, 8 * MB).unwrap();
-    let listener = UnixListener::bind(&sock).unwrap();
-    thread::spawn(move || server.run(listener));
-    (dir, sock)
-}
-
-fn stuck_read(d: &mut Driver, sector: u64) -> Submitted {
-    let s = d.submit(
-        0,
-        &Request {
-            kind: T_IN,
-            sector,
-            out: vec![],
-            in_len: 4096,
-            layout: Layout::default(),
-        },
-    );
-    d.force_kick(0);
-    s
-}
-
 fn used_idx(mem: &GuestMemoryMmap, d_used: u64) -> u16 {
     mem.read_obj::<u16>(GuestAddress(d_used + 2)).unwrap()
 }
@@ -280,7 +187,7 @@ fn used_idx(mem: &GuestMemoryMmap, d_used: u64) -> u16 {
 /// clean.
 #[test]
 fn a_stuck_backend_holds_a_reset_and_its_late_completion_writes_nothing() {
-    let be = StuckBackend::new(64);
+    let be = Gate::new(Stuck::Reads, 64);
     let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "interrupt"]);
     let mut d = Driver::new(&sock, DriverOptions::default());
     let view = d.watch();
@@ -319,7 +226,7 @@ fn a_stuck_backend_holds_a_reset_and_its_late_completion_writes_nothing() {
 /// client took back.
 #[test]
 fn a_stuck_backend_holds_an_unmap_and_nothing_writes_after_it() {
-    let be = StuckBackend::new(64);
+    let be = Gate::new(Stuck::Reads, 64);
     let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "busy"]);
     let mut d = Driver::new(&sock, DriverOptions::default());
     let view = d.watch();
@@ -363,7 +270,7 @@ fn a_stuck_backend_holds_an_unmap_and_nothing_writes_after_it() {
 /// by the old request.
 #[test]
 fn a_stuck_backend_across_a_disconnect_leaves_the_next_client_untouched() {
-    let be = StuckBackend::new(64);
+    let be = Gate::new(Stuck::Reads, 64);
     let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "adaptive"]);
     let mut d = Driver::new(&sock, DriverOptions::default());
     let view = d.watch();
@@ -394,7 +301,7 @@ fn a_stuck_backend_across_a_disconnect_leaves_the_next_client_untouched() {
 /// meanwhile queue 0 (rings and buffers in the lower window) keeps serving.
 #[test]
 fn unmap_pauses_only_the_queues_in_the_window() {
-    let be = StuckBackend::new(64);
+    let be = Gate::new(Stuck::Reads, 64);
     let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "busy", "--queues", "2"]);
     let mut d = Driver::new(
         &sock,
@@ -492,7 +399,7 @@ fn unmap_pauses_only_the_queues_in_the_window() {
 /// upper window, which is answered only after the status was written.
 #[test]
 fn unmap_waits_for_a_request_whose_status_byte_is_in_the_window() {
-    let be = StuckBackend::new(64);
+    let be = Gate::new(Stuck::Reads, 64);
     let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "busy"]);
     let mut d = Driver::new(
         &sock,

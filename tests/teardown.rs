@@ -6,29 +6,15 @@
 
 mod support;
 
-use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use support::driver::*;
+use support::gate::{serve_on, Gate, Stuck};
 use support::*;
-use vfio_user_blk::backend::io::{Backend, FileBackend, GuestIov};
 
 const MB: u64 = 1 << 20;
-
-/// A folder on the disk the tests are built on (not tmpfs: O_DIRECT).
-fn disk_dir(tag: &str) -> TempDir {
-    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let p = base.join(format!("vub-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    TempDir(p)
-}
 
 /// Every 512-byte sector of `bytes` holds `old` or `new` only: the index
 /// and value of the first sector that holds anything else.
@@ -90,94 +76,13 @@ fn writes_queued_when_a_client_leaves_never_land_as_zeros() {
     srv.assert_healthy();
 }
 
-/// A backend over a memfd whose first write at one offset blocks until
-/// released; later writes there go straight through.
-struct GateBackend {
-    inner: FileBackend,
-    gate_offset: u64,
-    armed: AtomicBool,
-    open: Mutex<bool>,
-    cv: Condvar,
-    entered: AtomicU64,
-}
-
-impl GateBackend {
-    fn new(gate_sector: u64) -> Arc<GateBackend> {
-        let f = vfio_user_blk::util::memfd("gate").unwrap();
-        f.set_len(8 * MB).unwrap();
-        Arc::new(GateBackend {
-            inner: FileBackend::new(f, false, 512, true, false),
-            gate_offset: gate_sector * 512,
-            armed: AtomicBool::new(true),
-            open: Mutex::new(false),
-            cv: Condvar::new(),
-            entered: AtomicU64::new(0),
-        })
-    }
-    fn release(&self) {
-        *self.open.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-    fn read_back(&self, sector: u64, len: usize) -> Vec<u8> {
-        let mut b = vec![0u8; len];
-        let iov = [
-            // SAFETY: `b` outlives the iovec, used only for this read.
-            unsafe { GuestIov::new(b.as_mut_ptr(), len) },
-        ];
-        self.inner.read_at(&iov, sector * 512).unwrap();
-        b
-    }
-}
-
-impl Backend for GateBackend {
-    fn read_at(&self, iov: &[GuestIov], offset: u64) -> io::Result<()> {
-        self.inner.read_at(iov, offset)
-    }
-    fn write_at(&self, iov: &[GuestIov], offset: u64) -> io::Result<()> {
-        if offset == self.gate_offset && self.armed.swap(false, Ordering::SeqCst) {
-            self.entered.fetch_add(1, Ordering::SeqCst);
-            let mut open = self.open.lock().unwrap();
-            while !*open {
-                open = self.cv.wait(open).unwrap();
-            }
-        }
-        self.inner.write_at(iov, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        self.inner.write_zeroes(offset, len, unmap)
-    }
-    fn inline(&self) -> bool {
-        false
-    }
-}
-
-/// A server in this process on a backend of the test's, serving clients
-/// one after another until the test ends.
-fn serve_on(backend: Arc<dyn Backend>, extra: &[&str]) -> (TempDir, std::path::PathBuf) {
-    let dir = TempDir::new("gate");
-    let sock = dir.path("s.sock");
-    let mut argv = vec!["x", "--socket", sock.to_str().unwrap(), "--disk", "null:8M"];
-    argv.extend_from_slice(extra);
-    let opts = vfio_user_blk::cli::Options::parse_from(argv);
-    let mut server = vfio_user_blk::cli::build_on_backend(&opts, backend, 8 * MB).unwrap();
-    let listener = UnixListener::bind(&sock).unwrap();
-    thread::spawn(move || server.run(listener));
-    (dir, sock)
-}
-
 /// Finding 1, the other half: a write of a client that left, still in the
 /// backend, must not land after the next client's write of the same
 /// sectors (the next client would read back what it never wrote). The next
 /// activation waits for the writes of the one before.
 #[test]
 fn an_old_clients_write_never_lands_after_the_next_clients_write() {
-    let be = GateBackend::new(64);
+    let be = Gate::new(Stuck::FirstWrite, 64);
     let (_dir, sock) = serve_on(be.clone(), &["--io-engine", "threads"]);
     let mut d1 = Driver::new(&sock, DriverOptions::default());
     d1.submit(
@@ -191,9 +96,7 @@ fn an_old_clients_write_never_lands_after_the_next_clients_write() {
         },
     );
     d1.force_kick(0);
-    wait_until("the old write to be in the backend", || {
-        be.entered.load(Ordering::SeqCst) > 0
-    });
+    be.wait_entered();
     drop(d1);
     thread::sleep(Duration::from_millis(100));
     let s = sock.clone();
@@ -251,7 +154,7 @@ fn more_reads_than_the_io_uring_holds_all_complete_and_a_reset_returns() {
         ("adaptive", 9, 64),
         ("adaptive", 16, 1024),
     ] {
-        let dir = disk_dir("uring");
+        let dir = TempDir::on_disk("uring");
         let img = dir.path("disk.img");
         let f = std::fs::File::create(&img).unwrap();
         f.set_len(64 * MB).unwrap();

@@ -16,15 +16,6 @@ use support::*;
 
 const MB: u64 = 1 << 20;
 
-/// A folder on the disk the tests are built on (not tmpfs: O_DIRECT).
-fn disk_dir(tag: &str) -> TempDir {
-    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let p = base.join(format!("vub-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    TempDir(p)
-}
-
 fn p50(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -52,7 +43,7 @@ fn misaligned_writes(d: &mut Driver, n: usize) -> Vec<Duration> {
 /// 0.68 ms to 338 ms). Target: B's p50 under the flood at most 3x alone.
 #[test]
 fn one_devices_write_zeroes_flood_does_not_hold_anothers_pool_work() {
-    let dir = disk_dir("fair");
+    let dir = TempDir::on_disk("fair");
     let img = dir.path("b.img");
     std::fs::File::create(&img)
         .unwrap()
@@ -225,62 +216,6 @@ fn four_greedy_clients_cannot_disarm_a_fifth_devices_sigbus_guard() {
     srv.assert_healthy();
 }
 
-/// A backend over a memfd whose reads of one sector block until released.
-struct StuckReads {
-    inner: vfio_user_blk::backend::io::FileBackend,
-    at: u64,
-    open: std::sync::Mutex<bool>,
-    cv: std::sync::Condvar,
-    entered: std::sync::atomic::AtomicBool,
-}
-
-impl StuckReads {
-    fn release(&self) {
-        *self.open.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-}
-
-impl vfio_user_blk::backend::io::Backend for StuckReads {
-    fn read_at(
-        &self,
-        iov: &[vfio_user_blk::backend::io::GuestIov],
-        offset: u64,
-    ) -> std::io::Result<()> {
-        if offset == self.at {
-            self.entered
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            let mut open = self.open.lock().unwrap();
-            while !*open {
-                open = self.cv.wait(open).unwrap();
-            }
-        }
-        self.inner.read_at(iov, offset)
-    }
-    fn write_at(
-        &self,
-        iov: &[vfio_user_blk::backend::io::GuestIov],
-        offset: u64,
-    ) -> std::io::Result<()> {
-        self.inner.write_at(iov, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
-        self.inner.write_zeroes(offset, len, unmap)
-    }
-    fn inline(&self) -> bool {
-        false
-    }
-    fn resize(&self, size: Option<u64>) -> std::io::Result<u64> {
-        self.inner.resize(size)
-    }
-}
-
 /// Runs `f` on a thread and waits up to `limit` for its answer.
 fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -299,8 +234,6 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
 #[test]
 fn a_stuck_disk_never_hangs_the_control_plane() {
     use clap::Parser;
-    use std::sync::atomic::Ordering;
-    use vfio_user_blk::backend::io::FileBackend;
     let dir = TempDir::new("ctl");
     let opts = vfio_user_blk::cli::Options::parse_from([
         "x",
@@ -310,15 +243,7 @@ fn a_stuck_disk_never_hangs_the_control_plane() {
         "interrupt",
     ]);
     let target = vfio_user_blk::target::Target::start(&opts).unwrap();
-    let f = vfio_user_blk::util::memfd("stuck").unwrap();
-    f.set_len(8 * MB).unwrap();
-    let be = std::sync::Arc::new(StuckReads {
-        inner: FileBackend::new(f, false, 512, true, false),
-        at: 64 * 512,
-        open: std::sync::Mutex::new(false),
-        cv: std::sync::Condvar::new(),
-        entered: Default::default(),
-    });
+    let be = support::gate::Gate::new(support::gate::Stuck::Reads, 64);
     let sock = dir.path("stuck.sock");
     let spec: vfio_user_blk::cli::DeviceSpec =
         format!("socket={},disk=null:8M,name=stuck", sock.display())
@@ -328,26 +253,16 @@ fn a_stuck_disk_never_hangs_the_control_plane() {
         .add_disk(
             spec,
             vfio_user_blk::backend::Disk {
-                spec: vfio_user_blk::backend::DiskSpec::Null(8 * MB),
-                size: 8 * MB,
+                spec: vfio_user_blk::backend::DiskSpec::Null(support::gate::SIZE),
+                size: support::gate::SIZE,
                 readonly: false,
                 backend: be.clone(),
             },
         )
         .unwrap();
     let mut d = Driver::new(&sock, DriverOptions::default());
-    d.submit(
-        0,
-        &Request {
-            kind: T_IN,
-            sector: 64,
-            out: vec![],
-            in_len: 4096,
-            layout: Layout::default(),
-        },
-    );
-    d.force_kick(0);
-    wait_until("the read to be stuck", || be.entered.load(Ordering::SeqCst));
+    support::gate::stuck_read(&mut d, 64);
+    be.wait_entered();
 
     // A resize waits for the stuck read only so long, and says why.
     let t = target.clone();

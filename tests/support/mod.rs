@@ -34,6 +34,20 @@ impl TempDir {
     }
 }
 
+impl TempDir {
+    /// A private folder on the disk the tests are built on (not tmpfs:
+    /// O_DIRECT works there), removed on drop.
+    pub fn on_disk(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let p = base.join(format!("vub-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
@@ -334,6 +348,7 @@ pub fn fresh_client_works(socket: &Path) {
     c.shutdown().unwrap();
 }
 pub mod driver;
+pub mod gate;
 
 /// A target started with a management socket (and `extra`), killed (by
 /// PID) on drop.
