@@ -4,27 +4,31 @@
 //! write zeros) run here and complete back to the reactor that owns the
 //! request. Workers are started as demand grows, up to a maximum, and leave
 //! after a while idle, so that queue depth reaches the disk without a fixed
-//! cap.
+//! cap. Jobs reach the workers through one channel, in order.
 //!
-//! The pool is shared by every device of the process, so it is shared
-//! fairly: each device (a *tenant*) has its own queue of jobs, and workers
-//! take jobs from the tenants in turn, preferring a tenant that runs fewer
-//! than its share of the workers. A job runs one step at a time
-//! ([`IoRequest::step`]: at most a few MiB), then goes to the back of its
-//! tenant's queue: a flood of huge requests from one device delays another
-//! device's next job by at most one step of one worker, never by the whole
-//! flood. Between steps a job looks at its queue's cancel flag: a job of a
-//! queue that was withdrawn (reset, disconnect) stops there, and one that
-//! had not started never starts.
+//! The pool is shared by every device of the process, so what enters the
+//! channel is rationed per device (a *tenant*): a device may have at most
+//! half of the workers' worth of jobs in the pool at once (its others wait
+//! in its own queue, in order), so a device that floods the pool, or whose
+//! disk stops answering and holds every job it has there, always leaves
+//! the other half to the other devices. Work that is all CPU (memory
+//! disks, zeros written for a write-zeroes) runs on at most half the cores
+//! at once, so that the reactors keep theirs. A job runs one step at a time
+//! ([`IoRequest::step`]: at most a few MiB) and goes back to the end of the
+//! channel between steps, behind whatever other devices sent meanwhile;
+//! before each step it looks at its queue's cancel flag: a job of a queue
+//! that was withdrawn (reset, disconnect) stops there, and one that had not
+//! started never starts.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use log::{debug, error};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use vm_memory::GuestMemoryMmap;
 
 use super::reactor::{Msg, ReactorTx};
@@ -43,12 +47,12 @@ pub(crate) struct Job {
     pub queue: u64,
     pub slot: u16,
     pub reply: ReactorTx,
-    /// The device the job is for: the unit of fairness.
+    /// The device the job is for: the unit of sharing.
     pub tenant: u64,
     /// Set when the job's queue is withdrawn: the job takes no further
     /// step and completes with ECANCELED.
     pub cancel: Arc<AtomicBool>,
-    /// The backend is memory (`ram:`, `null:`): its work is the CPU's.
+    /// Its work is the CPU's (a memory disk, zeros to write).
     pub cpu_bound: bool,
     pub progress: Progress,
 }
@@ -63,129 +67,130 @@ pub(crate) struct Done {
 
 #[derive(Default)]
 struct Tenant {
-    jobs: VecDeque<Job>,
-    /// Steps of this tenant running now.
-    running: usize,
-    /// Its backend is memory: its steps count against the CPU limit.
-    cpu_bound: bool,
+    /// Jobs of this tenant in the channel or running.
+    in_pool: usize,
+    /// Its jobs that wait for a place, in order.
+    waiting: VecDeque<Job>,
+    /// Listed in `Gate::cpu_waiting`.
+    cpu_listed: bool,
 }
 
-#[derive(Default)]
-struct State {
-    /// Every tenant with jobs queued or running, and a few idle ones (kept
-    /// so that their queues' memory is reused).
+/// What may enter the channel: places per tenant and for CPU work.
+struct Gate {
     tenants: HashMap<u64, Tenant>,
-    /// Tenants with jobs waiting, in the order they are served.
-    ready: VecDeque<u64>,
-    /// Tenants with jobs queued or running.
-    busy: usize,
-    queued: usize,
-    /// Of those, jobs of memory backends.
-    queued_cpu: usize,
-    workers: usize,
-    /// Workers waiting for a job.
-    idle: usize,
-    /// Steps of memory backends running, and how many may run at once.
-    cpu_running: usize,
+    /// Places a tenant may hold.
+    tenant_cap: usize,
+    /// CPU-bound jobs in the pool, and how many may be.
+    cpu_in_pool: usize,
     cpu_max: usize,
+    /// Tenants whose next job waits only for a CPU place, in order.
+    cpu_waiting: VecDeque<u64>,
 }
 
-/// Idle tenants kept in the table.
+/// Idle tenants kept in the table (their queues' memory is reused).
 const IDLE_TENANTS_KEPT: usize = 64;
 
-impl State {
-    /// The share of the workers a tenant may use while others want some.
-    fn share(&self, max: usize) -> usize {
-        (max / self.busy.max(1)).max(1)
+impl Gate {
+    fn fits(&self, in_pool: usize, cpu: bool) -> bool {
+        in_pool < self.tenant_cap && (!cpu || self.cpu_in_pool < self.cpu_max)
     }
 
-    /// The next job to run: from the first ready tenant below its share,
-    /// or, when every ready tenant is at its share, from the first one
-    /// (no worker idles while there is work). Memory backends' work is
-    /// all CPU: only `cpu_max` of their steps run at once, however many
-    /// threads the pool has, so that they leave cores to the reactors.
-    fn pick(&mut self, max: usize) -> Option<Job> {
-        if self.ready.is_empty() {
+    /// Takes a place for `job`, or queues it: the job to send now, if any.
+    fn admit(&mut self, job: Job) -> Option<Job> {
+        let (id, cpu) = (job.tenant, job.cpu_bound);
+        let t = self.tenants.entry(id).or_default();
+        let (in_pool, queued) = (t.in_pool, !t.waiting.is_empty());
+        if !queued && self.fits(in_pool, cpu) {
+            self.take(id, cpu);
+            return Some(job);
+        }
+        if let Some(t) = self.tenants.get_mut(&id) {
+            t.waiting.push_back(job);
+        }
+        self.list_for_cpu(id);
+        None
+    }
+
+    fn take(&mut self, id: u64, cpu: bool) {
+        if let Some(t) = self.tenants.get_mut(&id) {
+            t.in_pool += 1;
+        }
+        if cpu {
+            self.cpu_in_pool += 1;
+        }
+    }
+
+    /// Lists tenant `id` as waiting for a CPU place when that is all its
+    /// next job waits for.
+    fn list_for_cpu(&mut self, id: u64) {
+        let cap = self.tenant_cap;
+        let Some(t) = self.tenants.get_mut(&id) else {
+            return;
+        };
+        let cpu_head = t.waiting.front().is_some_and(|j| j.cpu_bound);
+        if cpu_head && t.in_pool < cap && !t.cpu_listed {
+            t.cpu_listed = true;
+            self.cpu_waiting.push_back(id);
+        }
+    }
+
+    /// The next waiting job of tenant `id`, if it fits now.
+    fn next_of(&mut self, id: u64) -> Option<Job> {
+        let t = self.tenants.get(&id)?;
+        let cpu = t.waiting.front()?.cpu_bound;
+        if !self.fits(t.in_pool, cpu) {
+            self.list_for_cpu(id);
             return None;
         }
-        let share = self.share(max);
-        let cpu_full = self.cpu_running >= self.cpu_max;
-        let may = |t: &Tenant| !(t.cpu_bound && cpu_full);
-        let pos = self
-            .ready
-            .iter()
-            .position(|id| {
-                self.tenants
-                    .get(id)
-                    .is_some_and(|t| may(t) && t.running < share)
-            })
-            .or_else(|| {
-                self.ready
-                    .iter()
-                    .position(|id| self.tenants.get(id).is_some_and(may))
-            })?;
-        let id = self.ready.remove(pos)?;
-        let t = self.tenants.get_mut(&id)?;
-        let job = t.jobs.pop_front()?;
-        t.running += 1;
-        self.queued -= 1;
-        if t.cpu_bound {
-            self.queued_cpu -= 1;
-            self.cpu_running += 1;
-        }
-        if !t.jobs.is_empty() {
-            self.ready.push_back(id);
-        }
+        let job = self.tenants.get_mut(&id)?.waiting.pop_front()?;
+        self.take(id, cpu);
         Some(job)
     }
 
-    /// Jobs a worker could take now.
-    fn takeable(&self) -> usize {
-        let cpu = self
-            .queued_cpu
-            .min(self.cpu_max.saturating_sub(self.cpu_running));
-        self.queued - self.queued_cpu + cpu
-    }
-
-    fn push(&mut self, job: Job) {
-        let t = self.tenants.entry(job.tenant).or_default();
-        t.cpu_bound = job.cpu_bound;
-        if job.cpu_bound {
-            self.queued_cpu += 1;
+    /// A job of tenant `id` left the pool: the jobs its places let in (at
+    /// most two: the tenant's next, and another tenant's CPU job).
+    fn release(&mut self, id: u64, cpu: bool) -> [Option<Job>; 2] {
+        if let Some(t) = self.tenants.get_mut(&id) {
+            t.in_pool -= 1;
         }
-        if t.jobs.is_empty() {
-            if t.running == 0 {
-                self.busy += 1;
+        if cpu {
+            self.cpu_in_pool -= 1;
+        }
+        let first = self.next_of(id);
+        let mut second = None;
+        while second.is_none() && self.cpu_in_pool < self.cpu_max {
+            let Some(other) = self.cpu_waiting.pop_front() else {
+                break;
+            };
+            if let Some(t) = self.tenants.get_mut(&other) {
+                t.cpu_listed = false;
             }
-            self.ready.push_back(job.tenant);
+            second = self.next_of(other);
         }
-        t.jobs.push_back(job);
-        self.queued += 1;
-    }
-
-    /// A step of `tenant` ended.
-    fn stepped(&mut self, tenant: u64) {
-        let Some(t) = self.tenants.get_mut(&tenant) else {
-            return;
-        };
-        t.running -= 1;
-        if t.cpu_bound {
-            self.cpu_running -= 1;
-        }
-        if t.running == 0 && t.jobs.is_empty() {
-            self.busy -= 1;
-            if self.tenants.len() > self.busy + IDLE_TENANTS_KEPT {
-                self.tenants.remove(&tenant);
+        if self.tenants.len() > IDLE_TENANTS_KEPT {
+            let idle = self
+                .tenants
+                .get(&id)
+                .is_some_and(|t| t.in_pool == 0 && t.waiting.is_empty() && !t.cpu_listed);
+            if idle {
+                self.tenants.remove(&id);
             }
         }
+        [first, second]
     }
 }
 
 struct Shared {
-    state: Mutex<State>,
-    work: Condvar,
+    tx: Sender<Job>,
+    rx: Receiver<Job>,
+    workers: AtomicUsize,
+    /// Workers waiting for a job, minus jobs sent and not yet taken: below
+    /// zero, jobs wait for a worker. A worker leaves only by taking back a
+    /// unit above zero, so no job is ever left with nobody to take it.
+    idle: AtomicIsize,
     max: usize,
     idle_exit: Duration,
+    gate: Mutex<Gate>,
 }
 
 pub struct Pool {
@@ -198,52 +203,63 @@ impl Pool {
     }
 
     fn with_idle_exit(max: usize, idle_exit: Duration) -> Pool {
-        // Half the machine for memory backends' work (at least one core).
+        let (tx, rx) = unbounded();
+        let max = max.max(1);
         let cpus = thread::available_parallelism().map_or(1, usize::from);
         Pool {
             shared: Arc::new(Shared {
-                state: Mutex::new(State {
-                    cpu_max: (cpus / 2).max(1),
-                    ..State::default()
-                }),
-                work: Condvar::new(),
-                max: max.max(1),
+                tx,
+                rx,
+                workers: AtomicUsize::new(0),
+                idle: AtomicIsize::new(0),
+                max,
                 idle_exit,
+                gate: Mutex::new(Gate {
+                    tenants: HashMap::new(),
+                    tenant_cap: (max / 2).max(1),
+                    cpu_in_pool: 0,
+                    cpu_max: (cpus / 2).max(1),
+                    cpu_waiting: VecDeque::new(),
+                }),
             }),
         }
     }
 
     /// Workers running now.
     pub fn workers(&self) -> usize {
-        self.shared.state.lock().workers
+        self.shared.workers.load(Ordering::Relaxed)
     }
 
     pub(crate) fn submit(&self, job: Job) {
-        let s = &self.shared;
-        let mut st = s.state.lock();
-        st.push(job);
-        // Grow when more jobs could run than workers wait.
-        let grow = st.takeable() > st.idle && st.workers < s.max;
-        if grow {
-            st.workers += 1;
+        let admitted = self.shared.gate.lock().admit(job);
+        if let Some(job) = admitted {
+            enqueue(&self.shared, job, true);
         }
-        let n = st.workers;
-        let wake = st.idle > 0;
-        drop(st);
-        if wake {
-            s.work.notify_one();
-        }
-        if grow {
+    }
+}
+
+/// Sends a job to the channel; with `grow`, starts a worker when none was
+/// free to take it.
+fn enqueue(s: &Arc<Shared>, job: Job, grow: bool) {
+    if s.idle.fetch_sub(1, Ordering::AcqRel) <= 0 && grow {
+        let n = s.workers.load(Ordering::Acquire);
+        if n < s.max
+            && s.workers
+                .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
             let shared = s.clone();
             let spawned = thread::Builder::new()
-                .name(format!("blk-io-{}", n - 1))
+                .name(format!("blk-io-{n}"))
                 .spawn(move || worker(&shared));
             if let Err(e) = spawned {
-                s.state.lock().workers -= 1;
+                s.workers.fetch_sub(1, Ordering::AcqRel);
                 error!("cannot start an I/O thread: {e}");
             }
         }
     }
+    // The pool holds a receiver: the channel cannot be closed.
+    let _ = s.tx.send(job);
 }
 
 /// Runs one step of `job`: None while there is more to do.
@@ -258,52 +274,72 @@ fn step(job: &mut Job, scratch: &mut Vec<GuestIov>) -> Option<std::io::Result<()
     }
 }
 
-fn worker(s: &Shared) {
+fn worker(s: &Arc<Shared>) {
     let mut scratch = Vec::new();
-    let mut st = s.state.lock();
+    let mut waiting = false;
     loop {
-        if let Some(mut job) = st.pick(s.max) {
-            drop(st);
-            let r = step(&mut job, &mut scratch);
-            scratch.clear();
-            st = s.state.lock();
-            let tenant = job.tenant;
-            match r {
-                // To the back of its tenant's queue: the others go first.
-                None => {
-                    st.push(job);
-                    st.stepped(tenant);
-                }
-                Some(result) => {
-                    st.stepped(tenant);
-                    drop(st);
-                    let Job {
-                        io,
-                        mem,
-                        queue,
-                        slot,
-                        reply,
-                        ..
-                    } = job;
-                    drop(mem);
-                    reply.send(Msg::PoolDone(Done {
-                        queue,
-                        slot,
-                        io,
-                        result,
-                    }));
-                    st = s.state.lock();
+        if !waiting {
+            s.idle.fetch_add(1, Ordering::AcqRel);
+            waiting = true;
+        }
+        let r = s.rx.recv_timeout(s.idle_exit);
+        if r.is_ok() {
+            // The sender counted the job: this worker's unit is spent.
+            waiting = false;
+        }
+        match r {
+            Ok(mut job) => {
+                let r = step(&mut job, &mut scratch);
+                scratch.clear();
+                let Some(result) = r else {
+                    // To the end of the channel: what others sent meanwhile
+                    // goes first. This worker stands for it (no new one).
+                    s.idle.fetch_add(1, Ordering::AcqRel);
+                    waiting = true;
+                    enqueue(s, job, false);
+                    continue;
+                };
+                let Job {
+                    io,
+                    mem,
+                    queue,
+                    slot,
+                    reply,
+                    tenant,
+                    cpu_bound,
+                    ..
+                } = job;
+                drop(mem);
+                reply.send(Msg::PoolDone(Done {
+                    queue,
+                    slot,
+                    io,
+                    result,
+                }));
+                let admitted = s.gate.lock().release(tenant, cpu_bound);
+                for j in admitted.into_iter().flatten() {
+                    enqueue(s, j, true);
                 }
             }
-            continue;
-        }
-        st.idle += 1;
-        let timed_out = s.work.wait_for(&mut st, s.idle_exit).timed_out();
-        st.idle -= 1;
-        if timed_out && st.takeable() == 0 {
-            st.workers -= 1;
-            debug!("idle I/O thread leaves");
-            return;
+            Err(RecvTimeoutError::Timeout) => {
+                // Leave only by taking back a unit above zero; otherwise a
+                // job is on its way and one of us must be there for it.
+                let left = s
+                    .idle
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |i| {
+                        (i > 0).then_some(i - 1)
+                    })
+                    .is_ok();
+                if left {
+                    s.workers.fetch_sub(1, Ordering::AcqRel);
+                    debug!("idle I/O thread leaves");
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                s.workers.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
         }
     }
 }
@@ -471,5 +507,130 @@ mod tests {
             seen.iter().all(|&o| o < 1 << 40),
             "the job cancelled before it started ran"
         );
+    }
+
+    /// A backend whose every flush blocks until released (a disk that
+    /// stopped answering).
+    #[derive(Default)]
+    struct Hung {
+        open: std::sync::Mutex<bool>,
+        cv: std::sync::Condvar,
+    }
+
+    impl Backend for Hung {
+        fn read_at(&self, _: &[GuestIov], _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_at(&self, _: &[GuestIov], _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.cv.wait(open).unwrap();
+            }
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn inline(&self) -> bool {
+            false
+        }
+    }
+
+    /// Issue 16 review: a device whose disk stopped answering used to hold
+    /// every worker of the pool (each of its jobs blocks one), so another
+    /// device's job never ran. A device holds at most half of them.
+    #[test]
+    fn a_tenant_whose_disk_hangs_holds_at_most_half_the_workers() {
+        let pool = Pool::with_idle_exit(8, Duration::from_secs(10));
+        let (r, rx) = reply();
+        let hung = Arc::new(Hung::default());
+        for i in 0..32 {
+            let mut io = IoRequest::default();
+            io.reset(IoKind::Flush);
+            pool.submit(job(1, i, io, hung.clone(), &r));
+        }
+        thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        pool.submit(job(
+            2,
+            100,
+            zeroes(0, 1 << 20),
+            Arc::new(Slow::default()),
+            &r,
+        ));
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Msg::PoolDone(d)) => assert_eq!(d.slot, 100),
+            _ => panic!("tenant 2's job waited behind tenant 1's hung disk"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(pool.workers() <= 8);
+        *hung.open.lock().unwrap() = true;
+        hung.cv.notify_all();
+        for _ in 0..32 {
+            assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok());
+        }
+    }
+
+    /// Work that is all CPU (here: zeros written) runs on at most half the
+    /// cores at once, however many workers and jobs there are.
+    #[test]
+    fn cpu_bound_work_runs_on_at_most_half_the_cores() {
+        struct Counted {
+            now: AtomicUsize,
+            most: AtomicUsize,
+        }
+        impl Backend for Counted {
+            fn read_at(&self, _: &[GuestIov], _: u64) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn write_at(&self, _: &[GuestIov], _: u64) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn flush(&self) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+                let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most.fetch_max(n, Ordering::SeqCst);
+                thread::sleep(Duration::from_millis(2));
+                self.now.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
+            fn inline(&self) -> bool {
+                true
+            }
+        }
+        let pool = Pool::with_idle_exit(16, Duration::from_secs(10));
+        let (r, rx) = reply();
+        let be = Arc::new(Counted {
+            now: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+        });
+        for tenant in 1..=4u64 {
+            for i in 0..8u16 {
+                let mut j = job(tenant, i, zeroes(0, 64 << 20), be.clone(), &r);
+                j.cpu_bound = true;
+                pool.submit(j);
+            }
+        }
+        for _ in 0..32 {
+            assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        }
+        let cpus = thread::available_parallelism().map_or(1, usize::from);
+        let most = be.most.load(Ordering::SeqCst);
+        assert!(most <= (cpus / 2).max(1), "{most} CPU-bound steps at once");
     }
 }

@@ -305,6 +305,10 @@ impl<H: RequestHandler> QueueState<H> {
         if s.span.0 > s.span.1 {
             s.span = (0, 0);
         }
+        // Memory disks' work is all copying; a write-zeroes that reaches
+        // the pool is mostly zeros to write (the file system could not do
+        // it in place), or a cheap fallocate: both count as CPU work.
+        let cpu_bound = self.inline || s.io.kind == IoKind::WriteZeroes;
         cx.pool.submit(Job {
             io: std::mem::take(&mut s.io),
             backend: self.backend.clone(),
@@ -314,7 +318,7 @@ impl<H: RequestHandler> QueueState<H> {
             reply: cx.me.clone(),
             tenant: self.tenant,
             cancel: self.cancel.clone(),
-            cpu_bound: self.inline,
+            cpu_bound,
             progress: Default::default(),
         });
     }
