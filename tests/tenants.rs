@@ -11,6 +11,7 @@ mod support;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use support::driver::*;
 use support::*;
 
@@ -430,4 +431,148 @@ fn log_lines_name_their_device() {
         assert!(line.contains(" b: "), "{line}");
     }
     assert!(!text.contains("disk0") && !text.contains("disk1"), "{text}");
+}
+
+/// DMA_UNMAP of the 4 KiB window at `iova`: the errno of the reply.
+fn dma_unmap(r: &mut Raw, iova: u64) -> u32 {
+    let mut p = Vec::new();
+    p.extend_from_slice(&24u32.to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.extend_from_slice(&iova.to_le_bytes());
+    p.extend_from_slice(&4096u64.to_le_bytes());
+    let rep = r.call(3, &p);
+    if rep.flags & ERROR != 0 {
+        rep.error
+    } else {
+        0
+    }
+}
+
+/// From the hostile review of finding 4's fix: a device removed while its
+/// pool jobs still ran took its windows' SIGBUS guards with it; once every
+/// slot had been used once (another client mapped and unmapped a window
+/// 16,400 times), a new window took the slot of a mapping still in use,
+/// and the removed client cutting its memfd killed the process. Windows
+/// still in use stay guarded until their last request lets go, whatever
+/// happens to their device.
+#[test]
+fn a_removed_devices_windows_stay_guarded_while_its_requests_run() {
+    use std::os::fd::AsRawFd;
+    let dir = TempDir::on_disk("guard");
+    let img = dir.path("v.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let vsock = dir.path("v.sock");
+    let rpc = dir.path("rpc.sock");
+    let dev = format!(
+        "socket={},disk={},direct=on,name=vic",
+        vsock.display(),
+        img.display()
+    );
+    let rpcs = rpc.to_str().unwrap().to_string();
+    let mut srv = ServerProcess::start_in(
+        dir,
+        &[
+            "--disk",
+            "null:16M",
+            "--rpc-socket",
+            &rpcs,
+            "--device",
+            &dev,
+        ],
+    );
+    let mut v = Driver::new(&vsock, DriverOptions::default());
+    let mut x = Raw::negotiated(&srv.socket);
+    let page = vfio_user_blk::util::memfd("page").unwrap();
+    page.set_len(4096).unwrap();
+    for _ in 0..16_400 {
+        assert_eq!(dma_map(&mut x, 1 << 40, page.as_raw_fd()), 0);
+        assert_eq!(dma_unmap(&mut x, 1 << 40), 0);
+    }
+    // 8 MiB writes from buffers that are not block-aligned: bounced, on
+    // the pool, for a while.
+    for i in 0..192u64 {
+        let h = v.header_buf(T_OUT, (i % 64) * 16384);
+        let mut bufs = vec![(h, 16u32, false)];
+        for k in 0..8u64 {
+            bufs.push((0x100010 + k * 0x20_0000, 1 << 20, false));
+        }
+        bufs.push((0x3f0_0000 + i, 1, true));
+        v.place(0, &bufs, true);
+    }
+    v.force_kick(0);
+    thread::sleep(Duration::from_millis(150));
+    let mut m = std::os::unix::net::UnixStream::connect(&rpc).unwrap();
+    {
+        use std::io::{BufRead, Write};
+        writeln!(
+            m,
+            r#"{{"jsonrpc":"2.0","id":1,"method":"device_remove","params":{{"name":"vic","force":true}}}}"#
+        )
+        .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&m).read_line(&mut line).unwrap();
+        assert!(line.contains("\"removed\":true"), "{line}");
+    }
+    // A new window anywhere takes a slot given back since.
+    assert_eq!(dma_map(&mut x, 1 << 41, page.as_raw_fd()), 0);
+    // (This process must not touch the memory once it is cut.)
+    v.ram.set_len(0).unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    srv.assert_alive();
+    drop(x);
+    std::mem::forget(v);
+    srv.assert_healthy();
+}
+
+/// From the hostile review of finding 4's fix: a queue broken after one
+/// look at its ring kept that snapshot of guest memory, and with it every
+/// window the client had mapped: mapping 4,095 windows, breaking a queue
+/// and unmapping them, four times, left the process holding 15,000
+/// descriptors, and no other device could be added. A broken queue keeps
+/// no snapshot, and unmapped windows a request still uses count against
+/// the connection's limit.
+#[test]
+fn unmapped_windows_cannot_be_piled_up_through_broken_queues() {
+    use std::os::fd::AsRawFd;
+    let t = RpcTarget::start(&[]);
+    let sock = t.dir.path("d.sock");
+    t.ok(
+        "device_add",
+        json!({"name": "d", "socket": sock, "disk": "null:16M", "queues": 4}),
+    );
+    let mut d = Driver::new(&sock, DriverOptions::default());
+    let page = vfio_user_blk::util::memfd("page").unwrap();
+    page.set_len(4096).unwrap();
+    for round in 0..4usize {
+        let mut mapped = Vec::new();
+        for i in 0..4095u64 {
+            let iova = (1u64 << 40) + ((round as u64) << 32) + i * 4096;
+            if d.c.dma_map(0, iova, 4096, page.as_raw_fd()).is_err() {
+                break;
+            }
+            mapped.push(iova);
+        }
+        // The queue takes one look at its ring, then breaks.
+        let idx = d.avail_idx(round);
+        d.set_avail_idx(round, idx.wrapping_add(1000));
+        d.force_kick(round);
+        thread::sleep(Duration::from_millis(50));
+        for iova in &mapped {
+            d.c.dma_unmap(*iova, 4096).unwrap();
+        }
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", t.child.id()))
+            .unwrap()
+            .count();
+        assert!(
+            fds < 200,
+            "round {round}: the server holds {fds} descriptors"
+        );
+    }
+    t.ok(
+        "device_add",
+        json!({"name": "late", "socket": t.dir.path("late.sock"), "disk": "ram:1M"}),
+    );
 }

@@ -194,6 +194,10 @@ impl<H: RequestHandler> QueueState<H> {
                 self.index
             );
             self.broken = Some(why.to_string());
+            // A broken queue looks at its ring no more: it keeps no
+            // snapshot of guest memory (which would keep every window the
+            // client unmaps since mapped, and counted).
+            self.ring_checked = None;
             self.irq.device_needs_reset();
         }
     }

@@ -61,15 +61,9 @@ impl State {
     }
 }
 
-fn state() -> &'static Mutex<State> {
-    static S: OnceLock<Mutex<State>> = OnceLock::new();
-    S.get_or_init(|| {
-        Mutex::new(State {
-            capacity: capacity(),
-            devices: 0,
-            excess: 0,
-        })
-    })
+/// A budget of windows shared by devices.
+pub struct Budget {
+    state: Mutex<State>,
 }
 
 /// Descriptors kept out of the budget for everything that is not a window.
@@ -77,8 +71,8 @@ fn fd_reserve(limit: usize) -> usize {
     (limit / 4).max(256)
 }
 
-/// The budget: guard slots, or the descriptors the open-file limit leaves
-/// after the reserve, whichever is fewer.
+/// The process's budget: guard slots, or the descriptors the open-file
+/// limit leaves after the reserve, whichever is fewer.
 fn capacity() -> usize {
     // SAFETY: rlimit is plain data; getrlimit fills it in.
     let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
@@ -91,22 +85,32 @@ fn capacity() -> usize {
     crate::memory::GUARD_SLOTS.min(fds.saturating_sub(fd_reserve(fds)))
 }
 
-/// The whole budget, in windows.
-pub fn total() -> usize {
-    state().lock().capacity
-}
+impl Budget {
+    /// The budget of this process.
+    pub fn process() -> &'static Arc<Budget> {
+        static B: OnceLock<Arc<Budget>> = OnceLock::new();
+        B.get_or_init(|| Budget::with_capacity(capacity()))
+    }
 
-/// One device's part of the budget; the device leaves it when this drops.
-#[derive(Debug)]
-pub struct Share {
-    used: AtomicUsize,
-}
+    pub fn with_capacity(capacity: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            state: Mutex::new(State {
+                capacity,
+                devices: 0,
+                excess: 0,
+            }),
+        })
+    }
 
-impl Share {
+    /// The whole budget, in windows.
+    pub fn total(&self) -> usize {
+        self.state.lock().capacity
+    }
+
     /// Registers a device: refused when the devices' floors would no
     /// longer fit in the budget.
-    pub fn register() -> Result<Arc<Share>, BudgetError> {
-        let mut s = state().lock();
+    pub fn register(self: &Arc<Self>) -> Result<Arc<Share>, BudgetError> {
+        let mut s = self.state.lock();
         if (s.devices + 1) * FLOOR + s.excess > s.capacity {
             return Err(BudgetError::NoRoomForDevice {
                 capacity: s.capacity,
@@ -117,10 +121,31 @@ impl Share {
         s.devices += 1;
         Ok(Arc::new(Share {
             used: AtomicUsize::new(0),
+            budget: self.clone(),
         }))
     }
+}
 
-    /// Windows this device holds now.
+/// One device's part of the budget; the device leaves it when this drops.
+pub struct Share {
+    used: AtomicUsize,
+    budget: Arc<Budget>,
+}
+
+impl std::fmt::Debug for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Share({} windows)", self.used())
+    }
+}
+
+impl Share {
+    /// Registers a device with the process's budget.
+    pub fn register() -> Result<Arc<Share>, BudgetError> {
+        Budget::process().register()
+    }
+
+    /// Windows this device holds now (mapped, or unmapped but still used
+    /// by a request in flight).
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
@@ -128,13 +153,13 @@ impl Share {
     /// The most windows this device may hold while the others are
     /// registered: its floor and its part of what the floors leave.
     pub fn limit(&self) -> usize {
-        let s = state().lock();
+        let s = self.budget.state.lock();
         FLOOR + s.shared() / s.devices.max(1)
     }
 
     /// One more window for this device, or why not.
     pub fn take(self: &Arc<Self>) -> Result<Token, BudgetError> {
-        let mut s = state().lock();
+        let mut s = self.budget.state.lock();
         let used = self.used.load(Ordering::Relaxed);
         if used >= FLOOR {
             let limit = FLOOR + s.shared() / s.devices.max(1);
@@ -162,7 +187,7 @@ impl Share {
 impl Drop for Share {
     fn drop(&mut self) {
         // Every token holds the share: none is left when it drops.
-        state().lock().devices -= 1;
+        self.budget.state.lock().devices -= 1;
     }
 }
 
@@ -174,7 +199,7 @@ pub struct Token {
 
 impl Drop for Token {
     fn drop(&mut self) {
-        let mut s = state().lock();
+        let mut s = self.share.budget.state.lock();
         let used = self.share.used.load(Ordering::Relaxed);
         if used > FLOOR {
             s.excess -= 1;
@@ -187,17 +212,13 @@ impl Drop for Token {
 mod tests {
     use super::*;
 
-    /// The budget is process-wide: the tests that take from it run one at
-    /// a time.
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
     /// Four devices that take all they may leave the fifth its share; a
     /// device added while all are full is refused (its floor is not
     /// there), and gets it once windows come back.
     #[test]
     fn greedy_devices_leave_the_others_their_share() {
-        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let shares: Vec<_> = (0..5).map(|_| Share::register().unwrap()).collect();
+        let budget = Budget::with_capacity(15_000);
+        let shares: Vec<_> = (0..5).map(|_| budget.register().unwrap()).collect();
         let mut held = Vec::new();
         for s in &shares[..4] {
             while let Ok(t) = s.take() {
@@ -210,11 +231,11 @@ mod tests {
             .collect();
         assert!(shares[4].take().is_err());
         assert!(matches!(
-            Share::register(),
+            budget.register(),
             Err(BudgetError::NoRoomForDevice { .. })
         ));
         drop(fifth);
-        let late = Share::register().expect("room again");
+        let late = budget.register().expect("room again");
         let floor: Vec<_> = (0..FLOOR).map(|_| late.take().unwrap()).collect();
         assert_eq!(floor.len(), FLOOR);
         drop(floor);

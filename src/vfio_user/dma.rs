@@ -100,13 +100,41 @@ struct Window {
     _token: Option<Token>,
 }
 
+/// Windows taken away while a snapshot of guest memory (a request in
+/// flight) still used them, from every device of the process: they stay
+/// mapped, guarded and counted in their device's budget until the last
+/// snapshot lets go, even when their device is removed meanwhile (its
+/// guard slot could otherwise be given to another window while the old
+/// mapping is still read).
+static RETIRED: parking_lot::Mutex<Vec<Window>> = parking_lot::Mutex::new(Vec::new());
+
+/// Keeps `w` until no snapshot uses its mapping (see [`RETIRED`]).
+fn retire(w: Window) {
+    if w.region.as_ref().is_some_and(|r| Arc::strong_count(r) > 1) {
+        RETIRED.lock().push(w);
+    }
+}
+
+/// Gives back the retired windows no snapshot uses any more.
+pub fn sweep_retired() {
+    // Dropped outside the lock: an unmap is a system call.
+    let gone: Vec<Window> = {
+        let mut r = RETIRED.lock();
+        if r.is_empty() {
+            return;
+        }
+        let (keep, gone): (Vec<Window>, Vec<Window>) = std::mem::take(&mut *r)
+            .into_iter()
+            .partition(|w| w.region.as_ref().is_some_and(|r| Arc::strong_count(r) > 1));
+        *r = keep;
+        gone
+    };
+    drop(gone);
+}
+
 /// The per-connection table of DMA windows.
 pub struct DmaTable {
     windows: Vec<Window>,
-    /// Windows taken away while a snapshot of guest memory (a request in
-    /// flight) still used them: they stay mapped, guarded and counted in
-    /// the budget until the last snapshot lets go.
-    retired: Vec<Window>,
     max_windows: usize,
     memory: GuestMemoryHandle,
     share: Arc<Share>,
@@ -122,7 +150,6 @@ impl DmaTable {
     ) -> DmaTable {
         DmaTable {
             windows: Vec::new(),
-            retired: Vec::new(),
             max_windows,
             memory,
             share,
@@ -130,16 +157,10 @@ impl DmaTable {
         }
     }
 
-    /// Gives back the retired windows no snapshot uses any more.
+    /// Gives back the retired windows no snapshot uses any more (of every
+    /// device: see [`sweep_retired`]).
     pub fn sweep(&mut self) {
-        self.retired
-            .retain(|w| w.region.as_ref().is_some_and(|r| Arc::strong_count(r) > 1));
-    }
-
-    fn retire(&mut self, w: Window) {
-        if w.region.as_ref().is_some_and(|r| Arc::strong_count(r) > 1) {
-            self.retired.push(w);
-        }
+        sweep_retired();
     }
 
     pub fn memory(&self) -> GuestMemoryHandle {
@@ -192,10 +213,12 @@ impl DmaTable {
         {
             return Err(DmaError::Overlap { iova, size });
         }
-        if self.windows.len() >= self.max_windows {
+        self.sweep();
+        // Windows unmapped but still used by a request in flight count too:
+        // a client cannot pile them up by unmapping and mapping again.
+        if self.windows.len() >= self.max_windows || self.share.used() >= self.max_windows {
             return Err(DmaError::TooMany(self.max_windows));
         }
-        self.sweep();
 
         let writable = flags & VFIO_DMA_MAP_FLAG_WRITE != 0;
         let mut guard = None;
@@ -297,7 +320,7 @@ impl DmaTable {
             .ok_or(DmaError::NoSuchWindow { iova, size })?;
         let w = self.windows.remove(pos);
         self.publish();
-        self.retire(w);
+        retire(w);
         self.sweep();
         Ok(())
     }
@@ -330,7 +353,7 @@ impl DmaTable {
         let gone = std::mem::take(&mut self.windows);
         self.publish();
         for w in gone {
-            self.retire(w);
+            retire(w);
         }
         self.sweep();
     }
@@ -348,6 +371,17 @@ impl DmaTable {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .replace(mem);
+    }
+}
+
+impl Drop for DmaTable {
+    /// The device goes (removed): its windows still used by a request in
+    /// flight stay mapped and guarded until it lets go.
+    fn drop(&mut self) {
+        for w in std::mem::take(&mut self.windows) {
+            retire(w);
+        }
+        sweep_retired();
     }
 }
 
