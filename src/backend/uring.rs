@@ -16,6 +16,19 @@ use crate::memory::as_iovecs;
 /// Most iovecs one submission takes (the kernel's UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
 
+/// Bytes of one device's requests a ring takes at once (with at most half
+/// its completion queue in requests): a device flooding the ring with
+/// large requests leaves room for the others, and its own reset waits for
+/// no more than this.
+pub const DEVICE_BYTES: usize = 32 << 20;
+
+/// One device's requests and bytes in a ring.
+#[derive(Clone, Copy, Debug, Default)]
+struct Load {
+    requests: usize,
+    bytes: usize,
+}
+
 pub struct Uring {
     ring: IoUring,
     /// Entries pushed since the last submit.
@@ -24,6 +37,8 @@ pub struct Uring {
     /// holds, so that it cannot overflow.
     in_flight: usize,
     cq_entries: usize,
+    /// Per device (tenant): what it has in flight here.
+    loads: std::collections::HashMap<u64, Load>,
 }
 
 impl Uring {
@@ -40,6 +55,7 @@ impl Uring {
             queued: 0,
             in_flight: 0,
             cq_entries,
+            loads: std::collections::HashMap::new(),
         })
     }
 
@@ -83,6 +99,32 @@ impl Uring {
             let _ = self.submit();
         }
         !self.ring.submission().is_full()
+    }
+
+    /// Room for one more request of device `tenant`: room in the ring, and
+    /// the device below its share of it (half the completion queue, and
+    /// DEVICE_BYTES).
+    pub fn has_room_for(&mut self, tenant: u64) -> bool {
+        if !self.has_room() {
+            return false;
+        }
+        let l = self.loads.get(&tenant).copied().unwrap_or_default();
+        l.requests < (self.cq_entries / 2).max(1) && l.bytes < DEVICE_BYTES
+    }
+
+    /// Counts a request of `bytes` of device `tenant` as in flight here.
+    pub fn charge(&mut self, tenant: u64, bytes: usize) {
+        let l = self.loads.entry(tenant).or_default();
+        l.requests += 1;
+        l.bytes += bytes;
+    }
+
+    /// A request counted with [`charge`](Self::charge) completed.
+    pub fn release(&mut self, tenant: u64, bytes: usize) {
+        if let Some(l) = self.loads.get_mut(&tenant) {
+            l.requests = l.requests.saturating_sub(1);
+            l.bytes = l.bytes.saturating_sub(bytes);
+        }
     }
 
     /// Queues `req` (which `accepts` took) with `user_data`; false if the

@@ -353,6 +353,7 @@ impl<H: RequestHandler> QueueState<H> {
                 // the slot holds the guest-memory snapshot its iovecs
                 // point into.
                 if unsafe { u.push(&t, &s.io, user_data) } {
+                    u.charge(self.tenant, len);
                     s.at = At::Uring;
                     self.leaves(slot);
                     return 0;
@@ -420,9 +421,15 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
                 break;
             }
             // Nothing is taken that the io_uring could not hold: its
-            // completion queue must never overflow. What waits stays in the
-            // ring until completions make room.
-            if self.uring_target.is_some() && cx.uring.as_deref_mut().is_some_and(|u| !u.has_room())
+            // completion queue must never overflow, and a device takes no
+            // more than its share of it (other devices' requests find
+            // room). What waits stays in the ring until completions make
+            // room; they are reaped on this reactor, which they wake.
+            if self.uring_target.is_some()
+                && cx
+                    .uring
+                    .as_deref_mut()
+                    .is_some_and(|u| !u.has_room_for(self.tenant))
             {
                 self.throttled = true;
                 break;
@@ -488,6 +495,9 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             return;
         }
         s.at = At::Reactor;
+        if let Some(u) = cx.uring.as_deref_mut() {
+            u.release(self.tenant, s.io.len());
+        }
         let want = match s.io.kind {
             IoKind::Read | IoKind::Write => Some(s.io.len()),
             _ => None,
