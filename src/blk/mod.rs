@@ -95,6 +95,9 @@ pub struct BlkShared {
     config_notifier: parking_lot::Mutex<Option<Arc<ConfigNotifier>>>,
     /// The running activation's queues, to hold them during a resize.
     active: parking_lot::Mutex<std::sync::Weak<Active>>,
+    /// The activation of a client that left, while its writes may still be
+    /// in the backend (a resize waits for them too).
+    departed: parking_lot::Mutex<std::sync::Weak<Active>>,
     /// One resize at a time.
     resizing: parking_lot::Mutex<()>,
     log: Arc<DeviceLog>,
@@ -203,6 +206,15 @@ impl BlkShared {
                  (a disk that stopped answering?); not resized"
             ));
         };
+        // Writes of a client that left, checked against the old size, must
+        // not land past a new, smaller end (the file would grow back).
+        let departed = self.departed.lock().upgrade();
+        if departed.is_some_and(|d| !d.wait_mutations_within(RESIZE_WAIT)) {
+            return Err(format!(
+                "writes of the client that left are still in the backend after \
+                 {RESIZE_WAIT:?} (a disk that stopped answering?); not resized"
+            ));
+        }
         let new = self.backend.resize(size).map_err(|e| e.to_string())?;
         if new == 0 || !new.is_multiple_of(u64::from(self.block)) {
             return Err(format!(
@@ -284,6 +296,7 @@ impl BlkDevice {
             in_memory: opts.in_memory,
             config_notifier: parking_lot::Mutex::new(None),
             active: parking_lot::Mutex::new(std::sync::Weak::new()),
+            departed: parking_lot::Mutex::new(std::sync::Weak::new()),
             resizing: parking_lot::Mutex::new(()),
             log: log.clone(),
         });
@@ -477,6 +490,7 @@ impl VirtioDevice for BlkDevice {
             a.abandon();
             // (Any earlier departed activation was waited for when this
             // one started.)
+            *self.shared.departed.lock() = Arc::downgrade(&a);
             self.departed = Some(a);
         }
         let (mut req, mut rd, mut wr, mut err) = (0, 0, 0, 0);

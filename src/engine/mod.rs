@@ -201,6 +201,19 @@ impl Mutations {
         self.n.load(Ordering::Acquire)
     }
 
+    /// True once none is in flight, false if some still are after
+    /// `limit`.
+    fn wait_within(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut g = self.lock.lock();
+        while self.count() > 0 {
+            if self.zero.wait_until(&mut g, deadline).timed_out() {
+                return self.count() == 0;
+            }
+        }
+        true
+    }
+
     /// Returns once none is in flight, saying so in the log every few
     /// seconds while it waits.
     fn wait(&self, log: &DeviceLog) {
@@ -624,6 +637,14 @@ impl Active {
     pub fn wait_mutations(&self) {
         self.run_inline();
         self.mutations.wait(&self.log);
+    }
+
+    /// [`wait_mutations`](Self::wait_mutations) for a caller that must not
+    /// wait on a stuck disk: false if some are still in the backend after
+    /// `limit`.
+    pub fn wait_mutations_within(&self, limit: Duration) -> bool {
+        self.run_inline();
+        self.mutations.wait_within(limit)
     }
 }
 
