@@ -2,7 +2,7 @@
 
 use std::io::ErrorKind;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -428,8 +428,8 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 pub fn bind_socket(path: &Path, force: bool) -> Result<UnixListener> {
     crate::util::check_path_is_ours(path, "socket").map_err(anyhow::Error::msg)?;
     match std::fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => bail!("{} is in use by a running server", path.display()),
+        Ok(md) if md.file_type().is_socket() => match crate::util::probe_socket(path) {
+            Ok(()) => bail!("{} is in use by a running server", path.display()),
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
                 if !force {
                     bail!(

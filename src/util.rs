@@ -53,63 +53,219 @@ pub fn memory_bytes() -> u64 {
         .saturating_mul(u64::try_from(size).unwrap_or(0))
 }
 
-/// Refuses a path whose file another local user controls: in a folder
-/// every user may write to (sticky, world-writable: /tmp), an existing
-/// entry owned by another user (neither us nor the folder's owner) or a
-/// symlink not ours is refused, as the kernel's protected_regular and
-/// protected_symlinks rules would have it; a folder anyone can write to
-/// without the sticky bit is refused outright (any user can swap the file
-/// under us). `what` names the path in the message ("image", "socket").
-pub fn check_path_is_ours(path: &std::path::Path, what: &str) -> Result<(), String> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => std::path::Path::new("."),
-    };
-    let Ok(dir) = std::fs::metadata(parent) else {
-        // No folder: the open or bind says so.
-        return Ok(());
-    };
-    let mode = dir.permissions().mode();
-    let world_writable = mode & 0o002 != 0;
-    let sticky = mode & 0o1000 != 0;
-    let hint = "; use a folder of your own (e.g. one made with mkdir -m 700)";
-    if world_writable && !sticky {
-        return Err(format!(
-            "the {what} {} is in {}, a folder every user can write to: another user could \
-             replace it{hint}",
-            path.display(),
-            parent.display()
-        ));
+/// What [`check_path_is_ours`] found about the folder of a path, for the
+/// checks after the file is opened.
+#[derive(Clone, Copy, Debug)]
+pub struct PathTrust {
+    /// The folder is one every user may write to, with the sticky bit:
+    /// its owner's uid.
+    shared_folder_owner: Option<u32>,
+}
+
+impl PathTrust {
+    /// Open the file without following a symlink (a shared folder: one
+    /// could be put there between the check and the open).
+    pub fn nofollow(&self) -> bool {
+        self.shared_folder_owner.is_some()
     }
-    if !(world_writable && sticky) {
-        return Ok(());
+
+    /// Checks the file that was opened (its `fstat`), as the path was
+    /// checked before: in a shared folder it must be ours or the folder
+    /// owner's, whatever was swapped in meanwhile.
+    pub fn check_opened(
+        &self,
+        meta: &std::fs::Metadata,
+        path: &std::path::Path,
+        what: &str,
+    ) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        match self.shared_folder_owner {
+            Some(owner) if !trusted_uid(meta.uid()) && meta.uid() != owner => Err(format!(
+                "the {what} {} belongs to user {}, another user, in a folder every user can \
+                 write to: refusing it",
+                path.display(),
+                meta.uid()
+            )),
+            _ => Ok(()),
+        }
     }
-    let Ok(entry) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
+}
+
+/// Us, or root: the users whose files and folders we may rely on.
+fn trusted_uid(uid: u32) -> bool {
     // SAFETY: geteuid has no memory effects.
-    let me = unsafe { libc::geteuid() };
-    let trusted = |uid: u32| uid == me || uid == dir.uid();
-    if entry.file_type().is_symlink() && !trusted(entry.uid()) {
+    uid == unsafe { libc::geteuid() } || uid == 0
+}
+
+const MODE_STICKY: u32 = 0o1000;
+const MODE_OTHERS_WRITE: u32 = 0o002;
+const PATH_HINT: &str = "; use a folder of your own (e.g. one made with mkdir -m 700)";
+
+/// Refuses a path whose file another local user controls, as the kernel's
+/// protected_regular and protected_symlinks rules would, and more:
+/// - every folder on the way (after symlinks) must belong to us or to
+///   root, and may be writable by every user only with the sticky bit
+///   (like /tmp): another user's folder lets its owner swap the file;
+/// - a symlink on the way that sits in such a shared folder must be ours,
+///   root's or the folder owner's;
+/// - in a shared folder, the file itself must not be a symlink, and must
+///   belong to us, root or the folder's owner if it exists.
+///
+/// `what` names the path in the message ("image", "socket"). The checks
+/// after the open are in the [`PathTrust`] it returns.
+pub fn check_path_is_ours(path: &std::path::Path, what: &str) -> Result<PathTrust, String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::{Component, Path, PathBuf};
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| format!("the current folder: {e}"))?
+            .join(path)
+    };
+    let shared = |m: &std::fs::Metadata| {
+        let mode = m.permissions().mode();
+        mode & MODE_OTHERS_WRITE != 0 && mode & MODE_STICKY != 0
+    };
+    // Symlinks on the way, as written: one in a shared folder must not be
+    // another user's.
+    let mut prefix = PathBuf::new();
+    let comps: Vec<Component> = abs.components().collect();
+    for c in &comps[..comps.len().saturating_sub(1)] {
+        let dir = prefix.clone();
+        prefix.push(c.as_os_str());
+        let Ok(m) = std::fs::symlink_metadata(&prefix) else {
+            break;
+        };
+        if m.file_type().is_symlink() {
+            let d = std::fs::metadata(&dir).ok();
+            let in_shared = d.as_ref().is_some_and(shared);
+            let dir_owner = d.as_ref().map_or(0, MetadataExt::uid);
+            if in_shared && !trusted_uid(m.uid()) && m.uid() != dir_owner {
+                return Err(format!(
+                    "{} on the way to the {what} {} is a symlink that user {} made in a \
+                     folder every user can write to: refusing to follow it{PATH_HINT}",
+                    prefix.display(),
+                    path.display(),
+                    m.uid()
+                ));
+            }
+        }
+    }
+    // The folders on the way, as they really are.
+    let parent = abs.parent().unwrap_or(Path::new("/"));
+    let Ok(real_parent) = std::fs::canonicalize(parent) else {
+        // No folder: the open or bind says so.
+        return Ok(PathTrust {
+            shared_folder_owner: None,
+        });
+    };
+    let mut dir = PathBuf::new();
+    let mut last = None;
+    for c in real_parent.components() {
+        dir.push(c.as_os_str());
+        let Ok(m) = std::fs::metadata(&dir) else {
+            break;
+        };
+        let mode = m.permissions().mode();
+        if !trusted_uid(m.uid()) {
+            return Err(format!(
+                "the {what} {} is in {}, a folder of user {} (another user, who could replace \
+                 what it holds){PATH_HINT}",
+                path.display(),
+                dir.display(),
+                m.uid()
+            ));
+        }
+        if mode & MODE_OTHERS_WRITE != 0 && mode & MODE_STICKY == 0 {
+            return Err(format!(
+                "the {what} {} is in {}, a folder every user can write to without the sticky \
+                 bit: another user could replace it{PATH_HINT}",
+                path.display(),
+                dir.display()
+            ));
+        }
+        last = Some(m);
+    }
+    let Some(folder) = last.filter(shared) else {
+        return Ok(PathTrust {
+            shared_folder_owner: None,
+        });
+    };
+    let trust = PathTrust {
+        shared_folder_owner: Some(folder.uid()),
+    };
+    let Some(name) = abs.file_name() else {
+        return Ok(trust);
+    };
+    let Ok(entry) = std::fs::symlink_metadata(real_parent.join(name)) else {
+        return Ok(trust);
+    };
+    if entry.file_type().is_symlink() {
         return Err(format!(
-            "the {what} {} is a symlink that user {} made in {}, a folder every user can \
-             write to: refusing to follow it{hint}",
+            "the {what} {} is a symlink (made by user {}) in {}, a folder every user can \
+             write to: refusing to follow it{PATH_HINT}",
             path.display(),
             entry.uid(),
-            parent.display()
+            real_parent.display()
         ));
     }
-    if !trusted(entry.uid()) {
+    if !trusted_uid(entry.uid()) && entry.uid() != folder.uid() {
         return Err(format!(
             "the {what} {} belongs to user {}, another user, in {}, a folder every user can \
-             write to: refusing it (that user could read or replace the guest's data){hint}",
+             write to: refusing it (that user could read or replace the guest's data){PATH_HINT}",
             path.display(),
             entry.uid(),
-            parent.display()
+            real_parent.display()
         ));
     }
-    Ok(())
+    Ok(trust)
+}
+
+/// Whether something listens on the unix socket at `path`, without ever
+/// waiting for it: Ok when a connection was made or the listener's backlog
+/// is full (a server that does not accept is still a server),
+/// ConnectionRefused for a socket nobody listens on.
+pub fn probe_socket(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = libc::c_char::from_ne_bytes([*s]);
+    }
+    // SAFETY: socket has no memory effects; the descriptor is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socket just returned this descriptor and nothing else owns it.
+    let _owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes that outlives
+    // the call; `fd` is our socket.
+    let r = unsafe { libc::connect(fd, (&raw const addr).cast(), len) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // A full backlog: a listener that does not accept.
+        Some(libc::EAGAIN | libc::EINPROGRESS) => Ok(()),
+        _ => Err(e),
+    }
 }
 
 /// Parses a size such as `4096`, `64K`, `512M`, `2G`, `1T` (binary units; an
@@ -320,5 +476,41 @@ mod tests {
         assert!(parse_size("x").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    /// The check of a path in a shared folder holds for what is opened,
+    /// not only for what the path showed: a file swapped in between (here,
+    /// the same file given to another user) is refused, and no symlink is
+    /// followed (O_NOFOLLOW). Needs root to give a file away.
+    #[test]
+    fn a_file_swapped_in_after_the_check_is_refused() {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        // SAFETY: geteuid has no memory effects.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("vub-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let p = dir.join("d.img");
+        std::fs::write(&p, [0u8; 512]).unwrap();
+        let trust = check_path_is_ours(&p, "image").unwrap();
+        assert!(trust.nofollow());
+        std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        assert!(trust
+            .check_opened(&f.metadata().unwrap(), &p, "image")
+            .is_err());
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", &p).unwrap();
+        let e = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

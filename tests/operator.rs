@@ -140,6 +140,43 @@ fn images_and_sockets_planted_by_another_user_are_refused() {
     assert!(!st.success(), "replaced another user's socket: {err}");
     assert!(theirs.exists());
 
+    // A folder another user made there, holding a planted image: that
+    // user could also swap our socket (from the hostile review of the
+    // fix: only the last folder was checked).
+    let theirs_dir = shared.join("vm1");
+    std::fs::create_dir(&theirs_dir).unwrap();
+    chown(&theirs_dir).unwrap();
+    let img = theirs_dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (st, err) = run(&[
+        "--socket",
+        theirs_dir.join("s.sock").to_str().unwrap(),
+        "--disk",
+        img.to_str().unwrap(),
+    ]);
+    assert!(
+        !st.success(),
+        "served an image in another user's folder: {err}"
+    );
+    assert!(err.contains("a folder of user 65534"), "{err}");
+    // A symlink another user made there, to a folder of ours.
+    let ours_dir = dir.path("mine");
+    std::fs::create_dir(&ours_dir).unwrap();
+    let via = shared.join("via");
+    std::os::unix::fs::symlink(&ours_dir, &via).unwrap();
+    chown(&via).unwrap();
+    let (st, err) = run(&[
+        "--socket",
+        via.join("s.sock").to_str().unwrap(),
+        "--disk",
+        "ram:1M",
+    ]);
+    assert!(!st.success(), "followed another user's symlink: {err}");
+    assert!(err.contains("symlink"), "{err}");
+
     // Our own image and socket there are fine.
     let ours = shared.join("ours.img");
     let s = ServerProcess::start(&["--disk", ours.to_str().unwrap(), "--size", "1M"]);
@@ -184,6 +221,16 @@ fn rpc_values_are_typed_by_their_parameter() {
         (&json!("2"), &json!("777"), &json!(false), &json!(3))
     );
     t.ok("device_remove", json!({"name": 2}));
+    // A number that is not a whole number is no text (from the hostile
+    // review: 99999999999999999999 became the serial "1e+20").
+    let e = t
+        .call(
+            "device_add",
+            json!({"socket": t.dir.path("d3.sock").to_str().unwrap(), "disk": "ram:1M",
+                   "serial": 99_999_999_999_999_999_999.0}),
+        )
+        .unwrap_err();
+    assert_eq!(e.0, -32602, "{e:?}");
 }
 
 /// Finding 10: `disk=ram:100T` was accepted on a 24 GiB machine (resize
@@ -202,6 +249,28 @@ fn a_memory_disk_larger_than_the_machine_is_refused_when_added() {
     let sock = t.dir.path("big2.sock");
     let (st, err) = run(&["--socket", sock.to_str().unwrap(), "--disk", "ram:100T"]);
     assert!(!st.success() && err.contains("memory"), "{err}");
+    // Two that each fit, but not together (from the hostile review: the
+    // check was per disk).
+    let mem = vfio_user_blk::util::memory_bytes();
+    let each = format!("ram:{}M", (mem / 10 * 6) >> 20);
+    t.ok(
+        "device_add",
+        json!({"name": "m1", "socket": t.dir.path("m1.sock").to_str().unwrap(), "disk": each}),
+    );
+    let e = t
+        .call(
+            "device_add",
+            json!({"name": "m2", "socket": t.dir.path("m2.sock").to_str().unwrap(), "disk": each}),
+        )
+        .unwrap_err();
+    assert!(e.1.contains("memory disks of this target"), "{e:?}");
+    let e = t
+        .call(
+            "device_resize",
+            json!({"name": "m1", "size": format!("{}M", mem >> 20 << 1)}),
+        )
+        .unwrap_err();
+    assert!(e.1.contains("memory"), "{e:?}");
 }
 
 /// Finding 10: `queue_msix_vector` written after DRIVER_OK was ignored and
@@ -254,4 +323,66 @@ fn a_queue_vector_moved_after_driver_ok_is_honoured() {
     d.c.region_read(BAR4, modern::QUEUE_MSIX_VECTOR, &mut b)
         .unwrap();
     assert_eq!(u16::from_le_bytes(b), 0xffff);
+}
+
+/// From the hostile review: `device_add` probed an existing socket with a
+/// blocking connect, which never returns when a stuck server's backlog is
+/// full, and it held the lock every add and remove (and shutdown) takes.
+/// The probe no longer waits, and an add or remove waits for another at
+/// most 10 s.
+#[test]
+fn a_stuck_listener_at_the_socket_path_does_not_hang_device_add() {
+    use std::os::fd::AsRawFd;
+    let t = RpcTarget::start(&[]);
+    let stuck = t.dir.path("stuck.sock");
+    let l = std::os::unix::net::UnixListener::bind(&stuck).unwrap();
+    // SAFETY: listen on our own socket; a backlog of 0 fills at once.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    // Fill the backlog: connections nobody accepts.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        // SAFETY: socket has no memory effects; the descriptor is ours.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
+        assert!(fd >= 0);
+        // SAFETY: just made, owned here.
+        let s = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, c) in addr
+            .sun_path
+            .iter_mut()
+            .zip(stuck.to_str().unwrap().bytes())
+        {
+            *d = libc::c_char::from_ne_bytes([c]);
+        }
+        // SAFETY: a valid address for the call's duration.
+        unsafe {
+            libc::connect(
+                fd,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        held.push(s);
+    }
+    let started = std::time::Instant::now();
+    let e = t
+        .call(
+            "device_add",
+            json!({"name": "a", "socket": stuck.to_str().unwrap(), "disk": "ram:1M"}),
+        )
+        .unwrap_err();
+    assert!(e.1.contains("in use"), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    t.ok(
+        "device_add",
+        json!({"name": "b", "socket": t.dir.path("b.sock").to_str().unwrap(), "disk": "ram:1M"}),
+    );
+    drop(held);
+    drop(l);
 }

@@ -116,7 +116,7 @@ fn open_file(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::Backe
         path: path.to_path_buf(),
         source,
     };
-    crate::util::check_path_is_ours(path, "image").map_err(OpenError::NotOurs)?;
+    let trust = crate::util::check_path_is_ours(path, "image").map_err(OpenError::NotOurs)?;
     let mut created = false;
     match (std::fs::metadata(path), o.create_size) {
         (Ok(m), _) if m.is_dir() => return Err(OpenError::NotADisk(path.to_path_buf())),
@@ -155,7 +155,7 @@ fn open_file(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::Backe
             }
         }
     }
-    let r = open_existing(path, o);
+    let r = open_existing(path, o, &trust);
     if r.is_err() && created {
         // Leave nothing half made behind.
         let _ = std::fs::remove_file(path);
@@ -166,6 +166,7 @@ fn open_file(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::Backe
 fn open_existing(
     path: &Path,
     o: &OpenOptionsDisk,
+    trust: &crate::util::PathTrust,
 ) -> Result<(u64, Arc<dyn io::Backend>), OpenError> {
     let readonly = o.readonly;
     // Only image files and block devices: checked before opening, since
@@ -188,7 +189,10 @@ fn open_existing(
                     libc::O_DIRECT
                 } else {
                     0
-                },
+                }
+                // In a shared folder a symlink put there since the check
+                // is not followed (ELOOP).
+                | if trust.nofollow() { libc::O_NOFOLLOW } else { 0 },
         )
         .open(path)
         .map_err(|source| match source.raw_os_error() {
@@ -209,13 +213,16 @@ fn open_existing(
             unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) };
         }
     }
-    let ft = f
-        .metadata()
-        .map_err(|source| OpenError::Size {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .file_type();
+    let meta = f.metadata().map_err(|source| OpenError::Size {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // What was opened, not what the path showed before: a file swapped in
+    // since the check is refused the same way.
+    trust
+        .check_opened(&meta, path, "image")
+        .map_err(OpenError::NotOurs)?;
+    let ft = meta.file_type();
     {
         use std::os::unix::fs::FileTypeExt;
         if !(ft.is_file() || ft.is_block_device()) {

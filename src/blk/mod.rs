@@ -200,16 +200,22 @@ impl BlkShared {
         // size read back must be the one the disk has. The queues go on
         // when `paused` drops, on every way out of here.
         let active = self.active.lock().upgrade();
-        let Some(paused) = Paused::within(active, RESIZE_WAIT) else {
+        let Some(paused) = Paused::within(active.clone(), RESIZE_WAIT) else {
             return Err(format!(
                 "requests of the device are still in the backend after {RESIZE_WAIT:?} \
                  (a disk that stopped answering?); not resized"
             ));
         };
         // Writes of a client that left, checked against the old size, must
-        // not land past a new, smaller end (the file would grow back).
+        // not land past a new, smaller end (the file would grow back): the
+        // one that left before, or the one paused here if its client left
+        // meanwhile (a withdrawn queue answers a pause at once).
         let departed = self.departed.lock().upgrade();
-        if departed.is_some_and(|d| !d.wait_mutations_within(RESIZE_WAIT)) {
+        if [active, departed]
+            .into_iter()
+            .flatten()
+            .any(|a| !a.wait_mutations_within(RESIZE_WAIT))
+        {
             return Err(format!(
                 "writes of the client that left are still in the backend after \
                  {RESIZE_WAIT:?} (a disk that stopped answering?); not resized"

@@ -34,6 +34,8 @@ struct Entry {
 /// How long a removal waits for the device to stop before it answers
 /// (the device then finishes stopping in the background).
 pub const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long an add or remove waits for the one before it.
+const ADMIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long shutdown waits for one disk's flush.
 const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -135,7 +137,7 @@ impl Target {
     }
 
     fn add_on(&self, mut spec: DeviceSpec, disk: Option<crate::backend::Disk>) -> Result<Value> {
-        let _admin = self.admin.lock();
+        let _admin = self.admin_lock()?;
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             bail!("the target is shutting down");
         }
@@ -162,6 +164,9 @@ impl Target {
             }
         }
         spec.validate_against_machine()?;
+        if let crate::backend::DiskSpec::Ram(size) = &spec.disk {
+            self.check_memory_disks(None, *size)?;
+        }
         // Only what did not exist at all (not even as a dangling link) is
         // ours to remove if the add fails.
         let created = match &spec.disk {
@@ -229,6 +234,19 @@ impl Target {
         Ok(info)
     }
 
+    /// The lock that serialises adds and removes, waited for at most
+    /// ADMIN_WAIT: an add that opens a disk on a file system that stopped
+    /// answering holds it, and the next caller is told so instead of
+    /// waiting with it.
+    fn admin_lock(&self) -> Result<parking_lot::MutexGuard<'_, ()>> {
+        self.admin.try_lock_for(ADMIN_WAIT).with_context(|| {
+            format!(
+                "another device_add or device_remove has not finished in {ADMIN_WAIT:?} \
+                 (a disk or socket that does not answer?)"
+            )
+        })
+    }
+
     /// Removes a device. With a client attached, only with `force`: the
     /// client is disconnected first (the device withdraws its queues, as
     /// for any disconnect). Returns whether the device has stopped; one
@@ -237,7 +255,7 @@ impl Target {
     /// device longer than [`REMOVE_WAIT`].
     pub fn remove(&self, name: &str, force: bool) -> Result<bool> {
         let mut entry = {
-            let _admin = self.admin.lock();
+            let _admin = self.admin_lock()?;
             let mut devs = self.devices.lock();
             let Some(e) = devs.get(name) else {
                 bail!("no device named '{name}'");
@@ -289,17 +307,45 @@ impl Target {
 
     /// Resizes a device's disk (see `BlkShared::resize`).
     pub fn resize(&self, name: &str, size: Option<u64>, shrink: bool) -> Result<Value> {
-        let shared = {
+        let (shared, in_memory) = {
             let devs = self.devices.lock();
             let Some(e) = devs.get(name) else {
                 bail!("no device named '{name}'");
             };
-            e.shared.clone()
+            let ram = matches!(e.spec.disk, crate::backend::DiskSpec::Ram(_));
+            (e.shared.clone(), ram)
         };
+        if let (true, Some(s)) = (in_memory, size) {
+            self.check_memory_disks(Some(name), s)?;
+        }
         let new = shared
             .resize(size, shrink)
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         Ok(json!({ "name": name, "size": new }))
+    }
+
+    /// Refuses a memory disk of `size` bytes (a new one, or `name` at a new
+    /// size) when the memory disks of the target would then take more than
+    /// the machine's memory.
+    fn check_memory_disks(&self, name: Option<&str>, size: u64) -> Result<()> {
+        let others: u64 = self
+            .devices
+            .lock()
+            .iter()
+            .filter(|(n, e)| {
+                Some(n.as_str()) != name && matches!(e.spec.disk, crate::backend::DiskSpec::Ram(_))
+            })
+            .map(|(_, e)| e.shared.capacity_bytes())
+            .sum();
+        let mem = crate::util::memory_bytes();
+        if others.saturating_add(size) > mem {
+            bail!(
+                "the memory disks of this target would take {} bytes, more than this \
+                 machine's memory ({mem} bytes)",
+                others.saturating_add(size)
+            );
+        }
+        Ok(())
     }
 
     /// Statistics of one device, or of all, and of the reactors.
@@ -354,10 +400,12 @@ impl Target {
     /// disks are flushed, sockets removed.
     pub fn shutdown(&self) {
         // No add or remove from here on (they wait for this lock, then see
-        // the flag).
-        let _admin = self.admin.lock();
+        // the flag). An add stuck on a disk or socket that does not answer
+        // does not hold the shutdown: past ADMIN_WAIT it goes on without
+        // the lock (that add then finds the target closing).
         self.closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _admin = self.admin.try_lock_for(ADMIN_WAIT);
         let entries: Vec<(String, Entry)> = std::mem::take(&mut *self.devices.lock())
             .into_iter()
             .collect();

@@ -109,10 +109,16 @@ enum Text {
 }
 
 impl Text {
-    fn get(self) -> String {
+    /// The text; a number only as the digits of a whole number (1e+20 is
+    /// no serial).
+    fn get(self, key: &str) -> Result<String, RpcError> {
         match self {
-            Text::Number(n) => n.to_string(),
-            Text::Text(t) => t,
+            Text::Number(n) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
+            Text::Number(n) => Err(err(
+                INVALID_PARAMS,
+                format!("{key}: {n} is not a whole number; give it as text"),
+            )),
+            Text::Text(t) => Ok(t),
         }
     }
 }
@@ -178,8 +184,8 @@ fn add_spec(p: AddParams) -> Result<DeviceSpec, RpcError> {
     // The same parser as --device, so that both take the same values.
     let mut s = format!(
         "socket={},disk={}",
-        p.socket.get().replace(',', ",,"),
-        p.disk.get().replace(',', ",,")
+        p.socket.get("socket")?.replace(',', ",,"),
+        p.disk.get("disk")?.replace(',', ",,")
     );
     let mut put = |k: &str, v: String| {
         s.push(',');
@@ -188,22 +194,22 @@ fn add_spec(p: AddParams) -> Result<DeviceSpec, RpcError> {
         s.push_str(&v.replace(',', ",,"));
     };
     if let Some(n) = p.name {
-        put("name", n.get());
+        put("name", n.get("name")?);
     }
     if let Some(v) = p.size {
         put("size", v.bytes()?.to_string());
     }
     if let Some(v) = p.queues {
-        put("queues", v.get());
+        put("queues", v.get("queues")?);
     }
     if let Some(v) = p.queue_size {
-        put("queue-size", v.get());
+        put("queue-size", v.get("queue-size")?);
     }
     if let Some(v) = p.serial {
-        put("serial", v.get());
+        put("serial", v.get("serial")?);
     }
     if let Some(v) = p.logical_block_size {
-        put("logical-block-size", v.get());
+        put("logical-block-size", v.get("logical-block-size")?);
     }
     for (k, f) in [
         ("readonly", p.readonly),
@@ -237,7 +243,7 @@ fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
                 .map(|f| f.get("force"))
                 .transpose()?
                 .unwrap_or(false);
-            let name = p.name.get();
+            let name = p.name.get("name")?;
             let stopped = t.remove(&name, force).map_err(failed)?;
             Ok(json!({ "name": name, "removed": true, "stopped": stopped }))
         }
@@ -253,11 +259,12 @@ fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
                 .map(|f| f.get("shrink"))
                 .transpose()?
                 .unwrap_or(false);
-            t.resize(&p.name.get(), size, shrink).map_err(failed)
+            t.resize(&p.name.get("name")?, size, shrink).map_err(failed)
         }
         "device_stats" => {
             let p: StatsParams = params(p)?;
-            t.stats(p.name.map(Text::get).as_deref()).map_err(failed)
+            let name = p.name.map(|n| n.get("name")).transpose()?;
+            t.stats(name.as_deref()).map_err(failed)
         }
         other => Err(err(
             METHOD_NOT_FOUND,
