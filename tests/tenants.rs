@@ -128,12 +128,7 @@ fn dma_map(r: &mut Raw, iova: u64, fd: std::os::fd::RawFd) -> u32 {
     p.extend_from_slice(&0u64.to_le_bytes());
     p.extend_from_slice(&iova.to_le_bytes());
     p.extend_from_slice(&4096u64.to_le_bytes());
-    let rep = r.call_fds(2, &p, &[fd]);
-    if rep.flags & ERROR != 0 {
-        rep.error
-    } else {
-        0
-    }
+    r.call_fds(2, &p, &[fd]).errno()
 }
 
 /// Finding 4: the limit of 4,096 windows held per connection, not per
@@ -453,12 +448,7 @@ fn dma_unmap(r: &mut Raw, iova: u64) -> u32 {
     p.extend_from_slice(&0u32.to_le_bytes());
     p.extend_from_slice(&iova.to_le_bytes());
     p.extend_from_slice(&4096u64.to_le_bytes());
-    let rep = r.call(3, &p);
-    if rep.flags & ERROR != 0 {
-        rep.error
-    } else {
-        0
-    }
+    r.call(3, &p).errno()
 }
 
 /// From the hostile review of finding 4's fix: a device removed while its

@@ -402,14 +402,19 @@ mod tests {
         }
     }
 
-    /// A backend whose write-zeroes take 1 ms per MiB, and that records
-    /// where each one was.
-    #[derive(Default)]
-    struct Slow {
-        offsets: Mutex<Vec<u64>>,
+    /// A backend that does nothing but what its two closures say for
+    /// flushes and write-zeroes.
+    struct Fake<F, Z> {
+        flush: F,
+        zeroes: Z,
+        inline: bool,
     }
 
-    impl Backend for Slow {
+    impl<F, Z> Backend for Fake<F, Z>
+    where
+        F: Fn() + Send + Sync,
+        Z: Fn(u64, u64) + Send + Sync,
+    {
         fn read_at(&self, _: &[GuestIov], _: u64) -> std::io::Result<()> {
             Ok(())
         }
@@ -417,19 +422,35 @@ mod tests {
             Ok(())
         }
         fn flush(&self) -> std::io::Result<()> {
+            (self.flush)();
             Ok(())
         }
         fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
             Ok(())
         }
         fn write_zeroes(&self, offset: u64, len: u64, _: bool) -> std::io::Result<()> {
-            self.offsets.lock().push(offset);
-            thread::sleep(Duration::from_millis(len >> 20));
+            (self.zeroes)(offset, len);
             Ok(())
         }
         fn inline(&self) -> bool {
-            false
+            self.inline
         }
+    }
+
+    /// A backend whose write-zeroes take 1 ms per MiB, and the offsets
+    /// they were asked for.
+    fn slow() -> (Arc<dyn Backend>, Arc<Mutex<Vec<u64>>>) {
+        let offsets = Arc::new(Mutex::new(Vec::new()));
+        let seen = offsets.clone();
+        let be = Fake {
+            flush: || {},
+            zeroes: move |offset, len| {
+                seen.lock().push(offset);
+                thread::sleep(Duration::from_millis(len >> 20));
+            },
+            inline: false,
+        };
+        (Arc::new(be), offsets)
     }
 
     fn zeroes(offset: u64, len: u64) -> IoRequest {
@@ -446,7 +467,7 @@ mod tests {
     fn one_tenants_flood_does_not_hold_another_tenants_job() {
         let pool = Pool::with_idle_exit(4, Duration::from_secs(10));
         let (r, rx) = reply();
-        let be: Arc<dyn Backend> = Arc::new(Slow::default());
+        let (be, _) = slow();
         for i in 0..16 {
             pool.submit(job(1, i, zeroes(0, 1 << 30), be.clone(), &r));
         }
@@ -473,7 +494,7 @@ mod tests {
     fn a_cancelled_job_stops_between_steps_and_a_queued_one_never_starts() {
         let pool = Pool::with_idle_exit(1, Duration::from_secs(10));
         let (r, rx) = reply();
-        let be = Arc::new(Slow::default());
+        let (be, offsets) = slow();
         let running = job(1, 1, zeroes(0, 1 << 30), be.clone(), &r);
         let cancel = running.cancel.clone();
         pool.submit(running);
@@ -501,45 +522,12 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
-        let seen = be.offsets.lock();
+        let seen = offsets.lock();
         assert!(!seen.is_empty() && seen.len() < 64, "{} steps", seen.len());
         assert!(
             seen.iter().all(|&o| o < 1 << 40),
             "the job cancelled before it started ran"
         );
-    }
-
-    /// A backend whose every flush blocks until released (a disk that
-    /// stopped answering).
-    #[derive(Default)]
-    struct Hung {
-        open: std::sync::Mutex<bool>,
-        cv: std::sync::Condvar,
-    }
-
-    impl Backend for Hung {
-        fn read_at(&self, _: &[GuestIov], _: u64) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn write_at(&self, _: &[GuestIov], _: u64) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn flush(&self) -> std::io::Result<()> {
-            let mut open = self.open.lock().unwrap();
-            while !*open {
-                open = self.cv.wait(open).unwrap();
-            }
-            Ok(())
-        }
-        fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn inline(&self) -> bool {
-            false
-        }
     }
 
     /// Issue 16 review: a device whose disk stopped answering used to hold
@@ -549,7 +537,19 @@ mod tests {
     fn a_tenant_whose_disk_hangs_holds_at_most_half_the_workers() {
         let pool = Pool::with_idle_exit(8, Duration::from_secs(10));
         let (r, rx) = reply();
-        let hung = Arc::new(Hung::default());
+        // A disk that stopped answering: every flush blocks until released.
+        let open = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let gate = open.clone();
+        let hung: Arc<dyn Backend> = Arc::new(Fake {
+            flush: move || {
+                let mut o = gate.0.lock().unwrap();
+                while !*o {
+                    o = gate.1.wait(o).unwrap();
+                }
+            },
+            zeroes: |_, _| {},
+            inline: false,
+        });
         for i in 0..32 {
             let mut io = IoRequest::default();
             io.reset(IoKind::Flush);
@@ -557,13 +557,7 @@ mod tests {
         }
         thread::sleep(Duration::from_millis(50));
         let t = Instant::now();
-        pool.submit(job(
-            2,
-            100,
-            zeroes(0, 1 << 20),
-            Arc::new(Slow::default()),
-            &r,
-        ));
+        pool.submit(job(2, 100, zeroes(0, 1 << 20), slow().0, &r));
         match rx.recv_timeout(Duration::from_secs(5)) {
             Ok(Msg::PoolDone(d)) => assert_eq!(d.slot, 100),
             _ => panic!("tenant 2's job waited behind tenant 1's hung disk"),
@@ -574,8 +568,8 @@ mod tests {
             t.elapsed()
         );
         assert!(pool.workers() <= 8);
-        *hung.open.lock().unwrap() = true;
-        hung.cv.notify_all();
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
         for _ in 0..32 {
             assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok());
         }
@@ -585,40 +579,21 @@ mod tests {
     /// cores at once, however many workers and jobs there are.
     #[test]
     fn cpu_bound_work_runs_on_at_most_half_the_cores() {
-        struct Counted {
-            now: AtomicUsize,
-            most: AtomicUsize,
-        }
-        impl Backend for Counted {
-            fn read_at(&self, _: &[GuestIov], _: u64) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn write_at(&self, _: &[GuestIov], _: u64) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn flush(&self) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
-                let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
-                self.most.fetch_max(n, Ordering::SeqCst);
+        let now = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (n, m) = (now.clone(), most.clone());
+        let be: Arc<dyn Backend> = Arc::new(Fake {
+            flush: || {},
+            zeroes: move |_, _| {
+                let k = n.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(k, Ordering::SeqCst);
                 thread::sleep(Duration::from_millis(2));
-                self.now.fetch_sub(1, Ordering::SeqCst);
-                Ok(())
-            }
-            fn inline(&self) -> bool {
-                true
-            }
-        }
+                n.fetch_sub(1, Ordering::SeqCst);
+            },
+            inline: true,
+        });
         let pool = Pool::with_idle_exit(16, Duration::from_secs(10));
         let (r, rx) = reply();
-        let be = Arc::new(Counted {
-            now: AtomicUsize::new(0),
-            most: AtomicUsize::new(0),
-        });
         for tenant in 1..=4u64 {
             for i in 0..8u16 {
                 let mut j = job(tenant, i, zeroes(0, 64 << 20), be.clone(), &r);
@@ -630,7 +605,7 @@ mod tests {
             assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
         }
         let cpus = thread::available_parallelism().map_or(1, usize::from);
-        let most = be.most.load(Ordering::SeqCst);
+        let most = most.load(Ordering::SeqCst);
         assert!(most <= (cpus / 2).max(1), "{most} CPU-bound steps at once");
     }
 }

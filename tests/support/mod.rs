@@ -250,6 +250,17 @@ pub struct Reply {
     pub payload: Vec<u8>,
 }
 
+impl Reply {
+    /// The errno of an error reply; 0 for a success.
+    pub fn errno(&self) -> u32 {
+        if self.flags & ERROR != 0 {
+            self.error
+        } else {
+            0
+        }
+    }
+}
+
 pub struct Raw {
     pub s: UnixStream,
     next_id: u16,
