@@ -25,5 +25,5 @@ mkdir -p bench
 # The direct-* workloads need the image folder on a real disk, not tmpfs.
 df -hT bench | tail -n 1 | awk '{print "bench: images on " $1 " (" $2 ")"}' >&2
 "${CARGO_TARGET_DIR:-target}/release/vfio-user-blk-bench" \
-    --image bench/bench.img --size 1G --seconds 2 --repeat 3 \
+    --image bench/bench.img --size 1G --seconds 2 \
     --json bench/results.json --svg bench/iops.svg "$@" | tee bench/results.txt

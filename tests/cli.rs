@@ -353,3 +353,82 @@ fn the_readmes_first_command_serves_a_default_disk() {
     assert_eq!(meta.len(), 1 << 30);
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 }
+
+/// The CPUs in a `Cpus_allowed_list` line of /proc/…/status (`0-2,5`).
+fn allowed_cpus(status: &str) -> Vec<usize> {
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list");
+    let mut v = Vec::new();
+    for part in line.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        v.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap());
+    }
+    v
+}
+
+/// A busy reactor the scheduler moves around takes turns with the guest on
+/// a core, which made QD1 latency bimodal: without --cpus, a busy target
+/// pins its reactor to the last CPU it may use and says so. Its I/O
+/// threads, started from that pinned reactor, used to inherit its one CPU
+/// and fight the spinning reactor for it; they now keep off it.
+#[test]
+fn a_busy_target_pins_its_reactor_and_keeps_its_io_threads_off_that_cpu() {
+    let mine = allowed_cpus(&std::fs::read_to_string("/proc/self/status").unwrap());
+    if mine.len() < 2 {
+        eprintln!("one CPU: nothing to place");
+        return;
+    }
+    let last = *mine.last().unwrap();
+    let dir = TempDir::on_disk("pin");
+    let img = dir.path("d.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let srv = ServerProcess::start_in(
+        dir,
+        &[
+            "--disk",
+            img.to_str().unwrap(),
+            "--direct",
+            "--poll-mode",
+            "busy",
+            "--io-engine",
+            "threads",
+        ],
+    );
+    let mut d = support::driver::Driver::new(&srv.socket, Default::default());
+    let data = support::driver::pattern(3, 4096);
+    for s in 0..16 {
+        assert_eq!(d.write(0, s * 8, &data), support::driver::S_OK);
+    }
+    assert!(
+        srv.log_text()
+            .contains(&format!("reactor(s) pinned to CPU {last}")),
+        "{}",
+        srv.log_text()
+    );
+    let (mut reactors, mut workers) = (0, 0);
+    for t in std::fs::read_dir(format!("/proc/{}/task", srv.pid())).unwrap() {
+        let t = t.unwrap().path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let Ok(status) = std::fs::read_to_string(t.join("status")) else {
+            continue;
+        };
+        let cpus = allowed_cpus(&status);
+        if comm.starts_with("reactor-") {
+            reactors += 1;
+            assert_eq!(cpus, vec![last], "{comm}");
+        } else if comm.starts_with("blk-io") {
+            workers += 1;
+            assert!(
+                !cpus.contains(&last) && !cpus.is_empty(),
+                "{comm}: {cpus:?}"
+            );
+        }
+    }
+    assert_eq!(reactors, 1);
+    assert!(workers > 0, "no I/O thread ran");
+}

@@ -7,6 +7,7 @@
 mod guest;
 mod guest_report;
 mod notify;
+mod place;
 mod report;
 mod run;
 mod servers;
@@ -57,9 +58,27 @@ struct Args {
     /// Seconds per run (more than 0).
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
-    /// Runs per workload and target (interleaved); medians are reported.
-    #[arg(long, default_value_t = 1)]
+    /// Runs per workload and target (interleaved); the median, min and
+    /// max of each cell are reported.
+    #[arg(long, default_value_t = 5)]
     repeat: usize,
+    /// CPUs for the device side: every server process with all its
+    /// threads (ours also gets `--cpus` with them), and the I/O threads of
+    /// the direct references. Default: the last usable CPU.
+    #[arg(long, value_name = "CPU,...")]
+    server_cpus: Option<String>,
+    /// CPUs for the synthetic guest. Default: the usable CPUs that are not
+    /// the server's (all of them on a one-CPU machine).
+    #[arg(long, value_name = "CPU,...")]
+    driver_cpus: Option<String>,
+    /// Pin nothing: every thread floats over every CPU (how figures were
+    /// taken before the benchmark placed its targets).
+    #[arg(long, conflicts_with_all = ["server_cpus", "driver_cpus"])]
+    no_pin: bool,
+    /// Compare the medians with those of an earlier run's --json file and
+    /// list the cells that moved by more than 10 %.
+    #[arg(long, value_name = "JSON")]
+    compare: Option<PathBuf>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -73,7 +92,8 @@ struct Args {
     /// Run only the workloads whose name contains one of these words.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Targets to run: ours, ours-threads, qsd-threads, qsd-uring,
+    /// Targets to run: ours, ours-threads, ours-adaptive (direct-*
+    /// workloads only), qsd-threads, qsd-uring,
     /// qsd-native (direct-* workloads only), direct, direct-uring (direct-*
     /// workloads only); `qsd` is all three qsd-*, `all` is everything.
     #[arg(long, value_delimiter = ',', default_value = "all")]
@@ -94,6 +114,15 @@ struct Args {
         default_value = "--poll-mode busy --pollers 1 --io-threads 64"
     )]
     ours_threads_args: String,
+    /// Options for our server as `ours-adaptive` (io_uring engine), run on
+    /// the direct-* workloads to show the CPU a request costs when the
+    /// reactor sleeps while the disk works.
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value = "--poll-mode adaptive --pollers 1"
+    )]
+    ours_adaptive_args: String,
     /// qemu-storage-daemon iothread polling (poll-max-ns; 0 turns it off).
     #[arg(long, default_value_t = 32768)]
     qsd_poll_max_ns: u64,
@@ -152,7 +181,7 @@ fn applies(t: &str, w: &Workload, selected: &[&str]) -> bool {
         return false;
     }
     match (t, w.disk) {
-        ("qsd-native" | "direct-uring", d) => d == Disk::Direct,
+        ("qsd-native" | "direct-uring" | "ours-adaptive", d) => d == Disk::Direct,
         ("direct", d) => d != Disk::Null,
         // A null disk does no file I/O: the engine does not matter, so each
         // device runs once.
@@ -337,9 +366,9 @@ fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    // Online CPUs, not this thread's (the benchmark pins itself).
+    // SAFETY: sysconf has no memory effects.
+    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -625,6 +654,13 @@ impl Servers<'_> {
                 QUEUE_SIZE,
                 &split_args(&a.ours_threads_args, "threads"),
             ),
+            "ours-adaptive" => start_ours(
+                dir,
+                &[ours_disk(w.disk)?],
+                QUEUES,
+                QUEUE_SIZE,
+                &split_args(&a.ours_adaptive_args, "io-uring"),
+            ),
             "qsd-threads" | "qsd-uring" | "qsd-native" => {
                 let d = match w.disk {
                     Disk::Null => QsdDisk::Null { size: im.size },
@@ -708,6 +744,7 @@ fn real_main(args: &Args) -> Result<()> {
     for (name, v) in [
         ("--ours-args", &args.ours_args),
         ("--ours-threads-args", &args.ours_threads_args),
+        ("--ours-adaptive-args", &args.ours_adaptive_args),
     ] {
         if v.split_whitespace().any(|a| a.starts_with("--io-engine")) {
             bail!("{name}: leave --io-engine out; the target sets it (ours: io-uring, ours-threads: threads)");
@@ -716,6 +753,15 @@ fn real_main(args: &Args) -> Result<()> {
     if let Some(dir) = &args.guest_report {
         return guest_report::run(dir, args.json.as_deref(), args.svg.as_deref());
     }
+    let placement = if args.no_pin {
+        None
+    } else {
+        Some(place::choose(
+            args.server_cpus.as_deref(),
+            args.driver_cpus.as_deref(),
+        )?)
+    };
+    place::set(placement).context("placing the benchmark")?;
     if args.notify_study {
         prepare_image(&args.image, args.size, true)?;
         let v = notify::study(
@@ -911,22 +957,36 @@ fn real_main(args: &Args) -> Result<()> {
         targets: selected.clone(),
         ours_args: args.ours_args.clone(),
         ours_threads_args: args.ours_threads_args.clone(),
+        ours_adaptive_args: args.ours_adaptive_args.clone(),
         interface: args.ours_interface.clone(),
         disk: disk_note,
         multi_size: images.multi_size,
         skipped,
+        placement: match place::get() {
+            Some(p) => format!(
+                "servers (every thread) and the direct references' I/O on CPU {}, the synthetic guest on CPU {}",
+                place::list(&p.server),
+                place::list(&p.driver)
+            ),
+            None => "nothing pinned (--no-pin)".into(),
+        },
     };
     print!("{}", report::header(&meta));
     print!("{}", report::table(&results));
     print!("{}", report::multi_table(&results, &meta));
+    let json = report::to_json(&results, &meta);
+    if let Some(prev) = &args.compare {
+        let text =
+            std::fs::read_to_string(prev).with_context(|| format!("reading {}", prev.display()))?;
+        let prev: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", prev.display()))?;
+        print!("{}", report::compare(&prev, &json));
+    }
     if let Some(p) = &args.json {
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d)?;
         }
-        std::fs::write(
-            p,
-            serde_json::to_string_pretty(&report::to_json(&results, &meta))?,
-        )?;
+        std::fs::write(p, serde_json::to_string_pretty(&json)?)?;
         eprintln!("wrote {}", p.display());
     }
     if let Some(p) = &args.svg {

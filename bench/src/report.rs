@@ -13,9 +13,10 @@ use serde_json::{json, Value};
 use crate::run::{Disk, Op, RunResult, Workload};
 
 /// Every target name, in table order.
-pub const TARGETS: [&str; 7] = [
+pub const TARGETS: [&str; 8] = [
     "ours",
     "ours-threads",
+    "ours-adaptive",
     "qsd-threads",
     "qsd-uring",
     "qsd-native",
@@ -33,10 +34,18 @@ pub const MULTI_SETUPS: [&str; 4] = [
     "qsd-uring-1iot",
 ];
 
-/// Median of each metric over repeats.
+/// A spread over this fraction of the median marks a cell.
+pub const SPREAD_MARK: f64 = 0.10;
+
+/// Median of each metric over repeats, with the least and most of IOPS and
+/// p50.
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
     pub iops: f64,
+    pub iops_min: f64,
+    pub iops_max: f64,
+    pub p50_min: f64,
+    pub p50_max: f64,
     pub mbps: f64,
     pub p50: f64,
     pub p99: f64,
@@ -62,10 +71,39 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// (max - min) / median: how far apart the runs of a cell were.
+pub fn spread(min: f64, median: f64, max: f64) -> f64 {
+    if median > 0.0 {
+        (max - min) / median
+    } else {
+        0.0
+    }
+}
+
+impl Summary {
+    pub fn iops_spread(&self) -> f64 {
+        spread(self.iops_min, self.iops, self.iops_max)
+    }
+    pub fn p50_spread(&self) -> f64 {
+        spread(self.p50_min, self.p50, self.p50_max)
+    }
+    /// Whether the runs of this cell disagree by more than SPREAD_MARK.
+    pub fn unsteady(&self) -> bool {
+        self.iops_spread() > SPREAD_MARK || self.p50_spread() > SPREAD_MARK
+    }
+}
+
 pub fn summarize(runs: &[RunResult]) -> Summary {
     let m = |f: &dyn Fn(&RunResult) -> f64| median(runs.iter().map(f).collect());
+    let least = |f: &dyn Fn(&RunResult) -> f64| runs.iter().map(f).fold(f64::INFINITY, f64::min);
+    let most = |f: &dyn Fn(&RunResult) -> f64| runs.iter().map(f).fold(0.0, f64::max);
+    let p50 = |r: &RunResult| r.pct_us(0.5);
     Summary {
         iops: m(&|r| r.iops()),
+        iops_min: least(&|r| r.iops()),
+        iops_max: most(&|r| r.iops()),
+        p50_min: least(&p50),
+        p50_max: most(&p50),
         mbps: m(&|r| r.mbps()),
         p50: m(&|r| r.pct_us(0.5)),
         p99: m(&|r| r.pct_us(0.99)),
@@ -104,6 +142,7 @@ pub struct Meta {
     pub targets: Vec<&'static str>,
     pub ours_args: String,
     pub ours_threads_args: String,
+    pub ours_adaptive_args: String,
     /// The interface the synthetic guest drives ours through.
     pub interface: String,
     /// Where the direct-* image is (device, file system), or empty.
@@ -111,6 +150,8 @@ pub struct Meta {
     pub multi_size: u64,
     /// Workloads left out, with the reason.
     pub skipped: BTreeMap<String, String>,
+    /// Where the targets and the guest ran.
+    pub placement: String,
 }
 
 impl Row {
@@ -151,6 +192,21 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+/// 123456 as `123.5k`.
+fn kilo(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{:.1}k", v / 1000.0)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// A spread in percent, marked when over SPREAD_MARK.
+fn fmt_spread(sp: f64) -> String {
+    let mark = if sp > SPREAD_MARK { "!" } else { "" };
+    format!("{:.1}%{mark}", sp * 100.0)
+}
+
 fn fmt_ratio(r: Option<f64>) -> String {
     r.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into())
 }
@@ -160,13 +216,18 @@ pub fn header(m: &Meta) -> String {
     let _ = writeln!(out, "machine: {}", m.machine);
     let _ = writeln!(
         out,
-        "{} s per run, {} run(s) per cell (medians); CPU s/M = CPU seconds per million requests (device + driver)",
-        m.seconds, m.repeat
+        "{} s per run, {} run(s) per cell, interleaved: IOPS and p50 are medians with [min-max] \
+         and spread = (max-min)/median, marked ! over {:.0} %; CPU s/M = CPU seconds per million \
+         requests (device + driver)",
+        m.seconds,
+        m.repeat,
+        SPREAD_MARK * 100.0
     );
+    let _ = writeln!(out, "placement: {}", m.placement);
     let _ = writeln!(
         out,
-        "ours: {} --io-engine io-uring; ours-threads: {} --io-engine threads; guest on the {} interface",
-        m.ours_args, m.ours_threads_args, m.interface
+        "ours: {} --io-engine io-uring; ours-threads: {} --io-engine threads; ours-adaptive (direct-* only): {} --io-engine io-uring; guest on the {} interface",
+        m.ours_args, m.ours_threads_args, m.ours_adaptive_args, m.interface
     );
     if !m.disk.is_empty() {
         let _ = writeln!(out, "{}", m.disk);
@@ -183,12 +244,15 @@ pub fn table(results: &Results) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<28} {:<13} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}   {:>8} {:>8} {:>9}",
+        "{:<26} {:<14} {:>8} {:>15} {:>6}  {:>7} {:>13} {:>6}  {:>8} {:>8} {:>7}   {:>8} {:>8} {:>7}",
         "workload",
         "target",
         "IOPS",
-        "MB/s",
+        "[min-max]",
+        "spread",
         "p50 us",
+        "[min-max]",
+        "spread",
         "p99 us",
         "p99.9 us",
         "CPU s/M",
@@ -203,7 +267,7 @@ pub fn table(results: &Results) -> String {
         for &t in &row.targets {
             let name = if first { row.w.name.as_str() } else { "" };
             if let Some(why) = row.not_run.get(t) {
-                let _ = writeln!(out, "{name:<28} {t:<13} not run: {why}");
+                let _ = writeln!(out, "{name:<26} {t:<14} not run: {why}");
                 first = false;
                 continue;
             }
@@ -211,7 +275,7 @@ pub fn table(results: &Results) -> String {
             first = false;
             let ratios = if t.starts_with("ours") {
                 format!(
-                    "{:>8} {:>8} {:>9}",
+                    "{:>8} {:>8} {:>7}",
                     fmt_ratio(ratio(Some(s.iops), best.map(|b| b.1.iops))),
                     fmt_ratio(ratio(Some(s.iops), reference.map(|r| r.1.iops))),
                     fmt_ratio(ratio(Some(s.p50), best.map(|b| b.1.p50)))
@@ -226,8 +290,17 @@ pub fn table(results: &Results) -> String {
             };
             let _ = writeln!(
                 out,
-                "{name:<28} {label:<13} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.2}   {}",
-                s.iops, s.mbps, s.p50, s.p99, s.p999, s.cpu_per_mreq, ratios
+                "{name:<26} {label:<14} {:>8} {:>15} {:>6}  {:>7.1} {:>13} {:>6}  {:>8.1} {:>8.1} {:>7.2}   {}",
+                kilo(s.iops),
+                format!("[{}-{}]", kilo(s.iops_min), kilo(s.iops_max)),
+                fmt_spread(s.iops_spread()),
+                s.p50,
+                format!("[{:.1}-{:.1}]", s.p50_min, s.p50_max),
+                fmt_spread(s.p50_spread()),
+                s.p99,
+                s.p999,
+                s.cpu_per_mreq,
+                ratios
             );
         }
     }
@@ -265,8 +338,16 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
         );
         let _ = writeln!(
             out,
-            "{:<18} {:>10} {:>9} {:>9} {:>9} {:>12} {:>10} {:>9}",
-            "setup", "IOPS", "MB/s", "p50 us", "p99 us", "server cores", "IOPS/core", "CPU s/M"
+            "{:<18} {:>10} {:>17} {:>6} {:>9} {:>9} {:>12} {:>10} {:>9}",
+            "setup",
+            "IOPS",
+            "[min-max]",
+            "spread",
+            "p50 us",
+            "p99 us",
+            "server cores",
+            "IOPS/core",
+            "CPU s/M"
         );
         for &t in &row.targets {
             if let Some(why) = row.not_run.get(t) {
@@ -277,8 +358,15 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
             let per_core = if s.cores > 0.0 { s.iops / s.cores } else { 0.0 };
             let _ = writeln!(
                 out,
-                "{t:<18} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>12.2} {:>10.0} {:>9.2}",
-                s.iops, s.mbps, s.p50, s.p99, s.cores, per_core, s.cpu_per_mreq
+                "{t:<18} {:>10.0} {:>17} {:>6} {:>9.1} {:>9.1} {:>12.2} {:>10.0} {:>9.2}",
+                s.iops,
+                format!("[{}-{}]", kilo(s.iops_min), kilo(s.iops_max)),
+                fmt_spread(s.iops_spread()),
+                s.p50,
+                s.p99,
+                s.cores,
+                per_core,
+                s.cpu_per_mreq
             );
         }
         let get = |t: &str| row.per.get(t);
@@ -313,9 +401,67 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
     out
 }
 
+/// The medians of this run against those of an earlier one (both as
+/// `to_json` writes them): every cell both ran, the largest changes, and
+/// the cells whose IOPS or p50 median moved by more than SPREAD_MARK.
+pub fn compare(prev: &Value, now: &Value) -> String {
+    let cells = |v: &Value| -> BTreeMap<(String, String), (f64, f64)> {
+        let mut m = BTreeMap::new();
+        for r in v["results"].as_array().into_iter().flatten() {
+            let w = r["workload"].as_str().unwrap_or("").to_string();
+            for (t, s) in r["targets"].as_object().into_iter().flatten() {
+                if let (Some(i), Some(p)) = (s["iops"].as_f64(), s["p50_us"].as_f64()) {
+                    m.insert((w.clone(), t.clone()), (i, p));
+                }
+            }
+        }
+        m
+    };
+    let (a, b) = (cells(prev), cells(now));
+    let change = |x: f64, y: f64| if x > 0.0 { y / x - 1.0 } else { 0.0 };
+    let mut out = String::new();
+    let mut moved = Vec::new();
+    let mut most = (0.0f64, 0.0f64);
+    let mut n = 0;
+    for (k, &(i0, p0)) in &a {
+        let Some(&(i1, p1)) = b.get(k) else { continue };
+        n += 1;
+        let (di, dp) = (change(i0, i1), change(p0, p1));
+        most = (most.0.max(di.abs()), most.1.max(dp.abs()));
+        if di.abs() > SPREAD_MARK || dp.abs() > SPREAD_MARK {
+            moved.push(format!(
+                "  {} {}: IOPS {} -> {} ({:+.1} %), p50 {:.1} -> {:.1} us ({:+.1} %)",
+                k.0,
+                k.1,
+                kilo(i0),
+                kilo(i1),
+                di * 100.0,
+                p0,
+                p1,
+                dp * 100.0
+            ));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\ncompared with the earlier run: {n} cells in both; largest change of a median: IOPS {:.1} %, p50 {:.1} %; {} cell(s) moved by more than {:.0} %",
+        most.0 * 100.0,
+        most.1 * 100.0,
+        moved.len(),
+        SPREAD_MARK * 100.0
+    );
+    for l in moved {
+        let _ = writeln!(out, "{l}");
+    }
+    out
+}
+
 fn summary_json(s: &Summary) -> Value {
     json!({
         "iops": s.iops, "mb_per_s": s.mbps,
+        "iops_min": s.iops_min, "iops_max": s.iops_max, "iops_spread": s.iops_spread(),
+        "p50_min_us": s.p50_min, "p50_max_us": s.p50_max, "p50_spread": s.p50_spread(),
+        "unsteady": s.unsteady(),
         "p50_us": s.p50, "p99_us": s.p99, "p999_us": s.p999,
         "cpu_s_per_million": s.cpu_per_mreq,
         "device_cpu_s_per_million": s.device_cpu_per_mreq,
@@ -413,6 +559,8 @@ pub fn to_json(results: &Results, m: &Meta) -> Value {
         "ours_args": m.ours_args,
         "interface": m.interface,
         "ours_threads_args": m.ours_threads_args,
+        "ours_adaptive_args": m.ours_adaptive_args,
+        "placement": m.placement,
         "direct_disk": if m.disk.is_empty() { Value::Null } else { Value::from(m.disk.as_str()) },
         "skipped": m.skipped,
         "results": rows,

@@ -447,6 +447,9 @@ pub fn run_direct(
         let handles: Vec<_> = (0..threads)
             .map(|i| {
                 sc.spawn(move || -> Result<(u64, Histogram<u64>)> {
+                    if let Some(p) = crate::place::get() {
+                        crate::place::pin_thread(&p.server)?;
+                    }
                     let f = open_image(path, w.disk)?;
                     let mut buf = AlignedBuf::new(w.bs, 0x5a)?;
                     let buf = buf.as_mut_slice();
@@ -504,8 +507,18 @@ pub fn uring_available() -> Result<()> {
 /// The same stream through one io_uring kept `qd * queues` deep, from this
 /// thread, on the image opened with O_DIRECT on `Disk::Direct`: what fio
 /// does with `--ioengine=io_uring --iodepth=QD --direct=1` (no registered
-/// buffers or files, no polling). CPU is this thread's.
+/// buffers or files, no polling). CPU is this thread's. It runs on the
+/// server CPUs.
 pub fn run_direct_uring(
+    path: &Path,
+    w: &Workload,
+    disk_size: u64,
+    duration: Duration,
+) -> Result<RunResult> {
+    crate::place::on_server_cpus(|| direct_uring(path, w, disk_size, duration))?
+}
+
+fn direct_uring(
     path: &Path,
     w: &Workload,
     disk_size: u64,

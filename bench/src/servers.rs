@@ -144,9 +144,18 @@ pub fn start_ours(
         cmd.args(["--device", &spec]);
         socks.push(sock);
     }
+    cmd.args(args);
+    if let Some(p) = crate::place::get() {
+        if !args
+            .iter()
+            .any(|a| a == "--cpus" || a.starts_with("--cpus="))
+        {
+            cmd.args(["--cpus", &crate::place::list(&p.server)]);
+        }
+    }
+    crate::place::server_command(&mut cmd)?;
     let log = dir.join("server.log");
     let child = cmd
-        .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -215,6 +224,7 @@ pub fn start_qsd(
             ]);
         socks.push(sock);
     }
+    crate::place::server_command(&mut cmd)?;
     let log = dir.join("server.log");
     let child = cmd
         .stdin(Stdio::null())

@@ -29,7 +29,7 @@ use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backend::io::Backend;
@@ -248,8 +248,31 @@ impl Engine {
                 }
             };
         let mut reactors = Vec::new();
+        let usable = usable_cpus().unwrap_or_default();
+        let (reactor_cpus, worker_cpus, chosen) = placement(
+            &usable,
+            &cfg.cpus,
+            cfg.mode,
+            if cfg.inline { 0 } else { cfg.reactors.max(1) },
+        );
+        if !worker_cpus.is_empty() {
+            pool.set_cpus(worker_cpus.clone());
+        }
+        if chosen {
+            let cpus: Vec<String> = reactor_cpus
+                .iter()
+                .flatten()
+                .map(usize::to_string)
+                .collect();
+            info!(
+                "busy polling: reactor(s) pinned to CPU {} (the last this process may use), \
+                 I/O threads on {worker_cpus:?}; --cpus chooses others (give each busy target \
+                 on a machine its own)",
+                cpus.join(",")
+            );
+        }
         if !cfg.inline {
-            for i in 0..cfg.reactors.max(1) {
+            for (i, &cpu) in reactor_cpus.iter().enumerate() {
                 let (tx, rx) = unbounded();
                 let waker = Arc::new(Waker::new()?);
                 let me = ReactorTx {
@@ -273,12 +296,11 @@ impl Engine {
                     load.clone(),
                 );
                 r.stats = stats.clone();
-                let cpu = (!cfg.cpus.is_empty()).then(|| cfg.cpus[i % cfg.cpus.len()]);
                 thread::Builder::new()
                     .name(format!("reactor-{i}"))
                     .spawn(move || {
                         if let Some(cpu) = cpu {
-                            pin_to_cpu(cpu);
+                            pin_to(&[cpu]);
                         }
                         r.run();
                     })?;
@@ -705,22 +727,97 @@ pub fn usable_cpus() -> std::io::Result<Vec<usize>> {
         .collect())
 }
 
-fn pin_to_cpu(cpu: usize) {
-    if cpu >= CPU_SET_BITS {
-        // Options are validated at start; never index past the set.
-        warn!("cannot pin a reactor to CPU {cpu}: beyond the CPU set");
-        return;
-    }
+/// Confines the calling thread to `cpus`, with a log line if it cannot.
+pub(crate) fn pin_to(cpus: &[usize]) {
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes one bit inside `set` (cpu < CPU_SET_BITS).
-    unsafe { libc::CPU_SET(cpu, &mut set) };
+    for &cpu in cpus {
+        if cpu >= CPU_SET_BITS {
+            // Options are validated at start; never index past the set.
+            warn!("cannot pin a thread to CPU {cpu}: beyond the CPU set");
+            return;
+        }
+        // SAFETY: CPU_SET writes one bit inside `set` (cpu < CPU_SET_BITS).
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
     // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
     let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if r != 0 {
         warn!(
-            "cannot pin a reactor to CPU {cpu}: {}",
+            "cannot pin a thread to CPU(s) {cpus:?}: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// Where the reactors and the thread pool's workers run, from the CPUs the
+/// process may use (`usable`): reactor i on `given[i % len]` when --cpus
+/// is given; in busy mode without it, on the last usable CPUs (reactor 0
+/// on the last), since a spinning reactor the scheduler moves around takes
+/// turns with the guest's vCPU on a core and makes latency bimodal. The
+/// workers keep off the CPUs of busy reactors while any other is usable.
+/// Returns (per-reactor CPU, worker CPUs, whether the reactor CPUs were
+/// chosen here).
+fn placement(
+    usable: &[usize],
+    given: &[usize],
+    mode: PollMode,
+    reactors: usize,
+) -> (Vec<Option<usize>>, Vec<usize>, bool) {
+    let chosen = given.is_empty() && mode == PollMode::Busy && !usable.is_empty();
+    let per: Vec<Option<usize>> = (0..reactors)
+        .map(|i| {
+            if !given.is_empty() {
+                Some(given[i % given.len()])
+            } else if chosen {
+                Some(usable[usable.len() - 1 - i % usable.len()])
+            } else {
+                None
+            }
+        })
+        .collect();
+    let mut workers: Vec<usize> = usable.to_vec();
+    if mode == PollMode::Busy {
+        let rest: Vec<usize> = usable
+            .iter()
+            .copied()
+            .filter(|c| !per.contains(&Some(*c)))
+            .collect();
+        if !rest.is_empty() {
+            workers = rest;
+        }
+    }
+    (per, workers, chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_reactors_without_cpus_take_the_last_cpus_and_workers_the_others() {
+        let (per, workers, chosen) = placement(&[0, 1, 2, 3], &[], PollMode::Busy, 2);
+        assert_eq!(per, vec![Some(3), Some(2)]);
+        assert_eq!(workers, vec![0, 1]);
+        assert!(chosen);
+        // On one CPU the workers share it with the reactor.
+        let (per, workers, _) = placement(&[5], &[], PollMode::Busy, 1);
+        assert_eq!((per, workers), (vec![Some(5)], vec![5]));
+    }
+
+    #[test]
+    fn given_cpus_are_kept_and_other_modes_pin_nothing_by_default() {
+        let (per, workers, chosen) = placement(&[0, 1], &[1], PollMode::Busy, 2);
+        assert_eq!(per, vec![Some(1), Some(1)]);
+        assert_eq!(workers, vec![0]);
+        assert!(!chosen);
+        let (per, workers, chosen) = placement(&[0, 1], &[], PollMode::Adaptive, 1);
+        assert_eq!(per, vec![None]);
+        // Workers are still placed, so that they do not inherit a pinned
+        // reactor's one CPU.
+        assert_eq!(workers, vec![0, 1]);
+        assert!(!chosen);
+        let (per, workers, _) = placement(&[0, 1], &[1], PollMode::Adaptive, 1);
+        assert_eq!((per, workers), (vec![Some(1)], vec![0, 1]));
     }
 }

@@ -191,6 +191,9 @@ struct Shared {
     max: usize,
     idle_exit: Duration,
     gate: Mutex<Gate>,
+    /// Where workers run (unset: wherever the thread that starts them may,
+    /// which would be a pinned reactor's one CPU).
+    cpus: std::sync::OnceLock<Vec<usize>>,
 }
 
 pub struct Pool {
@@ -221,8 +224,15 @@ impl Pool {
                     cpu_max: (cpus / 2).max(1),
                     cpu_waiting: VecDeque::new(),
                 }),
+                cpus: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Confines the workers started from now on to `cpus` (once; later
+    /// calls are ignored).
+    pub fn set_cpus(&self, cpus: Vec<usize>) {
+        let _ = self.shared.cpus.set(cpus);
     }
 
     /// Workers running now.
@@ -275,6 +285,9 @@ fn step(job: &mut Job, scratch: &mut Vec<GuestIov>) -> Option<std::io::Result<()
 }
 
 fn worker(s: &Arc<Shared>) {
+    if let Some(cpus) = s.cpus.get() {
+        super::pin_to(cpus);
+    }
     let mut scratch = Vec::new();
     let mut waiting = false;
     loop {

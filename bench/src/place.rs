@@ -1,0 +1,252 @@
+//! Where the benchmark's threads run. Every target is placed the same way:
+//! the device side (each server process with all its threads, and the
+//! I/O threads of the `direct` references, which have no separate driver)
+//! on the server CPUs, the synthetic guest on the driver CPUs. Without it a
+//! cell measured where the scheduler happened to put a busy poller, the
+//! guest's thread and qemu-storage-daemon's iothread, and two runs an hour
+//! apart disagreed by more than the targets did.
+//!
+//! A child inherits its parent's mask, so a server is not simply started
+//! from the pinned benchmark: the mask is set in the child between fork and
+//! exec, before the server reads which CPUs it may use.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Result};
+
+/// The server and driver CPU sets, once chosen (none: nothing is pinned).
+static PLACEMENT: OnceLock<Option<Placement>> = OnceLock::new();
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub server: Vec<usize>,
+    pub driver: Vec<usize>,
+}
+
+/// Largest CPU number a `cpu_set_t` holds.
+const CPU_SET_BITS: usize = 8 * std::mem::size_of::<libc::cpu_set_t>();
+
+fn cpu_set(cpus: &[usize]) -> Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        if c >= CPU_SET_BITS {
+            bail!("CPU {c} is beyond the CPU set");
+        }
+        // SAFETY: CPU_SET writes one bit inside `set` (c < CPU_SET_BITS).
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    Ok(set)
+}
+
+/// The CPUs this thread may run on.
+pub fn usable() -> Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: CPU_ISSET reads one bit of `set`, for indices below its size.
+    Ok((0..CPU_SET_BITS)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+/// Confines the calling thread (and the threads it starts later) to `cpus`.
+pub fn pin_thread(cpus: &[usize]) -> Result<()> {
+    let set = cpu_set(cpus)?;
+    // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        bail!(
+            "pinning to CPUs {}: {}",
+            list(cpus),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// `0-3,6` style.
+pub fn list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// `0-3,6` style, parsed.
+pub fn parse_list(s: &str) -> Result<Vec<usize>> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.trim().parse()?, b.trim().parse()?);
+        if a > b || b >= CPU_SET_BITS {
+            bail!("bad CPU range {part}");
+        }
+        v.extend(a..=b);
+    }
+    v.sort_unstable();
+    v.dedup();
+    if v.is_empty() {
+        bail!("an empty CPU list");
+    }
+    Ok(v)
+}
+
+/// The placement the benchmark uses: `server`/`driver` as given, by
+/// default the last usable CPU for the server and the others for the
+/// driver (on one CPU, both share it).
+pub fn choose(server: Option<&str>, driver: Option<&str>) -> Result<Placement> {
+    let cpus = usable()?;
+    let Some(&last) = cpus.last() else {
+        bail!("no usable CPU");
+    };
+    let server = match server {
+        Some(s) => parse_list(s)?,
+        None => vec![last],
+    };
+    let driver = match driver {
+        Some(s) => parse_list(s)?,
+        None => {
+            let rest: Vec<usize> = cpus
+                .iter()
+                .copied()
+                .filter(|c| !server.contains(c))
+                .collect();
+            if rest.is_empty() {
+                cpus.clone()
+            } else {
+                rest
+            }
+        }
+    };
+    for c in server.iter().chain(&driver) {
+        if !cpus.contains(c) {
+            bail!(
+                "CPU {c} is not one this benchmark may use ({})",
+                list(&cpus)
+            );
+        }
+    }
+    Ok(Placement { server, driver })
+}
+
+/// Records the placement (None: nothing pinned) and confines this thread,
+/// the synthetic guest's, to the driver CPUs. Call once, before any
+/// thread is started.
+pub fn set(p: Option<Placement>) -> Result<()> {
+    if let Some(p) = &p {
+        pin_thread(&p.driver)?;
+    }
+    if PLACEMENT.set(p).is_err() {
+        bail!("the placement is already chosen");
+    }
+    Ok(())
+}
+
+/// The placement in force, if any.
+pub fn get() -> Option<&'static Placement> {
+    PLACEMENT.get().and_then(Option::as_ref)
+}
+
+/// Makes `cmd`'s process start on the server CPUs, whatever the
+/// benchmark's own mask.
+pub fn server_command(cmd: &mut Command) -> Result<()> {
+    let Some(p) = get() else { return Ok(()) };
+    let set = cpu_set(&p.server)?;
+    // SAFETY: the closure runs in the child between fork and exec; it makes
+    // one system call on a set built before the fork, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Runs `f` on the server CPUs (a `direct` reference's I/O thread), then
+/// puts the calling thread back on the driver CPUs.
+pub fn on_server_cpus<T>(f: impl FnOnce() -> T) -> Result<T> {
+    let Some(p) = get() else { return Ok(f()) };
+    pin_thread(&p.server)?;
+    let r = f();
+    pin_thread(&p.driver)?;
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_and_print_alike() {
+        assert_eq!(parse_list("0-2,5, 3").unwrap(), vec![0, 1, 2, 3, 5]);
+        assert_eq!(list(&[0, 1, 2, 3, 5]), "0-3,5");
+        assert!(parse_list("").is_err());
+        assert!(parse_list("3-1").is_err());
+        assert!(parse_list("x").is_err());
+        assert!(parse_list("100000").is_err());
+    }
+
+    #[test]
+    fn by_default_the_server_gets_the_last_cpu_and_the_driver_the_rest() {
+        let cpus = usable().unwrap();
+        let p = choose(None, None).unwrap();
+        assert_eq!(p.server, vec![*cpus.last().unwrap()]);
+        if cpus.len() > 1 {
+            assert_eq!(p.driver, cpus[..cpus.len() - 1].to_vec());
+        } else {
+            assert_eq!(p.driver, cpus);
+        }
+        assert!(choose(Some("100000"), None).is_err());
+    }
+
+    /// A child started from a thread confined to one CPU still gets the
+    /// server CPUs (it would inherit the parent's mask otherwise).
+    #[test]
+    fn a_server_started_from_the_pinned_driver_runs_on_the_server_cpus() {
+        let cpus = usable().unwrap();
+        if cpus.len() < 2 {
+            return;
+        }
+        let p = Placement {
+            server: vec![cpus[1]],
+            driver: vec![cpus[0]],
+        };
+        let _ = PLACEMENT.set(Some(p.clone()));
+        let p = get().unwrap().clone();
+        let out = std::thread::spawn(move || {
+            pin_thread(&p.driver).unwrap();
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", "grep Cpus_allowed_list /proc/self/status"]);
+            server_command(&mut cmd).unwrap();
+            cmd.output().unwrap()
+        })
+        .join()
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.trim().ends_with(&list(&get().unwrap().server)),
+            "{text}"
+        );
+    }
+}
