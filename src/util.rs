@@ -99,13 +99,17 @@ fn trusted_uid(uid: u32) -> bool {
 
 const MODE_STICKY: u32 = 0o1000;
 const MODE_OTHERS_WRITE: u32 = 0o002;
+const MODE_GROUP_WRITE: u32 = 0o020;
 const PATH_HINT: &str = "; use a folder of your own (e.g. one made with mkdir -m 700)";
 
 /// Refuses a path whose file another local user controls, as the kernel's
 /// protected_regular and protected_symlinks rules would, and more:
 /// - every folder on the way (after symlinks) must belong to us or to
-///   root, and may be writable by every user only with the sticky bit
-///   (like /tmp): another user's folder lets its owner swap the file;
+///   root, and may be writable by other users (everyone, or a group other
+///   than root's or ours) only with the sticky bit (like /tmp): another
+///   user's folder lets its owner swap the file; the folder must exist;
+/// - a symlink in a folder of ours is followed, and what it leads to must
+///   pass these rules (one that leads nowhere is refused);
 /// - a symlink on the way that sits in such a shared folder must be ours,
 ///   root's or the folder owner's;
 /// - in a shared folder, the file itself must not be a symlink, and must
@@ -114,6 +118,13 @@ const PATH_HINT: &str = "; use a folder of your own (e.g. one made with mkdir -m
 /// `what` names the path in the message ("image", "socket"). The checks
 /// after the open are in the [`PathTrust`] it returns.
 pub fn check_path_is_ours(path: &std::path::Path, what: &str) -> Result<PathTrust, String> {
+    check_path(path, what, true)
+}
+
+/// [`check_path_is_ours`]; `follow`: whether a final symlink in a folder
+/// of ours may be followed (once: its resolved path has none left, unless
+/// one was swapped in meanwhile).
+fn check_path(path: &std::path::Path, what: &str, follow: bool) -> Result<PathTrust, String> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::path::{Component, Path, PathBuf};
     let abs = if path.is_absolute() {
@@ -123,10 +134,16 @@ pub fn check_path_is_ours(path: &std::path::Path, what: &str) -> Result<PathTrus
             .map_err(|e| format!("the current folder: {e}"))?
             .join(path)
     };
-    let shared = |m: &std::fs::Metadata| {
+    // Writable by users other than us and root: by everyone, or by a
+    // group that is not root's or ours (its other members).
+    let open_to_others = |m: &std::fs::Metadata| {
         let mode = m.permissions().mode();
-        mode & MODE_OTHERS_WRITE != 0 && mode & MODE_STICKY != 0
+        // SAFETY: getegid has no memory effects.
+        let our_group = m.gid() == 0 || m.gid() == unsafe { libc::getegid() };
+        mode & MODE_OTHERS_WRITE != 0 || (mode & MODE_GROUP_WRITE != 0 && !our_group)
     };
+    let shared =
+        |m: &std::fs::Metadata| open_to_others(m) && m.permissions().mode() & MODE_STICKY != 0;
     // Symlinks on the way, as written: one in a shared folder must not be
     // another user's.
     let mut prefix = PathBuf::new();
@@ -154,12 +171,14 @@ pub fn check_path_is_ours(path: &std::path::Path, what: &str) -> Result<PathTrus
     }
     // The folders on the way, as they really are.
     let parent = abs.parent().unwrap_or(Path::new("/"));
-    let Ok(real_parent) = std::fs::canonicalize(parent) else {
-        // No folder: the open or bind says so.
-        return Ok(PathTrust {
-            shared_folder_owner: None,
-        });
-    };
+    let real_parent = std::fs::canonicalize(parent).map_err(|e| {
+        // Refused rather than left to the open: a folder that appears
+        // between this check and the open would not have been checked.
+        format!(
+            "the folder of the {what} {} does not exist or cannot be reached ({e})",
+            path.display()
+        )
+    })?;
     let mut dir = PathBuf::new();
     let mut last = None;
     for c in real_parent.components() {
@@ -177,9 +196,9 @@ pub fn check_path_is_ours(path: &std::path::Path, what: &str) -> Result<PathTrus
                 m.uid()
             ));
         }
-        if mode & MODE_OTHERS_WRITE != 0 && mode & MODE_STICKY == 0 {
+        if open_to_others(&m) && mode & MODE_STICKY == 0 {
             return Err(format!(
-                "the {what} {} is in {}, a folder every user can write to without the sticky \
+                "the {what} {} is in {}, a folder other users can write to without the sticky \
                  bit: another user could replace it{PATH_HINT}",
                 path.display(),
                 dir.display()
@@ -187,7 +206,29 @@ pub fn check_path_is_ours(path: &std::path::Path, what: &str) -> Result<PathTrus
         }
         last = Some(m);
     }
+    let entry = abs
+        .file_name()
+        .and_then(|name| std::fs::symlink_metadata(real_parent.join(name)).ok());
     let Some(folder) = last.filter(shared) else {
+        if entry.is_some_and(|e| e.file_type().is_symlink()) {
+            if !follow {
+                return Err(format!(
+                    "the {what} {} changed into a symlink while it was checked",
+                    path.display()
+                ));
+            }
+            // A symlink in a folder of ours: what it leads to must pass the
+            // same rules (it may be another user's file, or in their
+            // folder). The resolved path has no symlink left.
+            let target = std::fs::canonicalize(&abs).map_err(|e| {
+                format!(
+                    "the {what} {} is a symlink that leads nowhere ({e}): refusing it",
+                    path.display()
+                )
+            })?;
+            return check_path(&target, what, false)
+                .map_err(|e| format!("{e} (reached through the symlink {})", path.display()));
+        }
         return Ok(PathTrust {
             shared_folder_owner: None,
         });
@@ -195,10 +236,7 @@ pub fn check_path_is_ours(path: &std::path::Path, what: &str) -> Result<PathTrus
     let trust = PathTrust {
         shared_folder_owner: Some(folder.uid()),
     };
-    let Some(name) = abs.file_name() else {
-        return Ok(trust);
-    };
-    let Ok(entry) = std::fs::symlink_metadata(real_parent.join(name)) else {
+    let Some(entry) = entry else {
         return Ok(trust);
     };
     if entry.file_type().is_symlink() {

@@ -177,6 +177,64 @@ fn images_and_sockets_planted_by_another_user_are_refused() {
     assert!(!st.success(), "followed another user's symlink: {err}");
     assert!(err.contains("symlink"), "{err}");
 
+    // From the second hostile review: a folder that another group may
+    // write to (root:nogroup 2775 here, like Debian's /var/local, root:staff)
+    // lets its members swap the image: refused.
+    let group_dir = dir.path("group");
+    std::fs::create_dir(&group_dir).unwrap();
+    std::os::unix::fs::chown(&group_dir, Some(0), Some(nobody)).unwrap();
+    std::fs::set_permissions(&group_dir, std::fs::Permissions::from_mode(0o2775)).unwrap();
+    let theirs_img = group_dir.join("evil.img");
+    std::fs::File::create(&theirs_img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    chown(&theirs_img).unwrap();
+    let (st, err) = run(&[
+        "--socket",
+        sock.to_str().unwrap(),
+        "--disk",
+        theirs_img.to_str().unwrap(),
+    ]);
+    assert!(
+        !st.success(),
+        "served an image in a group-writable folder: {err}"
+    );
+    assert!(err.contains("other users can write to"), "{err}");
+    // A symlink of ours, in a folder of ours, to another user's file in
+    // the shared folder: what it leads to is checked (it was not).
+    let mine = dir.path("links");
+    std::fs::create_dir(&mine).unwrap();
+    let our_link = mine.join("link.img");
+    std::os::unix::fs::symlink(&planted, &our_link).unwrap();
+    let (st, err) = run(&[
+        "--socket",
+        sock.to_str().unwrap(),
+        "--disk",
+        our_link.to_str().unwrap(),
+    ]);
+    assert!(
+        !st.success(),
+        "served another user's file through our link: {err}"
+    );
+    assert!(
+        err.contains("another user") && err.contains("through the symlink"),
+        "{err}"
+    );
+    // A symlink that leads nowhere would make the image where it points.
+    let dangling = mine.join("nowhere.img");
+    std::os::unix::fs::symlink(dir.path("no-such-folder/x.img"), &dangling).unwrap();
+    let (st, err) = run(&[
+        "--socket",
+        sock.to_str().unwrap(),
+        "--disk",
+        dangling.to_str().unwrap(),
+        "--size",
+        "1M",
+    ]);
+    assert!(!st.success(), "followed a dangling symlink: {err}");
+    assert!(err.contains("leads nowhere"), "{err}");
+
     // Our own image and socket there are fine.
     let ours = shared.join("ours.img");
     let s = ServerProcess::start(&["--disk", ours.to_str().unwrap(), "--size", "1M"]);
@@ -271,6 +329,61 @@ fn a_memory_disk_larger_than_the_machine_is_refused_when_added() {
         )
         .unwrap_err();
     assert!(e.1.contains("memory"), "{e:?}");
+}
+
+/// From the second hostile review: two resizes of two memory disks at
+/// once each passed the check against the other's old size, and together
+/// took half as much again as the machine has. The check and the resize
+/// are now one step.
+#[test]
+fn two_memory_disks_resized_at_once_cannot_pass_the_machines_memory() {
+    let t = RpcTarget::start(&[]);
+    for n in ["r1", "r2"] {
+        t.ok(
+            "device_add",
+            json!({"name": n, "socket": t.dir.path(&format!("{n}.sock")).to_str().unwrap(),
+                   "disk": "ram:1M"}),
+        );
+    }
+    let each = (vfio_user_blk::util::memory_bytes() / 4 * 3) & !((1u64 << 20) - 1);
+    for attempt in 0..40 {
+        let go = std::sync::Barrier::new(2);
+        let ok: Vec<bool> = std::thread::scope(|s| {
+            let hs: Vec<_> = ["r1", "r2"]
+                .into_iter()
+                .map(|n| {
+                    let (t, go) = (&t, &go);
+                    s.spawn(move || {
+                        use std::io::{BufRead, Write};
+                        // Connected first, so that both requests arrive at
+                        // once.
+                        let mut c = std::os::unix::net::UnixStream::connect(&t.rpc).unwrap();
+                        let req = json!({"jsonrpc": "2.0", "id": 1, "method": "device_resize",
+                                         "params": {"name": n, "size": each}});
+                        go.wait();
+                        writeln!(c, "{req}").unwrap();
+                        let mut line = String::new();
+                        std::io::BufReader::new(c).read_line(&mut line).unwrap();
+                        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                        v.get("result").is_some()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(
+            !(ok[0] && ok[1]),
+            "attempt {attempt}: both memory disks grew to {each} bytes"
+        );
+        for (n, grown) in ["r1", "r2"].into_iter().zip(ok) {
+            if grown {
+                t.ok(
+                    "device_resize",
+                    json!({"name": n, "size": 1 << 20, "shrink": true}),
+                );
+            }
+        }
+    }
 }
 
 /// Finding 10: `queue_msix_vector` written after DRIVER_OK was ignored and

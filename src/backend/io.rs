@@ -24,6 +24,12 @@ pub trait Backend: Send + Sync {
     /// True when requests are cheap enough to run on the poller thread
     /// itself (memory-backed disks) rather than on the I/O pool.
     fn inline(&self) -> bool;
+    /// Whether a write-zeroes here is CPU work (zeros copied in memory or
+    /// written out), rather than a request the disk does in place and that
+    /// may wait on it.
+    fn zeroes_are_written(&self) -> bool {
+        self.inline()
+    }
     /// Tries a read or write without blocking (data already in the page
     /// cache): `Some` with the result when it completed, `None` when it
     /// would block and must go to the I/O pool instead.
@@ -95,6 +101,9 @@ pub struct FileBackend {
     /// Whether flush has anything to do (not for memory-backed files).
     durable: bool,
     inline: bool,
+    /// The file system was found unable to zero a range in place: zeros
+    /// are written.
+    zeroes_written: std::sync::atomic::AtomicBool,
 }
 
 const IOV_MAX: usize = 1024;
@@ -122,6 +131,7 @@ impl FileBackend {
             align,
             durable,
             inline,
+            zeroes_written: Default::default(),
         }
     }
 
@@ -340,6 +350,8 @@ impl Backend for FileBackend {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 // The file system cannot do it in place: write zeros, a
                 // bounded chunk at a time.
+                self.zeroes_written
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 let chunk = 1usize << 20;
                 let zeros = vec![0u8; usize::try_from(len).unwrap_or(chunk).min(chunk)];
                 let mut pos = offset;
@@ -357,6 +369,13 @@ impl Backend for FileBackend {
 
     fn inline(&self) -> bool {
         self.inline
+    }
+
+    fn zeroes_are_written(&self) -> bool {
+        self.inline
+            || self
+                .zeroes_written
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn resize(&self, size: Option<u64>) -> io::Result<u64> {
@@ -398,6 +417,28 @@ mod tests {
         // SAFETY: every test keeps the buffer alive and unused while the
         // iovec is in use.
         unsafe { GuestIov::new(b.as_mut_ptr(), b.len()) }
+    }
+
+    /// From the second hostile review: every write-zeroes counted as CPU
+    /// work, so one stuck in the fallocate of a disk that stopped answering
+    /// held a CPU place of the pool for good. Only where zeros are really
+    /// written (a memory disk, or a file system found unable to zero in
+    /// place: memfd here) is it CPU work.
+    #[test]
+    fn write_zeroes_is_cpu_work_only_where_zeros_are_written() {
+        let f = crate::util::memfd("zeroes").unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(&[0xab; 8192], 0).unwrap();
+        let be = FileBackend::new(f.try_clone().unwrap(), false, 512, false, false);
+        assert!(!be.zeroes_are_written(), "assumed before it was tried");
+        be.write_zeroes(0, 8192, false).unwrap();
+        let mut back = vec![1u8; 8192];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+        // shmem cannot zero a range in place: zeros were written.
+        assert!(be.zeroes_are_written());
+        let mem = FileBackend::new(f, false, 512, false, true);
+        assert!(mem.zeroes_are_written());
     }
 
     /// A misaligned O_DIRECT transfer larger than the bounce buffer goes

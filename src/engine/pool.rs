@@ -8,10 +8,10 @@
 //!
 //! The pool is shared by every device of the process, so what enters the
 //! channel is rationed per device (a *tenant*): a device may have at most
-//! half of the workers' worth of jobs in the pool at once (its others wait
-//! in its own queue, in order), so a device that floods the pool, or whose
-//! disk stops answering and holds every job it has there, always leaves
-//! the other half to the other devices. Work that is all CPU (memory
+//! half of the workers the other devices leave in the pool at once (its
+//! others wait in its own queue, in order), so a device that floods the
+//! pool, or whose disk stops answering and holds every job it has there,
+//! leaves half to the others, and two such devices a quarter. Work that is all CPU (memory
 //! disks, zeros written for a write-zeroes) runs on at most half the cores
 //! at once, so that the reactors keep theirs. A job runs one step at a time
 //! ([`IoRequest::step`]: at most a few MiB) and goes back to the end of the
@@ -71,28 +71,40 @@ struct Tenant {
     in_pool: usize,
     /// Its jobs that wait for a place, in order.
     waiting: VecDeque<Job>,
-    /// Listed in `Gate::cpu_waiting`.
-    cpu_listed: bool,
+    /// Listed in `Gate::blocked`.
+    listed: bool,
 }
 
 /// What may enter the channel: places per tenant and for CPU work.
 struct Gate {
     tenants: HashMap<u64, Tenant>,
-    /// Places a tenant may hold.
-    tenant_cap: usize,
+    /// Workers the pool may have.
+    workers: usize,
+    /// Jobs of every tenant in the pool.
+    in_pool: usize,
     /// CPU-bound jobs in the pool, and how many may be.
     cpu_in_pool: usize,
     cpu_max: usize,
-    /// Tenants whose next job waits only for a CPU place, in order.
-    cpu_waiting: VecDeque<u64>,
+    /// Tenants whose next job waits for a place that another tenant's job
+    /// leaving can give (a worker or a CPU place), in order.
+    blocked: VecDeque<u64>,
 }
 
 /// Idle tenants kept in the table (their queues' memory is reused).
 const IDLE_TENANTS_KEPT: usize = 64;
 
 impl Gate {
+    /// Places a tenant holding `mine` may hold: half of the workers that
+    /// the other tenants leave (rounded up). Alone, a tenant gets half the
+    /// pool; k tenants whose disks hang hold at most 1 - 1/2^k of it, so
+    /// another device always finds a worker unless many hang at once.
+    fn cap(&self, mine: usize) -> usize {
+        let others = self.in_pool - mine;
+        self.workers.saturating_sub(others).div_ceil(2)
+    }
+
     fn fits(&self, in_pool: usize, cpu: bool) -> bool {
-        in_pool < self.tenant_cap && (!cpu || self.cpu_in_pool < self.cpu_max)
+        in_pool < self.cap(in_pool) && (!cpu || self.cpu_in_pool < self.cpu_max)
     }
 
     /// Takes a place for `job`, or queues it: the job to send now, if any.
@@ -107,7 +119,7 @@ impl Gate {
         if let Some(t) = self.tenants.get_mut(&id) {
             t.waiting.push_back(job);
         }
-        self.list_for_cpu(id);
+        self.list_blocked(id);
         None
     }
 
@@ -115,22 +127,28 @@ impl Gate {
         if let Some(t) = self.tenants.get_mut(&id) {
             t.in_pool += 1;
         }
+        self.in_pool += 1;
         if cpu {
             self.cpu_in_pool += 1;
         }
     }
 
-    /// Lists tenant `id` as waiting for a CPU place when that is all its
-    /// next job waits for.
-    fn list_for_cpu(&mut self, id: u64) {
-        let cap = self.tenant_cap;
-        let Some(t) = self.tenants.get_mut(&id) else {
+    /// Lists tenant `id` as blocked by the others when its own jobs
+    /// leaving will not let its next one in: it has none in the pool, or
+    /// its next job waits for a CPU place only.
+    fn list_blocked(&mut self, id: u64) {
+        let Some(t) = self.tenants.get(&id) else {
             return;
         };
-        let cpu_head = t.waiting.front().is_some_and(|j| j.cpu_bound);
-        if cpu_head && t.in_pool < cap && !t.cpu_listed {
-            t.cpu_listed = true;
-            self.cpu_waiting.push_back(id);
+        let Some(head) = t.waiting.front() else {
+            return;
+        };
+        let cpu_only = head.cpu_bound && t.in_pool < self.cap(t.in_pool);
+        if (t.in_pool == 0 || cpu_only) && !t.listed {
+            if let Some(t) = self.tenants.get_mut(&id) {
+                t.listed = true;
+            }
+            self.blocked.push_back(id);
         }
     }
 
@@ -139,7 +157,7 @@ impl Gate {
         let t = self.tenants.get(&id)?;
         let cpu = t.waiting.front()?.cpu_bound;
         if !self.fits(t.in_pool, cpu) {
-            self.list_for_cpu(id);
+            self.list_blocked(id);
             return None;
         }
         let job = self.tenants.get_mut(&id)?.waiting.pop_front()?;
@@ -148,22 +166,29 @@ impl Gate {
     }
 
     /// A job of tenant `id` left the pool: the jobs its places let in (at
-    /// most two: the tenant's next, and another tenant's CPU job).
+    /// most two: the tenant's next, and the next of a tenant that was
+    /// blocked by the others).
     fn release(&mut self, id: u64, cpu: bool) -> [Option<Job>; 2] {
         if let Some(t) = self.tenants.get_mut(&id) {
             t.in_pool -= 1;
         }
+        self.in_pool -= 1;
         if cpu {
             self.cpu_in_pool -= 1;
         }
         let first = self.next_of(id);
         let mut second = None;
-        while second.is_none() && self.cpu_in_pool < self.cpu_max {
-            let Some(other) = self.cpu_waiting.pop_front() else {
+        // Each listed tenant is looked at once; one that still does not
+        // fit is listed again, at the end.
+        for _ in 0..self.blocked.len() {
+            if second.is_some() {
+                break;
+            }
+            let Some(other) = self.blocked.pop_front() else {
                 break;
             };
             if let Some(t) = self.tenants.get_mut(&other) {
-                t.cpu_listed = false;
+                t.listed = false;
             }
             second = self.next_of(other);
         }
@@ -171,7 +196,7 @@ impl Gate {
             let idle = self
                 .tenants
                 .get(&id)
-                .is_some_and(|t| t.in_pool == 0 && t.waiting.is_empty() && !t.cpu_listed);
+                .is_some_and(|t| t.in_pool == 0 && t.waiting.is_empty() && !t.listed);
             if idle {
                 self.tenants.remove(&id);
             }
@@ -219,10 +244,11 @@ impl Pool {
                 idle_exit,
                 gate: Mutex::new(Gate {
                     tenants: HashMap::new(),
-                    tenant_cap: (max / 2).max(1),
+                    workers: max,
+                    in_pool: 0,
                     cpu_in_pool: 0,
                     cpu_max: (cpus / 2).max(1),
-                    cpu_waiting: VecDeque::new(),
+                    blocked: VecDeque::new(),
                 }),
                 cpus: std::sync::OnceLock::new(),
             }),
@@ -466,6 +492,36 @@ mod tests {
         (Arc::new(be), offsets)
     }
 
+    type Switch = Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>;
+
+    /// A disk that stopped answering: every flush blocks until `release`.
+    fn hung() -> (Arc<dyn Backend>, Switch) {
+        let open: Switch = Arc::default();
+        let gate = open.clone();
+        let be = Fake {
+            flush: move || {
+                let mut o = gate.0.lock().unwrap();
+                while !*o {
+                    o = gate.1.wait(o).unwrap();
+                }
+            },
+            zeroes: |_, _| {},
+            inline: false,
+        };
+        (Arc::new(be), open)
+    }
+
+    fn release(open: &Switch) {
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
+    }
+
+    fn flush() -> IoRequest {
+        let mut io = IoRequest::default();
+        io.reset(IoKind::Flush);
+        io
+    }
+
     fn zeroes(offset: u64, len: u64) -> IoRequest {
         let mut io = IoRequest::default();
         io.reset(IoKind::WriteZeroes);
@@ -550,23 +606,9 @@ mod tests {
     fn a_tenant_whose_disk_hangs_holds_at_most_half_the_workers() {
         let pool = Pool::with_idle_exit(8, Duration::from_secs(10));
         let (r, rx) = reply();
-        // A disk that stopped answering: every flush blocks until released.
-        let open = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let gate = open.clone();
-        let hung: Arc<dyn Backend> = Arc::new(Fake {
-            flush: move || {
-                let mut o = gate.0.lock().unwrap();
-                while !*o {
-                    o = gate.1.wait(o).unwrap();
-                }
-            },
-            zeroes: |_, _| {},
-            inline: false,
-        });
+        let (hung, open) = hung();
         for i in 0..32 {
-            let mut io = IoRequest::default();
-            io.reset(IoKind::Flush);
-            pool.submit(job(1, i, io, hung.clone(), &r));
+            pool.submit(job(1, i, flush(), hung.clone(), &r));
         }
         thread::sleep(Duration::from_millis(50));
         let t = Instant::now();
@@ -581,11 +623,65 @@ mod tests {
             t.elapsed()
         );
         assert!(pool.workers() <= 8);
-        *open.0.lock().unwrap() = true;
-        open.1.notify_all();
+        release(&open);
         for _ in 0..32 {
             assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok());
         }
+    }
+
+    /// From the second hostile review: two devices whose disks hung held
+    /// half the workers each, and a third device's job never ran. Each
+    /// takes half of what the others leave: two hold three quarters.
+    #[test]
+    fn two_tenants_whose_disks_hang_leave_workers_to_a_third() {
+        let pool = Pool::with_idle_exit(8, Duration::from_secs(10));
+        let (r, rx) = reply();
+        let (hung, open) = hung();
+        for tenant in [1u64, 2] {
+            for i in 0..32 {
+                pool.submit(job(tenant, i, flush(), hung.clone(), &r));
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+        pool.submit(job(3, 100, zeroes(0, 1 << 20), slow().0, &r));
+        let third = rx.recv_timeout(Duration::from_secs(5));
+        let held = pool.workers();
+        release(&open);
+        match third {
+            Ok(Msg::PoolDone(d)) => assert_eq!(d.slot, 100),
+            _ => panic!("tenant 3's job waited behind two hung disks ({held} workers)"),
+        }
+        for _ in 0..64 {
+            assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok());
+        }
+    }
+
+    /// A tenant with nothing in the pool, kept out only by the others'
+    /// jobs, gets in as soon as one of theirs leaves.
+    #[test]
+    fn a_tenant_kept_out_by_the_others_gets_in_when_they_leave() {
+        let pool = Pool::with_idle_exit(2, Duration::from_secs(10));
+        let (r, rx) = reply();
+        let (hung_a, open_a) = hung();
+        let (hung_b, open_b) = hung();
+        pool.submit(job(1, 1, flush(), hung_a, &r));
+        pool.submit(job(2, 2, flush(), hung_b, &r));
+        thread::sleep(Duration::from_millis(50));
+        // Both workers are held: tenant 3 waits for a place.
+        pool.submit(job(3, 3, zeroes(0, 1 << 20), slow().0, &r));
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        release(&open_a);
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(Msg::PoolDone(d)) => seen.push(d.slot),
+                _ => panic!("tenant 3 was not let in when a place came free: {seen:?}"),
+            }
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, vec![1, 3]);
+        release(&open_b);
+        assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok());
     }
 
     /// Work that is all CPU (here: zeros written) runs on at most half the

@@ -309,10 +309,12 @@ impl<H: RequestHandler> QueueState<H> {
         if s.span.0 > s.span.1 {
             s.span = (0, 0);
         }
-        // Memory disks' work is all copying; a write-zeroes that reaches
-        // the pool is mostly zeros to write (the file system could not do
-        // it in place), or a cheap fallocate: both count as CPU work.
-        let cpu_bound = self.inline || s.io.kind == IoKind::WriteZeroes;
+        // Memory disks' work is all copying, and so is a write-zeroes where
+        // the file system was found unable to zero in place: CPU work. A
+        // fallocate that the disk does in place is not: it may wait on a
+        // disk that stopped answering, and must not hold a CPU place then.
+        let cpu_bound =
+            self.inline || (s.io.kind == IoKind::WriteZeroes && self.backend.zeroes_are_written());
         cx.pool.submit(Job {
             io: std::mem::take(&mut s.io),
             backend: self.backend.clone(),

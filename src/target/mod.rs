@@ -90,6 +90,10 @@ pub struct Target {
     /// Serialises add and remove (building a device opens files and binds
     /// a socket; two adds of one socket must not race).
     admin: Mutex<()>,
+    /// Held from the check of the memory disks' total to the add or
+    /// resize that it allowed (two resizes at once each passed the check
+    /// against the other's old size).
+    memory: Mutex<()>,
     /// Shutting down: nothing is added any more.
     closing: std::sync::atomic::AtomicBool,
 }
@@ -105,6 +109,7 @@ impl Target {
             opts: opts.clone(),
             devices: Mutex::new(BTreeMap::new()),
             admin: Mutex::new(()),
+            memory: Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
         });
         for spec in opts.device_specs() {
@@ -164,9 +169,15 @@ impl Target {
             }
         }
         spec.validate_against_machine()?;
-        if let crate::backend::DiskSpec::Ram(size) = &spec.disk {
-            self.check_memory_disks(None, *size)?;
-        }
+        // Held until the device is in the table (its size counts then).
+        let _memory = match &spec.disk {
+            crate::backend::DiskSpec::Ram(size) => {
+                let held = self.memory.lock();
+                self.check_memory_disks(None, *size)?;
+                Some(held)
+            }
+            _ => None,
+        };
         // Only what did not exist at all (not even as a dangling link) is
         // ours to remove if the add fails.
         let created = match &spec.disk {
@@ -315,9 +326,14 @@ impl Target {
             let ram = matches!(e.spec.disk, crate::backend::DiskSpec::Ram(_));
             (e.shared.clone(), ram)
         };
-        if let (true, Some(s)) = (in_memory, size) {
-            self.check_memory_disks(Some(name), s)?;
-        }
+        let _memory = match (in_memory, size) {
+            (true, Some(s)) => {
+                let held = self.memory.lock();
+                self.check_memory_disks(Some(name), s)?;
+                Some(held)
+            }
+            _ => None,
+        };
         let new = shared
             .resize(size, shrink)
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;

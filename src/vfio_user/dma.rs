@@ -108,10 +108,43 @@ struct Window {
 /// mapping is still read).
 static RETIRED: parking_lot::Mutex<Vec<Window>> = parking_lot::Mutex::new(Vec::new());
 
-/// Keeps `w` until no snapshot uses its mapping (see [`RETIRED`]).
+/// Whether a thread sweeps [`RETIRED`] (while it holds anything).
+static SWEEPER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// How often the sweeper looks at the retired windows.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Keeps `w` until no snapshot uses its mapping (see [`RETIRED`]); a
+/// thread gives it back within [`SWEEP_EVERY`] of the last snapshot
+/// letting go, whether or not any device maps or unmaps meanwhile (a
+/// removed device's window would otherwise keep its guest's memory mapped
+/// until some other client did).
 fn retire(w: Window) {
-    if w.region.as_ref().is_some_and(|r| Arc::strong_count(r) > 1) {
-        RETIRED.lock().push(w);
+    use std::sync::atomic::Ordering;
+    if w.region.as_ref().is_none_or(|r| Arc::strong_count(r) <= 1) {
+        return;
+    }
+    let mut r = RETIRED.lock();
+    r.push(w);
+    // Under the lock: the sweeper leaves only under it, having seen the
+    // list empty, so a window pushed after that finds the flag down.
+    if !SWEEPER.swap(true, Ordering::AcqRel) {
+        let spawned = std::thread::Builder::new()
+            .name("dma-sweeper".into())
+            .spawn(|| loop {
+                std::thread::sleep(SWEEP_EVERY);
+                sweep_retired();
+                let r = RETIRED.lock();
+                if r.is_empty() {
+                    SWEEPER.store(false, Ordering::Release);
+                    return;
+                }
+            });
+        if let Err(e) = spawned {
+            // The next map, unmap or idle server loop sweeps instead.
+            SWEEPER.store(false, Ordering::Release);
+            log::warn!("cannot start the thread that gives back unmapped windows: {e}");
+        }
     }
 }
 
@@ -481,6 +514,47 @@ mod tests {
     }
 
     const RW: u32 = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+
+    /// Whether a mapping of a memfd named `name` is in this process.
+    fn mapped(name: &str) -> bool {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .contains(&format!("memfd:{name}"))
+    }
+
+    /// From the second hostile review: a window unmapped while a request
+    /// used it was given back only at some later map or unmap of any
+    /// device, so a removed device's guest memory could stay mapped for
+    /// good on an otherwise quiet target. It goes within moments of the
+    /// last request letting go.
+    #[test]
+    fn a_retired_window_goes_once_its_last_user_lets_go_without_other_dma() {
+        let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
+        let mut t = DmaTable::new(
+            mem.clone(),
+            16,
+            Share::register().unwrap(),
+            DeviceLog::new("test"),
+        );
+        let name = "dma-sweep-test";
+        let f = crate::util::memfd(name).unwrap();
+        f.set_len(0x4000).unwrap();
+        t.map(0x10000, 0x4000, 0, RW, Some(OwnedFd::from(f)))
+            .unwrap();
+        let in_flight = mem.memory();
+        t.unmap(0x10000, 0x4000, 0).unwrap();
+        assert!(mapped(name), "given back while a request used it");
+        drop(in_flight);
+        let t0 = std::time::Instant::now();
+        while mapped(name) {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(3),
+                "still mapped {:?} after its last user let go",
+                t0.elapsed()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 
     #[test]
     fn map_read_unmap() {
