@@ -203,6 +203,11 @@ impl SplitRing {
         load16(mem, self.used + 2)
     }
 
+    /// Whether the device has used an entry not taken yet.
+    pub fn has_used(&self, mem: &GuestMemoryMmap) -> bool {
+        self.last_used != self.used_idx(mem)
+    }
+
     /// Takes the next used entry (head, length), freeing its descriptors.
     pub fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u16, u32)> {
         if self.last_used == self.used_idx(mem) {

@@ -166,16 +166,22 @@ pub fn get() -> Option<&'static Placement> {
 }
 
 /// Makes `cmd`'s process start on the server CPUs, whatever the
-/// benchmark's own mask.
+/// benchmark's own mask, and die with the benchmark (a benchmark killed
+/// by a signal left its servers running, holding the images' locks).
 pub fn server_command(cmd: &mut Command) -> Result<()> {
-    let Some(p) = get() else { return Ok(()) };
-    let set = cpu_set(&p.server)?;
+    let set = get().map(|p| cpu_set(&p.server)).transpose()?;
     // SAFETY: the closure runs in the child between fork and exec; it makes
-    // one system call on a set built before the fork, and allocates nothing.
+    // two system calls on values built before the fork, and allocates
+    // nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(set) = &set {
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -191,6 +197,134 @@ pub fn on_server_cpus<T>(f: impl FnOnce() -> T) -> Result<T> {
     let r = f();
     pin_thread(&p.driver)?;
     Ok(r)
+}
+
+/// A fixed amount of memory copying on every placed CPU at once (each
+/// thread pinned to one): the wall time of the slowest. A machine whose
+/// CPUs are taken by a neighbour (another VM on the host) takes longer.
+pub fn calibrate() -> std::time::Duration {
+    let cpus: Vec<usize> = match get() {
+        Some(p) => {
+            let mut v: Vec<usize> = p.server.iter().chain(&p.driver).copied().collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+        None => usable().unwrap_or_default().into_iter().take(2).collect(),
+    };
+    let times: Vec<std::time::Duration> = std::thread::scope(|s| {
+        let hs: Vec<_> = cpus
+            .iter()
+            .map(|&c| {
+                s.spawn(move || {
+                    let _ = pin_thread(&[c]);
+                    // In the core's own cache: what is timed is the CPU
+                    // time the host gives this one (memory-bound copies
+                    // varied too much to tell a neighbour from noise).
+                    let src = vec![0x5au8; 128 << 10];
+                    let mut dst = vec![1u8; 128 << 10];
+                    let t = std::time::Instant::now();
+                    for i in 0..2000u16 {
+                        dst.copy_from_slice(&src);
+                        dst[usize::from(i)] ^= i.to_le_bytes()[0];
+                        std::hint::black_box(&mut dst);
+                    }
+                    t.elapsed()
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    times.into_iter().max().unwrap_or_default()
+}
+
+/// The round trip of a cache line between the first driver CPU and the
+/// first server CPU: what a request and its completion cross. On a host
+/// whose cores sit in several cache complexes (AMD EPYC), this machine's
+/// two vCPUs are sometimes in one and sometimes not, and every
+/// request-response target slowed by a third to a half while they were
+/// apart.
+pub fn round_trip() -> std::time::Duration {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+    const TRIPS: u64 = 20_000;
+    let Some(p) = get() else {
+        return Duration::ZERO;
+    };
+    let (a, b) = (p.driver[0], p.server[0]);
+    let line = AtomicU64::new(0);
+    let give_up = Instant::now() + Duration::from_millis(200);
+    let spin_until = |v: u64| {
+        let mut n = 0u32;
+        while line.load(Ordering::Acquire) != v {
+            std::hint::spin_loop();
+            n = n.wrapping_add(1);
+            if n.is_multiple_of(4096) && Instant::now() > give_up {
+                return false;
+            }
+        }
+        true
+    };
+    std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            let _ = pin_thread(&[b]);
+            for i in 0..TRIPS {
+                if !spin_until(2 * i + 1) {
+                    return;
+                }
+                line.store(2 * i + 2, Ordering::Release);
+            }
+        });
+        let _ = pin_thread(&[a]);
+        let t = Instant::now();
+        let mut done = 0;
+        for i in 0..TRIPS {
+            line.store(2 * i + 1, Ordering::Release);
+            if !spin_until(2 * i + 2) {
+                break;
+            }
+            done += 1;
+        }
+        let took = t.elapsed();
+        let _ = other.join();
+        if let Some(p) = get() {
+            let _ = pin_thread(&p.driver);
+        }
+        if done == TRIPS {
+            took / u32::try_from(TRIPS).unwrap_or(u32::MAX)
+        } else {
+            Duration::from_secs(1)
+        }
+    })
+}
+
+/// The machine's pace: [`calibrate`] and [`round_trip`].
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub copy: std::time::Duration,
+    pub trip: std::time::Duration,
+}
+
+/// The machine's pace when quiet: the best of a few measurements.
+pub fn quiet_pace() -> Pace {
+    let copy = (0..7).map(|_| calibrate()).min().unwrap_or_default();
+    let trip = (0..7).map(|_| round_trip()).min().unwrap_or_default();
+    Pace { copy, trip }
+}
+
+/// Waits (at most `limit`) until the CPUs copy within `slack` of `quiet`
+/// and a cache line crosses between the driver and the server CPUs within
+/// `slack` of its quiet round trip: the time waited.
+pub fn wait_for_quiet(quiet: Pace, slack: f64, limit: std::time::Duration) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    let ok =
+        |d: std::time::Duration, q: std::time::Duration| d.as_secs_f64() <= q.as_secs_f64() * slack;
+    while !(ok(calibrate(), quiet.copy) && ok(round_trip(), quiet.trip)) && t.elapsed() < limit {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    t.elapsed()
 }
 
 #[cfg(test)]

@@ -220,8 +220,9 @@ pub fn header(m: &Meta) -> String {
     let _ = writeln!(
         out,
         "{} s per run, {} run(s) per cell, interleaved: IOPS and p50 are medians with [min-max] \
-         and spread = (max-min)/median, marked ! over {:.0} %; CPU s/M = CPU seconds per million \
-         requests (device + driver)",
+         and spread = (max-min)/median, marked ! over {:.0} %; CPU s/M = CPU seconds of the \
+         device side (the server's processes; a direct reference's own I/O) per million \
+         requests, the synthetic guest's left out",
         m.seconds,
         m.repeat,
         SPREAD_MARK * 100.0
@@ -302,7 +303,7 @@ pub fn table(results: &Results) -> String {
                 fmt_spread(s.p50_spread()),
                 s.p99,
                 s.p999,
-                s.cpu_per_mreq,
+                s.device_cpu_per_mreq,
                 ratios
             );
         }
@@ -369,7 +370,7 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
                 s.p99,
                 s.cores,
                 per_core,
-                s.cpu_per_mreq
+                s.device_cpu_per_mreq
             );
         }
         let get = |t: &str| row.per.get(t);
