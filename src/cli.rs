@@ -556,7 +556,7 @@ impl Options {
 }
 
 /// `0-3,6` style.
-fn cpu_list(cpus: &[usize]) -> String {
+pub fn cpu_list(cpus: &[usize]) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut i = 0;
     while i < cpus.len() {

@@ -128,6 +128,10 @@ struct Args {
     /// keeps a halted vCPU running, 200 µs by default); 0: sleep at once.
     #[arg(long, default_value_t = 200)]
     guest_poll_us: u64,
+    /// Longest wait, in seconds, for a quiet machine before each run (0:
+    /// do not check).
+    #[arg(long, default_value_t = 20.0)]
+    quiet_wait: f64,
     /// qemu-storage-daemon iothread polling (poll-max-ns; 0 turns it off).
     #[arg(long, default_value_t = 32768)]
     qsd_poll_max_ns: u64,
@@ -776,6 +780,9 @@ fn real_main(args: &Args) -> Result<()> {
     if args.repeat == 0 {
         bail!("--repeat must be at least 1");
     }
+    if !(args.quiet_wait.is_finite() && args.quiet_wait >= 0.0) {
+        bail!("--quiet-wait must be 0 or more seconds");
+    }
     for (name, v) in [
         ("--ours-args", &args.ours_args),
         ("--ours-threads-args", &args.ours_threads_args),
@@ -923,7 +930,15 @@ fn real_main(args: &Args) -> Result<()> {
     let mut done = 0;
     let mut results: Results = BTreeMap::new();
     // The machine's pace when quiet: the best of a few calibrations.
-    let quiet = place::quiet_pace();
+    let quiet_limit = Duration::from_secs_f64(args.quiet_wait);
+    let quiet = if quiet_limit.is_zero() {
+        place::Pace {
+            copy: Duration::MAX,
+            trip: Duration::MAX,
+        }
+    } else {
+        place::quiet_pace()
+    };
     let (mut noisy_waits, mut noisy_wait) = (0usize, Duration::ZERO);
     for (i, w) in list.iter().enumerate() {
         let targets = targets_of(w, &selected);
@@ -957,7 +972,7 @@ fn real_main(args: &Args) -> Result<()> {
                 // the CPUs (a copy in the cores' caches more than 25 %
                 // slower than at the start), wait for it to pass, up to
                 // 20 s.
-                let waited = place::wait_for_quiet(quiet, 1.25, Duration::from_secs(20));
+                let waited = place::wait_for_quiet(quiet, 1.25, quiet_limit);
                 if waited > Duration::from_millis(300) {
                     noisy_waits += 1;
                     noisy_wait += waited;

@@ -71,23 +71,9 @@ pub fn pin_thread(cpus: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// `0-3,6` style.
+/// `0-3,6` style (the server's own notation).
 pub fn list(cpus: &[usize]) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let mut j = i;
-        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
-            j += 1;
-        }
-        out.push(if i == j {
-            cpus[i].to_string()
-        } else {
-            format!("{}-{}", cpus[i], cpus[j])
-        });
-        i = j + 1;
-    }
-    out.join(",")
+    vfio_user_blk::cli::cpu_list(cpus)
 }
 
 /// `0-3,6` style, parsed.

@@ -30,6 +30,10 @@ fn bench_quick_run_writes_json_and_svg() {
             "--quick",
             "--seconds",
             "0.3",
+            "--repeat",
+            "2",
+            "--quiet-wait",
+            "0",
             "--size",
             "16M",
             "--targets",
@@ -62,7 +66,21 @@ fn bench_quick_run_writes_json_and_svg() {
     // The direct-* workloads are skipped (and say so) where the temporary
     // directory is tmpfs.
     let skipped = v["skipped"].as_object().unwrap();
-    assert_eq!(rows.len() + skipped.len(), 5, "{v}");
+    assert_eq!(rows.len() + skipped.len(), 6, "{v}");
+    // Every cell has its runs, and its median between their least and most.
+    for r in rows {
+        for (t, c) in r["targets"].as_object().unwrap() {
+            let runs = c["runs_iops"].as_array().unwrap();
+            assert_eq!(runs.len(), 2, "{t}: {c}");
+            let (lo, mid, hi) = (
+                c["iops_min"].as_f64().unwrap(),
+                c["iops"].as_f64().unwrap(),
+                c["iops_max"].as_f64().unwrap(),
+            );
+            assert!(lo <= mid && mid <= hi, "{t}: {c}");
+            assert!(c["iops_spread"].as_f64().unwrap() >= 0.0, "{t}: {c}");
+        }
+    }
     let mut multi = 0;
     for r in rows {
         assert!(r["best_qsd"].is_null(), "{r}");
@@ -88,7 +106,7 @@ fn bench_quick_run_writes_json_and_svg() {
         assert!(r["ratio_ours_qsd_iops"].is_null(), "{r}");
         assert!(r["ratio_ours_direct_uring_iops"].is_null(), "{r}");
     }
-    assert_eq!(multi, 1, "{v}");
+    assert_eq!(multi, 2, "{v}");
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("queue depth"));
 }
@@ -123,6 +141,10 @@ fn a_qsd_that_refuses_io_uring_is_not_run() {
             "4k-randread-qd1",
             "--seconds",
             "0.2",
+            "--repeat",
+            "1",
+            "--quiet-wait",
+            "0",
             "--size",
             "8M",
             "--targets",

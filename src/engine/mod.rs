@@ -296,6 +296,7 @@ impl Engine {
                     load.clone(),
                 );
                 r.stats = stats.clone();
+                r.shares_cpu = cpu.is_some_and(|c| worker_cpus.contains(&c));
                 thread::Builder::new()
                     .name(format!("reactor-{i}"))
                     .spawn(move || {
