@@ -515,6 +515,18 @@ mod tests {
 
     const RW: u32 = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
 
+    /// An empty guest memory and a table of 16 windows over it.
+    fn table() -> (GuestMemoryHandle, DmaTable) {
+        let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
+        let t = DmaTable::new(
+            mem.clone(),
+            16,
+            Share::register().unwrap(),
+            DeviceLog::new("test"),
+        );
+        (mem, t)
+    }
+
     /// Whether a mapping of a memfd named `name` is in this process.
     fn mapped(name: &str) -> bool {
         std::fs::read_to_string("/proc/self/maps")
@@ -529,13 +541,7 @@ mod tests {
     /// last request letting go.
     #[test]
     fn a_retired_window_goes_once_its_last_user_lets_go_without_other_dma() {
-        let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(
-            mem.clone(),
-            16,
-            Share::register().unwrap(),
-            DeviceLog::new("test"),
-        );
+        let (mem, mut t) = table();
         let name = "dma-sweep-test";
         let f = crate::util::memfd(name).unwrap();
         f.set_len(0x4000).unwrap();
@@ -558,13 +564,7 @@ mod tests {
 
     #[test]
     fn map_read_unmap() {
-        let mem = GuestMemoryHandle::new(GuestMemoryMmap::default());
-        let mut t = DmaTable::new(
-            mem.clone(),
-            16,
-            Share::register().unwrap(),
-            DeviceLog::new("test"),
-        );
+        let (mem, mut t) = table();
         t.map(0x10000, 0x2000, 0x1000, RW, Some(memfd(0x4000)))
             .unwrap();
         mem.memory()
