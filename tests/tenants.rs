@@ -683,3 +683,77 @@ fn one_devices_large_reads_leave_room_in_the_io_uring_for_another() {
     let mut srv = srv;
     srv.assert_healthy();
 }
+
+/// A busy reactor on a CPU it shares with the I/O threads sleeps while
+/// only their work is pending, to give them the CPU. In busy mode guests
+/// ring no doorbells, so another device's guest on that reactor would then
+/// wait for the first device's disk to answer: the reactor asks for
+/// doorbells before it sleeps. (Without that, the second device's write
+/// waited for the stuck read.)
+#[test]
+fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk() {
+    use clap::Parser;
+    let _one = one_at_a_time();
+    // This thread, and every thread of the target started from it, on one
+    // CPU: the reactor and the I/O threads share it.
+    let cpu = vfio_user_blk::engine::usable_cpus().unwrap()[0];
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set` (a CPU the process has).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(r, 0);
+    let dir = TempDir::new("share");
+    let opts = vfio_user_blk::cli::Options::parse_from([
+        "x",
+        "--rpc-socket",
+        dir.path("unused-rpc.sock").to_str().unwrap(),
+        "--poll-mode",
+        "busy",
+        "--pollers",
+        "1",
+        "--io-engine",
+        "threads",
+    ]);
+    let target = vfio_user_blk::target::Target::start(&opts).unwrap();
+    let be = support::gate::Gate::new(support::gate::Stuck::Reads, 64);
+    let stuck = dir.path("stuck.sock");
+    target
+        .add_disk(
+            format!("socket={},disk=null:8M,name=stuck", stuck.display())
+                .parse()
+                .unwrap(),
+            vfio_user_blk::backend::Disk {
+                spec: vfio_user_blk::backend::DiskSpec::Null(support::gate::SIZE),
+                size: support::gate::SIZE,
+                readonly: false,
+                backend: be.clone(),
+            },
+        )
+        .unwrap();
+    let other = dir.path("other.sock");
+    target
+        .add(
+            format!("socket={},disk=ram:1M,name=other", other.display())
+                .parse()
+                .unwrap(),
+        )
+        .unwrap();
+    let mut d = Driver::new(&stuck, DriverOptions::default());
+    support::gate::stuck_read(&mut d, 64);
+    be.wait_entered();
+    // Give the reactor time to go to sleep behind the stuck read.
+    thread::sleep(Duration::from_millis(50));
+    let served = within(Duration::from_secs(5), move || {
+        let mut b = Driver::new(&other, DriverOptions::default());
+        let data = support::driver::pattern(9, 4096);
+        (0..20).all(|i| b.write(0, i * 8, &data) == S_OK)
+    });
+    be.release();
+    assert_eq!(
+        served,
+        Some(true),
+        "the other device's writes waited for the stuck disk"
+    );
+}

@@ -436,8 +436,10 @@ impl Reactor {
             // requests in their hands gives the CPU to them: spinning there
             // took the time the requests needed (4 KiB buffered writes ran
             // at 0.44-0.84x qemu-storage-daemon's), and their completion
-            // wakes it. A request the guest adds meanwhile waits
-            // for that wake-up; one with nothing in flight never does.
+            // wakes it. It asks for doorbells first, as in adaptive mode,
+            // so that a request added meanwhile (on any queue: another
+            // device's guest must not wait for this one's disk) wakes it
+            // too.
             let yield_to_io = self.shares_cpu
                 && self.mode == PollMode::Busy
                 && last_work.elapsed() >= SHARED_SPIN
@@ -461,7 +463,7 @@ impl Reactor {
                 }
                 continue;
             }
-            if self.mode != PollMode::Busy {
+            if self.mode != PollMode::Busy || yield_to_io {
                 // Ask for doorbells, then look once more: a request that
                 // arrived before notifications were on would otherwise
                 // wait for the next one.
@@ -479,7 +481,7 @@ impl Reactor {
                 .total_ns
                 .fetch_add(now.wrapping_sub(mark), Ordering::Relaxed);
             mark = now;
-            if self.mode == PollMode::Adaptive {
+            if self.mode == PollMode::Adaptive || yield_to_io {
                 for q in self.queues.iter_mut() {
                     q.set_notifications(false);
                 }
