@@ -49,21 +49,25 @@ fn misaligned_writes(d: &mut Driver, n: usize) -> Vec<Duration> {
 /// written, a GiB a request); device B's misaligned O_DIRECT writes, which
 /// also run on the pool, used to queue behind the whole flood (p50 from
 /// 0.68 ms to 338 ms). Target: B's p50 under the flood at most 3x alone.
-#[test]
-fn one_devices_write_zeroes_flood_does_not_hold_anothers_pool_work() {
-    let _one = one_at_a_time();
-    let dir = TempDir::on_disk("fair");
+/// Device B of the fairness tests: a 64 MiB image in `dir` served with
+/// O_DIRECT (its misaligned writes go through the pool): its socket and
+/// its `--device` spec.
+fn device_b(dir: &TempDir) -> (std::path::PathBuf, String) {
     let img = dir.path("b.img");
     std::fs::File::create(&img)
         .unwrap()
         .set_len(64 * MB)
         .unwrap();
-    let b_sock = dir.path("b.sock");
-    let dev = format!(
-        "socket={},disk={},direct=on",
-        b_sock.display(),
-        img.display()
-    );
+    let sock = dir.path("b.sock");
+    let dev = format!("socket={},disk={},direct=on", sock.display(), img.display());
+    (sock, dev)
+}
+
+#[test]
+fn one_devices_write_zeroes_flood_does_not_hold_anothers_pool_work() {
+    let _one = one_at_a_time();
+    let dir = TempDir::on_disk("fair");
+    let (b_sock, dev) = device_b(&dir);
     let srv = ServerProcess::start_in(
         dir,
         &["--disk", "ram:1G", "--pollers", "1", "--device", &dev],
@@ -601,17 +605,7 @@ fn one_devices_large_reads_leave_room_in_the_io_uring_for_another() {
         }
         f.sync_all().unwrap();
     }
-    let b_img = dir.path("b.img");
-    std::fs::File::create(&b_img)
-        .unwrap()
-        .set_len(64 * MB)
-        .unwrap();
-    let b_sock = dir.path("b.sock");
-    let dev = format!(
-        "socket={},disk={},direct=on",
-        b_sock.display(),
-        b_img.display()
-    );
+    let (b_sock, dev) = device_b(&dir);
     let a_path = a_img.to_str().unwrap().to_string();
     let srv = ServerProcess::start_in(
         dir,
