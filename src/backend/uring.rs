@@ -245,6 +245,12 @@ impl Uring {
         !cq.is_empty()
     }
 
+    /// Requests pushed but not yet handed to the kernel (a submit that
+    /// failed leaves them there).
+    pub fn unsubmitted(&self) -> usize {
+        self.queued
+    }
+
     /// Submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
         self.in_flight

@@ -176,12 +176,14 @@ impl Gate {
         if cpu {
             self.cpu_in_pool -= 1;
         }
-        let first = self.next_of(id);
-        let mut second = None;
-        // Each listed tenant is looked at once; one that still does not
-        // fit is listed again, at the end.
+        // A tenant the others kept out goes first: had the releasing
+        // tenant taken its place back each time, a busy one (not only a
+        // hung one) could keep another out for as long as it had a
+        // backlog. Each listed tenant is looked at once; one that still
+        // does not fit is listed again, at the end.
+        let mut first = None;
         for _ in 0..self.blocked.len() {
-            if second.is_some() {
+            if first.is_some() {
                 break;
             }
             let Some(other) = self.blocked.pop_front() else {
@@ -190,8 +192,11 @@ impl Gate {
             if let Some(t) = self.tenants.get_mut(&other) {
                 t.listed = false;
             }
-            second = self.next_of(other);
+            first = self.next_of(other);
         }
+        // Then the releasing tenant's own next (listed if it does not fit
+        // and has nothing left in the pool to wake it).
+        let second = self.next_of(id);
         if self.tenants.len() > IDLE_TENANTS_KEPT {
             let idle = self
                 .tenants
@@ -682,6 +687,37 @@ mod tests {
         assert_eq!(seen, vec![1, 3]);
         release(&open_b);
         assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok());
+    }
+
+    /// From the third review: the releasing tenant took its own place back
+    /// before a tenant the others kept out was looked at, so two busy
+    /// tenants (no hung disk) with a backlog kept a third out of a pool of
+    /// two until their backlogs were done.
+    #[test]
+    fn a_tenant_kept_out_gets_the_next_free_place_before_a_busy_tenants_backlog() {
+        let pool = Pool::with_idle_exit(2, Duration::from_secs(10));
+        let (r, rx) = reply();
+        let (be, _) = slow();
+        for tenant in [1u64, 2] {
+            for i in 0..20 {
+                pool.submit(job(tenant, i, zeroes(0, 20 << 20), be.clone(), &r));
+            }
+        }
+        thread::sleep(Duration::from_millis(5));
+        let t = Instant::now();
+        pool.submit(job(3, 100, zeroes(0, 1 << 20), be.clone(), &r));
+        loop {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(Msg::PoolDone(d)) if d.slot == 100 => break,
+                Ok(_) => {}
+                Err(_) => panic!("tenant 3's job never ran"),
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "tenant 3 waited {:?} behind two busy tenants' backlogs",
+            t.elapsed()
+        );
     }
 
     /// Work that is all CPU (here: zeros written) runs on at most half the

@@ -437,7 +437,11 @@ impl Reactor {
             // device's guest must not wait for this one's disk) wakes it
             // too.
             let in_flight = self.mode == PollMode::Busy && self.in_flight() > 0;
-            let yield_to_io = self.shares_cpu && in_flight;
+            // Not with requests the kernel has not taken yet (a submit that
+            // failed): no completion would come for them, and the next pass
+            // must submit them again.
+            let unsubmitted = self.uring.as_ref().is_some_and(|u| u.unsubmitted() > 0);
+            let yield_to_io = self.shares_cpu && in_flight && !unsubmitted;
             let busy_wait = self.queues.iter().any(|q| q.polled())
                 || match self.mode {
                     PollMode::Busy => !yield_to_io && (live || in_flight),
