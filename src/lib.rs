@@ -7,7 +7,6 @@
 pub mod backend;
 pub mod blk;
 pub mod cli;
-pub mod driver_ring;
 pub mod engine;
 pub mod memory;
 pub mod pci;

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use support::driver::*;
 use support::gate::{serve_on, stuck_read, Gate, Stuck};
 use support::*;
-use vfio_user_blk::driver_ring::{Buf, SplitRing};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vub_testkit::driver_ring::{Buf, SplitRing};
 
 const MB: u64 = 1 << 20;
 

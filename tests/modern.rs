@@ -453,7 +453,7 @@ fn a_broken_packed_chain_breaks_the_queue_until_reset() {
     // now says NEXT and looks available for that lap: a chain with no end.
     let desc = d.packed[0].desc;
     for i in 0..8u64 {
-        vfio_user_blk::driver_ring::PackedRing::write_raw(
+        vub_testkit::driver_ring::PackedRing::write_raw(
             &d.mem,
             desc + 16 * i,
             0x100000,

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use support::driver::*;
 use support::*;
 use vfio_bindings::bindings::vfio::*;
-use vfio_user_blk::driver_ring::SplitRing;
 use vfio_user_blk::virtio::modern;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use vub_testkit::driver_ring::SplitRing;
 
 const MB: u64 = 1 << 20;
 const CMD_GET_REGION_INFO: u16 = 5;

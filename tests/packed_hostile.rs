@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use support::driver::*;
 #[allow(unused_imports)]
 use support::*;
-use vfio_user_blk::driver_ring::{Buf, PackedRing};
 use vfio_user_blk::virtio::packed::PackedQueue;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vub_testkit::driver_ring::{Buf, PackedRing};
 
 const DESC: u64 = 0x1000;
 const DRIVER: u64 = 0x3000;

@@ -24,7 +24,7 @@ use crate::guest::{GuestRam, Transport};
 use crate::report::median;
 use crate::run::{new_hist, process_cpu, RING_BASE};
 use crate::servers::{start_ours, OursDisk};
-use vfio_user_blk::driver_ring::Buf;
+use vub_testkit::driver_ring::Buf;
 
 /// One set-up of the study.
 struct Setup {
@@ -73,7 +73,7 @@ const DATA: u64 = HDR + 4096;
 fn run_one(
     g: &mut VfioUserBlk,
     ram: &GuestRam,
-    ring: &mut vfio_user_blk::driver_ring::SplitRing,
+    ring: &mut vub_testkit::driver_ring::SplitRing,
     disk_size: u64,
     gap: Duration,
     secs: Duration,

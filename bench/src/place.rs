@@ -313,6 +313,21 @@ pub fn wait_for_quiet(quiet: Pace, slack: f64, limit: std::time::Duration) -> st
     t.elapsed()
 }
 
+/// CPU time the hypervisor gave to someone else while this machine's
+/// CPUs wanted to run ("steal" in /proc/stat), in seconds, all CPUs.
+pub fn stolen() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let cpu = s.lines().next()?.to_string();
+            cpu.split_whitespace().nth(8)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +340,14 @@ mod tests {
         assert!(parse_list("3-1").is_err());
         assert!(parse_list("x").is_err());
         assert!(parse_list("100000").is_err());
+    }
+
+    #[test]
+    fn stolen_time_reads_and_does_not_go_back() {
+        let a = stolen();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b = stolen();
+        assert!(a >= 0.0 && b >= a, "{a} then {b}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! - `ours`, `ours-threads`: our server over vfio-user (io_uring and
 //!   thread-pool I/O engines), driven by the synthetic guest
-//!   (`crate::guest`, on the server library's `driver_ring`) through
+//!   (`crate::guest`, on the test kit's `driver_ring`) through
 //!   rust-vmm's `vfio_user::Client`;
 //! - `qsd-threads`, `qsd-uring`, `qsd-native`: QEMU's qemu-storage-daemon
 //!   exporting the same image as vhost-user-blk (`aio=threads`, `io_uring`,
@@ -30,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use vm_memory::{Bytes, GuestAddress};
 
-use vfio_user_blk::driver_ring::{Buf, SplitRing};
+use vub_testkit::driver_ring::{Buf, SplitRing};
 
 use crate::guest::{GuestRam, Transport};
 

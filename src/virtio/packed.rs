@@ -414,7 +414,7 @@ impl DescSource for PackedChain<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver_ring::{Buf, PackedRing};
+    use vub_testkit::driver_ring::{Buf, PackedRing};
 
     const DESC: u64 = 0x1000;
     const DRIVER: u64 = 0x3000;

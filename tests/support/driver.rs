@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use vfio_bindings::bindings::vfio::*;
 use vfio_user::Client;
-use vfio_user_blk::driver_ring::{Buf, PackedRing, SplitRing};
 use vfio_user_blk::virtio::modern;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vub_testkit::driver_ring::{Buf, PackedRing, SplitRing};
 
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
@@ -40,7 +40,7 @@ pub const F_INDIRECT: u32 = 1 << 28;
 pub const F_EVENT_IDX: u32 = 1 << 29;
 
 #[allow(unused_imports)]
-pub use vfio_user_blk::driver_ring::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+pub use vub_testkit::driver_ring::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 
 /// Where rings and buffers go in guest RAM.
 const RING_BASE: u64 = 0x10000;

@@ -1,5 +1,5 @@
 //! A synthetic guest: the driver side of virtio-blk, for the benchmark. The
-//! split ring is the server library's `driver_ring` (the integration tests'
+//! split ring is the test kit's `driver_ring` (the integration tests'
 //! driver uses it too); the transports are our device over vfio-user (the
 //! legacy virtio-pci register block, through rust-vmm's `vfio_user::Client`)
 //! and a vhost-user-blk backend (through rust-vmm's `vhost` frontend), so

@@ -24,9 +24,9 @@ use vfio_user::Client;
 use vm_memory::{FileOffset, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use vfio_user_blk::driver_ring::SplitRing;
 use vfio_user_blk::virtio::legacy::{self, legacy_ring_layout};
 use vfio_user_blk::virtio::modern;
+use vub_testkit::driver_ring::SplitRing;
 
 use super::{GuestRam, Transport};
 

@@ -11,8 +11,8 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use vfio_user_blk::driver_ring::SplitRing;
 use vfio_user_blk::virtio::legacy::legacy_ring_layout;
+use vub_testkit::driver_ring::SplitRing;
 
 use super::{GuestRam, Transport};
 

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use vm_memory::{Bytes, GuestAddress};
 
-use vfio_user_blk::driver_ring::{Buf, SplitRing};
 use vfio_user_blk::util::parse_size;
+use vub_testkit::driver_ring::{Buf, SplitRing};
 
 use super::journal::{Kind, Record, Writer};
 use super::pattern::{self, fill_range, Content, SECTOR};

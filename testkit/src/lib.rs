@@ -1,0 +1,5 @@
+//! Test and benchmark code shared by the workspace: the guest driver's side
+//! of the split and packed rings (`driver_ring`). Not part of the server:
+//! it panics on misuse, as test code may.
+
+pub mod driver_ring;
