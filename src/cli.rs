@@ -1,24 +1,22 @@
-//! Command-line options and the wiring of the layers into one device.
+//! Command-line options, and the devices and target they describe (built
+//! by `device` and `target`).
 
-use std::io::ErrorKind;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use log::info;
-use vm_memory::GuestMemoryMmap;
 
-use crate::backend::{self, DiskSpec, OpenOptionsDisk};
+use crate::backend::{self, DiskSpec};
 use crate::blk::exec::ErrorPolicy;
-use crate::blk::{BlkDevice, BlkOptions, BlkShared};
+use crate::device::{
+    build_device, default_serial, device_on, parse_block_size, parse_queue_size, parse_queues,
+    parse_serial, BlkFunction, DeviceSpec, Settings,
+};
 use crate::engine::{Engine, EngineConfig, IoEngine, PollMode};
-use crate::pci::{self, Identity, Interrupts, PciFunction};
 use crate::util::parse_size;
-use crate::vfio_user::{GuestMemoryHandle, Server, ServerConfig};
-use crate::virtio::transport::{NotifyMode, PciTransport};
+use crate::vfio_user::Server;
+use crate::virtio::transport::NotifyMode;
 
 /// Serve virtio-blk disks as PCI devices over vfio-user.
 ///
@@ -199,279 +197,6 @@ fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
         .ok_or_else(|| format!("'{s}' names no address"))
 }
 
-/// One disk and its options, from `--device` or the one-disk flags.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceSpec {
-    /// Its name for the management plane and the log (default `diskN`).
-    pub name: Option<String>,
-    pub socket: PathBuf,
-    pub disk: DiskSpec,
-    pub size: Option<u64>,
-    pub readonly: bool,
-    pub queues: u16,
-    pub queue_size: u16,
-    pub serial: String,
-    pub logical_block_size: u32,
-    pub direct: bool,
-    pub discard: bool,
-    pub write_zeroes: bool,
-    /// Offer the packed ring layout.
-    pub packed: bool,
-    /// Take no image lock (read-only only), as QEMU's force-share=on.
-    pub force_share: bool,
-}
-
-fn on_off(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "true" | "yes" | "1" => Ok(true),
-        "off" | "false" | "no" | "0" => Ok(false),
-        _ => Err(format!("{key}={v}: expected on or off")),
-    }
-}
-
-impl std::str::FromStr for DeviceSpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<DeviceSpec, String> {
-        // Split on single commas; ",," is a literal comma (as in QEMU).
-        let mut items = Vec::new();
-        let mut cur = String::new();
-        let mut chars = s.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == ',' {
-                if chars.peek() == Some(&',') {
-                    chars.next();
-                    cur.push(',');
-                } else {
-                    items.push(std::mem::take(&mut cur));
-                }
-            } else {
-                cur.push(c);
-            }
-        }
-        items.push(cur);
-        let (mut socket, mut disk) = (None, None);
-        let mut d = DeviceSpec {
-            name: None,
-            socket: PathBuf::new(),
-            disk: DiskSpec::Null(0),
-            size: None,
-            readonly: false,
-            queues: 1,
-            queue_size: 256,
-            serial: String::new(),
-            logical_block_size: 512,
-            direct: false,
-            discard: true,
-            write_zeroes: true,
-            packed: false,
-            force_share: false,
-        };
-        for item in items.iter().filter(|i| !i.is_empty()) {
-            let (k, v) = item
-                .split_once('=')
-                .ok_or_else(|| format!("'{item}' is not key=value"))?;
-            match k {
-                "socket" => socket = Some(PathBuf::from(v)),
-                "name" => d.name = Some(parse_name(v)?),
-                "disk" => disk = Some(v.parse::<DiskSpec>()?),
-                "size" => d.size = Some(parse_size(v)?),
-                "readonly" => d.readonly = on_off(k, v)?,
-                "queues" => d.queues = parse_queues(v)?,
-                "queue-size" => d.queue_size = parse_queue_size(v)?,
-                "serial" => d.serial = parse_serial(v)?,
-                "logical-block-size" => d.logical_block_size = parse_block_size(v)?,
-                "direct" => d.direct = on_off(k, v)?,
-                "discard" => d.discard = on_off(k, v)?,
-                "write-zeroes" => d.write_zeroes = on_off(k, v)?,
-                "packed" => d.packed = on_off(k, v)?,
-                "force-share" => d.force_share = on_off(k, v)?,
-                _ => {
-                    return Err(format!(
-                        "unknown key '{k}' (keys: name, socket, disk, size, readonly, queues, \
-                         queue-size, serial, logical-block-size, direct, discard, write-zeroes, \
-                         packed, force-share)"
-                    ))
-                }
-            }
-        }
-        d.socket = socket.ok_or("socket=PATH is missing")?;
-        if d.serial.is_empty() {
-            d.serial = default_serial(&d.socket);
-        }
-        d.disk = disk.ok_or("disk=SPEC is missing")?;
-        Ok(d)
-    }
-}
-
-fn parse_name(s: &str) -> Result<String, String> {
-    if s.is_empty()
-        || s.len() > 64
-        || !s
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err(format!(
-            "device name '{s}': 1 to 64 letters, digits, '-', '_' or '.'"
-        ));
-    }
-    Ok(s.to_string())
-}
-
-impl DeviceSpec {
-    /// What can be checked before anything is created: the socket path
-    /// fits a unix socket address and its folder exists; force-share is
-    /// for read-only disks.
-    pub fn validate_against_machine(&self) -> Result<()> {
-        let len = self.socket.as_os_str().len();
-        if len == 0 || len > 107 {
-            bail!(
-                "socket path {} is {len} bytes; a unix socket path has 1 to 107",
-                self.socket.display()
-            );
-        }
-        if let Some(dir) = self.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.is_dir() {
-                bail!(
-                    "the folder of socket {} does not exist",
-                    self.socket.display()
-                );
-            }
-        }
-        if self.force_share && !self.readonly {
-            bail!(
-                "force-share is for read-only disks (socket {}): add readonly=on",
-                self.socket.display()
-            );
-        }
-        let block = u64::from(self.logical_block_size);
-        let size = match &self.disk {
-            DiskSpec::File(_) => self.size,
-            DiskSpec::Ram(s) | DiskSpec::Null(s) => Some(*s),
-        };
-        if let Some(s) = size {
-            if s == 0 || !s.is_multiple_of(block) {
-                bail!(
-                    "disk size {s} must be a positive multiple of the logical block size {block}"
-                );
-            }
-        }
-        if let DiskSpec::Ram(s) = &self.disk {
-            let mem = crate::util::memory_bytes();
-            if *s > mem {
-                bail!(
-                    "a disk in memory of {s} bytes is larger than this machine's memory \
-                     ({mem} bytes)"
-                );
-            }
-        }
-        if let DiskSpec::File(p) = &self.disk {
-            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                if !p.exists() && !dir.is_dir() {
-                    bail!("the folder of {} does not exist", p.display());
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn parse_queues(s: &str) -> Result<u16, String> {
-    match s.parse::<u16>() {
-        Ok(n @ 1..=64) => Ok(n),
-        _ => Err(format!("queues '{s}' must be from 1 to 64")),
-    }
-}
-
-/// A serial unique to the socket path (FNV-1a of it, 16 hex digits), in
-/// the 20 bytes GET_ID has.
-pub fn default_serial(socket: &Path) -> String {
-    let path = std::fs::canonicalize(socket.parent().unwrap_or(Path::new(".")))
-        .map(|d| d.join(socket.file_name().unwrap_or_default()))
-        .unwrap_or_else(|_| socket.to_path_buf());
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in path.as_os_str().as_encoded_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("vub-{h:016x}")
-}
-
-fn parse_serial(s: &str) -> Result<String, String> {
-    if s.len() > 20 {
-        return Err(format!("serial '{s}' is longer than 20 bytes"));
-    }
-    Ok(s.to_string())
-}
-
-fn parse_block_size(s: &str) -> Result<u32, String> {
-    match s.parse::<u32>() {
-        Ok(n @ (512 | 1024 | 2048 | 4096)) => Ok(n),
-        _ => Err(format!(
-            "logical block size '{s}' must be 512, 1024, 2048 or 4096"
-        )),
-    }
-}
-
-fn parse_queue_size(s: &str) -> Result<u16, String> {
-    let n: u16 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
-    if !n.is_power_of_two() || n > 1024 {
-        return Err(format!(
-            "queue size {n} must be a power of two from 1 to 1024"
-        ));
-    }
-    Ok(n)
-}
-
-/// Binds the listening socket: owner-only permissions, and a clear answer
-/// when the path is taken.
-pub fn bind_socket(path: &Path, force: bool) -> Result<UnixListener> {
-    crate::util::check_path_is_ours(path, "socket").map_err(anyhow::Error::msg)?;
-    match std::fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_socket() => match crate::util::probe_socket(path) {
-            Ok(()) => bail!("{} is in use by a running server", path.display()),
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                if !force {
-                    bail!(
-                        "{} is a stale socket from an earlier run; remove it or pass --force",
-                        path.display()
-                    );
-                }
-                info!("replacing stale socket {}", path.display());
-                std::fs::remove_file(path)
-                    .with_context(|| format!("removing stale socket {}", path.display()))?;
-            }
-            Err(e) => bail!("{} exists and cannot be probed: {e}", path.display()),
-        },
-        Ok(_) => bail!(
-            "{} exists and is not a socket; refusing to replace it",
-            path.display()
-        ),
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
-    }
-    // SAFETY: umask only changes this process's file creation mask.
-    let old = unsafe { libc::umask(0o077) };
-    let listener = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    listener.with_context(|| format!("binding {}", path.display()))
-}
-
-/// The PCI identity of a transitional virtio block device.
-pub const VIRTIO_BLK_IDENTITY: Identity = Identity {
-    vendor: 0x1af4,
-    device: 0x1001,
-    subsys_vendor: 0x1af4,
-    subsys_id: 2,
-    // Legacy drivers insist on ABI revision 0.
-    revision: 0,
-    // Mass storage, SCSI subclass, as QEMU's virtio-blk-pci reports.
-    class: [0x01, 0x00, 0x00],
-};
-
-pub type BlkFunction = PciFunction<PciTransport<BlkDevice>>;
-
 impl Options {
     /// Checks what the parser cannot, against this machine, before anything
     /// is created: a bad option must not leave an image or a socket behind,
@@ -542,6 +267,26 @@ impl Options {
         v
     }
 
+    /// What every device of the process shares.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            on_error: self.on_error,
+            notify: self.notify,
+            force: self.force,
+        }
+    }
+
+    /// Starts the target these options describe: every disk they name,
+    /// on one engine, after checking them all.
+    pub fn start_target(&self) -> Result<Arc<crate::target::Target>> {
+        self.validate()?;
+        crate::target::Target::start(
+            self.engine_config(false),
+            self.settings(),
+            self.device_specs(),
+        )
+    }
+
     /// The engine these options ask for.
     pub fn engine_config(&self, inline: bool) -> EngineConfig {
         EngineConfig {
@@ -588,7 +333,7 @@ pub fn build_target(opts: &Options, inline: bool) -> Result<Target> {
     let mut devices = Vec::new();
     for (i, spec) in opts.device_specs().into_iter().enumerate() {
         let name = spec.name.clone().unwrap_or_else(|| format!("disk{i}"));
-        let (server, _) = build_device(&spec, &name, opts, &engine)?;
+        let (server, _) = build_device(&spec, &name, &opts.settings(), &engine)?;
         devices.push((spec, server));
     }
     Ok(Target { engine, devices })
@@ -612,26 +357,6 @@ pub fn build_with(opts: &Options, inline: bool) -> Result<Server<BlkFunction>> {
         .context("no device")
 }
 
-/// Opens one disk and builds its PCI function and server on `engine`.
-pub fn build_device(
-    spec: &DeviceSpec,
-    name: &str,
-    opts: &Options,
-    engine: &Arc<Engine>,
-) -> Result<(Server<BlkFunction>, Arc<BlkShared>)> {
-    let disk = backend::open(
-        &spec.disk,
-        OpenOptionsDisk {
-            readonly: spec.readonly,
-            create_size: spec.size,
-            direct: spec.direct.then_some(spec.logical_block_size as usize),
-            force_share: spec.force_share,
-        },
-    )
-    .with_context(|| format!("opening disk {}", spec.disk))?;
-    device_on(spec, name, opts, engine, disk)
-}
-
 /// The first device of `opts` on a backend of the caller's (tests, and
 /// anyone embedding the device): `size` bytes, served by `backend`.
 pub fn build_on_backend(
@@ -649,68 +374,7 @@ pub fn build_on_backend(
         backend,
     };
     let name = spec.name.clone().unwrap_or_else(|| "disk0".into());
-    device_on(&spec, &name, opts, &engine, disk).map(|(s, _)| s)
-}
-
-/// Builds one device on an opened disk; `name` is how the log and the
-/// management plane call it.
-pub fn device_on(
-    spec: &DeviceSpec,
-    name: &str,
-    opts: &Options,
-    engine: &Arc<Engine>,
-    disk: backend::Disk,
-) -> Result<(Server<BlkFunction>, Arc<BlkShared>)> {
-    let log = crate::util::DeviceLog::new(name);
-    if !disk.size.is_multiple_of(u64::from(spec.logical_block_size)) {
-        bail!(
-            "disk size {} is not a multiple of the logical block size {}",
-            disk.size,
-            spec.logical_block_size
-        );
-    }
-    log::debug!(
-        "{name}: disk {:?}, {} bytes{}, {} queue(s) of {}",
-        disk.spec,
-        disk.size,
-        if disk.readonly { ", read-only" } else { "" },
-        spec.queues,
-        spec.queue_size
-    );
-    let memory = GuestMemoryHandle::new(GuestMemoryMmap::default());
-    // One vector per queue plus one for configuration changes.
-    let vectors = (spec.queues + 1).min(pci::MAX_MSIX_VECTORS);
-    let irqs = Arc::new(Interrupts::new(vectors, log.clone()));
-    let blk = BlkDevice::new(
-        log.clone(),
-        BlkOptions {
-            capacity_bytes: disk.size,
-            readonly: spec.readonly,
-            num_queues: spec.queues,
-            queue_size: spec.queue_size,
-            logical_block_size: spec.logical_block_size,
-            serial: spec.serial.clone(),
-            discard: spec.discard,
-            write_zeroes: spec.write_zeroes,
-            packed: spec.packed,
-            on_error: opts.on_error,
-            in_memory: matches!(spec.disk, DiskSpec::Ram(_)),
-        },
-        disk.backend,
-        memory.clone(),
-        engine.clone(),
-    );
-    let shared = blk.shared();
-    let transport = PciTransport::new(blk, irqs.clone(), opts.notify)
-        .context("creating the shared notify page")?;
-    shared.set_config_notifier(transport.config_notifier());
-    let function = PciFunction::new(VIRTIO_BLK_IDENTITY, transport, irqs);
-    let share = crate::vfio_user::budget::Share::register()
-        .context("taking the device's share of guest-memory windows")?;
-    Ok((
-        Server::new(function, memory, ServerConfig::default(), share, log),
-        shared,
-    ))
+    device_on(&spec, &name, &opts.settings(), &engine, disk).map(|(s, _)| s)
 }
 
 #[cfg(test)]

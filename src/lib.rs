@@ -1,12 +1,19 @@
 //! vfio-user-blk: a virtio-blk disk served as a PCI function over vfio-user.
 //!
-//! Layers (see DESIGN.md): `vfio_user` (protocol), `pci` (config space,
-//! BARs, MSI-X, interrupt eventfds), `virtio` (legacy transport), `blk`
-//! (virtio-blk), `backend` (blocks and bytes), `cli` (wiring).
+//! Layers, from the socket down (README.md, "Layout", says what each owns
+//! and what it knows nothing of):
+//! `vfio_user` (the protocol), `pci` (config space, BARs, MSI-X, interrupt
+//! eventfds), `virtio` (the legacy and modern transports, the rings),
+//! `blk` (virtio-blk requests), `engine` (reactors, queues, the I/O pool),
+//! `backend` (blocks and bytes: files, memory, io_uring). `memory` owns the
+//! raw guest pointers. `device` assembles one disk from these layers;
+//! `target` serves the disks of a process and its management plane; `cli`
+//! is the command line.
 
 pub mod backend;
 pub mod blk;
 pub mod cli;
+pub mod device;
 pub mod engine;
 pub mod memory;
 pub mod pci;

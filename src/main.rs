@@ -6,7 +6,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use vfio_user_blk::cli::{Command, Options};
-use vfio_user_blk::target::{metrics, remove_own_socket, rpc, Target};
+use vfio_user_blk::target::{metrics, remove_own_socket, rpc};
 
 fn main() -> ExitCode {
     let opts = Options::parse();
@@ -53,7 +53,7 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     raise_fd_limit();
     // Signals are taken before anything is created, so that none is lost.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
-    let target = Target::start(opts)?;
+    let target = opts.start_target()?;
     if let Some(path) = &opts.rpc_socket {
         if let Err(e) = rpc::serve(target.clone(), path, opts.force) {
             target.shutdown();

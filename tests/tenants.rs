@@ -258,10 +258,10 @@ fn a_stuck_disk_never_hangs_the_control_plane() {
         "--poll-mode",
         "interrupt",
     ]);
-    let target = vfio_user_blk::target::Target::start(&opts).unwrap();
+    let target = opts.start_target().unwrap();
     let be = support::gate::Gate::new(support::gate::Stuck::Reads, 64);
     let sock = dir.path("stuck.sock");
-    let spec: vfio_user_blk::cli::DeviceSpec =
+    let spec: vfio_user_blk::device::DeviceSpec =
         format!("socket={},disk=null:8M,name=stuck", sock.display())
             .parse()
             .unwrap();
@@ -316,7 +316,7 @@ fn a_stuck_disk_never_hangs_the_control_plane() {
         .expect("device_remove did not answer");
     assert!(!removed.unwrap(), "a stuck device cannot have stopped yet");
     // The admin lock is free: another device comes and goes.
-    let other: vfio_user_blk::cli::DeviceSpec = format!(
+    let other: vfio_user_blk::device::DeviceSpec = format!(
         "socket={},disk=ram:4M,name=other",
         dir.path("o.sock").display()
     )
@@ -718,7 +718,7 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
         "--io-engine",
         "threads",
     ]);
-    let target = vfio_user_blk::target::Target::start(&opts).unwrap();
+    let target = opts.start_target().unwrap();
     let be = support::gate::Gate::new(support::gate::Stuck::Reads, 64);
     let stuck = dir.path("stuck.sock");
     target

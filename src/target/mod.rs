@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 
 use crate::blk::exec::{ERROR_KINDS, REQUEST_KINDS};
 use crate::blk::{feature_names, BlkShared};
-use crate::cli::{bind_socket, build_device, device_on, DeviceSpec, Options};
-use crate::engine::{Engine, QueueStats};
+use crate::device::{bind_socket, build_device, device_on, DeviceSpec, Settings};
+use crate::engine::{Engine, EngineConfig, QueueStats};
 use crate::vfio_user::Control;
 
 struct Entry {
@@ -75,6 +75,18 @@ fn file_id(p: &std::path::Path) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
+fn say_listening(name: &str, spec: &DeviceSpec, shared: &BlkShared) {
+    info!(
+        "{name}: listening on {} ({:?}, {} bytes, {} queue(s) of {}{})",
+        spec.socket.display(),
+        spec.disk,
+        shared.capacity_bytes(),
+        spec.queues,
+        spec.queue_size,
+        if spec.readonly { ", read-only" } else { "" }
+    );
+}
+
 /// Removes the socket at `p` only if it is still the one we bound.
 pub fn remove_own_socket(p: &std::path::Path, id: Option<(u64, u64)>) {
     if id.is_some() && file_id(p) == id {
@@ -85,7 +97,7 @@ pub fn remove_own_socket(p: &std::path::Path, id: Option<(u64, u64)>) {
 /// Every device of the process.
 pub struct Target {
     engine: Arc<Engine>,
-    opts: Options,
+    settings: Settings,
     devices: Mutex<BTreeMap<String, Entry>>,
     /// Serialises add and remove (building a device opens files and binds
     /// a socket; two adds of one socket must not race).
@@ -99,20 +111,24 @@ pub struct Target {
 }
 
 impl Target {
-    /// Starts the engine and every device the options name. A failure
-    /// removes what was already started.
-    pub fn start(opts: &Options) -> Result<Arc<Target>> {
-        opts.validate()?;
-        let engine = Engine::start(opts.engine_config(false)).context("starting the reactors")?;
+    /// Starts the engine and every device of `specs` (checked by the
+    /// caller, as `Options::start_target` does). A failure removes what
+    /// was already started.
+    pub fn start(
+        engine: EngineConfig,
+        settings: Settings,
+        specs: Vec<DeviceSpec>,
+    ) -> Result<Arc<Target>> {
+        let engine = Engine::start(engine).context("starting the reactors")?;
         let t = Arc::new(Target {
             engine,
-            opts: opts.clone(),
+            settings,
             devices: Mutex::new(BTreeMap::new()),
             admin: Mutex::new(()),
             memory: Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
         });
-        for spec in opts.device_specs() {
+        for spec in specs {
             if let Err(e) = t.add(spec) {
                 t.shutdown();
                 return Err(e);
@@ -146,28 +162,8 @@ impl Target {
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             bail!("the target is shutting down");
         }
-        if self.devices.lock().len() >= MAX_DEVICES {
-            bail!("this target serves {MAX_DEVICES} devices already");
-        }
-        let name = spec.name.clone().unwrap_or_else(|| {
-            (0..)
-                .map(|i| format!("disk{i}"))
-                .find(|n| !self.devices.lock().contains_key(n))
-                .unwrap_or_default()
-        });
+        let name = self.name_new_device(&spec)?;
         spec.name = Some(name.clone());
-        {
-            let devs = self.devices.lock();
-            if devs.contains_key(&name) {
-                bail!("a device named '{name}' exists already");
-            }
-            if let Some((n, _)) = devs.iter().find(|(_, e)| e.spec.socket == spec.socket) {
-                bail!(
-                    "socket {} is used by device '{n}' already",
-                    spec.socket.display()
-                );
-            }
-        }
         spec.validate_against_machine()?;
         // Held until the device is in the table (its size counts then).
         let _memory = match &spec.disk {
@@ -190,11 +186,11 @@ impl Target {
             }
         };
         let built = match disk {
-            Some(d) => device_on(&spec, &name, &self.opts, &self.engine, d),
-            None => build_device(&spec, &name, &self.opts, &self.engine),
+            Some(d) => device_on(&spec, &name, &self.settings, &self.engine, d),
+            None => build_device(&spec, &name, &self.settings, &self.engine),
         };
         let (mut server, shared) = built.inspect_err(|_| remove_created())?;
-        let listener = match bind_socket(&spec.socket, self.opts.force) {
+        let listener = match bind_socket(&spec.socket, self.settings.force) {
             Ok(l) => l,
             Err(e) => {
                 drop(server);
@@ -224,15 +220,7 @@ impl Target {
             })
             .context("starting the device's thread")
             .inspect_err(|_| undo_bind())?;
-        info!(
-            "{name}: listening on {} ({:?}, {} bytes, {} queue(s) of {}{})",
-            spec.socket.display(),
-            spec.disk,
-            shared.capacity_bytes(),
-            spec.queues,
-            spec.queue_size,
-            if spec.readonly { ", read-only" } else { "" }
-        );
+        say_listening(&name, &spec, &shared);
         let entry = Entry {
             spec,
             shared,
@@ -338,6 +326,32 @@ impl Target {
             .resize(size, shrink)
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         Ok(json!({ "name": name, "size": new }))
+    }
+
+    /// The name a new device gets (its own, or the first free `diskN`):
+    /// refused when it or the device's socket is taken, or the target is
+    /// full.
+    fn name_new_device(&self, spec: &DeviceSpec) -> Result<String> {
+        let devs = self.devices.lock();
+        if devs.len() >= MAX_DEVICES {
+            bail!("this target serves {MAX_DEVICES} devices already");
+        }
+        let name = spec.name.clone().unwrap_or_else(|| {
+            (0..)
+                .map(|i| format!("disk{i}"))
+                .find(|n| !devs.contains_key(n))
+                .unwrap_or_default()
+        });
+        if devs.contains_key(&name) {
+            bail!("a device named '{name}' exists already");
+        }
+        if let Some((n, _)) = devs.iter().find(|(_, e)| e.spec.socket == spec.socket) {
+            bail!(
+                "socket {} is used by device '{n}' already",
+                spec.socket.display()
+            );
+        }
+        Ok(name)
     }
 
     /// Refuses a memory disk of `size` bytes (a new one, or `name` at a new

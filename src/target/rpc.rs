@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use super::conns::{Admitted, Place, Places};
 use super::Target;
-use crate::cli::{bind_socket, DeviceSpec};
+use crate::device::{bind_socket, DeviceSpec};
 use crate::util::parse_size;
 
 /// The longest request line taken.

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{json, Value};
-use vfio_user_blk::cli::{self, BlkFunction, Options};
+use vfio_user_blk::cli::{self, Options};
+use vfio_user_blk::device::BlkFunction;
 use vfio_user_blk::vfio_user::Server;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
