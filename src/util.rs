@@ -121,12 +121,28 @@ pub fn check_path_is_ours(path: &std::path::Path, what: &str) -> Result<PathTrus
     check_path(path, what, true)
 }
 
+/// Writable by users other than us and root: by everyone, or by a group
+/// that is not root's or ours (its other members).
+fn open_to_others(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = m.permissions().mode();
+    // SAFETY: getegid has no memory effects.
+    let our_group = m.gid() == 0 || m.gid() == unsafe { libc::getegid() };
+    mode & MODE_OTHERS_WRITE != 0 || (mode & MODE_GROUP_WRITE != 0 && !our_group)
+}
+
+/// A folder other users may write to, with the sticky bit (like /tmp).
+fn shared(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    open_to_others(m) && m.permissions().mode() & MODE_STICKY != 0
+}
+
 /// [`check_path_is_ours`]; `follow`: whether a final symlink in a folder
 /// of ours may be followed (once: its resolved path has none left, unless
 /// one was swapped in meanwhile).
 fn check_path(path: &std::path::Path, what: &str, follow: bool) -> Result<PathTrust, String> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    use std::path::{Component, Path, PathBuf};
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -134,41 +150,7 @@ fn check_path(path: &std::path::Path, what: &str, follow: bool) -> Result<PathTr
             .map_err(|e| format!("the current folder: {e}"))?
             .join(path)
     };
-    // Writable by users other than us and root: by everyone, or by a
-    // group that is not root's or ours (its other members).
-    let open_to_others = |m: &std::fs::Metadata| {
-        let mode = m.permissions().mode();
-        // SAFETY: getegid has no memory effects.
-        let our_group = m.gid() == 0 || m.gid() == unsafe { libc::getegid() };
-        mode & MODE_OTHERS_WRITE != 0 || (mode & MODE_GROUP_WRITE != 0 && !our_group)
-    };
-    let shared =
-        |m: &std::fs::Metadata| open_to_others(m) && m.permissions().mode() & MODE_STICKY != 0;
-    // Symlinks on the way, as written: one in a shared folder must not be
-    // another user's.
-    let mut prefix = PathBuf::new();
-    let comps: Vec<Component> = abs.components().collect();
-    for c in &comps[..comps.len().saturating_sub(1)] {
-        let dir = prefix.clone();
-        prefix.push(c.as_os_str());
-        let Ok(m) = std::fs::symlink_metadata(&prefix) else {
-            break;
-        };
-        if m.file_type().is_symlink() {
-            let d = std::fs::metadata(&dir).ok();
-            let in_shared = d.as_ref().is_some_and(shared);
-            let dir_owner = d.as_ref().map_or(0, MetadataExt::uid);
-            if in_shared && !trusted_uid(m.uid()) && m.uid() != dir_owner {
-                return Err(format!(
-                    "{} on the way to the {what} {} is a symlink that user {} made in a \
-                     folder every user can write to: refusing to follow it{PATH_HINT}",
-                    prefix.display(),
-                    path.display(),
-                    m.uid()
-                ));
-            }
-        }
-    }
+    check_symlinks_on_the_way(&abs, path, what)?;
     // The folders on the way, as they really are.
     let parent = abs.parent().unwrap_or(Path::new("/"));
     let real_parent = std::fs::canonicalize(parent).map_err(|e| {
@@ -179,33 +161,7 @@ fn check_path(path: &std::path::Path, what: &str, follow: bool) -> Result<PathTr
             path.display()
         )
     })?;
-    let mut dir = PathBuf::new();
-    let mut last = None;
-    for c in real_parent.components() {
-        dir.push(c.as_os_str());
-        let Ok(m) = std::fs::metadata(&dir) else {
-            break;
-        };
-        let mode = m.permissions().mode();
-        if !trusted_uid(m.uid()) {
-            return Err(format!(
-                "the {what} {} is in {}, a folder of user {} (another user, who could replace \
-                 what it holds){PATH_HINT}",
-                path.display(),
-                dir.display(),
-                m.uid()
-            ));
-        }
-        if open_to_others(&m) && mode & MODE_STICKY == 0 {
-            return Err(format!(
-                "the {what} {} is in {}, a folder other users can write to without the sticky \
-                 bit: another user could replace it{PATH_HINT}",
-                path.display(),
-                dir.display()
-            ));
-        }
-        last = Some(m);
-    }
+    let last = check_folders(&real_parent, path, what)?;
     let entry = abs
         .file_name()
         .and_then(|name| std::fs::symlink_metadata(real_parent.join(name)).ok());
@@ -233,12 +189,97 @@ fn check_path(path: &std::path::Path, what: &str, follow: bool) -> Result<PathTr
             shared_folder_owner: None,
         });
     };
-    let trust = PathTrust {
+    if let Some(entry) = entry {
+        check_entry_in_shared_folder(&entry, folder.uid(), &real_parent, path, what)?;
+    }
+    Ok(PathTrust {
         shared_folder_owner: Some(folder.uid()),
-    };
-    let Some(entry) = entry else {
-        return Ok(trust);
-    };
+    })
+}
+
+/// Symlinks on the way to `abs`, as written: one in a shared folder must
+/// not be another user's.
+fn check_symlinks_on_the_way(
+    abs: &std::path::Path,
+    path: &std::path::Path,
+    what: &str,
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::{Component, PathBuf};
+    let mut prefix = PathBuf::new();
+    let comps: Vec<Component> = abs.components().collect();
+    for c in &comps[..comps.len().saturating_sub(1)] {
+        let dir = prefix.clone();
+        prefix.push(c.as_os_str());
+        let Ok(m) = std::fs::symlink_metadata(&prefix) else {
+            break;
+        };
+        if m.file_type().is_symlink() {
+            let d = std::fs::metadata(&dir).ok();
+            let in_shared = d.as_ref().is_some_and(shared);
+            let dir_owner = d.as_ref().map_or(0, MetadataExt::uid);
+            if in_shared && !trusted_uid(m.uid()) && m.uid() != dir_owner {
+                return Err(format!(
+                    "{} on the way to the {what} {} is a symlink that user {} made in a \
+                     folder every user can write to: refusing to follow it{PATH_HINT}",
+                    prefix.display(),
+                    path.display(),
+                    m.uid()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every folder of `real_parent` must be ours or root's, and writable by
+/// others only with the sticky bit: the last one's metadata.
+fn check_folders(
+    real_parent: &std::path::Path,
+    path: &std::path::Path,
+    what: &str,
+) -> Result<Option<std::fs::Metadata>, String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut dir = std::path::PathBuf::new();
+    let mut last = None;
+    for c in real_parent.components() {
+        dir.push(c.as_os_str());
+        let Ok(m) = std::fs::metadata(&dir) else {
+            break;
+        };
+        let mode = m.permissions().mode();
+        if !trusted_uid(m.uid()) {
+            return Err(format!(
+                "the {what} {} is in {}, a folder of user {} (another user, who could replace \
+                 what it holds){PATH_HINT}",
+                path.display(),
+                dir.display(),
+                m.uid()
+            ));
+        }
+        if open_to_others(&m) && mode & MODE_STICKY == 0 {
+            return Err(format!(
+                "the {what} {} is in {}, a folder other users can write to without the sticky \
+                 bit: another user could replace it{PATH_HINT}",
+                path.display(),
+                dir.display()
+            ));
+        }
+        last = Some(m);
+    }
+    Ok(last)
+}
+
+/// In a shared folder (owned by `folder_owner`), the file must not be a
+/// symlink, and must be ours, root's or the folder owner's.
+fn check_entry_in_shared_folder(
+    entry: &std::fs::Metadata,
+    folder_owner: u32,
+    real_parent: &std::path::Path,
+    path: &std::path::Path,
+    what: &str,
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     if entry.file_type().is_symlink() {
         return Err(format!(
             "the {what} {} is a symlink (made by user {}) in {}, a folder every user can \
@@ -248,7 +289,7 @@ fn check_path(path: &std::path::Path, what: &str, follow: bool) -> Result<PathTr
             real_parent.display()
         ));
     }
-    if !trusted_uid(entry.uid()) && entry.uid() != folder.uid() {
+    if !trusted_uid(entry.uid()) && entry.uid() != folder_owner {
         return Err(format!(
             "the {what} {} belongs to user {}, another user, in {}, a folder every user can \
              write to: refusing it (that user could read or replace the guest's data){PATH_HINT}",
@@ -257,7 +298,7 @@ fn check_path(path: &std::path::Path, what: &str, follow: bool) -> Result<PathTr
             real_parent.display()
         ));
     }
-    Ok(trust)
+    Ok(())
 }
 
 /// Whether something listens on the unix socket at `path`, without ever

@@ -271,7 +271,7 @@ impl RequestHandler for BlkContext {
         io: &mut IoRequest,
     ) -> Prepared {
         if let Err(e) = walk_into(chain, self.queue_size, self.limits, &mut req.chain) {
-            return Prepared::Broken(e.to_string());
+            return Prepared::Broken(e);
         }
         let c = &req.chain;
         let mut vtype = u32::MAX;
@@ -383,10 +383,7 @@ impl BlkContext {
                 if st != ok && self.on_error == ErrorPolicy::Stop {
                     // werror=stop: the request is not answered; the queue
                     // waits for a reset.
-                    return (
-                        Finish::Stop("backend error with --on-error stop".into()),
-                        None,
-                    );
+                    return (Finish::Stop, None);
                 }
                 st
             }

@@ -157,7 +157,7 @@ impl BlkShared {
     /// Resizes the disk to `size` bytes (None: re-read a block device's
     /// size). Shrinking needs `allow_shrink`: data past the new end is lost.
     /// The guest is told with the configuration-change interrupt.
-    pub fn resize(&self, size: Option<u64>, allow_shrink: bool) -> Result<u64, String> {
+    pub fn resize(&self, size: Option<u64>, allow_shrink: bool) -> Result<u64, ResizeError> {
         // One resize at a time, and the size checks below hold against the
         // size this resize starts from (two grows at once must not let the
         // later one shrink without `allow_shrink`).
@@ -167,45 +167,17 @@ impl BlkShared {
             .resizing
             .try_lock_for(std::time::Duration::from_millis(200))
         else {
-            return Err("another resize of this device is in progress; not resized".into());
+            return Err(ResizeError::Busy);
         };
-        if self.readonly && size.is_some() {
-            return Err("the disk is read-only".into());
-        }
         if let Some(s) = size {
-            if s == 0 || !s.is_multiple_of(u64::from(self.block)) {
-                return Err(format!(
-                    "size {s} is not a positive multiple of the logical block size {}",
-                    self.block
-                ));
-            }
-            if s < self.capacity_bytes() && !allow_shrink {
-                return Err(format!(
-                    "{s} bytes is smaller than the disk ({} bytes); give shrink=true to cut it",
-                    self.capacity_bytes()
-                ));
-            }
-            if s > MAX_DISK_BYTES {
-                return Err(format!("size {s} is more than {MAX_DISK_BYTES} bytes"));
-            }
-            if self.in_memory && s > crate::util::memory_bytes() {
-                return Err(format!(
-                    "a disk in memory cannot be larger than this machine's memory ({} bytes)",
-                    crate::util::memory_bytes()
-                ));
-            }
+            self.check_new_size(s, allow_shrink)?;
         }
         // No request may be in flight while the size changes: one checked
         // against the old size would write past a new, smaller end, and the
         // size read back must be the one the disk has. The queues go on
         // when `paused` drops, on every way out of here.
         let active = self.active.lock().upgrade();
-        let Some(paused) = Paused::within(active.clone(), RESIZE_WAIT) else {
-            return Err(format!(
-                "requests of the device are still in the backend after {RESIZE_WAIT:?} \
-                 (a disk that stopped answering?); not resized"
-            ));
-        };
+        let paused = Paused::within(active.clone(), RESIZE_WAIT).ok_or(ResizeError::Stuck)?;
         // Writes of a client that left, checked against the old size, must
         // not land past a new, smaller end (the file would grow back): the
         // one that left before, or the one paused here if its client left
@@ -216,18 +188,50 @@ impl BlkShared {
             .flatten()
             .any(|a| !a.wait_mutations_within(RESIZE_WAIT))
         {
-            return Err(format!(
-                "writes of the client that left are still in the backend after \
-                 {RESIZE_WAIT:?} (a disk that stopped answering?); not resized"
-            ));
+            return Err(ResizeError::DepartedStuck);
         }
-        let new = self.backend.resize(size).map_err(|e| e.to_string())?;
+        let new = self.backend.resize(size).map_err(ResizeError::Backend)?;
         if new == 0 || !new.is_multiple_of(u64::from(self.block)) {
-            return Err(format!(
-                "the disk is now {new} bytes, not a multiple of the block size {}",
-                self.block
-            ));
+            return Err(ResizeError::Unaligned {
+                size: new,
+                block: self.block,
+            });
         }
+        let changed = self.store_capacity(new);
+        drop(paused);
+        if let Some(notifier) = changed {
+            notifier.notify();
+        }
+        Ok(new)
+    }
+
+    /// What a resize to `s` bytes must satisfy before anything stops.
+    fn check_new_size(&self, s: u64, allow_shrink: bool) -> Result<(), ResizeError> {
+        if self.readonly {
+            return Err(ResizeError::ReadOnly);
+        }
+        if s == 0 || !s.is_multiple_of(u64::from(self.block)) {
+            return Err(ResizeError::NotBlocks {
+                size: s,
+                block: self.block,
+            });
+        }
+        let now = self.capacity_bytes();
+        if s < now && !allow_shrink {
+            return Err(ResizeError::Shrink { size: s, now });
+        }
+        if s > MAX_DISK_BYTES {
+            return Err(ResizeError::TooLarge(s));
+        }
+        if self.in_memory && s > crate::util::memory_bytes() {
+            return Err(ResizeError::MoreThanMemory(crate::util::memory_bytes()));
+        }
+        Ok(())
+    }
+
+    /// Makes `new` bytes the disk's size the driver reads. When it
+    /// changed: the notifier to tell the driver with, once the queues go on.
+    fn store_capacity(&self, new: u64) -> Option<Arc<ConfigNotifier>> {
         let old = self.capacity_bytes();
         let notifier = self.config_notifier.lock().clone();
         let store = || {
@@ -238,18 +242,46 @@ impl BlkShared {
             Some(n) if new != old => n.change(store),
             _ => store(),
         }
-        drop(paused);
-        if new != old {
-            info!(
-                "{}: disk resized from {old} to {new} bytes",
-                self.log.name()
-            );
-            if let Some(n) = &notifier {
-                n.notify();
-            }
+        if new == old {
+            return None;
         }
-        Ok(new)
+        info!(
+            "{}: disk resized from {old} to {new} bytes",
+            self.log.name()
+        );
+        notifier
     }
+}
+
+/// Why a disk was not resized.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("another resize of this device is in progress; not resized")]
+    Busy,
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error("size {size} is not a positive multiple of the logical block size {block}")]
+    NotBlocks { size: u64, block: u32 },
+    #[error("{size} bytes is smaller than the disk ({now} bytes); give shrink=true to cut it")]
+    Shrink { size: u64, now: u64 },
+    #[error("size {0} is more than {MAX_DISK_BYTES} bytes")]
+    TooLarge(u64),
+    #[error("a disk in memory cannot be larger than this machine's memory ({0} bytes)")]
+    MoreThanMemory(u64),
+    #[error(
+        "requests of the device are still in the backend after {RESIZE_WAIT:?} \
+         (a disk that stopped answering?); not resized"
+    )]
+    Stuck,
+    #[error(
+        "writes of the client that left are still in the backend after {RESIZE_WAIT:?} \
+         (a disk that stopped answering?); not resized"
+    )]
+    DepartedStuck,
+    #[error("{0}")]
+    Backend(std::io::Error),
+    #[error("the disk is now {size} bytes, not a multiple of the block size {block}")]
+    Unaligned { size: u64, block: u32 },
 }
 
 /// The queues of an activation, paused for as long as this lives.

@@ -33,16 +33,7 @@ pub struct Seg {
     pub len: u32,
 }
 
-/// The chain cannot be used at all: the queue is broken.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ChainError {
-    #[error("head index {0} is out of range")]
-    HeadOutOfRange(u16),
-    #[error(
-        "descriptor chain loops, is longer than the queue, or a descriptor is outside guest memory"
-    )]
-    Unterminated,
-}
+pub use crate::virtio::ring::ChainError;
 
 /// The request is answered with a status, the queue goes on.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]

@@ -37,6 +37,7 @@ use crate::backend::request::IoRequest;
 use crate::backend::uring::{self, Uring};
 use crate::util::DeviceLog;
 use crate::vfio_user::GuestMemoryHandle;
+use crate::virtio::ring::{ChainError, RingError};
 use crate::virtio::{QueueConfig, VirtioInterrupt};
 use pool::Pool;
 pub use reactor::Fence;
@@ -126,15 +127,35 @@ pub enum Prepared {
     Io,
     /// Answered without backend I/O: finish at once.
     Ready,
-    /// The ring cannot be used: the queue stops until reset.
-    Broken(String),
+    /// The chain cannot be used: the queue stops until reset.
+    Broken(ChainError),
 }
 
 pub enum Finish {
     /// Add a used entry of this length.
     Used(u32),
-    /// Leave the request unanswered and stop the queue (werror=stop).
-    Stop(String),
+    /// Leave the request unanswered and stop the queue: the device's
+    /// policy on a backend error (werror=stop).
+    Stop,
+}
+
+/// Why a queue stopped until the driver resets the device.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueFault {
+    #[error("available ring: {0}")]
+    Available(RingError),
+    #[error("used ring: {0}")]
+    Used(RingError),
+    #[error("reading the used-event index: {0}")]
+    UsedEvent(RingError),
+    #[error("cannot update notification state: {0}")]
+    Notification(RingError),
+    #[error("head {0} reused while in flight")]
+    HeadInFlight(u16),
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("a backend error, and the device stops on one (--on-error stop)")]
+    StoppedOnError,
 }
 
 struct ReactorHandle {
@@ -259,57 +280,14 @@ impl Engine {
             pool.set_cpus(worker_cpus.clone());
         }
         if chosen {
-            let cpus: Vec<String> = reactor_cpus
-                .iter()
-                .flatten()
-                .map(usize::to_string)
-                .collect();
-            info!(
-                "busy polling: reactor(s) pinned to CPU {} (the last this process may use), \
-                 I/O threads on {worker_cpus:?}; --cpus chooses others (give each busy target \
-                 on a machine its own)",
-                cpus.join(",")
-            );
+            say_pinned(&reactor_cpus, &worker_cpus);
         }
         if !cfg.inline {
             for (i, &cpu) in reactor_cpus.iter().enumerate() {
-                let (tx, rx) = unbounded();
-                let waker = Arc::new(Waker::new()?);
-                let me = ReactorTx {
-                    tx,
-                    waker: waker.clone(),
-                };
-                let uring = if use_uring {
-                    Some(Uring::new(URING_ENTRIES, Some(waker.raw_fd()))?)
-                } else {
-                    None
-                };
-                let load = Arc::new(AtomicUsize::new(0));
-                let stats = Arc::new(ReactorStats::default());
-                let mut r = Reactor::new(
-                    format!("reactor {i}"),
-                    rx,
-                    me.clone(),
-                    uring,
-                    pool.clone(),
-                    cfg.mode,
-                    load.clone(),
-                );
-                r.stats = stats.clone();
-                r.shares_cpu = cpu.is_some_and(|c| worker_cpus.contains(&c));
-                thread::Builder::new()
-                    .name(format!("reactor-{i}"))
-                    .spawn(move || {
-                        if let Some(cpu) = cpu {
-                            pin_to(&[cpu]);
-                        }
-                        r.run();
-                    })?;
-                reactors.push(ReactorHandle {
-                    tx: me,
-                    load,
-                    stats,
-                });
+                let shares_cpu = cpu.is_some_and(|c| worker_cpus.contains(&c));
+                reactors.push(spawn_reactor(
+                    i, cpu, shares_cpu, use_uring, &pool, cfg.mode,
+                )?);
             }
             debug!(
                 "{} reactor(s) in {:?} mode, file I/O on {}",
@@ -377,72 +355,11 @@ impl Engine {
     /// Hands the queues the driver set up to reactors (each to the least
     /// loaded one).
     pub fn activate<H: RequestHandler>(self: &Arc<Self>, a: Activation<H>) -> Active {
-        let mut runners: Vec<(usize, Box<dyn reactor::QueueRunner>)> = Vec::new();
         let mutations = Arc::new(Mutations::default());
-        for (i, qc) in a.queues.iter().enumerate() {
-            let Some(qc) = qc else { continue };
-            match crate::virtio::ring::DeviceRing::new(qc, a.event_idx) {
-                Ok(q) => {
-                    let params = queue::QueueParams {
-                        id: self.next_queue.fetch_add(1, Ordering::Relaxed),
-                        log: a.log.clone(),
-                        index: u16::try_from(i).unwrap_or(u16::MAX),
-                        irq: a.irq.clone(),
-                        handler: a.handler.clone(),
-                        memory: a.memory.clone(),
-                        event_idx: a.event_idx,
-                        polled: a.polled,
-                        use_uring: self.use_uring,
-                        stats: a.stats.get(i).cloned().unwrap_or_default(),
-                        tenant: a.tenant,
-                        mutations: mutations.clone(),
-                    };
-                    runners.push((i, Box::new(queue::QueueState::new(q, params))));
-                }
-                Err(e) => {
-                    crate::dev_log!(a.log, Error, "queue {i}: cannot set up the ring: {e}");
-                    // The driver would wait on it for ever: tell it.
-                    a.irq.device_needs_reset();
-                }
-            }
-        }
+        let runners = self.queue_runners(&a, &mutations);
         let mut placed = vec![None; a.queues.len()];
         if self.cfg.inline {
-            let (tx, rx) = unbounded();
-            let me = ReactorTx {
-                tx,
-                waker: Arc::new(Waker::new().expect("eventfd")),
-            };
-            let uring = if self.use_uring {
-                Uring::new(URING_ENTRIES, None).ok()
-            } else {
-                None
-            };
-            let mut r = Reactor::new(
-                a.log.name().to_string(),
-                rx,
-                me.clone(),
-                uring,
-                self.pool.clone(),
-                PollMode::Interrupt,
-                Arc::new(AtomicUsize::new(0)),
-            );
-            for (i, q) in runners {
-                placed[i] = Some(Placed {
-                    reactor: 0,
-                    id: q.id(),
-                });
-                me.send(Msg::Assign(q));
-            }
-            r.run_until_idle();
-            return Active {
-                engine: self.clone(),
-                log: a.log,
-                placed,
-                inline: Some(parking_lot::Mutex::new((r, me))),
-                done: Default::default(),
-                mutations,
-            };
+            return self.activate_inline(a, runners, placed, mutations);
         }
         for (i, q) in runners {
             let r = (0..self.reactors.len())
@@ -474,6 +391,156 @@ impl Engine {
             mutations,
         }
     }
+
+    /// The runner of each queue the driver set up; a ring that cannot be
+    /// set up is reported to the driver (DEVICE_NEEDS_RESET).
+    fn queue_runners<H: RequestHandler>(
+        &self,
+        a: &Activation<H>,
+        mutations: &Arc<Mutations>,
+    ) -> Vec<(usize, Box<dyn reactor::QueueRunner>)> {
+        let mut runners: Vec<(usize, Box<dyn reactor::QueueRunner>)> = Vec::new();
+        for (i, qc) in a.queues.iter().enumerate() {
+            let Some(qc) = qc else { continue };
+            match crate::virtio::ring::DeviceRing::new(qc, a.event_idx) {
+                Ok(q) => {
+                    let params = queue::QueueParams {
+                        id: self.next_queue.fetch_add(1, Ordering::Relaxed),
+                        log: a.log.clone(),
+                        index: u16::try_from(i).unwrap_or(u16::MAX),
+                        irq: a.irq.clone(),
+                        handler: a.handler.clone(),
+                        memory: a.memory.clone(),
+                        event_idx: a.event_idx,
+                        polled: a.polled,
+                        use_uring: self.use_uring,
+                        stats: a.stats.get(i).cloned().unwrap_or_default(),
+                        tenant: a.tenant,
+                        mutations: mutations.clone(),
+                    };
+                    runners.push((i, Box::new(queue::QueueState::new(q, params))));
+                }
+                Err(e) => {
+                    crate::dev_log!(a.log, Error, "queue {i}: cannot set up the ring: {e}");
+                    // The driver would wait on it for ever: tell it.
+                    a.irq.device_needs_reset();
+                }
+            }
+        }
+        runners
+    }
+
+    /// Inline mode: the queues run on the caller's thread, on a reactor of
+    /// their own that runs whenever the driver rings.
+    fn activate_inline<H: RequestHandler>(
+        self: &Arc<Self>,
+        a: Activation<H>,
+        runners: Vec<(usize, Box<dyn reactor::QueueRunner>)>,
+        mut placed: Vec<Option<Placed>>,
+        mutations: Arc<Mutations>,
+    ) -> Active {
+        let uring = if self.use_uring {
+            Uring::new(URING_ENTRIES, None).ok()
+        } else {
+            None
+        };
+        let (mut r, me) = new_reactor(
+            a.log.name().to_string(),
+            Arc::new(Waker::new().expect("eventfd")),
+            uring,
+            &self.pool,
+            PollMode::Interrupt,
+            Arc::new(AtomicUsize::new(0)),
+        );
+        for (i, q) in runners {
+            placed[i] = Some(Placed {
+                reactor: 0,
+                id: q.id(),
+            });
+            me.send(Msg::Assign(q));
+        }
+        r.run_until_idle();
+        Active {
+            engine: self.clone(),
+            log: a.log,
+            placed,
+            inline: Some(parking_lot::Mutex::new((r, me))),
+            done: Default::default(),
+            mutations,
+        }
+    }
+}
+
+/// A reactor and the handle that sends it work and wakes it.
+fn new_reactor(
+    name: String,
+    waker: Arc<Waker>,
+    uring: Option<Uring>,
+    pool: &Arc<Pool>,
+    mode: PollMode,
+    load: Arc<AtomicUsize>,
+) -> (Reactor, ReactorTx) {
+    let (tx, rx) = unbounded();
+    let me = ReactorTx { tx, waker };
+    let r = Reactor::new(name, rx, me.clone(), uring, pool.clone(), mode, load);
+    (r, me)
+}
+
+/// Starts reactor `i` on a thread of its own, pinned to `cpu` if given.
+fn spawn_reactor(
+    i: usize,
+    cpu: Option<usize>,
+    shares_cpu: bool,
+    use_uring: bool,
+    pool: &Arc<Pool>,
+    mode: PollMode,
+) -> io::Result<ReactorHandle> {
+    let waker = Arc::new(Waker::new()?);
+    let uring = if use_uring {
+        Some(Uring::new(URING_ENTRIES, Some(waker.raw_fd()))?)
+    } else {
+        None
+    };
+    let load = Arc::new(AtomicUsize::new(0));
+    let stats = Arc::new(ReactorStats::default());
+    let (mut r, me) = new_reactor(
+        format!("reactor {i}"),
+        waker,
+        uring,
+        pool,
+        mode,
+        load.clone(),
+    );
+    r.stats = stats.clone();
+    r.shares_cpu = shares_cpu;
+    thread::Builder::new()
+        .name(format!("reactor-{i}"))
+        .spawn(move || {
+            if let Some(cpu) = cpu {
+                pin_to(&[cpu]);
+            }
+            r.run();
+        })?;
+    Ok(ReactorHandle {
+        tx: me,
+        load,
+        stats,
+    })
+}
+
+/// The log line of the default busy placement.
+fn say_pinned(reactor_cpus: &[Option<usize>], worker_cpus: &[usize]) {
+    let cpus: Vec<String> = reactor_cpus
+        .iter()
+        .flatten()
+        .map(usize::to_string)
+        .collect();
+    info!(
+        "busy polling: reactor(s) pinned to CPU {} (the last this process may use), \
+         I/O threads on {worker_cpus:?}; --cpus chooses others (give each busy target \
+         on a machine its own)",
+        cpus.join(",")
+    );
 }
 
 impl Drop for Engine {

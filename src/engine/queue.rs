@@ -21,12 +21,12 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemory
 
 use super::pool::{Done, Job};
 use super::reactor::{Cx, Fence, QueueRunner};
-use super::{Finish, Mutations, Prepared, QueueStats, RequestHandler};
+use super::{Finish, Mutations, Prepared, QueueFault, QueueStats, RequestHandler};
 use crate::backend::io::{Backend, UringTarget};
 use crate::backend::request::{IoKind, IoRequest};
 use crate::backend::uring::Uring;
 use crate::vfio_user::GuestMemoryHandle;
-use crate::virtio::ring::{DescSource, DeviceRing};
+use crate::virtio::ring::{ChainError, DescSource, DeviceRing};
 use crate::virtio::VirtioInterrupt;
 
 /// Requests one queue takes from its ring in one pass, and bytes of work it
@@ -83,7 +83,7 @@ pub(crate) struct QueueState<H: RequestHandler> {
     uring_target: Option<UringTarget>,
     slots: Vec<Slot<H::Req>>,
     in_flight: usize,
-    broken: Option<String>,
+    broken: Option<QueueFault>,
     added: bool,
     waiting_for_memory: bool,
     event_idx: bool,
@@ -185,7 +185,7 @@ impl<H: RequestHandler> QueueState<H> {
         }
     }
 
-    fn break_queue(&mut self, why: &str) {
+    fn break_queue(&mut self, why: QueueFault) {
         if self.broken.is_none() {
             crate::dev_log!(
                 self.log,
@@ -193,7 +193,7 @@ impl<H: RequestHandler> QueueState<H> {
                 "queue {} is broken and stops until the driver resets the device: {why}",
                 self.index
             );
-            self.broken = Some(why.to_string());
+            self.broken = Some(why);
             // A broken queue looks at its ring no more: it keeps no
             // snapshot of guest memory (which would keep every window the
             // client unmaps since mapped, and counted).
@@ -261,12 +261,12 @@ impl<H: RequestHandler> QueueState<H> {
         {
             Finish::Used(len) => {
                 if let Err(e) = self.queue.add_used(&mem, slot, len) {
-                    self.break_queue(&format!("used ring: {e}"));
+                    self.break_queue(QueueFault::Used(e));
                     return;
                 }
                 self.added = true;
             }
-            Finish::Stop(why) => self.break_queue(&why),
+            Finish::Stop => self.break_queue(QueueFault::StoppedOnError),
         }
     }
 
@@ -367,24 +367,29 @@ impl<H: RequestHandler> QueueState<H> {
     }
 }
 
-impl<H: RequestHandler> QueueRunner for QueueState<H> {
-    fn id(&self) -> u64 {
-        self.id
-    }
+/// What one look at the available ring gave.
+enum Taken {
+    /// No chain (or the ring broke before one was popped).
+    Nothing,
+    /// A chain was popped, and the pass ends: the queue broke, or the
+    /// request waits for an unmap.
+    Stop,
+    /// A request was answered or submitted (`sync_bytes` of it run on
+    /// this reactor).
+    Request { sync_bytes: usize },
+}
 
-    fn poll(&mut self, cx: &mut Cx) -> bool {
-        if self.broken.is_some() || self.paused() || self.withdrawn {
-            return false;
-        }
-        let mem = self.memory.memory().into_inner();
-        // The whole ring must be in guest memory before anything is read
-        // from it. A ring outside it is not a broken queue: during
-        // firmware, QEMU unmaps and remaps windows and the ring comes back.
+impl<H: RequestHandler> QueueState<H> {
+    /// Whether the ring may be read now: the whole of it in guest memory
+    /// (a ring outside it is not a broken queue: during firmware, QEMU
+    /// unmaps and remaps windows and the ring comes back), and outside
+    /// the window an unmap is taking away.
+    fn ring_usable(&mut self, mem: &Arc<GuestMemoryMmap>) -> bool {
         let checked = self
             .ring_checked
             .as_ref()
-            .is_some_and(|m| Arc::ptr_eq(m, &mem));
-        if !checked && !self.ring_mapped(&mem) {
+            .is_some_and(|m| Arc::ptr_eq(m, mem));
+        if !checked && !self.ring_mapped(mem) {
             self.ring_checked = None;
             if !self.waiting_for_memory {
                 // QEMU remaps RAM windows while the firmware runs: routine.
@@ -414,6 +419,73 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
                 return false;
             }
         }
+        true
+    }
+
+    /// Pops one chain and has the device plan it: answered at once,
+    /// submitted, or put back for an unmap.
+    fn take(&mut self, mem: &Arc<GuestMemoryMmap>, cx: &mut Cx) -> Taken {
+        let chain = match self.queue.pop(mem) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Taken::Nothing,
+            Err(e) => {
+                self.break_queue(QueueFault::Available(e));
+                return Taken::Nothing;
+            }
+        };
+        let head = chain.head_index();
+        let Some(s) = self.slots.get_mut(usize::from(head)) else {
+            self.break_queue(ChainError::HeadOutOfRange(head).into());
+            return Taken::Stop;
+        };
+        if s.at != At::Free {
+            self.break_queue(QueueFault::HeadInFlight(head));
+            return Taken::Stop;
+        }
+        s.at = At::Reactor;
+        s.mem = Some(mem.clone());
+        s.start = Instant::now();
+        self.in_flight += 1;
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let prepared = self.handler.prepare(mem, chain, &mut s.req, &mut s.io);
+        if let Prepared::Broken(why) = prepared {
+            s.at = At::Free;
+            s.mem = None;
+            self.in_flight -= 1;
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.break_queue(why.into());
+            return Taken::Stop;
+        }
+        let s = &self.slots[usize::from(head)];
+        if self.fence.is_some_and(|f| self.touches(s, &f)) {
+            self.put_back(head);
+            return Taken::Stop;
+        }
+        match prepared {
+            Prepared::Io => Taken::Request {
+                sync_bytes: self.submit(head, cx),
+            },
+            _ => {
+                self.finish(head, None);
+                Taken::Request { sync_bytes: 0 }
+            }
+        }
+    }
+}
+
+impl<H: RequestHandler> QueueRunner for QueueState<H> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn poll(&mut self, cx: &mut Cx) -> bool {
+        if self.broken.is_some() || self.paused() || self.withdrawn {
+            return false;
+        }
+        let mem = self.memory.memory().into_inner();
+        if !self.ring_usable(&mem) {
+            return false;
+        }
         let size = self.queue.size();
         let mut work = false;
         let mut sync_bytes = 0;
@@ -436,53 +508,15 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
                 self.throttled = true;
                 break;
             }
-            let chain = match self.queue.pop(&mem) {
-                Ok(c) => c,
-                Err(e) => {
-                    self.break_queue(&format!("available ring: {e}"));
+            match self.take(&mem, cx) {
+                Taken::Nothing => break,
+                Taken::Stop => {
+                    work = true;
                     break;
                 }
-            };
-            let Some(chain) = chain else { break };
-            work = true;
-            let head = chain.head_index();
-            let Some(s) = self.slots.get_mut(usize::from(head)) else {
-                self.break_queue(&format!("head index {head} is out of range"));
-                break;
-            };
-            if s.at != At::Free {
-                self.break_queue(&format!("head {head} reused while in flight"));
-                break;
-            }
-            s.at = At::Reactor;
-            s.mem = Some(mem.clone());
-            s.start = Instant::now();
-            self.in_flight += 1;
-            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-            match self.handler.prepare(&mem, chain, &mut s.req, &mut s.io) {
-                Prepared::Broken(why) => {
-                    s.at = At::Free;
-                    s.mem = None;
-                    self.in_flight -= 1;
-                    self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    self.break_queue(&why);
-                    break;
-                }
-                Prepared::Ready => {
-                    let s = &self.slots[usize::from(head)];
-                    if self.fence.is_some_and(|f| self.touches(s, &f)) {
-                        self.put_back(head);
-                        break;
-                    }
-                    self.finish(head, None);
-                }
-                Prepared::Io => {
-                    let s = &self.slots[usize::from(head)];
-                    if self.fence.is_some_and(|f| self.touches(s, &f)) {
-                        self.put_back(head);
-                        break;
-                    }
-                    sync_bytes += self.submit(head, cx);
+                Taken::Request { sync_bytes: b } => {
+                    work = true;
+                    sync_bytes += b;
                 }
             }
         }
@@ -560,7 +594,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         match self.queue.needs_notification(&mem, self.event_idx) {
             Ok(true) => self.irq.signal_queue_at(self.index),
             Ok(false) => {}
-            Err(e) => self.break_queue(&format!("reading the used-event index: {e}")),
+            Err(e) => self.break_queue(QueueFault::UsedEvent(e)),
         }
     }
 
@@ -587,7 +621,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             // reactor anyway.
             Ok(w) => w && !self.paused() && !self.throttled,
             Err(e) => {
-                self.break_queue(&format!("cannot update notification state: {e}"));
+                self.break_queue(QueueFault::Notification(e));
                 false
             }
         }

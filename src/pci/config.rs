@@ -145,55 +145,10 @@ impl ConfigSpace {
         c.wmask[CACHE_LINE] = 0xff;
         c.wmask[LATENCY] = 0xff;
         c.wmask[INT_LINE] = 0xff;
-        for (i, bar) in l.bars.iter().enumerate().take(6) {
-            let Some((kind, size)) = *bar else { continue };
-            assert!(size.is_power_of_two(), "BAR sizes are powers of two");
-            let off = BAR0 + 4 * i;
-            let (type_bits, min) = match kind {
-                BarKind::Io => (0x1u32, 4u64),
-                BarKind::Mem32 => (0x0u32, 16u64),
-                // Type 0b10 (64-bit) in bits 1-2, prefetchable in bit 3.
-                BarKind::Mem64Prefetch => (0xcu32, 16u64),
-            };
-            let mask = !(size.max(min) - 1);
-            c.put32(off, type_bits);
-            c.mask32(off, u32::try_from(mask & 0xffff_ffff).unwrap_or(0));
-            if kind == BarKind::Mem64Prefetch {
-                assert!(
-                    i < 5 && l.bars[i + 1].is_none(),
-                    "a 64-bit BAR takes two slots"
-                );
-                c.mask32(off + 4, u32::try_from(mask >> 32).unwrap_or(0));
-            }
-        }
+        c.lay_out_bars(&l.bars);
         // The expansion ROM register stays 0: no ROM, and a sizing write
         // reads back 0, which QEMU takes as "no ROM".
-        let mut chain: Vec<usize> = Vec::new();
-        if let Some(m) = l.msix {
-            c.data[m.offset] = CAP_ID_MSIX;
-            c.put16(m.offset + 2, m.vectors - 1);
-            c.mask16(m.offset + 2, MSIX_ENABLE | MSIX_FUNCTION_MASK);
-            c.put32(m.offset + 4, m.table);
-            c.put32(m.offset + 8, m.pba);
-            c.msix_offset = Some(m.offset);
-            chain.push(m.offset);
-        }
-        let mut at = VENDOR_CAPS_START;
-        for v in &l.vendor_caps {
-            assert!(v.bytes.len() >= 3 && v.wmask.len() == v.bytes.len());
-            assert!(
-                at + v.bytes.len() <= CONFIG_SIZE,
-                "capabilities fit in config space"
-            );
-            c.data[at..at + v.bytes.len()].copy_from_slice(&v.bytes);
-            c.wmask[at..at + v.bytes.len()].copy_from_slice(&v.wmask);
-            c.data[at] = CAP_ID_VENDOR;
-            c.wmask[at] = 0;
-            c.wmask[at + 1] = 0;
-            c.vendor_offsets.push(at);
-            chain.push(at);
-            at = (at + v.bytes.len()).div_ceil(4) * 4;
-        }
+        let chain = c.place_capabilities(l);
         if let Some(&first) = chain.first() {
             c.put16(STATUS, STATUS_CAP_LIST);
             c.data[CAP_PTR] = u8::try_from(first).expect("capability inside config space");
@@ -206,6 +161,64 @@ impl ConfigSpace {
         }
         c.power_on = c.data;
         c
+    }
+
+    /// Each BAR's type bits, and the mask that makes a sizing write read
+    /// back its size.
+    fn lay_out_bars(&mut self, bars: &[Option<(BarKind, u64)>]) {
+        for (i, bar) in bars.iter().enumerate().take(6) {
+            let Some((kind, size)) = *bar else { continue };
+            assert!(size.is_power_of_two(), "BAR sizes are powers of two");
+            let off = BAR0 + 4 * i;
+            let (type_bits, min) = match kind {
+                BarKind::Io => (0x1u32, 4u64),
+                BarKind::Mem32 => (0x0u32, 16u64),
+                // Type 0b10 (64-bit) in bits 1-2, prefetchable in bit 3.
+                BarKind::Mem64Prefetch => (0xcu32, 16u64),
+            };
+            let mask = !(size.max(min) - 1);
+            self.put32(off, type_bits);
+            self.mask32(off, u32::try_from(mask & 0xffff_ffff).unwrap_or(0));
+            if kind == BarKind::Mem64Prefetch {
+                assert!(
+                    i < 5 && bars[i + 1].is_none(),
+                    "a 64-bit BAR takes two slots"
+                );
+                self.mask32(off + 4, u32::try_from(mask >> 32).unwrap_or(0));
+            }
+        }
+    }
+
+    /// Writes MSI-X and the vendor capabilities: their offsets, in the
+    /// order the capability list links them.
+    fn place_capabilities(&mut self, l: &ConfigLayout) -> Vec<usize> {
+        let mut chain: Vec<usize> = Vec::new();
+        if let Some(m) = l.msix {
+            self.data[m.offset] = CAP_ID_MSIX;
+            self.put16(m.offset + 2, m.vectors - 1);
+            self.mask16(m.offset + 2, MSIX_ENABLE | MSIX_FUNCTION_MASK);
+            self.put32(m.offset + 4, m.table);
+            self.put32(m.offset + 8, m.pba);
+            self.msix_offset = Some(m.offset);
+            chain.push(m.offset);
+        }
+        let mut at = VENDOR_CAPS_START;
+        for v in &l.vendor_caps {
+            assert!(v.bytes.len() >= 3 && v.wmask.len() == v.bytes.len());
+            assert!(
+                at + v.bytes.len() <= CONFIG_SIZE,
+                "capabilities fit in config space"
+            );
+            self.data[at..at + v.bytes.len()].copy_from_slice(&v.bytes);
+            self.wmask[at..at + v.bytes.len()].copy_from_slice(&v.wmask);
+            self.data[at] = CAP_ID_VENDOR;
+            self.wmask[at] = 0;
+            self.wmask[at + 1] = 0;
+            self.vendor_offsets.push(at);
+            chain.push(at);
+            at = (at + v.bytes.len()).div_ceil(4) * 4;
+        }
+        chain
     }
 
     fn put16(&mut self, off: usize, v: u16) {

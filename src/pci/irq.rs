@@ -263,78 +263,15 @@ impl Interrupts {
         let mut st = self.state.lock();
         let (start, count) = (set.start as usize, set.count as usize);
         match (set.index, set.action) {
-            (VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Trigger) => match set.data {
-                IrqData::Eventfds(mut fds) => st.intx_fd = fds.pop().map(File::from),
-                IrqData::None if count == 0 => {
-                    st.intx_fd = None;
-                    st.intx_masked = false;
-                }
-                IrqData::None => Self::software_intx(&mut st),
-                IrqData::Bool(b) => {
-                    if b.first() == Some(&true) {
-                        Self::software_intx(&mut st);
-                    }
-                }
-            },
-            (VFIO_PCI_INTX_IRQ_INDEX, action) => {
-                let on = match &set.data {
-                    IrqData::Bool(b) => b.first() == Some(&true),
-                    // An eventfd for mask/unmask (the KVM resample fd) is
-                    // accepted and closed: we unmask on NONE|UNMASK messages.
-                    IrqData::Eventfds(_) => false,
-                    IrqData::None => true,
-                };
-                if on {
-                    if action == IrqAction::Mask {
-                        st.intx_masked = true;
-                    } else {
-                        st.intx_masked = false;
-                        Self::fire_intx(&mut st);
-                    }
-                }
+            (VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Trigger) => {
+                Self::intx_trigger(&mut st, set.data, count)
             }
-            (VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Trigger) => match set.data {
-                IrqData::None if count == 0 => {
-                    for v in &self.msix {
-                        v.lock().fd = None;
-                    }
-                }
-                IrqData::Eventfds(fds) if fds.is_empty() => {
-                    for v in &self.msix[start..start + count] {
-                        v.lock().fd = None;
-                    }
-                }
-                IrqData::Eventfds(fds) => {
-                    for (v, fd) in self.msix[start..start + count].iter().zip(fds) {
-                        v.lock().fd = Some(Arc::new(File::from(fd)));
-                    }
-                    self.flush_pending();
-                }
-                IrqData::None => {
-                    for v in start..start + count {
-                        self.software_msix(v);
-                    }
-                }
-                IrqData::Bool(b) => {
-                    for (i, on) in b.into_iter().enumerate() {
-                        if on {
-                            self.software_msix(start + i);
-                        }
-                    }
-                }
-            },
+            (VFIO_PCI_INTX_IRQ_INDEX, action) => Self::intx_mask(&mut st, action, &set.data),
+            (VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Trigger) => {
+                self.msix_trigger(set.data, start, count)
+            }
             (VFIO_PCI_MSIX_IRQ_INDEX, action) => {
-                let flags: Vec<bool> = match set.data {
-                    IrqData::None => vec![true; count],
-                    IrqData::Bool(b) => b,
-                    IrqData::Eventfds(_) => return Err(libc::EINVAL),
-                };
-                for (v, on) in self.msix[start..start + count].iter().zip(flags) {
-                    if on {
-                        v.lock().masked = action == IrqAction::Mask;
-                    }
-                }
-                self.flush_pending();
+                return self.msix_mask(action, set.data, start, count)
             }
             (VFIO_PCI_ERR_IRQ_INDEX, IrqAction::Trigger) => match set.data {
                 // We never report errors through it; holding it keeps QEMU's
@@ -347,6 +284,98 @@ impl Interrupts {
             }
             _ => return Err(libc::EINVAL),
         }
+        Ok(())
+    }
+
+    /// INTx's eventfd set or torn down, or INTx fired by the client.
+    fn intx_trigger(st: &mut State, data: IrqData, count: usize) {
+        match data {
+            IrqData::Eventfds(mut fds) => st.intx_fd = fds.pop().map(File::from),
+            IrqData::None if count == 0 => {
+                st.intx_fd = None;
+                st.intx_masked = false;
+            }
+            IrqData::None => Self::software_intx(st),
+            IrqData::Bool(b) => {
+                if b.first() == Some(&true) {
+                    Self::software_intx(st);
+                }
+            }
+        }
+    }
+
+    fn intx_mask(st: &mut State, action: IrqAction, data: &IrqData) {
+        let on = match data {
+            IrqData::Bool(b) => b.first() == Some(&true),
+            // An eventfd for mask/unmask (the KVM resample fd) is accepted
+            // and closed: we unmask on NONE|UNMASK messages.
+            IrqData::Eventfds(_) => false,
+            IrqData::None => true,
+        };
+        if !on {
+            return;
+        }
+        if action == IrqAction::Mask {
+            st.intx_masked = true;
+        } else {
+            st.intx_masked = false;
+            Self::fire_intx(st);
+        }
+    }
+
+    /// MSI-X vectors' eventfds set or torn down, or vectors fired by the
+    /// client.
+    fn msix_trigger(&self, data: IrqData, start: usize, count: usize) {
+        match data {
+            IrqData::None if count == 0 => {
+                for v in &self.msix {
+                    v.lock().fd = None;
+                }
+            }
+            IrqData::Eventfds(fds) if fds.is_empty() => {
+                for v in &self.msix[start..start + count] {
+                    v.lock().fd = None;
+                }
+            }
+            IrqData::Eventfds(fds) => {
+                for (v, fd) in self.msix[start..start + count].iter().zip(fds) {
+                    v.lock().fd = Some(Arc::new(File::from(fd)));
+                }
+                self.flush_pending();
+            }
+            IrqData::None => {
+                for v in start..start + count {
+                    self.software_msix(v);
+                }
+            }
+            IrqData::Bool(b) => {
+                for (i, on) in b.into_iter().enumerate() {
+                    if on {
+                        self.software_msix(start + i);
+                    }
+                }
+            }
+        }
+    }
+
+    fn msix_mask(
+        &self,
+        action: IrqAction,
+        data: IrqData,
+        start: usize,
+        count: usize,
+    ) -> Result<(), Errno> {
+        let flags: Vec<bool> = match data {
+            IrqData::None => vec![true; count],
+            IrqData::Bool(b) => b,
+            IrqData::Eventfds(_) => return Err(libc::EINVAL),
+        };
+        for (v, on) in self.msix[start..start + count].iter().zip(flags) {
+            if on {
+                v.lock().masked = action == IrqAction::Mask;
+            }
+        }
+        self.flush_pending();
         Ok(())
     }
 

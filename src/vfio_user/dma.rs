@@ -222,6 +222,59 @@ impl DmaTable {
         flags: u32,
         fd: Option<OwnedFd>,
     ) -> Result<(), DmaError> {
+        self.check_new_window(iova, size, offset, flags)?;
+        self.sweep();
+        // Windows unmapped but still used by a request in flight count too:
+        // a client cannot pile them up by unmapping and mapping again.
+        if self.windows.len() >= self.max_windows || self.share.used() >= self.max_windows {
+            return Err(DmaError::TooMany(self.max_windows));
+        }
+
+        let writable = flags & VFIO_DMA_MAP_FLAG_WRITE != 0;
+        let mut guard = None;
+        let mut token = None;
+        let region = match fd {
+            Some(fd) if writable => {
+                // Its descriptor and guard slot come out of the process's
+                // budget, within this device's share.
+                let t = self
+                    .share
+                    .take()
+                    .map_err(|why| DmaError::Budget { iova, size, why })?;
+                let (region, g) = map_window(iova, size, offset, fd)?;
+                guard = Some(g);
+                token = Some(t);
+                Some(Arc::new(region))
+            }
+            fd => {
+                self.say_unreachable(iova, size, writable, fd.is_some());
+                None
+            }
+        };
+        let pos = self.windows.partition_point(|w| w.iova < iova);
+        self.windows.insert(
+            pos,
+            Window {
+                iova,
+                size,
+                region,
+                _guard: guard,
+                _token: token,
+            },
+        );
+        self.publish();
+        Ok(())
+    }
+
+    /// What a new window must be: not empty, page-aligned, not wrapping,
+    /// with known flags, overlapping no other.
+    fn check_new_window(
+        &self,
+        iova: u64,
+        size: u64,
+        offset: u64,
+        flags: u32,
+    ) -> Result<(), DmaError> {
         if size == 0 {
             return Err(DmaError::EmptyWindow);
         }
@@ -246,71 +299,35 @@ impl DmaTable {
         {
             return Err(DmaError::Overlap { iova, size });
         }
-        self.sweep();
-        // Windows unmapped but still used by a request in flight count too:
-        // a client cannot pile them up by unmapping and mapping again.
-        if self.windows.len() >= self.max_windows || self.share.used() >= self.max_windows {
-            return Err(DmaError::TooMany(self.max_windows));
-        }
-
-        let writable = flags & VFIO_DMA_MAP_FLAG_WRITE != 0;
-        let mut guard = None;
-        let mut token = None;
-        let region = match fd {
-            Some(fd) if writable => {
-                // Its descriptor and guard slot come out of the process's
-                // budget, within this device's share.
-                let t = self
-                    .share
-                    .take()
-                    .map_err(|why| DmaError::Budget { iova, size, why })?;
-                let (region, g) = map_window(iova, size, offset, fd)?;
-                guard = Some(g);
-                token = Some(t);
-                Some(Arc::new(region))
-            }
-            Some(_) => {
-                // A read-only window (ROM). Virtio buffers never live there,
-                // and a read-only mapping would fault on a device write, so
-                // it is not made reachable.
-                // Firmware (ROM) windows come and go while SeaBIOS runs.
-                crate::dev_debug!(
-                    self.log,
-                    "DMA window {iova:#x}+{size:#x} is read-only; not used for device DMA"
-                );
-                None
-            }
-            None => {
-                if writable {
-                    crate::dev_log!(
-                        self.log,
-                        Warn,
-                        "DMA window {iova:#x}+{size:#x} came without a file descriptor: \
-                         the device cannot reach it. Start QEMU with \
-                         -object memory-backend-memfd,share=on for guest RAM"
-                    );
-                } else {
-                    crate::dev_debug!(
-                        self.log,
-                        "DMA window {iova:#x}+{size:#x} has no file descriptor (ROM)"
-                    );
-                }
-                None
-            }
-        };
-        let pos = self.windows.partition_point(|w| w.iova < iova);
-        self.windows.insert(
-            pos,
-            Window {
-                iova,
-                size,
-                region,
-                _guard: guard,
-                _token: token,
-            },
-        );
-        self.publish();
         Ok(())
+    }
+
+    /// A window the device does not map: read-only (ROM), or without a
+    /// file to map.
+    fn say_unreachable(&self, iova: u64, size: u64, writable: bool, has_fd: bool) {
+        if has_fd {
+            // A read-only window (ROM). Virtio buffers never live there,
+            // and a read-only mapping would fault on a device write, so it
+            // is not made reachable. Firmware (ROM) windows come and go
+            // while SeaBIOS runs.
+            crate::dev_debug!(
+                self.log,
+                "DMA window {iova:#x}+{size:#x} is read-only; not used for device DMA"
+            );
+        } else if writable {
+            crate::dev_log!(
+                self.log,
+                Warn,
+                "DMA window {iova:#x}+{size:#x} came without a file descriptor: \
+                 the device cannot reach it. Start QEMU with \
+                 -object memory-backend-memfd,share=on for guest RAM"
+            );
+        } else {
+            crate::dev_debug!(
+                self.log,
+                "DMA window {iova:#x}+{size:#x} has no file descriptor (ROM)"
+            );
+        }
     }
 
     /// The window `iova + size` exactly, if there is one, with where it is

@@ -25,7 +25,7 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use super::dma::{DmaTable, GuestMemoryHandle, DMA_PAGE_SIZE};
-use super::socket::{Transport, MAX_RECV_FDS};
+use super::socket::{RecvHeader, Transport, MAX_RECV_FDS};
 use super::wire::*;
 use super::{Device, Errno, IrqAction, IrqData, IrqSet};
 
@@ -396,34 +396,9 @@ impl<D: Device> Server<D> {
         conn: &mut Conn<T>,
         payload: &mut Vec<u8>,
     ) -> io::Result<Next> {
-        let Some(rh) = conn.stream.recv_header()? else {
+        let Some((hdr, rh)) = self.receive(conn, payload)? else {
             return Ok(Next::Close);
         };
-        let hdr = Header::decode(&rh.bytes);
-        let cap = self.config.max_data_xfer_size.saturating_add(MSG_OVERHEAD);
-        if (hdr.msg_size as usize) < HEADER_SIZE {
-            crate::dev_log!(self.log, Warn,
-                "message {} claims size {} < {HEADER_SIZE}: the stream cannot be resynchronised, closing",
-                hdr.msg_id, hdr.msg_size
-            );
-            return Ok(Next::Close);
-        }
-        if hdr.msg_size > cap {
-            crate::dev_log!(
-                self.log,
-                Warn,
-                "message {} ({}) claims size {} > limit {cap}: closing",
-                hdr.msg_id,
-                command_name(hdr.command),
-                hdr.msg_size
-            );
-            return Ok(Next::Close);
-        }
-        let body = hdr.msg_size as usize - HEADER_SIZE;
-        payload.clear();
-        payload.resize(body, 0);
-        conn.stream.recv_exact(payload)?;
-
         match hdr.msg_type() {
             FLAG_TYPE_COMMAND => {}
             FLAG_TYPE_REPLY => {
@@ -443,57 +418,121 @@ impl<D: Device> Server<D> {
                 return Ok(Next::Close);
             }
         }
-
-        let mut close_after = false;
         let mut out = std::mem::take(&mut conn.reply);
         out.clear();
         out.resize(HEADER_SIZE, 0);
-        let result = if rh.fds_truncated {
-            reject(
+        let mut close_after = false;
+        let result = match self.admit(conn, &hdr, &rh) {
+            Err(r) => Err(r),
+            Ok(()) => {
+                let r = self.dispatch(conn, hdr.command, payload, rh.fds, &mut out);
+                // A VERSION its handler refused ends the connection.
+                close_after = hdr.command == CMD_VERSION && r.is_err();
+                r
+            }
+        };
+        let sent = self.reply(conn, &hdr, result, &mut out);
+        conn.reply = out;
+        sent?;
+        Ok(if close_after {
+            Next::Close
+        } else {
+            Next::Continue
+        })
+    }
+
+    /// Reads one message: its header, descriptors and payload (into
+    /// `payload`). None: the stream ended, or cannot go on.
+    fn receive<T: Transport>(
+        &mut self,
+        conn: &mut Conn<T>,
+        payload: &mut Vec<u8>,
+    ) -> io::Result<Option<(Header, RecvHeader)>> {
+        let Some(rh) = conn.stream.recv_header()? else {
+            return Ok(None);
+        };
+        let hdr = Header::decode(&rh.bytes);
+        let cap = self.config.max_data_xfer_size.saturating_add(MSG_OVERHEAD);
+        if (hdr.msg_size as usize) < HEADER_SIZE {
+            crate::dev_log!(self.log, Warn,
+                "message {} claims size {} < {HEADER_SIZE}: the stream cannot be resynchronised, closing",
+                hdr.msg_id, hdr.msg_size
+            );
+            return Ok(None);
+        }
+        if hdr.msg_size > cap {
+            crate::dev_log!(
+                self.log,
+                Warn,
+                "message {} ({}) claims size {} > limit {cap}: closing",
+                hdr.msg_id,
+                command_name(hdr.command),
+                hdr.msg_size
+            );
+            return Ok(None);
+        }
+        let body = hdr.msg_size as usize - HEADER_SIZE;
+        payload.clear();
+        payload.resize(body, 0);
+        conn.stream.recv_exact(payload)?;
+        Ok(Some((hdr, rh)))
+    }
+
+    /// What every command must pass before its handler sees it.
+    fn admit<T: Transport>(
+        &self,
+        conn: &Conn<T>,
+        hdr: &Header,
+        rh: &RecvHeader,
+    ) -> Result<(), Reject> {
+        if rh.fds_truncated {
+            return reject(
                 libc::EINVAL,
                 format!("more than {MAX_RECV_FDS} descriptors; the kernel dropped some"),
-            )
-        } else if rh.fds.len() > self.config.max_msg_fds as usize {
-            reject(
+            );
+        }
+        if rh.fds.len() > self.config.max_msg_fds as usize {
+            return reject(
                 libc::EINVAL,
                 format!(
                     "{} descriptors > max_msg_fds {}",
                     rh.fds.len(),
                     self.config.max_msg_fds
                 ),
-            )
-        } else if !conn.negotiated && hdr.command != CMD_VERSION {
-            reject(libc::EINVAL, "VERSION must come first")
-        } else {
-            let r = self.dispatch(conn, hdr.command, payload, rh.fds, &mut out);
-            if hdr.command == CMD_VERSION && r.is_err() {
-                close_after = true;
-            }
-            r
-        };
+            );
+        }
+        if !conn.negotiated && hdr.command != CMD_VERSION {
+            return reject(libc::EINVAL, "VERSION must come first");
+        }
+        Ok(())
+    }
 
+    /// Sends the reply to `hdr` (unless the client asked for none): `out`
+    /// holds room for the header and the payload the handler wrote; an
+    /// error reply is the header alone.
+    fn reply<T: Transport>(
+        &mut self,
+        conn: &mut Conn<T>,
+        hdr: &Header,
+        result: Result<(), Reject>,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let name = command_name(hdr.command);
         let (flags, error) = match result {
             Ok(()) => {
-                crate::dev_debug!(
-                    self.log,
-                    "{} (id {}) ok",
-                    command_name(hdr.command),
-                    hdr.msg_id
-                );
+                crate::dev_debug!(self.log, "{name} (id {}) ok", hdr.msg_id);
                 (FLAG_TYPE_REPLY, 0)
             }
             Err(r) => {
                 crate::dev_log!(
                     self.log,
                     Warn,
-                    "{} (id {}, command {}) refused with errno {}: {}",
-                    command_name(hdr.command),
+                    "{name} (id {}, command {}) refused with errno {}: {}",
                     hdr.msg_id,
                     hdr.command,
                     r.errno,
                     r.why
                 );
-                // Error replies are header-only.
                 out.truncate(HEADER_SIZE);
                 (FLAG_TYPE_REPLY | FLAG_ERROR, r.errno.unsigned_abs())
             }
@@ -507,29 +546,22 @@ impl<D: Device> Server<D> {
         };
         out[..HEADER_SIZE].copy_from_slice(&header.encode());
         let fd = conn.reply_fd.take();
-        let sent = if hdr.no_reply() {
-            Ok(())
-        } else {
-            match fd {
-                Some(fd) if error == 0 => conn.stream.send_with_fd(&out, fd),
-                _ => conn.stream.send_all(&out),
-            }
-        };
-        conn.reply = out;
-        sent?;
-        Ok(if close_after {
-            Next::Close
-        } else {
-            Next::Continue
-        })
+        if hdr.no_reply() {
+            return Ok(());
+        }
+        match fd {
+            Some(fd) if error == 0 => conn.stream.send_with_fd(out, fd),
+            _ => conn.stream.send_all(out),
+        }
     }
 
+    /// Hands a command to its handler.
     fn dispatch<T: Transport>(
         &mut self,
         conn: &mut Conn<T>,
         command: u16,
         p: &[u8],
-        mut fds: Vec<OwnedFd>,
+        fds: Vec<OwnedFd>,
         out: &mut Vec<u8>,
     ) -> Result<(), Reject> {
         let takes_fds = matches!(command, CMD_DMA_MAP | CMD_DEVICE_SET_IRQS);
@@ -541,187 +573,14 @@ impl<D: Device> Server<D> {
         }
         match command {
             CMD_VERSION => self.version(conn, p, out),
-            CMD_DMA_MAP => {
-                need(p, DMA_MAP_SIZE)?;
-                if fds.len() > 1 {
-                    return reject(libc::EINVAL, "DMA_MAP takes at most one descriptor");
-                }
-                let (flags, offset, iova, size) =
-                    (u32_at(p, 4), u64_at(p, 8), u64_at(p, 16), u64_at(p, 24));
-                crate::dev_debug!(
-                    self.log,
-                    "DMA_MAP {iova:#x}+{size:#x} offset {offset:#x} flags {flags:#x} fd {}",
-                    !fds.is_empty()
-                );
-                self.dma
-                    .map(iova, size, offset, flags, fds.pop())
-                    .map_err(|e| Reject {
-                        errno: e.errno(),
-                        why: e.to_string(),
-                    })?;
-                self.device.dma_mapped();
-                Ok(())
-            }
-            CMD_DMA_UNMAP => {
-                need(p, DMA_UNMAP_SIZE)?;
-                let (flags, iova, size) = (u32_at(p, 4), u64_at(p, 8), u64_at(p, 16));
-                crate::dev_debug!(self.log, "DMA_UNMAP {iova:#x}+{size:#x} flags {flags:#x}");
-                // Only what uses this window stops (everything for
-                // unmap-all). A request the table refuses (no such window,
-                // bad flags) stops nothing.
-                let all = flags & VFIO_DMA_UNMAP_FLAG_ALL != 0 && iova == 0 && size == 0;
-                let r = match (all, self.dma.find(iova, size)) {
-                    (false, None) => self.dma.unmap(iova, size, flags),
-                    (all, range) => {
-                        self.device.quiesce(if all { None } else { range });
-                        let r = self.dma.unmap(iova, size, flags);
-                        self.device.resume();
-                        r
-                    }
-                };
-                r.map_err(|e| Reject {
-                    errno: e.errno(),
-                    why: e.to_string(),
-                })?;
-                out.extend_from_slice(&p[..DMA_UNMAP_SIZE]);
-                Ok(())
-            }
-            CMD_DEVICE_GET_INFO => {
-                need(p, DEVICE_INFO_SIZE)?;
-                argsz_at_least(p, DEVICE_INFO_SIZE)?;
-                out.put_u32(DEVICE_INFO_SIZE_U32);
-                out.put_u32(VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET);
-                out.put_u32(self.device.num_regions());
-                out.put_u32(self.device.num_irqs());
-                Ok(())
-            }
-            CMD_DEVICE_GET_REGION_INFO => {
-                need(p, REGION_INFO_SIZE)?;
-                argsz_at_least(p, REGION_INFO_SIZE)?;
-                let index = u32_at(p, 8);
-                if index >= self.device.num_regions() {
-                    return reject(libc::EINVAL, format!("no region {index}"));
-                }
-                let info = self.device.region_info(index);
-                let Some(m) = info.mmap else {
-                    out.put_u32(REGION_INFO_SIZE_U32);
-                    out.put_u32(info.flags);
-                    out.put_u32(index);
-                    out.put_u32(0); // cap_offset: no capabilities
-                    out.put_u64(info.size);
-                    out.put_u64(0); // mmap offset: nothing is mappable
-                    return Ok(());
-                };
-                // A sparse-mmap capability right after the info; the whole
-                // of it only when the client's argsz leaves room (else it
-                // learns the size it needs and asks again), and the file
-                // with every reply.
-                let areas = u32::try_from(m.areas.len()).unwrap_or(0);
-                let cap_len = SPARSE_CAP_HEADER + 16 * areas;
-                let full = REGION_INFO_SIZE_U32 + cap_len;
-                let room = u32_at(p, 0) >= full;
-                out.put_u32(full);
-                // CAPS only with the chain itself: QEMU refuses a reply that
-                // says CAPS with no capability offset.
-                let caps = if room { VFIO_REGION_INFO_FLAG_CAPS } else { 0 };
-                out.put_u32(info.flags | VFIO_REGION_INFO_FLAG_MMAP | caps);
-                out.put_u32(index);
-                out.put_u32(if room { REGION_INFO_SIZE_U32 } else { 0 });
-                out.put_u64(info.size);
-                out.put_u64(m.offset);
-                if room {
-                    out.put_u16(VFIO_REGION_INFO_CAP_SPARSE_MMAP_U16);
-                    out.put_u16(1); // version
-                    out.put_u32(0); // next: the last capability
-                    out.put_u32(areas);
-                    out.put_u32(0);
-                    for (off, size) in m.areas.iter().take(areas as usize) {
-                        out.put_u64(*off);
-                        out.put_u64(*size);
-                    }
-                }
-                conn.reply_fd = Some(m.fd);
-                Ok(())
-            }
-            CMD_DEVICE_GET_IRQ_INFO => {
-                need(p, IRQ_INFO_SIZE)?;
-                argsz_at_least(p, IRQ_INFO_SIZE)?;
-                let index = u32_at(p, 8);
-                if index >= self.device.num_irqs() {
-                    return reject(libc::EINVAL, format!("no IRQ index {index}"));
-                }
-                let info = self.device.irq_info(index);
-                out.put_u32(IRQ_INFO_SIZE_U32);
-                out.put_u32(info.flags);
-                out.put_u32(index);
-                out.put_u32(info.count);
-                Ok(())
-            }
-            CMD_DEVICE_SET_IRQS => {
-                let set = self.parse_irq_set(p, fds)?;
-                crate::dev_debug!(self.log, "SET_IRQS {set:?}");
-                self.device.set_irqs(set).map_err(|errno| Reject {
-                    errno,
-                    why: "refused by the device".into(),
-                })?;
-                Ok(())
-            }
-            CMD_REGION_READ => {
-                let a = RegionAccess::decode(p).ok_or(Reject {
-                    errno: libc::EINVAL,
-                    why: format!("payload of {} bytes, need {REGION_ACCESS_SIZE}", p.len()),
-                })?;
-                if p.len() != REGION_ACCESS_SIZE {
-                    return reject(
-                        libc::EINVAL,
-                        format!(
-                            "payload of {} bytes, expected {REGION_ACCESS_SIZE}",
-                            p.len()
-                        ),
-                    );
-                }
-                self.check_access(conn, &a)?;
-                let count = a.count as usize;
-                a.encode_into(out);
-                let data = out.len();
-                out.resize(data + count, 0);
-                if count > 0 {
-                    self.device
-                        .region_read(a.region, a.offset, &mut out[data..])
-                        .map_err(|errno| Reject {
-                            errno,
-                            why: format!("read of region {} refused", a.region),
-                        })?;
-                }
-                Ok(())
-            }
-            CMD_REGION_WRITE => {
-                let a = RegionAccess::decode(p).ok_or(Reject {
-                    errno: libc::EINVAL,
-                    why: format!("payload of {} bytes, need {REGION_ACCESS_SIZE}", p.len()),
-                })?;
-                if p.len() - REGION_ACCESS_SIZE != a.count as usize {
-                    return reject(
-                        libc::EINVAL,
-                        format!(
-                            "count {} but {} data bytes",
-                            a.count,
-                            p.len() - REGION_ACCESS_SIZE
-                        ),
-                    );
-                }
-                self.check_access(conn, &a)?;
-                if a.count > 0 {
-                    self.device
-                        .region_write(a.region, a.offset, &p[REGION_ACCESS_SIZE..])
-                        .map_err(|errno| Reject {
-                            errno,
-                            why: format!("write to region {} refused", a.region),
-                        })?;
-                }
-                a.encode_into(out);
-                Ok(())
-            }
+            CMD_DMA_MAP => self.dma_map(p, fds),
+            CMD_DMA_UNMAP => self.dma_unmap(p, out),
+            CMD_DEVICE_GET_INFO => self.device_info(p, out),
+            CMD_DEVICE_GET_REGION_INFO => self.region_info(conn, p, out),
+            CMD_DEVICE_GET_IRQ_INFO => self.irq_info(p, out),
+            CMD_DEVICE_SET_IRQS => self.set_irqs(p, fds),
+            CMD_REGION_READ => self.region_read(conn, p, out),
+            CMD_REGION_WRITE => self.region_write(conn, p, out),
             CMD_DEVICE_RESET => {
                 self.device.reset();
                 Ok(())
@@ -733,6 +592,201 @@ impl<D: Device> Server<D> {
         }
     }
 
+    fn dma_map(&mut self, p: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), Reject> {
+        let m = DmaMap::decode(p)?;
+        if fds.len() > 1 {
+            return reject(libc::EINVAL, "DMA_MAP takes at most one descriptor");
+        }
+        crate::dev_debug!(
+            self.log,
+            "DMA_MAP {:#x}+{:#x} offset {:#x} flags {:#x} fd {}",
+            m.iova,
+            m.size,
+            m.offset,
+            m.flags,
+            !fds.is_empty()
+        );
+        self.dma
+            .map(m.iova, m.size, m.offset, m.flags, fds.pop())
+            .map_err(|e| Reject {
+                errno: e.errno(),
+                why: e.to_string(),
+            })?;
+        self.device.dma_mapped();
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, p: &[u8], out: &mut Vec<u8>) -> Result<(), Reject> {
+        let u = DmaUnmap::decode(p)?;
+        let (flags, iova, size) = (u.flags, u.iova, u.size);
+        crate::dev_debug!(self.log, "DMA_UNMAP {iova:#x}+{size:#x} flags {flags:#x}");
+        // Only what uses this window stops (everything for unmap-all). A
+        // request the table refuses (no such window, bad flags) stops
+        // nothing.
+        let all = flags & VFIO_DMA_UNMAP_FLAG_ALL != 0 && iova == 0 && size == 0;
+        let r = match (all, self.dma.find(iova, size)) {
+            (false, None) => self.dma.unmap(iova, size, flags),
+            (all, range) => {
+                self.device.quiesce(if all { None } else { range });
+                let r = self.dma.unmap(iova, size, flags);
+                self.device.resume();
+                r
+            }
+        };
+        r.map_err(|e| Reject {
+            errno: e.errno(),
+            why: e.to_string(),
+        })?;
+        out.extend_from_slice(&p[..DMA_UNMAP_SIZE]);
+        Ok(())
+    }
+
+    fn device_info(&mut self, p: &[u8], out: &mut Vec<u8>) -> Result<(), Reject> {
+        let q = InfoQuery::decode(p, DEVICE_INFO_SIZE)?;
+        argsz_at_least(q.argsz, DEVICE_INFO_SIZE)?;
+        out.put_u32(DEVICE_INFO_SIZE_U32);
+        out.put_u32(VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET);
+        out.put_u32(self.device.num_regions());
+        out.put_u32(self.device.num_irqs());
+        Ok(())
+    }
+
+    fn region_info<T: Transport>(
+        &mut self,
+        conn: &mut Conn<T>,
+        p: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Reject> {
+        let q = InfoQuery::decode(p, REGION_INFO_SIZE)?;
+        argsz_at_least(q.argsz, REGION_INFO_SIZE)?;
+        let index = q.index;
+        if index >= self.device.num_regions() {
+            return reject(libc::EINVAL, format!("no region {index}"));
+        }
+        let info = self.device.region_info(index);
+        let Some(m) = info.mmap else {
+            out.put_u32(REGION_INFO_SIZE_U32);
+            out.put_u32(info.flags);
+            out.put_u32(index);
+            out.put_u32(0); // cap_offset: no capabilities
+            out.put_u64(info.size);
+            out.put_u64(0); // mmap offset: nothing is mappable
+            return Ok(());
+        };
+        // A sparse-mmap capability right after the info; the whole of it
+        // only when the client's argsz leaves room (else it learns the size
+        // it needs and asks again), and the file with every reply.
+        let areas = u32::try_from(m.areas.len()).unwrap_or(0);
+        let cap_len = SPARSE_CAP_HEADER + 16 * areas;
+        let full = REGION_INFO_SIZE_U32 + cap_len;
+        let room = q.argsz >= full;
+        out.put_u32(full);
+        // CAPS only with the chain itself: QEMU refuses a reply that says
+        // CAPS with no capability offset.
+        let caps = if room { VFIO_REGION_INFO_FLAG_CAPS } else { 0 };
+        out.put_u32(info.flags | VFIO_REGION_INFO_FLAG_MMAP | caps);
+        out.put_u32(index);
+        out.put_u32(if room { REGION_INFO_SIZE_U32 } else { 0 });
+        out.put_u64(info.size);
+        out.put_u64(m.offset);
+        if room {
+            out.put_u16(VFIO_REGION_INFO_CAP_SPARSE_MMAP_U16);
+            out.put_u16(1); // version
+            out.put_u32(0); // next: the last capability
+            out.put_u32(areas);
+            out.put_u32(0);
+            for (off, size) in m.areas.iter().take(areas as usize) {
+                out.put_u64(*off);
+                out.put_u64(*size);
+            }
+        }
+        conn.reply_fd = Some(m.fd);
+        Ok(())
+    }
+
+    fn irq_info(&mut self, p: &[u8], out: &mut Vec<u8>) -> Result<(), Reject> {
+        let q = InfoQuery::decode(p, IRQ_INFO_SIZE)?;
+        argsz_at_least(q.argsz, IRQ_INFO_SIZE)?;
+        let index = q.index;
+        if index >= self.device.num_irqs() {
+            return reject(libc::EINVAL, format!("no IRQ index {index}"));
+        }
+        let info = self.device.irq_info(index);
+        out.put_u32(IRQ_INFO_SIZE_U32);
+        out.put_u32(info.flags);
+        out.put_u32(index);
+        out.put_u32(info.count);
+        Ok(())
+    }
+
+    fn set_irqs(&mut self, p: &[u8], fds: Vec<OwnedFd>) -> Result<(), Reject> {
+        let set = self.parse_irq_set(p, fds)?;
+        crate::dev_debug!(self.log, "SET_IRQS {set:?}");
+        self.device.set_irqs(set).map_err(|errno| Reject {
+            errno,
+            why: "refused by the device".into(),
+        })
+    }
+
+    fn region_read<T: Transport>(
+        &mut self,
+        conn: &Conn<T>,
+        p: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Reject> {
+        let a = decode_access(p)?;
+        if p.len() != REGION_ACCESS_SIZE {
+            return reject(
+                libc::EINVAL,
+                format!(
+                    "payload of {} bytes, expected {REGION_ACCESS_SIZE}",
+                    p.len()
+                ),
+            );
+        }
+        self.check_access(conn, &a)?;
+        let count = a.count as usize;
+        a.encode_into(out);
+        let data = out.len();
+        out.resize(data + count, 0);
+        if count > 0 {
+            self.device
+                .region_read(a.region, a.offset, &mut out[data..])
+                .map_err(|errno| Reject {
+                    errno,
+                    why: format!("read of region {} refused", a.region),
+                })?;
+        }
+        Ok(())
+    }
+
+    fn region_write<T: Transport>(
+        &mut self,
+        conn: &Conn<T>,
+        p: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Reject> {
+        let a = decode_access(p)?;
+        let data = &p[REGION_ACCESS_SIZE..];
+        if data.len() != a.count as usize {
+            return reject(
+                libc::EINVAL,
+                format!("count {} but {} data bytes", a.count, data.len()),
+            );
+        }
+        self.check_access(conn, &a)?;
+        if a.count > 0 {
+            self.device
+                .region_write(a.region, a.offset, data)
+                .map_err(|errno| Reject {
+                    errno,
+                    why: format!("write to region {} refused", a.region),
+                })?;
+        }
+        a.encode_into(out);
+        Ok(())
+    }
+
     fn version<T: Transport>(
         &mut self,
         conn: &mut Conn<T>,
@@ -742,7 +796,13 @@ impl<D: Device> Server<D> {
         if conn.negotiated {
             return reject(libc::EINVAL, "VERSION sent twice");
         }
-        need(p, 4)?;
+        if p.len() < 4 {
+            return Err(Short {
+                have: p.len(),
+                need: 4,
+            }
+            .into());
+        }
         let major = u16::from_le_bytes([p[0], p[1]]);
         if major != 0 {
             return reject(
@@ -789,10 +849,13 @@ impl<D: Device> Server<D> {
         self.dma
             .set_max_windows(usize::try_from(max_dma_maps).unwrap_or(cfg.max_dma_maps as usize));
         conn.negotiated = true;
-        let json = format!(
-            "{{\"capabilities\":{{\"max_msg_fds\":{max_msg_fds},\"max_data_xfer_size\":{max_xfer},\
-             \"pgsizes\":{pgsizes},\"max_dma_maps\":{max_dma_maps}}}}}"
-        );
+        let json = serde_json::json!({"capabilities": {
+            "max_msg_fds": max_msg_fds,
+            "max_data_xfer_size": max_xfer,
+            "pgsizes": pgsizes,
+            "max_dma_maps": max_dma_maps,
+        }})
+        .to_string();
         crate::dev_log!(self.log, Info, "version 0.0 negotiated: {json}");
         out.put_u16(0);
         out.put_u16(0);
@@ -825,9 +888,8 @@ impl<D: Device> Server<D> {
     }
 
     fn parse_irq_set(&self, p: &[u8], fds: Vec<OwnedFd>) -> Result<IrqSet, Reject> {
-        need(p, IRQ_SET_SIZE)?;
-        let (flags, index, start, count) =
-            (u32_at(p, 4), u32_at(p, 8), u32_at(p, 12), u32_at(p, 16));
+        let (h, extra) = IrqSetHeader::decode(p)?;
+        let (flags, index, start, count) = (h.flags, h.index, h.start, h.count);
         if flags & !(VFIO_IRQ_SET_DATA_TYPE_MASK | VFIO_IRQ_SET_ACTION_TYPE_MASK) != 0 {
             return reject(libc::EINVAL, format!("unknown flags {flags:#x}"));
         }
@@ -858,7 +920,6 @@ impl<D: Device> Server<D> {
                 format!("sub-indices {start}+{count} outside index {index} (count {avail})"),
             );
         }
-        let extra = &p[IRQ_SET_SIZE..];
         let data = match data_kind {
             VFIO_IRQ_SET_DATA_NONE => {
                 if !fds.is_empty() || !extra.is_empty() {
@@ -899,20 +960,25 @@ impl<D: Device> Server<D> {
     }
 }
 
-fn need(p: &[u8], n: usize) -> Result<(), Reject> {
-    if p.len() < n {
-        return reject(
-            libc::EINVAL,
-            format!("payload of {} bytes, need {n}", p.len()),
-        );
+impl From<Short> for Reject {
+    fn from(e: Short) -> Reject {
+        Reject {
+            errno: libc::EINVAL,
+            why: e.to_string(),
+        }
     }
-    Ok(())
+}
+
+fn decode_access(p: &[u8]) -> Result<RegionAccess, Reject> {
+    RegionAccess::decode(p).ok_or(Reject {
+        errno: libc::EINVAL,
+        why: format!("payload of {} bytes, need {REGION_ACCESS_SIZE}", p.len()),
+    })
 }
 
 /// `argsz` is the reply budget; it must at least hold the fixed reply.
-fn argsz_at_least(p: &[u8], n: usize) -> Result<(), Reject> {
-    let argsz = u32_at(p, 0) as usize;
-    if argsz < n {
+fn argsz_at_least(argsz: u32, n: usize) -> Result<(), Reject> {
+    if (argsz as usize) < n {
         return reject(libc::EINVAL, format!("argsz {argsz} < {n}"));
     }
     Ok(())

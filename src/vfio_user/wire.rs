@@ -152,6 +152,106 @@ impl RegionAccess {
     }
 }
 
+/// A payload shorter than its command's fixed part.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("payload of {have} bytes, need {need}")]
+pub struct Short {
+    pub have: usize,
+    pub need: usize,
+}
+
+fn need(p: &[u8], need: usize) -> Result<(), Short> {
+    if p.len() < need {
+        return Err(Short {
+            have: p.len(),
+            need,
+        });
+    }
+    Ok(())
+}
+
+/// DMA_MAP's fixed part (the window's file comes as a descriptor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaMap {
+    pub flags: u32,
+    pub offset: u64,
+    pub iova: u64,
+    pub size: u64,
+}
+
+impl DmaMap {
+    pub fn decode(p: &[u8]) -> Result<DmaMap, Short> {
+        need(p, DMA_MAP_SIZE)?;
+        Ok(DmaMap {
+            flags: u32_at(p, 4),
+            offset: u64_at(p, 8),
+            iova: u64_at(p, 16),
+            size: u64_at(p, 24),
+        })
+    }
+}
+
+/// DMA_UNMAP's fixed part (echoed back in the reply).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaUnmap {
+    pub flags: u32,
+    pub iova: u64,
+    pub size: u64,
+}
+
+impl DmaUnmap {
+    pub fn decode(p: &[u8]) -> Result<DmaUnmap, Short> {
+        need(p, DMA_UNMAP_SIZE)?;
+        Ok(DmaUnmap {
+            flags: u32_at(p, 4),
+            iova: u64_at(p, 8),
+            size: u64_at(p, 16),
+        })
+    }
+}
+
+/// The question of DEVICE_GET_INFO, GET_REGION_INFO and GET_IRQ_INFO: the
+/// room the client gives the reply (`argsz`), and which region or
+/// interrupt index (GET_INFO has none: 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InfoQuery {
+    pub argsz: u32,
+    pub index: u32,
+}
+
+impl InfoQuery {
+    /// `size` is the command's fixed part, which the reply also needs.
+    pub fn decode(p: &[u8], size: usize) -> Result<InfoQuery, Short> {
+        need(p, size)?;
+        Ok(InfoQuery {
+            argsz: u32_at(p, 0),
+            index: if size > 8 { u32_at(p, 8) } else { 0 },
+        })
+    }
+}
+
+/// DEVICE_SET_IRQS' fixed part; what follows it is its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqSetHeader {
+    pub flags: u32,
+    pub index: u32,
+    pub start: u32,
+    pub count: u32,
+}
+
+impl IrqSetHeader {
+    pub fn decode(p: &[u8]) -> Result<(IrqSetHeader, &[u8]), Short> {
+        need(p, IRQ_SET_SIZE)?;
+        let h = IrqSetHeader {
+            flags: u32_at(p, 4),
+            index: u32_at(p, 8),
+            start: u32_at(p, 12),
+            count: u32_at(p, 16),
+        };
+        Ok((h, &p[IRQ_SET_SIZE..]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +281,28 @@ mod tests {
         };
         a.encode_into(&mut b);
         assert_eq!(RegionAccess::decode(&b), Some(a));
+    }
+
+    #[test]
+    fn fixed_parts_refuse_short_payloads_and_read_little_endian() {
+        assert_eq!(
+            DmaMap::decode(&[0u8; DMA_MAP_SIZE - 1]),
+            Err(Short {
+                have: DMA_MAP_SIZE - 1,
+                need: DMA_MAP_SIZE
+            })
+        );
+        let mut p = vec![0u8; DMA_MAP_SIZE];
+        p[4] = 3;
+        p[16] = 0x10;
+        p[24] = 0x20;
+        let m = DmaMap::decode(&p).unwrap();
+        assert_eq!((m.flags, m.iova, m.size), (3, 0x10, 0x20));
+        assert!(DmaUnmap::decode(&p[..DMA_UNMAP_SIZE - 1]).is_err());
+        let q = InfoQuery::decode(&[16, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0], 16).unwrap();
+        assert_eq!((q.argsz, q.index), (16, 5));
+        assert!(IrqSetHeader::decode(&[0u8; IRQ_SET_SIZE - 1]).is_err());
+        let (_, rest) = IrqSetHeader::decode(&[0u8; IRQ_SET_SIZE + 2]).unwrap();
+        assert_eq!(rest.len(), 2);
     }
 }

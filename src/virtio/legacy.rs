@@ -10,7 +10,7 @@
 //! bits exist here (no VERSION_1, no FEATURES_OK).
 
 use super::transport::{Interface, PciTransport};
-use super::{low32, VirtioDevice, NO_VECTOR};
+use super::{low16, low32, VirtioDevice, NO_VECTOR};
 
 pub const HOST_FEATURES: u64 = 0;
 pub const GUEST_FEATURES: u64 = 4;
@@ -84,8 +84,7 @@ impl<D: VirtioDevice> PciTransport<D> {
 
     fn legacy_write_reg(&mut self, offset: u64, width: usize, v: u32) -> bool {
         let msix = self.irqs.msix_enabled();
-        // Truncations below take the register's own width, already checked.
-        let v16 = (v & 0xffff) as u16;
+        let v16 = low16(u64::from(v));
         let known = matches!(
             (offset, width),
             (GUEST_FEATURES, 4) | (QUEUE_PFN, 4) | (QUEUE_SEL, 2) | (QUEUE_NOTIFY, 2) | (STATUS, 1)
@@ -103,66 +102,70 @@ impl<D: VirtioDevice> PciTransport<D> {
             return true;
         }
         match (offset, width) {
-            (GUEST_FEATURES, 4) => {
-                if self.active {
-                    crate::dev_log!(
-                        self.irqs.log(),
-                        Warn,
-                        "guest features written after DRIVER_OK; ignored"
-                    );
-                } else {
-                    let offered = low32(self.dev.features());
-                    if v & !offered != 0 {
-                        crate::dev_log!(
-                            self.irqs.log(),
-                            Warn,
-                            "driver acknowledged features {:#x} that were not offered; dropped",
-                            v & !offered
-                        );
-                    }
-                    self.driver_features = u64::from(v & offered);
-                    self.dev.features_written(self.driver_features);
-                }
-            }
-            (QUEUE_PFN, 4) => {
-                let sel = self.queue_sel;
-                if v == 0 {
-                    if let Some(q) = self.selected() {
-                        q.pfn = 0;
-                    }
-                    if self.active {
-                        // Legacy drivers clear a queue only while tearing
-                        // down; treat it as the reset it precedes.
-                        crate::dev_log!(
-                            self.irqs.log(),
-                            Info,
-                            "queue {sel} address cleared while running: resetting the device"
-                        );
-                        self.reset_registers();
-                    }
-                } else if self.active {
-                    crate::dev_log!(
-                        self.irqs.log(),
-                        Warn,
-                        "queue {sel} address written after DRIVER_OK; ignored"
-                    );
-                } else if let Some(q) = self.selected() {
-                    q.pfn = v;
-                } else {
-                    crate::dev_debug!(
-                        self.irqs.log(),
-                        "queue address for queue {sel}, which does not exist; ignored"
-                    );
-                }
-            }
+            (GUEST_FEATURES, 4) => self.write_guest_features(v),
+            (QUEUE_PFN, 4) => self.write_queue_pfn(v),
             (QUEUE_SEL, 2) => self.queue_sel = v16,
             (QUEUE_NOTIFY, 2) => self.doorbell(v16),
-            (STATUS, 1) => self.write_status((v & 0xff) as u8),
+            (STATUS, 1) => self.write_status(v.to_le_bytes()[0]),
             (CONFIG_VECTOR, 2) => self.set_config_vector(v16),
             (QUEUE_VECTOR, 2) => self.set_queue_vector(v16),
             _ => {}
         }
         true
+    }
+
+    fn write_guest_features(&mut self, v: u32) {
+        if self.active {
+            crate::dev_log!(
+                self.irqs.log(),
+                Warn,
+                "guest features written after DRIVER_OK; ignored"
+            );
+            return;
+        }
+        let offered = low32(self.dev.features());
+        if v & !offered != 0 {
+            crate::dev_log!(
+                self.irqs.log(),
+                Warn,
+                "driver acknowledged features {:#x} that were not offered; dropped",
+                v & !offered
+            );
+        }
+        self.driver_features = u64::from(v & offered);
+        self.dev.features_written(self.driver_features);
+    }
+
+    fn write_queue_pfn(&mut self, v: u32) {
+        let sel = self.queue_sel;
+        if v == 0 {
+            if let Some(q) = self.selected() {
+                q.pfn = 0;
+            }
+            if self.active {
+                // Legacy drivers clear a queue only while tearing down;
+                // treat it as the reset it precedes.
+                crate::dev_log!(
+                    self.irqs.log(),
+                    Info,
+                    "queue {sel} address cleared while running: resetting the device"
+                );
+                self.reset_registers();
+            }
+        } else if self.active {
+            crate::dev_log!(
+                self.irqs.log(),
+                Warn,
+                "queue {sel} address written after DRIVER_OK; ignored"
+            );
+        } else if let Some(q) = self.selected() {
+            q.pfn = v;
+        } else {
+            crate::dev_debug!(
+                self.irqs.log(),
+                "queue address for queue {sel}, which does not exist; ignored"
+            );
+        }
     }
 
     /// An access to BAR0.

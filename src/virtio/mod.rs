@@ -20,10 +20,15 @@ use std::sync::Arc;
 
 use crate::pci::Interrupts;
 
-/// The low 32 feature bits: all the legacy interface has, and where a
-/// device's own bits live.
+/// The low 32 bits: the feature bits the legacy interface has (where a
+/// device's own bits live), or a 4-byte register's value.
 pub fn low32(v: u64) -> u32 {
     u32::try_from(v & 0xffff_ffff).unwrap_or(0)
+}
+
+/// The low 16 bits: a 2-byte register's value.
+pub fn low16(v: u64) -> u16 {
+    u16::try_from(v & 0xffff).unwrap_or(0)
 }
 
 /// `VIRTIO_MSI_NO_VECTOR`: no vector assigned.

@@ -16,7 +16,7 @@ use virtio_bindings::virtio_config::{
 };
 
 use super::transport::{Interface, PciTransport, DRIVER_OK};
-use super::{low32, VirtioDevice, NO_VECTOR};
+use super::{low16, low32, VirtioDevice, NO_VECTOR};
 use crate::pci::{CapWindow, VendorCap};
 
 #[allow(clippy::cast_possible_truncation)]
@@ -64,6 +64,9 @@ pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
 pub const QUEUE_DESC: u64 = 0x20;
 pub const QUEUE_DRIVER: u64 = 0x28;
 pub const QUEUE_DEVICE: u64 = 0x30;
+
+/// A writable common-configuration field: offset, width, what a write does.
+type CommonWrite<T> = (u64, usize, fn(&mut T, u64));
 
 /// One `struct virtio_pci_cap` (16 bytes), with `extra` bytes after it.
 fn cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
@@ -279,26 +282,41 @@ impl<D: VirtioDevice> PciTransport<D> {
         self.write_status(s);
     }
 
+    /// The common configuration's writable fields, each with its width
+    /// and what a write of it does (the ring addresses are looked up by
+    /// `ring_field`: 4 bytes at either half, or 8 at once).
+    const COMMON_WRITES: [CommonWrite<Self>; 9] = [
+        (DEVICE_FEATURE_SELECT, 4, |t, v| {
+            t.device_feature_select = low32(v)
+        }),
+        (DRIVER_FEATURE_SELECT, 4, |t, v| {
+            t.driver_feature_select = low32(v)
+        }),
+        (DRIVER_FEATURE, 4, |t, v| t.write_driver_features(low32(v))),
+        (MSIX_CONFIG, 2, |t, v| t.set_config_vector(low16(v))),
+        (DEVICE_STATUS, 1, |t, v| {
+            t.write_modern_status(low16(v).to_le_bytes()[0])
+        }),
+        (QUEUE_SELECT, 2, |t, v| t.queue_sel = low16(v)),
+        (QUEUE_SIZE, 2, |t, v| t.write_queue_size(low16(v))),
+        (QUEUE_MSIX_VECTOR, 2, |t, v| t.set_queue_vector(low16(v))),
+        (QUEUE_ENABLE, 2, |t, v| t.write_queue_enable(low16(v))),
+    ];
+
     fn common_write(&mut self, offset: u64, width: usize, v: u64) -> bool {
-        // Truncations below take the field's own width, already matched.
-        let v32 = (v & 0xffff_ffff) as u32;
-        let v16 = (v & 0xffff) as u16;
-        let known = matches!(
-            (offset, width),
-            (DEVICE_FEATURE_SELECT, 4)
-                | (DRIVER_FEATURE_SELECT, 4)
-                | (DRIVER_FEATURE, 4)
-                | (MSIX_CONFIG, 2)
-                | (DEVICE_STATUS, 1)
-                | (QUEUE_SELECT, 2)
-                | (QUEUE_SIZE, 2)
-                | (QUEUE_MSIX_VECTOR, 2)
-                | (QUEUE_ENABLE, 2)
-        ) || ((width == 4 || (width == 8 && offset.is_multiple_of(8)))
-            && ring_field(offset).is_some());
-        if !known {
+        let field = Self::COMMON_WRITES
+            .iter()
+            .find(|(o, w, _)| (*o, *w) == (offset, width))
+            .map(|f| f.2);
+        let ring = if width == 4 || (width == 8 && offset.is_multiple_of(8)) {
+            ring_field(offset)
+        } else {
+            None
+        };
+        if field.is_none() && ring.is_none() {
             return false;
         }
+        // A reset is taken from either interface.
         if (offset, width) == (DEVICE_STATUS, 1) && v & 0xff == 0 {
             self.write_modern_status(0);
             return true;
@@ -306,88 +324,89 @@ impl<D: VirtioDevice> PciTransport<D> {
         if !self.claim(Interface::Modern) {
             return true;
         }
-        match (offset, width) {
-            (DEVICE_FEATURE_SELECT, 4) => self.device_feature_select = v32,
-            (DRIVER_FEATURE_SELECT, 4) => self.driver_feature_select = v32,
-            (DRIVER_FEATURE, 4) => {
-                if self.status & FEATURES_OK != 0 || self.active {
-                    crate::dev_log!(
-                        self.irqs.log(),
-                        Warn,
-                        "driver features written after FEATURES_OK; ignored"
-                    );
-                } else {
-                    match self.driver_feature_select {
-                        0 => {
-                            self.driver_features =
-                                (self.driver_features & !0xffff_ffff) | u64::from(v32);
-                        }
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(v32) << 32);
-                        }
-                        s => crate::dev_debug!(
-                            self.irqs.log(),
-                            "driver features word {s} written; there is none"
-                        ),
-                    }
-                }
-            }
-            (MSIX_CONFIG, 2) => self.set_config_vector(v16),
-            (DEVICE_STATUS, 1) => self.write_modern_status((v & 0xff) as u8),
-            (QUEUE_SELECT, 2) => self.queue_sel = v16,
-            (QUEUE_SIZE, 2) => {
-                if self.queue_settable("size") {
-                    let max = self.dev.queue_size();
-                    let shape_ok = v16.is_power_of_two() || self.packed_negotiated();
-                    if v16 == 0 || v16 > max || !shape_ok {
-                        crate::dev_log!(
-                            self.irqs.log(),
-                            Warn,
-                            "queue {} size {v16} refused (a power of two up to {max})",
-                            self.queue_sel
-                        );
-                    } else if let Some(q) = self.selected() {
-                        q.size = v16;
-                    }
-                }
-            }
-            (QUEUE_MSIX_VECTOR, 2) => self.set_queue_vector(v16),
-            (QUEUE_ENABLE, 2) => {
-                if v16 == 1 {
-                    if self.queue_settable("enable") {
-                        if let Some(q) = self.selected() {
-                            q.enable = true;
-                        }
-                    }
-                } else {
-                    crate::dev_log!(
-                        self.irqs.log(),
-                        Warn,
-                        "queue_enable written with {v16} (only 1 enables a queue); ignored"
-                    );
-                }
-            }
-            (o, w) => {
-                if let Some((ring, high)) = ring_field(o) {
-                    if self.queue_settable("ring address") {
-                        if let Some(q) = self.selected() {
-                            let a = match ring {
-                                Ring::Desc => &mut q.desc,
-                                Ring::Driver => &mut q.avail,
-                                Ring::Device => &mut q.used,
-                            };
-                            *a = match (w, high) {
-                                (8, _) => v,
-                                (_, false) => (*a & !0xffff_ffff) | u64::from(v32),
-                                (_, true) => (*a & 0xffff_ffff) | (u64::from(v32) << 32),
-                            };
-                        }
-                    }
-                }
-            }
+        match (field, ring) {
+            (Some(write), _) => write(self, v),
+            (None, Some((ring, high))) => self.write_ring_address(ring, high, width, v),
+            (None, None) => {}
         }
         true
+    }
+
+    fn write_driver_features(&mut self, v32: u32) {
+        if self.status & FEATURES_OK != 0 || self.active {
+            crate::dev_log!(
+                self.irqs.log(),
+                Warn,
+                "driver features written after FEATURES_OK; ignored"
+            );
+            return;
+        }
+        match self.driver_feature_select {
+            0 => {
+                self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v32);
+            }
+            1 => {
+                self.driver_features =
+                    (self.driver_features & 0xffff_ffff) | (u64::from(v32) << 32);
+            }
+            s => crate::dev_debug!(
+                self.irqs.log(),
+                "driver features word {s} written; there is none"
+            ),
+        }
+    }
+
+    fn write_queue_size(&mut self, v16: u16) {
+        if !self.queue_settable("size") {
+            return;
+        }
+        let max = self.dev.queue_size();
+        let shape_ok = v16.is_power_of_two() || self.packed_negotiated();
+        if v16 == 0 || v16 > max || !shape_ok {
+            crate::dev_log!(
+                self.irqs.log(),
+                Warn,
+                "queue {} size {v16} refused (a power of two up to {max})",
+                self.queue_sel
+            );
+        } else if let Some(q) = self.selected() {
+            q.size = v16;
+        }
+    }
+
+    fn write_queue_enable(&mut self, v16: u16) {
+        if v16 != 1 {
+            crate::dev_log!(
+                self.irqs.log(),
+                Warn,
+                "queue_enable written with {v16} (only 1 enables a queue); ignored"
+            );
+            return;
+        }
+        if self.queue_settable("enable") {
+            if let Some(q) = self.selected() {
+                q.enable = true;
+            }
+        }
+    }
+
+    /// A ring address, whole (`width` 8) or one half (`high`: the upper).
+    fn write_ring_address(&mut self, ring: Ring, high: bool, width: usize, v: u64) {
+        if !self.queue_settable("ring address") {
+            return;
+        }
+        let Some(q) = self.selected() else { return };
+        let a = match ring {
+            Ring::Desc => &mut q.desc,
+            Ring::Driver => &mut q.avail,
+            Ring::Device => &mut q.used,
+        };
+        let v32 = u64::from(low32(v));
+        *a = match (width, high) {
+            (8, _) => v,
+            (_, false) => (*a & !0xffff_ffff) | v32,
+            (_, true) => (*a & 0xffff_ffff) | (v32 << 32),
+        };
     }
 
     /// A read of the modern BAR.

@@ -75,8 +75,25 @@ pub enum DeviceRing {
     Packed(super::packed::PackedQueue),
 }
 
-/// A ring that cannot be used (its error, in words).
-pub type RingError = String;
+/// Why a ring cannot be used: the queue stops until the driver resets it.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("split ring: {0}")]
+    Split(#[from] virtio_queue::Error),
+    #[error("packed ring: {0}")]
+    Packed(#[from] super::packed::PackedError),
+}
+
+/// Why a descriptor chain cannot be used at all: the queue is broken.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("head index {0} is out of range")]
+    HeadOutOfRange(u16),
+    #[error(
+        "descriptor chain loops, is longer than the queue, or a descriptor is outside guest memory"
+    )]
+    Unterminated,
+}
 
 impl DeviceRing {
     /// Sets up a ring from where the driver put it.
@@ -86,7 +103,7 @@ impl DeviceRing {
         if qc.packed {
             return super::packed::PackedQueue::new(qc.size, qc.desc, qc.avail, qc.used, event_idx)
                 .map(DeviceRing::Packed)
-                .map_err(|e| e.to_string());
+                .map_err(RingError::from);
         }
         let split = || -> Result<virtio_queue::Queue, virtio_queue::Error> {
             let mut q = virtio_queue::Queue::new(qc.size)?;
@@ -98,7 +115,7 @@ impl DeviceRing {
             q.set_ready(true);
             Ok(q)
         };
-        split().map(DeviceRing::Split).map_err(|e| e.to_string())
+        split().map(DeviceRing::Split).map_err(RingError::from)
     }
 
     pub fn size(&self) -> u16 {
@@ -135,12 +152,9 @@ impl DeviceRing {
         match self {
             DeviceRing::Split(q) => match q.iter(mem) {
                 Ok(mut it) => Ok(it.next().map(RingChain::Split)),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e.into()),
             },
-            DeviceRing::Packed(q) => q
-                .pop(mem)
-                .map(|c| c.map(RingChain::Packed))
-                .map_err(|e| e.to_string()),
+            DeviceRing::Packed(q) => Ok(q.pop(mem)?.map(RingChain::Packed)),
         }
     }
 
@@ -164,8 +178,8 @@ impl DeviceRing {
     ) -> Result<(), RingError> {
         use virtio_queue::QueueT;
         match self {
-            DeviceRing::Split(q) => q.add_used(mem, head, len).map_err(|e| e.to_string()),
-            DeviceRing::Packed(q) => q.add_used(mem, head, len).map_err(|e| e.to_string()),
+            DeviceRing::Split(q) => Ok(q.add_used(mem, head, len)?),
+            DeviceRing::Packed(q) => Ok(q.add_used(mem, head, len)?),
         }
     }
 
@@ -192,9 +206,9 @@ impl DeviceRing {
                         return Ok(false);
                     }
                 }
-                q.needs_notification(mem).map_err(|e| e.to_string())
+                Ok(q.needs_notification(mem)?)
             }
-            DeviceRing::Packed(q) => q.needs_notification(mem).map_err(|e| e.to_string()),
+            DeviceRing::Packed(q) => Ok(q.needs_notification(mem)?),
         }
     }
 
@@ -207,13 +221,12 @@ impl DeviceRing {
     ) -> Result<bool, RingError> {
         use virtio_queue::QueueT;
         match self {
-            DeviceRing::Split(q) => if enable {
-                q.enable_notification(mem)
+            DeviceRing::Split(q) => Ok(if enable {
+                q.enable_notification(mem)?
             } else {
-                q.disable_notification(mem).map(|()| false)
-            }
-            .map_err(|e| e.to_string()),
-            DeviceRing::Packed(q) => q.set_notification(mem, enable).map_err(|e| e.to_string()),
+                q.disable_notification(mem).map(|()| false)?
+            }),
+            DeviceRing::Packed(q) => Ok(q.set_notification(mem, enable)?),
         }
     }
 }
