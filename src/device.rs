@@ -18,9 +18,10 @@ use crate::backend::{self, DiskSpec, OpenOptionsDisk};
 use crate::blk::exec::ErrorPolicy;
 use crate::blk::{BlkDevice, BlkOptions, BlkShared};
 use crate::engine::Engine;
+use crate::memory::GuestMemoryHandle;
 use crate::pci::{self, Identity, Interrupts, PciFunction};
 use crate::util::parse_size;
-use crate::vfio_user::{GuestMemoryHandle, Server, ServerConfig};
+use crate::vfio_user::{Server, ServerConfig};
 use crate::virtio::transport::{NotifyMode, PciTransport};
 
 /// What every device of a process shares: set once, for all of them.

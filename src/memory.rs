@@ -20,7 +20,13 @@
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Once;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{
+    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
+};
+
+/// The guest memory the device sees. Cheap to clone; readers take a snapshot
+/// with `memory()` and keep using it even while the DMA table changes it.
+pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// One buffer in guest memory, laid out exactly as `struct iovec`, so a
 /// request's list goes to preadv/pwritev as it is.

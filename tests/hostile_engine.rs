@@ -413,7 +413,9 @@ fn a_truncated_hugetlbfs_window_does_not_kill_the_server() {
 #[test]
 fn more_io_uring_completions_than_the_completion_queue_holds() {
     let _one = one_at_a_time();
-    let dir = TempDir::new("a6");
+    // O_DIRECT writes: buffered ones go to the thread pool (ext4 answers
+    // RWF_NOWAIT writes with EOPNOTSUPP), these reach the io_uring.
+    let dir = TempDir::on_disk("a6");
     let img = dir.path("disk.img");
     let imgs = img.to_str().unwrap().to_string();
     let mode = "interrupt".to_string();
@@ -424,6 +426,9 @@ fn more_io_uring_completions_than_the_completion_queue_holds() {
             &imgs,
             "--size",
             "64M",
+            "--direct",
+            "--io-engine",
+            "io-uring",
             "--queue-size",
             "1024",
             "--poll-mode",

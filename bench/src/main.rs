@@ -431,6 +431,35 @@ impl Drop for Resident {
     }
 }
 
+/// The disk's pace: how long 32 random 4 KiB O_DIRECT reads of `path`
+/// (`size` bytes) take one after another. None if it cannot be read.
+fn disk_pace(path: &Path, size: u64) -> Option<Duration> {
+    use std::os::unix::fs::FileExt;
+    let f = run::open_image(path, Disk::Direct).ok()?;
+    let mut buf = run::AlignedBuf::new(4096, 0).ok()?;
+    let blocks = (size / 4096).max(1);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    let t = std::time::Instant::now();
+    for _ in 0..32 {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        f.read_at(buf.as_mut_slice(), (x >> 11) % blocks * 4096)
+            .ok()?;
+    }
+    Some(t.elapsed())
+}
+
+/// Waits (at most `limit`) until the disk answers within twice its quiet
+/// pace: the time waited.
+fn wait_for_quiet_disk(path: &Path, size: u64, quiet: Duration, limit: Duration) -> Duration {
+    let t = std::time::Instant::now();
+    while disk_pace(path, size).is_none_or(|d| d > quiet * 2) && t.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    t.elapsed()
+}
+
 /// The mount that holds `path`: (source, file system type, mount point),
 /// as `df` and `mount` would tell.
 fn mount_of(path: &Path) -> Option<(String, String, String)> {
@@ -1009,6 +1038,14 @@ fn real_main(args: &Args) -> Result<()> {
         place::quiet_pace()
     };
     let (mut noisy_waits, mut noisy_wait) = (0usize, Duration::ZERO);
+    // The disk's quiet pace, for the direct-* workloads.
+    let disk_quiet = (!quiet_limit.is_zero() && list.iter().any(|w| w.disk == Disk::Direct))
+        .then(|| {
+            (0..5)
+                .filter_map(|_| disk_pace(&images.direct, images.size))
+                .min()
+        })
+        .flatten();
     let mut stolen_redo = 0usize;
     // Every page-cached image stays in memory for the whole run.
     let mut resident: Vec<&Path> = Vec::new();
@@ -1054,7 +1091,17 @@ fn real_main(args: &Args) -> Result<()> {
                 // the CPUs (a copy in the cores' caches more than 25 %
                 // slower than at the start), wait for it to pass, up to
                 // 20 s.
-                let waited = place::wait_for_quiet(quiet, 1.25, quiet_limit);
+                let mut waited = place::wait_for_quiet(quiet, 1.25, quiet_limit);
+                // A run on the disk starts once the disk answers within
+                // twice its quiet pace (the storage under this VM has
+                // minutes when it answers 100 times slower), up to three
+                // times as long.
+                if w.disk == Disk::Direct {
+                    if let Some(q) = disk_quiet {
+                        let limit = quiet_limit * 3;
+                        waited += wait_for_quiet_disk(&images.direct, images.size, q, limit);
+                    }
+                }
                 if waited > Duration::from_millis(300) {
                     noisy_waits += 1;
                     noisy_wait += waited;
@@ -1150,14 +1197,19 @@ fn real_main(args: &Args) -> Result<()> {
             "; the guest watches its rings {} µs before it sleeps on an interrupt; \
              a run starts once the CPUs copy memory within 25 % of their quiet pace \
              ({:.1} ms) and a cache line crosses from the guest's CPU to the server's and \
-             back within 25 % of its quiet round trip ({:.0} ns): {noisy_waits} run(s) waited \
-             for that, {:.1} s in all; a run the hypervisor took more than 5 % of a CPU \
+             back within 25 % of its quiet round trip ({:.0} ns), and a direct-* run once 32 \
+             random O_DIRECT reads take at most twice their quiet time ({}): {noisy_waits} \
+             run(s) waited for that, {:.1} s in all; a run the hypervisor took more than 5 % of a CPU \
              from (steal time) is run again, twice at most: {stolen_redo} run(s) were; \
              the page-cached images are {}; each of the {} rounds runs every workload \
              on every target once",
             args.guest_poll_us,
             quiet.copy.as_secs_f64() * 1e3,
             quiet.trip.as_secs_f64() * 1e9,
+            disk_quiet.map_or("not measured".to_string(), |d| format!(
+                "{:.1} ms",
+                d.as_secs_f64() * 1e3
+            )),
             noisy_wait.as_secs_f64(),
             if locked {
                 "locked in memory (mlock) for the whole run"

@@ -163,6 +163,49 @@ fn open_file(path: &Path, o: &OpenOptionsDisk) -> Result<(u64, Arc<dyn io::Backe
     r
 }
 
+/// Opens the image with O_NONBLOCK (a file swapped in for a FIFO since
+/// the check must not block us), then clears it.
+fn open_nonblocking(
+    path: &Path,
+    o: &OpenOptionsDisk,
+    trust: &crate::util::PathTrust,
+) -> Result<std::fs::File, OpenError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(!o.readonly)
+        .custom_flags(
+            libc::O_NONBLOCK
+                | if o.direct.is_some() {
+                    libc::O_DIRECT
+                } else {
+                    0
+                }
+                // In a shared folder a symlink put there since the check
+                // is not followed (ELOOP).
+                | if trust.nofollow() { libc::O_NOFOLLOW } else { 0 },
+        )
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EROFS) => OpenError::ReadOnlyMount(path.to_path_buf()),
+            Some(libc::EINVAL) if o.direct.is_some() => OpenError::NoDirect(path.to_path_buf()),
+            Some(libc::EACCES) if !o.readonly => OpenError::NoWriteAccess(path.to_path_buf()),
+            _ => OpenError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on our own descriptor; no memory is passed.
+        let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        if fl >= 0 {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) };
+        }
+    }
+    Ok(f)
+}
+
 fn open_existing(
     path: &Path,
     o: &OpenOptionsDisk,
@@ -180,39 +223,7 @@ fn open_existing(
             Err(_) => {}
         }
     }
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(!readonly)
-        .custom_flags(
-            libc::O_NONBLOCK
-                | if o.direct.is_some() {
-                    libc::O_DIRECT
-                } else {
-                    0
-                }
-                // In a shared folder a symlink put there since the check
-                // is not followed (ELOOP).
-                | if trust.nofollow() { libc::O_NOFOLLOW } else { 0 },
-        )
-        .open(path)
-        .map_err(|source| match source.raw_os_error() {
-            Some(libc::EROFS) => OpenError::ReadOnlyMount(path.to_path_buf()),
-            Some(libc::EINVAL) if o.direct.is_some() => OpenError::NoDirect(path.to_path_buf()),
-            Some(libc::EACCES) if !readonly => OpenError::NoWriteAccess(path.to_path_buf()),
-            _ => OpenError::Open {
-                path: path.to_path_buf(),
-                source,
-            },
-        })?;
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: fcntl on our own descriptor; no memory is passed.
-        let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
-        if fl >= 0 {
-            // SAFETY: as above.
-            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) };
-        }
-    }
+    let mut f = open_nonblocking(path, o, trust)?;
     let meta = f.metadata().map_err(|source| OpenError::Size {
         path: path.to_path_buf(),
         source,

@@ -17,8 +17,9 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 use crate::backend::io::Backend;
 use crate::engine::{Activation, Active, Engine, Fence, QueueStats};
+use crate::memory::GuestMemoryHandle;
 use crate::util::DeviceLog;
-use crate::vfio_user::{DmaRange, GuestMemoryHandle};
+use crate::vfio_user::DmaRange;
 use crate::virtio::{low32, ConfigNotifier, QueueConfig, VirtioDevice, VirtioInterrupt};
 pub use config::BlkConfig;
 use exec::{BlkContext, ErrorPolicy};

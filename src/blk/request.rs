@@ -128,12 +128,7 @@ pub fn walk_into<C: DescSource>(
     if head >= queue_size {
         return Err(ChainError::HeadOutOfRange(head));
     }
-    c.head = head;
-    c.readable.clear();
-    c.writable.clear();
-    c.status = None;
-    c.readable_after_writable = false;
-    c.refused = None;
+    c.restart(head);
     let mut last: Option<Desc> = None;
     // The last writable descriptor is kept even when the chain is too long
     // to keep, so that the refusal can still be answered in its status byte.
@@ -146,37 +141,17 @@ pub fn walk_into<C: DescSource>(
             // indirect table (up to 65535 entries) gets here. It is not read
             // further, so its status byte is unknown: the request is
             // returned with nothing written, and the queue goes on.
-            c.readable.clear();
-            c.writable.clear();
-            c.readable_after_writable = false;
+            c.drop_segments();
             c.refused = Some(RequestError::IndirectTooLong(queue_size));
             return Ok(());
         }
-        if d.len > limits.size_max && c.refused.is_none() {
-            c.refused = Some(RequestError::SegmentTooLong {
-                len: d.len,
-                max: limits.size_max,
-            });
-        }
-        if d.len > 0 {
-            let seg = Seg {
+        if d.write && d.len > 0 {
+            last_writable = Some(Seg {
                 addr: d.addr,
                 len: d.len,
-            };
-            if d.write {
-                last_writable = Some(seg);
-            }
-            if count <= limits.max_descs {
-                if d.write {
-                    c.writable.push(seg);
-                } else {
-                    if !c.writable.is_empty() {
-                        c.readable_after_writable = true;
-                    }
-                    c.readable.push(seg);
-                }
-            }
+            });
         }
+        c.keep(&d, count, limits);
         last = Some(d);
     }
     // The iterator stops early, with the last descriptor still pointing on,
@@ -190,25 +165,73 @@ pub fn walk_into<C: DescSource>(
             count,
             max: limits.max_descs,
         });
-        c.readable.clear();
-        c.writable.clear();
-        c.readable_after_writable = false;
+        c.drop_segments();
         // Only the status byte is used.
         c.status = last_writable.and_then(|s| s.addr.checked_add(u64::from(s.len) - 1));
         return Ok(());
     }
-    // Split off the status byte: the last writable byte. A buffer that
-    // wraps past the end of the address space has none.
-    if let Some(seg) = c.writable.last_mut() {
+    c.split_status();
+    Ok(())
+}
+
+impl Chain {
+    /// Empties the chain for the one at `head`, keeping its vectors.
+    fn restart(&mut self, head: u16) {
+        self.head = head;
+        self.readable.clear();
+        self.writable.clear();
+        self.status = None;
+        self.readable_after_writable = false;
+        self.refused = None;
+    }
+
+    /// Forgets the segments of a chain that is refused whole.
+    fn drop_segments(&mut self) {
+        self.readable.clear();
+        self.writable.clear();
+        self.readable_after_writable = false;
+    }
+
+    /// Takes descriptor `d`, the `count`th of the chain: its segment while
+    /// the chain is within `limits`, and the first refusal it earns.
+    fn keep(&mut self, d: &Desc, count: usize, limits: ChainLimits) {
+        if d.len > limits.size_max && self.refused.is_none() {
+            self.refused = Some(RequestError::SegmentTooLong {
+                len: d.len,
+                max: limits.size_max,
+            });
+        }
+        if d.len == 0 || count > limits.max_descs {
+            return;
+        }
+        let seg = Seg {
+            addr: d.addr,
+            len: d.len,
+        };
+        if d.write {
+            self.writable.push(seg);
+        } else {
+            if !self.writable.is_empty() {
+                self.readable_after_writable = true;
+            }
+            self.readable.push(seg);
+        }
+    }
+
+    /// Splits off the status byte: the last writable byte. A buffer that
+    /// wraps past the end of the address space has none.
+    fn split_status(&mut self) {
+        let Some(seg) = self.writable.last_mut() else {
+            return;
+        };
         if let Some(status) = seg.addr.checked_add(u64::from(seg.len) - 1) {
-            c.status = Some(status);
+            self.status = Some(status);
             seg.len -= 1;
             if seg.len == 0 {
-                c.writable.pop();
+                self.writable.pop();
             }
         }
     }
-    Ok(())
 }
 
 /// Total length of segments.

@@ -25,7 +25,7 @@ use super::{Finish, Mutations, Prepared, QueueFault, QueueStats, RequestHandler}
 use crate::backend::io::{Backend, UringTarget};
 use crate::backend::request::{IoKind, IoRequest};
 use crate::backend::uring::Uring;
-use crate::vfio_user::GuestMemoryHandle;
+use crate::memory::GuestMemoryHandle;
 use crate::virtio::ring::{ChainError, DescSource, DeviceRing};
 use crate::virtio::VirtioInterrupt;
 
@@ -367,6 +367,46 @@ impl<H: RequestHandler> QueueState<H> {
     }
 }
 
+/// What an io_uring completion means for its request.
+#[derive(Debug)]
+enum Completion {
+    /// The request is done: finish it with this result.
+    Done(io::Result<()>),
+    /// Not done: a thread of the pool does it the long way.
+    ToPool,
+}
+
+/// The completion policy, in one place: `res` is the completion's result
+/// for a request of `kind` and `len` bytes, on a queue `withdrawn` or not.
+/// - Success is a transfer of every byte (reads and writes), or 0.
+/// - EAGAIN, EINTR (and EOPNOTSUPP for a write-zeroes, which a thread does
+///   by writing zeros) are not done: a thread redoes them.
+/// - A short transfer is redone whole by a thread, which reports a real
+///   end of file as an error.
+/// - Nothing new starts for a withdrawn queue: what would be redone is
+///   cancelled instead (ECANCELED).
+/// - Any other error is the request's.
+fn completion(res: i32, kind: IoKind, len: usize, withdrawn: bool) -> Completion {
+    let redo = || {
+        if withdrawn {
+            Completion::Done(Err(io::Error::from_raw_os_error(libc::ECANCELED)))
+        } else {
+            Completion::ToPool
+        }
+    };
+    if res < 0 {
+        return match (-res, kind) {
+            (libc::EOPNOTSUPP, IoKind::WriteZeroes) | (libc::EAGAIN | libc::EINTR, _) => redo(),
+            (errno, _) => Completion::Done(Err(io::Error::from_raw_os_error(errno))),
+        };
+    }
+    let moves_data = matches!(kind, IoKind::Read | IoKind::Write);
+    if moves_data && usize::try_from(res).ok() != Some(len) {
+        return redo();
+    }
+    Completion::Done(Ok(()))
+}
+
 /// What one look at the available ring gave.
 enum Taken {
     /// No chain (or the ring broke before one was popped).
@@ -534,40 +574,10 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         if let Some(u) = cx.uring.as_deref_mut() {
             u.release(self.tenant, s.io.len());
         }
-        let want = match s.io.kind {
-            IoKind::Read | IoKind::Write => Some(s.io.len()),
-            _ => None,
-        };
-        let result = if res < 0 {
-            let errno = -res;
-            match (errno, s.io.kind) {
-                // Not done: let a thread do it the long way (write zeros,
-                // or simply retry), unless the queue was withdrawn
-                // meanwhile: then nothing new starts for it.
-                (libc::EOPNOTSUPP, IoKind::WriteZeroes) | (libc::EAGAIN | libc::EINTR, _)
-                    if !self.withdrawn =>
-                {
-                    self.send_to_pool(slot, cx);
-                    return;
-                }
-                (libc::EOPNOTSUPP, IoKind::WriteZeroes) | (libc::EAGAIN | libc::EINTR, _) => {
-                    Err(io::Error::from_raw_os_error(libc::ECANCELED))
-                }
-                _ => Err(io::Error::from_raw_os_error(errno)),
-            }
-        } else if want.is_some_and(|w| usize::try_from(res).ok() != Some(w)) {
-            // A short transfer is redone whole by a thread, which reports
-            // a real end of file as an error; not for a withdrawn queue.
-            if self.withdrawn {
-                Err(io::Error::from_raw_os_error(libc::ECANCELED))
-            } else {
-                self.send_to_pool(slot, cx);
-                return;
-            }
-        } else {
-            Ok(())
-        };
-        self.finish(slot, Some(result));
+        match completion(res, s.io.kind, s.io.len(), self.withdrawn) {
+            Completion::Done(result) => self.finish(slot, Some(result)),
+            Completion::ToPool => self.send_to_pool(slot, cx),
+        }
     }
 
     fn pool_done(&mut self, d: Done, _cx: &mut Cx) {
@@ -676,5 +686,72 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
 
     fn polled(&self) -> bool {
         self.polled && self.live()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errno(c: Completion) -> Option<i32> {
+        match c {
+            Completion::Done(Err(e)) => e.raw_os_error(),
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_whole_transfer_is_done_and_a_short_one_goes_to_a_thread() {
+        assert!(matches!(
+            completion(4096, IoKind::Read, 4096, false),
+            Completion::Done(Ok(()))
+        ));
+        assert!(matches!(
+            completion(512, IoKind::Write, 4096, false),
+            Completion::ToPool
+        ));
+        // A flush or discard moves no data: 0 is success.
+        assert!(matches!(
+            completion(0, IoKind::Flush, 0, false),
+            Completion::Done(Ok(()))
+        ));
+    }
+
+    #[test]
+    fn eagain_and_eintr_are_redone_and_other_errors_are_the_requests() {
+        for e in [libc::EAGAIN, libc::EINTR] {
+            assert!(matches!(
+                completion(-e, IoKind::Read, 4096, false),
+                Completion::ToPool
+            ));
+        }
+        assert!(matches!(
+            completion(-libc::EOPNOTSUPP, IoKind::WriteZeroes, 4096, false),
+            Completion::ToPool
+        ));
+        assert_eq!(
+            errno(completion(-libc::EOPNOTSUPP, IoKind::Write, 4096, false)),
+            Some(libc::EOPNOTSUPP)
+        );
+        assert_eq!(
+            errno(completion(-libc::EIO, IoKind::Read, 4096, false)),
+            Some(libc::EIO)
+        );
+    }
+
+    #[test]
+    fn nothing_new_starts_for_a_withdrawn_queue() {
+        assert_eq!(
+            errno(completion(-libc::EAGAIN, IoKind::Read, 4096, true)),
+            Some(libc::ECANCELED)
+        );
+        assert_eq!(
+            errno(completion(100, IoKind::Write, 4096, true)),
+            Some(libc::ECANCELED)
+        );
+        assert!(matches!(
+            completion(4096, IoKind::Write, 4096, true),
+            Completion::Done(Ok(()))
+        ));
     }
 }

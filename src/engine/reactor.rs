@@ -180,7 +180,9 @@ pub(crate) struct Reactor {
     uring: Option<Uring>,
     pool: Arc<Pool>,
     mode: PollMode,
-    pause_acks: Vec<(u64, Sender<()>)>,
+    /// Acknowledged after the next pass: pauses, and withdrawals that
+    /// do not wait for the queue to drain.
+    pass_acks: Vec<(u64, Sender<()>)>,
     withdraw_acks: Vec<(u64, Sender<()>)>,
     /// Queues assigned to this reactor (for placement).
     pub load: Arc<AtomicUsize>,
@@ -215,7 +217,7 @@ impl Reactor {
             uring,
             pool,
             mode,
-            pause_acks: Vec::new(),
+            pass_acks: Vec::new(),
             withdraw_acks: Vec::new(),
             load,
             completions: Vec::with_capacity(256),
@@ -237,7 +239,7 @@ impl Reactor {
             Msg::Pause { queue, fence, ack } => match self.find(queue) {
                 Some(i) => {
                     self.queues[i].pause(fence);
-                    self.pause_acks.push((queue, ack));
+                    self.pass_acks.push((queue, ack));
                 }
                 None => {
                     let _ = ack.send(());
@@ -255,7 +257,7 @@ impl Reactor {
                         self.withdraw_acks.push((queue, ack));
                     } else {
                         // Acknowledged after this pass; gone once drained.
-                        self.pause_acks.push((queue, ack));
+                        self.pass_acks.push((queue, ack));
                         self.leaving.push(queue);
                     }
                 }
@@ -345,7 +347,7 @@ impl Reactor {
                 .find(|q| q.id() == id)
                 .is_none_or(|q| q.quiet())
         };
-        self.pause_acks.retain(|(id, ack)| {
+        self.pass_acks.retain(|(id, ack)| {
             if quiet(*id) {
                 let _ = ack.send(());
                 false
@@ -401,6 +403,36 @@ impl Reactor {
         waker.kicked.store(false, Ordering::SeqCst);
     }
 
+    /// What an idle pass does next: spin (`busy_wait`), or sleep; and
+    /// whether it sleeps to give its CPU to the I/O threads
+    /// (`yield_to_io`).
+    fn when_idle(&self, last_work: Instant) -> (bool, bool) {
+        let live = self.queues.iter().any(|q| q.live());
+        // On a CPU it shares with the I/O threads, a busy reactor with
+        // requests in their hands gives the CPU to them at once (even a
+        // 20 µs spin kept a 4 KiB buffered write's thread off the CPU:
+        // p50 19.6 µs at QD1, 12.9 µs without it): spinning there
+        // took the time the requests needed (4 KiB buffered writes ran
+        // at 0.44-0.84x qemu-storage-daemon's), and their completion
+        // wakes it. It asks for doorbells first, as in adaptive mode,
+        // so that a request added meanwhile (on any queue: another
+        // device's guest must not wait for this one's disk) wakes it
+        // too.
+        let in_flight = self.mode == PollMode::Busy && self.in_flight() > 0;
+        // Not with requests the kernel has not taken yet (a submit that
+        // failed): no completion would come for them, and the next pass
+        // must submit them again.
+        let unsubmitted = self.uring.as_ref().is_some_and(|u| u.unsubmitted() > 0);
+        let yield_to_io = self.shares_cpu && in_flight && !unsubmitted;
+        let busy_wait = self.queues.iter().any(|q| q.polled())
+            || match self.mode {
+                PollMode::Busy => !yield_to_io && (live || in_flight),
+                PollMode::Adaptive => last_work.elapsed() < ADAPTIVE_SPIN,
+                PollMode::Interrupt => false,
+            };
+        (busy_wait, yield_to_io)
+    }
+
     /// The reactor thread.
     pub fn run(mut self) {
         let mut last_work = Instant::now();
@@ -425,29 +457,7 @@ impl Reactor {
                 idle_passes = 0;
                 continue;
             }
-            let live = self.queues.iter().any(|q| q.live());
-            // On a CPU it shares with the I/O threads, a busy reactor with
-            // requests in their hands gives the CPU to them at once (even a
-            // 20 µs spin kept a 4 KiB buffered write's thread off the CPU:
-            // p50 19.6 µs at QD1, 12.9 µs without it): spinning there
-            // took the time the requests needed (4 KiB buffered writes ran
-            // at 0.44-0.84x qemu-storage-daemon's), and their completion
-            // wakes it. It asks for doorbells first, as in adaptive mode,
-            // so that a request added meanwhile (on any queue: another
-            // device's guest must not wait for this one's disk) wakes it
-            // too.
-            let in_flight = self.mode == PollMode::Busy && self.in_flight() > 0;
-            // Not with requests the kernel has not taken yet (a submit that
-            // failed): no completion would come for them, and the next pass
-            // must submit them again.
-            let unsubmitted = self.uring.as_ref().is_some_and(|u| u.unsubmitted() > 0);
-            let yield_to_io = self.shares_cpu && in_flight && !unsubmitted;
-            let busy_wait = self.queues.iter().any(|q| q.polled())
-                || match self.mode {
-                    PollMode::Busy => !yield_to_io && (live || in_flight),
-                    PollMode::Adaptive => last_work.elapsed() < ADAPTIVE_SPIN,
-                    PollMode::Interrupt => false,
-                };
+            let (busy_wait, yield_to_io) = self.when_idle(last_work);
             if busy_wait {
                 // A spinning reactor gives its core away for a moment when
                 // something else wants it (an I/O thread, the kernel's
@@ -499,8 +509,7 @@ impl Reactor {
             if work {
                 continue;
             }
-            if self.in_flight() == 0 && self.pause_acks.is_empty() && self.withdraw_acks.is_empty()
-            {
+            if self.in_flight() == 0 && self.pass_acks.is_empty() && self.withdraw_acks.is_empty() {
                 return;
             }
             match self.uring.as_mut() {

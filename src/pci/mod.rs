@@ -96,7 +96,8 @@ pub struct Identity {
 
 pub struct PciFunction<B: BarLogic> {
     config: ConfigSpace,
-    bar0: B,
+    /// What serves the BARs: the I/O BAR0 and the memory BAR4.
+    bars: B,
     /// Size of the memory BAR (0: none).
     mem_size: u64,
     /// The config offset of the capability that windows into the BARs.
@@ -110,7 +111,7 @@ pub struct PciFunction<B: BarLogic> {
 impl<B: BarLogic> PciFunction<B> {
     /// `irqs` must have been created with the number of MSI-X vectors the
     /// function exposes (1..=MAX_MSIX_VECTORS).
-    pub fn new(id: Identity, bar0: B, irqs: Arc<Interrupts>) -> PciFunction<B> {
+    pub fn new(id: Identity, bars: B, irqs: Arc<Interrupts>) -> PciFunction<B> {
         let vectors = irqs.msix_vectors();
         assert!((1..=MAX_MSIX_VECTORS).contains(&vectors));
         let layout = ConfigLayout {
@@ -123,19 +124,19 @@ impl<B: BarLogic> PciFunction<B> {
             int_pin: 1,
             bars: {
                 let mut b = vec![
-                    Some((BarKind::Io, u64::from(bar0.io_bar_size()))),
+                    Some((BarKind::Io, u64::from(bars.io_bar_size()))),
                     Some((BarKind::Mem32, u64::from(MSIX_BAR_SIZE))),
                     None,
                     None,
                     None,
                     None,
                 ];
-                if let Some(m) = bar0.mem_bar() {
+                if let Some(m) = bars.mem_bar() {
                     b[usize::from(MEM_BAR)] = Some((BarKind::Mem64Prefetch, m.size));
                 }
                 b
             },
-            vendor_caps: bar0.capabilities(),
+            vendor_caps: bars.capabilities(),
             msix: Some(MsixCap {
                 offset: MSIX_CAP_OFFSET,
                 vectors,
@@ -150,12 +151,12 @@ impl<B: BarLogic> PciFunction<B> {
             .iter()
             .zip(config.vendor_cap_offsets())
             .find_map(|(c, &off)| c.window.map(|w| (off, w)));
-        let mem_size = bar0.mem_bar().map_or(0, |m| m.size);
+        let mem_size = bars.mem_bar().map_or(0, |m| m.size);
         let mut f = PciFunction {
             config,
             mem_size,
             window,
-            bar0,
+            bars,
             msix_table: Vec::new(),
             irqs,
         };
@@ -186,11 +187,12 @@ impl<B: BarLogic> PciFunction<B> {
             *b = if o < self.table_len() {
                 self.msix_table[usize::try_from(o).unwrap_or(0)]
             } else if o >= MSIX_PBA_OFFSET {
-                let bit = o - MSIX_PBA_OFFSET;
+                // The byte of the pending-bit array, in its 64-bit words.
+                let byte = o - MSIX_PBA_OFFSET;
                 let word = self
                     .irqs
-                    .pending_word(usize::try_from(bit / 8).unwrap_or(0));
-                word.to_le_bytes()[usize::try_from(bit % 8).unwrap_or(0)]
+                    .pending_word(usize::try_from(byte / 8).unwrap_or(0));
+                word.to_le_bytes()[usize::try_from(byte % 8).unwrap_or(0)]
             } else {
                 0
             };
@@ -221,7 +223,7 @@ impl<B: BarLogic> PciFunction<B> {
         let offset = u64::from(self.config.read32(cap + w.offset_at));
         let length = usize::try_from(self.config.read32(cap + w.length_at)).ok()?;
         let size = match bar {
-            0 => u64::from(self.bar0.io_bar_size()),
+            0 => u64::from(self.bars.io_bar_size()),
             MEM_BAR => self.mem_size,
             _ => 0,
         };
@@ -254,8 +256,8 @@ impl<B: BarLogic> PciFunction<B> {
         let mut buf = [0u8; 4];
         if let Some((bar, offset, length)) = self.window_target(cap, w) {
             match bar {
-                0 => self.bar0.io_read(offset, &mut buf[..length]),
-                _ => self.bar0.mem_read(offset, &mut buf[..length]),
+                0 => self.bars.io_read(offset, &mut buf[..length]),
+                _ => self.bars.mem_read(offset, &mut buf[..length]),
             }
         }
         self.config.set_bytes(cap + w.data_at, &buf);
@@ -269,8 +271,8 @@ impl<B: BarLogic> PciFunction<B> {
             let mut buf = [0u8; 4];
             self.config.read(cap + w.data_at, &mut buf);
             match bar {
-                0 => self.bar0.io_write(offset, &buf[..length]),
-                _ => self.bar0.mem_write(offset, &buf[..length]),
+                0 => self.bars.io_write(offset, &buf[..length]),
+                _ => self.bars.mem_write(offset, &buf[..length]),
             }
         }
     }
@@ -288,10 +290,10 @@ impl<B: BarLogic> Device for PciFunction<B> {
     fn region_info(&self, index: u32) -> RegionInfo {
         let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
         let size = match index {
-            VFIO_PCI_BAR0_REGION_INDEX => u64::from(self.bar0.io_bar_size()),
+            VFIO_PCI_BAR0_REGION_INDEX => u64::from(self.bars.io_bar_size()),
             VFIO_PCI_BAR1_REGION_INDEX => u64::from(MSIX_BAR_SIZE),
             VFIO_PCI_BAR4_REGION_INDEX => {
-                let Some(m) = self.bar0.mem_bar() else {
+                let Some(m) = self.bars.mem_bar() else {
                     return RegionInfo::default();
                 };
                 return RegionInfo {
@@ -335,8 +337,8 @@ impl<B: BarLogic> Device for PciFunction<B> {
                 self.window_read(off, data.len());
                 self.config.read(off, data);
             }
-            VFIO_PCI_BAR0_REGION_INDEX => self.bar0.io_read(offset, data),
-            VFIO_PCI_BAR4_REGION_INDEX if self.mem_size > 0 => self.bar0.mem_read(offset, data),
+            VFIO_PCI_BAR0_REGION_INDEX => self.bars.io_read(offset, data),
+            VFIO_PCI_BAR4_REGION_INDEX if self.mem_size > 0 => self.bars.mem_read(offset, data),
             VFIO_PCI_BAR1_REGION_INDEX => self.bar1_read(offset, data),
             _ => return Err(libc::EINVAL),
         }
@@ -368,12 +370,12 @@ impl<B: BarLogic> Device for PciFunction<B> {
                             "bus mastering {}",
                             if bm { "enabled" } else { "disabled" }
                         );
-                        self.bar0.bus_master_changed(bm);
+                        self.bars.bus_master_changed(bm);
                     }
                 }
             }
-            VFIO_PCI_BAR0_REGION_INDEX => self.bar0.io_write(offset, data),
-            VFIO_PCI_BAR4_REGION_INDEX if self.mem_size > 0 => self.bar0.mem_write(offset, data),
+            VFIO_PCI_BAR0_REGION_INDEX => self.bars.io_write(offset, data),
+            VFIO_PCI_BAR4_REGION_INDEX if self.mem_size > 0 => self.bars.mem_write(offset, data),
             VFIO_PCI_BAR1_REGION_INDEX => self.bar1_write(offset, data),
             _ => return Err(libc::EINVAL),
         }
@@ -385,26 +387,26 @@ impl<B: BarLogic> Device for PciFunction<B> {
     }
 
     fn reset(&mut self) {
-        self.bar0.reset();
+        self.bars.reset();
         self.config.reset();
         self.reset_msix_table();
         self.irqs.reset();
     }
 
     fn quiesce(&mut self, range: Option<DmaRange>) {
-        self.bar0.quiesce(range);
+        self.bars.quiesce(range);
     }
 
     fn resume(&mut self) {
-        self.bar0.resume();
+        self.bars.resume();
     }
 
     fn dma_mapped(&mut self) {
-        self.bar0.memory_added();
+        self.bars.memory_added();
     }
 
     fn disconnect(&mut self) {
-        self.bar0.disconnect();
+        self.bars.disconnect();
         self.config.reset();
         self.reset_msix_table();
         self.irqs.reset();

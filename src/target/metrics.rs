@@ -52,84 +52,115 @@ struct ReactorLabels {
     reactor: String,
 }
 
-/// The exposition text for every device and reactor now.
-pub fn render(t: &Target) -> String {
-    let mut reg = Registry::with_prefix("vfio_user_blk");
-    let requests = Family::<KindLabels, Counter>::default();
-    let errors = Family::<KindLabels, Counter>::default();
-    let read = Family::<QueueLabels, Counter>::default();
-    let written = Family::<QueueLabels, Counter>::default();
-    let in_flight = Family::<QueueLabels, Gauge>::default();
-    let latency = Family::<QuantileLabels, Gauge<f64, AtomicU64>>::default();
-    let size = Family::<DeviceLabels, Gauge>::default();
-    let busy = Family::<ReactorLabels, Gauge<f64, AtomicU64>>::default();
-    reg.register("requests", "Requests completed, by kind", requests.clone());
-    reg.register("errors", "Requests that failed, by outcome", errors.clone());
-    reg.register("read_bytes", "Bytes read by the guest", read.clone());
-    reg.register(
-        "written_bytes",
-        "Bytes written by the guest",
-        written.clone(),
-    );
-    reg.register("in_flight", "Requests in flight", in_flight.clone());
-    reg.register(
-        "latency_seconds",
-        "Request latency, from the ring to the used entry",
-        latency.clone(),
-    );
-    reg.register("disk_size_bytes", "Size of the disk", size.clone());
-    reg.register(
-        "reactor_busy_ratio",
-        "Share of the reactor's time spent in passes that found work",
-        busy.clone(),
-    );
-    for (name, s) in t.snapshot() {
-        size.get_or_create(&DeviceLabels {
-            device: name.clone(),
-        })
-        .set(i64::try_from(s.capacity_bytes()).unwrap_or(i64::MAX));
-        for (qi, q) in s.stats.iter().enumerate() {
-            let ql = QueueLabels {
-                device: name.clone(),
-                queue: qi.to_string(),
-            };
-            let kl = |kind: &str| KindLabels {
-                device: name.clone(),
-                queue: qi.to_string(),
-                kind: kind.to_string(),
-            };
-            for (k, c) in REQUEST_KINDS.iter().zip(&q.requests) {
-                requests.get_or_create(&kl(k)).inc_by(QueueStats::get(c));
-            }
-            for (k, c) in ERROR_KINDS.iter().zip(&q.errors) {
-                errors.get_or_create(&kl(k)).inc_by(QueueStats::get(c));
-            }
-            read.get_or_create(&ql)
-                .inc_by(QueueStats::get(&q.bytes_read));
-            written
-                .get_or_create(&ql)
-                .inc_by(QueueStats::get(&q.bytes_written));
-            in_flight
-                .get_or_create(&ql)
-                .set(i64::try_from(QueueStats::get(&q.in_flight)).unwrap_or(i64::MAX));
-            for (label, p) in [("0.5", 0.5), ("0.99", 0.99), ("0.999", 0.999)] {
-                if let Some(d) = q.latency.quantile(p) {
-                    latency
-                        .get_or_create(&QuantileLabels {
-                            device: name.clone(),
-                            queue: qi.to_string(),
-                            quantile: label.to_string(),
-                        })
-                        .set(d.as_secs_f64());
-                }
+/// The metric families of one scrape.
+#[derive(Default)]
+struct Families {
+    requests: Family<KindLabels, Counter>,
+    errors: Family<KindLabels, Counter>,
+    read: Family<QueueLabels, Counter>,
+    written: Family<QueueLabels, Counter>,
+    in_flight: Family<QueueLabels, Gauge>,
+    latency: Family<QuantileLabels, Gauge<f64, AtomicU64>>,
+    size: Family<DeviceLabels, Gauge>,
+    busy: Family<ReactorLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl Families {
+    fn register(&self, reg: &mut Registry) {
+        let f = self;
+        reg.register(
+            "requests",
+            "Requests completed, by kind",
+            f.requests.clone(),
+        );
+        reg.register(
+            "errors",
+            "Requests that failed, by outcome",
+            f.errors.clone(),
+        );
+        reg.register("read_bytes", "Bytes read by the guest", f.read.clone());
+        reg.register(
+            "written_bytes",
+            "Bytes written by the guest",
+            f.written.clone(),
+        );
+        reg.register("in_flight", "Requests in flight", f.in_flight.clone());
+        reg.register(
+            "latency_seconds",
+            "Request latency, from the ring to the used entry",
+            f.latency.clone(),
+        );
+        reg.register("disk_size_bytes", "Size of the disk", f.size.clone());
+        reg.register(
+            "reactor_busy_ratio",
+            "Share of the reactor's time spent in passes that found work",
+            f.busy.clone(),
+        );
+    }
+
+    /// One queue's counters, gauges and latency quantiles.
+    fn queue(&self, device: &str, qi: usize, q: &QueueStats) {
+        let ql = QueueLabels {
+            device: device.to_string(),
+            queue: qi.to_string(),
+        };
+        let kl = |kind: &str| KindLabels {
+            device: device.to_string(),
+            queue: qi.to_string(),
+            kind: kind.to_string(),
+        };
+        for (k, c) in REQUEST_KINDS.iter().zip(&q.requests) {
+            self.requests
+                .get_or_create(&kl(k))
+                .inc_by(QueueStats::get(c));
+        }
+        for (k, c) in ERROR_KINDS.iter().zip(&q.errors) {
+            self.errors.get_or_create(&kl(k)).inc_by(QueueStats::get(c));
+        }
+        self.read
+            .get_or_create(&ql)
+            .inc_by(QueueStats::get(&q.bytes_read));
+        self.written
+            .get_or_create(&ql)
+            .inc_by(QueueStats::get(&q.bytes_written));
+        self.in_flight
+            .get_or_create(&ql)
+            .set(i64::try_from(QueueStats::get(&q.in_flight)).unwrap_or(i64::MAX));
+        for (label, p) in [("0.5", 0.5), ("0.99", 0.99), ("0.999", 0.999)] {
+            if let Some(d) = q.latency.quantile(p) {
+                self.latency
+                    .get_or_create(&QuantileLabels {
+                        device: device.to_string(),
+                        queue: qi.to_string(),
+                        quantile: label.to_string(),
+                    })
+                    .set(d.as_secs_f64());
             }
         }
     }
+}
+
+/// The exposition text for every device and reactor now.
+pub fn render(t: &Target) -> String {
+    let mut reg = Registry::with_prefix("vfio_user_blk");
+    let f = Families::default();
+    f.register(&mut reg);
+    for (name, s) in t.snapshot() {
+        f.size
+            .get_or_create(&DeviceLabels {
+                device: name.clone(),
+            })
+            .set(i64::try_from(s.capacity_bytes()).unwrap_or(i64::MAX));
+        for (qi, q) in s.stats.iter().enumerate() {
+            f.queue(&name, qi, q);
+        }
+    }
     for (i, r) in t.engine().reactor_stats().iter().enumerate() {
-        busy.get_or_create(&ReactorLabels {
-            reactor: i.to_string(),
-        })
-        .set(r.busy_fraction());
+        f.busy
+            .get_or_create(&ReactorLabels {
+                reactor: i.to_string(),
+            })
+            .set(r.busy_fraction());
     }
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {

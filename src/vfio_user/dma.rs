@@ -20,13 +20,9 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DMA_UNMAP_FLAG_ALL,
     VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
 };
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-/// The guest memory the device sees. Cheap to clone; readers take a snapshot
-/// with `memory()` and keep using it even while the table changes.
-pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap>;
+pub use crate::memory::GuestMemoryHandle;
 
 /// Page size we support for windows (the `pgsizes` we advertise).
 pub const DMA_PAGE_SIZE: u64 = 4096;

@@ -1,4 +1,4 @@
-//! The packed virtqueue under a hostile review: each test held a problem
+//! EVENT_IDX on the packed virtqueue, under a hostile review: each test held a problem
 //! found by acting as a guest driver, and failed on the code before its
 //! fix (interrupts lost with EVENT_IDX when a whole lap of descriptors
 //! completed between two interrupt decisions).
