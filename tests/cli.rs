@@ -340,7 +340,10 @@ fn the_readmes_first_command_serves_a_default_disk() {
         .spawn()
         .unwrap();
     let sock = dir.path("vblk.sock");
-    wait_until("the README's socket", || sock.exists());
+    // The file appears at bind, before the socket listens.
+    wait_until("the README's socket", || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
     let mut d = support::driver::Driver::new(&sock, Default::default());
     assert_eq!(d.capacity(), (1 << 30) / 512);
     let data = support::driver::pattern(1, 4096);

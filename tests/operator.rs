@@ -421,11 +421,15 @@ fn a_queue_vector_moved_after_driver_ok_is_honoured() {
     while d.vectors[1].read().is_ok() {}
     while d.vectors[2].read().is_ok() {}
     assert_eq!(d.read(0, 0, 512).0, S_OK);
-    std::thread::sleep(Duration::from_millis(50));
-    assert!(
-        d.vectors[2].read().is_ok(),
-        "no interrupt on the new vector"
-    );
+    // The interrupt may trail the used entry on a loaded machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while d.vectors[2].read().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no interrupt on the new vector"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert!(
         d.vectors[1].read().is_err(),
         "an interrupt on the old vector"

@@ -29,7 +29,7 @@ use report::{Meta, Results, Row, Summary, MULTI_SETUPS, TARGETS};
 use run::{
     process_cpu, run_direct, run_direct_uring, run_virtio, Disk, Op, RunResult, Workload, RING_BASE,
 };
-use servers::{start_ours, start_qsd, OursDisk, QsdDisk, Server};
+use servers::{start_ours, start_ours_from, start_qsd, OursDisk, QsdDisk, Server};
 use vub_testkit::driver_ring::SplitRing;
 
 /// Benchmark vfio-user-blk against qemu-storage-daemon and direct I/O.
@@ -149,6 +149,12 @@ struct Args {
     /// --json and --svg).
     #[arg(long, value_name = "DIR")]
     guest_report: Option<PathBuf>,
+
+    /// An earlier build of the server, run as the target `ours-base` with
+    /// ours' options, interleaved with ours on every single-disk workload:
+    /// a change checked in one run (the report ends with ours/ours-base).
+    #[arg(long, value_name = "PATH")]
+    baseline_bin: Option<PathBuf>,
 }
 
 const QUEUES: usize = 4;
@@ -161,7 +167,8 @@ fn resolve_targets(names: &[String]) -> Result<Vec<&'static str>> {
     let mut v: Vec<&'static str> = Vec::new();
     for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
         let add: Vec<&'static str> = match n {
-            "all" => TARGETS.to_vec(),
+            // ours-base only with --baseline-bin, which selects it.
+            "all" => TARGETS.into_iter().filter(|t| *t != "ours-base").collect(),
             "qsd" => vec!["qsd-threads", "qsd-uring", "qsd-native"],
             _ => match TARGETS.iter().find(|t| **t == n) {
                 Some(t) => vec![*t],
@@ -784,6 +791,16 @@ impl Servers<'_> {
                 QUEUE_SIZE,
                 &split_args(&a.ours_args, "io-uring"),
             ),
+            "ours-base" => start_ours_from(
+                a.baseline_bin
+                    .as_deref()
+                    .context("ours-base needs --baseline-bin")?,
+                dir,
+                &[ours_disk(w.disk)?],
+                QUEUES,
+                QUEUE_SIZE,
+                &split_args(&a.ours_args, "io-uring"),
+            ),
             "ours-threads" => start_ours(
                 dir,
                 &[ours_disk(w.disk)?],
@@ -916,7 +933,25 @@ fn real_main(args: &Args) -> Result<()> {
         }
         return Ok(());
     }
-    let selected = resolve_targets(&args.targets)?;
+    let mut selected = resolve_targets(&args.targets)?;
+    match &args.baseline_bin {
+        Some(bin) => {
+            if !bin.is_file() {
+                bail!("--baseline-bin {}: no such file", bin.display());
+            }
+            if !selected.contains(&"ours") {
+                bail!("--baseline-bin compares with ours: select ours too");
+            }
+            if !selected.contains(&"ours-base") {
+                selected.push("ours-base");
+                selected.sort_by_key(|t| TARGETS.iter().position(|x| x == t));
+            }
+        }
+        None if selected.contains(&"ours-base") => {
+            bail!("the target ours-base needs --baseline-bin PATH (an earlier build)")
+        }
+        None => {}
+    }
     let secs = Duration::from_secs_f64(args.seconds);
     let mut skipped: BTreeMap<String, String> = BTreeMap::new();
     let mut list: Vec<Workload> = workloads(args.quick)
@@ -1221,6 +1256,9 @@ fn real_main(args: &Args) -> Result<()> {
     };
     print!("{}", report::header(&meta));
     print!("{}", report::table(&results));
+    if selected.contains(&"ours-base") {
+        print!("{}", report::against_base(&results));
+    }
     print!("{}", report::multi_table(&results, &meta));
     let json = report::to_json(&results, &meta);
     if let Some(prev) = &args.compare {
@@ -1262,7 +1300,8 @@ mod tests {
 
     #[test]
     fn targets_resolve_aliases_and_refuse_unknown_names() {
-        assert_eq!(resolve_targets(&names(&["all"])).unwrap(), TARGETS.to_vec());
+        let all: Vec<&str> = TARGETS.into_iter().filter(|t| *t != "ours-base").collect();
+        assert_eq!(resolve_targets(&names(&["all"])).unwrap(), all);
         assert_eq!(
             resolve_targets(&names(&["direct", "qsd", "ours"])).unwrap(),
             vec!["ours", "qsd-threads", "qsd-uring", "qsd-native", "direct"]

@@ -13,8 +13,9 @@ use serde_json::{json, Value};
 use crate::run::{Disk, Op, RunResult, Workload};
 
 /// Every target name, in table order.
-pub const TARGETS: [&str; 8] = [
+pub const TARGETS: [&str; 9] = [
     "ours",
+    "ours-base",
     "ours-threads",
     "ours-adaptive",
     "qsd-threads",
@@ -669,4 +670,28 @@ pub fn plot(results: &Results, path: &Path) -> Result<()> {
     }
     root.present()?;
     Ok(())
+}
+
+/// ours against `--baseline-bin` (ours-base), workload by workload: the
+/// ratio of the median IOPS and of the median p50, with both spreads.
+pub fn against_base(results: &Results) -> String {
+    let mut out = String::from(
+        "\nours against the baseline binary (ours-base), the same options, interleaved:\n\
+         workload                   IOPS ours/base   p50 ours/base   spread ours   spread base\n",
+    );
+    for row in results.values() {
+        let (Some(o), Some(b)) = (row.per.get("ours"), row.per.get("ours-base")) else {
+            continue;
+        };
+        let spread = |s: &Summary| 100.0 * (s.iops_max - s.iops_min) / s.iops.max(1e-9);
+        out.push_str(&format!(
+            "{:<26} {:>16.3} {:>15.3} {:>12.1}% {:>12.1}%\n",
+            row.w.name,
+            o.iops / b.iops.max(1e-9),
+            o.p50 / b.p50.max(1e-9),
+            spread(o),
+            spread(b)
+        ));
+    }
+    out
 }

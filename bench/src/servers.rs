@@ -127,8 +127,21 @@ pub fn start_ours(
             bin.display()
         );
     }
+    start_ours_from(&bin, dir, disks, queues, queue_size, args)
+}
+
+/// [`start_ours`] with the server binary at `bin` (an earlier build, for
+/// `--baseline-bin`).
+pub fn start_ours_from(
+    bin: &Path,
+    dir: &Path,
+    disks: &[OursDisk],
+    queues: usize,
+    queue_size: u16,
+    args: &[String],
+) -> Result<Server> {
     std::fs::create_dir_all(dir)?;
-    let mut cmd = Command::new(&bin);
+    let mut cmd = Command::new(bin);
     let mut socks = Vec::new();
     for (i, d) in disks.iter().enumerate() {
         let sock = dir.join(format!("ours{i}.sock"));

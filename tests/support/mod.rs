@@ -390,7 +390,11 @@ impl RpcTarget {
             rpc,
             log,
         };
-        wait_until("the management socket", || t.rpc.exists());
+        // The file appears at bind, before the socket listens: wait for a
+        // connection to be taken (a CI run found it refused right after).
+        wait_until("the management socket", || {
+            UnixStream::connect(&t.rpc).is_ok()
+        });
         t
     }
 
