@@ -409,7 +409,7 @@ fn a_truncated_hugetlbfs_window_does_not_kill_the_server() {
 }
 
 /// More io_uring completions at once than the completion queue holds (512
-/// for a 256-entry ring): 1000 write-through writes on a 1024-entry queue.
+/// for a 256-entry ring): 1000 O_DIRECT writes on a 1024-entry queue.
 #[test]
 fn more_io_uring_completions_than_the_completion_queue_holds() {
     let _one = one_at_a_time();
@@ -435,6 +435,12 @@ fn more_io_uring_completions_than_the_completion_queue_holds() {
             &mode,
         ],
     );
+    // Where io_uring is not available the server runs the writes on its
+    // thread pool: nothing here would reach a completion queue.
+    if srv.log_text().contains("io_uring is not available") {
+        eprintln!("skipped: io_uring is not available on this machine");
+        return;
+    }
     let mut d = Driver::new(
         &srv.socket,
         DriverOptions {

@@ -80,6 +80,9 @@ pub struct RunResult {
     /// CPU seconds used by the device process(es) and by the driver.
     pub device_cpu: f64,
     pub driver_cpu: f64,
+    /// CPU seconds the hypervisor took from this machine (steal) during
+    /// the timed window.
+    pub stolen: f64,
 }
 
 /// A zeroed heap buffer aligned for O_DIRECT.
@@ -369,6 +372,7 @@ pub fn run_virtio(
 
     let dev_cpu0: f64 = device_pids.iter().map(|&p| process_cpu(p)).sum();
     let drv_cpu0 = thread_cpu();
+    let stolen0 = crate::place::stolen();
     let t0 = Instant::now();
     for q in 0..nq {
         for (i, slot) in slots[q].iter_mut().enumerate() {
@@ -449,6 +453,7 @@ pub fn run_virtio(
     let secs = t0.elapsed().as_secs_f64();
     let device_cpu = device_pids.iter().map(|&p| process_cpu(p)).sum::<f64>() - dev_cpu0;
     let driver_cpu = thread_cpu() - drv_cpu0;
+    let stolen = crate::place::stolen() - stolen0;
     // Let what is in flight finish, so that the next run starts clean.
     let drain_deadline = Instant::now() + Duration::from_secs(10);
     let mut outstanding = nq * w.qd;
@@ -470,6 +475,7 @@ pub fn run_virtio(
         hist,
         device_cpu,
         driver_cpu,
+        stolen,
     })
 }
 
@@ -483,6 +489,7 @@ pub fn run_direct(
 ) -> Result<RunResult> {
     let threads = w.qd * w.queues;
     let cpu0 = process_cpu(std::process::id());
+    let stolen0 = crate::place::stolen();
     let t0 = Instant::now();
     let deadline = t0 + duration;
     let results: Vec<Result<(u64, Histogram<u64>)>> = std::thread::scope(|sc| {
@@ -521,6 +528,7 @@ pub fn run_direct(
     });
     let secs = t0.elapsed().as_secs_f64();
     let cpu = process_cpu(std::process::id()) - cpu0;
+    let stolen = crate::place::stolen() - stolen0;
     let mut hist = new_hist();
     let mut ios = 0;
     for r in results {
@@ -535,6 +543,7 @@ pub fn run_direct(
         hist,
         device_cpu: cpu,
         driver_cpu: 0.0,
+        stolen,
     })
 }
 
@@ -586,6 +595,7 @@ fn direct_uring(
     let mut done: Vec<(u64, i32)> = Vec::with_capacity(depth);
 
     let cpu0 = thread_cpu();
+    let stolen0 = crate::place::stolen();
     let t0 = Instant::now();
     let deadline = t0 + duration;
     let mut submit = |ring: &mut IoUring, i: usize, start: &mut [Instant]| -> Result<()> {
@@ -639,6 +649,7 @@ fn direct_uring(
     })();
     let secs = t0.elapsed().as_secs_f64();
     let cpu = thread_cpu() - cpu0;
+    let stolen = crate::place::stolen() - stolen0;
     // Whatever is still in flight must finish before its buffer is freed.
     while inflight > 0 {
         if let Err(e) = ring.submit_and_wait(1) {
@@ -664,5 +675,6 @@ fn direct_uring(
         hist,
         device_cpu: cpu,
         driver_cpu: 0.0,
+        stolen,
     })
 }

@@ -259,6 +259,19 @@ impl Engine {
     /// asked for and available; otherwise the thread pool, with a log line
     /// saying why.
     pub fn start(cfg: EngineConfig) -> io::Result<Arc<Engine>> {
+        let usable = usable_cpus().unwrap_or_default();
+        // Checked here too, not only by the command line: a reactor pinned
+        // to a CPU it may not use would run nowhere it was asked to.
+        if let Some(c) = cfg
+            .cpus
+            .iter()
+            .find(|c| !usable.is_empty() && !usable.contains(c))
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("CPU {c} is not online or not allowed for this process"),
+            ));
+        }
         let pool = Arc::new(Pool::new(cfg.max_io_threads));
         let use_uring = cfg.io_engine == IoEngine::IoUring
             && match uring::available() {
@@ -269,7 +282,6 @@ impl Engine {
                 }
             };
         let mut reactors = Vec::new();
-        let usable = usable_cpus().unwrap_or_default();
         let (reactor_cpus, worker_cpus, chosen) = placement(
             &usable,
             &cfg.cpus,
@@ -861,6 +873,20 @@ fn placement(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_engine_refuses_cpus_this_process_may_not_use() {
+        let cfg = EngineConfig {
+            reactors: 1,
+            cpus: vec![100_000],
+            mode: PollMode::Interrupt,
+            io_engine: IoEngine::Threads,
+            max_io_threads: 1,
+            inline: false,
+        };
+        let e = Engine::start(cfg).err().expect("refused");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
 
     #[test]
     fn busy_reactors_without_cpus_take_the_last_cpus_and_workers_the_others() {
