@@ -785,38 +785,28 @@ impl Servers<'_> {
                 direct: false,
             })
         };
+        // One disk of ours, from the server binary `bin` (None: the one
+        // next to the benchmark), with these options and I/O engine.
+        let single = |bin: Option<&Path>, opts: &str, engine: &str| -> Result<Server> {
+            let disks = [ours_disk(w.disk)?];
+            let args = split_args(opts, engine);
+            match bin {
+                Some(b) => start_ours_from(b, dir, &disks, QUEUES, QUEUE_SIZE, &args),
+                None => start_ours(dir, &disks, QUEUES, QUEUE_SIZE, &args),
+            }
+        };
         match t {
-            "ours" => start_ours(
-                dir,
-                &[ours_disk(w.disk)?],
-                QUEUES,
-                QUEUE_SIZE,
-                &split_args(&a.ours_args, "io-uring"),
-            ),
-            "ours-base" => start_ours_from(
-                a.baseline_bin
-                    .as_deref()
-                    .context("ours-base needs --baseline-bin")?,
-                dir,
-                &[ours_disk(w.disk)?],
-                QUEUES,
-                QUEUE_SIZE,
-                &split_args(&a.ours_args, "io-uring"),
-            ),
-            "ours-threads" => start_ours(
-                dir,
-                &[ours_disk(w.disk)?],
-                QUEUES,
-                QUEUE_SIZE,
-                &split_args(&a.ours_threads_args, "threads"),
-            ),
-            "ours-adaptive" => start_ours(
-                dir,
-                &[ours_disk(w.disk)?],
-                QUEUES,
-                QUEUE_SIZE,
-                &split_args(&a.ours_adaptive_args, "io-uring"),
-            ),
+            "ours" => single(None, &a.ours_args, "io-uring"),
+            "ours-base" => {
+                let bin = a.baseline_bin.as_deref();
+                single(
+                    Some(bin.context("ours-base needs --baseline-bin")?),
+                    &a.ours_args,
+                    "io-uring",
+                )
+            }
+            "ours-threads" => single(None, &a.ours_threads_args, "threads"),
+            "ours-adaptive" => single(None, &a.ours_adaptive_args, "io-uring"),
             "qsd-threads" | "qsd-uring" | "qsd-native" => {
                 let d = match w.disk {
                     Disk::Null => QsdDisk::Null { size: im.size },
