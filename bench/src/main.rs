@@ -29,7 +29,7 @@ use report::{Meta, Results, Row, Summary, MULTI_SETUPS, TARGETS};
 use run::{
     process_cpu, run_direct, run_direct_uring, run_virtio, Disk, Op, RunResult, Workload, RING_BASE,
 };
-use servers::{start_ours, start_ours_from, start_qsd, OursDisk, QsdDisk, Server};
+use servers::{start_ours, start_qsd, OursDisk, QsdDisk, Server};
 use vub_testkit::driver_ring::SplitRing;
 
 /// Benchmark vfio-user-blk against qemu-storage-daemon and direct I/O.
@@ -790,10 +790,7 @@ impl Servers<'_> {
         let single = |bin: Option<&Path>, opts: &str, engine: &str| -> Result<Server> {
             let disks = [ours_disk(w.disk)?];
             let args = split_args(opts, engine);
-            match bin {
-                Some(b) => start_ours_from(b, dir, &disks, QUEUES, QUEUE_SIZE, &args),
-                None => start_ours(dir, &disks, QUEUES, QUEUE_SIZE, &args),
-            }
+            start_ours(bin, dir, &disks, QUEUES, QUEUE_SIZE, &args)
         };
         match t {
             "ours" => single(None, &a.ours_args, "io-uring"),
@@ -818,6 +815,7 @@ impl Servers<'_> {
                 start_qsd(dir, &[d], qsd_aio(t), a.qsd_poll_max_ns, QUEUES)
             }
             "ours-1proc" => start_ours(
+                None,
                 dir,
                 &im.multi
                     .iter()
@@ -836,6 +834,7 @@ impl Servers<'_> {
                 };
                 for (i, p) in im.multi.iter().enumerate() {
                     let s = start_ours(
+                        None,
                         &dir.join(i.to_string()),
                         &[multi_ours(p)?],
                         1,

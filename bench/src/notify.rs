@@ -202,6 +202,7 @@ pub fn study(image: &Path, size: u64, secs: Duration, repeat: usize) -> Result<s
                     .collect();
                 args.extend(s.extra.iter().map(|a| a.to_string()));
                 let server = start_ours(
+                    None,
                     &dir.join(s.name),
                     &[OursDisk {
                         spec: image.to_str().context("image path")?.to_string(),

@@ -109,37 +109,26 @@ fn escape(v: &str) -> String {
     v.replace(',', ",,")
 }
 
-/// Our server (next to the benchmark's binary) serving `disks`, each with
-/// `queues` queues of `queue_size`, in one process; `args` are its
-/// process-wide options (engine, reactors, poll mode...).
+/// Our server (`bin`, or the one next to the benchmark's binary) serving
+/// `disks`, each with `queues` queues of `queue_size`, in one process;
+/// `args` are its process-wide options (engine, reactors, poll mode...).
 pub fn start_ours(
+    bin: Option<&Path>,
     dir: &Path,
     disks: &[OursDisk],
     queues: usize,
     queue_size: u16,
     args: &[String],
 ) -> Result<Server> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name("vfio-user-blk");
+    let next_to_us = std::env::current_exe()?.with_file_name("vfio-user-blk");
+    let bin = bin.unwrap_or(&next_to_us);
     if !bin.exists() {
         bail!(
-            "{} not found next to the benchmark: build both (cargo build --release --workspace)",
+            "{} not found (next to the benchmark: build both with cargo build --release \
+             --workspace)",
             bin.display()
         );
     }
-    start_ours_from(&bin, dir, disks, queues, queue_size, args)
-}
-
-/// [`start_ours`] with the server binary at `bin` (an earlier build, for
-/// `--baseline-bin`).
-pub fn start_ours_from(
-    bin: &Path,
-    dir: &Path,
-    disks: &[OursDisk],
-    queues: usize,
-    queue_size: u16,
-    args: &[String],
-) -> Result<Server> {
     std::fs::create_dir_all(dir)?;
     let mut cmd = Command::new(bin);
     let mut socks = Vec::new();
