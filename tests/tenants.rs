@@ -241,6 +241,31 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
     rx.recv_timeout(limit).ok()
 }
 
+/// Adds to `target` a device named `stuck` at `sock` whose reads stick
+/// in the backend until released: the returned gate.
+fn add_stuck_disk(
+    target: &vfio_user_blk::target::Target,
+    sock: &std::path::Path,
+) -> std::sync::Arc<support::gate::Gate> {
+    let be = support::gate::Gate::new(support::gate::Stuck::Reads, 64);
+    let spec: vfio_user_blk::device::DeviceSpec =
+        format!("socket={},disk=null:8M,name=stuck", sock.display())
+            .parse()
+            .unwrap();
+    target
+        .add_disk(
+            spec,
+            vfio_user_blk::backend::Disk {
+                spec: vfio_user_blk::backend::DiskSpec::Null(support::gate::SIZE),
+                size: support::gate::SIZE,
+                readonly: false,
+                backend: be.clone(),
+            },
+        )
+        .unwrap();
+    be
+}
+
 /// Finding 5: `device_remove` held the admin lock while it joined a device
 /// thread waiting without limit in a drain (a reset behind a stuck disk),
 /// so every later add, remove and shutdown blocked; a resize waited
@@ -259,23 +284,8 @@ fn a_stuck_disk_never_hangs_the_control_plane() {
         "interrupt",
     ]);
     let target = opts.start_target().unwrap();
-    let be = support::gate::Gate::new(support::gate::Stuck::Reads, 64);
     let sock = dir.path("stuck.sock");
-    let spec: vfio_user_blk::device::DeviceSpec =
-        format!("socket={},disk=null:8M,name=stuck", sock.display())
-            .parse()
-            .unwrap();
-    target
-        .add_disk(
-            spec,
-            vfio_user_blk::backend::Disk {
-                spec: vfio_user_blk::backend::DiskSpec::Null(support::gate::SIZE),
-                size: support::gate::SIZE,
-                readonly: false,
-                backend: be.clone(),
-            },
-        )
-        .unwrap();
+    let be = add_stuck_disk(&target, &sock);
     let mut d = Driver::new(&sock, DriverOptions::default());
     support::gate::stuck_read(&mut d, 64);
     be.wait_entered();
@@ -719,21 +729,8 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
         "threads",
     ]);
     let target = opts.start_target().unwrap();
-    let be = support::gate::Gate::new(support::gate::Stuck::Reads, 64);
     let stuck = dir.path("stuck.sock");
-    target
-        .add_disk(
-            format!("socket={},disk=null:8M,name=stuck", stuck.display())
-                .parse()
-                .unwrap(),
-            vfio_user_blk::backend::Disk {
-                spec: vfio_user_blk::backend::DiskSpec::Null(support::gate::SIZE),
-                size: support::gate::SIZE,
-                readonly: false,
-                backend: be.clone(),
-            },
-        )
-        .unwrap();
+    let be = add_stuck_disk(&target, &stuck);
     let other = dir.path("other.sock");
     target
         .add(
