@@ -259,14 +259,15 @@ impl Engine {
     /// asked for and available; otherwise the thread pool, with a log line
     /// saying why.
     pub fn start(cfg: EngineConfig) -> io::Result<Arc<Engine>> {
-        let usable = usable_cpus().unwrap_or_default();
+        let usable = match usable_cpus() {
+            Ok(u) => u,
+            // CPUs were asked for, and which this process may use is unknown.
+            Err(e) if !cfg.cpus.is_empty() => return Err(e),
+            Err(_) => Vec::new(),
+        };
         // Checked here too, not only by the command line: a reactor pinned
         // to a CPU it may not use would run nowhere it was asked to.
-        if let Some(c) = cfg
-            .cpus
-            .iter()
-            .find(|c| !usable.is_empty() && !usable.contains(c))
-        {
+        if let Some(c) = cfg.cpus.iter().find(|c| !usable.contains(c)) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("CPU {c} is not online or not allowed for this process"),

@@ -418,7 +418,10 @@ impl Reactor {
         // so that a request added meanwhile (on any queue: another
         // device's guest must not wait for this one's disk) wakes it
         // too.
-        let in_flight = self.mode == PollMode::Busy && self.in_flight() > 0;
+        // (Summed only where it decides something: on a shared CPU, or when
+        // no queue is live.)
+        let in_flight =
+            self.mode == PollMode::Busy && (self.shares_cpu || !live) && self.in_flight() > 0;
         // Not with requests the kernel has not taken yet (a submit that
         // failed): no completion would come for them, and the next pass
         // must submit them again.

@@ -22,7 +22,7 @@ use vfio_bindings::bindings::vfio::{
 };
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-pub use crate::memory::GuestMemoryHandle;
+use crate::memory::GuestMemoryHandle;
 
 /// Page size we support for windows (the `pgsizes` we advertise).
 pub const DMA_PAGE_SIZE: u64 = 4096;

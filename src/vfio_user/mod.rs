@@ -14,7 +14,7 @@ pub mod wire;
 
 use std::os::fd::OwnedFd;
 
-pub use dma::{DmaTable, GuestMemoryHandle};
+pub use dma::DmaTable;
 pub use server::{Control, PeerCred, Server, ServerConfig};
 pub use socket::{MemTransport, Transport};
 

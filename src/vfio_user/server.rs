@@ -24,10 +24,11 @@ use vfio_bindings::bindings::vfio::{
     VFIO_REGION_INFO_FLAG_MMAP,
 };
 
-use super::dma::{DmaTable, GuestMemoryHandle, DMA_PAGE_SIZE};
+use super::dma::{DmaTable, DMA_PAGE_SIZE};
 use super::socket::{RecvHeader, Transport, MAX_RECV_FDS};
 use super::wire::*;
 use super::{Device, Errno, IrqAction, IrqData, IrqSet};
+use crate::memory::GuestMemoryHandle;
 
 /// Limits the server advertises and enforces.
 #[derive(Clone, Copy, Debug)]

@@ -211,8 +211,8 @@ impl DmaUnmap {
 }
 
 /// The question of DEVICE_GET_INFO, GET_REGION_INFO and GET_IRQ_INFO: the
-/// room the client gives the reply (`argsz`), and which region or
-/// interrupt index (GET_INFO has none: 0).
+/// room the client gives the reply (`argsz`), and the word at offset 8
+/// (which region or interrupt index; GET_INFO's `num_regions`, unused).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InfoQuery {
     pub argsz: u32,
@@ -220,12 +220,13 @@ pub struct InfoQuery {
 }
 
 impl InfoQuery {
-    /// `size` is the command's fixed part, which the reply also needs.
+    /// `size` is the command's fixed part (16 or more), which the reply
+    /// also needs.
     pub fn decode(p: &[u8], size: usize) -> Result<InfoQuery, Short> {
-        need(p, size)?;
+        need(p, size.max(12))?;
         Ok(InfoQuery {
             argsz: u32_at(p, 0),
-            index: if size > 8 { u32_at(p, 8) } else { 0 },
+            index: u32_at(p, 8),
         })
     }
 }
