@@ -74,6 +74,31 @@ pub struct Request {
     pub layout: Layout,
 }
 
+impl Request {
+    pub fn read(sector: u64, len: usize) -> Request {
+        Request {
+            kind: T_IN,
+            sector,
+            out: vec![],
+            in_len: len,
+            layout: Layout::default(),
+        }
+    }
+
+    pub fn write(sector: u64, data: &[u8]) -> Request {
+        Request {
+            kind: T_OUT,
+            sector,
+            out: data.to_vec(),
+            in_len: 0,
+            layout: Layout::default(),
+        }
+    }
+}
+
+/// The INTx line, where [`Driver::run_signalled`] lists what fired.
+pub const INTX: usize = usize::MAX;
+
 /// A submitted request, to be checked after completion.
 #[derive(Clone, Debug)]
 pub struct Submitted {
@@ -744,32 +769,53 @@ impl Driver {
         (st, data, used[0].1)
     }
 
+    /// As an interrupt-driven guest does: asks for an interrupt, forgets
+    /// those already raised, submits, kicks, waits up to 10 s for one on any
+    /// vector, and only then looks at the used ring. Returns the status, the
+    /// data read and the vectors that fired ([`INTX`] for the INTx line).
+    ///
+    /// `run` polls the used ring and asks for the interrupt after the
+    /// entry it just took: when it takes the entry before the device has
+    /// decided, the device rightly sends no interrupt for it (EVENT_IDX).
+    /// A test of where an interrupt goes must wait for it instead.
+    pub fn run_signalled(&mut self, q: usize, r: &Request) -> (u8, Vec<u8>, Vec<usize>) {
+        match self.packed.get_mut(q) {
+            Some(p) => assert!(!p.enable_interrupts(&self.mem), "completions waiting"),
+            None => assert!(
+                !self.queues[q].enable_interrupts(&self.mem),
+                "completions waiting"
+            ),
+        }
+        for v in self.vectors.iter().chain(&self.intx) {
+            while v.read().is_ok() {}
+        }
+        let s = self.submit(q, r);
+        self.kick(q);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut fired: Vec<usize> = Vec::new();
+        while fired.is_empty() {
+            assert!(Instant::now() < deadline, "no interrupt within 10 s");
+            std::thread::sleep(Duration::from_millis(1));
+            fired = (0..self.vectors.len())
+                .filter(|&i| self.vectors[i].read().is_ok())
+                .collect();
+            if self.intx.as_ref().is_some_and(|e| e.read().is_ok()) {
+                fired.push(INTX);
+            }
+        }
+        let used = self.wait_used(q, 1, Duration::from_secs(10));
+        assert_eq!(used[0].0, s.head);
+        let (status, data) = self.result(&s);
+        (status, data, fired)
+    }
+
     pub fn read(&mut self, q: usize, sector: u64, len: usize) -> (u8, Vec<u8>) {
-        let (st, d, _) = self.run(
-            q,
-            &Request {
-                kind: T_IN,
-                sector,
-                out: vec![],
-                in_len: len,
-                layout: Layout::default(),
-            },
-        );
+        let (st, d, _) = self.run(q, &Request::read(sector, len));
         (st, d)
     }
 
     pub fn write(&mut self, q: usize, sector: u64, data: &[u8]) -> u8 {
-        self.run(
-            q,
-            &Request {
-                kind: T_OUT,
-                sector,
-                out: data.to_vec(),
-                in_len: 0,
-                layout: Layout::default(),
-            },
-        )
-        .0
+        self.run(q, &Request::write(sector, data)).0
     }
 
     pub fn simple(
