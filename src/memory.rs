@@ -28,6 +28,16 @@ use vm_memory::{
 /// with `memory()` and keep using it even while the DMA table changes it.
 pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap>;
 
+/// A DMA window about to be unmapped: its guest range, and where it is
+/// mapped in this process (empty when it never was: no descriptor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaRange {
+    pub iova: u64,
+    pub size: u64,
+    pub host: usize,
+    pub host_len: usize,
+}
+
 /// One buffer in guest memory, laid out exactly as `struct iovec`, so a
 /// request's list goes to preadv/pwritev as it is.
 #[repr(C)]

@@ -16,10 +16,10 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::backend::io::Backend;
-use crate::engine::{Activation, Active, Engine, Fence, QueueStats};
+use crate::engine::{DeviceQueues, Engine, HoldError, QueueHold, QueueStats, Start};
+use crate::memory::DmaRange;
 use crate::memory::GuestMemoryHandle;
 use crate::util::DeviceLog;
-use crate::vfio_user::DmaRange;
 use crate::virtio::{low32, ConfigNotifier, QueueConfig, VirtioDevice, VirtioInterrupt};
 pub use config::BlkConfig;
 use exec::{BlkContext, ErrorPolicy};
@@ -60,17 +60,8 @@ pub struct BlkDevice {
     opts: BlkOptions,
     config: BlkConfig,
     backend: Arc<dyn Backend>,
-    memory: GuestMemoryHandle,
-    engine: Arc<Engine>,
-    /// The queues while the driver has the device running.
-    active: Option<Arc<Active>>,
-    /// The activation of a client that left without a reset: its writes
-    /// may still be in the backend, and the next activation waits for them.
-    departed: Option<Arc<Active>>,
-    /// Who this device is to the engine's thread pool.
-    tenant: u64,
-    /// What the last quiesce did: fence an unmap (true) or hold all.
-    fenced: bool,
+    /// The engine's side: activations, fences, doorbells.
+    queues: DeviceQueues,
     acked: u32,
     write_through: Arc<AtomicBool>,
     shared: Arc<BlkShared>,
@@ -94,13 +85,8 @@ pub struct BlkShared {
     in_memory: bool,
     /// Raises the configuration-change interrupt.
     config_notifier: parking_lot::Mutex<Option<Arc<ConfigNotifier>>>,
-    /// The running activation's queues, to hold them during a resize.
-    active: parking_lot::Mutex<std::sync::Weak<Active>>,
-    /// The activation of a client that left, while its writes may still be
-    /// in the backend (a resize waits for them too).
-    departed: parking_lot::Mutex<std::sync::Weak<Active>>,
-    /// One resize at a time.
-    resizing: parking_lot::Mutex<()>,
+    /// Holds the queues still during a resize (one at a time).
+    hold: Arc<QueueHold>,
     log: Arc<DeviceLog>,
 }
 
@@ -164,33 +150,19 @@ impl BlkShared {
         // later one shrink without `allow_shrink`).
         // A second resize does not queue behind the first (which may wait
         // up to RESIZE_WAIT for a stuck disk): it is refused at once.
-        let Some(_one) = self
-            .resizing
-            .try_lock_for(std::time::Duration::from_millis(200))
-        else {
-            return Err(ResizeError::Busy);
-        };
+        let one = self
+            .hold
+            .change(std::time::Duration::from_millis(200))
+            .map_err(ResizeError::from)?;
         if let Some(s) = size {
             self.check_new_size(s, allow_shrink)?;
         }
         // No request may be in flight while the size changes: one checked
         // against the old size would write past a new, smaller end, and the
-        // size read back must be the one the disk has. The queues go on
+        // size read back must be the one the disk has. Nor may a write of a
+        // client that left (the file would grow back). The queues go on
         // when `paused` drops, on every way out of here.
-        let active = self.active.lock().upgrade();
-        let paused = Paused::within(active.clone(), RESIZE_WAIT).ok_or(ResizeError::Stuck)?;
-        // Writes of a client that left, checked against the old size, must
-        // not land past a new, smaller end (the file would grow back): the
-        // one that left before, or the one paused here if its client left
-        // meanwhile (a withdrawn queue answers a pause at once).
-        let departed = self.departed.lock().upgrade();
-        if [active, departed]
-            .into_iter()
-            .flatten()
-            .any(|a| !a.wait_mutations_within(RESIZE_WAIT))
-        {
-            return Err(ResizeError::DepartedStuck);
-        }
+        let paused = one.pause_within(RESIZE_WAIT).map_err(ResizeError::from)?;
         let new = self.backend.resize(size).map_err(ResizeError::Backend)?;
         if new == 0 || !new.is_multiple_of(u64::from(self.block)) {
             return Err(ResizeError::Unaligned {
@@ -285,28 +257,17 @@ pub enum ResizeError {
     Unaligned { size: u64, block: u32 },
 }
 
-/// The queues of an activation, paused for as long as this lives.
-struct Paused(Option<Arc<Active>>);
-
-impl Paused {
-    /// None when the queues did not drain within `limit` (they go on).
-    fn within(active: Option<Arc<Active>>, limit: std::time::Duration) -> Option<Paused> {
-        match &active {
-            Some(a) if !a.pause_all_within(limit) => None,
-            _ => Some(Paused(active)),
-        }
-    }
-}
-
 /// How long a resize waits for the device's requests in flight to drain
 /// (and for a resize of the same device before it): the management plane
 /// never waits on a stuck disk without a bound.
 pub const RESIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-impl Drop for Paused {
-    fn drop(&mut self) {
-        if let Some(a) = &self.0 {
-            a.resume();
+impl From<HoldError> for ResizeError {
+    fn from(e: HoldError) -> ResizeError {
+        match e {
+            HoldError::Busy => ResizeError::Busy,
+            HoldError::Stuck => ResizeError::Stuck,
+            HoldError::DepartedStuck => ResizeError::DepartedStuck,
         }
     }
 }
@@ -324,8 +285,9 @@ impl BlkDevice {
         engine: Arc<Engine>,
     ) -> BlkDevice {
         let config = BlkConfig::new(&opts);
+        let queues = DeviceQueues::new(engine, memory, log.clone(), opts.num_queues);
         let shared = Arc::new(BlkShared {
-            stats: (0..opts.num_queues).map(|_| Arc::default()).collect(),
+            stats: queues.stats().to_vec(),
             capacity: config.capacity_cell(),
             features: AtomicU64::new(0),
             running: AtomicBool::new(false),
@@ -334,9 +296,7 @@ impl BlkDevice {
             readonly: opts.readonly,
             in_memory: opts.in_memory,
             config_notifier: parking_lot::Mutex::new(None),
-            active: parking_lot::Mutex::new(std::sync::Weak::new()),
-            departed: parking_lot::Mutex::new(std::sync::Weak::new()),
-            resizing: parking_lot::Mutex::new(()),
+            hold: queues.hold(),
             log: log.clone(),
         });
         BlkDevice {
@@ -345,12 +305,7 @@ impl BlkDevice {
             opts,
             config,
             backend,
-            memory,
-            tenant: engine.new_tenant(),
-            engine,
-            active: None,
-            departed: None,
-            fenced: false,
+            queues,
             acked: 0,
             write_through: Arc::new(AtomicBool::new(true)),
         }
@@ -437,18 +392,6 @@ impl VirtioDevice for BlkDevice {
         irq: VirtioInterrupt,
         polled: bool,
     ) {
-        // A resize under way holds the queues it found; new ones wait for
-        // it to end, so that none runs against the old size.
-        let shared = self.shared.clone();
-        let _no_resize = shared.resizing.lock();
-        if let Some(a) = self.active.take() {
-            a.stop();
-        }
-        // A client that left may have left writes in the backend: none may
-        // land after a write of this activation.
-        if let Some(old) = self.departed.take() {
-            old.wait_mutations();
-        }
         self.acked = low32(features);
         self.shared.features.store(features, Ordering::Relaxed);
         self.shared.running.store(true, Ordering::Relaxed);
@@ -492,31 +435,23 @@ impl VirtioDevice for BlkDevice {
             },
             feature_names(features).join(" "),
         );
-        let active = Arc::new(self.engine.activate(Activation {
-            log: self.log.clone(),
+        // A resize under way holds the queues it found; these start once
+        // it has ended, so that none runs against the old size.
+        self.queues.start(Start {
             handler: ctx,
-            memory: self.memory.clone(),
             queues,
-            stats: self.shared.stats.clone(),
+            irq,
             event_idx: self.acked & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
             polled,
-            irq,
-            tenant: self.tenant,
-        }));
-        *self.shared.active.lock() = Arc::downgrade(&active);
-        self.active = Some(active);
+        });
     }
 
     fn notify(&mut self, index: u16) {
-        if let Some(a) = &self.active {
-            a.notify(index);
-        }
+        self.queues.notify(index);
     }
 
     fn reset(&mut self) {
-        if let Some(a) = self.active.take() {
-            a.stop();
-        }
+        self.queues.stop();
         self.acked = 0;
         self.shared.features.store(0, Ordering::Relaxed);
         self.shared.running.store(false, Ordering::Relaxed);
@@ -525,57 +460,20 @@ impl VirtioDevice for BlkDevice {
     }
 
     fn abandon(&mut self) {
-        if let Some(a) = self.active.take() {
-            a.abandon();
-            // (Any earlier departed activation was waited for when this
-            // one started.)
-            *self.shared.departed.lock() = Arc::downgrade(&a);
-            self.departed = Some(a);
-        }
-        let (mut req, mut rd, mut wr, mut err) = (0, 0, 0, 0);
-        for q in &self.shared.stats {
-            req += q.requests.iter().map(QueueStats::get).sum::<u64>();
-            rd += QueueStats::get(&q.bytes_read);
-            wr += QueueStats::get(&q.bytes_written);
-            err += q.errors.iter().map(QueueStats::get).sum::<u64>();
-        }
-        crate::dev_log!(
-            self.log,
-            Info,
-            "client gone; since start {req} request(s), {rd} byte(s) read, {wr} written, \
-             {err} error(s)"
-        );
+        self.queues.abandon();
         self.shared.running.store(false, Ordering::Relaxed);
     }
 
     fn quiesce(&mut self, range: Option<DmaRange>) {
-        let Some(a) = &self.active else { return };
-        self.fenced = range.is_some();
-        match range {
-            Some(r) if r.host_len > 0 => a.fence(Fence {
-                guest: (r.iova, r.iova.saturating_add(r.size)),
-                host: (r.host, r.host.saturating_add(r.host_len)),
-            }),
-            // A window the device could never reach: nothing uses it.
-            Some(_) => {}
-            None => a.pause_all(),
-        }
+        self.queues.quiesce(range);
     }
 
     fn resume(&mut self) {
-        if let Some(a) = &self.active {
-            if self.fenced {
-                a.lift_fence();
-            } else {
-                a.resume();
-            }
-        }
+        self.queues.resume();
     }
 
     fn memory_added(&mut self) {
-        if let Some(a) = &self.active {
-            a.wake_all();
-        }
+        self.queues.memory_added();
     }
 
     fn features_written(&mut self, features: u64) {

@@ -17,6 +17,7 @@
 //! few seconds. QEMU stops waiting for a reply after 5 s and reports the
 //! failed access; the device never writes into memory the client took back.
 
+mod device;
 mod pool;
 mod queue;
 mod reactor;
@@ -39,6 +40,7 @@ use crate::memory::GuestMemoryHandle;
 use crate::util::DeviceLog;
 use crate::virtio::ring::{ChainError, RingError};
 use crate::virtio::{QueueConfig, VirtioInterrupt};
+pub use device::{Change, DeviceQueues, HoldError, Paused, QueueHold, Start};
 use pool::Pool;
 pub use reactor::Fence;
 use reactor::{Msg, Reactor, ReactorTx, Waker};

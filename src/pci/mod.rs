@@ -21,7 +21,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_REGION_INFO_FLAG_WRITE,
 };
 
-use crate::vfio_user::{Device, DmaRange, Errno, IrqInfo, IrqSet, RegionInfo, RegionMmap};
+use crate::memory::DmaRange;
+use crate::vfio_user::{Device, Errno, IrqInfo, IrqSet, RegionInfo, RegionMmap};
 use config::{BarKind, ConfigLayout, ConfigSpace, MsixCap, CONFIG_SIZE};
 pub use config::{CapWindow, VendorCap};
 pub use irq::Interrupts;

@@ -328,11 +328,11 @@ impl DmaTable {
 
     /// The window `iova + size` exactly, if there is one, with where it is
     /// mapped here.
-    pub fn find(&self, iova: u64, size: u64) -> Option<super::DmaRange> {
+    pub fn find(&self, iova: u64, size: u64) -> Option<crate::memory::DmaRange> {
         self.windows
             .iter()
             .find(|w| w.iova == iova && w.size == size)
-            .map(|w| super::DmaRange {
+            .map(|w| crate::memory::DmaRange {
                 iova,
                 size,
                 host: w.region.as_ref().map_or(0, |r| r.as_ptr() as usize),

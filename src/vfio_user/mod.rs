@@ -21,16 +21,6 @@ pub use socket::{MemTransport, Transport};
 /// A UNIX errno sent back in an error reply. Never zero.
 pub type Errno = i32;
 
-/// A DMA window about to be unmapped: its guest range, and where it is
-/// mapped in this process (empty when it never was: no descriptor).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DmaRange {
-    pub iova: u64,
-    pub size: u64,
-    pub host: usize,
-    pub host_len: usize,
-}
-
 /// What DEVICE_GET_REGION_INFO reports for one index. A size of 0 means the
 /// region is absent (and is still answered successfully).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -109,7 +99,7 @@ pub trait Device: Send {
     fn reset(&mut self);
     /// The DMA table is about to lose `range` (None: every window): stop
     /// every use of that memory and wait for in-flight work on it.
-    fn quiesce(&mut self, range: Option<DmaRange>);
+    fn quiesce(&mut self, range: Option<crate::memory::DmaRange>);
     /// Guest memory may be used again.
     fn resume(&mut self);
     /// A DMA window was added: whatever waits for guest memory to appear

@@ -251,7 +251,7 @@ pub trait VirtioDevice: Send {
     fn abandon(&mut self);
     /// Pause guest-memory access to `range` (None: all of it) and wait for
     /// in-flight requests that use it.
-    fn quiesce(&mut self, range: Option<crate::vfio_user::DmaRange>);
+    fn quiesce(&mut self, range: Option<crate::memory::DmaRange>);
     fn resume(&mut self);
     /// Guest memory grew: queues waiting for their rings look again.
     fn memory_added(&mut self);

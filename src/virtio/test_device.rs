@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use super::transport::{NotifyMode, PciTransport};
 use super::{QueueConfig, VirtioDevice, VirtioInterrupt};
+use crate::memory::DmaRange;
 use crate::pci::Interrupts;
-use crate::vfio_user::DmaRange;
 
 pub type Activations = Arc<Mutex<Vec<(u64, Vec<Option<QueueConfig>>)>>>;
 

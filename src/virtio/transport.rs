@@ -22,8 +22,8 @@ use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_
 use super::legacy::{self, legacy_ring_layout, QUEUE_PFN_SHIFT};
 use super::modern;
 use super::{ConfigNotifier, ConfigState, QueueConfig, VirtioDevice, VirtioInterrupt, NO_VECTOR};
+use crate::memory::DmaRange;
 use crate::pci::{BarLogic, Interrupts, MemBar, VendorCap};
-use crate::vfio_user::DmaRange;
 
 // The status register is 8 bits wide; the bindings spell its bits as u32.
 #[allow(clippy::cast_possible_truncation)]
