@@ -18,7 +18,7 @@
 //! keeps its default action and ends the process.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 
 use vm_memory::{
     GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
@@ -68,7 +68,8 @@ impl GuestIov {
     /// any time (a shared mapping of guest RAM, or a buffer the caller
     /// owns), and it must stay mapped for as long as this value or any copy
     /// of it is used: whoever makes one keeps the mapping alive past the
-    /// last I/O on it (a job holds the guest-memory snapshot it came from).
+    /// last I/O on it (a [`GuestBuffers`] holds the guest-memory snapshot
+    /// its buffers came from).
     pub unsafe fn new(ptr: *mut u8, len: usize) -> GuestIov {
         GuestIov { ptr, len }
     }
@@ -160,23 +161,91 @@ pub fn advance_iovecs(iovs: &mut Vec<libc::iovec>, mut n: usize) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unmapped;
 
-/// Appends host iovecs for guest range `addr .. addr + len` (which may span
-/// several windows). Fails on the first byte that is not mapped.
-pub fn push_iovecs(
-    mem: &GuestMemoryMmap,
-    addr: u64,
-    len: usize,
-    out: &mut Vec<GuestIov>,
-) -> Result<(), Unmapped> {
-    for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len) {
-        let slice = slice.map_err(|_| Unmapped)?;
-        // SAFETY: the slice is inside a region of `mem`, a shared mapping of
-        // guest RAM. The callers hold the `Arc` of this snapshot for as long
-        // as the iovecs are used (the job that carries them owns a clone),
-        // so the mapping outlives the I/O.
-        out.push(unsafe { GuestIov::new(slice.ptr_guard_mut().as_ptr(), slice.len()) });
+/// A request's buffers in guest memory, and the snapshot of guest memory
+/// they were found in. The list holds that snapshot, so its windows stay
+/// mapped for as long as a buffer of the list may be used, wherever the
+/// request travels (the io_uring, a pool thread): no buffer outlives what
+/// it points into. Reused from request to request without allocating.
+#[derive(Debug, Default)]
+pub struct GuestBuffers {
+    mem: Option<Arc<GuestMemoryMmap>>,
+    iov: Vec<GuestIov>,
+}
+
+impl GuestBuffers {
+    pub fn with_capacity(n: usize) -> GuestBuffers {
+        GuestBuffers {
+            mem: None,
+            iov: Vec::with_capacity(n),
+        }
     }
-    Ok(())
+
+    /// A new request from `mem`: no buffers yet, and `mem` held.
+    pub fn begin(&mut self, mem: &Arc<GuestMemoryMmap>) {
+        self.iov.clear();
+        self.mem = Some(mem.clone());
+    }
+
+    /// The request is over: the list empties and hands its snapshot back.
+    pub fn end(&mut self) -> Option<Arc<GuestMemoryMmap>> {
+        self.iov.clear();
+        self.mem.take()
+    }
+
+    /// Forgets the buffers, keeping the snapshot.
+    pub fn clear(&mut self) {
+        self.iov.clear();
+    }
+
+    /// The snapshot the buffers lie in.
+    pub fn memory(&self) -> Option<&Arc<GuestMemoryMmap>> {
+        self.mem.as_ref()
+    }
+
+    /// Appends the host buffers of guest range `addr .. addr + len` (which
+    /// may span several windows) in `mem`. Fails on the first byte that is
+    /// not mapped, and when the list already holds another snapshot (one
+    /// request's buffers come from one).
+    pub fn push(
+        &mut self,
+        mem: &Arc<GuestMemoryMmap>,
+        addr: u64,
+        len: usize,
+    ) -> Result<(), Unmapped> {
+        match &self.mem {
+            Some(m) if !Arc::ptr_eq(m, mem) => return Err(Unmapped),
+            Some(_) => {}
+            None => self.mem = Some(mem.clone()),
+        }
+        for slice in GuestMemoryBackend::get_slices(&**mem, GuestAddress(addr), len) {
+            let slice = slice.map_err(|_| Unmapped)?;
+            // SAFETY: the slice is inside a region of `mem`, a shared
+            // mapping of guest RAM, and this list holds `mem` until `end`
+            // or its own drop, after the last use of its buffers.
+            self.iov
+                .push(unsafe { GuestIov::new(slice.ptr_guard_mut().as_ptr(), slice.len()) });
+        }
+        Ok(())
+    }
+
+    /// Appends a buffer the caller owns (tests and internal requests).
+    ///
+    /// # Safety
+    ///
+    /// As [`GuestIov::new`]: the caller keeps the buffer alive and
+    /// unmoved past the last use of the list.
+    pub unsafe fn push_own(&mut self, buf: &mut [u8]) {
+        // SAFETY: the caller's promise.
+        self.iov
+            .push(unsafe { GuestIov::new(buf.as_mut_ptr(), buf.len()) });
+    }
+}
+
+impl std::ops::Deref for GuestBuffers {
+    type Target = [GuestIov];
+    fn deref(&self) -> &[GuestIov] {
+        &self.iov
+    }
 }
 
 /// Appends the part `from .. from + len` of the buffers `iov` (a request's
@@ -418,6 +487,33 @@ pub fn install_sigbus_guard() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffers_hold_the_memory_they_point_into() {
+        let two = [(GuestAddress(0), 0x2000), (GuestAddress(0x2000), 0x1000)];
+        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&two).unwrap());
+        let mut b = GuestBuffers::default();
+        // Across two regions: two buffers.
+        assert_eq!(b.push(&mem, 0x1800, 0x1000), Ok(()));
+        assert_eq!(
+            b.iter().map(GuestIov::len).collect::<Vec<_>>(),
+            [0x800, 0x800]
+        );
+        // The list keeps the snapshot mapped after its owner lets go.
+        let weak = Arc::downgrade(&mem);
+        drop(mem);
+        assert!(weak.upgrade().is_some());
+        // One request's buffers come from one snapshot.
+        let other = Arc::new(GuestMemoryMmap::<()>::from_ranges(&two).unwrap());
+        assert_eq!(b.push(&other, 0, 16), Err(Unmapped));
+        // Past the end of guest memory.
+        let mut c = GuestBuffers::default();
+        assert_eq!(c.push(&other, 0x2f00, 0x200), Err(Unmapped));
+        // The request ends: the snapshot goes back, and with it the mapping.
+        assert!(b.end().is_some());
+        assert!(b.is_empty() && b.memory().is_none());
+        assert!(weak.upgrade().is_none());
+    }
 
     #[test]
     fn volatile_copies_stay_inside_the_buffer() {

@@ -35,7 +35,8 @@ struct Input {
 }
 
 fuzz_target!(|inp: Input| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mem =
+        std::sync::Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap());
     let n = inp.memory.len().min(MEM);
     mem.write_slice(&inp.memory[..n], GuestAddress(0)).unwrap();
     let size = 1u16 << (inp.size_log2 % 9);
@@ -66,7 +67,7 @@ fuzz_target!(|inp: Input| {
         inp.readonly,
     );
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
-    let Ok(iter) = q.iter(&mem) else { return };
+    let Ok(iter) = q.iter(&*mem) else { return };
     for chain in iter.take(usize::from(size)) {
         let Ok(c) = walk(chain, size, limits) else {
             break;
@@ -77,7 +78,7 @@ fuzz_target!(|inp: Input| {
         match ctx.plan(&mem, &c, &mut io) {
             Ok(Plan::Io { .. }) => {
                 let mut sum = 0usize;
-                for v in &io.iov {
+                for v in io.iov.iter() {
                     assert!(
                         v.addr() >= host && v.addr() + v.len() <= host + MEM,
                         "iovec outside guest memory"

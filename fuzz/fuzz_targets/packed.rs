@@ -37,7 +37,8 @@ struct Input {
 }
 
 fuzz_target!(|inp: Input| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mem =
+        std::sync::Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap());
     let n = inp.memory.len().min(MEM);
     mem.write_slice(&inp.memory[..n], GuestAddress(0)).unwrap();
     let size = inp.size % 300;
@@ -87,7 +88,7 @@ fuzz_target!(|inp: Input| {
         assert!(c.readable.len() + c.writable.len() <= limits.max_descs);
         let mut io = IoRequest::default();
         if let Ok(Plan::Io { .. }) = ctx.plan(&mem, &c, &mut io) {
-            for v in &io.iov {
+            for v in io.iov.iter() {
                 assert!(
                     v.addr() >= host && v.addr() + v.len() <= host + MEM,
                     "iovec outside guest memory"

@@ -7,7 +7,7 @@
 use std::io;
 
 use super::io::{Backend, GuestIov};
-use crate::memory::sub_iovecs;
+use crate::memory::{sub_iovecs, GuestBuffers};
 
 /// Most bytes of a read or write one step moves (see [`IoRequest::step`]).
 pub const STEP_RW: usize = 2 << 20;
@@ -45,7 +45,8 @@ pub struct IoRequest {
     /// Writes: durable before they complete (write-through cache).
     pub sync: bool,
     pub unmap: bool,
-    pub iov: Vec<GuestIov>,
+    /// The buffers, with the guest memory they lie in (held mapped).
+    pub iov: GuestBuffers,
     pub ranges: Vec<(u64, u64)>,
 }
 

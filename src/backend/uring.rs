@@ -277,7 +277,7 @@ pub fn available() -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::io::{Backend, FileBackend, GuestIov};
+    use crate::backend::io::{Backend, FileBackend};
     use std::os::unix::fs::FileExt;
 
     #[test]
@@ -296,8 +296,7 @@ mod tests {
         w.reset(IoKind::Write);
         w.offset = 8192;
         // SAFETY: `data` outlives the request, which completes below.
-        w.iov
-            .push(unsafe { GuestIov::new(data.as_mut_ptr(), data.len()) });
+        unsafe { w.iov.push_own(&mut data) };
         // Buffered writes go to the thread pool; the ring can still run one.
         assert!(!Uring::accepts(&t, &w));
         // SAFETY: `w` and `data` stay untouched until reaped below.

@@ -115,7 +115,7 @@ impl BlkContext {
     /// touches the backend; every check on guest input happens here.
     pub fn plan(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &Arc<GuestMemoryMmap>,
         c: &Chain,
         io: &mut IoRequest,
     ) -> Result<Plan, RequestError> {
@@ -130,7 +130,7 @@ impl BlkContext {
     fn plan_header(
         &self,
         h: Header,
-        mem: &GuestMemoryMmap,
+        mem: &Arc<GuestMemoryMmap>,
         c: &Chain,
         io: &mut IoRequest,
     ) -> Result<Plan, RequestError> {
@@ -265,7 +265,7 @@ impl RequestHandler for BlkContext {
 
     fn prepare(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &Arc<GuestMemoryMmap>,
         chain: crate::virtio::ring::RingChain<'_>,
         req: &mut BlkReq,
         io: &mut IoRequest,
@@ -494,7 +494,8 @@ mod tests {
 
     #[test]
     fn write_through_flushes_every_write_and_writeback_does_not() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
         let c = write_chain(&mem);
         for (wt, flushes) in [(true, 1), (false, 0)] {
             let be = Arc::new(Counting::default());
@@ -537,7 +538,8 @@ mod tests {
 
     #[test]
     fn bad_requests_get_their_status() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
         let be = Arc::new(Counting::default());
         let ctx = ctx(be, false);
         // Header shorter than 16 bytes.

@@ -7,11 +7,12 @@
 //! a bad request (answered with a status byte, the queue goes on).
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::memory::{push_iovecs, GuestIov};
+use crate::memory::GuestBuffers;
 use crate::virtio::ring::{Desc, DescSource};
 
 pub const SECTOR_SHIFT: u32 = 9;
@@ -295,10 +296,10 @@ pub fn scatter(mem: &GuestMemoryMmap, segs: &[Seg], data: &[u8]) -> Result<usize
 /// Host iovecs for the segments, skipping the first `skip` bytes. A segment
 /// may span two DMA windows and becomes two iovecs then.
 pub fn iovecs(
-    mem: &GuestMemoryMmap,
+    mem: &Arc<GuestMemoryMmap>,
     segs: &[Seg],
     mut skip: u64,
-    out: &mut Vec<GuestIov>,
+    out: &mut GuestBuffers,
 ) -> Result<(), RequestError> {
     for s in segs {
         let len = u64::from(s.len);
@@ -321,7 +322,7 @@ pub fn iovecs(
         let count = usize::try_from(n).map_err(|_| outside.clone())?;
         // This fails on the first byte that is not mapped, so it is also
         // the range check.
-        push_iovecs(mem, addr, count, out).map_err(|_| outside.clone())?;
+        out.push(mem, addr, count).map_err(|_| outside.clone())?;
     }
     Ok(())
 }

@@ -102,7 +102,7 @@ pub trait RequestHandler: Send + Sync + 'static {
     /// `io`, an answer without I/O, or a ring that is unusable.
     fn prepare(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &Arc<GuestMemoryMmap>,
         chain: crate::virtio::ring::RingChain<'_>,
         req: &mut Self::Req,
         io: &mut IoRequest,

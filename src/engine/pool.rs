@@ -29,7 +29,6 @@ use std::time::Duration;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use log::{debug, error};
 use parking_lot::Mutex;
-use vm_memory::GuestMemoryMmap;
 
 use super::reactor::{Msg, ReactorTx};
 use crate::backend::io::{Backend, GuestIov};
@@ -40,10 +39,9 @@ const IDLE_EXIT: Duration = Duration::from_secs(10);
 
 /// A backend operation on its way to a worker, and back.
 pub(crate) struct Job {
+    /// Its buffers hold the guest memory they point into mapped.
     pub io: IoRequest,
     pub backend: Arc<dyn Backend>,
-    /// Keeps the guest memory the iovecs point into mapped.
-    pub mem: Arc<GuestMemoryMmap>,
     pub queue: u64,
     pub slot: u16,
     pub reply: ReactorTx,
@@ -345,7 +343,6 @@ fn worker(s: &Arc<Shared>) {
                 };
                 let Job {
                     io,
-                    mem,
                     queue,
                     slot,
                     reply,
@@ -353,7 +350,6 @@ fn worker(s: &Arc<Shared>) {
                     cpu_bound,
                     ..
                 } = job;
-                drop(mem);
                 reply.send(Msg::PoolDone(Done {
                     queue,
                     slot,
@@ -396,7 +392,6 @@ mod tests {
     use crate::engine::reactor::Waker;
     use crossbeam_channel::{unbounded, Receiver};
     use std::time::Instant;
-    use vm_memory::GuestAddress;
 
     fn reply() -> (ReactorTx, Receiver<Msg>) {
         let (tx, rx) = unbounded();
@@ -409,15 +404,10 @@ mod tests {
         )
     }
 
-    fn mem() -> Arc<GuestMemoryMmap> {
-        Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4096)]).unwrap())
-    }
-
     fn job(tenant: u64, slot: u16, io: IoRequest, be: Arc<dyn Backend>, r: &ReactorTx) -> Job {
         Job {
             io,
             backend: be,
-            mem: mem(),
             queue: tenant,
             slot,
             reply: r.clone(),

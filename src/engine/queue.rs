@@ -25,7 +25,7 @@ use super::{Finish, Mutations, Prepared, QueueFault, QueueStats, RequestHandler}
 use crate::backend::io::{Backend, UringTarget};
 use crate::backend::request::{IoKind, IoRequest};
 use crate::backend::uring::Uring;
-use crate::memory::GuestMemoryHandle;
+use crate::memory::{GuestBuffers, GuestMemoryHandle};
 use crate::virtio::ring::{ChainError, DescSource, DeviceRing};
 use crate::virtio::VirtioInterrupt;
 
@@ -53,10 +53,9 @@ enum At {
 struct Slot<R> {
     at: At,
     req: R,
+    /// The backend work, with the guest memory the request was popped
+    /// from (its buffers hold that snapshot, and so its windows, mapped).
     io: IoRequest,
-    /// The guest memory the request was popped from: keeps its windows
-    /// mapped while the backend works on them.
-    mem: Option<Arc<GuestMemoryMmap>>,
     /// While the request is at the pool (its iovecs travel with it): the
     /// host span they cover, for unmap decisions.
     span: (usize, usize),
@@ -140,11 +139,10 @@ impl<H: RequestHandler> QueueState<H> {
                 at: At::Free,
                 req: H::Req::default(),
                 io: IoRequest {
-                    iov: Vec::with_capacity(handler.max_segments()),
+                    iov: GuestBuffers::with_capacity(handler.max_segments()),
                     ranges: Vec::with_capacity(handler.max_ranges()),
                     ..IoRequest::default()
                 },
-                mem: None,
                 span: (0, 0),
                 start: Instant::now(),
                 mutates: false,
@@ -249,7 +247,7 @@ impl<H: RequestHandler> QueueState<H> {
         self.in_flight -= 1;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.stats.latency.record(s.start.elapsed());
-        let Some(mem) = s.mem.take() else { return };
+        let Some(mem) = s.io.iov.end() else { return };
         if self.withdrawn || self.broken.is_some() {
             // The activation is over (or the ring is unusable): nothing is
             // written for it any more.
@@ -276,7 +274,7 @@ impl<H: RequestHandler> QueueState<H> {
     fn put_back(&mut self, head: u16) {
         let s = &mut self.slots[usize::from(head)];
         s.at = At::Free;
-        s.mem = None;
+        s.io.iov.end();
         self.in_flight -= 1;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.queue.undo_pop();
@@ -301,7 +299,9 @@ impl<H: RequestHandler> QueueState<H> {
     fn send_to_pool(&mut self, slot: u16, cx: &mut Cx) {
         self.leaves(slot);
         let s = &mut self.slots[usize::from(slot)];
-        let Some(mem) = s.mem.clone() else { return };
+        if s.io.iov.memory().is_none() {
+            return;
+        }
         s.at = At::Pool;
         s.span = s.io.iov.iter().fold((usize::MAX, 0), |(lo, hi), v| {
             (lo.min(v.addr()), hi.max(v.addr() + v.len()))
@@ -318,7 +318,6 @@ impl<H: RequestHandler> QueueState<H> {
         cx.pool.submit(Job {
             io: std::mem::take(&mut s.io),
             backend: self.backend.clone(),
-            mem,
             queue: self.id,
             slot,
             reply: cx.me.clone(),
@@ -352,8 +351,8 @@ impl<H: RequestHandler> QueueState<H> {
                 let user_data = (self.id << 16) | u64::from(slot);
                 // SAFETY: the request stays in its slot, untouched, until
                 // its completion is reaped (`at` is Uring until then), and
-                // the slot holds the guest-memory snapshot its iovecs
-                // point into.
+                // its buffers hold the guest-memory snapshot they point
+                // into.
                 if unsafe { u.push(&t, &s.io, user_data) } {
                     u.charge(self.tenant, len);
                     s.at = At::Uring;
@@ -483,14 +482,14 @@ impl<H: RequestHandler> QueueState<H> {
             return Taken::Stop;
         }
         s.at = At::Reactor;
-        s.mem = Some(mem.clone());
+        s.io.iov.begin(mem);
         s.start = Instant::now();
         self.in_flight += 1;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let prepared = self.handler.prepare(mem, chain, &mut s.req, &mut s.io);
         if let Prepared::Broken(why) = prepared {
             s.at = At::Free;
-            s.mem = None;
+            s.io.iov.end();
             self.in_flight -= 1;
             self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.break_queue(why.into());
