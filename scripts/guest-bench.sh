@@ -55,12 +55,7 @@ W=$(mktemp -d "$ROOT/tmp/vub-gbench.XXXXXX")
 GW=/tmp/$(basename "$W") # the same folder, seen from inside the root
 cleanup() {
     local rc=$?
-    # Only our background jobs still running: a PID reaped earlier may
-    # belong to another process by now.
-    local live
-    live=$(jobs -p)
-    for p in $live; do kill "$p" 2>/dev/null || true; done
-    for p in $live; do wait "$p" 2>/dev/null || true; done
+    stop_background_jobs
     umount_root_fs "$ROOT"
     rm -rf "$W"
     exit $rc

@@ -1,4 +1,4 @@
-# Sourced by qemu-e2e.sh: build (or reuse) a Debian trixie root with QEMU
+# Sourced by qemu-e2e.sh and guest-bench.sh: build (or reuse) a Debian trixie root with QEMU
 # 10.1+ from trixie-backports and a stock kernel. Only distribution
 # packages are downloaded.
 
@@ -75,4 +75,14 @@ umount_root_fs() {
     for d in sys proc dev; do
         mountpoint -q "$root/$d" && umount -R "$root/$d" 2>/dev/null || umount -l "$root/$d" 2>/dev/null || true
     done
+}
+
+# Ends the background jobs of the calling shell that are still running, by
+# their PIDs (never by name), and reaps them: only jobs still running, since a
+# PID reaped earlier may belong to another process by now. For EXIT traps.
+stop_background_jobs() {
+    local live p
+    live=$(jobs -p)
+    for p in $live; do kill "$p" 2>/dev/null || true; done
+    for p in $live; do wait "$p" 2>/dev/null || true; done
 }

@@ -30,12 +30,7 @@ WORK=$(mktemp -d /tmp/vub-e2e.XXXXXX)
 ROOT_MOUNTED=""
 cleanup() {
     local rc=$?
-    # Only our background jobs still running: a PID reaped earlier may
-    # belong to another process by now.
-    local live
-    live=$(jobs -p)
-    for p in $live; do kill "$p" 2>/dev/null || true; done
-    for p in $live; do wait "$p" 2>/dev/null || true; done
+    stop_background_jobs
     # A boot image interrupted while it was being built.
     [ -n "${BOOT_MNT:-}" ] && { umount "$BOOT_MNT" 2>/dev/null || true; }
     [ -n "${BOOT_LOOP:-}" ] && { losetup -d "$BOOT_LOOP" 2>/dev/null || true; }

@@ -198,15 +198,13 @@ fn discard_punches_holes_and_write_zeroes_zeroes() {
     // Discard 64 KiB at 64 KiB, and write zeroes (unmap) plus zeroes (keep).
     let mut segs = dwz_segment(128, 128, 0);
     segs.extend(dwz_segment(384, 8, 0));
-    assert_eq!(d.simple(0, T_DISCARD, 0, segs, 0).0, S_OK);
-    assert_eq!(
-        d.simple(0, T_WRITE_ZEROES, 0, dwz_segment(256, 16, 1), 0).0,
-        S_OK
-    );
-    assert_eq!(
-        d.simple(0, T_WRITE_ZEROES, 0, dwz_segment(300, 4, 0), 0).0,
-        S_OK
-    );
+    for (kind, payload) in [
+        (T_DISCARD, segs),
+        (T_WRITE_ZEROES, dwz_segment(256, 16, 1)),
+        (T_WRITE_ZEROES, dwz_segment(300, 4, 0)),
+    ] {
+        assert_eq!(d.simple(0, kind, 0, payload, 0).0, S_OK);
+    }
     let img = image_bytes(&s.img, 0, data.len());
     let mut want = data.clone();
     for (sec, n) in [(128usize, 128usize), (384, 8), (256, 16), (300, 4)] {
@@ -224,26 +222,17 @@ fn discard_punches_holes_and_write_zeroes_zeroes() {
     );
     // Bad payloads: more sectors than max_discard_sectors, more segments
     // than max_discard_seg, unknown flags, past the end, ragged segment list.
-    assert_eq!(
-        d.simple(0, T_DISCARD, 0, dwz_segment(0, (1 << 22) + 1, 0), 0)
-            .0,
-        S_UNSUPP
-    );
     let many: Vec<u8> = (0..33).flat_map(|i| dwz_segment(8 * i, 8, 0)).collect();
-    assert_eq!(d.simple(0, T_WRITE_ZEROES, 0, many, 0).0, S_UNSUPP);
-    assert_eq!(
-        d.simple(0, T_DISCARD, 0, dwz_segment(0, 8, 1), 0).0,
-        S_UNSUPP
-    );
-    assert_eq!(
-        d.simple(0, T_WRITE_ZEROES, 0, dwz_segment(0, 8, 2), 0).0,
-        S_UNSUPP
-    );
-    assert_eq!(
-        d.simple(0, T_DISCARD, 0, dwz_segment(8192, 8, 0), 0).0,
-        S_IOERR
-    );
-    assert_eq!(d.simple(0, T_DISCARD, 0, vec![0u8; 10], 0).0, S_UNSUPP);
+    for (kind, payload, want) in [
+        (T_DISCARD, dwz_segment(0, (1 << 22) + 1, 0), S_UNSUPP),
+        (T_WRITE_ZEROES, many, S_UNSUPP),
+        (T_DISCARD, dwz_segment(0, 8, 1), S_UNSUPP),
+        (T_WRITE_ZEROES, dwz_segment(0, 8, 2), S_UNSUPP),
+        (T_DISCARD, dwz_segment(8192, 8, 0), S_IOERR),
+        (T_DISCARD, vec![0u8; 10], S_UNSUPP),
+    ] {
+        assert_eq!(d.simple(0, kind, 0, payload, 0).0, want, "type {kind}");
+    }
 }
 
 #[test]
@@ -251,14 +240,9 @@ fn discard_and_write_zeroes_can_be_turned_off() {
     let s = with_image(MB, &["--no-discard", "--no-write-zeroes"]);
     let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
     assert_eq!(d.features & (F_DISCARD | F_WRITE_ZEROES), 0);
-    assert_eq!(
-        d.simple(0, T_DISCARD, 0, dwz_segment(0, 8, 0), 0).0,
-        S_UNSUPP
-    );
-    assert_eq!(
-        d.simple(0, T_WRITE_ZEROES, 0, dwz_segment(0, 8, 0), 0).0,
-        S_UNSUPP
-    );
+    for kind in [T_DISCARD, T_WRITE_ZEROES] {
+        assert_eq!(d.simple(0, kind, 0, dwz_segment(0, 8, 0), 0).0, S_UNSUPP);
+    }
 }
 
 fn many_in_flight(d: &mut Driver, img: &std::path::Path, q: usize, n: usize, base_sector: u64) {

@@ -15,7 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::driver::*;
-use support::gate::{serve_on, stuck_read, Gate, Stuck};
+use support::gate::{gated, stuck_read, Stuck};
 use support::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vub_testkit::driver_ring::{Buf, SplitRing};
@@ -187,9 +187,11 @@ fn used_idx(mem: &GuestMemoryMmap, d_used: u64) -> u16 {
 /// clean.
 #[test]
 fn a_stuck_backend_holds_a_reset_and_its_late_completion_writes_nothing() {
-    let be = Gate::new(Stuck::Reads, 64);
-    let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "interrupt"]);
-    let mut d = Driver::new(&sock, DriverOptions::default());
+    let (be, _dir, mut d) = gated(
+        Stuck::Reads,
+        &["--poll-mode", "interrupt"],
+        DriverOptions::default(),
+    );
     let view = d.watch();
     let used = d.queues[0].used;
     let s = stuck_read(&mut d, 64);
@@ -226,9 +228,11 @@ fn a_stuck_backend_holds_a_reset_and_its_late_completion_writes_nothing() {
 /// client took back.
 #[test]
 fn a_stuck_backend_holds_an_unmap_and_nothing_writes_after_it() {
-    let be = Gate::new(Stuck::Reads, 64);
-    let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "busy"]);
-    let mut d = Driver::new(&sock, DriverOptions::default());
+    let (be, _dir, mut d) = gated(
+        Stuck::Reads,
+        &["--poll-mode", "busy"],
+        DriverOptions::default(),
+    );
     let view = d.watch();
     let s = stuck_read(&mut d, 64);
     be.wait_entered();
@@ -270,9 +274,11 @@ fn a_stuck_backend_holds_an_unmap_and_nothing_writes_after_it() {
 /// by the old request.
 #[test]
 fn a_stuck_backend_across_a_disconnect_leaves_the_next_client_untouched() {
-    let be = Gate::new(Stuck::Reads, 64);
-    let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "adaptive"]);
-    let mut d = Driver::new(&sock, DriverOptions::default());
+    let (be, dir, mut d) = gated(
+        Stuck::Reads,
+        &["--poll-mode", "adaptive"],
+        DriverOptions::default(),
+    );
     let view = d.watch();
     let used = d.queues[0].used;
     let s = stuck_read(&mut d, 64);
@@ -280,7 +286,7 @@ fn a_stuck_backend_across_a_disconnect_leaves_the_next_client_untouched() {
     drop(d);
     thread::sleep(Duration::from_millis(200));
     // The next client is served while the old request is still stuck.
-    let mut d2 = Driver::new(&sock, DriverOptions::default());
+    let mut d2 = Driver::new(&dir.path("s.sock"), DriverOptions::default());
     assert_eq!(d2.write(0, 16, &[4u8; 512]), S_OK);
     be.release();
     thread::sleep(Duration::from_millis(200));
@@ -301,14 +307,10 @@ fn a_stuck_backend_across_a_disconnect_leaves_the_next_client_untouched() {
 /// meanwhile queue 0 (rings and buffers in the lower window) keeps serving.
 #[test]
 fn unmap_pauses_only_the_queues_in_the_window() {
-    let be = Gate::new(Stuck::Reads, 64);
-    let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "busy", "--queues", "2"]);
-    let mut d = Driver::new(
-        &sock,
-        DriverOptions {
-            split_dma: true,
-            ..Default::default()
-        },
+    let (be, _dir, mut d) = gated(
+        Stuck::Reads,
+        &["--poll-mode", "busy", "--queues", "2"],
+        DriverOptions::split_dma(),
     );
     let half = d.ram_size / 2;
     // Queue 1's stuck read into the upper window.
@@ -399,14 +401,10 @@ fn unmap_pauses_only_the_queues_in_the_window() {
 /// upper window, which is answered only after the status was written.
 #[test]
 fn unmap_waits_for_a_request_whose_status_byte_is_in_the_window() {
-    let be = Gate::new(Stuck::Reads, 64);
-    let (_dir, sock) = serve_on(be.clone(), &["--poll-mode", "busy"]);
-    let mut d = Driver::new(
-        &sock,
-        DriverOptions {
-            split_dma: true,
-            ..Default::default()
-        },
+    let (be, _dir, mut d) = gated(
+        Stuck::Reads,
+        &["--poll-mode", "busy"],
+        DriverOptions::split_dma(),
     );
     let half = d.ram_size / 2;
     let h = d.header_buf(T_IN, 64);

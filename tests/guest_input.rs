@@ -140,13 +140,7 @@ fn short_header_and_addresses_outside_memory_answer_ioerr() {
 #[test]
 fn a_buffer_spanning_two_dma_windows_works() {
     let (mut srv, img) = server(4 * MB, &[]);
-    let mut d = Driver::new(
-        &srv.socket,
-        DriverOptions {
-            split_dma: true,
-            ..Default::default()
-        },
-    );
+    let mut d = Driver::new(&srv.socket, DriverOptions::split_dma());
     let half = d.ram_size / 2;
     let data = pattern(9, 8192);
     // Place the data buffer across the boundary between the two windows.

@@ -89,13 +89,7 @@ fn guest_memory_truncated_under_a_busy_poller_does_not_kill_the_server() {
     // The rings live in the first MiB; cut everything, rings included.
     d.ram.set_len(0).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    srv.assert_alive();
-    wait_until("the SIGBUS log line", || {
-        srv.log_text().contains("vanished")
-    });
-    d.ram.set_len(4 * MB).unwrap();
-    drop(d);
-    serves_again(&mut srv);
+    survived_the_cut(&mut srv, d);
 }
 
 /// Bug 1 with `--direct`: a misaligned guest buffer goes through the bounce
@@ -127,13 +121,7 @@ fn direct_bounce_from_truncated_guest_memory_does_not_kill_the_server() {
     d.force_kick(0);
     let used = d.wait_used(0, 1, Duration::from_secs(10));
     assert_eq!(used[0].0, s.head);
-    srv.assert_alive();
-    wait_until("the SIGBUS log line", || {
-        srv.log_text().contains("vanished")
-    });
-    d.ram.set_len(4 * MB).unwrap();
-    drop(d);
-    serves_again(&mut srv);
+    survived_the_cut(&mut srv, d);
 }
 
 /// Bug 2: a blocking eventfd whose counter is at its maximum wedged the
@@ -428,4 +416,17 @@ fn the_server_loop_runs_over_an_in_memory_transport() {
         38,
         "ENOSYS"
     );
+}
+
+/// After a client cut its guest memory short under the device: the server
+/// lives, says so in its log, and serves the next client once this one
+/// (memory grown back) has gone.
+fn survived_the_cut(srv: &mut ServerProcess, d: Driver) {
+    srv.assert_alive();
+    wait_until("the SIGBUS log line", || {
+        srv.log_text().contains("vanished")
+    });
+    d.ram.set_len(4 * MB).unwrap();
+    drop(d);
+    serves_again(srv);
 }

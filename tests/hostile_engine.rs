@@ -43,13 +43,7 @@ fn one_guest_cannot_starve_another_device_on_the_same_reactor() {
         ],
     );
     let mut d0 = Driver::new(&srv.socket, DriverOptions::default());
-    let mut d1 = Driver::new(
-        &b_sock,
-        DriverOptions {
-            split_dma: true,
-            ..Default::default()
-        },
-    );
+    let mut d1 = Driver::new(&b_sock, DriverOptions::split_dma());
     let t = Instant::now();
     assert_eq!(d1.read(0, 0, 512).0, S_OK);
     eprintln!("baseline device-1 read: {:?}", t.elapsed());
@@ -116,13 +110,7 @@ fn put_header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
 fn request_answered_without_io_never_writes_into_a_window_after_its_unmap_reply() {
     let _one = one_at_a_time();
     let srv = ServerProcess::start(&["--disk", "null:1G", "--poll-mode", "busy"]);
-    let mut d = Driver::new(
-        &srv.socket,
-        DriverOptions {
-            split_dma: true,
-            ..Default::default()
-        },
-    );
+    let mut d = Driver::new(&srv.socket, DriverOptions::split_dma());
     let half = d.ram_size / 2;
     let view = d.watch();
     let r = &d.queues[0];
@@ -242,13 +230,7 @@ fn rss_kb(pid: u32, key: &str) -> u64 {
 #[test]
 fn a_doorbell_flood_while_the_reactor_is_busy_costs_no_memory() {
     let _one = one_at_a_time();
-    let dir = TempDir::new("a3");
-    let b_sock = dir.path("b.sock");
-    let dev = format!("socket={},disk=ram:64M", b_sock.display());
-    let srv = ServerProcess::start_in(
-        dir,
-        &["--disk", "null:2G", "--pollers", "1", "--device", &dev],
-    );
+    let (srv, b_sock) = beside_a_ram_disk("a3", "null:2G");
     let mut d0 = Driver::new(&srv.socket, DriverOptions::default());
     // Device 1: activated over the raw protocol, one queue whose ring is
     // not mapped (no DMA at all): it sits on the reactor.
@@ -320,13 +302,7 @@ fn a_doorbell_flood_while_the_reactor_is_busy_costs_no_memory() {
 #[test]
 fn write_zeroes_on_a_memory_disk_does_not_stall_the_shared_reactor() {
     let _one = one_at_a_time();
-    let dir = TempDir::new("a4");
-    let b_sock = dir.path("b.sock");
-    let dev = format!("socket={},disk=ram:64M", b_sock.display());
-    let srv = ServerProcess::start_in(
-        dir,
-        &["--disk", "ram:64M", "--pollers", "1", "--device", &dev],
-    );
+    let (srv, b_sock) = beside_a_ram_disk("a4", "ram:64M");
     let mut d0 = Driver::new(&srv.socket, DriverOptions::default());
     let mut d1 = Driver::new(&b_sock, DriverOptions::default());
     assert!(d0.features & F_WRITE_ZEROES != 0);
@@ -524,4 +500,14 @@ fn euid() -> u32 {
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A server with one reactor and two devices on it: `disk` at the
+/// server's socket, and a 64 MiB memory disk at the socket returned.
+fn beside_a_ram_disk(tag: &str, disk: &str) -> (ServerProcess, std::path::PathBuf) {
+    let dir = TempDir::new(tag);
+    let b_sock = dir.path("b.sock");
+    let dev = format!("socket={},disk=ram:64M", b_sock.display());
+    let srv = ServerProcess::start_in(dir, &["--disk", disk, "--pollers", "1", "--device", &dev]);
+    (srv, b_sock)
 }

@@ -132,6 +132,20 @@ pub fn open_image(path: &Path, disk: Disk) -> Result<std::fs::File> {
 }
 
 impl RunResult {
+    /// A run of this process against a file (direct-*): its own CPU is
+    /// the device's, and there is no driver apart from it.
+    fn direct(ios: u64, bs: usize, secs: f64, hist: Histogram<u64>, cpu: f64, stolen: f64) -> Self {
+        RunResult {
+            ios,
+            bytes: ios * bs as u64,
+            secs,
+            hist,
+            device_cpu: cpu,
+            driver_cpu: 0.0,
+            stolen,
+        }
+    }
+
     pub fn iops(&self) -> f64 {
         self.ios as f64 / self.secs
     }
@@ -536,15 +550,7 @@ pub fn run_direct(
         ios += n;
         hist.add(h).context("merging histograms")?;
     }
-    Ok(RunResult {
-        ios,
-        bytes: ios * w.bs as u64,
-        secs,
-        hist,
-        device_cpu: cpu,
-        driver_cpu: 0.0,
-        stolen,
-    })
+    Ok(RunResult::direct(ios, w.bs, secs, hist, cpu, stolen))
 }
 
 /// Whether this process may use io_uring (it may be disabled by sysctl or
@@ -668,13 +674,5 @@ fn direct_uring(
         result = result.and(Err(anyhow::anyhow!(f)));
     }
     result?;
-    Ok(RunResult {
-        ios,
-        bytes: ios * w.bs as u64,
-        secs,
-        hist,
-        device_cpu: cpu,
-        driver_cpu: 0.0,
-        stolen,
-    })
+    Ok(RunResult::direct(ios, w.bs, secs, hist, cpu, stolen))
 }

@@ -356,22 +356,21 @@ impl Reactor {
             }
         });
         let mut gone = Vec::new();
-        self.leaving.retain(|id| {
-            let drained = queues
+        let drained = |id: u64| {
+            queues
                 .iter()
-                .find(|q| q.id() == *id)
-                .is_none_or(|q| q.in_flight() == 0);
+                .find(|q| q.id() == id)
+                .is_none_or(|q| q.in_flight() == 0)
+        };
+        self.leaving.retain(|id| {
+            let drained = drained(*id);
             if drained {
                 gone.push(*id);
             }
             !drained
         });
         self.withdraw_acks.retain(|(id, ack)| {
-            let drained = queues
-                .iter()
-                .find(|q| q.id() == *id)
-                .is_none_or(|q| q.in_flight() == 0);
-            if drained {
+            if drained(*id) {
                 gone.push(*id);
                 let _ = ack.send(());
                 false

@@ -73,9 +73,9 @@ pub struct CapWindow {
     pub data_at: usize,
 }
 
-/// Identity and layout of a function's config space.
-#[derive(Clone, Debug)]
-pub struct ConfigLayout {
+/// PCI identity of the function.
+#[derive(Clone, Copy, Debug)]
+pub struct Identity {
     pub vendor: u16,
     pub device: u16,
     pub subsys_vendor: u16,
@@ -83,6 +83,12 @@ pub struct ConfigLayout {
     pub revision: u8,
     /// class, subclass, prog-if
     pub class: [u8; 3],
+}
+
+/// Identity and layout of a function's config space.
+#[derive(Clone, Debug)]
+pub struct ConfigLayout {
+    pub id: Identity,
     pub int_pin: u8,
     /// (kind, size) for BAR0..BAR5, None where there is none (and after a
     /// 64-bit BAR); sizes are powers of two.
@@ -125,15 +131,16 @@ impl ConfigSpace {
             msix_offset: None,
             vendor_offsets: Vec::new(),
         };
-        c.put16(VENDOR_ID, l.vendor);
-        c.put16(DEVICE_ID, l.device);
-        c.data[REVISION] = l.revision;
-        c.data[CLASS_PROG] = l.class[2];
-        c.data[CLASS_PROG + 1] = l.class[1];
-        c.data[CLASS_PROG + 2] = l.class[0];
+        let id = &l.id;
+        c.put16(VENDOR_ID, id.vendor);
+        c.put16(DEVICE_ID, id.device);
+        c.data[REVISION] = id.revision;
+        c.data[CLASS_PROG] = id.class[2];
+        c.data[CLASS_PROG + 1] = id.class[1];
+        c.data[CLASS_PROG + 2] = id.class[0];
         c.data[HEADER_TYPE] = 0;
-        c.put16(SUBSYS_VENDOR, l.subsys_vendor);
-        c.put16(SUBSYS_ID, l.subsys_id);
+        c.put16(SUBSYS_VENDOR, id.subsys_vendor);
+        c.put16(SUBSYS_ID, id.subsys_id);
         c.data[INT_PIN] = l.int_pin;
         let cmd_mask = COMMAND_IO
             | COMMAND_MEMORY
@@ -310,12 +317,7 @@ mod tests {
 
     fn layout() -> ConfigLayout {
         ConfigLayout {
-            vendor: 0x1af4,
-            device: 0x1001,
-            subsys_vendor: 0x1af4,
-            subsys_id: 2,
-            revision: 0,
-            class: [0x01, 0x00, 0x00],
+            id: crate::device::VIRTIO_BLK_IDENTITY,
             int_pin: 1,
             bars: vec![
                 Some((BarKind::Io, 0x80)),

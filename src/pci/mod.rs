@@ -24,7 +24,7 @@ use vfio_bindings::bindings::vfio::{
 use crate::memory::DmaRange;
 use crate::vfio_user::{Device, Errno, IrqInfo, IrqSet, RegionInfo, RegionMmap};
 use config::{BarKind, ConfigLayout, ConfigSpace, MsixCap, CONFIG_SIZE};
-pub use config::{CapWindow, VendorCap};
+pub use config::{CapWindow, Identity, VendorCap};
 pub use irq::Interrupts;
 
 /// The memory BAR's index (BAR4; BAR5 holds its upper half).
@@ -84,17 +84,6 @@ pub const MSIX_CAP_OFFSET: usize = 0x40;
 /// Most vectors that fit the table in front of the PBA.
 pub const MAX_MSIX_VECTORS: u16 = 128;
 
-/// PCI identity of the function.
-#[derive(Clone, Copy, Debug)]
-pub struct Identity {
-    pub vendor: u16,
-    pub device: u16,
-    pub subsys_vendor: u16,
-    pub subsys_id: u16,
-    pub revision: u8,
-    pub class: [u8; 3],
-}
-
 pub struct PciFunction<B: BarLogic> {
     config: ConfigSpace,
     /// What serves the BARs: the I/O BAR0 and the memory BAR4.
@@ -116,12 +105,7 @@ impl<B: BarLogic> PciFunction<B> {
         let vectors = irqs.msix_vectors();
         assert!((1..=MAX_MSIX_VECTORS).contains(&vectors));
         let layout = ConfigLayout {
-            vendor: id.vendor,
-            device: id.device,
-            subsys_vendor: id.subsys_vendor,
-            subsys_id: id.subsys_id,
-            revision: id.revision,
-            class: id.class,
+            id,
             int_pin: 1,
             bars: {
                 let mut b = vec![
@@ -466,21 +450,9 @@ mod tests {
             self.access(MEM_BAR, offset, data.len(), true);
         }
         fn capabilities(&self) -> Vec<VendorCap> {
-            let mut bytes = vec![0u8; 20];
-            bytes[2] = 20;
-            let mut wmask = vec![0u8; 20];
-            wmask[4] = 0xff;
-            wmask[8..20].fill(0xff);
-            vec![VendorCap {
-                bytes,
-                wmask,
-                window: Some(CapWindow {
-                    bar_at: 4,
-                    offset_at: 8,
-                    length_at: 12,
-                    data_at: 16,
-                }),
-            }]
+            // The virtio PCI-config access window, alone.
+            let caps = crate::virtio::modern::capabilities(1, 0);
+            caps.into_iter().filter(|c| c.window.is_some()).collect()
         }
         fn reset(&mut self) {}
         fn disconnect(&mut self) {}
@@ -494,14 +466,7 @@ mod tests {
         let rec = Recorder::default();
         let log = rec.0.clone();
         let f = PciFunction::new(
-            Identity {
-                vendor: 0x1af4,
-                device: 0x1001,
-                subsys_vendor: 0x1af4,
-                subsys_id: 2,
-                revision: 0,
-                class: [1, 0, 0],
-            },
+            crate::device::VIRTIO_BLK_IDENTITY,
             rec,
             Arc::new(Interrupts::new(2, crate::util::DeviceLog::new("test"))),
         );

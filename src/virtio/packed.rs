@@ -22,20 +22,21 @@ use super::ring::{Desc, DescSource};
 
 /// Descriptor flags as the 16-bit field holds them (the bindings spell
 /// them as u32 bit values or bit numbers; all fit, checked at compile time).
-#[allow(clippy::cast_possible_truncation)]
-pub const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
-#[allow(clippy::cast_possible_truncation)]
-pub const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
-#[allow(clippy::cast_possible_truncation)]
-pub const F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+pub const F_NEXT: u16 = flag16(VRING_DESC_F_NEXT);
+pub const F_WRITE: u16 = flag16(VRING_DESC_F_WRITE);
+pub const F_INDIRECT: u16 = flag16(VRING_DESC_F_INDIRECT);
 pub const F_AVAIL: u16 = 1 << VRING_PACKED_DESC_F_AVAIL;
 pub const F_USED: u16 = 1 << VRING_PACKED_DESC_F_USED;
+pub const EVENT_ENABLE: u16 = flag16(VRING_PACKED_EVENT_FLAG_ENABLE);
+pub const EVENT_DISABLE: u16 = flag16(VRING_PACKED_EVENT_FLAG_DISABLE);
+pub const EVENT_DESC: u16 = flag16(VRING_PACKED_EVENT_FLAG_DESC);
+
+/// A binding's u32 value as the 16-bit field holds it (the assertion
+/// below checks at compile time that each fits).
 #[allow(clippy::cast_possible_truncation)]
-pub const EVENT_ENABLE: u16 = VRING_PACKED_EVENT_FLAG_ENABLE as u16;
-#[allow(clippy::cast_possible_truncation)]
-pub const EVENT_DISABLE: u16 = VRING_PACKED_EVENT_FLAG_DISABLE as u16;
-#[allow(clippy::cast_possible_truncation)]
-pub const EVENT_DESC: u16 = VRING_PACKED_EVENT_FLAG_DESC as u16;
+const fn flag16(v: u32) -> u16 {
+    v as u16
+}
 pub const EVENT_WRAP: u16 = 1 << VRING_PACKED_EVENT_F_WRAP_CTR;
 const _: () = assert!(
     VRING_DESC_F_NEXT < 0x10000

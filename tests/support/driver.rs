@@ -188,6 +188,16 @@ pub struct DriverOptions {
 /// VIRTIO_F_RING_PACKED, as a bit.
 pub const F_RING_PACKED: u64 = 1 << 34;
 
+impl DriverOptions {
+    /// Guest memory in two DMA windows (the lower and the upper half).
+    pub fn split_dma() -> DriverOptions {
+        DriverOptions {
+            split_dma: true,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for DriverOptions {
     fn default() -> Self {
         DriverOptions {

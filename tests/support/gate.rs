@@ -13,7 +13,7 @@ use std::thread;
 use clap::Parser;
 use vfio_user_blk::backend::io::{Backend, FileBackend, GuestIov};
 
-use super::driver::{Driver, Layout, Request, Submitted, T_IN};
+use super::driver::{Driver, DriverOptions, Request, Submitted};
 use super::{wait_until, TempDir};
 
 pub const SIZE: u64 = 8 << 20;
@@ -132,19 +132,19 @@ pub fn serve_on(backend: Arc<dyn Backend>, extra: &[&str]) -> (TempDir, PathBuf)
     (dir, sock)
 }
 
+/// A gate stuck on `stuck` at sector 64, a server in this process on it
+/// (with `extra` options), and a driver attached with `opts`.
+pub fn gated(stuck: Stuck, extra: &[&str], opts: DriverOptions) -> (Arc<Gate>, TempDir, Driver) {
+    let be = Gate::new(stuck, 64);
+    let (dir, sock) = serve_on(be.clone(), extra);
+    let d = Driver::new(&sock, opts);
+    (be, dir, d)
+}
+
 /// A 4 KiB read of `sector` on queue 0, made available and kicked: the
 /// one that gets stuck at a [`Stuck::Reads`] gate there.
 pub fn stuck_read(d: &mut Driver, sector: u64) -> Submitted {
-    let s = d.submit(
-        0,
-        &Request {
-            kind: T_IN,
-            sector,
-            out: vec![],
-            in_len: 4096,
-            layout: Layout::default(),
-        },
-    );
+    let s = d.submit(0, &Request::read(sector, 4096));
     d.force_kick(0);
     s
 }
