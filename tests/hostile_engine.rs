@@ -372,15 +372,7 @@ fn a_truncated_hugetlbfs_window_does_not_kill_the_server() {
     thread::sleep(Duration::from_millis(300));
     let st = srv.child.try_wait().unwrap();
     eprintln!("server after truncation + kick: {st:?}");
-    eprintln!(
-        "{}",
-        srv.log_text()
-            .lines()
-            .rev()
-            .take(5)
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    eprintln!("{}", srv.log_tail(5));
     srv.assert_alive();
 }
 
@@ -451,17 +443,7 @@ fn more_io_uring_completions_than_the_completion_queue_holds() {
         thread::sleep(Duration::from_millis(5));
     }
     eprintln!("{got}/{n} completions after {:?}", t.elapsed());
-    assert_eq!(
-        got,
-        n,
-        "completions lost; log tail: {}",
-        srv.log_text()
-            .lines()
-            .rev()
-            .take(5)
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    assert_eq!(got, n, "completions lost; log tail: {}", srv.log_tail(5));
 }
 
 /// Huge pages for one test: raises vm.nr_hugepages if needed (as root, as

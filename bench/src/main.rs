@@ -563,24 +563,10 @@ impl Guest {
     }
 }
 
-/// One guest driving the server's first disk.
-fn run_single(
-    s: &Server,
-    vhost: bool,
-    modern: bool,
-    w: &Workload,
-    size: u64,
-    secs: Duration,
-) -> Result<RunResult> {
-    let mut g = Guest::connect(&s.socks[0], vhost, w.queues, modern)?;
-    let r = g.run(w, size, secs, &s.pids());
-    g.close();
-    r
-}
-
 /// One guest thread per disk of `s`, all started together; the server
-/// CPU is that of all its processes over the wall time of the runs.
-fn run_multi(
+/// CPU is that of all its processes over the wall time of the runs. With
+/// one disk, one guest on this thread.
+fn run_guests(
     s: &Server,
     vhost: bool,
     modern: bool,
@@ -589,6 +575,12 @@ fn run_multi(
     secs: Duration,
 ) -> Result<RunResult> {
     let n = s.socks.len();
+    if n == 1 {
+        let mut g = Guest::connect(&s.socks[0], vhost, w.queues, modern)?;
+        let r = g.run(w, size, secs, &s.pids());
+        g.close();
+        return r;
+    }
     // A guest thread polls only when each has a driver CPU of its own.
     let alone = place::get().map_or(
         std::thread::available_parallelism().map_or(1, usize::from),
@@ -1153,11 +1145,7 @@ fn real_main(args: &Args) -> Result<()> {
                             Ok(s) => {
                                 let vhost = t.starts_with("qsd");
                                 let modern = args.ours_interface == "modern";
-                                let r = if w.devices > 1 {
-                                    run_multi(s, vhost, modern, w, size, secs)
-                                } else {
-                                    run_single(s, vhost, modern, w, size, secs)
-                                };
+                                let r = run_guests(s, vhost, modern, w, size, secs);
                                 s.check_alive(t)?;
                                 r
                             }

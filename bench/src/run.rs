@@ -575,12 +575,7 @@ pub fn run_direct_uring(
     crate::place::on_server_cpus(|| direct_uring(path, w, disk_size, duration))?
 }
 
-fn direct_uring(
-    path: &Path,
-    w: &Workload,
-    disk_size: u64,
-    duration: Duration,
-) -> Result<RunResult> {
+fn direct_uring(path: &Path, w: &Workload, size: u64, secs: Duration) -> Result<RunResult> {
     use io_uring::{opcode, types, IoUring};
 
     let depth = w.qd * w.queues;
@@ -593,7 +588,7 @@ fn direct_uring(
         .map(|_| AlignedBuf::new(w.bs, 0x5a))
         .collect::<Result<Vec<_>>>()?;
     let mut start = vec![Instant::now(); depth];
-    let mut stream = Stream::new(w, disk_size, 1);
+    let mut stream = Stream::new(w, size, 1);
     let mut hist = new_hist();
     let mut ios = 0u64;
     let mut inflight = 0usize;
@@ -603,7 +598,7 @@ fn direct_uring(
     let cpu0 = thread_cpu();
     let stolen0 = crate::place::stolen();
     let t0 = Instant::now();
-    let deadline = t0 + duration;
+    let deadline = t0 + secs;
     let mut submit = |ring: &mut IoUring, i: usize, start: &mut [Instant]| -> Result<()> {
         let (read, off) = stream.next_request();
         let ptr = bufs[i].as_mut_ptr();

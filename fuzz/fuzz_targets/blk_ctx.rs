@@ -1,5 +1,6 @@
-//! The virtio-blk context the chain-level targets plan requests with: a
-//! null backend, small discard/write-zeroes limits, the fuzzed rest.
+//! What the chain-level targets share: the guest memory they are given,
+//! and the virtio-blk context they plan requests with (a null backend,
+//! small discard/write-zeroes limits, the fuzzed rest).
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -7,6 +8,15 @@ use std::sync::Arc;
 use vfio_user_blk::backend::io::NullBackend;
 use vfio_user_blk::blk::exec::{BlkContext, ErrorPolicy};
 use vfio_user_blk::blk::request::ChainLimits;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// `size` bytes of guest memory at address 0, starting with `contents`.
+pub fn guest_memory(contents: &[u8], size: usize) -> Arc<GuestMemoryMmap> {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+    let n = contents.len().min(size);
+    mem.write_slice(&contents[..n], GuestAddress(0)).unwrap();
+    Arc::new(mem)
+}
 
 pub fn blk_context(
     limits: ChainLimits,

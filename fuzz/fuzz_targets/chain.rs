@@ -15,7 +15,7 @@ use vfio_user_blk::backend::request::IoRequest;
 use vfio_user_blk::blk::exec::Plan;
 use vfio_user_blk::blk::request::{total_len, walk, ChainLimits};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 const MEM: usize = 0x10000;
 
@@ -35,10 +35,7 @@ struct Input {
 }
 
 fuzz_target!(|inp: Input| {
-    let mem =
-        std::sync::Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap());
-    let n = inp.memory.len().min(MEM);
-    mem.write_slice(&inp.memory[..n], GuestAddress(0)).unwrap();
+    let mem = blk_ctx::guest_memory(&inp.memory, MEM);
     let size = 1u16 << (inp.size_log2 % 9);
     let mut q = match Queue::new(size) {
         Ok(q) => q,

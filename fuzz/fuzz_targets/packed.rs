@@ -19,7 +19,7 @@ use vfio_user_blk::blk::exec::Plan;
 use vfio_user_blk::blk::request::{walk, ChainLimits};
 use vfio_user_blk::virtio::packed::PackedQueue;
 use vfio_user_blk::virtio::ring::DescSource;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 const MEM: usize = 0x10000;
 
@@ -37,10 +37,7 @@ struct Input {
 }
 
 fuzz_target!(|inp: Input| {
-    let mem =
-        std::sync::Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap());
-    let n = inp.memory.len().min(MEM);
-    mem.write_slice(&inp.memory[..n], GuestAddress(0)).unwrap();
+    let mem = blk_ctx::guest_memory(&inp.memory, MEM);
     let size = inp.size % 300;
     let Ok(mut q) = PackedQueue::new(
         size,

@@ -20,7 +20,7 @@ use crate::engine::{DeviceQueues, Engine, HoldError, QueueHold, QueueStats, Star
 use crate::memory::DmaRange;
 use crate::memory::GuestMemoryHandle;
 use crate::util::DeviceLog;
-use crate::virtio::{low32, ConfigNotifier, QueueConfig, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{low32, ConfigNotifier, DriverReady, VirtioDevice};
 pub use config::BlkConfig;
 use exec::{BlkContext, ErrorPolicy};
 
@@ -385,13 +385,13 @@ impl VirtioDevice for BlkDevice {
         self.update_write_through();
     }
 
-    fn activate(
-        &mut self,
-        features: u64,
-        queues: Vec<Option<QueueConfig>>,
-        irq: VirtioInterrupt,
-        polled: bool,
-    ) {
+    fn activate(&mut self, ready: DriverReady) {
+        let DriverReady {
+            features,
+            queues,
+            irq,
+            polled,
+        } = ready;
         self.acked = low32(features);
         self.shared.features.store(features, Ordering::Relaxed);
         self.shared.running.store(true, Ordering::Relaxed);

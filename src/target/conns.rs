@@ -7,7 +7,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -120,6 +120,58 @@ impl Place {
 impl Drop for Place {
     fn drop(&mut self) {
         self.places.inner.lock().1.retain(|p| p.id != self.id);
+    }
+}
+
+/// Serves the connections `incoming` gives, each on a thread of its own
+/// (named `name`) and with a place among `places`, for as long as the
+/// listener lives. `full` gets a connection refused because every place is
+/// busy answering. A log line says when `evicted` (the connection waiting
+/// longest) was closed for a new one.
+pub fn accept_each<S, I>(
+    name: &'static str,
+    incoming: I,
+    places: &Arc<Places>,
+    evicted: &str,
+    full: impl Fn(S),
+    serve: impl Fn(S, Place) + Clone + Send + 'static,
+) where
+    S: AsRawFd + Send + 'static,
+    I: Iterator<Item = std::io::Result<S>>,
+{
+    for s in incoming {
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors, most likely: wait for some to come
+                // back rather than spin.
+                crate::warn_limited!("{name}: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let place = match places.admit(&s) {
+            Admitted::Yes { place, evicted: e } => {
+                if e {
+                    crate::warn_limited!(
+                        "{name}: {} connections open: {evicted} was closed for a new one",
+                        places.max
+                    );
+                }
+                place
+            }
+            Admitted::Full => {
+                full(s);
+                continue;
+            }
+        };
+        let serve = serve.clone();
+        let spawned = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || serve(s, place));
+        if let Err(e) = spawned {
+            crate::warn_limited!("{name}: cannot start a thread: {e}");
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use super::conns::{Admitted, Place, Places};
+use super::conns::{accept_each, Place, Places};
 use super::Target;
 use crate::blk::exec::{ERROR_KINDS, REQUEST_KINDS};
 use crate::engine::QueueStats;
@@ -228,37 +228,16 @@ pub fn serve(target: Arc<Target>, addr: SocketAddr) -> Result<()> {
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            for s in l.incoming() {
-                let s = match s {
-                    Ok(s) => s,
-                    Err(e) => {
-                        crate::warn_limited!("metrics: accept failed: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                };
-                // Each scrape on its own thread: a slow one holds only
-                // itself, and only until a newcomer needs its place.
-                let place = match places.admit(&s) {
-                    Admitted::Yes { place, evicted } => {
-                        if evicted {
-                            crate::warn_limited!(
-                                "metrics: {MAX_CONNECTIONS} connections open: the one waiting \
-                                 longest for its request was closed for a new one"
-                            );
-                        }
-                        place
-                    }
-                    Admitted::Full => continue,
-                };
-                let t = target.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("metrics-conn".into())
-                    .spawn(move || answer(&t, s, &place));
-                if spawned.is_err() {
-                    crate::warn_limited!("metrics: cannot start a thread");
-                }
-            }
+            // Each scrape on its own thread: a slow one holds only itself,
+            // and only until a newcomer needs its place.
+            accept_each(
+                "metrics",
+                l.incoming(),
+                &places,
+                "the one waiting longest for its request",
+                drop,
+                move |s, place| answer(&target, s, &place),
+            );
         })?;
     Ok(())
 }

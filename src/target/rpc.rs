@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use log::{debug, info, warn};
+use log::{debug, info};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::conns::{Admitted, Place, Places};
+use super::conns::{accept_each, Place, Places};
 use super::Target;
 use crate::device::{bind_socket, DeviceSpec};
 use crate::util::parse_size;
@@ -407,49 +407,28 @@ pub fn serve(target: Arc<Target>, path: &Path, force: bool) -> Result<()> {
     std::thread::Builder::new()
         .name("rpc-accept".into())
         .spawn(move || {
-            for s in listener.incoming() {
-                let mut s = match s {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Out of descriptors, most likely: wait for some to
-                        // come back rather than spin.
-                        crate::warn_limited!("rpc: accept failed: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                };
-                let place = match places.admit(&s) {
-                    Admitted::Yes { place, evicted } => {
-                        if evicted {
-                            crate::warn_limited!(
-                                "rpc: {MAX_CONNECTIONS} connections open: the one idle longest \
-                                 was closed for a new one"
-                            );
-                        }
-                        place
-                    }
-                    Admitted::Full => {
-                        crate::warn_limited!(
-                            "rpc: {MAX_CONNECTIONS} connections are all being answered; refused"
-                        );
-                        let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
-                        let e = json!({ "jsonrpc": "2.0", "id": null, "error": {
-                            "code": FAILED, "message": format!("more than {MAX_CONNECTIONS} management connections") } });
-                        let _ = writeln!(s, "{e}");
-                        continue;
-                    }
-                };
-                // A connection that does not read its answers gives its
-                // place back.
-                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
-                let t = target.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("rpc".into())
-                    .spawn(move || serve_conn(&t, s, &place));
-                if let Err(e) = spawned {
-                    warn!("rpc: cannot start a thread: {e}");
-                }
-            }
+            let refuse = |mut s: UnixStream| {
+                crate::warn_limited!(
+                    "rpc: {MAX_CONNECTIONS} connections are all being answered; refused"
+                );
+                let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+                let e = json!({ "jsonrpc": "2.0", "id": null, "error": {
+                    "code": FAILED, "message": format!("more than {MAX_CONNECTIONS} management connections") } });
+                let _ = writeln!(s, "{e}");
+            };
+            accept_each(
+                "rpc",
+                listener.incoming(),
+                &places,
+                "the one idle longest",
+                refuse,
+                move |s: UnixStream, place| {
+                    // A connection that does not read its answers gives
+                    // its place back.
+                    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                    serve_conn(&target, s, &place);
+                },
+            );
         })
         .context("starting the management socket's thread")?;
     Ok(())

@@ -31,6 +31,18 @@ pub fn low16(v: u64) -> u16 {
     u16::try_from(v & 0xffff).unwrap_or(0)
 }
 
+/// What a device is given when its driver sets DRIVER_OK.
+pub struct DriverReady {
+    /// What the driver acknowledged.
+    pub features: u64,
+    /// Each queue, None where the driver gave it no address.
+    pub queues: Vec<Option<QueueConfig>>,
+    pub irq: VirtioInterrupt,
+    /// No doorbell will come (they land in shared memory): the queues
+    /// must be polled.
+    pub polled: bool,
+}
+
 /// `VIRTIO_MSI_NO_VECTOR`: no vector assigned.
 pub const NO_VECTOR: u16 = 0xffff;
 
@@ -232,16 +244,8 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: usize, data: &mut [u8]);
     fn write_config(&mut self, offset: usize, data: &[u8]);
     /// The driver set DRIVER_OK: start serving the queues that have an
-    /// address. `features` is what the driver acknowledged.
-    /// `polled`: no doorbell will come (they land in shared memory): the
-    /// queues must be polled.
-    fn activate(
-        &mut self,
-        features: u64,
-        queues: Vec<Option<QueueConfig>>,
-        irq: VirtioInterrupt,
-        polled: bool,
-    );
+    /// address.
+    fn activate(&mut self, ready: DriverReady);
     /// The driver rang queue `index`'s doorbell.
     fn notify(&mut self, index: u16);
     /// Stop serving, wait for in-flight requests, forget the queues.

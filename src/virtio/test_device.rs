@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::transport::{NotifyMode, PciTransport};
-use super::{QueueConfig, VirtioDevice, VirtioInterrupt};
+use super::{DriverReady, QueueConfig, VirtioDevice};
 use crate::memory::DmaRange;
 use crate::pci::Interrupts;
 
@@ -39,14 +39,11 @@ impl VirtioDevice for Fake {
         data.copy_from_slice(&self.config[offset..offset + data.len()]);
     }
     fn write_config(&mut self, _offset: usize, _data: &[u8]) {}
-    fn activate(
-        &mut self,
-        features: u64,
-        queues: Vec<Option<QueueConfig>>,
-        _irq: VirtioInterrupt,
-        _polled: bool,
-    ) {
-        self.activated.lock().unwrap().push((features, queues));
+    fn activate(&mut self, ready: DriverReady) {
+        self.activated
+            .lock()
+            .unwrap()
+            .push((ready.features, ready.queues));
     }
     fn notify(&mut self, index: u16) {
         self.notified.lock().unwrap().push(index);

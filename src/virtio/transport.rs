@@ -21,7 +21,9 @@ use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_
 
 use super::legacy::{self, legacy_ring_layout, QUEUE_PFN_SHIFT};
 use super::modern;
-use super::{ConfigNotifier, ConfigState, QueueConfig, VirtioDevice, VirtioInterrupt, NO_VECTOR};
+use super::{
+    ConfigNotifier, ConfigState, DriverReady, QueueConfig, VirtioDevice, VirtioInterrupt, NO_VECTOR,
+};
 use crate::memory::DmaRange;
 use crate::pci::{BarLogic, Interrupts, MemBar, VendorCap};
 
@@ -317,12 +319,12 @@ impl<D: VirtioDevice> PciTransport<D> {
         // reactor may take its first request at once) must still raise the
         // configuration interrupt.
         self.config.set_live(true);
-        self.dev.activate(
-            self.driver_features,
+        self.dev.activate(DriverReady {
+            features: self.driver_features,
             queues,
             irq,
-            self.notify == NotifyMode::Mmap && modern,
-        );
+            polled: self.notify == NotifyMode::Mmap && modern,
+        });
         self.active = true;
     }
 

@@ -123,6 +123,12 @@ impl ServerProcess {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The last `n` lines of the log, newest first.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log_text();
+        log.lines().rev().take(n).collect::<Vec<_>>().join("\n")
+    }
+
     /// Number of descriptors the server process has open.
     pub fn open_fds(&self) -> usize {
         fs::read_dir(format!("/proc/{}/fd", self.pid()))
