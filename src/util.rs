@@ -430,13 +430,21 @@ impl RateLimit {
 /// guest or a client can repeat.
 #[macro_export]
 macro_rules! warn_limited {
-    ($($arg:tt)+) => {{
+    ($($arg:tt)+) => { $crate::log_limited!(warn, $($arg)+) };
+}
+
+/// A log line at `level` (a `log` macro's name), rate-limited per call
+/// site: what [`warn_limited!`] and [`error_limited!`] expand to.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! log_limited {
+    ($level:ident, $($arg:tt)+) => {{
         static LIMIT: $crate::util::RateLimit = $crate::util::RateLimit::new();
         if let Some(dropped) = LIMIT.allow() {
             if dropped > 0 {
-                log::warn!("{} ({dropped} similar lines suppressed)", format_args!($($arg)+));
+                log::$level!("{} ({dropped} similar lines suppressed)", format_args!($($arg)+));
             } else {
-                log::warn!($($arg)+);
+                log::$level!($($arg)+);
             }
         }
     }};
@@ -517,16 +525,7 @@ macro_rules! dev_debug {
 /// `log::error!`, limited per call site like [`warn_limited!`].
 #[macro_export]
 macro_rules! error_limited {
-    ($($arg:tt)+) => {{
-        static LIMIT: $crate::util::RateLimit = $crate::util::RateLimit::new();
-        if let Some(dropped) = LIMIT.allow() {
-            if dropped > 0 {
-                log::error!("{} ({dropped} similar lines suppressed)", format_args!($($arg)+));
-            } else {
-                log::error!($($arg)+);
-            }
-        }
-    }};
+    ($($arg:tt)+) => { $crate::log_limited!(error, $($arg)+) };
 }
 
 #[cfg(test)]

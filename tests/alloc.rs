@@ -78,13 +78,7 @@ fn steady_allocations(d: &mut Driver) -> u64 {
 fn steady_state_with(args: &[&str], refuse: u32) -> (u64, u64) {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let srv = ThreadServer::start(args);
-    let mut d = Driver::new(
-        &srv.socket,
-        DriverOptions {
-            refuse,
-            ..Default::default()
-        },
-    );
+    let mut d = Driver::new(&srv.socket, DriverOptions::refusing(refuse));
     let allocs = steady_allocations(&mut d);
     eprintln!("{args:?}: {allocs} allocations outside the driver for 5000 requests");
     drop(d);

@@ -12,36 +12,19 @@ use support::*;
 
 const MB: u64 = 1 << 20;
 
-struct Setup {
-    srv: ServerProcess,
-    img: std::path::PathBuf,
-}
-
-fn with_image(size: u64, args: &[&str]) -> Setup {
-    let dir = TempDir::new("blk");
-    let img = dir.path("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
-    let mut a = vec!["--disk", img.to_str().unwrap()];
-    a.extend_from_slice(args);
-    let a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let srv = ServerProcess::start_in(dir, &a);
-    Setup { srv, img }
-}
-
 #[test]
 fn read_write_byte_for_byte_against_the_image() {
-    let mut s = with_image(16 * MB, &[]);
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let (mut srv, img) = image_server("blk", 16 * MB, &[]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_eq!(d.capacity(), 16 * MB / 512);
     let data = pattern(1, 64 * 1024);
     assert_eq!(d.write(0, 100, &data), S_OK);
-    assert_eq!(image_bytes(&s.img, 100 * 512, data.len()), data);
+    assert_eq!(image_bytes(&img, 100 * 512, data.len()), data);
     // Data the host put there is read back by the guest.
     let host = pattern(2, 8192);
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&s.img)
+        .open(&img)
         .unwrap()
         .write_all_at(&host, 4096 * 512)
         .unwrap();
@@ -53,14 +36,14 @@ fn read_write_byte_for_byte_against_the_image() {
     assert_eq!((st, used), (S_OK, 4097));
     // Last sector of the disk.
     assert_eq!(d.write(0, 16 * MB / 512 - 1, &[7u8; 512]), S_OK);
-    assert_eq!(image_bytes(&s.img, 16 * MB - 512, 512), vec![7u8; 512]);
-    s.srv.assert_healthy();
+    assert_eq!(image_bytes(&img, 16 * MB - 512, 512), vec![7u8; 512]);
+    srv.assert_healthy();
 }
 
 #[test]
 fn any_split_of_header_data_and_status() {
-    let s = with_image(4 * MB, &[]);
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let (srv, img) = image_server("blk", 4 * MB, &[]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     for (i, layout) in [
         Layout {
             split_header: true,
@@ -107,7 +90,7 @@ fn any_split_of_header_data_and_status() {
             },
         );
         assert_eq!(st, S_OK, "write with {layout:?}");
-        assert_eq!(image_bytes(&s.img, sector * 512, 4096), data);
+        assert_eq!(image_bytes(&img, sector * 512, 4096), data);
         let (st, got, used) = d.run(
             0,
             &Request {
@@ -125,8 +108,8 @@ fn any_split_of_header_data_and_status() {
 
 #[test]
 fn flush_get_id_and_unknown_types() {
-    let s = with_image(4 * MB, &["--serial", "SERIAL-1234"]);
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let (srv, _img) = image_server("blk", 4 * MB, &["--serial", "SERIAL-1234"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_ne!(d.features & F_FLUSH, 0);
     assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
     let (st, id, used) = d.simple(0, T_GET_ID, 0, vec![], 20);
@@ -141,9 +124,9 @@ fn flush_get_id_and_unknown_types() {
 
 #[test]
 fn out_of_range_and_misaligned_requests_fail_without_touching_the_disk() {
-    let s = with_image(MB, &[]);
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
-    let before = std::fs::read(&s.img).unwrap();
+    let (srv, img) = image_server("blk", MB, &[]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let before = std::fs::read(&img).unwrap();
     let last = MB / 512;
     assert_eq!(d.write(0, last, &[1u8; 512]), S_IOERR);
     assert_eq!(
@@ -159,21 +142,15 @@ fn out_of_range_and_misaligned_requests_fail_without_touching_the_disk() {
     );
     assert_eq!(d.write(0, 0, &[1u8; 100]), S_IOERR, "not a sector multiple");
     assert_eq!(d.read(0, last, 512).0, S_IOERR);
-    assert_eq!(std::fs::read(&s.img).unwrap(), before);
+    assert_eq!(std::fs::read(&img).unwrap(), before);
 }
 
 #[test]
 fn read_only_disk_refuses_writes_even_without_the_ro_feature() {
-    let s = with_image(MB, &["--readonly"]);
-    let mut d = Driver::new(
-        &s.srv.socket,
-        DriverOptions {
-            refuse: F_RO,
-            ..Default::default()
-        },
-    );
+    let (srv, img) = image_server("blk", MB, &["--readonly"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::refusing(F_RO));
     assert_eq!(d.features & (F_RO | F_DISCARD | F_WRITE_ZEROES), 0);
-    let before = std::fs::read(&s.img).unwrap();
+    let before = std::fs::read(&img).unwrap();
     assert_eq!(d.write(0, 0, &[1u8; 512]), S_IOERR);
     assert_eq!(
         d.simple(0, T_WRITE_ZEROES, 0, dwz_segment(0, 8, 0), 0).0,
@@ -181,18 +158,18 @@ fn read_only_disk_refuses_writes_even_without_the_ro_feature() {
     );
     assert_eq!(d.read(0, 0, 512).0, S_OK);
     assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
-    assert_eq!(std::fs::read(&s.img).unwrap(), before);
+    assert_eq!(std::fs::read(&img).unwrap(), before);
 }
 
 #[test]
 fn discard_punches_holes_and_write_zeroes_zeroes() {
-    let s = with_image(4 * MB, &[]);
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let (srv, img) = image_server("blk", 4 * MB, &[]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_ne!(d.features & F_DISCARD, 0);
     assert_ne!(d.features & F_WRITE_ZEROES, 0);
     let data = pattern(3, 256 * 1024);
     assert_eq!(d.write(0, 0, &data), S_OK);
-    let blocks_before = std::fs::metadata(&s.img)
+    let blocks_before = std::fs::metadata(&img)
         .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
         .unwrap();
     // Discard 64 KiB at 64 KiB, and write zeroes (unmap) plus zeroes (keep).
@@ -205,15 +182,15 @@ fn discard_punches_holes_and_write_zeroes_zeroes() {
     ] {
         assert_eq!(d.simple(0, kind, 0, payload, 0).0, S_OK);
     }
-    let img = image_bytes(&s.img, 0, data.len());
+    let on_disk = image_bytes(&img, 0, data.len());
     let mut want = data.clone();
     for (sec, n) in [(128usize, 128usize), (384, 8), (256, 16), (300, 4)] {
         want[sec * 512..(sec + n) * 512].fill(0);
     }
-    assert_eq!(img, want);
+    assert_eq!(on_disk, want);
     let (st, got) = d.read(0, 128, 65536);
     assert_eq!((st, got), (S_OK, vec![0u8; 65536]));
-    let blocks_after = std::fs::metadata(&s.img)
+    let blocks_after = std::fs::metadata(&img)
         .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
         .unwrap();
     assert!(
@@ -237,8 +214,8 @@ fn discard_punches_holes_and_write_zeroes_zeroes() {
 
 #[test]
 fn discard_and_write_zeroes_can_be_turned_off() {
-    let s = with_image(MB, &["--no-discard", "--no-write-zeroes"]);
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let (srv, _img) = image_server("blk", MB, &["--no-discard", "--no-write-zeroes"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_eq!(d.features & (F_DISCARD | F_WRITE_ZEROES), 0);
     for kind in [T_DISCARD, T_WRITE_ZEROES] {
         assert_eq!(d.simple(0, kind, 0, dwz_segment(0, 8, 0), 0).0, S_UNSUPP);
@@ -312,39 +289,38 @@ fn many_in_flight(d: &mut Driver, img: &std::path::Path, q: usize, n: usize, bas
 #[test]
 fn two_hundred_fifty_six_in_flight_in_each_poll_mode() {
     for mode in ["busy", "adaptive", "interrupt"] {
-        let mut s = with_image(16 * MB, &["--poll-mode", mode, "--queue-size", "256"]);
-        let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
-        many_in_flight(&mut d, &s.img, 0, 256, 0);
+        let (mut srv, img) = image_server(
+            "blk",
+            16 * MB,
+            &["--poll-mode", mode, "--queue-size", "256"],
+        );
+        let mut d = Driver::new(&srv.socket, DriverOptions::default());
+        many_in_flight(&mut d, &img, 0, 256, 0);
         // Sequential neighbours are merged; they still complete one by one.
-        many_in_flight(&mut d, &s.img, 0, 64, 4096);
-        s.srv.assert_healthy();
+        many_in_flight(&mut d, &img, 0, 64, 4096);
+        srv.assert_healthy();
     }
 }
 
 #[test]
 fn several_queues_on_several_pollers() {
-    let s = with_image(
+    let (srv, img) = image_server(
+        "blk",
         32 * MB,
         &["--queues", "4", "--pollers", "2", "--io-threads", "3"],
     );
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_eq!(d.queues.len(), 4);
     for q in 0..4 {
-        many_in_flight(&mut d, &s.img, q, 64, 8192 * q as u64);
+        many_in_flight(&mut d, &img, q, 64, 8192 * q as u64);
     }
 }
 
 #[test]
 fn event_idx_on_and_off_and_interrupts_arrive() {
     for refuse in [0, F_EVENT_IDX] {
-        let s = with_image(4 * MB, &["--poll-mode", "interrupt"]);
-        let mut d = Driver::new(
-            &s.srv.socket,
-            DriverOptions {
-                refuse,
-                ..Default::default()
-            },
-        );
+        let (srv, _img) = image_server("blk", 4 * MB, &["--poll-mode", "interrupt"]);
+        let mut d = Driver::new(&srv.socket, DriverOptions::refusing(refuse));
         assert_eq!(d.features & F_EVENT_IDX == 0, refuse != 0);
         let _ = d.vectors[1].read();
         for i in 0..20 {
@@ -358,9 +334,9 @@ fn event_idx_on_and_off_and_interrupts_arrive() {
 
 #[test]
 fn intx_and_isr_without_msix() {
-    let s = with_image(4 * MB, &["--poll-mode", "interrupt"]);
+    let (srv, _img) = image_server("blk", 4 * MB, &["--poll-mode", "interrupt"]);
     let mut d = Driver::new(
-        &s.srv.socket,
+        &srv.socket,
         DriverOptions {
             msix: false,
             ..Default::default()
@@ -394,19 +370,19 @@ fn ram_and_null_disks() {
 
 #[test]
 fn direct_io_with_aligned_and_misaligned_buffers() {
-    let s = with_image(4 * MB, &["--direct"]);
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let (srv, img) = image_server("blk", 4 * MB, &["--direct"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     let data = pattern(6, 8192);
     // Buffers at 16-byte alignment: the bounce path.
     assert_eq!(d.write(0, 16, &data), S_OK);
-    assert_eq!(image_bytes(&s.img, 16 * 512, 8192), data);
+    assert_eq!(image_bytes(&img, 16 * 512, 8192), data);
     assert_eq!(d.read(0, 16, 8192), (S_OK, data));
 }
 
 #[test]
 fn logical_block_size_4k() {
-    let s = with_image(4 * MB, &["--logical-block-size", "4096"]);
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let (srv, _img) = image_server("blk", 4 * MB, &["--logical-block-size", "4096"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_eq!(d.config_u32(20), 4096, "blk_size");
     assert_eq!(d.write(0, 8, &[3u8; 4096]), S_OK);
     assert_eq!(d.write(0, 1, &[3u8; 4096]), S_IOERR, "start not 4K-aligned");
@@ -417,32 +393,36 @@ fn logical_block_size_4k() {
 fn flush_makes_writes_durable_with_write_cache_off() {
     // With WCE off every write is followed by fdatasync before it
     // completes; we check the data is in the file when the write returns.
-    let s = with_image(4 * MB, &["--poll-mode", "interrupt"]);
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let (srv, img) = image_server("blk", 4 * MB, &["--poll-mode", "interrupt"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_ne!(d.features & F_CONFIG_WCE, 0);
     d.set_writeback(false);
     assert_eq!(d.config_u16(32) & 0xff, 0);
     let data = pattern(8, 4096);
     assert_eq!(d.write(0, 0, &data), S_OK);
-    assert_eq!(image_bytes(&s.img, 0, 4096), data);
-    assert!(s.srv.log_text().contains("write cache now write-through"));
+    assert_eq!(image_bytes(&img, 0, 4096), data);
+    assert!(srv.log_text().contains("write cache now write-through"));
     assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
     d.set_writeback(true);
-    assert!(s.srv.log_text().contains("write cache now writeback"));
+    assert!(srv.log_text().contains("write cache now writeback"));
 }
 
 #[test]
 fn pollers_are_pinned_to_the_cpus_given() {
-    let s = with_image(4 * MB, &["--queues", "2", "--pollers", "2", "--cpus", "0"]);
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let (srv, _img) = image_server(
+        "blk",
+        4 * MB,
+        &["--queues", "2", "--pollers", "2", "--cpus", "0"],
+    );
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_eq!(d.write(1, 0, &[1u8; 512]), S_OK);
     // A thread takes its name once it first runs; with both pinned to one
     // busy CPU that can lag the activation.
     wait_until("two named reactor threads", || {
-        poller_threads(s.srv.pid()) == 2
+        poller_threads(srv.pid()) == 2
     });
     let mut pinned = 0;
-    for t in std::fs::read_dir(format!("/proc/{}/task", s.srv.pid())).unwrap() {
+    for t in std::fs::read_dir(format!("/proc/{}/task", srv.pid())).unwrap() {
         let t = t.unwrap().path();
         let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
         if name.starts_with("reactor-") {
@@ -490,8 +470,8 @@ fn reactor_cpu_ticks(pid: u32) -> Vec<u64> {
 /// queue is assigned, the busy reactor spins.
 #[test]
 fn an_idle_reactor_uses_no_cpu() {
-    let s = with_image(MB, &["--poll-mode", "busy"]);
-    let pid = s.srv.pid();
+    let (srv, _img) = image_server("blk", MB, &["--poll-mode", "busy"]);
+    let pid = srv.pid();
     wait_until("one reactor", || poller_threads(pid) == 1);
     let idle = |what: &str| {
         let a = reactor_cpu_ticks(pid);
@@ -502,7 +482,7 @@ fn an_idle_reactor_uses_no_cpu() {
         assert!(used <= 2, "{what}: the reactor used {used} ticks");
     };
     idle("no client");
-    let mut c = vfio_user::Client::new(&s.srv.socket).unwrap();
+    let mut c = vfio_user::Client::new(&srv.socket).unwrap();
     for status in [0u8, 1, 3, 7] {
         c.region_write(0, 18, &[status]).unwrap();
     }
@@ -511,7 +491,7 @@ fn an_idle_reactor_uses_no_cpu() {
     assert_eq!(st[0], 7);
     idle("DRIVER_OK without queues");
     drop(c);
-    let mut d = Driver::new(&s.srv.socket, DriverOptions::default());
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_eq!(d.write(0, 0, &[1u8; 512]), S_OK);
     let a = reactor_cpu_ticks(pid);
     std::thread::sleep(Duration::from_millis(500));
@@ -529,14 +509,8 @@ fn an_idle_reactor_uses_no_cpu() {
 /// flag; we do not); with the flag cleared, it gets them again.
 #[test]
 fn no_interrupt_flag_is_honoured_without_event_idx() {
-    let s = with_image(4 * MB, &["--poll-mode", "interrupt"]);
-    let mut d = Driver::new(
-        &s.srv.socket,
-        DriverOptions {
-            refuse: F_EVENT_IDX,
-            ..Default::default()
-        },
-    );
+    let (srv, _img) = image_server("blk", 4 * MB, &["--poll-mode", "interrupt"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::refusing(F_EVENT_IDX));
     let flags_at = vm_memory::GuestAddress(d.queues[0].avail);
     let drain = |d: &Driver| d.vectors[1].read().unwrap_or(0);
     drain(&d);

@@ -12,10 +12,6 @@ use vm_memory::Bytes;
 
 const MB: u64 = 1 << 20;
 
-fn server(size: u64, args: &[&str]) -> (ServerProcess, std::path::PathBuf) {
-    image_server("gi", size, args)
-}
-
 fn wait_log(srv: &ServerProcess, needle: &str) {
     wait_until(&format!("log line '{needle}'"), || {
         srv.log_text().contains(needle)
@@ -24,7 +20,7 @@ fn wait_log(srv: &ServerProcess, needle: &str) {
 
 #[test]
 fn descriptor_loop_breaks_the_queue_until_reset() {
-    let (mut srv, _img) = server(4 * MB, &[]);
+    let (mut srv, _img) = image_server("gi", 4 * MB, &[]);
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     let h = d.header_buf(T_IN, 0);
     d.raw_desc(0, 0, h, 16, DESC_F_NEXT, 1);
@@ -60,7 +56,7 @@ fn descriptor_loop_breaks_the_queue_until_reset() {
 
 #[test]
 fn chain_without_a_writable_status_byte_is_not_executed() {
-    let (mut srv, img) = server(4 * MB, &[]);
+    let (mut srv, img) = image_server("gi", 4 * MB, &[]);
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     let h = d.header_buf(T_OUT, 0);
     let data = d.alloc(512);
@@ -86,7 +82,7 @@ fn chain_without_a_writable_status_byte_is_not_executed() {
 
 #[test]
 fn short_header_and_addresses_outside_memory_answer_ioerr() {
-    let (mut srv, img) = server(4 * MB, &[]);
+    let (mut srv, img) = image_server("gi", 4 * MB, &[]);
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     // Header of 8 bytes.
     let h = d.header_buf(T_OUT, 0);
@@ -139,7 +135,7 @@ fn short_header_and_addresses_outside_memory_answer_ioerr() {
 
 #[test]
 fn a_buffer_spanning_two_dma_windows_works() {
-    let (mut srv, img) = server(4 * MB, &[]);
+    let (mut srv, img) = image_server("gi", 4 * MB, &[]);
     let mut d = Driver::new(&srv.socket, DriverOptions::split_dma());
     let half = d.ram_size / 2;
     let data = pattern(9, 8192);
@@ -189,7 +185,7 @@ fn a_buffer_spanning_two_dma_windows_works() {
 
 #[test]
 fn avail_index_running_ahead_breaks_the_queue() {
-    let (mut srv, _img) = server(4 * MB, &[]);
+    let (mut srv, _img) = image_server("gi", 4 * MB, &[]);
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     let size = d.queues[0].size;
     let idx = d.avail_idx(0);
@@ -202,7 +198,7 @@ fn avail_index_running_ahead_breaks_the_queue() {
 
 #[test]
 fn a_head_reused_while_in_flight_breaks_the_queue() {
-    let (mut srv, _img) = server(4 * MB, &["--poll-mode", "interrupt"]);
+    let (mut srv, _img) = image_server("gi", 4 * MB, &["--poll-mode", "interrupt"]);
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     let s = d.submit(
         0,
@@ -223,7 +219,7 @@ fn a_head_reused_while_in_flight_breaks_the_queue() {
 
 #[test]
 fn rings_outside_guest_memory_are_waited_for_not_served() {
-    let (mut srv, _img) = server(4 * MB, &[]);
+    let (mut srv, _img) = image_server("gi", 4 * MB, &[]);
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     d.reset();
     // Queue 0 at a page frame far outside the 64 MiB of guest RAM.
@@ -261,7 +257,7 @@ fn flood(d: &mut Driver, n: usize, len: usize) {
 /// the cache is write-through: every write is synced on the I/O pool, so
 /// requests really are in flight when the test acts.
 fn flooded(args: &[&str]) -> (ServerProcess, Driver) {
-    let (srv, _img) = server(256 * MB, args);
+    let (srv, _img) = image_server("gi", 256 * MB, args);
     let mut d = Driver::new(
         &srv.socket,
         DriverOptions {
@@ -324,7 +320,7 @@ fn client_disconnect_with_io_in_flight_then_a_new_client() {
 #[test]
 fn backend_errors_answer_ioerr_or_stop_the_queue() {
     for (policy, stops) in [("report", false), ("stop", true)] {
-        let (mut srv, img) = server(4 * MB, &["--on-error", policy]);
+        let (mut srv, img) = image_server("gi", 4 * MB, &["--on-error", policy]);
         let mut d = Driver::new(&srv.socket, DriverOptions::default());
         // Shrink the image under the server: reads past the new end are short.
         std::fs::OpenOptions::new()
@@ -370,7 +366,7 @@ fn backend_errors_answer_ioerr_or_stop_the_queue() {
 fn ring_unmapped_and_remapped_keeps_working() {
     use std::os::fd::AsRawFd;
     for mode in ["busy", "adaptive", "interrupt"] {
-        let (mut srv, img) = server(4 * MB, &["--poll-mode", mode]);
+        let (mut srv, img) = image_server("gi", 4 * MB, &["--poll-mode", mode]);
         let mut d = Driver::new(&srv.socket, DriverOptions::default());
         assert_eq!(d.write(0, 0, &[1u8; 512]), S_OK);
         d.c.dma_unmap(0, d.ram_size).unwrap();
@@ -411,7 +407,7 @@ fn ring_unmapped_and_remapped_keeps_working() {
 /// refused, not wrapped around to low guest addresses (nor panic).
 #[test]
 fn buffers_that_wrap_the_address_space_are_refused() {
-    let (mut srv, img) = server(4 * MB, &[]);
+    let (mut srv, img) = image_server("gi", 4 * MB, &[]);
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     // A status byte that would sit at a wrapped address: the chain has no
     // usable status byte, so nothing is executed and nothing is written.

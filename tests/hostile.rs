@@ -18,10 +18,6 @@ use vmm_sys_util::eventfd::EventFd;
 const MB: u64 = 1 << 20;
 const EINVAL: u32 = 22;
 
-fn server(size: u64, args: &[&str]) -> (ServerProcess, std::path::PathBuf) {
-    image_server("hostile", size, args)
-}
-
 fn dma_map_payload(iova: u64, size: u64, offset: u64) -> Vec<u8> {
     let mut p = Vec::new();
     p.extend_from_slice(&32u32.to_le_bytes());
@@ -46,7 +42,7 @@ fn status_field(pid: u32, key: &str) -> u64 {
 /// refused with EINVAL and a log line, before anything is mapped.
 #[test]
 fn dma_window_past_the_end_of_its_file_is_refused() {
-    let (mut srv, _img) = server(MB, &[]);
+    let (mut srv, _img) = image_server("hostile", MB, &[]);
     let mut raw = Raw::negotiated(&srv.socket);
     let f = vfio_user_blk::util::memfd("small").unwrap();
     f.set_len(4096).unwrap();
@@ -77,7 +73,7 @@ fn dma_window_past_the_end_of_its_file_is_refused() {
 /// vanished now read as zeros and the server says so.
 #[test]
 fn guest_memory_truncated_under_a_busy_poller_does_not_kill_the_server() {
-    let (mut srv, _img) = server(4 * MB, &["--poll-mode", "busy"]);
+    let (mut srv, _img) = image_server("hostile", 4 * MB, &["--poll-mode", "busy"]);
     let mut d = Driver::new(
         &srv.socket,
         DriverOptions {
@@ -97,7 +93,8 @@ fn guest_memory_truncated_under_a_busy_poller_does_not_kill_the_server() {
 /// buffer lay past the end of the (shrunk) guest-memory file.
 #[test]
 fn direct_bounce_from_truncated_guest_memory_does_not_kill_the_server() {
-    let (mut srv, _img) = server(4 * MB, &["--direct", "--poll-mode", "interrupt"]);
+    let (mut srv, _img) =
+        image_server("hostile", 4 * MB, &["--direct", "--poll-mode", "interrupt"]);
     let mut d = Driver::new(
         &srv.socket,
         DriverOptions {
@@ -129,7 +126,7 @@ fn direct_bounce_from_truncated_guest_memory_does_not_kill_the_server() {
 /// made non-blocking, and a full counter counts as "already signalled".
 #[test]
 fn a_blocking_eventfd_at_its_maximum_does_not_wedge_the_server() {
-    let (mut srv, _img) = server(4 * MB, &[]);
+    let (mut srv, _img) = image_server("hostile", 4 * MB, &[]);
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     let hostile = EventFd::new(0).unwrap();
     hostile.write(0xffff_ffff_ffff_fffe).unwrap();
@@ -155,7 +152,7 @@ fn a_blocking_eventfd_at_its_maximum_does_not_wedge_the_server() {
 /// interrupt descriptor is refused with EINVAL.
 #[test]
 fn interrupt_descriptors_that_are_not_eventfds_are_refused() {
-    let (mut srv, _img) = server(MB, &[]);
+    let (mut srv, _img) = image_server("hostile", MB, &[]);
     let mut raw = Raw::negotiated(&srv.socket);
     let mut fds = [0i32; 2];
     // SAFETY: pipe writes two descriptors into `fds`.
@@ -191,7 +188,8 @@ fn interrupt_descriptors_that_are_not_eventfds_are_refused() {
 /// fixed-size bounce buffer, the server's peak memory stays flat.
 #[test]
 fn maximal_chains_do_not_grow_the_servers_memory() {
-    let (mut srv, _img) = server(
+    let (mut srv, _img) = image_server(
+        "hostile",
         512 * MB,
         &["--direct", "--io-threads", "4", "--poll-mode", "busy"],
     );
@@ -262,7 +260,7 @@ fn maximal_chains_do_not_grow_the_servers_memory() {
 /// server's resident memory and descriptor count stay flat.
 #[test]
 fn ten_thousand_malformed_requests_leave_memory_and_descriptors_flat() {
-    let (mut srv, _img) = server(MB, &[]);
+    let (mut srv, _img) = image_server("hostile", MB, &[]);
     let pid = srv.pid();
     let memfd = vfio_user_blk::util::memfd("m").unwrap();
     memfd.set_len(4096).unwrap();
@@ -347,7 +345,7 @@ fn ten_thousand_malformed_requests_leave_memory_and_descriptors_flat() {
 /// warning it causes is rate-limited per call site.
 #[test]
 fn a_guest_repeating_bad_requests_cannot_flood_the_log() {
-    let (mut srv, _img) = server(4 * MB, &[]);
+    let (mut srv, _img) = image_server("hostile", 4 * MB, &[]);
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     for _ in 0..20 {
         // 24 requests past the end of the disk per round.

@@ -409,13 +409,7 @@ fn more_io_uring_completions_than_the_completion_queue_holds() {
         eprintln!("skipped: io_uring is not available on this machine");
         return;
     }
-    let mut d = Driver::new(
-        &srv.socket,
-        DriverOptions {
-            refuse: F_FLUSH,
-            ..Default::default()
-        },
-    );
+    let mut d = Driver::new(&srv.socket, DriverOptions::refusing(F_FLUSH));
     let n: usize = 1000;
     for i in 0..n {
         d.submit(

@@ -67,35 +67,21 @@ struct Families {
 
 impl Families {
     fn register(&self, reg: &mut Registry) {
-        let f = self;
-        reg.register(
-            "requests",
-            "Requests completed, by kind",
-            f.requests.clone(),
-        );
-        reg.register(
-            "errors",
-            "Requests that failed, by outcome",
-            f.errors.clone(),
-        );
-        reg.register("read_bytes", "Bytes read by the guest", f.read.clone());
-        reg.register(
-            "written_bytes",
-            "Bytes written by the guest",
-            f.written.clone(),
-        );
-        reg.register("in_flight", "Requests in flight", f.in_flight.clone());
-        reg.register(
-            "latency_seconds",
-            "Request latency, from the ring to the used entry",
-            f.latency.clone(),
-        );
-        reg.register("disk_size_bytes", "Size of the disk", f.size.clone());
-        reg.register(
-            "reactor_busy_ratio",
-            "Share of the reactor's time spent in passes that found work",
-            f.busy.clone(),
-        );
+        macro_rules! register {
+            ($($field:ident $name:literal $help:literal)*) => {
+                $(reg.register($name, $help, self.$field.clone());)*
+            };
+        }
+        register! {
+            requests "requests" "Requests completed, by kind"
+            errors "errors" "Requests that failed, by outcome"
+            read "read_bytes" "Bytes read by the guest"
+            written "written_bytes" "Bytes written by the guest"
+            in_flight "in_flight" "Requests in flight"
+            latency "latency_seconds" "Request latency, from the ring to the used entry"
+            size "disk_size_bytes" "Size of the disk"
+            busy "reactor_busy_ratio" "Share of the reactor's time spent in passes that found work"
+        }
     }
 
     /// One queue's counters, gauges and latency quantiles.

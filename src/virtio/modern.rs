@@ -214,32 +214,24 @@ impl<D: VirtioDevice> PciTransport<D> {
     /// Whether the selected queue's set-up may still change.
     fn queue_settable(&self, what: &str) -> bool {
         let sel = self.queue_sel;
-        match self.queues.get(usize::from(sel)) {
+        let why = match self.queues.get(usize::from(sel)) {
             None => {
                 crate::dev_debug!(
                     self.irqs.log(),
                     "{what} of queue {sel}, which does not exist; ignored"
                 );
-                false
+                return false;
             }
-            Some(_) if self.active => {
-                crate::dev_log!(
-                    self.irqs.log(),
-                    Warn,
-                    "{what} of queue {sel} after DRIVER_OK; ignored"
-                );
-                false
-            }
-            Some(q) if q.enable => {
-                crate::dev_log!(
-                    self.irqs.log(),
-                    Warn,
-                    "{what} of queue {sel}, which is enabled; ignored"
-                );
-                false
-            }
-            Some(_) => true,
-        }
+            Some(_) if self.active => "after DRIVER_OK",
+            Some(q) if q.enable => "which is enabled",
+            Some(_) => return true,
+        };
+        crate::dev_log!(
+            self.irqs.log(),
+            Warn,
+            "{what} of queue {sel}, {why}; ignored"
+        );
+        false
     }
 
     fn write_modern_status(&mut self, v: u8) {

@@ -20,24 +20,34 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vub_testkit::driver_ring::{Buf, PackedRing, SplitRing};
 
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const T_DISCARD: u32 = 11;
-pub const T_WRITE_ZEROES: u32 = 13;
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
+use virtio_bindings::virtio_blk::*;
+#[allow(unused_imports)]
+pub use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD as T_DISCARD, VIRTIO_BLK_T_FLUSH as T_FLUSH,
+    VIRTIO_BLK_T_GET_ID as T_GET_ID, VIRTIO_BLK_T_IN as T_IN, VIRTIO_BLK_T_OUT as T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES as T_WRITE_ZEROES,
+};
 
-pub const F_RO: u32 = 1 << 5;
-pub const F_FLUSH: u32 = 1 << 9;
-pub const F_CONFIG_WCE: u32 = 1 << 11;
-pub const F_MQ: u32 = 1 << 12;
-pub const F_DISCARD: u32 = 1 << 13;
-pub const F_WRITE_ZEROES: u32 = 1 << 14;
-pub const F_INDIRECT: u32 = 1 << 28;
-pub const F_EVENT_IDX: u32 = 1 << 29;
+/// A status byte as the driver reads it.
+const fn status(s: u32) -> u8 {
+    s as u8
+}
+pub const S_OK: u8 = status(VIRTIO_BLK_S_OK);
+pub const S_IOERR: u8 = status(VIRTIO_BLK_S_IOERR);
+pub const S_UNSUPP: u8 = status(VIRTIO_BLK_S_UNSUPP);
+
+/// A feature bit as the low 32 feature bits hold it.
+const fn feature(bit: u32) -> u32 {
+    1 << bit
+}
+pub const F_RO: u32 = feature(VIRTIO_BLK_F_RO);
+pub const F_FLUSH: u32 = feature(VIRTIO_BLK_F_FLUSH);
+pub const F_CONFIG_WCE: u32 = feature(VIRTIO_BLK_F_CONFIG_WCE);
+pub const F_MQ: u32 = feature(VIRTIO_BLK_F_MQ);
+pub const F_DISCARD: u32 = feature(VIRTIO_BLK_F_DISCARD);
+pub const F_WRITE_ZEROES: u32 = feature(VIRTIO_BLK_F_WRITE_ZEROES);
+pub const F_INDIRECT: u32 = feature(virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC);
+pub const F_EVENT_IDX: u32 = feature(virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
 
 #[allow(unused_imports)]
 pub use vub_testkit::driver_ring::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
@@ -133,18 +143,20 @@ pub struct Driver {
     buf_base: u64,
 }
 
+/// `N` bytes of `region` at `off`.
+fn read_n<const N: usize>(c: &mut Client, region: u32, off: u64) -> [u8; N] {
+    let mut b = [0u8; N];
+    c.region_read(region, off, &mut b).unwrap();
+    b
+}
+
+/// Legacy interface: BAR0.
 fn rd16(c: &mut Client, off: u64) -> u16 {
-    let mut b = [0u8; 2];
-    c.region_read(VFIO_PCI_BAR0_REGION_INDEX, off, &mut b)
-        .unwrap();
-    u16::from_le_bytes(b)
+    u16::from_le_bytes(read_n(c, VFIO_PCI_BAR0_REGION_INDEX, off))
 }
 
 fn rd32(c: &mut Client, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    c.region_read(VFIO_PCI_BAR0_REGION_INDEX, off, &mut b)
-        .unwrap();
-    u32::from_le_bytes(b)
+    u32::from_le_bytes(read_n(c, VFIO_PCI_BAR0_REGION_INDEX, off))
 }
 
 fn wr(c: &mut Client, off: u64, data: &[u8]) {
@@ -159,17 +171,11 @@ fn mwr(c: &mut Client, off: u64, data: &[u8]) {
 }
 
 fn mrd16(c: &mut Client, off: u64) -> u16 {
-    let mut b = [0u8; 2];
-    c.region_read(VFIO_PCI_BAR4_REGION_INDEX, off, &mut b)
-        .unwrap();
-    u16::from_le_bytes(b)
+    u16::from_le_bytes(read_n(c, VFIO_PCI_BAR4_REGION_INDEX, off))
 }
 
 fn mrd32(c: &mut Client, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    c.region_read(VFIO_PCI_BAR4_REGION_INDEX, off, &mut b)
-        .unwrap();
-    u32::from_le_bytes(b)
+    u32::from_le_bytes(read_n(c, VFIO_PCI_BAR4_REGION_INDEX, off))
 }
 
 pub struct DriverOptions {
@@ -189,6 +195,14 @@ pub struct DriverOptions {
 pub const F_RING_PACKED: u64 = 1 << 34;
 
 impl DriverOptions {
+    /// Refusing the (low) feature bits `refuse`.
+    pub fn refusing(refuse: u32) -> DriverOptions {
+        DriverOptions {
+            refuse,
+            ..Default::default()
+        }
+    }
+
     /// Guest memory in two DMA windows (the lower and the upper half).
     pub fn split_dma() -> DriverOptions {
         DriverOptions {
