@@ -14,8 +14,7 @@ const MB: u64 = 1 << 20;
 
 #[test]
 fn read_write_byte_for_byte_against_the_image() {
-    let (mut srv, img) = image_server("blk", 16 * MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (mut srv, img, mut d) = image_driver("blk", 16 * MB, &[]);
     assert_eq!(d.capacity(), 16 * MB / 512);
     let data = pattern(1, 64 * 1024);
     assert_eq!(d.write(0, 100, &data), S_OK);
@@ -42,8 +41,7 @@ fn read_write_byte_for_byte_against_the_image() {
 
 #[test]
 fn any_split_of_header_data_and_status() {
-    let (srv, img) = image_server("blk", 4 * MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (_srv, img, mut d) = image_driver("blk", 4 * MB, &[]);
     for (i, layout) in [
         Layout {
             split_header: true,
@@ -108,8 +106,7 @@ fn any_split_of_header_data_and_status() {
 
 #[test]
 fn flush_get_id_and_unknown_types() {
-    let (srv, _img) = image_server("blk", 4 * MB, &["--serial", "SERIAL-1234"]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (_srv, _img, mut d) = image_driver("blk", 4 * MB, &["--serial", "SERIAL-1234"]);
     assert_ne!(d.features & F_FLUSH, 0);
     assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
     let (st, id, used) = d.simple(0, T_GET_ID, 0, vec![], 20);
@@ -124,8 +121,7 @@ fn flush_get_id_and_unknown_types() {
 
 #[test]
 fn out_of_range_and_misaligned_requests_fail_without_touching_the_disk() {
-    let (srv, img) = image_server("blk", MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (_srv, img, mut d) = image_driver("blk", MB, &[]);
     let before = std::fs::read(&img).unwrap();
     let last = MB / 512;
     assert_eq!(d.write(0, last, &[1u8; 512]), S_IOERR);
@@ -163,8 +159,7 @@ fn read_only_disk_refuses_writes_even_without_the_ro_feature() {
 
 #[test]
 fn discard_punches_holes_and_write_zeroes_zeroes() {
-    let (srv, img) = image_server("blk", 4 * MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (_srv, img, mut d) = image_driver("blk", 4 * MB, &[]);
     assert_ne!(d.features & F_DISCARD, 0);
     assert_ne!(d.features & F_WRITE_ZEROES, 0);
     let data = pattern(3, 256 * 1024);
@@ -214,8 +209,7 @@ fn discard_punches_holes_and_write_zeroes_zeroes() {
 
 #[test]
 fn discard_and_write_zeroes_can_be_turned_off() {
-    let (srv, _img) = image_server("blk", MB, &["--no-discard", "--no-write-zeroes"]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (_srv, _img, mut d) = image_driver("blk", MB, &["--no-discard", "--no-write-zeroes"]);
     assert_eq!(d.features & (F_DISCARD | F_WRITE_ZEROES), 0);
     for kind in [T_DISCARD, T_WRITE_ZEROES] {
         assert_eq!(d.simple(0, kind, 0, dwz_segment(0, 8, 0), 0).0, S_UNSUPP);
@@ -289,12 +283,11 @@ fn many_in_flight(d: &mut Driver, img: &std::path::Path, q: usize, n: usize, bas
 #[test]
 fn two_hundred_fifty_six_in_flight_in_each_poll_mode() {
     for mode in ["busy", "adaptive", "interrupt"] {
-        let (mut srv, img) = image_server(
+        let (mut srv, img, mut d) = image_driver(
             "blk",
             16 * MB,
             &["--poll-mode", mode, "--queue-size", "256"],
         );
-        let mut d = Driver::new(&srv.socket, DriverOptions::default());
         many_in_flight(&mut d, &img, 0, 256, 0);
         // Sequential neighbours are merged; they still complete one by one.
         many_in_flight(&mut d, &img, 0, 64, 4096);
@@ -304,12 +297,11 @@ fn two_hundred_fifty_six_in_flight_in_each_poll_mode() {
 
 #[test]
 fn several_queues_on_several_pollers() {
-    let (srv, img) = image_server(
+    let (_srv, img, mut d) = image_driver(
         "blk",
         32 * MB,
         &["--queues", "4", "--pollers", "2", "--io-threads", "3"],
     );
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_eq!(d.queues.len(), 4);
     for q in 0..4 {
         many_in_flight(&mut d, &img, q, 64, 8192 * q as u64);
@@ -370,8 +362,7 @@ fn ram_and_null_disks() {
 
 #[test]
 fn direct_io_with_aligned_and_misaligned_buffers() {
-    let (srv, img) = image_server("blk", 4 * MB, &["--direct"]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (_srv, img, mut d) = image_driver("blk", 4 * MB, &["--direct"]);
     let data = pattern(6, 8192);
     // Buffers at 16-byte alignment: the bounce path.
     assert_eq!(d.write(0, 16, &data), S_OK);
@@ -381,8 +372,7 @@ fn direct_io_with_aligned_and_misaligned_buffers() {
 
 #[test]
 fn logical_block_size_4k() {
-    let (srv, _img) = image_server("blk", 4 * MB, &["--logical-block-size", "4096"]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (_srv, _img, mut d) = image_driver("blk", 4 * MB, &["--logical-block-size", "4096"]);
     assert_eq!(d.config_u32(20), 4096, "blk_size");
     assert_eq!(d.write(0, 8, &[3u8; 4096]), S_OK);
     assert_eq!(d.write(0, 1, &[3u8; 4096]), S_IOERR, "start not 4K-aligned");
@@ -393,8 +383,7 @@ fn logical_block_size_4k() {
 fn flush_makes_writes_durable_with_write_cache_off() {
     // With WCE off every write is followed by fdatasync before it
     // completes; we check the data is in the file when the write returns.
-    let (srv, img) = image_server("blk", 4 * MB, &["--poll-mode", "interrupt"]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (srv, img, mut d) = image_driver("blk", 4 * MB, &["--poll-mode", "interrupt"]);
     assert_ne!(d.features & F_CONFIG_WCE, 0);
     d.set_writeback(false);
     assert_eq!(d.config_u16(32) & 0xff, 0);
@@ -409,12 +398,11 @@ fn flush_makes_writes_durable_with_write_cache_off() {
 
 #[test]
 fn pollers_are_pinned_to_the_cpus_given() {
-    let (srv, _img) = image_server(
+    let (srv, _img, mut d) = image_driver(
         "blk",
         4 * MB,
         &["--queues", "2", "--pollers", "2", "--cpus", "0"],
     );
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_eq!(d.write(1, 0, &[1u8; 512]), S_OK);
     // A thread takes its name once it first runs; with both pinned to one
     // busy CPU that can lag the activation.

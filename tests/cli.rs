@@ -384,7 +384,7 @@ fn a_busy_target_pins_its_reactor_and_keeps_its_io_threads_off_that_cpu() {
         return;
     }
     let last = *mine.last().unwrap();
-    let dir = TempDir::on_disk("pin");
+    let dir = support::on_disk("pin");
     let img = dir.path("d.img");
     std::fs::File::create(&img)
         .unwrap()

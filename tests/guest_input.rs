@@ -20,8 +20,7 @@ fn wait_log(srv: &ServerProcess, needle: &str) {
 
 #[test]
 fn descriptor_loop_breaks_the_queue_until_reset() {
-    let (mut srv, _img) = image_server("gi", 4 * MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (mut srv, _img, mut d) = image_driver("gi", 4 * MB, &[]);
     let h = d.header_buf(T_IN, 0);
     d.raw_desc(0, 0, h, 16, DESC_F_NEXT, 1);
     d.raw_desc(0, 1, h, 16, DESC_F_NEXT, 0);
@@ -56,8 +55,7 @@ fn descriptor_loop_breaks_the_queue_until_reset() {
 
 #[test]
 fn chain_without_a_writable_status_byte_is_not_executed() {
-    let (mut srv, img) = image_server("gi", 4 * MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (mut srv, img, mut d) = image_driver("gi", 4 * MB, &[]);
     let h = d.header_buf(T_OUT, 0);
     let data = d.alloc(512);
     d.mem
@@ -82,8 +80,7 @@ fn chain_without_a_writable_status_byte_is_not_executed() {
 
 #[test]
 fn short_header_and_addresses_outside_memory_answer_ioerr() {
-    let (mut srv, img) = image_server("gi", 4 * MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (mut srv, img, mut d) = image_driver("gi", 4 * MB, &[]);
     // Header of 8 bytes.
     let h = d.header_buf(T_OUT, 0);
     let st = d.alloc(1);
@@ -185,8 +182,7 @@ fn a_buffer_spanning_two_dma_windows_works() {
 
 #[test]
 fn avail_index_running_ahead_breaks_the_queue() {
-    let (mut srv, _img) = image_server("gi", 4 * MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (mut srv, _img, mut d) = image_driver("gi", 4 * MB, &[]);
     let size = d.queues[0].size;
     let idx = d.avail_idx(0);
     d.set_avail_idx(0, idx.wrapping_add(size + 1));
@@ -198,8 +194,7 @@ fn avail_index_running_ahead_breaks_the_queue() {
 
 #[test]
 fn a_head_reused_while_in_flight_breaks_the_queue() {
-    let (mut srv, _img) = image_server("gi", 4 * MB, &["--poll-mode", "interrupt"]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (mut srv, _img, mut d) = image_driver("gi", 4 * MB, &["--poll-mode", "interrupt"]);
     let s = d.submit(
         0,
         &Request {
@@ -219,8 +214,7 @@ fn a_head_reused_while_in_flight_breaks_the_queue() {
 
 #[test]
 fn rings_outside_guest_memory_are_waited_for_not_served() {
-    let (mut srv, _img) = image_server("gi", 4 * MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (mut srv, _img, mut d) = image_driver("gi", 4 * MB, &[]);
     d.reset();
     // Queue 0 at a page frame far outside the 64 MiB of guest RAM.
     d.c.region_write(0, 14, &0u16.to_le_bytes()).unwrap();
@@ -320,8 +314,7 @@ fn client_disconnect_with_io_in_flight_then_a_new_client() {
 #[test]
 fn backend_errors_answer_ioerr_or_stop_the_queue() {
     for (policy, stops) in [("report", false), ("stop", true)] {
-        let (mut srv, img) = image_server("gi", 4 * MB, &["--on-error", policy]);
-        let mut d = Driver::new(&srv.socket, DriverOptions::default());
+        let (mut srv, img, mut d) = image_driver("gi", 4 * MB, &["--on-error", policy]);
         // Shrink the image under the server: reads past the new end are short.
         std::fs::OpenOptions::new()
             .write(true)
@@ -366,8 +359,7 @@ fn backend_errors_answer_ioerr_or_stop_the_queue() {
 fn ring_unmapped_and_remapped_keeps_working() {
     use std::os::fd::AsRawFd;
     for mode in ["busy", "adaptive", "interrupt"] {
-        let (mut srv, img) = image_server("gi", 4 * MB, &["--poll-mode", mode]);
-        let mut d = Driver::new(&srv.socket, DriverOptions::default());
+        let (mut srv, img, mut d) = image_driver("gi", 4 * MB, &["--poll-mode", mode]);
         assert_eq!(d.write(0, 0, &[1u8; 512]), S_OK);
         d.c.dma_unmap(0, d.ram_size).unwrap();
         // A request published while the window is gone...
@@ -407,8 +399,7 @@ fn ring_unmapped_and_remapped_keeps_working() {
 /// refused, not wrapped around to low guest addresses (nor panic).
 #[test]
 fn buffers_that_wrap_the_address_space_are_refused() {
-    let (mut srv, img) = image_server("gi", 4 * MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (mut srv, img, mut d) = image_driver("gi", 4 * MB, &[]);
     // A status byte that would sit at a wrapped address: the chain has no
     // usable status byte, so nothing is executed and nothing is written.
     let low: Vec<u8> = {

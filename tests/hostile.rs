@@ -18,6 +18,15 @@ use vmm_sys_util::eventfd::EventFd;
 const MB: u64 = 1 << 20;
 const EINVAL: u32 = 22;
 
+/// SET_IRQS: trigger MSI-X vector `start` (one) on the eventfd sent with it.
+fn msix_trigger_payload(start: u32) -> Vec<u8> {
+    let flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+    [20, flags, VFIO_PCI_MSIX_IRQ_INDEX, start, 1]
+        .iter()
+        .flat_map(|w: &u32| w.to_le_bytes())
+        .collect()
+}
+
 fn dma_map_payload(iova: u64, size: u64, offset: u64) -> Vec<u8> {
     let mut p = Vec::new();
     p.extend_from_slice(&32u32.to_le_bytes());
@@ -126,8 +135,7 @@ fn direct_bounce_from_truncated_guest_memory_does_not_kill_the_server() {
 /// made non-blocking, and a full counter counts as "already signalled".
 #[test]
 fn a_blocking_eventfd_at_its_maximum_does_not_wedge_the_server() {
-    let (mut srv, _img) = image_server("hostile", 4 * MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (mut srv, _img, mut d) = image_driver("hostile", 4 * MB, &[]);
     let hostile = EventFd::new(0).unwrap();
     hostile.write(0xffff_ffff_ffff_fffe).unwrap();
     let fds: Vec<i32> = std::iter::repeat_n(hostile.as_raw_fd(), d.vectors.len()).collect();
@@ -159,14 +167,7 @@ fn interrupt_descriptors_that_are_not_eventfds_are_refused() {
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
     for fd in [fds[1], a.as_raw_fd()] {
-        let mut p = Vec::new();
-        p.extend_from_slice(&20u32.to_le_bytes());
-        p.extend_from_slice(
-            &(VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER).to_le_bytes(),
-        );
-        p.extend_from_slice(&VFIO_PCI_MSIX_IRQ_INDEX.to_le_bytes());
-        p.extend_from_slice(&0u32.to_le_bytes());
-        p.extend_from_slice(&1u32.to_le_bytes());
+        let p = msix_trigger_payload(0);
         let r = raw.call_fds(8, &p, &[fd]);
         assert_eq!((r.flags & ERROR, r.error), (ERROR, EINVAL), "{r:?}");
     }
@@ -279,14 +280,7 @@ fn ten_thousand_malformed_requests_leave_memory_and_descriptors_flat() {
             }
             // SET_IRQS with a descriptor for a sub-index that does not exist.
             2 => {
-                let mut p = Vec::new();
-                p.extend_from_slice(&20u32.to_le_bytes());
-                p.extend_from_slice(
-                    &(VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER).to_le_bytes(),
-                );
-                p.extend_from_slice(&VFIO_PCI_MSIX_IRQ_INDEX.to_le_bytes());
-                p.extend_from_slice(&1000u32.to_le_bytes());
-                p.extend_from_slice(&1u32.to_le_bytes());
+                let p = msix_trigger_payload(1000);
                 let r = raw.call_fds(8, &p, &[efd.as_raw_fd()]);
                 assert_eq!(r.error, EINVAL);
             }
@@ -345,8 +339,7 @@ fn ten_thousand_malformed_requests_leave_memory_and_descriptors_flat() {
 /// warning it causes is rate-limited per call site.
 #[test]
 fn a_guest_repeating_bad_requests_cannot_flood_the_log() {
-    let (mut srv, _img) = image_server("hostile", 4 * MB, &[]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (mut srv, _img, mut d) = image_driver("hostile", 4 * MB, &[]);
     for _ in 0..20 {
         // 24 requests past the end of the disk per round.
         for _ in 0..24 {

@@ -383,7 +383,7 @@ fn more_io_uring_completions_than_the_completion_queue_holds() {
     let _one = one_at_a_time();
     // O_DIRECT writes: buffered ones go to the thread pool (ext4 answers
     // RWF_NOWAIT writes with EOPNOTSUPP), these reach the io_uring.
-    let dir = TempDir::on_disk("a6");
+    let dir = support::on_disk("a6");
     let img = dir.path("disk.img");
     let imgs = img.to_str().unwrap().to_string();
     let mode = "interrupt".to_string();

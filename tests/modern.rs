@@ -425,8 +425,7 @@ fn packed_is_offered_only_when_asked_for_and_only_on_the_modern_interface() {
     assert_eq!(d.features64 & F_RING_PACKED, 0);
     drop(d);
     srv.assert_healthy();
-    let (mut srv, img) = image_server("packed-offer2", 4 * MB, &["--packed"]);
-    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let (mut srv, img, mut d) = image_driver("packed-offer2", 4 * MB, &["--packed"]);
     assert!(d.packed.is_empty(), "a legacy driver gets split rings");
     assert_eq!(d.write(0, 0, &[5u8; 4096]), S_OK);
     // A modern driver that refuses it gets split rings too.

@@ -154,7 +154,7 @@ fn more_reads_than_the_io_uring_holds_all_complete_and_a_reset_returns() {
         ("adaptive", 9, 64),
         ("adaptive", 16, 1024),
     ] {
-        let dir = TempDir::on_disk("uring");
+        let dir = support::on_disk("uring");
         let img = dir.path("disk.img");
         let f = std::fs::File::create(&img).unwrap();
         f.set_len(64 * MB).unwrap();

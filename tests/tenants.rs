@@ -66,7 +66,7 @@ fn device_b(dir: &TempDir) -> (std::path::PathBuf, String) {
 #[test]
 fn one_devices_write_zeroes_flood_does_not_hold_anothers_pool_work() {
     let _one = one_at_a_time();
-    let dir = TempDir::on_disk("fair");
+    let dir = support::on_disk("fair");
     let (b_sock, dev) = device_b(&dir);
     let srv = ServerProcess::start_in(
         dir,
@@ -480,7 +480,7 @@ fn dma_unmap(r: &mut Raw, iova: u64) -> u32 {
 fn a_removed_devices_windows_stay_guarded_while_its_requests_run() {
     let _one = one_at_a_time();
     use std::os::fd::AsRawFd;
-    let dir = TempDir::on_disk("guard");
+    let dir = support::on_disk("guard");
     let img = dir.path("v.img");
     std::fs::File::create(&img)
         .unwrap()
@@ -609,7 +609,7 @@ fn unmapped_windows_cannot_be_piled_up_through_broken_queues() {
 fn one_devices_large_reads_leave_room_in_the_io_uring_for_another() {
     let _one = one_at_a_time();
     use std::io::Write;
-    let dir = TempDir::on_disk("ringshare");
+    let dir = support::on_disk("ringshare");
     let a_img = dir.path("a.img");
     {
         let mut f = std::fs::File::create(&a_img).unwrap();

@@ -708,14 +708,7 @@ impl Active {
     /// Takes the queues back: nothing more is written to their rings, and
     /// this returns once nothing is in flight.
     pub fn stop(&self) {
-        if self.done.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        self.each_and_wait("reset", |queue, ack| Msg::Withdraw {
-            queue,
-            ack,
-            drain: true,
-        });
+        self.withdraw(true);
     }
 
     /// Takes the queues back without waiting for what is in flight: this
@@ -723,14 +716,17 @@ impl Active {
     /// still in the backend finish on their own, writing nothing, and the
     /// queues leave their reactors then.
     pub fn abandon(&self) {
+        self.withdraw(false);
+    }
+
+    /// Takes the queues back once (a reset drains them, a disconnect
+    /// does not).
+    fn withdraw(&self, drain: bool) {
         if self.done.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.each_and_wait("disconnect", |queue, ack| Msg::Withdraw {
-            queue,
-            ack,
-            drain: false,
-        });
+        let what = if drain { "reset" } else { "disconnect" };
+        self.each_and_wait(what, |queue, ack| Msg::Withdraw { queue, ack, drain });
     }
 }
 

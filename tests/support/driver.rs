@@ -898,6 +898,17 @@ impl Driver {
     }
 }
 
+/// [`image_server`] with a driver attached with the default options.
+pub fn image_driver(
+    tag: &str,
+    size: u64,
+    args: &[&str],
+) -> (super::ServerProcess, std::path::PathBuf, Driver) {
+    let (srv, img) = image_server(tag, size, args);
+    let d = Driver::new(&srv.socket, DriverOptions::default());
+    (srv, img, d)
+}
+
 /// A server on a fresh image of `size` bytes, with `args`.
 pub fn image_server(
     tag: &str,

@@ -18,41 +18,12 @@ use vfio_user_blk::device::BlkFunction;
 use vfio_user_blk::vfio_user::Server;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// A private temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub use vub_testkit::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("vub-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl TempDir {
-    /// A private folder on the disk the tests are built on (not tmpfs:
-    /// O_DIRECT works there), removed on drop.
-    pub fn on_disk(tag: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let p = base.join(format!("vub-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// A private folder on the disk the tests are built on (not tmpfs: O_DIRECT
+/// works there), removed on drop.
+pub fn on_disk(tag: &str) -> TempDir {
+    TempDir::under(Path::new(env!("CARGO_TARGET_TMPDIR")), tag)
 }
 
 /// The server binary running as a child process; killed (by PID) and its
