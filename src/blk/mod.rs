@@ -392,6 +392,10 @@ impl VirtioDevice for BlkDevice {
             irq,
             polled,
         } = ready;
+        // A resize under way holds the queues it found; this activation
+        // shows itself once it has ended, so that none runs against the
+        // old size, and once a departed client's writes have ended.
+        let prepared = self.queues.prepare();
         self.acked = low32(features);
         self.shared.features.store(features, Ordering::Relaxed);
         self.shared.running.store(true, Ordering::Relaxed);
@@ -435,15 +439,16 @@ impl VirtioDevice for BlkDevice {
             },
             feature_names(features).join(" "),
         );
-        // A resize under way holds the queues it found; these start once
-        // it has ended, so that none runs against the old size.
-        self.queues.start(Start {
-            handler: ctx,
-            queues,
-            irq,
-            event_idx: self.acked & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
-            polled,
-        });
+        self.queues.start(
+            prepared,
+            Start {
+                handler: ctx,
+                queues,
+                irq,
+                event_idx: self.acked & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
+                polled,
+            },
+        );
     }
 
     fn notify(&mut self, index: u16) {

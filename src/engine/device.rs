@@ -11,7 +11,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{ArcMutexGuard, Mutex, MutexGuard, RawMutex};
 
 use super::{Activation, Active, Engine, Fence, QueueStats, RequestHandler};
 use crate::memory::{DmaRange, GuestMemoryHandle};
@@ -78,17 +78,23 @@ impl DeviceQueues {
         self.hold.clone()
     }
 
-    /// The driver set DRIVER_OK: its queues go to the reactors. Any
-    /// running activation ends first, and writes of a client that left
-    /// end before a request of this one is taken. A change held from
-    /// another thread (a resize) ends first too.
-    pub fn start<H: RequestHandler>(&mut self, s: Start<H>) {
-        let hold = self.hold.clone();
-        let _no_change = hold.changing.lock();
+    /// The driver set DRIVER_OK: before the device shows anything of the
+    /// new activation, a change held from another thread (a resize) ends,
+    /// any running activation ends, and writes of a client that left end.
+    /// No change starts until [`start`](Self::start) has run.
+    pub fn prepare(&mut self) -> Starting {
+        let no_change = self.hold.changing.lock_arc();
         self.stop();
         if let Some(old) = self.departed.take() {
             old.wait_mutations();
         }
+        Starting {
+            _no_change: no_change,
+        }
+    }
+
+    /// The new activation's queues go to the reactors.
+    pub fn start<H: RequestHandler>(&mut self, prepared: Starting, s: Start<H>) {
         let active = Arc::new(self.engine.activate(Activation {
             log: self.log.clone(),
             handler: s.handler,
@@ -102,6 +108,7 @@ impl DeviceQueues {
         }));
         *self.hold.active.lock() = Arc::downgrade(&active);
         self.active = Some(active);
+        drop(prepared);
     }
 
     /// The driver rang queue `index`'s doorbell.
@@ -190,7 +197,13 @@ pub struct QueueHold {
     /// in the backend.
     departed: Mutex<Weak<Active>>,
     /// One change at a time; a driver's queues do not start during one.
-    changing: Mutex<()>,
+    changing: Arc<Mutex<()>>,
+}
+
+/// A device between DRIVER_OK and its queues' start: no change from
+/// another thread runs meanwhile (see [`DeviceQueues::prepare`]).
+pub struct Starting {
+    _no_change: ArcMutexGuard<RawMutex, ()>,
 }
 
 /// Why the queues could not be held.

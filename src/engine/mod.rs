@@ -40,7 +40,7 @@ use crate::memory::GuestMemoryHandle;
 use crate::util::DeviceLog;
 use crate::virtio::ring::{ChainError, RingError};
 use crate::virtio::{QueueConfig, VirtioInterrupt};
-pub use device::{Change, DeviceQueues, HoldError, Paused, QueueHold, Start};
+pub use device::{Change, DeviceQueues, HoldError, Paused, QueueHold, Start, Starting};
 use pool::Pool;
 pub use reactor::Fence;
 use reactor::{Msg, Reactor, ReactorTx, Waker};
