@@ -100,9 +100,8 @@ fn packed_event_idx_queue_of_three_interrupts_after_the_first_request() {
     let mut d = Driver::new(
         &srv.socket,
         DriverOptions {
-            modern: true,
             queue_size: Some(3),
-            ..Default::default()
+            ..DriverOptions::modern()
         },
     );
     assert_ne!(d.features & F_EVENT_IDX, 0, "EVENT_IDX negotiated");

@@ -37,15 +37,6 @@ fn dma_map_payload(iova: u64, size: u64, offset: u64) -> Vec<u8> {
     p
 }
 
-fn status_field(pid: u32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{key} in /proc/{pid}/status"))
-}
-
 /// Bug 1: DMA_MAP of 16 MiB from a 4 KiB memfd was accepted, and a ring
 /// placed there killed the server with SIGBUS at DRIVER_OK. Now the map is
 /// refused with EINVAL and a log line, before anything is mapped.
@@ -206,7 +197,7 @@ fn maximal_chains_do_not_grow_the_servers_memory() {
         assert_eq!(d.read(0, 1, 4096).0, S_OK);
     }
     let pid = srv.pid();
-    let before = status_field(pid, "VmHWM:");
+    let before = proc_status(pid, "VmHWM:").expect("a field of /proc/PID/status");
 
     // One 1 MiB data buffer at an odd 16-byte offset, shared by every
     // descriptor: the guest memory the server touches stays small.
@@ -237,7 +228,7 @@ fn maximal_chains_do_not_grow_the_servers_memory() {
     heads.push((d.place(0, &bufs, true), st, S_IOERR));
     d.force_kick(0);
     let used = d.wait_used(0, heads.len(), Duration::from_secs(60));
-    let after = status_field(pid, "VmHWM:");
+    let after = proc_status(pid, "VmHWM:").expect("a field of /proc/PID/status");
     let grown = after.saturating_sub(before);
     assert!(
         grown < 32 * 1024,
@@ -321,11 +312,17 @@ fn ten_thousand_malformed_requests_leave_memory_and_descriptors_flat() {
     for i in 0..800 {
         round(&mut raw, i);
     }
-    let (rss0, fds0) = (status_field(pid, "VmRSS:"), srv.open_fds());
+    let (rss0, fds0) = (
+        proc_status(pid, "VmRSS:").expect("a field of /proc/PID/status"),
+        srv.open_fds(),
+    );
     for i in 0..10_000 {
         round(&mut raw, i);
     }
-    let (rss1, fds1) = (status_field(pid, "VmRSS:"), srv.open_fds());
+    let (rss1, fds1) = (
+        proc_status(pid, "VmRSS:").expect("a field of /proc/PID/status"),
+        srv.open_fds(),
+    );
     assert_eq!(fds1, fds0, "descriptors leaked");
     assert!(
         rss1 < rss0 + 2048,

@@ -215,15 +215,6 @@ fn request_answered_without_io_never_writes_into_a_window_after_its_unmap_reply(
     assert_eq!(hits, 0);
 }
 
-fn rss_kb(pid: u32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// While device 0's guest keeps the shared reactor busy, device 1's client
 /// pipelines doorbells with NO_REPLY: each becomes a message queued for the
 /// reactor in an unbounded channel. Does the server's memory grow?
@@ -256,7 +247,7 @@ fn a_doorbell_flood_while_the_reactor_is_busy_costs_no_memory() {
     bufs.push((0xff00, 1, true));
     // Anonymous memory only: the guest RAM the server touches is shared
     // memory and says nothing about what the server allocates.
-    let base = rss_kb(srv.pid(), "RssAnon:");
+    let base = proc_status(srv.pid(), "RssAnon:").unwrap_or(0);
     let nflood = 248;
     for _ in 0..nflood {
         d0.place(0, &bufs, true);
@@ -275,17 +266,17 @@ fn a_doorbell_flood_while_the_reactor_is_busy_costs_no_memory() {
     for k in 0..n / 1000 {
         raw.send(&batch);
         if k % 50 == 0 {
-            peak_anon = peak_anon.max(rss_kb(srv.pid(), "RssAnon:"));
+            peak_anon = peak_anon.max(proc_status(srv.pid(), "RssAnon:").unwrap_or(0));
         }
     }
     eprintln!("sent {n} doorbells in {:?}", t.elapsed());
-    let peak = peak_anon.max(rss_kb(srv.pid(), "RssAnon:"));
+    let peak = peak_anon.max(proc_status(srv.pid(), "RssAnon:").unwrap_or(0));
     d0.wait_used(0, nflood, Duration::from_secs(300));
     thread::sleep(Duration::from_millis(500));
     eprintln!(
         "server anonymous memory: before {base} kB, peak while the doorbells came {peak} kB, \
          after {} kB; {:?}",
-        rss_kb(srv.pid(), "RssAnon:"),
+        proc_status(srv.pid(), "RssAnon:").unwrap_or(0),
         t.elapsed()
     );
     assert!(

@@ -16,10 +16,7 @@ const MB: u64 = 1 << 20;
 const VERSION_1: u64 = 1 << 32;
 
 fn modern_opts() -> DriverOptions {
-    DriverOptions {
-        modern: true,
-        ..Default::default()
-    }
+    DriverOptions::modern()
 }
 
 #[test]
@@ -57,9 +54,8 @@ fn a_smaller_queue_wraps_around() {
     let mut d = Driver::new(
         &srv.socket,
         DriverOptions {
-            modern: true,
             queue_size: Some(8),
-            ..Default::default()
+            ..DriverOptions::modern()
         },
     );
     assert_eq!(d.queues[0].size, 8);

@@ -87,13 +87,7 @@ fn setup_queue0(d: &mut Driver, size: u16, desc: u64, avail: u64, used: u64) {
 }
 
 fn modern_driver(srv: &ServerProcess) -> Driver {
-    Driver::new(
-        &srv.socket,
-        DriverOptions {
-            modern: true,
-            ..Default::default()
-        },
-    )
+    Driver::new(&srv.socket, DriverOptions::modern())
 }
 
 /// QEMU (hw/vfio-user/device.c, vfio_user_device_io_get_region_info)

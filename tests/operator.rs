@@ -402,13 +402,7 @@ fn a_queue_vector_moved_after_driver_ok_is_honoured() {
         "--poll-mode",
         "interrupt",
     ]);
-    let mut d = Driver::new(
-        &srv.socket,
-        DriverOptions {
-            modern: true,
-            ..Default::default()
-        },
-    );
+    let mut d = Driver::new(&srv.socket, DriverOptions::modern());
     assert_eq!(d.read(0, 0, 512).0, S_OK);
     d.c.region_write(BAR4, modern::QUEUE_SELECT, &0u16.to_le_bytes())
         .unwrap();

@@ -745,13 +745,7 @@ fn a_resize_moves_the_config_generation_on_the_modern_interface() {
         "device_add",
         json!({"name": "m", "socket": sock(&t, "m"), "disk": img, "size": "4M"}),
     );
-    let mut d = Driver::new(
-        &sock(&t, "m"),
-        DriverOptions {
-            modern: true,
-            ..Default::default()
-        },
-    );
+    let mut d = Driver::new(&sock(&t, "m"), DriverOptions::modern());
     let generation = |d: &mut Driver| {
         let mut g = [0u8];
         d.c.region_read(

@@ -313,10 +313,8 @@ mod tests {
 
     #[test]
     fn open_and_create() {
-        let dir = std::env::temp_dir().join(format!("vub-backend-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("d.img");
-        let _ = std::fs::remove_file(&p);
+        let dir = vub_testkit::TempDir::new("backend");
+        let p = dir.path("d.img");
         let spec = DiskSpec::File(p.clone());
         let plain = OpenOptionsDisk::default();
         assert!(matches!(open(&spec, plain), Err(OpenError::Missing { .. })));
@@ -338,6 +336,5 @@ mod tests {
             open(&DiskSpec::Ram(0), plain),
             Err(OpenError::Empty)
         ));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

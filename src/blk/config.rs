@@ -54,26 +54,15 @@ impl BlkConfig {
         c.bytes[offset_of!(Cfg, wce)] = 1;
         c.put(offset_of!(Cfg, num_queues), &o.num_queues.to_le_bytes());
         let align = (o.logical_block_size / 512).max(1);
-        c.put(
-            offset_of!(Cfg, max_discard_sectors),
-            &MAX_DWZ_SECTORS.to_le_bytes(),
-        );
-        c.put(
-            offset_of!(Cfg, max_discard_seg),
-            &MAX_DISCARD_SEGS.to_le_bytes(),
-        );
-        c.put(
-            offset_of!(Cfg, discard_sector_alignment),
-            &align.to_le_bytes(),
-        );
-        c.put(
-            offset_of!(Cfg, max_write_zeroes_sectors),
-            &MAX_DWZ_SECTORS.to_le_bytes(),
-        );
-        c.put(
-            offset_of!(Cfg, max_write_zeroes_seg),
-            &MAX_WRITE_ZEROES_SEGS.to_le_bytes(),
-        );
+        for (off, v) in [
+            (offset_of!(Cfg, max_discard_sectors), MAX_DWZ_SECTORS),
+            (offset_of!(Cfg, max_discard_seg), MAX_DISCARD_SEGS),
+            (offset_of!(Cfg, discard_sector_alignment), align),
+            (offset_of!(Cfg, max_write_zeroes_sectors), MAX_DWZ_SECTORS),
+            (offset_of!(Cfg, max_write_zeroes_seg), MAX_WRITE_ZEROES_SEGS),
+        ] {
+            c.put(off, &v.to_le_bytes());
+        }
         c.bytes[offset_of!(Cfg, write_zeroes_may_unmap)] = 1;
         c
     }

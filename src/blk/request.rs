@@ -349,14 +349,24 @@ pub fn read_header(mem: &GuestMemoryMmap, c: &Chain) -> Result<Header, RequestEr
     }
     let mut h = [0u8; HEADER_SIZE];
     gather(mem, &c.readable, 0, &mut h)?;
-    let mut kind = [0u8; 4];
-    kind.copy_from_slice(&h[0..4]);
-    let mut sector = [0u8; 8];
-    sector.copy_from_slice(&h[8..16]);
     Ok(Header {
-        kind: u32::from_le_bytes(kind),
-        sector: u64::from_le_bytes(sector),
+        kind: le32(&h, 0),
+        sector: le64(&h, 8),
     })
+}
+
+/// The little-endian u32 at `at` in `b` (which holds it).
+fn le32(b: &[u8], at: usize) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(w)
+}
+
+/// The little-endian u64 at `at` in `b` (which holds it).
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
 }
 
 /// Checks `sector + bytes` against the capacity, in sectors, before any byte
@@ -418,16 +428,10 @@ pub fn for_each_dwz_segment(
             HEADER_SIZE as u64 + i * DWZ_SEG_SIZE as u64,
             &mut b,
         )?;
-        let mut s = [0u8; 8];
-        s.copy_from_slice(&b[0..8]);
-        let mut ns = [0u8; 4];
-        ns.copy_from_slice(&b[8..12]);
-        let mut fl = [0u8; 4];
-        fl.copy_from_slice(&b[12..16]);
         f(DwzSeg {
-            sector: u64::from_le_bytes(s),
-            num_sectors: u32::from_le_bytes(ns),
-            flags: u32::from_le_bytes(fl),
+            sector: le64(&b, 0),
+            num_sectors: le32(&b, 8),
+            flags: le32(&b, 12),
         })?;
     }
     Ok(())

@@ -195,6 +195,14 @@ pub struct DriverOptions {
 pub const F_RING_PACKED: u64 = 1 << 34;
 
 impl DriverOptions {
+    /// The modern (virtio 1.x) interface.
+    pub fn modern() -> DriverOptions {
+        DriverOptions {
+            modern: true,
+            ..Default::default()
+        }
+    }
+
     /// Refusing the (low) feature bits `refuse`.
     pub fn refusing(refuse: u32) -> DriverOptions {
         DriverOptions {

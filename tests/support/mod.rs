@@ -20,6 +20,15 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 pub use vub_testkit::TempDir;
 
+/// A number field of /proc/PID/status (`VmRSS:`, `Threads:`...).
+pub fn proc_status(pid: u32, key: &str) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
 /// A private folder on the disk the tests are built on (not tmpfs: O_DIRECT
 /// works there), removed on drop.
 pub fn on_disk(tag: &str) -> TempDir {

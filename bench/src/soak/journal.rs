@@ -243,10 +243,8 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_partial_tails_are_caught() {
-        let dir = std::env::temp_dir().join(format!("vub-soak-journal-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("j.bin");
-        let _ = std::fs::remove_file(&p);
+        let dir = vub_testkit::TempDir::new("soak-journal");
+        let p = dir.path("j.bin");
         let mut w = Writer::create(&p).unwrap();
         let mut r = Record::new(Kind::Submit, 0x3_0000_0001);
         r.sector = 77;
@@ -269,6 +267,5 @@ mod tests {
             .unwrap();
         assert!(rd.read_new(false).unwrap().is_empty());
         assert!(rd.read_new(true).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
