@@ -38,6 +38,19 @@ pub struct DmaRange {
     pub host_len: usize,
 }
 
+/// What happens to guest memory, as the layers below the protocol are told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryChange {
+    /// Stop using `range` (None: all guest memory) and wait for the work
+    /// in flight on it: it is about to be unmapped (or the client asked
+    /// for a pause).
+    Quiesce(Option<DmaRange>),
+    /// What the last `Quiesce` stopped goes on.
+    Resume,
+    /// A DMA window was added: what waited for memory looks again.
+    Added,
+}
+
 /// One buffer in guest memory, laid out exactly as `struct iovec`, so a
 /// request's list goes to preadv/pwritev as it is.
 #[repr(C)]

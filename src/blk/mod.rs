@@ -17,8 +17,8 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 use crate::backend::io::Backend;
 use crate::engine::{DeviceQueues, Engine, HoldError, QueueHold, QueueStats, Start};
-use crate::memory::DmaRange;
 use crate::memory::GuestMemoryHandle;
+use crate::memory::MemoryChange;
 use crate::util::DeviceLog;
 use crate::virtio::{low32, ConfigNotifier, DriverReady, VirtioDevice};
 pub use config::BlkConfig;
@@ -469,16 +469,8 @@ impl VirtioDevice for BlkDevice {
         self.shared.running.store(false, Ordering::Relaxed);
     }
 
-    fn quiesce(&mut self, range: Option<DmaRange>) {
-        self.queues.quiesce(range);
-    }
-
-    fn resume(&mut self) {
-        self.queues.resume();
-    }
-
-    fn memory_added(&mut self) {
-        self.queues.memory_added();
+    fn memory_changed(&mut self, change: MemoryChange) {
+        self.queues.memory_changed(change);
     }
 
     fn features_written(&mut self, features: u64) {

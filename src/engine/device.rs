@@ -14,7 +14,7 @@ use std::time::Duration;
 use parking_lot::{ArcMutexGuard, Mutex, MutexGuard, RawMutex};
 
 use super::{Activation, Active, Engine, Fence, QueueStats, RequestHandler};
-use crate::memory::{DmaRange, GuestMemoryHandle};
+use crate::memory::{DmaRange, GuestMemoryHandle, MemoryChange};
 use crate::util::DeviceLog;
 use crate::virtio::{QueueConfig, VirtioInterrupt};
 
@@ -152,9 +152,18 @@ impl DeviceQueues {
         );
     }
 
+    /// Guest memory changes: see [`MemoryChange`].
+    pub fn memory_changed(&mut self, change: MemoryChange) {
+        match change {
+            MemoryChange::Quiesce(range) => self.quiesce(range),
+            MemoryChange::Resume => self.resume(),
+            MemoryChange::Added => self.memory_added(),
+        }
+    }
+
     /// `range` is about to be unmapped (fence the queues that use it), or
     /// the client asked for all to stop (None).
-    pub fn quiesce(&mut self, range: Option<DmaRange>) {
+    fn quiesce(&mut self, range: Option<DmaRange>) {
         let Some(a) = &self.active else { return };
         self.fenced = range.is_some();
         match range {
@@ -169,7 +178,7 @@ impl DeviceQueues {
     }
 
     /// Lifts what the last [`quiesce`](Self::quiesce) did.
-    pub fn resume(&mut self) {
+    fn resume(&mut self) {
         if let Some(a) = &self.active {
             if self.fenced {
                 a.lift_fence();
@@ -180,7 +189,7 @@ impl DeviceQueues {
     }
 
     /// Guest memory grew: every queue looks at its ring again.
-    pub fn memory_added(&self) {
+    fn memory_added(&self) {
         if let Some(a) = &self.active {
             a.wake_all();
         }

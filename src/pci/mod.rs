@@ -21,7 +21,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_REGION_INFO_FLAG_WRITE,
 };
 
-use crate::memory::DmaRange;
+use crate::memory::{DmaRange, MemoryChange};
 use crate::vfio_user::{Device, Errno, IrqInfo, IrqSet, RegionInfo, RegionMmap};
 use config::{BarKind, ConfigLayout, ConfigSpace, MsixCap, CONFIG_SIZE};
 pub use config::{CapWindow, Identity, VendorCap};
@@ -64,14 +64,10 @@ pub trait BarLogic: Send {
     /// The client is gone: back to power-on state without waiting for work
     /// in flight, which writes nothing more.
     fn disconnect(&mut self);
-    /// Stop using guest memory (`range`, or all of it) and wait for
-    /// in-flight work on it.
-    fn quiesce(&mut self, range: Option<DmaRange>);
-    fn resume(&mut self);
+    /// Guest memory changes (see [`MemoryChange`]).
+    fn memory_changed(&mut self, change: MemoryChange);
     /// The guest changed the bus-master enable bit.
     fn bus_master_changed(&mut self, enabled: bool);
-    /// Guest memory grew (a DMA window was added).
-    fn memory_added(&mut self);
 }
 
 /// BAR1 layout: MSI-X table at 0, PBA at 0x800, 4 KiB in all.
@@ -379,15 +375,15 @@ impl<B: BarLogic> Device for PciFunction<B> {
     }
 
     fn quiesce(&mut self, range: Option<DmaRange>) {
-        self.bars.quiesce(range);
+        self.bars.memory_changed(MemoryChange::Quiesce(range));
     }
 
     fn resume(&mut self) {
-        self.bars.resume();
+        self.bars.memory_changed(MemoryChange::Resume);
     }
 
     fn dma_mapped(&mut self) {
-        self.bars.memory_added();
+        self.bars.memory_changed(MemoryChange::Added);
     }
 
     fn disconnect(&mut self) {
@@ -456,10 +452,8 @@ mod tests {
         }
         fn reset(&mut self) {}
         fn disconnect(&mut self) {}
-        fn quiesce(&mut self, _range: Option<DmaRange>) {}
-        fn resume(&mut self) {}
+        fn memory_changed(&mut self, _change: MemoryChange) {}
         fn bus_master_changed(&mut self, _enabled: bool) {}
-        fn memory_added(&mut self) {}
     }
 
     fn function() -> (PciFunction<Recorder>, Log, u64) {

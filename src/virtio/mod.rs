@@ -253,12 +253,9 @@ pub trait VirtioDevice: Send {
     /// The client is gone: stop serving at once; requests still in flight
     /// finish on their own and write nothing. A reset follows.
     fn abandon(&mut self);
-    /// Pause guest-memory access to `range` (None: all of it) and wait for
-    /// in-flight requests that use it.
-    fn quiesce(&mut self, range: Option<crate::memory::DmaRange>);
-    fn resume(&mut self);
-    /// Guest memory grew: queues waiting for their rings look again.
-    fn memory_added(&mut self);
+    /// Guest memory changes: a quiesce pauses access to the range (or all
+    /// guest memory) and waits for in-flight requests that use it.
+    fn memory_changed(&mut self, change: crate::memory::MemoryChange);
     /// The driver wrote its feature bits (before DRIVER_OK): what the
     /// device config shows may depend on them.
     fn features_written(&mut self, features: u64);

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use super::transport::{NotifyMode, PciTransport};
 use super::{DriverReady, QueueConfig, VirtioDevice};
-use crate::memory::DmaRange;
+use crate::memory::MemoryChange;
 use crate::pci::Interrupts;
 
 pub type Activations = Arc<Mutex<Vec<(u64, Vec<Option<QueueConfig>>)>>>;
@@ -51,10 +51,8 @@ impl VirtioDevice for Fake {
     fn reset(&mut self) {
         *self.resets.lock().unwrap() += 1;
     }
-    fn quiesce(&mut self, _range: Option<DmaRange>) {}
+    fn memory_changed(&mut self, _change: MemoryChange) {}
     fn abandon(&mut self) {}
-    fn resume(&mut self) {}
-    fn memory_added(&mut self) {}
     fn features_written(&mut self, features: u64) {
         self.written.lock().unwrap().push(features);
     }

@@ -24,7 +24,7 @@ use super::modern;
 use super::{
     ConfigNotifier, ConfigState, DriverReady, QueueConfig, VirtioDevice, VirtioInterrupt, NO_VECTOR,
 };
-use crate::memory::DmaRange;
+use crate::memory::MemoryChange;
 use crate::pci::{BarLogic, Interrupts, MemBar, VendorCap};
 
 // The status register is 8 bits wide; the bindings spell its bits as u32.
@@ -403,16 +403,8 @@ impl<D: VirtioDevice> BarLogic for PciTransport<D> {
         );
     }
 
-    fn quiesce(&mut self, range: Option<DmaRange>) {
-        self.dev.quiesce(range);
-    }
-
-    fn resume(&mut self) {
-        self.dev.resume();
-    }
-
-    fn memory_added(&mut self) {
-        self.dev.memory_added();
+    fn memory_changed(&mut self, change: MemoryChange) {
+        self.dev.memory_changed(change);
     }
 
     fn bus_master_changed(&mut self, enabled: bool) {
