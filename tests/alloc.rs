@@ -174,11 +174,7 @@ fn no_allocation_per_request_on_the_io_uring_path() {
 #[test]
 fn the_thread_pool_path_allocates_only_channel_blocks() {
     let dir = TempDir::new("alloc");
-    let img = dir.path("d.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    let img = dir.image("d.img", 16 << 20);
     let (allocs, requests) = steady_state_with(
         &["--disk", img.to_str().unwrap(), "--poll-mode", "busy"],
         F_FLUSH,

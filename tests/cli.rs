@@ -161,11 +161,7 @@ fn cpus_that_do_not_exist_are_refused_before_anything_is_created() {
 #[test]
 fn a_second_server_on_a_locked_image_is_refused() {
     let dir = TempDir::new("lock");
-    let img = dir.path("d.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = dir.image("d.img", 1 << 20);
     let first = ServerProcess::start(&["--disk", img.to_str().unwrap()]);
     let sock = dir.path("second.sock");
     // A server that takes the image anyway runs: never wait forever.
@@ -306,11 +302,7 @@ fn bad_options_are_refused_before_anything_is_created() {
 #[test]
 fn size_given_for_an_existing_image_is_reported() {
     let dir = TempDir::new("size-existing");
-    let img = dir.path("d.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(2 << 20)
-        .unwrap();
+    let img = dir.image("d.img", 2 << 20);
     let mut srv = ServerProcess::start_in(dir, &["--disk", img.to_str().unwrap(), "--size", "8M"]);
     assert!(srv.log_text().contains("is not used"), "{}", srv.log_text());
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 2 << 20);
@@ -385,11 +377,7 @@ fn a_busy_target_pins_its_reactor_and_keeps_its_io_threads_off_that_cpu() {
     }
     let last = *mine.last().unwrap();
     let dir = support::on_disk("pin");
-    let img = dir.path("d.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    let img = dir.image("d.img", 16 << 20);
     let srv = ServerProcess::start_in(
         dir,
         &[

@@ -108,11 +108,7 @@ fn images_and_sockets_planted_by_another_user_are_refused() {
     assert!(err.contains("another user"), "{err}");
 
     // A planted symlink to a root-only file.
-    let secret = dir.path("secret.img");
-    std::fs::File::create(&secret)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let secret = dir.image("secret.img", 1 << 20);
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let link = shared.join("link.img");
     std::os::unix::fs::symlink(&secret, &link).unwrap();

@@ -53,11 +53,7 @@ fn misaligned_writes(d: &mut Driver, n: usize) -> Vec<Duration> {
 /// O_DIRECT (its misaligned writes go through the pool): its socket and
 /// its `--device` spec.
 fn device_b(dir: &TempDir) -> (std::path::PathBuf, String) {
-    let img = dir.path("b.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 * MB)
-        .unwrap();
+    let img = dir.image("b.img", 64 * MB);
     let sock = dir.path("b.sock");
     let dev = format!("socket={},disk={},direct=on", sock.display(), img.display());
     (sock, dev)
@@ -481,11 +477,7 @@ fn a_removed_devices_windows_stay_guarded_while_its_requests_run() {
     let _one = one_at_a_time();
     use std::os::fd::AsRawFd;
     let dir = support::on_disk("guard");
-    let img = dir.path("v.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
+    let img = dir.image("v.img", 1 << 30);
     let vsock = dir.path("v.sock");
     let rpc = dir.path("rpc.sock");
     let dev = format!(

@@ -33,6 +33,15 @@ impl TempDir {
     pub fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
+
+    /// A new image file `name` of `size` bytes (sparse) in the folder.
+    pub fn image(&self, name: &str, size: u64) -> PathBuf {
+        let p = self.path(name);
+        fs::File::create(&p)
+            .and_then(|f| f.set_len(size))
+            .expect("creating an image");
+        p
+    }
 }
 
 impl Drop for TempDir {
