@@ -270,16 +270,8 @@ fn add_stuck_disk(
 /// device without a bound.
 #[test]
 fn a_stuck_disk_never_hangs_the_control_plane() {
-    use clap::Parser;
     let dir = TempDir::new("ctl");
-    let opts = vfio_user_blk::cli::Options::parse_from([
-        "x",
-        "--rpc-socket",
-        dir.path("unused-rpc.sock").to_str().unwrap(),
-        "--poll-mode",
-        "interrupt",
-    ]);
-    let target = opts.start_target().unwrap();
+    let target = target_in(&dir, &["--poll-mode", "interrupt"]);
     let sock = dir.path("stuck.sock");
     let be = add_stuck_disk(&target, &sock);
     let mut d = Driver::new(&sock, DriverOptions::default());
@@ -696,7 +688,6 @@ fn one_devices_large_reads_leave_room_in_the_io_uring_for_another() {
 /// waited for the stuck read.)
 #[test]
 fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk() {
-    use clap::Parser;
     let _one = one_at_a_time();
     // This thread, and every thread of the target started from it, on one
     // CPU: the reactor and the I/O threads share it.
@@ -709,18 +700,17 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
     let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     assert_eq!(r, 0);
     let dir = TempDir::new("share");
-    let opts = vfio_user_blk::cli::Options::parse_from([
-        "x",
-        "--rpc-socket",
-        dir.path("unused-rpc.sock").to_str().unwrap(),
-        "--poll-mode",
-        "busy",
-        "--pollers",
-        "1",
-        "--io-engine",
-        "threads",
-    ]);
-    let target = opts.start_target().unwrap();
+    let target = target_in(
+        &dir,
+        &[
+            "--poll-mode",
+            "busy",
+            "--pollers",
+            "1",
+            "--io-engine",
+            "threads",
+        ],
+    );
     let stuck = dir.path("stuck.sock");
     let be = add_stuck_disk(&target, &stuck);
     let other = dir.path("other.sock");
@@ -747,4 +737,15 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
         Some(true),
         "the other device's writes waited for the stuck disk"
     );
+}
+
+/// A target in this process, its management socket in `dir` (unused: the
+/// test calls the target directly), started with `args`.
+fn target_in(dir: &TempDir, args: &[&str]) -> std::sync::Arc<vfio_user_blk::target::Target> {
+    let rpc = dir.path("unused-rpc.sock");
+    let mut argv = vec!["x", "--rpc-socket", rpc.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    <vfio_user_blk::cli::Options as clap::Parser>::parse_from(argv)
+        .start_target()
+        .unwrap()
 }

@@ -9,13 +9,26 @@ use std::process::{Command, Output};
 use serde_json::Value;
 use support::TempDir;
 
-fn bench(args: &[&str], path: Option<&str>) -> Output {
+/// Runs the benchmark with `args` (split at white space: the paths in
+/// them have none), with `path` as PATH if given.
+fn bench(args: &str, path: Option<&str>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vfio-user-blk-bench"));
-    cmd.args(args);
+    cmd.args(args.split_whitespace());
     if let Some(p) = path {
         cmd.env("PATH", p);
     }
     cmd.output().unwrap()
+}
+
+/// [`bench`], which must succeed.
+fn bench_ok(args: &str, path: Option<&str>) -> Output {
+    let out = bench(args, path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 #[test]
@@ -25,33 +38,14 @@ fn bench_quick_run_writes_json_and_svg() {
     let json = dir.path("r.json");
     let svg = dir.path("p.svg");
     let img = dir.path("b.img");
-    let out = bench(
-        &[
-            "--quick",
-            "--seconds",
-            "0.3",
-            "--repeat",
-            "2",
-            "--quiet-wait",
-            "0",
-            "--size",
-            "16M",
-            "--targets",
-            "ours,direct",
-            "--image",
-            img.to_str().unwrap(),
-            "--json",
-            json.to_str().unwrap(),
-            "--svg",
-            svg.to_str().unwrap(),
-        ],
-        None,
+    let args = format!(
+        "--quick --seconds 0.3 --repeat 2 --quiet-wait 0 --size 16M --targets ours,direct \
+         --image {} --json {} --svg {}",
+        img.display(),
+        json.display(),
+        svg.display()
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = bench_ok(&args, None);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table.contains("4k-randread-qd32") && table.contains("ours/qsd"),
@@ -134,33 +128,13 @@ fn a_qsd_that_refuses_io_uring_is_not_run() {
     );
     let json = dir.path("r.json");
     let img = dir.path("b.img");
-    let out = bench(
-        &[
-            "--quick",
-            "--only",
-            "4k-randread-qd1",
-            "--seconds",
-            "0.2",
-            "--repeat",
-            "1",
-            "--quiet-wait",
-            "0",
-            "--size",
-            "8M",
-            "--targets",
-            "ours,qsd-uring",
-            "--image",
-            img.to_str().unwrap(),
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        Some(&path),
+    let args = format!(
+        "--quick --only 4k-randread-qd1 --seconds 0.2 --repeat 1 --quiet-wait 0 --size 8M \
+         --targets ours,qsd-uring --image {} --json {}",
+        img.display(),
+        json.display()
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = bench_ok(&args, Some(&path));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("not run"), "{table}");
     let v: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -181,10 +155,10 @@ fn a_qsd_that_refuses_io_uring_is_not_run() {
 #[test]
 fn bad_options_are_errors() {
     for args in [
-        &["--targets", "ours,nope"][..],
-        &["--seconds", "0"],
-        &["--seconds=-1"],
-        &["--repeat", "0"],
+        "--targets ours,nope",
+        "--seconds 0",
+        "--seconds=-1",
+        "--repeat 0",
     ] {
         let out = bench(args, None);
         assert!(!out.status.success(), "{args:?} was accepted");

@@ -57,25 +57,13 @@ fn start_server(dir: &TempDir) -> Server {
 fn client(dir: &TempDir, journal: &str, cycle: &str, interface: &str) {
     let sock = dir.path("d0.sock");
     let j = dir.path(journal);
-    let out = bench(&[
-        "soak-client",
-        "--socket",
-        sock.to_str().unwrap(),
-        "--journal",
-        j.to_str().unwrap(),
-        "--seed",
-        "9",
-        "--cycle",
-        cycle,
-        "--disk-size",
-        "4M",
-        "--interface",
-        interface,
-        "--queues",
-        "2",
-        "--max-seconds",
-        "0.4",
-    ]);
+    let args = format!(
+        "soak-client --socket {} --journal {} --seed 9 --cycle {cycle} --disk-size 4M \
+         --interface {interface} --queues 2 --max-seconds 0.4",
+        sock.display(),
+        j.display()
+    );
+    let out = bench(&args.split_whitespace().collect::<Vec<_>>());
     assert!(
         out.status.success(),
         "{}",

@@ -48,6 +48,20 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vfio-user-blk")
 }
 
+/// The server binary with `socket` (its option and path) and `args`, its
+/// log (at `level`) in `log`.
+fn spawn_server(socket: [&std::ffi::OsStr; 2], args: &[&str], log: &Path, level: &str) -> Child {
+    Command::new(bin())
+        .args(socket)
+        .args(args)
+        .env("RUST_LOG", level)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(log).unwrap())
+        .spawn()
+        .expect("starting the server")
+}
+
 impl ServerProcess {
     /// Starts `vfio-user-blk --socket <tmp>/s.sock <args>` and waits until
     /// it listens.
@@ -59,16 +73,7 @@ impl ServerProcess {
     pub fn start_in(dir: TempDir, args: &[&str]) -> ServerProcess {
         let socket = dir.path("s.sock");
         let log = dir.path("server.log");
-        let child = Command::new(bin())
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start server");
+        let child = spawn_server(["--socket".as_ref(), socket.as_ref()], args, &log, "debug");
         let mut s = ServerProcess {
             child,
             socket,
@@ -362,14 +367,7 @@ impl RpcTarget {
         let dir = TempDir::new("rpc");
         let rpc = dir.path("rpc.sock");
         let log = dir.path("target.log");
-        let child = Command::new(bin())
-            .arg("--rpc-socket")
-            .arg(&rpc)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let child = spawn_server(["--rpc-socket".as_ref(), rpc.as_ref()], extra, &log, "info");
         let t = RpcTarget {
             child,
             dir,
