@@ -14,7 +14,7 @@ const MB: u64 = 1 << 20;
 
 #[test]
 fn read_write_byte_for_byte_against_the_image() {
-    let (mut srv, img, mut d) = image_driver("blk", 16 * MB, &[]);
+    let (mut srv, img, mut d) = image_driver(16 * MB, &[]);
     assert_eq!(d.capacity(), 16 * MB / 512);
     let data = pattern(1, 64 * 1024);
     assert_eq!(d.write(0, 100, &data), S_OK);
@@ -41,64 +41,25 @@ fn read_write_byte_for_byte_against_the_image() {
 
 #[test]
 fn any_split_of_header_data_and_status() {
-    let (_srv, img, mut d) = image_driver("blk", 4 * MB, &[]);
+    let (_srv, img, mut d) = image_driver(4 * MB, &[]);
+    let l = Layout::default();
     for (i, layout) in [
-        Layout {
-            split_header: true,
-            ..Default::default()
-        },
-        Layout {
-            data_chunk: 512,
-            ..Default::default()
-        },
-        Layout {
-            data_chunk: 100,
-            split_header: true,
-            ..Default::default()
-        },
-        Layout {
-            indirect: true,
-            data_chunk: 1024,
-            ..Default::default()
-        },
-        Layout {
-            status_with_data: true,
-            ..Default::default()
-        },
-        Layout {
-            status_with_data: true,
-            indirect: true,
-            data_chunk: 300,
-            ..Default::default()
-        },
+        l.split(),
+        l.chunks(512),
+        l.chunks(100).split(),
+        l.indirect().chunks(1024),
+        l.status_with_data(),
+        l.status_with_data().indirect().chunks(300),
     ]
     .into_iter()
     .enumerate()
     {
         let data = pattern(10 + i as u64, 4096);
         let sector = 8 * i as u64;
-        let (st, _, _) = d.run(
-            0,
-            &Request {
-                kind: T_OUT,
-                sector,
-                out: data.clone(),
-                in_len: 0,
-                layout,
-            },
-        );
+        let (st, _, _) = d.run(0, &Request::write(sector, &data).laid(layout));
         assert_eq!(st, S_OK, "write with {layout:?}");
         assert_eq!(image_bytes(&img, sector * 512, 4096), data);
-        let (st, got, used) = d.run(
-            0,
-            &Request {
-                kind: T_IN,
-                sector,
-                out: vec![],
-                in_len: 4096,
-                layout,
-            },
-        );
+        let (st, got, used) = d.run(0, &Request::read(sector, 4096).laid(layout));
         assert_eq!((st, used), (S_OK, 4097), "read with {layout:?}");
         assert_eq!(got, data);
     }
@@ -106,7 +67,7 @@ fn any_split_of_header_data_and_status() {
 
 #[test]
 fn flush_get_id_and_unknown_types() {
-    let (_srv, _img, mut d) = image_driver("blk", 4 * MB, &["--serial", "SERIAL-1234"]);
+    let (_srv, _img, mut d) = image_driver(4 * MB, &["--serial", "SERIAL-1234"]);
     assert_ne!(d.features & F_FLUSH, 0);
     assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
     let (st, id, used) = d.simple(0, T_GET_ID, 0, vec![], 20);
@@ -121,7 +82,7 @@ fn flush_get_id_and_unknown_types() {
 
 #[test]
 fn out_of_range_and_misaligned_requests_fail_without_touching_the_disk() {
-    let (_srv, img, mut d) = image_driver("blk", MB, &[]);
+    let (_srv, img, mut d) = image_driver(MB, &[]);
     let before = std::fs::read(&img).unwrap();
     let last = MB / 512;
     assert_eq!(d.write(0, last, &[1u8; 512]), S_IOERR);
@@ -159,7 +120,7 @@ fn read_only_disk_refuses_writes_even_without_the_ro_feature() {
 
 #[test]
 fn discard_punches_holes_and_write_zeroes_zeroes() {
-    let (_srv, img, mut d) = image_driver("blk", 4 * MB, &[]);
+    let (_srv, img, mut d) = image_driver(4 * MB, &[]);
     assert_ne!(d.features & F_DISCARD, 0);
     assert_ne!(d.features & F_WRITE_ZEROES, 0);
     let data = pattern(3, 256 * 1024);
@@ -209,7 +170,7 @@ fn discard_punches_holes_and_write_zeroes_zeroes() {
 
 #[test]
 fn discard_and_write_zeroes_can_be_turned_off() {
-    let (_srv, _img, mut d) = image_driver("blk", MB, &["--no-discard", "--no-write-zeroes"]);
+    let (_srv, _img, mut d) = image_driver(MB, &["--no-discard", "--no-write-zeroes"]);
     assert_eq!(d.features & (F_DISCARD | F_WRITE_ZEROES), 0);
     for kind in [T_DISCARD, T_WRITE_ZEROES] {
         assert_eq!(d.simple(0, kind, 0, dwz_segment(0, 8, 0), 0).0, S_UNSUPP);
@@ -228,13 +189,7 @@ fn many_in_flight(d: &mut Driver, img: &std::path::Path, q: usize, n: usize, bas
         subs.push((
             d.submit(
                 q,
-                &Request {
-                    kind: T_OUT,
-                    sector: base_sector + 8 * i as u64,
-                    out: data,
-                    in_len: 0,
-                    layout,
-                },
+                &Request::write(base_sector + 8 * i as u64, &data).laid(layout),
             ),
             i,
         ));
@@ -262,13 +217,7 @@ fn many_in_flight(d: &mut Driver, img: &std::path::Path, q: usize, n: usize, bas
         };
         reads.push(d.submit(
             q,
-            &Request {
-                kind: T_IN,
-                sector: base_sector + 8 * i as u64,
-                out: vec![],
-                in_len: 4096,
-                layout,
-            },
+            &Request::read(base_sector + 8 * i as u64, 4096).laid(layout),
         ));
     }
     d.kick(q);
@@ -283,11 +232,8 @@ fn many_in_flight(d: &mut Driver, img: &std::path::Path, q: usize, n: usize, bas
 #[test]
 fn two_hundred_fifty_six_in_flight_in_each_poll_mode() {
     for mode in ["busy", "adaptive", "interrupt"] {
-        let (mut srv, img, mut d) = image_driver(
-            "blk",
-            16 * MB,
-            &["--poll-mode", mode, "--queue-size", "256"],
-        );
+        let (mut srv, img, mut d) =
+            image_driver(16 * MB, &["--poll-mode", mode, "--queue-size", "256"]);
         many_in_flight(&mut d, &img, 0, 256, 0);
         // Sequential neighbours are merged; they still complete one by one.
         many_in_flight(&mut d, &img, 0, 64, 4096);
@@ -298,7 +244,6 @@ fn two_hundred_fifty_six_in_flight_in_each_poll_mode() {
 #[test]
 fn several_queues_on_several_pollers() {
     let (_srv, img, mut d) = image_driver(
-        "blk",
         32 * MB,
         &["--queues", "4", "--pollers", "2", "--io-threads", "3"],
     );
@@ -360,7 +305,7 @@ fn ram_and_null_disks() {
 
 #[test]
 fn direct_io_with_aligned_and_misaligned_buffers() {
-    let (_srv, img, mut d) = image_driver("blk", 4 * MB, &["--direct"]);
+    let (_srv, img, mut d) = image_driver(4 * MB, &["--direct"]);
     let data = pattern(6, 8192);
     // Buffers at 16-byte alignment: the bounce path.
     assert_eq!(d.write(0, 16, &data), S_OK);
@@ -370,7 +315,7 @@ fn direct_io_with_aligned_and_misaligned_buffers() {
 
 #[test]
 fn logical_block_size_4k() {
-    let (_srv, _img, mut d) = image_driver("blk", 4 * MB, &["--logical-block-size", "4096"]);
+    let (_srv, _img, mut d) = image_driver(4 * MB, &["--logical-block-size", "4096"]);
     assert_eq!(d.config_u32(20), 4096, "blk_size");
     assert_eq!(d.write(0, 8, &[3u8; 4096]), S_OK);
     assert_eq!(d.write(0, 1, &[3u8; 4096]), S_IOERR, "start not 4K-aligned");
@@ -381,7 +326,7 @@ fn logical_block_size_4k() {
 fn flush_makes_writes_durable_with_write_cache_off() {
     // With WCE off every write is followed by fdatasync before it
     // completes; we check the data is in the file when the write returns.
-    let (srv, img, mut d) = image_driver("blk", 4 * MB, &["--poll-mode", "interrupt"]);
+    let (srv, img, mut d) = image_driver(4 * MB, &["--poll-mode", "interrupt"]);
     assert_ne!(d.features & F_CONFIG_WCE, 0);
     d.set_writeback(false);
     assert_eq!(d.config_u16(32) & 0xff, 0);
@@ -396,11 +341,8 @@ fn flush_makes_writes_durable_with_write_cache_off() {
 
 #[test]
 fn pollers_are_pinned_to_the_cpus_given() {
-    let (srv, _img, mut d) = image_driver(
-        "blk",
-        4 * MB,
-        &["--queues", "2", "--pollers", "2", "--cpus", "0"],
-    );
+    let (srv, _img, mut d) =
+        image_driver(4 * MB, &["--queues", "2", "--pollers", "2", "--cpus", "0"]);
     assert_eq!(d.write(1, 0, &[1u8; 512]), S_OK);
     // A thread takes its name once it first runs; with both pinned to one
     // busy CPU that can lag the activation.

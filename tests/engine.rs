@@ -315,16 +315,7 @@ fn unmap_pauses_only_the_queues_in_the_window() {
     let half = d.ram_size / 2;
     // Queue 1's stuck read into the upper window.
     d.set_alloc(half + 0x1000);
-    let s = d.submit(
-        1,
-        &Request {
-            kind: T_IN,
-            sector: 64,
-            out: vec![],
-            in_len: 4096,
-            layout: Layout::default(),
-        },
-    );
+    let s = d.submit(1, &Request::read(64, 4096));
     d.force_kick(1);
     be.wait_entered();
     let view = d.watch();

@@ -20,7 +20,7 @@ fn wait_log(srv: &ServerProcess, needle: &str) {
 
 #[test]
 fn descriptor_loop_breaks_the_queue_until_reset() {
-    let (mut srv, _img, mut d) = image_driver("gi", 4 * MB, &[]);
+    let (mut srv, _img, mut d) = image_driver(4 * MB, &[]);
     let h = d.header_buf(T_IN, 0);
     d.raw_desc(0, 0, h, 16, DESC_F_NEXT, 1);
     d.raw_desc(0, 1, h, 16, DESC_F_NEXT, 0);
@@ -55,7 +55,7 @@ fn descriptor_loop_breaks_the_queue_until_reset() {
 
 #[test]
 fn chain_without_a_writable_status_byte_is_not_executed() {
-    let (mut srv, img, mut d) = image_driver("gi", 4 * MB, &[]);
+    let (mut srv, img, mut d) = image_driver(4 * MB, &[]);
     let h = d.header_buf(T_OUT, 0);
     let data = d.alloc(512);
     d.mem
@@ -80,7 +80,7 @@ fn chain_without_a_writable_status_byte_is_not_executed() {
 
 #[test]
 fn short_header_and_addresses_outside_memory_answer_ioerr() {
-    let (mut srv, img, mut d) = image_driver("gi", 4 * MB, &[]);
+    let (mut srv, img, mut d) = image_driver(4 * MB, &[]);
     // Header of 8 bytes.
     let h = d.header_buf(T_OUT, 0);
     let st = d.alloc(1);
@@ -182,7 +182,7 @@ fn a_buffer_spanning_two_dma_windows_works() {
 
 #[test]
 fn avail_index_running_ahead_breaks_the_queue() {
-    let (mut srv, _img, mut d) = image_driver("gi", 4 * MB, &[]);
+    let (mut srv, _img, mut d) = image_driver(4 * MB, &[]);
     let size = d.queues[0].size;
     let idx = d.avail_idx(0);
     d.set_avail_idx(0, idx.wrapping_add(size + 1));
@@ -194,17 +194,8 @@ fn avail_index_running_ahead_breaks_the_queue() {
 
 #[test]
 fn a_head_reused_while_in_flight_breaks_the_queue() {
-    let (mut srv, _img, mut d) = image_driver("gi", 4 * MB, &["--poll-mode", "interrupt"]);
-    let s = d.submit(
-        0,
-        &Request {
-            kind: T_OUT,
-            sector: 0,
-            out: vec![1u8; 65536],
-            in_len: 0,
-            layout: Layout::default(),
-        },
-    );
+    let (mut srv, _img, mut d) = image_driver(4 * MB, &["--poll-mode", "interrupt"]);
+    let s = d.submit(0, &Request::write(0, &vec![1u8; 65536]));
     d.publish(0, s.head); // the same head again, before it completed
     d.force_kick(0);
     wait_log(&srv, "reused while in flight");
@@ -214,7 +205,7 @@ fn a_head_reused_while_in_flight_breaks_the_queue() {
 
 #[test]
 fn rings_outside_guest_memory_are_waited_for_not_served() {
-    let (mut srv, _img, mut d) = image_driver("gi", 4 * MB, &[]);
+    let (mut srv, _img, mut d) = image_driver(4 * MB, &[]);
     d.reset();
     // Queue 0 at a page frame far outside the 64 MiB of guest RAM.
     d.c.region_write(0, 14, &0u16.to_le_bytes()).unwrap();
@@ -235,13 +226,7 @@ fn flood(d: &mut Driver, n: usize, len: usize) {
         };
         d.submit(
             0,
-            &Request {
-                kind: T_OUT,
-                sector: (i * len / 512) as u64,
-                out: pattern(i as u64, len),
-                in_len: 0,
-                layout,
-            },
+            &Request::write((i * len / 512) as u64, &pattern(i as u64, len)).laid(layout),
         );
     }
     d.force_kick(0);
@@ -314,7 +299,7 @@ fn client_disconnect_with_io_in_flight_then_a_new_client() {
 #[test]
 fn backend_errors_answer_ioerr_or_stop_the_queue() {
     for (policy, stops) in [("report", false), ("stop", true)] {
-        let (mut srv, img, mut d) = image_driver("gi", 4 * MB, &["--on-error", policy]);
+        let (mut srv, img, mut d) = image_driver(4 * MB, &["--on-error", policy]);
         // Shrink the image under the server: reads past the new end are short.
         std::fs::OpenOptions::new()
             .write(true)
@@ -323,16 +308,7 @@ fn backend_errors_answer_ioerr_or_stop_the_queue() {
             .set_len(MB)
             .unwrap();
         if stops {
-            let s = d.submit(
-                0,
-                &Request {
-                    kind: T_IN,
-                    sector: 4096,
-                    out: vec![],
-                    in_len: 4096,
-                    layout: Layout::default(),
-                },
-            );
+            let s = d.submit(0, &Request::read(4096, 4096));
             d.force_kick(0);
             wait_log(&srv, "--on-error stop");
             std::thread::sleep(Duration::from_millis(100));
@@ -359,20 +335,11 @@ fn backend_errors_answer_ioerr_or_stop_the_queue() {
 fn ring_unmapped_and_remapped_keeps_working() {
     use std::os::fd::AsRawFd;
     for mode in ["busy", "adaptive", "interrupt"] {
-        let (mut srv, img, mut d) = image_driver("gi", 4 * MB, &["--poll-mode", mode]);
+        let (mut srv, img, mut d) = image_driver(4 * MB, &["--poll-mode", mode]);
         assert_eq!(d.write(0, 0, &[1u8; 512]), S_OK);
         d.c.dma_unmap(0, d.ram_size).unwrap();
         // A request published while the window is gone...
-        let s = d.submit(
-            0,
-            &Request {
-                kind: T_OUT,
-                sector: 8,
-                out: vec![2u8; 512],
-                in_len: 0,
-                layout: Layout::default(),
-            },
-        );
+        let s = d.submit(0, &Request::write(8, &vec![2u8; 512]));
         d.force_kick(0);
         std::thread::sleep(Duration::from_millis(50));
         // ...is served once the window is back, with no second kick: SeaBIOS
@@ -399,7 +366,7 @@ fn ring_unmapped_and_remapped_keeps_working() {
 /// refused, not wrapped around to low guest addresses (nor panic).
 #[test]
 fn buffers_that_wrap_the_address_space_are_refused() {
-    let (mut srv, img, mut d) = image_driver("gi", 4 * MB, &[]);
+    let (mut srv, img, mut d) = image_driver(4 * MB, &[]);
     // A status byte that would sit at a wrapped address: the chain has no
     // usable status byte, so nothing is executed and nothing is written.
     let low: Vec<u8> = {

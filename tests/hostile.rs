@@ -103,16 +103,7 @@ fn direct_bounce_from_truncated_guest_memory_does_not_kill_the_server() {
         },
     );
     // Header at BUF_BASE, data 16 bytes further: misaligned for O_DIRECT.
-    let s = d.submit(
-        0,
-        &Request {
-            kind: T_OUT,
-            sector: 0,
-            out: vec![9u8; 4096],
-            in_len: 0,
-            layout: Layout::default(),
-        },
-    );
+    let s = d.submit(0, &Request::write(0, &vec![9u8; 4096]));
     // Buffers start at 1 MiB; keep the rings, cut the buffers, then kick.
     d.ram.set_len(MB).unwrap();
     d.force_kick(0);
@@ -126,7 +117,7 @@ fn direct_bounce_from_truncated_guest_memory_does_not_kill_the_server() {
 /// made non-blocking, and a full counter counts as "already signalled".
 #[test]
 fn a_blocking_eventfd_at_its_maximum_does_not_wedge_the_server() {
-    let (mut srv, _img, mut d) = image_driver("hostile", 4 * MB, &[]);
+    let (mut srv, _img, mut d) = image_driver(4 * MB, &[]);
     let hostile = EventFd::new(0).unwrap();
     hostile.write(0xffff_ffff_ffff_fffe).unwrap();
     let fds: Vec<i32> = std::iter::repeat_n(hostile.as_raw_fd(), d.vectors.len()).collect();
@@ -336,20 +327,11 @@ fn ten_thousand_malformed_requests_leave_memory_and_descriptors_flat() {
 /// warning it causes is rate-limited per call site.
 #[test]
 fn a_guest_repeating_bad_requests_cannot_flood_the_log() {
-    let (mut srv, _img, mut d) = image_driver("hostile", 4 * MB, &[]);
+    let (mut srv, _img, mut d) = image_driver(4 * MB, &[]);
     for _ in 0..20 {
         // 24 requests past the end of the disk per round.
         for _ in 0..24 {
-            d.submit(
-                0,
-                &Request {
-                    kind: T_IN,
-                    sector: 1 << 40,
-                    out: vec![],
-                    in_len: 512,
-                    layout: Layout::default(),
-                },
-            );
+            d.submit(0, &Request::read(1 << 40, 512));
         }
         d.force_kick(0);
         d.wait_used(0, 24, Duration::from_secs(10));

@@ -65,16 +65,7 @@ fn a_smaller_queue_wraps_around() {
         let subs: Vec<_> = (0..2u64)
             .map(|i| {
                 let sector = round * 64 + i * 8;
-                d.submit(
-                    0,
-                    &Request {
-                        kind: T_OUT,
-                        sector,
-                        out: pattern(round * 4 + i, 4096),
-                        in_len: 0,
-                        layout: Layout::default(),
-                    },
-                )
+                d.submit(0, &Request::write(sector, &pattern(round * 4 + i, 4096)))
             })
             .collect();
         d.kick(0);
@@ -338,43 +329,15 @@ fn packed_opts(queue_size: Option<u16>, refuse: u32) -> DriverOptions {
 /// Many requests of every layout on every packed queue, two in flight at
 /// once, byte for byte against the image.
 fn packed_traffic(d: &mut Driver, img: &std::path::Path, rounds: u64) {
-    let layouts = [
-        Layout::default(),
-        Layout {
-            indirect: true,
-            ..Default::default()
-        },
-        Layout {
-            split_header: true,
-            data_chunk: 4096,
-            ..Default::default()
-        },
-    ];
+    let l = Layout::default();
+    let layouts = [l, l.indirect(), l.split().chunks(4096)];
     for q in 0..d.packed.len() {
         for round in 0..rounds {
             let layout = layouts[(round % 3) as usize];
             let sector = (q as u64 * 4096) + round * 16;
             let data = pattern(round * 7 + q as u64, 8192);
-            let s = d.submit(
-                q,
-                &Request {
-                    kind: T_OUT,
-                    sector,
-                    out: data.clone(),
-                    in_len: 0,
-                    layout,
-                },
-            );
-            let r = d.submit(
-                q,
-                &Request {
-                    kind: T_IN,
-                    sector: sector + 100_000,
-                    out: vec![],
-                    in_len: 4096,
-                    layout,
-                },
-            );
+            let s = d.submit(q, &Request::write(sector, &data).laid(layout));
+            let r = d.submit(q, &Request::read(sector + 100_000, 4096).laid(layout));
             d.kick(q);
             let used = d.wait_used(q, 2, Duration::from_secs(10));
             assert_eq!(used.len(), 2);
@@ -421,7 +384,7 @@ fn packed_is_offered_only_when_asked_for_and_only_on_the_modern_interface() {
     assert_eq!(d.features64 & F_RING_PACKED, 0);
     drop(d);
     srv.assert_healthy();
-    let (mut srv, img, mut d) = image_driver("packed-offer2", 4 * MB, &["--packed"]);
+    let (mut srv, img, mut d) = image_driver(4 * MB, &["--packed"]);
     assert!(d.packed.is_empty(), "a legacy driver gets split rings");
     assert_eq!(d.write(0, 0, &[5u8; 4096]), S_OK);
     // A modern driver that refuses it gets split rings too.

@@ -652,13 +652,7 @@ fn a_resize_holds_the_queues_while_the_size_changes() {
         for i in 0..64u64 {
             d.submit(
                 0,
-                &Request {
-                    kind: T_OUT,
-                    sector: (64 << 11) + i * 2048,
-                    out: vec![0x5a; 1 << 20],
-                    in_len: 0,
-                    layout: Layout::default(),
-                },
+                &Request::write((64 << 11) + i * 2048, &vec![0x5a; 1 << 20]),
             );
         }
         d.force_kick(0);

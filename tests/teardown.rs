@@ -85,16 +85,7 @@ fn an_old_clients_write_never_lands_after_the_next_clients_write() {
     let be = Gate::new(Stuck::FirstWrite, 64);
     let (_dir, sock) = serve_on(be.clone(), &["--io-engine", "threads"]);
     let mut d1 = Driver::new(&sock, DriverOptions::default());
-    d1.submit(
-        0,
-        &Request {
-            kind: T_OUT,
-            sector: 64,
-            out: vec![0xab; 4096],
-            in_len: 0,
-            layout: Layout::default(),
-        },
-    );
+    d1.submit(0, &Request::write(64, &vec![0xab; 4096]));
     d1.force_kick(0);
     be.wait_entered();
     drop(d1);

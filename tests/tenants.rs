@@ -196,16 +196,7 @@ fn four_greedy_clients_cannot_disarm_a_fifth_devices_sigbus_guard() {
     // cut short under a live queue.
     let mut d = Driver::new(&srv.socket, DriverOptions::default());
     assert_eq!(d.write(0, 0, &[7u8; 4096]), S_OK);
-    d.submit(
-        0,
-        &Request {
-            kind: T_OUT,
-            sector: 8,
-            out: vec![1u8; 4096],
-            in_len: 0,
-            layout: Layout::default(),
-        },
-    );
+    d.submit(0, &Request::write(8, &vec![1u8; 4096]));
     // (This process must not touch the memory once it is cut.)
     d.ram.set_len(0).unwrap();
     d.force_kick(0);

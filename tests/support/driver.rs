@@ -72,6 +72,26 @@ pub struct Layout {
     pub status_with_data: bool,
 }
 
+/// Layouts built in one expression: `Layout::default().split().chunks(100)`.
+impl Layout {
+    pub fn split(mut self) -> Layout {
+        self.split_header = true;
+        self
+    }
+    pub fn chunks(mut self, n: usize) -> Layout {
+        self.data_chunk = n;
+        self
+    }
+    pub fn indirect(mut self) -> Layout {
+        self.indirect = true;
+        self
+    }
+    pub fn status_with_data(mut self) -> Layout {
+        self.status_with_data = true;
+        self
+    }
+}
+
 /// One request.
 #[derive(Clone, Debug)]
 pub struct Request {
@@ -103,6 +123,11 @@ impl Request {
             in_len: 0,
             layout: Layout::default(),
         }
+    }
+
+    /// The same request, laid out in descriptors as `layout` says.
+    pub fn laid(self, layout: Layout) -> Request {
+        Request { layout, ..self }
     }
 }
 
@@ -927,11 +952,10 @@ impl Driver {
 
 /// [`image_server`] with a driver attached with the default options.
 pub fn image_driver(
-    tag: &str,
     size: u64,
     args: &[&str],
 ) -> (super::ServerProcess, std::path::PathBuf, Driver) {
-    let (srv, img) = image_server(tag, size, args);
+    let (srv, img) = image_server("img", size, args);
     let d = Driver::new(&srv.socket, DriverOptions::default());
     (srv, img, d)
 }
