@@ -376,20 +376,8 @@ fn a_busy_target_pins_its_reactor_and_keeps_its_io_threads_off_that_cpu() {
         return;
     }
     let last = *mine.last().unwrap();
-    let dir = support::on_disk("pin");
-    let img = dir.image("d.img", 16 << 20);
-    let srv = ServerProcess::start_in(
-        dir,
-        &[
-            "--disk",
-            img.to_str().unwrap(),
-            "--direct",
-            "--poll-mode",
-            "busy",
-            "--io-engine",
-            "threads",
-        ],
-    );
+    let busy = ["--poll-mode", "busy", "--io-engine", "threads"];
+    let (srv, _img) = support::direct_server("pin", 16 << 20, &busy);
     let mut d = support::driver::Driver::new(&srv.socket, Default::default());
     let data = support::driver::pattern(3, 4096);
     for s in 0..16 {

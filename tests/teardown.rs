@@ -145,29 +145,23 @@ fn more_reads_than_the_io_uring_holds_all_complete_and_a_reset_returns() {
         ("adaptive", 9, 64),
         ("adaptive", 16, 1024),
     ] {
-        let dir = support::on_disk("uring");
-        let img = dir.path("disk.img");
-        let f = std::fs::File::create(&img).unwrap();
-        f.set_len(64 * MB).unwrap();
-        f.write_all_at(&pattern(9, 64 * MB as usize), 0).unwrap();
-        drop(f);
         let qn = queues.to_string();
-        let srv = ServerProcess::start_in(
-            dir,
-            &[
-                "--disk",
-                img.to_str().unwrap(),
-                "--direct",
-                "--queues",
-                &qn,
-                "--queue-size",
-                "1024",
-                "--pollers",
-                "1",
-                "--poll-mode",
-                mode,
-            ],
-        );
+        let args = [
+            "--queues",
+            &qn,
+            "--queue-size",
+            "1024",
+            "--pollers",
+            "1",
+            "--poll-mode",
+            mode,
+        ];
+        let (srv, img) = support::direct_server("uring", 64 * MB, &args);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .and_then(|f| f.write_all_at(&pattern(9, 64 * MB as usize), 0))
+            .unwrap();
         let mut d = Driver::new(
             &srv.socket,
             DriverOptions {

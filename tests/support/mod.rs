@@ -35,6 +35,16 @@ pub fn on_disk(tag: &str) -> TempDir {
     TempDir::under(Path::new(env!("CARGO_TARGET_TMPDIR")), tag)
 }
 
+/// A server on a new image of `size` bytes on that disk, with `--direct`
+/// and `args`.
+pub fn direct_server(tag: &str, size: u64, args: &[&str]) -> (ServerProcess, PathBuf) {
+    let dir = on_disk(tag);
+    let img = dir.image("disk.img", size);
+    let mut argv = vec!["--disk", img.to_str().unwrap(), "--direct"];
+    argv.extend_from_slice(args);
+    (ServerProcess::start_in(dir, &argv), img)
+}
+
 /// The server binary running as a child process; killed (by PID) and its
 /// socket directory removed on drop, even when the test fails.
 pub struct ServerProcess {
