@@ -10,6 +10,27 @@
 //! completions write nothing, and the reactor acknowledges the withdrawal
 //! only when nothing is in flight, so no request outlives the memory it
 //! points into.
+//!
+//! # A 4 KiB read, from the ring to the used entry (eight files)
+//!
+//! 1. `engine/reactor.rs` `pass` calls [`QueueState::poll`] here, which
+//!    checks the ring lies in guest memory and outside an unmap's fence,
+//!    and `take`s a chain from `virtio/ring.rs` (`virtio/packed.rs` for
+//!    the packed layout).
+//! 2. `take` begins the slot's `GuestBuffers` (`memory.rs`) with the guest
+//!    memory snapshot and hands the chain to the device's handler,
+//!    `blk/exec.rs` `prepare`, which walks it and reads the header
+//!    (`blk/request.rs`) and fills the slot's `IoRequest`
+//!    (`backend/request.rs`) with the buffers.
+//! 3. `submit` here runs it on the reactor (memory disk, page cache), or
+//!    pushes it to the reactor's io_uring (`backend/uring.rs`), or sends
+//!    it to the pool (`engine/pool.rs`, which runs it on `backend/io.rs`).
+//! 4. The completion comes back here (`uring_done`, `pool_done`), and the
+//!    completion policy (`completion`) decides: done, or redone by a pool
+//!    thread.
+//! 5. `finish` here: the handler writes the status (`blk/exec.rs`), and
+//!    this file adds the used entry (`virtio/ring.rs`), the one place that
+//!    does. The pass ends with one interrupt decision per queue (`signal`).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
