@@ -9,16 +9,16 @@ mod support;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use support::driver::*;
-use support::gate::{gated, stuck_read, Stuck};
+use support::gate::{stuck_read, stuck_reads};
 use support::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vub_testkit::driver_ring::{Buf, SplitRing};
 
 const MB: u64 = 1 << 20;
 
@@ -27,37 +27,7 @@ const MB: u64 = 1 << 20;
 #[test]
 fn four_devices_on_one_reactor_do_io_at_once() {
     let dir = TempDir::new("four");
-    let mut args: Vec<String> = vec!["--pollers".into(), "1".into()];
-    let mut socks = Vec::new();
-    let mut imgs = Vec::new();
-    for i in 0..4 {
-        let img = dir.path(&format!("d{i}.img"));
-        File::create(&img).unwrap().set_len(8 * MB).unwrap();
-        let sock = dir.path(&format!("d{i}.sock"));
-        args.push("--device".into());
-        args.push(format!(
-            "socket={},disk={},queues=2,serial=disk-{i}",
-            sock.display(),
-            img.display()
-        ));
-        socks.push(sock);
-        imgs.push(img);
-    }
-    let mut child = std::process::Command::new(bin())
-        .args(&args)
-        .env("RUST_LOG", "info")
-        .stderr(File::create(dir.path("server.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let log = dir.path("server.log");
-    let guard = KillOnDrop(&mut child);
-    wait_until("four sockets", || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("listening on")
-            .count()
-            == 4
-    });
+    let (guard, socks, imgs) = devices_on_one_reactor(&dir, 4, ",queues=2");
     let workers: Vec<_> = socks
         .iter()
         .enumerate()
@@ -88,15 +58,16 @@ fn four_devices_on_one_reactor_do_io_at_once() {
             assert_eq!(b, pattern(i as u64 * 1000 + k, 4096), "disk {i} block {k}");
         }
     }
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = std::fs::read_to_string(dir.path("server.log")).unwrap();
     assert_eq!(text.matches("reactor(s)").count(), 1, "one engine: {text}");
     assert!(!text.contains("on reactors [1"), "one reactor only");
     drop(guard);
 }
 
-struct KillOnDrop<'a>(&'a mut std::process::Child);
+/// A server process, killed (by PID) and reaped on drop.
+struct KillOnDrop(std::process::Child);
 
-impl Drop for KillOnDrop<'_> {
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -108,30 +79,7 @@ impl Drop for KillOnDrop<'_> {
 #[test]
 fn one_device_reset_unmapped_and_disconnected_while_another_works() {
     let dir = TempDir::new("iso");
-    let mut args: Vec<String> = vec!["--pollers".into(), "1".into()];
-    let mut socks = Vec::new();
-    for i in 0..2 {
-        let img = dir.path(&format!("d{i}.img"));
-        File::create(&img).unwrap().set_len(8 * MB).unwrap();
-        let sock = dir.path(&format!("d{i}.sock"));
-        args.push("--device".into());
-        args.push(format!("socket={},disk={}", sock.display(), img.display()));
-        socks.push(sock);
-    }
-    let log = dir.path("server.log");
-    let mut child = std::process::Command::new(bin())
-        .args(&args)
-        .stderr(File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let guard = KillOnDrop(&mut child);
-    wait_until("two sockets", || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("listening on")
-            .count()
-            == 2
-    });
+    let (guard, socks, _imgs) = devices_on_one_reactor(&dir, 2, "");
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let worker = {
@@ -187,11 +135,7 @@ fn used_idx(mem: &GuestMemoryMmap, d_used: u64) -> u16 {
 /// clean.
 #[test]
 fn a_stuck_backend_holds_a_reset_and_its_late_completion_writes_nothing() {
-    let (be, _dir, mut d) = gated(
-        Stuck::Reads,
-        &["--poll-mode", "interrupt"],
-        DriverOptions::default(),
-    );
+    let (be, _dir, mut d) = stuck_reads(&["--poll-mode", "interrupt"]);
     let view = d.watch();
     let used = d.queues[0].used;
     let s = stuck_read(&mut d, 64);
@@ -223,66 +167,17 @@ fn a_stuck_backend_holds_a_reset_and_its_late_completion_writes_nothing() {
     assert_eq!(used_idx(&view, d.queues[0].used), 1);
 }
 
-/// A backend stuck across DMA_UNMAP: the unmap is answered only once the
-/// request has returned; from then on nothing writes into the window the
-/// client took back.
-#[test]
-fn a_stuck_backend_holds_an_unmap_and_nothing_writes_after_it() {
-    let (be, _dir, mut d) = gated(
-        Stuck::Reads,
-        &["--poll-mode", "busy"],
-        DriverOptions::default(),
-    );
-    let view = d.watch();
-    let s = stuck_read(&mut d, 64);
-    be.wait_entered();
-    let unmapper = thread::spawn(move || {
-        d.c.dma_unmap(0, d.ram_size).unwrap();
-        d
-    });
-    thread::sleep(Duration::from_millis(300));
-    assert!(
-        !unmapper.is_finished(),
-        "unmap answered while a request was in the backend"
-    );
-    be.release();
-    let d = unmapper.join().unwrap();
-    // The request finished before the reply: its data and status are there.
-    let (st, data) = (view.read_obj::<u8>(GuestAddress(s.status_addr)).unwrap(), {
-        let mut b = vec![0u8; 4096];
-        view.read_slice(&mut b, GuestAddress(s.in_addr)).unwrap();
-        b
-    });
-    assert_eq!((st, data), (S_OK, vec![0x5a; 4096]));
-    // The client now owns the window again: scribble on it and check that
-    // nothing of ours lands there any more.
-    let mut snapshot = vec![0u8; 1 << 20];
-    view.write_slice(&vec![0x77u8; 1 << 20], GuestAddress(0))
-        .unwrap();
-    thread::sleep(Duration::from_millis(300));
-    view.read_slice(&mut snapshot, GuestAddress(0)).unwrap();
-    assert!(
-        snapshot.iter().all(|&b| b == 0x77),
-        "written after the unmap"
-    );
-    drop(d);
-}
-
 /// A backend stuck across a disconnect: the departed client's windows are
 /// revoked (private memory here), so the late read reaches neither its
 /// memory nor its rings, and the next client is served at once, untouched
 /// by the old request.
 #[test]
 fn a_stuck_backend_across_a_disconnect_leaves_the_next_client_untouched() {
-    let (be, dir, mut d) = gated(
-        Stuck::Reads,
-        &["--poll-mode", "adaptive"],
-        DriverOptions::default(),
-    );
-    let view = d.watch();
-    let used = d.queues[0].used;
+    let (be, dir, mut d) = stuck_reads(&["--poll-mode", "adaptive"]);
     let s = stuck_read(&mut d, 64);
     be.wait_entered();
+    // What the old client's memory and used ring look like from outside.
+    let (view, used) = (d.watch(), d.queues[0].used);
     drop(d);
     thread::sleep(Duration::from_millis(200));
     // The next client is served while the old request is still stuck.
@@ -302,129 +197,39 @@ fn a_stuck_backend_across_a_disconnect_leaves_the_next_client_untouched() {
     assert_eq!(d2.read(0, 64, 512), (S_OK, vec![0x5a; 512]));
 }
 
-/// DMA_UNMAP pauses only what the window holds: with queue 1's request
-/// stuck on a buffer in the upper window, unmapping that window waits, and
-/// meanwhile queue 0 (rings and buffers in the lower window) keeps serving.
-#[test]
-fn unmap_pauses_only_the_queues_in_the_window() {
-    let (be, _dir, mut d) = gated(
-        Stuck::Reads,
-        &["--poll-mode", "busy", "--queues", "2"],
-        DriverOptions::split_dma(),
-    );
-    let half = d.ram_size / 2;
-    // Queue 1's stuck read into the upper window.
-    d.set_alloc(half + 0x1000);
-    let s = d.submit(1, &Request::read(64, 4096));
-    d.force_kick(1);
-    be.wait_entered();
-    let view = d.watch();
-    // Queue 0 has not been used: a fresh driver-side ring over the same
-    // memory drives it while `d` is blocked in the unmap on another thread
-    // (busy mode: no doorbell needed).
-    let r = &d.queues[0];
-    let mut q0 = SplitRing::new(&view, r.size, r.desc, r.avail, r.used, r.event_idx());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let unmapper = thread::spawn(move || {
-        d.c.dma_unmap(half, half).unwrap();
-        tx.send(()).unwrap();
-        d
-    });
-    thread::sleep(Duration::from_millis(100));
-    assert!(
-        rx.try_recv().is_err(),
-        "unmap of a window in use answered early"
-    );
-    for k in 0..8u64 {
-        let base = 0x200000 + k * 0x2000;
-        let mut h = Vec::new();
-        h.extend_from_slice(&T_IN.to_le_bytes());
-        h.extend_from_slice(&0u32.to_le_bytes());
-        h.extend_from_slice(&(8 + k).to_le_bytes());
-        view.write_slice(&h, GuestAddress(base)).unwrap();
-        view.write_obj(0xffu8, GuestAddress(base + 0x1000 + 512))
-            .unwrap();
-        let bufs = [
-            Buf {
-                addr: base,
-                len: 16,
-                write: false,
-            },
-            Buf {
-                addr: base + 0x1000,
-                len: 512,
-                write: true,
-            },
-            Buf {
-                addr: base + 0x1000 + 512,
-                len: 1,
-                write: true,
-            },
-        ];
-        let head = q0.add(&view, &bufs, None).unwrap();
-        q0.publish(&view, head);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some((h, _)) = q0.pop_used(&view) {
-                assert_eq!(h, head);
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "queue 0 request {k} not served while queue 1's window is being unmapped"
-            );
-            thread::yield_now();
-        }
-        let st: u8 = view.read_obj(GuestAddress(base + 0x1000 + 512)).unwrap();
-        assert_eq!(st, S_OK);
+/// A server with `n` devices on one reactor, each on an 8 MiB image of its
+/// own in `dir` (with `extra` device keys, and serial `disk-I`), once all
+/// listen; and their sockets and images.
+fn devices_on_one_reactor(
+    dir: &TempDir,
+    n: usize,
+    extra: &str,
+) -> (KillOnDrop, Vec<PathBuf>, Vec<PathBuf>) {
+    let mut args: Vec<String> = vec!["--pollers".into(), "1".into()];
+    let (mut socks, mut imgs) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let img = dir.image(&format!("d{i}.img"), 8 * MB);
+        let sock = dir.path(&format!("d{i}.sock"));
+        args.push("--device".into());
+        args.push(format!(
+            "socket={},disk={}{extra},serial=disk-{i}",
+            sock.display(),
+            img.display()
+        ));
+        socks.push(sock);
+        imgs.push(img);
     }
-    assert!(rx.try_recv().is_err(), "the unmap still waits for queue 1");
-    be.release();
-    rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    let d = unmapper.join().unwrap();
-    let status: u8 = view.read_obj(GuestAddress(s.status_addr)).unwrap();
-    assert_eq!(status, S_OK);
-    drop(d);
-}
-
-/// The status byte counts too: a stuck request whose data lies in the lower
-/// window but whose status byte lies in the upper one holds an unmap of the
-/// upper window, which is answered only after the status was written.
-#[test]
-fn unmap_waits_for_a_request_whose_status_byte_is_in_the_window() {
-    let (be, _dir, mut d) = gated(
-        Stuck::Reads,
-        &["--poll-mode", "busy"],
-        DriverOptions::split_dma(),
-    );
-    let half = d.ram_size / 2;
-    let h = d.header_buf(T_IN, 64);
-    let data = d.alloc(4096);
-    let status = half + 0x4000;
-    d.place(
-        0,
-        &[(h, 16, false), (data, 4096, true), (status, 1, true)],
-        false,
-    );
-    d.force_kick(0);
-    be.wait_entered();
-    let view = d.watch();
-    view.write_obj(0xeeu8, GuestAddress(status)).unwrap();
-    let unmapper = thread::spawn(move || {
-        d.c.dma_unmap(half, half).unwrap();
-        d
+    let log = dir.path("server.log");
+    let child = std::process::Command::new(bin())
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let guard = KillOnDrop(child);
+    wait_until(&format!("{n} sockets"), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.matches("listening on").count() == n
     });
-    thread::sleep(Duration::from_millis(300));
-    assert!(
-        !unmapper.is_finished(),
-        "unmap answered while a request would still write its status byte there"
-    );
-    be.release();
-    let d = unmapper.join().unwrap();
-    let st: u8 = view.read_obj(GuestAddress(status)).unwrap();
-    assert_eq!(
-        st, S_OK,
-        "the status was written before the unmap was answered"
-    );
-    drop(d);
+    (guard, socks, imgs)
 }

@@ -950,6 +950,54 @@ impl Driver {
     }
 }
 
+/// `n` writes of `len` bytes made available on queue 0 at once, indirect
+/// (one ring slot each), and one doorbell.
+pub fn flood(d: &mut Driver, n: usize, len: usize) {
+    for i in 0..n {
+        let write = Request::write((i * len / 512) as u64, &pattern(i as u64, len));
+        d.submit(0, &write.laid(Layout::default().indirect()));
+    }
+    d.force_kick(0);
+}
+
+/// A server with 64 large write-through writes in flight. Without FLUSH
+/// the cache is write-through: every write is synced on the I/O pool, so
+/// requests really are in flight when the test acts.
+pub fn flooded(args: &[&str]) -> (super::ServerProcess, Driver) {
+    let (srv, _img) = image_server("flood", 256 << 20, args);
+    let mut d = Driver::new(
+        &srv.socket,
+        DriverOptions {
+            ram_size: 512 << 20,
+            refuse: F_FLUSH,
+            ..Default::default()
+        },
+    );
+    flood(&mut d, 64, 2 << 20);
+    (srv, d)
+}
+
+/// Queue 0's used index does not move for 300 ms: the device writes
+/// nothing more into guest memory.
+pub fn used_is_stable(d: &Driver) {
+    let a = d.used_idx(0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        d.used_idx(0),
+        a,
+        "the device wrote to guest memory after it was told to stop"
+    );
+}
+
+/// A virtio-blk request header (`kind`, `sector`) at guest address `at`.
+pub fn put_header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
+    let mut hb = Vec::new();
+    hb.extend_from_slice(&kind.to_le_bytes());
+    hb.extend_from_slice(&0u32.to_le_bytes());
+    hb.extend_from_slice(&sector.to_le_bytes());
+    mem.write_slice(&hb, GuestAddress(at)).unwrap();
+}
+
 /// [`image_server`] with a driver attached with the default options.
 pub fn image_driver(
     size: u64,

@@ -141,6 +141,11 @@ pub fn gated(stuck: Stuck, extra: &[&str], opts: DriverOptions) -> (Arc<Gate>, T
     (be, dir, d)
 }
 
+/// [`gated`] on reads, with a driver of the default options.
+pub fn stuck_reads(extra: &[&str]) -> (Arc<Gate>, TempDir, Driver) {
+    gated(Stuck::Reads, extra, DriverOptions::default())
+}
+
 /// A 4 KiB read of `sector` on queue 0, made available and kicked: the
 /// one that gets stuck at a [`Stuck::Reads`] gate there.
 pub fn stuck_read(d: &mut Driver, sector: u64) -> Submitted {
