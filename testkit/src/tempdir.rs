@@ -49,3 +49,21 @@ impl Drop for TempDir {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_temp_dir_is_private_and_goes_with_its_owner() {
+        let d = TempDir::new("private");
+        let img = d.image("x.img", 4096);
+        let mode = fs::metadata(&d.0).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        assert_eq!(fs::metadata(&img).unwrap().len(), 4096);
+        let p = d.0.clone();
+        drop(d);
+        assert!(!p.exists());
+    }
+}
