@@ -17,8 +17,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 use crate::backend::io::Backend;
 use crate::engine::{DeviceQueues, Engine, HoldError, QueueHold, QueueStats, Start};
-use crate::memory::GuestMemoryHandle;
-use crate::memory::MemoryChange;
+use crate::memory::{GuestMemoryHandle, MemoryChange};
 use crate::util::DeviceLog;
 use crate::virtio::{low32, ConfigNotifier, DriverReady, VirtioDevice};
 pub use config::BlkConfig;
