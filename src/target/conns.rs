@@ -124,10 +124,11 @@ impl Drop for Place {
 }
 
 /// Serves the connections `incoming` gives, each on a thread of its own
-/// (named `name`) and with a place among `places`, for as long as the
+/// (named `name-conn`) and with a place among `places`, for as long as the
 /// listener lives. `full` gets a connection refused because every place is
 /// busy answering. A log line says when `evicted` (the connection waiting
-/// longest) was closed for a new one.
+/// longest) was closed for a new one; this listener's warnings have a rate
+/// limit of their own (a flood on another listener does not mute them).
 pub fn accept_each<S, I>(
     name: &'static str,
     incoming: I,
@@ -139,13 +140,19 @@ pub fn accept_each<S, I>(
     S: AsRawFd + Send + 'static,
     I: Iterator<Item = std::io::Result<S>>,
 {
+    let limit = crate::util::RateLimit::new();
+    let warn = |what: std::fmt::Arguments| match limit.allow() {
+        Some(0) => log::warn!("{name}: {what}"),
+        Some(n) => log::warn!("{name}: {what} ({n} similar lines suppressed)"),
+        None => {}
+    };
     for s in incoming {
         let s = match s {
             Ok(s) => s,
             Err(e) => {
                 // Out of descriptors, most likely: wait for some to come
                 // back rather than spin.
-                crate::warn_limited!("{name}: accept failed: {e}");
+                warn(format_args!("accept failed: {e}"));
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
@@ -153,10 +160,10 @@ pub fn accept_each<S, I>(
         let place = match places.admit(&s) {
             Admitted::Yes { place, evicted: e } => {
                 if e {
-                    crate::warn_limited!(
-                        "{name}: {} connections open: {evicted} was closed for a new one",
+                    warn(format_args!(
+                        "{} connections open: {evicted} was closed for a new one",
                         places.max
-                    );
+                    ));
                 }
                 place
             }
@@ -167,10 +174,10 @@ pub fn accept_each<S, I>(
         };
         let serve = serve.clone();
         let spawned = std::thread::Builder::new()
-            .name(name.into())
+            .name(format!("{name}-conn"))
             .spawn(move || serve(s, place));
         if let Err(e) = spawned {
-            crate::warn_limited!("{name}: cannot start a thread: {e}");
+            warn(format_args!("cannot start a thread: {e}"));
         }
     }
 }

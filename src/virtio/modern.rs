@@ -223,13 +223,13 @@ impl<D: VirtioDevice> PciTransport<D> {
                 return false;
             }
             Some(_) if self.active => "after DRIVER_OK",
-            Some(q) if q.enable => "which is enabled",
+            Some(q) if q.enable => "while it is enabled",
             Some(_) => return true,
         };
         crate::dev_log!(
             self.irqs.log(),
             Warn,
-            "{what} of queue {sel}, {why}; ignored"
+            "{what} of queue {sel} {why}; ignored"
         );
         false
     }
