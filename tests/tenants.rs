@@ -115,8 +115,11 @@ fn one_devices_write_zeroes_flood_does_not_hold_anothers_pool_work() {
     // The target (3x) is measured in release builds (see the README); here
     // a guard that the code before fails by far (338 ms, or B's writes not
     // answered at all), with room for a loaded machine and a debug build.
+    // On two cores the flood's zero-writing pool threads take CPU from B's
+    // (a CI run saw 3.8 ms, 12x): that is sharing, not queueing, so the
+    // floor is 30 ms, ten times under the queueing the guard exists for.
     assert!(
-        during <= 10 * alone.max(Duration::from_micros(300)),
+        during <= (10 * alone).max(Duration::from_millis(30)),
         "B's p50 went from {alone:?} alone to {during:?} under A's flood"
     );
     let mut srv = srv;
