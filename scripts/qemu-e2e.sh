@@ -31,6 +31,8 @@ ROOT_MOUNTED=""
 cleanup() {
     local rc=$?
     stop_background_jobs
+    # The RBD section's cluster, when it was interrupted.
+    [ -n "${CEPH_DIR:-}" ] && { "$HERE/scripts/ceph-cluster.sh" stop "$CEPH_DIR" >/dev/null 2>&1 || true; }
     # A boot image interrupted while it was being built.
     [ -n "${BOOT_MNT:-}" ] && { umount "$BOOT_MNT" 2>/dev/null || true; }
     [ -n "${BOOT_LOOP:-}" ] && { losetup -d "$BOOT_LOOP" 2>/dev/null || true; }
@@ -383,6 +385,46 @@ else
 fi
 kill "$MM_PID" 2>/dev/null || true
 wait "$MM_PID" 2>/dev/null || true
+
+# ----------------------------------------------------------- an RBD disk ----
+# A one-node Ceph cluster (the project's script), an image on it served as
+# the guest's disk: fio with verification in the guest, then the image as
+# librbd reads it (rbd export) compared with what the guest read.
+say "rbd: a guest on a Ceph RBD image under $ACCEL"
+CEPH_DIR=/tmp/vub-e2e-ceph.$$
+if ! "$HERE/scripts/ceph-cluster.sh" install >/dev/null 2>&1; then
+    check rbd/cluster FAIL "cannot install Ceph's packages"
+elif ! "$HERE/scripts/ceph-cluster.sh" start "$CEPH_DIR" >"$WORK/ceph-start.log" 2>&1; then
+    check rbd/cluster FAIL "$(tail -5 "$WORK/ceph-start.log")"
+else
+    RBD_SOCK=$WORK/rbd.sock
+    rbd -c "$CEPH_DIR/ceph.conf" create rbd/e2e --size 64M
+    "$BIN" --socket "$RBD_SOCK" --disk "rbd:rbd/e2e:conf=$CEPH_DIR/ceph.conf" --queues 2 \
+        --serial VUB-E2E-RBD >"$WORK/server-rbd.log" 2>&1 &
+    RBD_PID=$!
+    for _ in $(seq 100); do [ -S "$RBD_SOCK" ] && break; sleep 0.1; done
+    SAVED_QDEVS=("${QDEVS[@]}")
+    QDEVS=(-device "$(vdev "$RBD_SOCK")")
+    APPEND_EXTRA="vub.quick=VUB-E2E-RBD"
+    if run_qemu quick 600 -no-reboot; then :; else say "QEMU exited with $?"; fi
+    APPEND_EXTRA=""
+    QDEVS=("${SAVED_QDEVS[@]}")
+    collect "$QEMU_LOG" "rbd/"
+    grep -aq 'VUB-DONE quick' "$QEMU_LOG" || check rbd/guest-finished FAIL "see $QEMU_LOG"
+    kill "$RBD_PID" 2>/dev/null || true
+    wait "$RBD_PID" 2>/dev/null || true
+    g=$(grep -a '^VUB-MD5 quick ' "$QEMU_LOG" | head -1 | tr -d '\r' | awk '{print $3}')
+    h=$(rbd -c "$CEPH_DIR/ceph.conf" export --no-progress rbd/e2e - | head -c 32M | md5sum | awk '{print $1}')
+    if [ -n "$g" ] && [ "$g" = "$h" ]; then
+        check rbd/image-matches-guest PASS "$h (rbd export)"
+    else
+        check rbd/image-matches-guest FAIL "guest ${g:-none} librbd $h"
+    fi
+    if grep -q panicked "$WORK/server-rbd.log"; then
+        check rbd/server-healthy FAIL "$(grep panicked "$WORK/server-rbd.log" | head -1)"
+    fi
+fi
+"$HERE/scripts/ceph-cluster.sh" stop "$CEPH_DIR" >/dev/null 2>&1 || true
 
 # --------------------------------------------------- boot from the disk ----
 # A raw image with a partition table, ext4, the kernel, the initramfs and

@@ -59,9 +59,15 @@ pub struct Options {
     pub socket: Option<PathBuf>,
 
     /// The disk of the one-disk form: an image file or block device,
-    /// `ram:SIZE` (in memory, zero-filled) or `null:SIZE` (reads zeros,
-    /// discards writes). SIZE takes K, M, G, T suffixes (binary).
-    #[arg(long, value_name = "FILE|ram:SIZE|null:SIZE", requires = "socket")]
+    /// `ram:SIZE` (in memory, zero-filled), `null:SIZE` (reads zeros,
+    /// discards writes) or a Ceph RBD image,
+    /// `rbd:POOL/IMAGE[:conf=PATH][:id=USER][:KEY=VALUE...]`. SIZE takes
+    /// K, M, G, T suffixes (binary).
+    #[arg(
+        long,
+        value_name = "FILE|ram:SIZE|null:SIZE|rbd:POOL/IMAGE",
+        requires = "socket"
+    )]
     pub disk: Option<DiskSpec>,
 
     /// A disk on its own socket, QEMU-style `key=value,...` (see above);

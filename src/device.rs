@@ -182,7 +182,7 @@ impl DeviceSpec {
         }
         let block = u64::from(self.logical_block_size);
         let size = match &self.disk {
-            DiskSpec::File(_) => self.size,
+            DiskSpec::File(_) | DiskSpec::Rbd(_) => self.size,
             DiskSpec::Ram(s) | DiskSpec::Null(s) => Some(*s),
         };
         if let Some(s) = size {
@@ -357,6 +357,7 @@ pub fn device_on(
     // One vector per queue plus one for configuration changes.
     let vectors = (spec.queues + 1).min(pci::MAX_MSIX_VECTORS);
     let irqs = Arc::new(Interrupts::new(vectors, log.clone()));
+    let watched = disk.backend.clone();
     let blk = BlkDevice::new(
         log.clone(),
         BlkOptions {
@@ -377,6 +378,12 @@ pub fn device_on(
         engine.clone(),
     );
     let shared = blk.shared();
+    let weak = Arc::downgrade(&shared);
+    watched.watch_size(Box::new(move |size| {
+        if let Some(s) = weak.upgrade() {
+            s.resized_outside(size);
+        }
+    }));
     let transport = PciTransport::new(blk, irqs.clone(), settings.notify)
         .context("creating the shared notify page")?;
     shared.set_config_notifier(transport.config_notifier());

@@ -131,8 +131,13 @@ impl GuestIov {
 
     /// Zero-fills the buffer.
     pub fn zero(&self) {
+        self.zero_from(0);
+    }
+
+    /// Zero-fills the buffer from `offset` to its end.
+    pub fn zero_from(&self, offset: usize) {
         const Z: [u8; 4096] = [0; 4096];
-        let mut at = 0;
+        let mut at = offset;
         while at < self.len {
             let n = self.write_at(at, &Z[..(self.len - at).min(Z.len())]);
             if n == 0 {
@@ -140,6 +145,20 @@ impl GuestIov {
             }
             at += n;
         }
+    }
+}
+
+/// Zero-fills the list from byte `from` of it to its end (the part a
+/// short read left untouched).
+pub fn zero_tail(iov: &[GuestIov], from: usize) {
+    let mut skip = from;
+    for v in iov {
+        if skip >= v.len {
+            skip -= v.len;
+            continue;
+        }
+        v.zero_from(skip);
+        skip = 0;
     }
 }
 

@@ -10,6 +10,26 @@ use std::os::unix::fs::FileExt;
 pub use crate::memory::GuestIov;
 use crate::memory::{advance_iovecs, as_iovecs};
 
+/// Where a backend that completes requests on its own threads (librbd's)
+/// reports them: the engine's side, one per request slot, made once.
+pub trait AioSink: Send + Sync {
+    /// The request `tag` is done: `res` is bytes moved, or -errno.
+    fn done(&self, tag: u64, res: i64);
+}
+
+/// A request slot's way back to its reactor. A backend holds a reference
+/// (an `Arc` count, not an allocation) while the request is in flight.
+pub struct AioTag {
+    pub sink: std::sync::Arc<dyn AioSink>,
+    pub tag: u64,
+}
+
+impl AioTag {
+    pub fn complete(&self, res: i64) {
+        self.sink.done(self.tag, res);
+    }
+}
+
 /// What a backend can do. Every method transfers all bytes or fails: a short
 /// transfer is an error.
 pub trait Backend: Send + Sync {
@@ -42,6 +62,26 @@ pub trait Backend: Send + Sync {
     fn uring_target(&self) -> Option<UringTarget> {
         None
     }
+    /// Starts `io` on the backend's own threads; its completion comes
+    /// through `tag`, from another thread. None: not done this way (the
+    /// pool runs it with the methods above); `Some(Err)`: refused at once,
+    /// no completion follows.
+    fn submit_async(
+        &self,
+        _io: &super::request::IoRequest,
+        _tag: &std::sync::Arc<AioTag>,
+    ) -> Option<io::Result<()>> {
+        None
+    }
+    /// Whether `submit_async` takes requests (the engine then keeps a tag
+    /// per request slot).
+    fn is_async(&self) -> bool {
+        false
+    }
+    /// Has `f` called, from a thread of the backend's, with the new size
+    /// whenever the disk's size changes outside the target (an image
+    /// resized by another client). Backends that cannot tell ignore it.
+    fn watch_size(&self, _f: Box<dyn Fn(u64) + Send + Sync>) {}
     /// Sets the disk's size to `size` bytes, or (None) reads it again (a
     /// block device resized underneath); returns the size now.
     fn resize(&self, _size: Option<u64>) -> io::Result<u64> {

@@ -3,6 +3,7 @@
 
 pub mod io;
 pub mod lock;
+pub mod rbd;
 pub mod request;
 pub mod uring;
 
@@ -24,6 +25,8 @@ pub enum DiskSpec {
     /// Reads return zeros, writes are dropped: a disk that costs nothing,
     /// for measuring the device itself.
     Null(u64),
+    /// An image on a Ceph cluster.
+    Rbd(rbd::RbdSpec),
 }
 
 impl std::str::FromStr for DiskSpec {
@@ -34,6 +37,8 @@ impl std::str::FromStr for DiskSpec {
             Ok(DiskSpec::Ram(parse_size(size)?))
         } else if let Some(size) = s.strip_prefix("null:") {
             Ok(DiskSpec::Null(parse_size(size)?))
+        } else if let Some(rest) = s.strip_prefix("rbd:") {
+            Ok(DiskSpec::Rbd(rest.parse()?))
         } else if s.is_empty() {
             Err("empty disk name".into())
         } else {
@@ -48,6 +53,7 @@ impl std::fmt::Display for DiskSpec {
             DiskSpec::File(p) => write!(f, "{}", p.display()),
             DiskSpec::Ram(s) => write!(f, "ram:{s}"),
             DiskSpec::Null(s) => write!(f, "null:{s}"),
+            DiskSpec::Rbd(r) => write!(f, "{r}"),
         }
     }
 }
@@ -86,6 +92,8 @@ pub enum OpenError {
     BadCreateSize(u64),
     #[error("{0}")]
     NotOurs(String),
+    #[error("{0}")]
+    Rbd(String),
 }
 
 /// An opened disk.
@@ -284,6 +292,14 @@ pub fn open(spec: &DiskSpec, o: OpenOptionsDisk) -> Result<Disk, OpenError> {
             )
         }
         DiskSpec::File(path) => open_file(path, &o)?,
+        DiskSpec::Rbd(r) => {
+            if o.create_size.is_some() {
+                return Err(OpenError::Rbd(format!(
+                    "{r}: size= does not create RBD images; create it with rbd create"
+                )));
+            }
+            rbd::open(r, readonly)?
+        }
     };
     if size == 0 {
         return Err(OpenError::Empty);

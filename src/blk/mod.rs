@@ -177,6 +177,30 @@ impl BlkShared {
         Ok(new)
     }
 
+    /// The disk's size became `size` outside the target (an RBD image
+    /// resized by another client): the guest is told as after a resize of
+    /// ours. Called on a thread of the backend's, which may wait.
+    pub fn resized_outside(&self, size: u64) {
+        for _ in 0..50 {
+            if size == self.capacity_bytes() {
+                return;
+            }
+            match self.resize(None, true) {
+                Ok(_) => return,
+                // Our own resize, under way, is what the backend saw.
+                Err(ResizeError::Busy) => std::thread::sleep(std::time::Duration::from_millis(100)),
+                Err(e) => {
+                    log::warn!(
+                        "{}: the disk became {size} bytes outside the target, and the \
+                         device could not follow: {e}",
+                        self.log.name()
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
     /// What a resize to `s` bytes must satisfy before anything stops.
     fn check_new_size(&self, s: u64, allow_shrink: bool) -> Result<(), ResizeError> {
         if self.readonly {

@@ -43,7 +43,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemory
 use super::pool::{Done, Job};
 use super::reactor::{Cx, Fence, QueueRunner};
 use super::{Finish, Mutations, Prepared, QueueFault, QueueStats, RequestHandler};
-use crate::backend::io::{Backend, UringTarget};
+use crate::backend::io::{AioTag, Backend, UringTarget};
 use crate::backend::request::{IoKind, IoRequest};
 use crate::backend::uring::Uring;
 use crate::memory::{GuestBuffers, GuestMemoryHandle};
@@ -69,6 +69,9 @@ enum At {
     Reactor,
     Uring,
     Pool,
+    /// With the backend's own threads (librbd), reported back through
+    /// the slot's tag.
+    Aio,
 }
 
 struct Slot<R> {
@@ -131,6 +134,11 @@ pub(crate) struct QueueState<H: RequestHandler> {
     /// The last poll stopped because the io_uring was full: requests wait
     /// in the ring, for completions to make room, not for a doorbell.
     throttled: bool,
+    /// The backend completes requests on its own threads.
+    is_async: bool,
+    /// Per slot, its way back to this reactor from the backend's threads
+    /// (made at the first request, on the reactor that owns the queue).
+    tags: Vec<Arc<AioTag>>,
 }
 
 /// What a queue needs besides its ring: who it is, what it serves, where
@@ -154,6 +162,7 @@ impl<H: RequestHandler> QueueState<H> {
     pub fn new(queue: DeviceRing, p: QueueParams<H>) -> QueueState<H> {
         let handler = p.handler;
         let backend = handler.backend().clone();
+        let backend_is_async = backend.is_async();
         let size = usize::from(queue.size());
         let slots = (0..size)
             .map(|_| Slot {
@@ -201,6 +210,8 @@ impl<H: RequestHandler> QueueState<H> {
             cancel: Arc::default(),
             mutations: p.mutations,
             throttled: false,
+            is_async: backend_is_async,
+            tags: Vec::new(),
         }
     }
 
@@ -367,6 +378,36 @@ impl<H: RequestHandler> QueueState<H> {
                 return len;
             }
         }
+        if self.is_async {
+            if self.tags.is_empty() {
+                let sink: Arc<dyn crate::backend::io::AioSink> = Arc::new(cx.me.clone());
+                self.tags = (0..self.slots.len())
+                    .map(|i| {
+                        Arc::new(AioTag {
+                            sink: sink.clone(),
+                            tag: (self.id << 16) | i as u64,
+                        })
+                    })
+                    .collect();
+            }
+            let s = &mut self.slots[usize::from(slot)];
+            match self
+                .backend
+                .submit_async(&s.io, &self.tags[usize::from(slot)])
+            {
+                Some(Ok(())) => {
+                    s.at = At::Aio;
+                    self.leaves(slot);
+                    return 0;
+                }
+                Some(Err(e)) => {
+                    self.finish(slot, Some(Err(e)));
+                    return 0;
+                }
+                None => {}
+            }
+        }
+        let s = &mut self.slots[usize::from(slot)];
         if let (Some(t), Some(u)) = (self.uring_target, cx.uring.as_deref_mut()) {
             if Uring::accepts(&t, &s.io) && u.has_room() {
                 let user_data = (self.id << 16) | u64::from(slot);
@@ -425,6 +466,20 @@ fn completion(res: i32, kind: IoKind, len: usize, withdrawn: bool) -> Completion
         return redo();
     }
     Completion::Done(Ok(()))
+}
+
+/// The completion policy for a backend's own completions (librbd): `res`
+/// is bytes moved, or -errno. A read that moved fewer bytes than asked
+/// (librbd's reads past an object's data) leaves the rest to be zeroed:
+/// the second value is where zeros start.
+fn aio_completion(res: i64, kind: IoKind, len: usize) -> (io::Result<()>, Option<usize>) {
+    if res < 0 {
+        let errno = i32::try_from(-res).unwrap_or(libc::EIO);
+        return (Err(io::Error::from_raw_os_error(errno)), None);
+    }
+    let moved = usize::try_from(res).unwrap_or(usize::MAX);
+    let tail = (kind == IoKind::Read && moved < len).then_some(moved);
+    (Ok(()), tail)
 }
 
 /// What one look at the available ring gave.
@@ -610,6 +665,21 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         s.io = d.io;
         s.at = At::Reactor;
         self.finish(d.slot, Some(d.result));
+    }
+
+    fn aio_done(&mut self, slot: u16, res: i64, _cx: &mut Cx) {
+        let Some(s) = self.slots.get_mut(usize::from(slot)) else {
+            return;
+        };
+        if s.at != At::Aio {
+            return;
+        }
+        s.at = At::Reactor;
+        let (result, tail) = aio_completion(res, s.io.kind, s.io.len());
+        if let Some(from) = tail {
+            crate::memory::zero_tail(&s.io.iov, from);
+        }
+        self.finish(slot, Some(result));
     }
 
     fn signal(&mut self) {

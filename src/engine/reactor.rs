@@ -95,6 +95,17 @@ impl ReactorTx {
     }
 }
 
+impl crate::backend::io::AioSink for ReactorTx {
+    fn done(&self, tag: u64, res: i64) {
+        let slot = u16::try_from(tag & 0xffff).unwrap_or(u16::MAX);
+        self.send(Msg::AioDone {
+            queue: tag >> 16,
+            slot,
+            res,
+        });
+    }
+}
+
 /// A guest range that is about to be unmapped, and where its window is
 /// mapped in this process.
 #[derive(Clone, Copy, Debug)]
@@ -135,6 +146,12 @@ pub(crate) enum Msg {
         drain: bool,
     },
     PoolDone(Done),
+    /// A backend's own completion (librbd's threads) for a request slot.
+    AioDone {
+        queue: u64,
+        slot: u16,
+        res: i64,
+    },
     /// The engine is gone: leave once no queue is left.
     Shutdown,
 }
@@ -155,6 +172,9 @@ pub(crate) trait QueueRunner: Send {
     /// An io_uring completion for `slot`.
     fn uring_done(&mut self, slot: u16, res: i32, cx: &mut Cx);
     fn pool_done(&mut self, d: Done, cx: &mut Cx);
+    /// A completion the backend reported from its own thread for `slot`:
+    /// bytes moved, or -errno.
+    fn aio_done(&mut self, slot: u16, res: i64, cx: &mut Cx);
     /// One interrupt decision for what completed since the last one.
     fn signal(&mut self);
     /// Turns doorbells on (true: requests already wait) or off.
@@ -273,6 +293,16 @@ impl Reactor {
                         me: &self.me,
                     };
                     self.queues[i].pool_done(d, &mut cx);
+                }
+            }
+            Msg::AioDone { queue, slot, res } => {
+                if let Some(i) = self.find(queue) {
+                    let mut cx = Cx {
+                        uring: self.uring.as_mut(),
+                        pool: &self.pool,
+                        me: &self.me,
+                    };
+                    self.queues[i].aio_done(slot, res, &mut cx);
                 }
             }
         }

@@ -77,7 +77,7 @@ fn file_id(p: &std::path::Path) -> Option<(u64, u64)> {
 
 fn say_listening(name: &str, spec: &DeviceSpec, shared: &BlkShared) {
     info!(
-        "{name}: listening on {} ({:?}, {} bytes, {} queue(s) of {}{})",
+        "{name}: listening on {} (disk {}, {} bytes, {} queue(s) of {}{})",
         spec.socket.display(),
         spec.disk,
         shared.capacity_bytes(),

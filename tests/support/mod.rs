@@ -360,6 +360,7 @@ pub fn fresh_client_works(socket: &Path) {
     assert_eq!(u32::from_le_bytes(id), 0x1001_1af4);
     c.shutdown().unwrap();
 }
+pub mod ceph;
 pub mod driver;
 pub mod gate;
 

@@ -1,0 +1,268 @@
+//! Issue 19: Ceph RBD images as disks, against a real one-node cluster
+//! (`scripts/ceph-cluster.sh`, started once for this binary). What the
+//! guest reads and writes is compared with what librbd reads of the image
+//! (`rbd export`), independently of our code.
+// Test-only code with small, known values: the cast lints add nothing here.
+#![allow(clippy::cast_possible_truncation)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::ceph::{cluster, Ceph};
+use support::driver::*;
+use support::*;
+
+const MB: u64 = 1 << 20;
+
+/// The tests share the cluster, and one of them stops its OSD: one at a
+/// time.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A target serving `disk` with `args`.
+fn serve(disk: &str, args: &[&str]) -> ServerProcess {
+    let mut a = vec!["--disk", disk];
+    a.extend_from_slice(args);
+    ServerProcess::start(&a)
+}
+
+#[test]
+fn an_rbd_disk_reads_back_what_it_wrote_and_librbd_reads_the_same() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    let disk = ceph.image("bytes", 64 * MB);
+    let srv = serve(&disk, &["--queues", "2"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    assert_eq!(d.capacity(), 64 * MB / 512);
+    let mut expect = vec![0u8; (64 * MB) as usize];
+    // Small and large, aligned and not to RBD's 4 MiB objects, one buffer
+    // or many, on both queues.
+    let writes: [(u64, usize, Layout); 6] = [
+        (0, 4096, Layout::default()),
+        (7, 512, Layout::default()),
+        (8191, 8192, Layout::default().chunks(1536)),
+        (4 * 2048 - 4, 1 << 20, Layout::default().chunks(200_000)),
+        (100_000, 65536, Layout::default().indirect()),
+        (131_071, 512, Layout::default()),
+    ];
+    for (i, (sector, len, layout)) in writes.into_iter().enumerate() {
+        let data = pattern(i as u64 + 1, len);
+        let r = Request::write(sector, &data).laid(layout);
+        assert_eq!(d.run(i % 2, &r).0, S_OK, "write {i}");
+        let at = (sector * 512) as usize;
+        expect[at..at + len].copy_from_slice(&data);
+    }
+    assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
+    for (i, (sector, len, _)) in writes.into_iter().enumerate() {
+        let r = Request::read(sector, len).laid(Layout::default().chunks(65536));
+        let (st, got, _) = d.run(1 - i % 2, &r);
+        assert_eq!(st, S_OK);
+        let at = (sector * 512) as usize;
+        assert!(got == expect[at..at + len], "read {i} differs");
+    }
+    // A read of what was never written is zeros, not our poison.
+    assert_eq!(d.read(0, 50_000, 4096), (S_OK, vec![0u8; 4096]));
+    assert!(ceph.export("bytes") == expect, "librbd reads other bytes");
+    // Past the end: IOERR, and the target lives.
+    assert_eq!(d.read(0, 64 * MB / 512, 512).0, S_IOERR);
+    let mut srv = srv;
+    srv.assert_healthy();
+}
+
+#[test]
+fn discard_and_write_zeroes_read_back_as_zeros() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    let disk = ceph.image("zeros", 16 * MB);
+    let srv = serve(&disk, &[]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    let all = pattern(9, (16 * MB) as usize);
+    for chunk in 0..16u64 {
+        let at = (chunk * MB) as usize;
+        let r = Request::write(chunk * 2048, &all[at..at + MB as usize]);
+        assert_eq!(d.run(0, &r).0, S_OK);
+    }
+    let mut expect = all.clone();
+    let mut zero = |sector: u64, n: u32| {
+        let at = (sector * 512) as usize;
+        expect[at..at + n as usize * 512].fill(0);
+    };
+    // Partial pieces of a 64 KiB unit, a span across an object boundary,
+    // and write-zeroes with and without unmap.
+    let discards = [(3u64, 1u32), (130, 60), (8190, 300)];
+    for (s, n) in discards {
+        let st = d.simple(0, T_DISCARD, 0, dwz_segment(s, n, 0), 0).0;
+        assert_eq!(st, S_OK, "discard of {n} at {s}");
+        zero(s, n);
+    }
+    // Two ranges in one request (the thread pool's path).
+    let mut two = dwz_segment(20_000, 9, 0);
+    two.extend(dwz_segment(20_100, 17, 0));
+    assert_eq!(d.simple(0, T_DISCARD, 0, two, 0).0, S_OK);
+    zero(20_000, 9);
+    zero(20_100, 17);
+    for (s, n, unmap) in [(1000u64, 7u32, 0u32), (12_000, 4096, 1)] {
+        let st = d
+            .simple(0, T_WRITE_ZEROES, 0, dwz_segment(s, n, unmap), 0)
+            .0;
+        assert_eq!(st, S_OK, "write-zeroes of {n} at {s}");
+        zero(s, n);
+    }
+    for (s, n) in [
+        (0u64, 16u32),
+        (128, 64),
+        (8188, 310),
+        (1000, 8),
+        (12_000, 4096),
+    ] {
+        let r = Request::read(s, n as usize * 512).laid(Layout::default().chunks(65536));
+        let (st, got, _) = d.run(0, &r);
+        assert_eq!(st, S_OK);
+        let at = (s * 512) as usize;
+        assert!(got == expect[at..at + n as usize * 512], "sectors {s}+{n}");
+    }
+    assert!(ceph.export("zeros") == expect, "librbd reads other bytes");
+    let mut srv = srv;
+    srv.assert_healthy();
+}
+
+#[test]
+fn a_second_target_is_refused_and_a_dead_ones_lock_is_taken_over() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    let disk = ceph.image("lock", 8 * MB);
+    let mut first = serve(&disk, &[]);
+    let mut d = Driver::new(&first.socket, DriverOptions::default());
+    assert_eq!(d.write(0, 0, &pattern(5, 4096)), S_OK);
+
+    // A second target: refused at start, with the reason.
+    let dir = TempDir::new("rbd2");
+    let sock = dir.path("s.sock");
+    let second = std::process::Command::new(bin())
+        .args(["--socket", sock.to_str().unwrap(), "--disk", &disk])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use"), "{err}");
+    // The first one still serves.
+    assert_eq!(d.read(0, 0, 4096), (S_OK, pattern(5, 4096)));
+
+    // SIGKILLed: the next target takes the image over (Ceph blocklists the
+    // dead client once its watch times out).
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    drop(d);
+    let t = Instant::now();
+    let next = serve(&disk, &[]);
+    eprintln!("takeover after SIGKILL: {:?}", t.elapsed());
+    let mut d = Driver::new(&next.socket, DriverOptions::default());
+    assert_eq!(d.read(0, 0, 4096), (S_OK, pattern(5, 4096)));
+    assert_eq!(d.write(0, 8, &pattern(6, 4096)), S_OK);
+}
+
+#[test]
+fn a_resize_over_rpc_and_one_outside_the_target_reach_the_guest() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    let disk = ceph.image("grow", 8 * MB);
+    let t = RpcTarget::start(&["--poll-mode", "interrupt"]);
+    let sock = t.dir.path("g.sock");
+    let added = t.ok(
+        "device_add",
+        json!({"name": "g", "socket": sock, "disk": disk}),
+    );
+    assert_eq!(added["size"], 8 * MB);
+    let mut d = Driver::new(&sock, DriverOptions::default());
+    while d.vectors[0].read().is_ok() {}
+    let r = t.ok("device_resize", json!({"name": "g", "size": "16M"}));
+    assert_eq!(r["size"], 16 * MB);
+    assert_eq!(ceph.size("grow"), 16 * MB);
+    assert_eq!(d.capacity(), 16 * MB / 512);
+    wait_until("the configuration interrupt", || {
+        d.vectors[0].read().is_ok()
+    });
+    assert_eq!(
+        d.write(0, 30_000, &pattern(3, 4096)),
+        S_OK,
+        "past the old end"
+    );
+
+    // `rbd resize` by another client: the watch sees it, the guest is told.
+    ceph.rbd(&["resize", "rbd/grow", "--size", "24M"]).unwrap();
+    wait_until("the outside resize to reach the device", || {
+        d.capacity() == 24 * MB / 512
+    });
+    wait_until("its configuration interrupt", || {
+        d.vectors[0].read().is_ok()
+    });
+    assert_eq!(d.read(0, 30_000, 4096), (S_OK, pattern(3, 4096)));
+    let list = t.ok("device_list", json!({}));
+    assert_eq!(list[0]["size"], 24 * MB, "{list}");
+}
+
+#[test]
+fn an_osd_that_stops_answering_fails_requests_and_io_resumes_after() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    // A short op timeout, so that the test need not wait the default's.
+    let _ = ceph.image("stall", 8 * MB);
+    let disk = ceph.disk("stall", ":rados_osd_op_timeout=3");
+    let srv = serve(&disk, &["--poll-mode", "interrupt"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    assert_eq!(d.write(0, 0, &pattern(1, 4096)), S_OK);
+    let osd = Stopped::new(ceph);
+    let t = Instant::now();
+    let (st, _, _) = d.run(0, &Request::write(8, &pattern(2, 4096)));
+    let took = t.elapsed();
+    eprintln!("a write while the OSD is stopped: status {st} after {took:?}");
+    assert_eq!(st, S_IOERR);
+    assert!(
+        took >= Duration::from_secs(2),
+        "answered before the timeout"
+    );
+    // Reset with the OSD still stopped: a request in flight holds it no
+    // longer than the op timeout.
+    let s = d.submit(0, &Request::read(0, 4096));
+    d.kick(0);
+    let t = Instant::now();
+    d.reset();
+    eprintln!(
+        "reset with a read in flight on a stopped OSD: {:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(8));
+    let _ = s;
+    drop(osd);
+    drop(d);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    assert_eq!(d.read(0, 0, 4096), (S_OK, pattern(1, 4096)));
+    assert_eq!(d.write(0, 8, &pattern(3, 4096)), S_OK);
+    assert_eq!(d.read(0, 8, 4096), (S_OK, pattern(3, 4096)));
+    let mut srv = srv;
+    srv.assert_healthy();
+}
+
+/// The cluster's OSD, stopped (SIGSTOP) until dropped (SIGCONT), even when
+/// the test fails.
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(ceph: &Ceph) -> Stopped {
+        let pid = ceph.osd_pid();
+        // SAFETY: a signal to the cluster's own OSD.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
