@@ -266,3 +266,139 @@ impl Drop for Stopped {
         unsafe { libc::kill(self.0, libc::SIGCONT) };
     }
 }
+
+#[test]
+fn with_on_error_stop_a_stalled_osd_stops_the_queue_until_the_guest_resets() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    let _ = ceph.image("halt", 8 * MB);
+    let disk = ceph.disk("halt", ":rados_osd_op_timeout=2");
+    let srv = serve(&disk, &["--on-error", "stop", "--poll-mode", "interrupt"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    assert_eq!(d.write(0, 0, &pattern(1, 4096)), S_OK);
+    let osd = Stopped::new(ceph);
+    let s = d.submit(0, &Request::write(8, &pattern(2, 4096)));
+    d.kick(0);
+    // No answer: the queue stops (DEVICE_NEEDS_RESET) once the op times out.
+    wait_long("the queue to stop", Duration::from_secs(10), || {
+        srv.log_text().contains("--on-error stop")
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(d.used_idx(0), 0, "the failed write was answered");
+    let _ = s;
+    drop(osd);
+    d.reset();
+    drop(d);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    assert_eq!(d.read(0, 0, 4096), (S_OK, pattern(1, 4096)));
+    assert_eq!(d.write(0, 8, &pattern(3, 4096)), S_OK);
+    let mut srv = srv;
+    srv.assert_healthy();
+}
+
+/// Waits until `f` holds, or panics after `limit`.
+fn wait_long(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn remove_and_shutdown_finish_while_the_osd_does_not_answer() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    let _ = ceph.image("gone1", 8 * MB);
+    let _ = ceph.image("gone2", 8 * MB);
+    let t = RpcTarget::start(&["--poll-mode", "interrupt"]);
+    let (s1, s2) = (t.dir.path("g1.sock"), t.dir.path("g2.sock"));
+    for (name, sock) in [("gone1", &s1), ("gone2", &s2)] {
+        let disk = ceph.disk(name, ":rados_osd_op_timeout=3");
+        t.ok(
+            "device_add",
+            json!({"name": name, "socket": sock, "disk": disk}),
+        );
+    }
+    let mut d1 = Driver::new(&s1, DriverOptions::default());
+    let mut d2 = Driver::new(&s2, DriverOptions::default());
+    let osd = Stopped::new(ceph);
+    d1.submit(0, &Request::write(0, &pattern(1, 4096)));
+    d1.kick(0);
+    d2.submit(0, &Request::read(0, 4096));
+    d2.kick(0);
+    std::thread::sleep(Duration::from_millis(200));
+    // Remove answers within its bound; the device goes once its request
+    // has timed out.
+    let t0 = Instant::now();
+    let r = t.ok("device_remove", json!({"name": "gone1", "force": true}));
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    if r["stopped"] == false {
+        wait_long("gone1 to stop", Duration::from_secs(10), || {
+            t.log_text().contains("gone1: stopped")
+        });
+    }
+    // Shutdown with a read in flight on the stopped OSD.
+    let t0 = Instant::now();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(i32::try_from(t.child.id()).unwrap(), libc::SIGTERM) };
+    let mut t = t;
+    wait_long("the target to exit", Duration::from_secs(15), || {
+        t.child.try_wait().unwrap().is_some()
+    });
+    eprintln!(
+        "shutdown with a request on a stopped OSD: {:?}",
+        t0.elapsed()
+    );
+    drop(osd);
+    assert!(!t.log_text().contains("panicked"), "{}", t.log_text());
+    drop(d1);
+    drop(d2);
+}
+
+#[test]
+fn rbd_and_file_disks_share_a_target_and_a_read_only_one_shares_the_image() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    let a = ceph.image("mix-a", 8 * MB);
+    let b = ceph.image("mix-b", 8 * MB);
+    let dir = TempDir::new("mix");
+    let img = dir.image("f.img", 8 * MB);
+    let (sb, sf, sr) = (dir.path("b.sock"), dir.path("f.sock"), dir.path("r.sock"));
+    let dev = |s: &std::path::Path, disk: &str, extra: &str| {
+        format!("socket={},disk={disk}{extra}", s.display())
+    };
+    let args = [
+        "--pollers".to_string(),
+        "1".into(),
+        "--device".into(),
+        dev(&sb, &b, ""),
+        "--device".into(),
+        dev(&sf, img.to_str().unwrap(), ""),
+        "--device".into(),
+        dev(&sr, &a, ",readonly=on"),
+    ];
+    let mut argv: Vec<&str> = vec!["--disk", &a];
+    argv.extend(args.iter().map(String::as_str));
+    let srv = ServerProcess::start_in(dir, &argv);
+    wait_until("four sockets", || {
+        srv.log_text().matches("listening on").count() == 4
+    });
+    let mut da = Driver::new(&srv.socket, DriverOptions::default());
+    let mut db = Driver::new(&sb, DriverOptions::default());
+    let mut df = Driver::new(&sf, DriverOptions::default());
+    for (i, d) in [&mut da, &mut db, &mut df].into_iter().enumerate() {
+        assert_eq!(d.write(0, 0, &pattern(i as u64 + 10, 8192)), S_OK);
+    }
+    for (i, d) in [&mut da, &mut db, &mut df].into_iter().enumerate() {
+        assert_eq!(d.read(0, 0, 8192), (S_OK, pattern(i as u64 + 10, 8192)));
+    }
+    assert!(ceph.export("mix-b")[..8192] == pattern(11, 8192)[..]);
+    // The read-only disk on image A: it reads what A's writer wrote, and
+    // refuses writes.
+    let mut dr = Driver::new(&sr, DriverOptions::default());
+    assert_eq!(dr.read(0, 0, 8192), (S_OK, pattern(10, 8192)));
+    assert_eq!(dr.write(0, 0, &pattern(1, 512)), S_IOERR);
+    let mut srv = srv;
+    srv.assert_healthy();
+}

@@ -155,6 +155,14 @@ struct Args {
     /// a change checked in one run (the report ends with ours/ours-base).
     #[arg(long, value_name = "PATH")]
     baseline_bin: Option<PathBuf>,
+
+    /// Serve an RBD image (`rbd:POOL/IMAGE:conf=PATH`, as our `--disk`)
+    /// instead of the image file on the single-disk workloads: ours opens
+    /// it through librbd, qemu-storage-daemon through its rbd driver
+    /// (`qsd-threads`; Debian's qemu-block-extra). One server at a time
+    /// holds the image (ours takes its exclusive lock).
+    #[arg(long, value_name = "SPEC")]
+    rbd: Option<String>,
 }
 
 const QUEUES: usize = 4;
@@ -734,6 +742,9 @@ impl Servers<'_> {
 
     /// The image files that the server of workload `w` opens.
     fn images_of(&self, w: &Workload) -> Vec<PathBuf> {
+        if let (Some(r), 1, false) = (&self.args.rbd, w.devices, w.disk == Disk::Null) {
+            return vec![PathBuf::from(r)];
+        }
         if w.devices > 1 {
             self.images.multi.clone()
         } else if w.disk == Disk::Null {
@@ -748,6 +759,10 @@ impl Servers<'_> {
         let im = self.images;
         let ours_disk = |d: Disk| -> Result<OursDisk> {
             Ok(match d {
+                Disk::Cached | Disk::Direct if a.rbd.is_some() => OursDisk {
+                    spec: a.rbd.clone().unwrap_or_default(),
+                    direct: false,
+                },
                 Disk::Null => OursDisk {
                     spec: format!("null:{}", im.size),
                     direct: false,
@@ -797,9 +812,10 @@ impl Servers<'_> {
             "ours-threads" => single(None, &a.ours_threads_args, "threads"),
             "ours-adaptive" => single(None, &a.ours_adaptive_args, "io-uring"),
             "qsd-threads" | "qsd-uring" | "qsd-native" => {
-                let d = match w.disk {
-                    Disk::Null => QsdDisk::Null { size: im.size },
-                    d => QsdDisk::File {
+                let d = match (w.disk, &a.rbd) {
+                    (Disk::Null, _) => QsdDisk::Null { size: im.size },
+                    (_, Some(spec)) => QsdDisk::Rbd(spec.clone()),
+                    (d, None) => QsdDisk::File {
                         path: im.path(d).to_path_buf(),
                         direct: d == Disk::Direct,
                     },
@@ -941,6 +957,18 @@ fn real_main(args: &Args) -> Result<()> {
         .into_iter()
         .filter(|w| args.only.is_empty() || args.only.iter().any(|o| w.name.contains(o.as_str())))
         .collect();
+    if args.rbd.is_some() {
+        // The RBD rows: random 4 KiB at QD 1 and 32, and sequential 128 KiB.
+        const RBD_ROWS: [&str; 6] = [
+            "4k-randread-qd1",
+            "4k-randread-qd32",
+            "4k-randwrite-qd1",
+            "4k-randwrite-qd32",
+            "128k-seqread-qd8",
+            "128k-seqwrite-qd8",
+        ];
+        list.retain(|w| RBD_ROWS.contains(&w.name.as_str()));
+    }
     if list.is_empty() {
         bail!("no workload matches --only {:?}", args.only);
     }
@@ -1004,9 +1032,10 @@ fn real_main(args: &Args) -> Result<()> {
     if list.is_empty() {
         bail!("no workload left to run");
     }
-    if list
-        .iter()
-        .any(|w| w.disk == Disk::Cached && w.devices == 1)
+    if args.rbd.is_none()
+        && list
+            .iter()
+            .any(|w| w.disk == Disk::Cached && w.devices == 1)
     {
         prepare_image(&images.cached, images.size, true)?;
     }

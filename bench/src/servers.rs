@@ -16,7 +16,21 @@ pub struct Proc {
 }
 
 impl Drop for Proc {
+    /// Stops the server as an operator would (SIGTERM), so that it lets go
+    /// of what it holds (an RBD image's exclusive lock, which the next
+    /// server would otherwise wait for Ceph to break); SIGKILL after 5 s.
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: a signal to our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -184,8 +198,35 @@ pub fn start_ours(
 
 /// One disk of qemu-storage-daemon.
 pub enum QsdDisk {
-    File { path: PathBuf, direct: bool },
-    Null { size: u64 },
+    File {
+        path: PathBuf,
+        direct: bool,
+    },
+    Null {
+        size: u64,
+    },
+    /// An RBD image, named as our `--disk` names it
+    /// (`rbd:POOL/IMAGE:conf=PATH`).
+    Rbd(String),
+}
+
+/// QEMU's rbd driver options for an `rbd:POOL/IMAGE[:conf=PATH]` name.
+fn qsd_rbd(spec: &str) -> Result<String> {
+    let rest = spec.strip_prefix("rbd:").context("an rbd: name")?;
+    let mut parts = rest.split(':');
+    let (pool, image) = parts
+        .next()
+        .and_then(|p| p.split_once('/'))
+        .context("rbd:POOL/IMAGE")?;
+    let mut o = format!("driver=rbd,pool={},image={}", escape(pool), escape(image));
+    for kv in parts {
+        match kv.split_once('=') {
+            Some(("conf", v)) => o.push_str(&format!(",conf={}", escape(v))),
+            Some(("id", v)) => o.push_str(&format!(",user={}", escape(v))),
+            _ => bail!("qemu-storage-daemon: option {kv} of {spec} is not passed on"),
+        }
+    }
+    Ok(o)
 }
 
 /// qemu-storage-daemon exporting `disks` as vhost-user-blk, all on one
@@ -214,6 +255,8 @@ pub fn start_qsd(
             QsdDisk::Null { size } => {
                 format!("driver=null-co,node-name=file{i},size={size},read-zeroes=on")
             }
+            // cache=none, as ours: librbd's cache off.
+            QsdDisk::Rbd(spec) => format!("{},node-name=file{i},cache.direct=on", qsd_rbd(spec)?),
         };
         cmd.args(["--blockdev", &file])
             .args(["--blockdev", &format!("driver=raw,node-name=disk{i},file=file{i}")])
