@@ -2,7 +2,10 @@
 # The RBD benchmark: ours serving an image of a one-node Ceph cluster
 # (scripts/ceph-cluster.sh) against qemu-storage-daemon exporting the same
 # image through QEMU's rbd driver (vhost-user-blk), both driven by the
-# benchmark's synthetic guest, and against fio's rbd engine driving the
+# benchmark's synthetic guest (ours in busy mode, as `ours`, and in adaptive
+# mode, as `ours-adaptive`: on a machine that runs the cluster too, a
+# spinning reactor takes a core from the OSD), and against fio's rbd
+# engine driving the
 # image directly (no device at all). 4 KiB random read and write at QD 1
 # and 32, 128 KiB sequential at QD 8.
 #
@@ -62,7 +65,7 @@ cargo build --release --workspace -q
 mkdir -p bench
 OUT=bench/rbd-results.txt
 target/release/vfio-user-blk-bench --rbd "rbd:rbd/bench:conf=$CONF" --size 1G \
-    --targets ours,qsd-threads --repeat "$RUNS" --seconds "$SECS" \
+    --targets ours,ours-adaptive,qsd-threads --repeat "$RUNS" --seconds "$SECS" \
     --json bench/rbd-results.json >"$OUT"
 
 # fio's rbd engine on the image itself, pinned as the benchmark pins its

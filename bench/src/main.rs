@@ -205,6 +205,10 @@ fn applies(t: &str, w: &Workload, selected: &[&str]) -> bool {
         return false;
     }
     match (t, w.disk) {
+        // On an RBD image: ours in busy and adaptive mode, against qsd's
+        // rbd driver (which has no aio= to choose).
+        ("ours" | "ours-base" | "ours-adaptive" | "qsd-threads", Disk::Rbd) => true,
+        (_, Disk::Rbd) => false,
         ("qsd-native" | "direct-uring" | "ours-adaptive", d) => d == Disk::Direct,
         ("direct", d) => d != Disk::Null,
         // A null disk does no file I/O: the engine does not matter, so each
@@ -742,7 +746,7 @@ impl Servers<'_> {
 
     /// The image files that the server of workload `w` opens.
     fn images_of(&self, w: &Workload) -> Vec<PathBuf> {
-        if let (Some(r), 1, false) = (&self.args.rbd, w.devices, w.disk == Disk::Null) {
+        if let (Some(r), Disk::Rbd) = (&self.args.rbd, w.disk) {
             return vec![PathBuf::from(r)];
         }
         if w.devices > 1 {
@@ -759,8 +763,8 @@ impl Servers<'_> {
         let im = self.images;
         let ours_disk = |d: Disk| -> Result<OursDisk> {
             Ok(match d {
-                Disk::Cached | Disk::Direct if a.rbd.is_some() => OursDisk {
-                    spec: a.rbd.clone().unwrap_or_default(),
+                Disk::Rbd => OursDisk {
+                    spec: a.rbd.clone().context("an RBD workload without --rbd")?,
                     direct: false,
                 },
                 Disk::Null => OursDisk {
@@ -812,10 +816,10 @@ impl Servers<'_> {
             "ours-threads" => single(None, &a.ours_threads_args, "threads"),
             "ours-adaptive" => single(None, &a.ours_adaptive_args, "io-uring"),
             "qsd-threads" | "qsd-uring" | "qsd-native" => {
-                let d = match (w.disk, &a.rbd) {
-                    (Disk::Null, _) => QsdDisk::Null { size: im.size },
-                    (_, Some(spec)) => QsdDisk::Rbd(spec.clone()),
-                    (d, None) => QsdDisk::File {
+                let d = match w.disk {
+                    Disk::Null => QsdDisk::Null { size: im.size },
+                    Disk::Rbd => QsdDisk::Rbd(a.rbd.clone().context("no --rbd")?),
+                    d => QsdDisk::File {
                         path: im.path(d).to_path_buf(),
                         direct: d == Disk::Direct,
                     },
@@ -968,6 +972,9 @@ fn real_main(args: &Args) -> Result<()> {
             "128k-seqwrite-qd8",
         ];
         list.retain(|w| RBD_ROWS.contains(&w.name.as_str()));
+        for w in &mut list {
+            w.disk = Disk::Rbd;
+        }
     }
     if list.is_empty() {
         bail!("no workload matches --only {:?}", args.only);
