@@ -40,6 +40,45 @@ pub fn sealed_memfd(name: &str, len: u64) -> io::Result<File> {
 }
 
 /// The machine's memory, in bytes.
+/// The CPUs that threads doing I/O for the reactors (the pool's workers, a
+/// backend library's own threads) should run on: set once by the engine,
+/// off the CPUs of busy reactors while any other is usable.
+static HELPER_CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+
+pub fn set_helper_cpus(cpus: Vec<usize>) {
+    let _ = HELPER_CPUS.set(cpus);
+}
+
+pub fn helper_cpus() -> Option<&'static [usize]> {
+    HELPER_CPUS.get().map(Vec::as_slice)
+}
+
+/// CPUs a `cpu_set_t` can name.
+const PIN_SET_BITS: usize = 8 * std::mem::size_of::<libc::cpu_set_t>();
+
+/// Confines the calling thread to `cpus`, with a log line if it cannot.
+pub fn pin_to(cpus: &[usize]) {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= PIN_SET_BITS {
+            // Options are validated at start; never index past the set.
+            log::warn!("cannot pin a thread to CPU {cpu}: beyond the CPU set");
+            return;
+        }
+        // SAFETY: CPU_SET writes one bit inside `set` (cpu < PIN_SET_BITS).
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        log::warn!(
+            "cannot pin a thread to CPU(s) {cpus:?}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 pub fn memory_bytes() -> u64 {
     // SAFETY: sysconf has no memory effects.
     let (pages, size) = unsafe {

@@ -293,6 +293,7 @@ impl Engine {
         );
         if !worker_cpus.is_empty() {
             pool.set_cpus(worker_cpus.clone());
+            crate::util::set_helper_cpus(worker_cpus.clone());
         }
         if chosen {
             say_pinned(&reactor_cpus, &worker_cpus);
@@ -806,28 +807,7 @@ pub fn usable_cpus() -> std::io::Result<Vec<usize>> {
         .collect())
 }
 
-/// Confines the calling thread to `cpus`, with a log line if it cannot.
-pub(crate) fn pin_to(cpus: &[usize]) {
-    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in cpus {
-        if cpu >= CPU_SET_BITS {
-            // Options are validated at start; never index past the set.
-            warn!("cannot pin a thread to CPU {cpu}: beyond the CPU set");
-            return;
-        }
-        // SAFETY: CPU_SET writes one bit inside `set` (cpu < CPU_SET_BITS).
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
-    // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if r != 0 {
-        warn!(
-            "cannot pin a thread to CPU(s) {cpus:?}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
+pub(crate) use crate::util::pin_to;
 
 /// Where the reactors and the thread pool's workers run, from the CPUs the
 /// process may use (`usable`): reactor i on `given[i % len]` when --cpus

@@ -239,16 +239,20 @@ impl Cluster {
         Ok(c)
     }
 
-    /// Connects from a thread with the process's CPU set: librados's
-    /// threads inherit the mask of the thread that connects, and must not
-    /// share a pinned reactor's CPU.
+    /// Connects from a thread on the I/O threads' CPUs (those of the
+    /// process, before the engine set them): librados's threads inherit
+    /// the mask of the thread that connects, and must keep off busy
+    /// reactors' CPUs as the pool's workers do.
     fn connect_unpinned(&self) -> Result<(), OpenError> {
         let rados = self.rados as usize;
         let lib = self.lib;
         let r = std::thread::Builder::new()
             .name("rbd-connect".into())
             .spawn(move || {
-                process_cpus_for_this_thread();
+                match crate::util::helper_cpus() {
+                    Some(cpus) => crate::util::pin_to(cpus),
+                    None => process_cpus_for_this_thread(),
+                }
                 // SAFETY: the handle outlives this thread (joined below).
                 unsafe { (lib.rados_connect)(rados as ffi::Rados) }
             })
