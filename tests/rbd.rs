@@ -403,3 +403,68 @@ fn rbd_and_file_disks_share_a_target_and_a_read_only_one_shares_the_image() {
     let mut srv = srv;
     srv.assert_healthy();
 }
+
+#[test]
+fn write_through_writes_are_durable_whatever_turned_librbds_cache_on() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    // The cache turned on by the user's option (spelled as Ceph also takes
+    // it), and by the image's own configuration in the cluster.
+    let _ = ceph.image("wt-opt", 8 * MB);
+    let _ = ceph.image("wt-img", 8 * MB);
+    // (librbd's cache is write-through until it sees a flush, unless told
+    // otherwise; a write-through guest never sends one.)
+    for (k, v) in [
+        ("rbd_cache", "true"),
+        ("rbd_cache_writethrough_until_flush", "false"),
+    ] {
+        ceph.rbd(&["config", "image", "set", "rbd/wt-img", k, v])
+            .unwrap();
+    }
+    let opt = ":rbd_cache=1:rbd_cache_writethrough_until_flush=false";
+    for (name, extra) in [("wt-opt", opt), ("wt-img", "")] {
+        let mut srv = serve(&ceph.disk(name, extra), &[]);
+        // No FLUSH negotiated: every write must be durable when answered.
+        let mut d = Driver::new(&srv.socket, DriverOptions::refusing(F_FLUSH));
+        let data = pattern(4, 65536);
+        assert_eq!(d.write(0, 64, &data), S_OK);
+        srv.child.kill().unwrap();
+        srv.child.wait().unwrap();
+        let img = ceph.export(name);
+        assert!(
+            img[32768..32768 + 65536] == data[..],
+            "{name}: the write was lost"
+        );
+        assert!(srv.log_text().contains("librbd caches writes"), "{name}");
+    }
+}
+
+#[test]
+fn a_read_only_disk_follows_a_resize_elsewhere_and_an_odd_size_is_served_in_whole_blocks() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    let a = ceph.image("odd", 8 * MB);
+    let srv = serve(&a, &["--readonly"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    ceph.rbd(&["resize", "rbd/odd", "--size", "12M"]).unwrap();
+    wait_until("the read-only disk to grow", || {
+        d.capacity() == 12 * MB / 512
+    });
+    // An outside shrink to a size that is not whole sectors: the guest gets
+    // the whole ones, and nothing past the image's end is asked of it.
+    ceph.rbd(&[
+        "resize",
+        "rbd/odd",
+        "--size",
+        &format!("{}B", 6 * MB + 100),
+        "--allow-shrink",
+    ])
+    .unwrap();
+    wait_until("the shrink to reach the guest", || {
+        d.capacity() == 6 * MB / 512
+    });
+    assert_eq!(d.read(0, 6 * MB / 512, 512).0, S_IOERR);
+    let mut srv = srv;
+    srv.assert_healthy();
+    assert!(srv.log_text().contains("not whole 512-byte blocks"));
+}

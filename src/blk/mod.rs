@@ -162,12 +162,25 @@ impl BlkShared {
         // client that left (the file would grow back). The queues go on
         // when `paused` drops, on every way out of here.
         let paused = one.pause_within(RESIZE_WAIT).map_err(ResizeError::from)?;
-        let new = self.backend.resize(size).map_err(ResizeError::Backend)?;
-        if new == 0 || !new.is_multiple_of(u64::from(self.block)) {
+        let read = self.backend.resize(size).map_err(ResizeError::Backend)?;
+        // A disk resized elsewhere to a size that is not whole blocks: the
+        // guest gets the whole blocks (a request past the disk's end must
+        // never reach it), and the log says what is left out.
+        let new = read - read % u64::from(self.block);
+        if new == 0 {
             return Err(ResizeError::Unaligned {
-                size: new,
+                size: read,
                 block: self.block,
             });
+        }
+        if new != read {
+            log::warn!(
+                "{}: the disk is {read} bytes, not whole {}-byte blocks: its last {} bytes \
+                 are not served",
+                self.log.name(),
+                self.block,
+                read - new
+            );
         }
         let changed = self.store_capacity(new);
         drop(paused);
@@ -276,7 +289,7 @@ pub enum ResizeError {
     DepartedStuck,
     #[error("{0}")]
     Backend(std::io::Error),
-    #[error("the disk is now {size} bytes, not a multiple of the block size {block}")]
+    #[error("the disk is now {size} bytes, less than one block of {block}")]
     Unaligned { size: u64, block: u32 },
 }
 

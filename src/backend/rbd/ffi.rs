@@ -14,6 +14,14 @@ pub type Completion = *mut c_void;
 pub type CompletionCb = unsafe extern "C" fn(c: Completion, arg: *mut c_void);
 pub type UpdateCb = unsafe extern "C" fn(arg: *mut c_void);
 
+/// `rbd_config_option_t`: one configuration option as an image has it.
+#[repr(C)]
+pub struct ConfigOption {
+    pub name: *mut c_char,
+    pub value: *mut c_char,
+    pub source: c_int,
+}
+
 /// `RBD_LOCK_MODE_EXCLUSIVE`: no automatic hand-over of the lock.
 pub const LOCK_MODE_EXCLUSIVE: c_int = 0;
 /// `RBD_FEATURE_EXCLUSIVE_LOCK`.
@@ -39,6 +47,8 @@ pub struct Lib {
     pub rbd_get_size: unsafe extern "C" fn(Image, *mut u64) -> c_int,
     pub rbd_get_features: unsafe extern "C" fn(Image, *mut u64) -> c_int,
     pub rbd_resize: unsafe extern "C" fn(Image, u64) -> c_int,
+    pub rbd_config_image_list: unsafe extern "C" fn(Image, *mut ConfigOption, *mut c_int) -> c_int,
+    pub rbd_config_image_list_cleanup: unsafe extern "C" fn(*mut ConfigOption, c_int),
     pub rbd_lock_acquire: unsafe extern "C" fn(Image, c_int) -> c_int,
     pub rbd_lock_release: unsafe extern "C" fn(Image) -> c_int,
     pub rbd_update_watch: unsafe extern "C" fn(Image, *mut u64, UpdateCb, *mut c_void) -> c_int,
@@ -95,6 +105,8 @@ fn load() -> Result<Lib, String> {
         rbd_get_size: sym!(rbd, rbd_get_size),
         rbd_get_features: sym!(rbd, rbd_get_features),
         rbd_resize: sym!(rbd, rbd_resize),
+        rbd_config_image_list: sym!(rbd, rbd_config_image_list),
+        rbd_config_image_list_cleanup: sym!(rbd, rbd_config_image_list_cleanup),
         rbd_lock_acquire: sym!(rbd, rbd_lock_acquire),
         rbd_lock_release: sym!(rbd, rbd_lock_release),
         rbd_update_watch: sym!(rbd, rbd_update_watch),

@@ -315,6 +315,59 @@ impl Drop for Image {
 }
 
 impl Image {
+    /// The value of option `name` as this image has it (its own and its
+    /// pool's settings in the cluster override the client's).
+    fn option(&self, name: &str) -> Option<String> {
+        let mut max: c_int = 256;
+        for _ in 0..3 {
+            let n = usize::try_from(max).ok()?;
+            let mut opts: Vec<ffi::ConfigOption> = (0..n)
+                .map(|_| ffi::ConfigOption {
+                    name: std::ptr::null_mut(),
+                    value: std::ptr::null_mut(),
+                    source: 0,
+                })
+                .collect();
+            // SAFETY: an open image; `opts` has room for `max` entries.
+            let r = unsafe {
+                (self.lib.rbd_config_image_list)(self.image, opts.as_mut_ptr(), &mut max)
+            };
+            if r == -libc::ERANGE {
+                continue;
+            }
+            if r < 0 {
+                return None;
+            }
+            let found = opts[..usize::try_from(max).ok()?.min(n)]
+                .iter()
+                .find_map(|o| {
+                    // SAFETY: librbd filled name and value with C strings,
+                    // valid until the cleanup below.
+                    let (k, v) = unsafe {
+                        (
+                            std::ffi::CStr::from_ptr(o.name),
+                            std::ffi::CStr::from_ptr(o.value),
+                        )
+                    };
+                    (k.to_bytes() == name.as_bytes()).then(|| v.to_string_lossy().into_owned())
+                });
+            // SAFETY: what librbd filled, released once.
+            unsafe { (self.lib.rbd_config_image_list_cleanup)(opts.as_mut_ptr(), max) };
+            return found;
+        }
+        None
+    }
+
+    /// Whether librbd caches writes for this image: false only when it
+    /// says so in a way Ceph reads as false (unknown counts as caching).
+    fn write_back(&self) -> bool {
+        let v = self.option("rbd_cache");
+        !matches!(
+            v.as_deref().map(str::to_ascii_lowercase).as_deref(),
+            Some("false" | "0" | "no" | "off")
+        )
+    }
+
     fn size(&self) -> io::Result<u64> {
         let mut size = 0u64;
         // SAFETY: an open image; out-pointer to a local.
@@ -439,8 +492,8 @@ struct Watch {
 pub struct RbdBackend {
     image: Arc<Image>,
     name: String,
-    /// librbd's cache was turned on (`:rbd_cache=true`): a write-through
-    /// write needs its flush.
+    /// librbd caches this image's writes (`rbd_cache`, however it was
+    /// set): a write-through write needs its flush.
     write_back: bool,
     watch: Mutex<Option<Watch>>,
 }
@@ -480,16 +533,20 @@ pub fn open(spec: &RbdSpec, readonly: bool) -> Result<(u64, Arc<dyn Backend>), O
     let size = image
         .size()
         .map_err(|e| OpenError::Rbd(format!("{spec}: cannot read its size: {e}")))?;
+    // However it was set (our option, the user's, the image's or its
+    // pool's in the cluster): with librbd's cache on, a write-through
+    // write needs a flush before it completes.
+    let write_back = image.write_back();
+    if write_back {
+        log::info!("{spec}: librbd caches writes for this image (rbd_cache)");
+    }
     let backend = Arc::new(RbdBackend {
         image: Arc::new(image),
         name: format!("{}/{}", spec.pool, spec.image),
-        write_back: spec
-            .options
-            .iter()
-            .any(|(k, v)| k == "rbd_cache" && v == "true"),
+        write_back,
         watch: Mutex::new(None),
     });
-    if !readonly {
+    if spec.snap.is_none() {
         backend.start_watch();
     }
     Ok((size, backend))
@@ -529,15 +586,28 @@ fn open_image(
         let snap = spec.snap.as_deref().map(cstr).transpose();
         let snap = snap.map_err(|e| e.to_string())?;
         let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
-        let open = if readonly {
+        // A read-only disk opens the image as a writer would (but never
+        // writes nor locks it), so that librbd watches its header and an
+        // outside resize reaches the guest; a user whose caps allow only
+        // reading gets librbd's read-only handle, which has no watch.
+        // A snapshot never changes: read-only handle.
+        let mut handle: ffi::Image = std::ptr::null_mut();
+        let open = if readonly && snap.is_some() {
             lib.rbd_open_read_only
         } else {
             lib.rbd_open
         };
-        let mut handle: ffi::Image = std::ptr::null_mut();
         // SAFETY: our ioctx; strings and the out-pointer live across the
         // call.
-        let r = unsafe { open(ioctx, name.as_ptr(), &mut handle, snap_ptr) };
+        let mut r = unsafe { open(ioctx, name.as_ptr(), &mut handle, snap_ptr) };
+        if readonly && matches!(-r, libc::EPERM | libc::EACCES) {
+            log::warn!(
+                "{spec}: opened with librbd's read-only handle (the user may not watch the \
+                 image): a resize elsewhere does not reach the guest"
+            );
+            // SAFETY: as above.
+            r = unsafe { (lib.rbd_open_read_only)(ioctx, name.as_ptr(), &mut handle, snap_ptr) };
+        }
         if r < 0 {
             return Err(format!("cannot open the image: {}", errno_text(r)));
         }
