@@ -678,8 +678,9 @@ fn a_resize_holds_the_queues_while_the_size_changes() {
 }
 
 /// A resize that finds the image at a size that is no whole number of
-/// blocks is refused, and the queues it held go on: the guest's next read
-/// completes (it used to wait forever).
+/// blocks serves the whole blocks; one that finds less than a block is
+/// refused, and the queues it held go on: the guest's next read completes
+/// (it used to wait forever).
 #[test]
 fn a_refused_resize_lets_the_queues_go_on() {
     let t = Target::start(&["--poll-mode", "interrupt"]);
@@ -696,9 +697,19 @@ fn a_refused_resize_lets_the_queues_go_on() {
         .unwrap()
         .set_len((8 << 20) + 100)
         .unwrap();
-    let e = t.call("device_resize", json!({"name": "r"})).unwrap_err();
-    assert!(e.1.contains("not a multiple"), "{e:?}");
+    let r = t.ok("device_resize", json!({"name": "r"}));
+    assert_eq!(r["size"], 8 << 20, "the whole blocks");
     assert_eq!(d.read(0, 0, 512).0, 0);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let e = t.call("device_resize", json!({"name": "r"})).unwrap_err();
+    assert!(e.1.contains("less than one block"), "{e:?}");
+    // Answered (IOERR: the file is short), not held.
+    assert_eq!(d.read(0, 0, 512).0, S_IOERR);
 }
 
 /// A second signal stops at once; it used to remove whatever stood at a
