@@ -95,6 +95,9 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     if let Some(p) = &opts.rpc_socket {
         let _ = std::fs::remove_file(p);
     }
+    // RBD images close on threads of their own: their locks are let go of
+    // before we leave, unless the cluster does not answer.
+    vfio_user_blk::backend::rbd::wait_closed(std::time::Duration::from_secs(5));
     info!("stopped");
     Ok(())
 }

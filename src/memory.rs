@@ -548,6 +548,25 @@ mod tests {
     }
 
     #[test]
+    fn a_tail_is_zeroed_across_buffers_from_its_first_byte() {
+        let mut a = [7u8; 10];
+        let mut b = [7u8; 10];
+        // SAFETY: both arrays outlive the iovecs.
+        let iov = unsafe {
+            [
+                GuestIov::new(a.as_mut_ptr(), 10),
+                GuestIov::new(b.as_mut_ptr(), 10),
+            ]
+        };
+        zero_tail(&iov, 13);
+        assert_eq!(a, [7u8; 10]);
+        assert_eq!(b, [7, 7, 7, 0, 0, 0, 0, 0, 0, 0]);
+        zero_tail(&iov, 4);
+        assert_eq!(a, [7, 7, 7, 7, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b, [0u8; 10]);
+    }
+
+    #[test]
     fn volatile_copies_stay_inside_the_buffer() {
         let mut buf = vec![7u8; 100];
         // SAFETY: `buf` outlives `v` and is only used through it below.

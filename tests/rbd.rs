@@ -142,12 +142,30 @@ fn a_second_target_is_refused_and_a_dead_ones_lock_is_taken_over() {
     // A second target: refused at start, with the reason.
     let dir = TempDir::new("rbd2");
     let sock = dir.path("s.sock");
-    let second = std::process::Command::new(bin())
+    let log = dir.path("second.log");
+    let mut second = std::process::Command::new(bin())
         .args(["--socket", sock.to_str().unwrap(), "--disk", &disk])
-        .output()
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
         .unwrap();
-    assert!(!second.status.success());
-    let err = String::from_utf8_lossy(&second.stderr);
+    // It must leave by itself; one that serves is killed and fails the test.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "a second target serves: {err}"
+    );
     assert!(err.contains("in use"), "{err}");
     // The first one still serves.
     assert_eq!(d.read(0, 0, 4096), (S_OK, pattern(5, 4096)));
@@ -467,4 +485,110 @@ fn a_read_only_disk_follows_a_resize_elsewhere_and_an_odd_size_is_served_in_whol
     let mut srv = srv;
     srv.assert_healthy();
     assert!(srv.log_text().contains("not whole 512-byte blocks"));
+}
+
+#[test]
+fn a_stalled_cluster_fails_requests_within_the_default_op_timeout() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    // The target's own timeouts (10 s), none in the disk's name.
+    let disk = ceph.image("deftime", 8 * MB);
+    let srv = serve(&disk, &["--poll-mode", "interrupt"]);
+    let mut d = Driver::new(&srv.socket, DriverOptions::default());
+    assert_eq!(d.write(0, 0, &pattern(1, 4096)), S_OK);
+    let osd = Stopped::new(ceph);
+    let s = d.submit(0, &Request::write(8, &pattern(2, 4096)));
+    d.kick(0);
+    let t = Instant::now();
+    let used = d.wait_used(0, 1, Duration::from_secs(20));
+    eprintln!("a write on a stopped OSD answered after {:?}", t.elapsed());
+    assert_eq!(used[0].0, s.head);
+    assert_eq!(d.result(&s).0, S_IOERR);
+    drop(osd);
+    assert_eq!(d.write(0, 8, &pattern(3, 4096)), S_OK);
+}
+
+#[test]
+fn closing_an_image_on_a_stalled_cluster_holds_no_other_disk_nor_the_management_plane() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    let disk = ceph.disk("closing", ":rados_osd_op_timeout=3");
+    let _ = ceph.image("closing", 8 * MB);
+    let t = RpcTarget::start(&["--poll-mode", "interrupt", "--pollers", "1"]);
+    let (sr, sm) = (t.dir.path("r.sock"), t.dir.path("m.sock"));
+    t.ok(
+        "device_add",
+        json!({"name": "r", "socket": sr, "disk": disk}),
+    );
+    t.ok(
+        "device_add",
+        json!({"name": "m", "socket": sm, "disk": "ram:8M"}),
+    );
+    let mut dr = Driver::new(&sr, DriverOptions::default());
+    let mut dm = Driver::new(&sm, DriverOptions::default());
+    let osd = Stopped::new(ceph);
+    dr.submit(0, &Request::write(0, &pattern(1, 4096)));
+    dr.kick(0);
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    t.ok("device_remove", json!({"name": "r", "force": true}));
+    let remove = t0.elapsed();
+    // The memory disk on the same reactor, while the image's close waits
+    // for the stopped OSD (its lock release, its watch).
+    let mut worst = Duration::ZERO;
+    while t0.elapsed() < Duration::from_secs(12) {
+        let t1 = Instant::now();
+        assert_eq!(dm.read(0, 0, 4096).0, S_OK);
+        worst = worst.max(t1.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let list = t.ok("device_list", json!({}));
+    eprintln!("remove answered in {remove:?}; the other disk's slowest read {worst:?}");
+    assert!(remove < Duration::from_secs(3), "{remove:?}");
+    assert!(worst < Duration::from_secs(1), "{worst:?}");
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    drop(osd);
+    drop(dr);
+}
+
+#[test]
+fn the_disk_name_cannot_make_the_target_write_files_hang_on_a_fifo_or_show_a_secret() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    let _ = ceph.image("names", 8 * MB);
+    let t = RpcTarget::start(&[]);
+    let add = |name: &str, extra: &str| {
+        let sock = t.dir.path(&format!("{name}.sock"));
+        let disk = ceph.disk("names", extra);
+        t.call(
+            "device_add",
+            json!({"name": name, "socket": sock, "disk": disk}),
+        )
+    };
+    let planted = t.dir.path("planted.asok");
+    let e = add("a", &format!(":admin_socket={}", planted.display())).unwrap_err();
+    assert!(e.1.contains("may not be set"), "{e:?}");
+    assert!(!planted.exists());
+    let e = add("b", &format!(":log-file={}", t.dir.path("x.log").display())).unwrap_err();
+    assert!(e.1.contains("may not be set"), "{e:?}");
+    // A FIFO as the configuration file: refused at once, not read forever.
+    let fifo = t.dir.path("conf.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a path string of ours.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let sock = t.dir.path("c.sock");
+    let t0 = Instant::now();
+    let e = t
+        .call(
+            "device_add",
+            json!({"name": "c", "socket": sock, "disk": format!("rbd:rbd/names:conf={}", fifo.display())}),
+        )
+        .unwrap_err();
+    assert!(e.1.contains("not a regular file"), "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // A key given in the name is used, and shown nowhere.
+    let secret = "AQBwrongwrongwrongwrongwrongwrongwrong==";
+    let _ = add("d", &format!(":key={secret}"));
+    let shown = format!("{}{}", t.ok("device_list", json!({})), t.log_text());
+    assert!(!shown.contains(secret), "{shown}");
 }

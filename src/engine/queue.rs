@@ -676,7 +676,8 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         }
         s.at = At::Reactor;
         let (result, tail) = aio_completion(res, s.io.kind, s.io.len());
-        if let Some(from) = tail {
+        // (A withdrawn queue's requests write nothing more.)
+        if let (Some(from), false) = (tail, self.withdrawn) {
             crate::memory::zero_tail(&s.io.iov, from);
         }
         self.finish(slot, Some(result));
@@ -827,6 +828,31 @@ mod tests {
             errno(completion(-libc::EIO, IoKind::Read, 4096, false)),
             Some(libc::EIO)
         );
+    }
+
+    #[test]
+    fn a_backends_own_completion_is_its_bytes_or_its_errno_and_a_short_read_is_zero_filled() {
+        assert!(matches!(
+            aio_completion(4096, IoKind::Read, 4096),
+            (Ok(()), None)
+        ));
+        // librbd answers writes, flushes and discards with 0.
+        assert!(matches!(
+            aio_completion(0, IoKind::Write, 4096),
+            (Ok(()), None)
+        ));
+        assert!(matches!(
+            aio_completion(0, IoKind::Flush, 0),
+            (Ok(()), None)
+        ));
+        // A read cut short (at the image's end): the rest becomes zeros.
+        assert!(matches!(
+            aio_completion(513, IoKind::Read, 4096),
+            (Ok(()), Some(513))
+        ));
+        let (r, tail) = aio_completion(-i64::from(libc::ETIMEDOUT), IoKind::Read, 4096);
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ETIMEDOUT));
+        assert_eq!(tail, None);
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl std::str::FromStr for RbdSpec {
                 .ok_or_else(|| format!("rbd:{s}: '{opt}' is not KEY=VALUE ({form})"))?;
             match k {
                 "conf" => spec.conf = Some(PathBuf::from(v)),
-                "id" => spec.id = Some(v.to_string()),
+                "id" => spec.id = Some(v.strip_prefix("client.").unwrap_or(v).to_string()),
                 _ => spec.options.push((k.to_string(), v.to_string())),
             }
         }
@@ -117,7 +117,12 @@ impl std::fmt::Display for RbdSpec {
             write!(f, ":id={id}")?;
         }
         for (k, v) in &self.options {
-            write!(f, ":{k}={v}")?;
+            // A secret is not repeated in logs and listings.
+            if option_name(k) == "key" {
+                write!(f, ":{k}=(hidden)")?;
+            } else {
+                write!(f, ":{k}={v}")?;
+            }
         }
         Ok(())
     }
@@ -128,7 +133,76 @@ fn cstr(s: &str) -> Result<CString, OpenError> {
 }
 
 fn errno_text(r: c_int) -> String {
-    io::Error::from_raw_os_error(-r).to_string()
+    let text = io::Error::from_raw_os_error(-r).to_string();
+    if -r == libc::ESHUTDOWN {
+        // Ceph's EBLOCKLISTED.
+        return format!(
+            "{text}: this client was blocklisted by the cluster (a lock it held was broken or \
+             taken over); every disk of the target on the same connection is fenced"
+        );
+    }
+    text
+}
+
+/// Ceph reads `-`, ` ` and `_` in option names alike.
+fn option_name(k: &str) -> String {
+    k.trim()
+        .chars()
+        .map(|c| {
+            if c == '-' || c == ' ' {
+                '_'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect()
+}
+
+/// Options the disk's name may not set: they name files or sockets the
+/// target would create or write (set them in the configuration file).
+const REFUSED_OPTIONS: [&str; 9] = [
+    "admin_socket",
+    "log_file",
+    "log_to_file",
+    "run_dir",
+    "crash_dir",
+    "plugin_dir",
+    "erasure_code_dir",
+    "mon_cluster_log_file",
+    "pid_file",
+];
+/// Options naming files librados reads: each must be a regular file
+/// (a FIFO would block the opening thread forever).
+const READ_PATH_OPTIONS: [&str; 2] = ["keyring", "keyfile"];
+/// Options whose guard the target sets; turning it off is said in the log.
+const GUARD_OPTIONS: [(&str, &str, &str); 4] = [
+    ("rados_osd_op_timeout", "0", "a request to an OSD that stops answering waits forever, and with it reset, unmap, remove and shutdown"),
+    ("rados_mon_op_timeout", "0", "a monitor that stops answering holds the target forever"),
+    ("client_mount_timeout", "0", "a cluster that does not answer holds the disk's opening forever"),
+    ("rbd_skip_partial_discard", "true", "a discard or write-zeroes of part of an object may read back old data"),
+];
+
+/// Opens `path` for librados without blocking and checks it is a regular
+/// file: the open file (kept by the caller until librados has read it)
+/// and the path that names it, whatever is put at `path` meanwhile.
+fn regular_file(what: &str, path: &str) -> Result<(std::fs::File, String), OpenError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| OpenError::Rbd(format!("{what} {path}: {e}")))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| OpenError::Rbd(format!("{what} {path}: {e}")))?;
+    if !meta.is_file() {
+        return Err(OpenError::Rbd(format!(
+            "{what} {path} is not a regular file"
+        )));
+    }
+    let named = format!("/proc/self/fd/{}", f.as_raw_fd());
+    Ok((f, named))
 }
 
 /// What identifies a cluster connection: disks that agree on all of it
@@ -206,8 +280,16 @@ impl Cluster {
         }
         // From here, Drop shuts the handle down on every way out.
         let c = Cluster { lib, rados, key };
-        let conf = c.key.conf.as_ref().map(|p| cstr(&p.to_string_lossy()));
-        let conf = conf.transpose()?;
+        // Files librados reads, held open until it has (see regular_file).
+        let mut held = Vec::new();
+        let conf = match &c.key.conf {
+            Some(p) => {
+                let (f, named) = regular_file("the Ceph configuration", &p.to_string_lossy())?;
+                held.push(f);
+                Some(cstr(&named)?)
+            }
+            None => None,
+        };
         let conf_ptr = conf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
         // SAFETY: a handle of ours; the path (or NULL: the default search)
         // lives across the call.
@@ -223,11 +305,36 @@ impl Cluster {
             )));
         }
         let defaults = default_options();
-        let user = c.key.options.iter().map(|(k, v)| (k.as_str(), v.clone()));
+        let mut user = Vec::new();
+        for (k, v) in &c.key.options {
+            let name = option_name(k);
+            if REFUSED_OPTIONS.contains(&name.as_str()) {
+                return Err(OpenError::Rbd(format!(
+                    "option {k} may not be set in the disk's name (it names a file the target \
+                     would write); set it in the Ceph configuration file"
+                )));
+            }
+            let v = if READ_PATH_OPTIONS.contains(&name.as_str()) {
+                let (f, named) = regular_file(k, v)?;
+                held.push(f);
+                named
+            } else {
+                v.clone()
+            };
+            for (g, off, why) in GUARD_OPTIONS {
+                if name == g && v.eq_ignore_ascii_case(off) {
+                    log::warn!("Ceph option {k}={v}: {why}");
+                }
+            }
+            user.push((k.as_str(), v));
+        }
         for (k, v) in defaults.into_iter().chain(user) {
             let (ck, cv) = (cstr(k)?, cstr(&v)?);
             // SAFETY: as above.
             let r = unsafe { (lib.rados_conf_set)(c.rados, ck.as_ptr(), cv.as_ptr()) };
+            if r == -libc::ENOENT {
+                return Err(OpenError::Rbd(format!("{k}: no such Ceph option")));
+            }
             if r < 0 {
                 return Err(OpenError::Rbd(format!(
                     "Ceph option {k}={v}: {}",
@@ -236,6 +343,7 @@ impl Cluster {
             }
         }
         c.connect_unpinned()?;
+        drop(held);
         Ok(c)
     }
 
@@ -290,7 +398,6 @@ struct Image {
     lib: &'static ffi::Lib,
     image: ffi::Image,
     ioctx: ffi::IoCtx,
-    locked: bool,
     _cluster: Arc<Cluster>,
 }
 
@@ -301,16 +408,73 @@ unsafe impl Send for Image {}
 // SAFETY: as above.
 unsafe impl Sync for Image {}
 
+/// Closes (which releases the exclusive lock, talking to the cluster)
+/// and the end of a size watch run on threads of their own: a cluster that
+/// stops answering holds them up to its op timeouts, several times over,
+/// and must hold no reactor, management connection or other disk.
+static CLOSING: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+fn close_later(what: &'static str, f: impl FnOnce() + Send + 'static) {
+    let mut f = Some(f);
+    let spawned = std::thread::Builder::new().name(what.into()).spawn({
+        let f = f.take();
+        move || {
+            if let Some(f) = f {
+                f();
+            }
+        }
+    });
+    match spawned {
+        Ok(t) => {
+            let mut all = CLOSING.lock();
+            all.retain(|t| !t.is_finished());
+            all.push(t);
+        }
+        Err(e) => {
+            log::warn!("cannot start a thread to close an RBD image ({e}): closing here");
+            if let Some(f) = f {
+                f();
+            }
+        }
+    }
+}
+
+/// Waits up to `limit` for the images being closed (graceful shutdown: a
+/// closed image's lock is free for the next target at once, where one left
+/// held is taken over only once Ceph gives up on us).
+pub fn wait_closed(limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = {
+            let mut all = CLOSING.lock();
+            all.retain(|t| !t.is_finished());
+            all.len()
+        };
+        if left == 0 {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            log::warn!("{left} RBD image(s) still closing after {limit:?}: not waited for");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 impl Drop for Image {
     fn drop(&mut self) {
-        // SAFETY: handles of ours, released once, image before its ioctx.
-        unsafe {
-            if self.locked {
-                (self.lib.rbd_lock_release)(self.image);
+        let (lib, image, ioctx) = (self.lib, self.image as usize, self.ioctx as usize);
+        let cluster = self._cluster.clone();
+        close_later("rbd-close", move || {
+            // SAFETY: handles of ours, released once, image before its
+            // ioctx, and both before the cluster (held until here). Closing
+            // releases the exclusive lock.
+            unsafe {
+                (lib.rbd_close)(image as ffi::Image);
+                (lib.rados_ioctx_destroy)(ioctx as ffi::IoCtx);
             }
-            (self.lib.rbd_close)(self.image);
-            (self.lib.rados_ioctx_destroy)(self.ioctx);
-        }
+            drop(cluster);
+        });
     }
 }
 
@@ -500,39 +664,46 @@ pub struct RbdBackend {
 
 impl Drop for RbdBackend {
     fn drop(&mut self) {
-        if let Some(mut w) = self.watch.lock().take() {
+        let Some(mut w) = self.watch.lock().take() else {
+            return;
+        };
+        // The image stays open (this reference) until the watch is gone.
+        let image = self.image.clone();
+        close_later("rbd-unwatch", move || {
             // SAFETY: a watch of this open image; after this returns no
             // callback runs, so the context may go.
-            unsafe { (self.image.lib.rbd_update_unwatch)(self.image.image, w.handle) };
+            unsafe { (image.lib.rbd_update_unwatch)(image.image, w.handle) };
             let (tx, _) = crossbeam_channel::bounded(1);
             drop(std::mem::replace(&mut w.ctx.tx, tx));
+            // The watch thread ends at the closed channel (it may be the
+            // thread that dropped the backend: it is not this one).
             if let Some(t) = w.thread.take() {
                 let _ = t.join();
             }
-        }
+            drop(image);
+        });
     }
 }
 
 /// Opens the image `spec` names (read-only, or writable with its exclusive
 /// lock taken): its size and its backend.
 pub fn open(spec: &RbdSpec, readonly: bool) -> Result<(u64, Arc<dyn Backend>), OpenError> {
-    let lib = ffi::lib().map_err(|e| OpenError::Rbd(format!("{spec}: {e}")))?;
+    let lib = ffi::lib().map_err(OpenError::Rbd)?;
     if spec.snap.is_some() && !readonly {
-        return Err(OpenError::Rbd(format!(
-            "{spec}: a snapshot is read-only; add readonly=on (--readonly)"
-        )));
+        return Err(OpenError::Rbd(
+            "a snapshot is read-only; add readonly=on (--readonly)".into(),
+        ));
     }
     let key = ClusterKey {
         conf: spec.conf.clone(),
         id: spec.id.clone().unwrap_or_else(|| "admin".into()),
         options: spec.options.clone(),
     };
-    let cluster = Cluster::get(lib, key).map_err(|e| OpenError::Rbd(format!("{spec}: {e}")))?;
-    let image = open_image(lib, cluster, spec, readonly)
-        .map_err(|e| OpenError::Rbd(format!("{spec}: {e}")))?;
+    let cluster = Cluster::get(lib, key)?;
+    let image = open_image(lib, cluster, spec, readonly).map_err(OpenError::Rbd)?;
     let size = image
         .size()
-        .map_err(|e| OpenError::Rbd(format!("{spec}: cannot read its size: {e}")))?;
+        .map_err(|e| OpenError::Rbd(format!("cannot read the image's size: {e}")))?;
     // However it was set (our option, the user's, the image's or its
     // pool's in the cluster): with librbd's cache on, a write-through
     // write needs a flush before it completes.
@@ -626,7 +797,6 @@ fn open_image(
         lib,
         image: handle,
         ioctx,
-        locked: false,
         _cluster: cluster,
     };
     if !readonly {
@@ -668,7 +838,6 @@ fn lock_image(image: &mut Image) -> Result<(), String> {
             _ => format!("cannot take the image's exclusive lock: {}", errno_text(r)),
         });
     }
-    image.locked = true;
     Ok(())
 }
 
@@ -698,14 +867,13 @@ impl RbdBackend {
         let thread = std::thread::Builder::new()
             .name("rbd-watch".into())
             .spawn(move || {
-                let mut last = image.size().ok();
+                // Every change of the header is looked at: the device
+                // compares the size with its own (one it could not follow
+                // before is tried again).
                 while rx.recv().is_ok() {
                     let Ok(size) = image.size() else { continue };
-                    if Some(size) != last {
-                        last = Some(size);
-                        if let Some(f) = n.lock().as_ref() {
-                            f(size);
-                        }
+                    if let Some(f) = n.lock().as_ref() {
+                        f(size);
                     }
                 }
             });
