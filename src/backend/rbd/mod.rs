@@ -182,6 +182,39 @@ const GUARD_OPTIONS: [(&str, &str, &str); 4] = [
     ("rbd_skip_partial_discard", "true", "a discard or write-zeroes of part of an object may read back old data"),
 ];
 
+/// The disk name's options as librados gets them: refused ones refused,
+/// files it reads opened (into `held`) and named by descriptor, a guard
+/// turned off said in the log.
+fn user_options<'a>(
+    options: &'a [(String, String)],
+    held: &mut Vec<std::fs::File>,
+) -> Result<Vec<(&'a str, String)>, OpenError> {
+    let mut user = Vec::new();
+    for (k, v) in options {
+        let name = option_name(k);
+        if REFUSED_OPTIONS.contains(&name.as_str()) {
+            return Err(OpenError::Rbd(format!(
+                "option {k} may not be set in the disk's name (it names a file the target \
+                 would write); set it in the Ceph configuration file"
+            )));
+        }
+        let v = if READ_PATH_OPTIONS.contains(&name.as_str()) {
+            let (f, named) = regular_file(k, v)?;
+            held.push(f);
+            named
+        } else {
+            v.clone()
+        };
+        for (g, off, why) in GUARD_OPTIONS {
+            if name == g && v.eq_ignore_ascii_case(off) {
+                log::warn!("Ceph option {k}={v}: {why}");
+            }
+        }
+        user.push((k.as_str(), v));
+    }
+    Ok(user)
+}
+
 /// Opens `path` for librados without blocking and checks it is a regular
 /// file: the open file (kept by the caller until librados has read it)
 /// and the path that names it, whatever is put at `path` meanwhile.
@@ -305,29 +338,7 @@ impl Cluster {
             )));
         }
         let defaults = default_options();
-        let mut user = Vec::new();
-        for (k, v) in &c.key.options {
-            let name = option_name(k);
-            if REFUSED_OPTIONS.contains(&name.as_str()) {
-                return Err(OpenError::Rbd(format!(
-                    "option {k} may not be set in the disk's name (it names a file the target \
-                     would write); set it in the Ceph configuration file"
-                )));
-            }
-            let v = if READ_PATH_OPTIONS.contains(&name.as_str()) {
-                let (f, named) = regular_file(k, v)?;
-                held.push(f);
-                named
-            } else {
-                v.clone()
-            };
-            for (g, off, why) in GUARD_OPTIONS {
-                if name == g && v.eq_ignore_ascii_case(off) {
-                    log::warn!("Ceph option {k}={v}: {why}");
-                }
-            }
-            user.push((k.as_str(), v));
-        }
+        let user = user_options(&c.key.options, &mut held)?;
         for (k, v) in defaults.into_iter().chain(user) {
             let (ck, cv) = (cstr(k)?, cstr(&v)?);
             // SAFETY: as above.
@@ -752,38 +763,7 @@ fn open_image(
             }
         }
     }
-    let opened = (|| {
-        let name = cstr(&spec.image).map_err(|e| e.to_string())?;
-        let snap = spec.snap.as_deref().map(cstr).transpose();
-        let snap = snap.map_err(|e| e.to_string())?;
-        let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
-        // A read-only disk opens the image as a writer would (but never
-        // writes nor locks it), so that librbd watches its header and an
-        // outside resize reaches the guest; a user whose caps allow only
-        // reading gets librbd's read-only handle, which has no watch.
-        // A snapshot never changes: read-only handle.
-        let mut handle: ffi::Image = std::ptr::null_mut();
-        let open = if readonly && snap.is_some() {
-            lib.rbd_open_read_only
-        } else {
-            lib.rbd_open
-        };
-        // SAFETY: our ioctx; strings and the out-pointer live across the
-        // call.
-        let mut r = unsafe { open(ioctx, name.as_ptr(), &mut handle, snap_ptr) };
-        if readonly && matches!(-r, libc::EPERM | libc::EACCES) {
-            log::warn!(
-                "{spec}: opened with librbd's read-only handle (the user may not watch the \
-                 image): a resize elsewhere does not reach the guest"
-            );
-            // SAFETY: as above.
-            r = unsafe { (lib.rbd_open_read_only)(ioctx, name.as_ptr(), &mut handle, snap_ptr) };
-        }
-        if r < 0 {
-            return Err(format!("cannot open the image: {}", errno_text(r)));
-        }
-        Ok(handle)
-    })();
+    let opened = open_handle(lib, ioctx, spec, readonly);
     let handle = match opened {
         Ok(h) => h,
         Err(e) => {
@@ -803,6 +783,45 @@ fn open_image(
         lock_image(&mut image)?;
     }
     Ok(image)
+}
+
+/// Opens the image in `ioctx`: its librbd handle.
+fn open_handle(
+    lib: &'static ffi::Lib,
+    ioctx: ffi::IoCtx,
+    spec: &RbdSpec,
+    readonly: bool,
+) -> Result<ffi::Image, String> {
+    let name = cstr(&spec.image).map_err(|e| e.to_string())?;
+    let snap = spec.snap.as_deref().map(cstr).transpose();
+    let snap = snap.map_err(|e| e.to_string())?;
+    let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // A read-only disk opens the image as a writer would (but never
+    // writes nor locks it), so that librbd watches its header and an
+    // outside resize reaches the guest; a user whose caps allow only
+    // reading gets librbd's read-only handle, which has no watch.
+    // A snapshot never changes: read-only handle.
+    let mut handle: ffi::Image = std::ptr::null_mut();
+    let open = if readonly && snap.is_some() {
+        lib.rbd_open_read_only
+    } else {
+        lib.rbd_open
+    };
+    // SAFETY: our ioctx; strings and the out-pointer live across the
+    // call.
+    let mut r = unsafe { open(ioctx, name.as_ptr(), &mut handle, snap_ptr) };
+    if readonly && matches!(-r, libc::EPERM | libc::EACCES) {
+        log::warn!(
+            "{spec}: opened with librbd's read-only handle (the user may not watch the \
+             image): a resize elsewhere does not reach the guest"
+        );
+        // SAFETY: as above.
+        r = unsafe { (lib.rbd_open_read_only)(ioctx, name.as_ptr(), &mut handle, snap_ptr) };
+    }
+    if r < 0 {
+        return Err(format!("cannot open the image: {}", errno_text(r)));
+    }
+    Ok(handle)
 }
 
 /// Takes the image's exclusive lock in exclusive mode: no other client
