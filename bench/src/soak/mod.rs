@@ -810,7 +810,15 @@ fn run(a: &SoakArgs) -> Result<bool> {
             fds = fds_of(pid)?;
         }
         let (_, rss, anon) = status_of(pid)?;
-        let (threads, uring, _) = threads_of(pid)?;
+        // Threads too may take a moment to go: the connection thread of
+        // a management request just answered (wait_detached's), the
+        // client's own as its socket closes.
+        let (mut threads, mut uring, _) = threads_of(pid)?;
+        let settle = Instant::now();
+        while threads > thread_limit && settle.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(10));
+            (threads, uring, _) = threads_of(pid)?;
+        }
         t.fds_min = t.fds_min.min(fds.len());
         t.fds_max = t.fds_max.max(fds.len());
         t.threads_min = t.threads_min.min(threads);
