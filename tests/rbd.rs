@@ -10,7 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::ceph::{cluster, Ceph};
+use support::ceph::{cluster, own_cluster, Ceph};
 use support::driver::*;
 use support::*;
 
@@ -226,7 +226,8 @@ fn a_resize_over_rpc_and_one_outside_the_target_reach_the_guest() {
 #[test]
 fn an_osd_that_stops_answering_fails_requests_and_io_resumes_after() {
     let _one = one_at_a_time();
-    let Some(ceph) = cluster() else { return };
+    let Some(own) = own_cluster("s0") else { return };
+    let ceph: &Ceph = &own;
     // A short op timeout, so that the test need not wait the default's.
     let _ = ceph.image("stall", 8 * MB);
     let disk = ceph.disk("stall", ":rados_osd_op_timeout=3");
@@ -288,7 +289,8 @@ impl Drop for Stopped {
 #[test]
 fn with_on_error_stop_a_stalled_osd_stops_the_queue_until_the_guest_resets() {
     let _one = one_at_a_time();
-    let Some(ceph) = cluster() else { return };
+    let Some(own) = own_cluster("s1") else { return };
+    let ceph: &Ceph = &own;
     let _ = ceph.image("halt", 8 * MB);
     let disk = ceph.disk("halt", ":rados_osd_op_timeout=2");
     let srv = serve(&disk, &["--on-error", "stop", "--poll-mode", "interrupt"]);
@@ -327,7 +329,8 @@ fn wait_long(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 #[test]
 fn remove_and_shutdown_finish_while_the_osd_does_not_answer() {
     let _one = one_at_a_time();
-    let Some(ceph) = cluster() else { return };
+    let Some(own) = own_cluster("s2") else { return };
+    let ceph: &Ceph = &own;
     let _ = ceph.image("gone1", 8 * MB);
     let _ = ceph.image("gone2", 8 * MB);
     let t = RpcTarget::start(&["--poll-mode", "interrupt"]);
@@ -490,7 +493,8 @@ fn a_read_only_disk_follows_a_resize_elsewhere_and_an_odd_size_is_served_in_whol
 #[test]
 fn a_stalled_cluster_fails_requests_within_the_default_op_timeout() {
     let _one = one_at_a_time();
-    let Some(ceph) = cluster() else { return };
+    let Some(own) = own_cluster("s3") else { return };
+    let ceph: &Ceph = &own;
     // The target's own timeouts (10 s), none in the disk's name.
     let disk = ceph.image("deftime", 8 * MB);
     let srv = serve(&disk, &["--poll-mode", "interrupt"]);
@@ -511,7 +515,8 @@ fn a_stalled_cluster_fails_requests_within_the_default_op_timeout() {
 #[test]
 fn closing_an_image_on_a_stalled_cluster_holds_no_other_disk_nor_the_management_plane() {
     let _one = one_at_a_time();
-    let Some(ceph) = cluster() else { return };
+    let Some(own) = own_cluster("s4") else { return };
+    let ceph: &Ceph = &own;
     let disk = ceph.disk("closing", ":rados_osd_op_timeout=3");
     let _ = ceph.image("closing", 8 * MB);
     let t = RpcTarget::start(&["--poll-mode", "interrupt", "--pollers", "1"]);

@@ -28,21 +28,25 @@ extern "C" fn stop_at_exit() {
 }
 
 fn start() -> Result<Ceph, String> {
-    if Command::new("ceph-mon").arg("--version").output().is_err() {
-        return Err("ceph-mon is not installed (scripts/ceph-cluster.sh install)".into());
-    }
     // Short: the admin sockets inside must fit a unix socket path (the
     // script takes at most 60 bytes). Made 0700 by the script.
     let dir = std::env::temp_dir().join(format!("vub-ceph-{}", std::process::id()));
+    let _ = STARTED.set(dir.clone());
+    // SAFETY: registers a plain function with no arguments, run once at
+    // exit.
+    unsafe { libc::atexit(stop_at_exit) };
+    start_in(dir)
+}
+
+fn start_in(dir: PathBuf) -> Result<Ceph, String> {
+    if Command::new("ceph-mon").arg("--version").output().is_err() {
+        return Err("ceph-mon is not installed (scripts/ceph-cluster.sh install)".into());
+    }
     let out = Command::new(script())
         .arg("start")
         .arg(&dir)
         .output()
         .map_err(|e| format!("running {}: {e}", script().display()))?;
-    let _ = STARTED.set(dir.clone());
-    // SAFETY: registers a plain function with no arguments, run once at
-    // exit.
-    unsafe { libc::atexit(stop_at_exit) };
     if !out.status.success() {
         return Err(format!(
             "the cluster did not start: {}",
@@ -55,17 +59,50 @@ fn start() -> Result<Ceph, String> {
     })
 }
 
-/// The cluster, started at the first call; None (the test then does
-/// nothing) where Ceph is not installed and not required.
-pub fn cluster() -> Option<&'static Ceph> {
-    static CLUSTER: OnceLock<Result<Ceph, String>> = OnceLock::new();
-    match CLUSTER.get_or_init(start) {
+/// None where Ceph is not installed and not required (the test then does
+/// nothing, and says so).
+fn required<T>(r: Result<T, &String>) -> Option<T> {
+    match r {
         Ok(c) => Some(c),
         Err(e) if std::env::var_os("VUB_REQUIRE_CEPH").is_some() => panic!("{e}"),
         Err(e) => {
             eprintln!("SKIPPED: no Ceph cluster: {e}");
             None
         }
+    }
+}
+
+/// The cluster, started at the first call.
+pub fn cluster() -> Option<&'static Ceph> {
+    static CLUSTER: OnceLock<Result<Ceph, String>> = OnceLock::new();
+    required(CLUSTER.get_or_init(start).as_ref())
+}
+
+/// A cluster of the caller's own, stopped when dropped: for the tests that
+/// stop its OSD (a one-OSD cluster stopped for some seconds may be left
+/// with placement groups that wait for a read lease forever, and would
+/// hold every test after it).
+pub struct OwnCluster(Ceph);
+
+impl std::ops::Deref for OwnCluster {
+    type Target = Ceph;
+    fn deref(&self) -> &Ceph {
+        &self.0
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(script()).arg("stop").arg(&self.0.dir).status();
+    }
+}
+
+pub fn own_cluster(tag: &str) -> Option<OwnCluster> {
+    let dir = std::env::temp_dir().join(format!("vub-ceph-{}-{tag}", std::process::id()));
+    let r = start_in(dir).map(OwnCluster);
+    match r {
+        Ok(c) => Some(c),
+        Err(e) => required(Err(&e)),
     }
 }
 
