@@ -285,26 +285,23 @@ impl Reactor {
                     let _ = ack.send(());
                 }
             },
-            Msg::PoolDone(d) => {
-                if let Some(i) = self.find(d.queue) {
-                    let mut cx = Cx {
-                        uring: self.uring.as_mut(),
-                        pool: &self.pool,
-                        me: &self.me,
-                    };
-                    self.queues[i].pool_done(d, &mut cx);
-                }
-            }
+            Msg::PoolDone(d) => self.on_queue(d.queue, |q, cx| q.pool_done(d, cx)),
             Msg::AioDone { queue, slot, res } => {
-                if let Some(i) = self.find(queue) {
-                    let mut cx = Cx {
-                        uring: self.uring.as_mut(),
-                        pool: &self.pool,
-                        me: &self.me,
-                    };
-                    self.queues[i].aio_done(slot, res, &mut cx);
-                }
+                self.on_queue(queue, |q, cx| q.aio_done(slot, res, cx));
             }
+        }
+    }
+
+    /// Runs `f` on queue `id` (if it is still here) with its context: how
+    /// every completion reaches its queue.
+    fn on_queue(&mut self, id: u64, f: impl FnOnce(&mut dyn QueueRunner, &mut Cx)) {
+        if let Some(i) = self.find(id) {
+            let mut cx = Cx {
+                uring: self.uring.as_mut(),
+                pool: &self.pool,
+                me: &self.me,
+            };
+            f(self.queues[i].as_mut(), &mut cx);
         }
     }
 
@@ -324,14 +321,7 @@ impl Reactor {
         for k in 0..self.completions.len() {
             let (ud, res) = self.completions[k];
             let (queue, slot) = (ud >> 16, (ud & 0xffff) as u16);
-            if let Some(i) = self.find(queue) {
-                let mut cx = Cx {
-                    uring: self.uring.as_mut(),
-                    pool: &self.pool,
-                    me: &self.me,
-                };
-                self.queues[i].uring_done(slot, res, &mut cx);
-            }
+            self.on_queue(queue, |q, cx| q.uring_done(slot, res, cx));
         }
         self.completions.clear();
         let mut work = false;
