@@ -60,12 +60,14 @@ pub struct Options {
 
     /// The disk of the one-disk form: an image file or block device,
     /// `ram:SIZE` (in memory, zero-filled), `null:SIZE` (reads zeros,
-    /// discards writes) or a Ceph RBD image,
-    /// `rbd:POOL/IMAGE[:conf=PATH][:id=USER][:KEY=VALUE...]`. SIZE takes
-    /// K, M, G, T suffixes (binary).
+    /// discards writes), a Ceph RBD image,
+    /// `rbd:POOL/IMAGE[:conf=PATH][:id=USER][:KEY=VALUE...]`, or an NBD
+    /// export, `nbd://HOST[:PORT]/EXPORT` or
+    /// `nbd+unix:///EXPORT?socket=PATH`. SIZE takes K, M, G, T suffixes
+    /// (binary).
     #[arg(
         long,
-        value_name = "FILE|ram:SIZE|null:SIZE|rbd:POOL/IMAGE",
+        value_name = "FILE|ram:SIZE|null:SIZE|rbd:POOL/IMAGE|nbd://HOST/EXPORT",
         requires = "socket"
     )]
     pub disk: Option<DiskSpec>,
@@ -129,6 +131,17 @@ pub struct Options {
     /// exclusively and a read-only one shared, with QEMU's own locks.
     #[arg(long, requires = "readonly")]
     pub force_share: bool,
+
+    /// `raw` to serve an image file's bytes even when they start with a
+    /// qcow2, QED, VMDK, VHDX or VPC header (such a file is refused
+    /// otherwise; serve those formats through qemu-nbd).
+    #[arg(long, value_name = "raw", value_parser = crate::device::parse_format)]
+    pub format: Option<bool>,
+
+    /// NBD disks: seconds requests wait for a server that went away before
+    /// they fail (default 10).
+    #[arg(long, value_name = "SECONDS", value_parser = crate::device::parse_reconnect_delay)]
+    pub reconnect_delay: Option<u64>,
 
     /// Reactor (poller) threads shared by every disk's queues; queues go to
     /// the least-loaded reactor when the guest starts the device.
@@ -267,6 +280,8 @@ impl Options {
                 write_zeroes: !self.no_write_zeroes,
                 packed: self.packed,
                 force_share: self.force_share,
+                format_raw: self.format.unwrap_or(false),
+                reconnect_delay: self.reconnect_delay,
             });
         }
         v.extend(self.devices.iter().cloned());

@@ -55,6 +55,30 @@ pub struct DeviceSpec {
     pub packed: bool,
     /// Take no image lock (read-only only), as QEMU's force-share=on.
     pub force_share: bool,
+    /// `format=raw`: serve an image file's bytes even when they start
+    /// with an image format's header.
+    pub format_raw: bool,
+    /// NBD disks: seconds requests wait for a server that went away.
+    pub reconnect_delay: Option<u64>,
+}
+
+/// `format=`: only raw is served; any other format goes through qemu-nbd.
+pub fn parse_format(v: &str) -> Result<bool, String> {
+    match v {
+        "raw" => Ok(true),
+        f => Err(format!(
+            "format={f}: only raw images are served; serve a {f} image through qemu-nbd \
+             (qemu-nbd -f {f} --socket=PATH IMAGE) with disk=nbd+unix:///?socket=PATH"
+        )),
+    }
+}
+
+/// `reconnect-delay=SECONDS`: 0 to 3600.
+pub fn parse_reconnect_delay(v: &str) -> Result<u64, String> {
+    v.parse::<u64>()
+        .ok()
+        .filter(|&s| s <= 3600)
+        .ok_or_else(|| format!("reconnect-delay={v}: expected seconds, 0 to 3600"))
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
@@ -102,6 +126,8 @@ impl std::str::FromStr for DeviceSpec {
             write_zeroes: true,
             packed: false,
             force_share: false,
+            format_raw: false,
+            reconnect_delay: None,
         };
         for item in items.iter().filter(|i| !i.is_empty()) {
             let (k, v) = item
@@ -122,11 +148,13 @@ impl std::str::FromStr for DeviceSpec {
                 "write-zeroes" => d.write_zeroes = on_off(k, v)?,
                 "packed" => d.packed = on_off(k, v)?,
                 "force-share" => d.force_share = on_off(k, v)?,
+                "format" => d.format_raw = parse_format(v)?,
+                "reconnect-delay" => d.reconnect_delay = Some(parse_reconnect_delay(v)?),
                 _ => {
                     return Err(format!(
                         "unknown key '{k}' (keys: name, socket, disk, size, readonly, queues, \
                          queue-size, serial, logical-block-size, direct, discard, write-zeroes, \
-                         packed, force-share)"
+                         packed, force-share, format, reconnect-delay)"
                     ))
                 }
             }
@@ -174,6 +202,12 @@ impl DeviceSpec {
                 );
             }
         }
+        if self.reconnect_delay.is_some() && !matches!(self.disk, DiskSpec::Nbd(_)) {
+            bail!(
+                "reconnect-delay is for NBD disks (socket {})",
+                self.socket.display()
+            );
+        }
         if self.force_share && !self.readonly {
             bail!(
                 "force-share is for read-only disks (socket {}): add readonly=on",
@@ -182,7 +216,7 @@ impl DeviceSpec {
         }
         let block = u64::from(self.logical_block_size);
         let size = match &self.disk {
-            DiskSpec::File(_) | DiskSpec::Rbd(_) => self.size,
+            DiskSpec::File(_) | DiskSpec::Rbd(_) | DiskSpec::Nbd(_) => self.size,
             DiskSpec::Ram(s) | DiskSpec::Null(s) => Some(*s),
         };
         if let Some(s) = size {
@@ -322,10 +356,43 @@ pub fn build_device(
             create_size: spec.size,
             direct: spec.direct.then_some(spec.logical_block_size as usize),
             force_share: spec.force_share,
+            format_raw: spec.format_raw,
+            reconnect_delay: spec.reconnect_delay.map(std::time::Duration::from_secs),
         },
     )
     .with_context(|| format!("opening disk {}", spec.disk))?;
     device_on(spec, name, settings, engine, disk)
+}
+
+/// What the disk itself requires of the device (its smallest block), and
+/// what it cannot do (not offered: said in the log).
+fn check_backend(spec: &DeviceSpec, name: &str, disk: &backend::Disk) -> Result<()> {
+    let min = disk.backend.min_block();
+    if min > spec.logical_block_size {
+        bail!(
+            "the disk takes requests in blocks of {min} bytes: give logical-block-size={min} \
+             (--logical-block-size {min}) or more"
+        );
+    }
+    for (asked, can, what, key) in [
+        (
+            spec.discard,
+            disk.backend.can_discard(),
+            "DISCARD",
+            "discard",
+        ),
+        (
+            spec.write_zeroes,
+            disk.backend.can_write_zeroes(),
+            "WRITE_ZEROES",
+            "write-zeroes",
+        ),
+    ] {
+        if asked && !can {
+            log::info!("{name}: the disk does not take {key} requests: {what} is not offered");
+        }
+    }
+    Ok(())
 }
 
 /// Builds one device on an opened disk; `name` is how the log and the
@@ -345,6 +412,7 @@ pub fn device_on(
             spec.logical_block_size
         );
     }
+    check_backend(spec, name, &disk)?;
     log::debug!(
         "{name}: disk {:?}, {} bytes{}, {} queue(s) of {}",
         disk.spec,
@@ -367,8 +435,8 @@ pub fn device_on(
             queue_size: spec.queue_size,
             logical_block_size: spec.logical_block_size,
             serial: spec.serial.clone(),
-            discard: spec.discard,
-            write_zeroes: spec.write_zeroes,
+            discard: spec.discard && disk.backend.can_discard(),
+            write_zeroes: spec.write_zeroes && disk.backend.can_write_zeroes(),
             packed: spec.packed,
             on_error: settings.on_error,
             in_memory: matches!(spec.disk, DiskSpec::Ram(_)),
@@ -394,4 +462,38 @@ pub fn device_on(
         Server::new(function, memory, ServerConfig::default(), share, log),
         shared,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_and_reconnect_delay_are_device_keys() {
+        let d: DeviceSpec = "socket=/tmp/a.sock,disk=nbd+unix:///x?socket=/tmp/n.sock,\
+                             reconnect-delay=3"
+            .parse()
+            .unwrap();
+        assert_eq!(d.reconnect_delay, Some(3));
+        assert!(matches!(d.disk, DiskSpec::Nbd(_)));
+        let d: DeviceSpec = "socket=/tmp/a.sock,disk=/tmp/i.img,format=raw"
+            .parse()
+            .unwrap();
+        assert!(d.format_raw);
+        let e = "socket=/tmp/a.sock,disk=/tmp/i.img,format=qcow2"
+            .parse::<DeviceSpec>()
+            .unwrap_err();
+        assert!(e.contains("qemu-nbd"), "{e}");
+        assert!("socket=/a,disk=/i,reconnect-delay=x"
+            .parse::<DeviceSpec>()
+            .is_err());
+        assert!("socket=/a,disk=/i,reconnect-delay=4000"
+            .parse::<DeviceSpec>()
+            .is_err());
+        // On a disk that is not NBD it means nothing: refused.
+        let d: DeviceSpec = "socket=/tmp/a.sock,disk=ram:1M,reconnect-delay=3"
+            .parse()
+            .unwrap();
+        assert!(d.validate_against_machine().is_err());
+    }
 }

@@ -53,6 +53,19 @@ pub fn helper_cpus() -> Option<&'static [usize]> {
     HELPER_CPUS.get().map(Vec::as_slice)
 }
 
+/// The engine's reactor count (set once when it starts; 1 until then).
+static REACTORS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+pub fn set_reactor_count(n: usize) {
+    REACTORS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many reactors share the disks: a backend that can spread a disk
+/// over several connections makes one per reactor.
+pub fn reactor_count() -> usize {
+    REACTORS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// CPUs a `cpu_set_t` can name.
 const PIN_SET_BITS: usize = 8 * std::mem::size_of::<libc::cpu_set_t>();
 

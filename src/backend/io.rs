@@ -78,6 +78,20 @@ pub trait Backend: Send + Sync {
     fn is_async(&self) -> bool {
         false
     }
+    /// Whether the disk takes discards (an NBD export may not): a device
+    /// does not offer DISCARD on one that does not.
+    fn can_discard(&self) -> bool {
+        true
+    }
+    /// Whether the disk takes write-zeroes requests.
+    fn can_write_zeroes(&self) -> bool {
+        true
+    }
+    /// The smallest block the disk takes requests in (an NBD export's
+    /// minimum block size): the device's logical block may not be smaller.
+    fn min_block(&self) -> u32 {
+        1
+    }
     /// Has `f` called, from a thread of the backend's, with the new size
     /// whenever the disk's size changes outside the target (an image
     /// resized by another client). Backends that cannot tell ignore it.

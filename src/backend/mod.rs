@@ -3,6 +3,7 @@
 
 pub mod io;
 pub mod lock;
+pub mod nbd;
 pub mod rbd;
 pub mod request;
 pub mod uring;
@@ -27,6 +28,8 @@ pub enum DiskSpec {
     Null(u64),
     /// An image on a Ceph cluster.
     Rbd(rbd::RbdSpec),
+    /// An export of an NBD server.
+    Nbd(nbd::NbdSpec),
 }
 
 impl std::str::FromStr for DiskSpec {
@@ -39,6 +42,8 @@ impl std::str::FromStr for DiskSpec {
             Ok(DiskSpec::Null(parse_size(size)?))
         } else if let Some(rest) = s.strip_prefix("rbd:") {
             Ok(DiskSpec::Rbd(rest.parse()?))
+        } else if s.starts_with("nbd://") || s.starts_with("nbd+") || s.starts_with("nbds") {
+            Ok(DiskSpec::Nbd(s.parse()?))
         } else if s.is_empty() {
             Err("empty disk name".into())
         } else {
@@ -54,6 +59,7 @@ impl std::fmt::Display for DiskSpec {
             DiskSpec::Ram(s) => write!(f, "ram:{s}"),
             DiskSpec::Null(s) => write!(f, "null:{s}"),
             DiskSpec::Rbd(r) => write!(f, "{r}"),
+            DiskSpec::Nbd(n) => write!(f, "{n}"),
         }
     }
 }
@@ -94,6 +100,15 @@ pub enum OpenError {
     NotOurs(String),
     #[error("{0}")]
     Rbd(String),
+    #[error("{0}")]
+    Nbd(String),
+    #[error(
+        "{path} holds a {format} image, which this target does not read: serve it through \
+         qemu-nbd (qemu-nbd -f {format} --socket=PATH {path}, then --disk \
+         nbd+unix:///?socket=PATH), or give format=raw (--format raw) to serve its bytes as \
+         they are"
+    )]
+    NotRaw { path: PathBuf, format: &'static str },
 }
 
 /// An opened disk.
@@ -115,6 +130,11 @@ pub struct OpenOptionsDisk {
     /// Take no image lock and check none (QEMU's force-share; read-only
     /// devices only).
     pub force_share: bool,
+    /// Serve an image file as raw bytes even if it starts as an image
+    /// format's header would (`format=raw`).
+    pub format_raw: bool,
+    /// How long an NBD disk's requests wait for a server that went away.
+    pub reconnect_delay: Option<std::time::Duration>,
 }
 
 /// Opens an image file or block device; with `create_size`, creates a
@@ -214,6 +234,41 @@ fn open_nonblocking(
     Ok(f)
 }
 
+/// The image format whose header the file starts with, if any: such a
+/// file served raw would show the guest the format's metadata, and a
+/// guest that writes one could make a later reader take its disk for an
+/// image (with a backing file of the guest's choosing).
+fn image_format(f: &std::fs::File) -> Option<&'static str> {
+    use std::os::unix::fs::FileExt;
+    // O_DIRECT needs an aligned buffer and length.
+    let mut buf = AlignedBlock([0; 4096]);
+    let mut n = 0;
+    while n < buf.0.len() {
+        match f.read_at(&mut buf.0[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let b = &buf.0[..n];
+    const MAGICS: [(&[u8], &str); 6] = [
+        (b"QFI\xfb", "qcow2"),
+        (b"QED\0", "qed"),
+        (b"KDMV", "vmdk"),
+        (b"# Disk DescriptorFile", "vmdk"),
+        (b"vhdxfile", "vhdx"),
+        (b"conectix", "vpc"),
+    ];
+    MAGICS
+        .iter()
+        .find(|(m, _)| b.starts_with(m))
+        .map(|(_, f)| *f)
+}
+
+#[repr(align(4096))]
+struct AlignedBlock([u8; 4096]);
+
 fn open_existing(
     path: &Path,
     o: &OpenOptionsDisk,
@@ -254,6 +309,14 @@ fn open_existing(
             why,
         })?;
     }
+    if !o.format_raw {
+        if let Some(format) = image_format(&f) {
+            return Err(OpenError::NotRaw {
+                path: path.to_path_buf(),
+                format,
+            });
+        }
+    }
     // Seeking to the end gives the size of block devices too.
     let size = f.seek(SeekFrom::End(0)).map_err(|source| OpenError::Size {
         path: path.to_path_buf(),
@@ -292,6 +355,18 @@ pub fn open(spec: &DiskSpec, o: OpenOptionsDisk) -> Result<Disk, OpenError> {
             )
         }
         DiskSpec::File(path) => open_file(path, &o)?,
+        DiskSpec::Nbd(n) => {
+            if o.create_size.is_some() {
+                return Err(OpenError::Nbd(format!(
+                    "{n}: size= does not create NBD exports; the server's export has its size"
+                )));
+            }
+            nbd::open(
+                n,
+                readonly,
+                o.reconnect_delay.unwrap_or(nbd::DEFAULT_RECONNECT_DELAY),
+            )?
+        }
         DiskSpec::Rbd(r) => {
             if o.create_size.is_some() {
                 return Err(OpenError::Rbd(format!(

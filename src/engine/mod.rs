@@ -291,6 +291,7 @@ impl Engine {
             cfg.mode,
             if cfg.inline { 0 } else { cfg.reactors.max(1) },
         );
+        crate::util::set_reactor_count(if cfg.inline { 1 } else { cfg.reactors.max(1) });
         if !worker_cpus.is_empty() {
             pool.set_cpus(worker_cpus.clone());
             crate::util::set_helper_cpus(worker_cpus.clone());

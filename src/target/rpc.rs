@@ -144,6 +144,9 @@ struct AddParams {
     packed: Option<Flag>,
     #[serde(alias = "force_share")]
     force_share: Option<Flag>,
+    format: Option<Text>,
+    #[serde(alias = "reconnect_delay")]
+    reconnect_delay: Option<Text>,
 }
 
 #[derive(Deserialize)]
@@ -210,6 +213,12 @@ fn add_spec(p: AddParams) -> Result<DeviceSpec, RpcError> {
     }
     if let Some(v) = p.logical_block_size {
         put("logical-block-size", v.get("logical-block-size")?);
+    }
+    if let Some(v) = p.format {
+        put("format", v.get("format")?);
+    }
+    if let Some(v) = p.reconnect_delay {
+        put("reconnect-delay", v.get("reconnect-delay")?);
     }
     for (k, f) in [
         ("readonly", p.readonly),

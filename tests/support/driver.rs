@@ -770,6 +770,21 @@ impl Driver {
         self.queues[q].used_idx(&self.mem)
     }
 
+    /// The used entries (head, len) queue `q` has now, without waiting.
+    pub fn try_used(&mut self, q: usize) -> Vec<(u16, u32)> {
+        let mut out = Vec::new();
+        loop {
+            let e = match self.packed.get_mut(q) {
+                Some(r) => r.pop_used(&self.mem),
+                None => self.queues[q].pop_used(&self.mem),
+            };
+            match e {
+                Some(e) => out.push(e),
+                None => return out,
+            }
+        }
+    }
+
     /// Collects `n` used entries (head, len), or panics after `timeout`.
     pub fn wait_used(&mut self, q: usize, n: usize, timeout: Duration) -> Vec<(u16, u32)> {
         let deadline = Instant::now() + timeout;

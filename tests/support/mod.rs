@@ -363,6 +363,7 @@ pub fn fresh_client_works(socket: &Path) {
 pub mod ceph;
 pub mod driver;
 pub mod gate;
+pub mod nbd;
 
 /// A target started with a management socket (and `extra`), killed (by
 /// PID) on drop.

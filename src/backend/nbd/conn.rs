@@ -1,0 +1,964 @@
+//! One NBD connection's transmission phase, on a thread of its own: a
+//! non-blocking socket and an eventfd in one poll(2), requests written as
+//! they come (several in one sendmsg), replies matched to requests by
+//! cookie and read straight into the guest's buffers.
+//!
+//! Submitters hand a [`Sub`] over under a short lock and ring the eventfd
+//! only when the thread sleeps. Requests live in a slab whose slots and
+//! buffer lists are reused: nothing is allocated per request once the slab
+//! has grown to the disk's queue depth.
+//!
+//! A connection that breaks (the server killed, restarted, gone from the
+//! network, shutting down, or answering nonsense) is made again; requests
+//! it held are sent again, in the order they first went, on the new one.
+//! A request that has waited longer than the reconnect delay since its
+//! connection first broke fails (EIO), and so does every new one until the
+//! server is back: the device's error policy takes it from there. Closing
+//! the broken socket first means no late reply can write into memory given
+//! back meanwhile.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::proto::{self, Export};
+use crate::backend::io::{AioTag, GuestIov};
+use crate::memory::{as_iovecs, sub_iovecs};
+
+/// A request for the connection: an NBD command on the given buffers.
+pub struct Sub {
+    pub cmd: u16,
+    pub flags: u16,
+    pub offset: u64,
+    pub len: u32,
+    /// Reads and writes: the guest's buffers (kept mapped by the request's
+    /// owner until `tag` completes).
+    pub iov: Vec<GuestIov>,
+    pub tag: Arc<AioTag>,
+}
+
+/// How to make the connection again, and what it must find.
+pub trait Dial: Send + Sync {
+    /// A new connected, handshaken socket (blocking, with timeouts).
+    fn dial(&self) -> Result<(OwnedFd, Export), String>;
+    /// What it connects to, for the log.
+    fn name(&self) -> &str;
+}
+
+/// The part submitters share with the connection's thread.
+pub struct Shared {
+    q: Mutex<Queue>,
+    wake: EventFd,
+    sleeping: AtomicBool,
+}
+
+struct Queue {
+    subs: VecDeque<Sub>,
+    /// Buffer lists given back by completed requests, for the next ones.
+    spare: Vec<Vec<GuestIov>>,
+    stop: bool,
+}
+
+impl Shared {
+    /// Hands `sub` to the connection.
+    pub fn submit(&self, sub: Sub) {
+        self.q.lock().subs.push_back(sub);
+        if self.sleeping.load(Ordering::SeqCst) {
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// An empty buffer list (one given back, when there is).
+    pub fn spare_iov(&self) -> Vec<GuestIov> {
+        self.q.lock().spare.pop().unwrap_or_default()
+    }
+
+    /// Ends the connection once nothing is left in it (the disk is gone:
+    /// nothing is).
+    pub fn stop(&self) {
+        self.q.lock().stop = true;
+        let _ = self.wake.write(1);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Free,
+    /// Waiting to be written (whole or in part).
+    Queued,
+    /// Written: waiting for its reply.
+    Sent,
+}
+
+struct Entry {
+    state: State,
+    /// Bumped at each use of the slot, part of the cookie: a reply for a
+    /// request that is not there is told apart.
+    generation: u32,
+    /// Order of submission: requests are sent again in it.
+    seq: u64,
+    sub: Option<Sub>,
+    hdr: [u8; proto::REQUEST_LEN],
+    /// Bytes of a read's buffers a structured reply has covered.
+    covered: u64,
+    /// An error chunk's errno, reported when the reply is done.
+    error: Option<i32>,
+    /// When the connection it was on first broke.
+    lost_at: Option<Instant>,
+}
+
+/// Where the reader is in the byte stream.
+enum Rx {
+    /// A reply or chunk header (`hdr_got` bytes of it so far).
+    Header,
+    /// A structured chunk's own fields (`small`), before or instead of
+    /// data.
+    Fields {
+        slot: u32,
+        kind: u16,
+        flags: u16,
+        want: usize,
+        /// Chunk bytes after the fields (OFFSET_DATA's data).
+        rest: usize,
+    },
+    /// Read data, into the request's buffers at `at`.
+    Data {
+        slot: u32,
+        at: usize,
+        left: usize,
+        done: bool,
+    },
+}
+
+/// Why the connection is being dropped.
+type Lost = String;
+
+/// Largest structured chunk (other than data) accepted: an error with its
+/// message, a hole.
+const MAX_FIELDS: usize = 8 + 4096 + 16;
+/// iovecs in one sendmsg / readv.
+const IOV_BATCH: usize = 1024;
+/// Longest wait between attempts to connect again.
+const RECONNECT_MAX_PAUSE: Duration = Duration::from_secs(1);
+
+pub struct Conn {
+    shared: Arc<Shared>,
+    dial: Arc<dyn Dial>,
+    delay: Duration,
+    export: Export,
+    sock: Option<OwnedFd>,
+    slab: Vec<Entry>,
+    free: Vec<u32>,
+    /// Slots to write, in order; the first has `sent` bytes written.
+    send_q: VecDeque<u32>,
+    sent: usize,
+    next_seq: u64,
+    in_flight: usize,
+    rx: Rx,
+    hdr: [u8; proto::CHUNK_HEADER_LEN],
+    hdr_got: usize,
+    small: Vec<u8>,
+    small_got: usize,
+    /// When the connection broke (None: it is up).
+    down_since: Option<Instant>,
+    /// Requests fail at once: the server has been away longer than the
+    /// delay.
+    expired: bool,
+    next_try: Instant,
+    pause: Duration,
+    iovs: Vec<libc::iovec>,
+    scratch: Vec<GuestIov>,
+    given_back: Vec<Vec<GuestIov>>,
+}
+
+impl Conn {
+    /// The thread's side of a connection already made (`sock`, `export`).
+    pub fn start(
+        dial: Arc<dyn Dial>,
+        sock: OwnedFd,
+        export: Export,
+        delay: Duration,
+    ) -> io::Result<Arc<Shared>> {
+        set_nonblocking(&sock)?;
+        let shared = Arc::new(Shared {
+            q: Mutex::new(Queue {
+                subs: VecDeque::new(),
+                spare: Vec::new(),
+                stop: false,
+            }),
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            sleeping: AtomicBool::new(false),
+        });
+        let make = {
+            let shared = shared.clone();
+            move || Conn {
+                shared,
+                dial,
+                delay,
+                export,
+                sock: Some(sock),
+                slab: Vec::new(),
+                free: Vec::new(),
+                send_q: VecDeque::new(),
+                sent: 0,
+                next_seq: 0,
+                in_flight: 0,
+                rx: Rx::Header,
+                hdr: [0; proto::CHUNK_HEADER_LEN],
+                hdr_got: 0,
+                small: vec![0; MAX_FIELDS],
+                small_got: 0,
+                down_since: None,
+                expired: false,
+                next_try: Instant::now(),
+                pause: Duration::from_millis(50),
+                iovs: Vec::with_capacity(IOV_BATCH),
+                scratch: Vec::new(),
+                given_back: Vec::new(),
+            }
+        };
+        std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn(move || {
+                if let Some(cpus) = crate::util::helper_cpus() {
+                    crate::util::pin_to(cpus);
+                }
+                make().run();
+            })?;
+        Ok(shared)
+    }
+
+    fn run(mut self) {
+        loop {
+            let stop = self.take_submissions();
+            if stop && self.in_flight == 0 {
+                self.say_goodbye();
+                return;
+            }
+            if self.sock.is_some() {
+                if let Err(why) = self.pump() {
+                    self.lose(&why);
+                    continue;
+                }
+                self.wait(None);
+            } else {
+                self.while_down();
+            }
+        }
+    }
+
+    /// Moves what submitters handed over into the slab and the send queue
+    /// (or fails it, while the server is away past the delay); gives back
+    /// buffer lists. True once the connection is to end.
+    fn take_submissions(&mut self) -> bool {
+        let shared = self.shared.clone();
+        let mut q = shared.q.lock();
+        q.spare.append(&mut self.given_back);
+        let stop = q.stop;
+        while let Some(sub) = q.subs.pop_front() {
+            if self.expired {
+                sub.tag.complete(-i64::from(libc::EIO));
+                let mut iov = sub.iov;
+                iov.clear();
+                q.spare.push(iov);
+                continue;
+            }
+            let slot = self.free.pop().unwrap_or_else(|| {
+                self.slab.push(Entry {
+                    state: State::Free,
+                    generation: 0,
+                    seq: 0,
+                    sub: None,
+                    hdr: [0; proto::REQUEST_LEN],
+                    covered: 0,
+                    error: None,
+                    lost_at: None,
+                });
+                u32::try_from(self.slab.len() - 1).unwrap_or(u32::MAX)
+            });
+            let e = &mut self.slab[slot as usize];
+            e.generation = e.generation.wrapping_add(1);
+            e.seq = self.next_seq;
+            self.next_seq += 1;
+            e.state = State::Queued;
+            // Asked while the server is away: it waits as long as those
+            // that were in flight when it went.
+            e.lost_at = self.down_since;
+            e.sub = Some(sub);
+            self.in_flight += 1;
+            self.send_q.push_back(slot);
+            self.stamp(slot);
+        }
+        stop
+    }
+
+    fn cookie(&self, slot: u32) -> u64 {
+        (u64::from(self.slab[slot as usize].generation) << 32) | u64::from(slot)
+    }
+
+    /// Writes and reads as much as the socket takes and gives now.
+    fn pump(&mut self) -> Result<(), Lost> {
+        self.send()?;
+        self.receive()
+    }
+
+    /// Sleeps until the socket or a submitter has something, or `until`.
+    fn wait(&mut self, until: Option<Instant>) {
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        let nothing_new = self.shared.q.lock().subs.is_empty();
+        if nothing_new {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.shared.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.sock.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+                    events: libc::POLLIN
+                        | if self.send_q.is_empty() {
+                            0
+                        } else {
+                            libc::POLLOUT
+                        },
+                    revents: 0,
+                },
+            ];
+            let timeout = until.map_or(-1, |t| {
+                let ms = t.saturating_duration_since(Instant::now()).as_millis() + 1;
+                i32::try_from(ms).unwrap_or(i32::MAX)
+            });
+            // SAFETY: two pollfds of ours, for the length given.
+            unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        }
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+        let _ = self.shared.wake.read();
+    }
+
+    /// Writes the queued requests (headers and write payloads, many in one
+    /// call) until the queue is empty or the socket full.
+    fn send(&mut self) -> Result<(), Lost> {
+        while !self.send_q.is_empty() {
+            self.iovs.clear();
+            let mut skip = self.sent;
+            for &slot in &self.send_q {
+                if self.iovs.len() + 2 > IOV_BATCH {
+                    break;
+                }
+                let e = &self.slab[slot as usize];
+                let Some(sub) = &e.sub else { continue };
+                let payload = if sub.cmd == proto::CMD_WRITE {
+                    sub.len as usize
+                } else {
+                    0
+                };
+                let hdr_left = proto::REQUEST_LEN.saturating_sub(skip);
+                if hdr_left > 0 {
+                    self.iovs.push(libc::iovec {
+                        iov_base: e.hdr[proto::REQUEST_LEN - hdr_left..]
+                            .as_ptr()
+                            .cast_mut()
+                            .cast(),
+                        iov_len: hdr_left,
+                    });
+                }
+                let from = skip.saturating_sub(proto::REQUEST_LEN);
+                skip = 0;
+                if payload > from {
+                    self.scratch.clear();
+                    sub_iovecs(&sub.iov, from, payload - from, &mut self.scratch);
+                    let room = IOV_BATCH - self.iovs.len();
+                    let n = self.scratch.len().min(room);
+                    self.iovs.extend_from_slice(&as_iovecs(&self.scratch)[..n]);
+                    if n < self.scratch.len() {
+                        break;
+                    }
+                }
+            }
+            let n = match self.sendmsg()? {
+                Some(n) => n,
+                None => return Ok(()),
+            };
+            self.advance_sent(n);
+        }
+        Ok(())
+    }
+
+    /// One sendmsg of `iovs`: bytes written, or None when the socket is
+    /// full.
+    fn sendmsg(&mut self) -> Result<Option<usize>, Lost> {
+        let fd = self.sock.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        // SAFETY: msghdr is plain data; zeroed is an empty message.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = self.iovs.as_mut_ptr();
+        msg.msg_iovlen = self.iovs.len();
+        loop {
+            // SAFETY: every iovec points at a request header in the slab
+            // (not touched until this returns) or at guest memory its
+            // request keeps mapped until it completes; the kernel only
+            // reads them.
+            let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+            if r >= 0 {
+                return Ok(Some(r.unsigned_abs()));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(format!("sending: {e}")),
+            }
+        }
+    }
+
+    /// Marks `n` more bytes written: requests wholly written wait for
+    /// their replies.
+    fn advance_sent(&mut self, mut n: usize) {
+        while let Some(&slot) = self.send_q.front() {
+            let e = &mut self.slab[slot as usize];
+            let total = proto::REQUEST_LEN
+                + e.sub.as_ref().map_or(0, |s| {
+                    if s.cmd == proto::CMD_WRITE {
+                        s.len as usize
+                    } else {
+                        0
+                    }
+                });
+            let left = total - self.sent;
+            if n < left {
+                self.sent += n;
+                return;
+            }
+            n -= left;
+            self.sent = 0;
+            e.state = State::Sent;
+            self.send_q.pop_front();
+        }
+    }
+
+    /// Reads replies until the socket has no more.
+    fn receive(&mut self) -> Result<(), Lost> {
+        loop {
+            let progressed = match self.rx {
+                Rx::Header => self.read_header()?,
+                Rx::Fields { .. } => self.read_fields()?,
+                Rx::Data { .. } => self.read_data()?,
+            };
+            if !progressed {
+                return Ok(());
+            }
+        }
+    }
+
+    /// recv into `buf`: bytes read, or None when nothing is there.
+    fn recv(&self, buf: &mut [u8]) -> Result<Option<usize>, Lost> {
+        let fd = self.sock.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        loop {
+            // SAFETY: `buf` is ours, for its length.
+            let r =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if r > 0 {
+                return Ok(Some(r.unsigned_abs()));
+            }
+            if r == 0 {
+                return Err("the server closed the connection".into());
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(format!("receiving: {e}")),
+            }
+        }
+    }
+
+    fn read_header(&mut self) -> Result<bool, Lost> {
+        let want = if self.hdr_got >= 4
+            && u32::from_be_bytes([self.hdr[0], self.hdr[1], self.hdr[2], self.hdr[3]])
+                == proto::STRUCTURED_REPLY_MAGIC
+        {
+            proto::CHUNK_HEADER_LEN
+        } else {
+            proto::SIMPLE_REPLY_LEN
+        };
+        let mut buf = self.hdr;
+        let Some(n) = self.recv(&mut buf[self.hdr_got..want])? else {
+            return Ok(false);
+        };
+        self.hdr = buf;
+        self.hdr_got += n;
+        if self.hdr_got < want {
+            return Ok(true);
+        }
+        let h = self.hdr;
+        let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        if magic == proto::STRUCTURED_REPLY_MAGIC && want < proto::CHUNK_HEADER_LEN {
+            // Four more bytes to come.
+            return Ok(true);
+        }
+        self.hdr_got = 0;
+        match magic {
+            proto::SIMPLE_REPLY_MAGIC => {
+                let error = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap_or([0; 8]));
+                self.simple_reply(error, cookie)?;
+            }
+            proto::STRUCTURED_REPLY_MAGIC => {
+                let flags = u16::from_be_bytes([h[4], h[5]]);
+                let kind = u16::from_be_bytes([h[6], h[7]]);
+                let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap_or([0; 8]));
+                let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
+                self.chunk(flags, kind, cookie, len)?;
+            }
+            m => return Err(format!("a reply with the wrong magic {m:#x}")),
+        }
+        Ok(true)
+    }
+
+    /// The slot a reply's cookie names, if that request waits for one.
+    fn slot_of(&self, cookie: u64) -> Result<u32, Lost> {
+        let slot = u32::try_from(cookie & 0xffff_ffff).unwrap_or(u32::MAX);
+        let ok = self
+            .slab
+            .get(slot as usize)
+            .is_some_and(|e| e.state == State::Sent && u64::from(e.generation) == cookie >> 32);
+        if !ok {
+            return Err(format!(
+                "a reply for cookie {cookie:#x}, which no request waits for"
+            ));
+        }
+        Ok(slot)
+    }
+
+    fn simple_reply(&mut self, error: u32, cookie: u64) -> Result<(), Lost> {
+        let slot = self.slot_of(cookie)?;
+        let (cmd, len) = match &self.slab[slot as usize].sub {
+            Some(s) => (s.cmd, s.len),
+            None => return Err("a reply for an empty slot".into()),
+        };
+        if error == proto::NBD_ESHUTDOWN {
+            return Err("the server is shutting down".into());
+        }
+        if error != 0 {
+            self.complete(slot, -i64::from(proto::errno(error)));
+        } else if cmd == proto::CMD_READ {
+            self.rx = Rx::Data {
+                slot,
+                at: 0,
+                left: len as usize,
+                done: true,
+            };
+            self.slab[slot as usize].covered = u64::from(len);
+        } else {
+            self.complete(slot, i64::from(len));
+        }
+        Ok(())
+    }
+
+    fn chunk(&mut self, flags: u16, kind: u16, cookie: u64, len: usize) -> Result<(), Lost> {
+        let slot = self.slot_of(cookie)?;
+        let is_read = self.slab[slot as usize]
+            .sub
+            .as_ref()
+            .is_some_and(|s| s.cmd == proto::CMD_READ);
+        let (want, rest) = match kind {
+            proto::REPLY_TYPE_NONE if len == 0 && flags & proto::REPLY_FLAG_DONE != 0 => (0, 0),
+            proto::REPLY_TYPE_OFFSET_DATA if is_read && len >= 8 => (8, len - 8),
+            proto::REPLY_TYPE_OFFSET_HOLE if is_read && len == 12 => (12, 0),
+            k if k & proto::REPLY_TYPE_ERROR_BIT != 0 && (6..=MAX_FIELDS).contains(&len) => {
+                (len, 0)
+            }
+            _ => {
+                return Err(format!(
+                    "a reply chunk of type {kind} and {len} bytes that does not fit its request"
+                ))
+            }
+        };
+        self.small_got = 0;
+        self.rx = Rx::Fields {
+            slot,
+            kind,
+            flags,
+            want,
+            rest,
+        };
+        Ok(())
+    }
+
+    fn read_fields(&mut self) -> Result<bool, Lost> {
+        let Rx::Fields {
+            slot,
+            kind,
+            flags,
+            want,
+            rest,
+        } = self.rx
+        else {
+            return Ok(false);
+        };
+        if self.small_got < want {
+            let mut small = std::mem::take(&mut self.small);
+            let r = self.recv(&mut small[self.small_got..want]);
+            self.small = small;
+            let Some(n) = r? else { return Ok(false) };
+            self.small_got += n;
+            if self.small_got < want {
+                return Ok(true);
+            }
+        }
+        let f = &self.small[..want];
+        let done = flags & proto::REPLY_FLAG_DONE != 0;
+        let (req_off, req_len) = match &self.slab[slot as usize].sub {
+            Some(s) => (s.offset, u64::from(s.len)),
+            None => return Err("a chunk for an empty slot".into()),
+        };
+        self.rx = Rx::Header;
+        match kind {
+            proto::REPLY_TYPE_NONE => {}
+            proto::REPLY_TYPE_OFFSET_DATA | proto::REPLY_TYPE_OFFSET_HOLE => {
+                let off = u64::from_be_bytes(f[0..8].try_into().unwrap_or([0; 8]));
+                let n = if kind == proto::REPLY_TYPE_OFFSET_HOLE {
+                    u64::from(u32::from_be_bytes(f[8..12].try_into().unwrap_or([0; 4])))
+                } else {
+                    rest as u64
+                };
+                let at = off
+                    .checked_sub(req_off)
+                    .filter(|at| at.checked_add(n).is_some_and(|end| end <= req_len) && n > 0);
+                let Some(at) = at else {
+                    return Err(format!(
+                        "a reply chunk for bytes {off}+{n}, outside its request \
+                         {req_off}+{req_len}"
+                    ));
+                };
+                self.slab[slot as usize].covered += n;
+                let (Ok(at), Ok(n)) = (usize::try_from(at), usize::try_from(n)) else {
+                    return Err("a reply chunk too large for this machine".into());
+                };
+                if kind == proto::REPLY_TYPE_OFFSET_HOLE {
+                    self.zero(slot, at, n);
+                } else {
+                    self.rx = Rx::Data {
+                        slot,
+                        at,
+                        left: n,
+                        done,
+                    };
+                    return Ok(true);
+                }
+            }
+            _ => self.error_chunk(slot, kind, want)?,
+        }
+        if done {
+            self.chunks_done(slot);
+        }
+        Ok(true)
+    }
+
+    /// An error chunk (its fields in `small`): the request fails with it
+    /// when its reply is done.
+    fn error_chunk(&mut self, slot: u32, kind: u16, want: usize) -> Result<(), Lost> {
+        let f = &self.small[..want];
+        let error = u32::from_be_bytes(f[0..4].try_into().unwrap_or([0; 4]));
+        if error == proto::NBD_ESHUTDOWN {
+            return Err("the server is shutting down".into());
+        }
+        let msg_len = usize::from(u16::from_be_bytes([f[4], f[5]]));
+        let extra = if kind == proto::REPLY_TYPE_ERROR_OFFSET {
+            8
+        } else {
+            0
+        };
+        if error == 0 || 6 + msg_len + extra != want {
+            return Err("a malformed error chunk".into());
+        }
+        let msg = String::from_utf8_lossy(&f[6..6 + msg_len]);
+        crate::warn_limited!(
+            "NBD {}: the server reports error {error} ({})",
+            self.dial.name(),
+            msg.chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect::<String>()
+        );
+        let e = &mut self.slab[slot as usize];
+        e.error.get_or_insert(proto::errno(error));
+        Ok(())
+    }
+
+    /// A structured reply's last chunk: the request is done.
+    fn chunks_done(&mut self, slot: u32) {
+        let e = &self.slab[slot as usize];
+        let (cmd, len) = e.sub.as_ref().map_or((0, 0), |s| (s.cmd, s.len));
+        let res = match e.error {
+            Some(errno) => -i64::from(errno),
+            None if cmd == proto::CMD_READ && e.covered != u64::from(len) => {
+                crate::warn_limited!(
+                    "NBD {}: a read's reply covered {} of its {len} bytes",
+                    self.dial.name(),
+                    e.covered
+                );
+                -i64::from(libc::EIO)
+            }
+            None => i64::from(len),
+        };
+        self.complete(slot, res);
+    }
+
+    fn zero(&mut self, slot: u32, at: usize, n: usize) {
+        if let Some(s) = &self.slab[slot as usize].sub {
+            self.scratch.clear();
+            sub_iovecs(&s.iov, at, n, &mut self.scratch);
+            for v in &self.scratch {
+                v.zero();
+            }
+        }
+    }
+
+    fn read_data(&mut self) -> Result<bool, Lost> {
+        let Rx::Data {
+            slot,
+            at,
+            left,
+            done,
+        } = self.rx
+        else {
+            return Ok(false);
+        };
+        if left > 0 {
+            let Some(s) = &self.slab[slot as usize].sub else {
+                return Err("data for an empty slot".into());
+            };
+            self.scratch.clear();
+            sub_iovecs(&s.iov, at, left, &mut self.scratch);
+            let v = as_iovecs(&self.scratch);
+            let cnt = i32::try_from(v.len().min(IOV_BATCH)).unwrap_or(1);
+            let fd = self.sock.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+            // SAFETY: the iovecs are the request's own buffers (guest
+            // memory its owner keeps mapped until the request completes,
+            // or a buffer of the waiting caller), cut to the part this
+            // chunk fills, which lies inside them (checked against the
+            // request above).
+            let r = unsafe { libc::readv(fd, v.as_ptr(), cnt) };
+            if r == 0 {
+                return Err("the server closed the connection".into());
+            }
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                return match e.kind() {
+                    io::ErrorKind::Interrupted => Ok(true),
+                    io::ErrorKind::WouldBlock => Ok(false),
+                    _ => Err(format!("receiving: {e}")),
+                };
+            }
+            let n = r.unsigned_abs();
+            self.rx = Rx::Data {
+                slot,
+                at: at + n,
+                left: left - n,
+                done,
+            };
+            if n < left {
+                return Ok(true);
+            }
+        }
+        self.rx = Rx::Header;
+        if done {
+            self.chunks_done(slot);
+        }
+        Ok(true)
+    }
+
+    /// Ends the request in `slot` with `res` and frees the slot.
+    fn complete(&mut self, slot: u32, res: i64) {
+        let e = &mut self.slab[slot as usize];
+        e.state = State::Free;
+        e.covered = 0;
+        e.error = None;
+        if let Some(sub) = e.sub.take() {
+            sub.tag.complete(res);
+            let mut iov = sub.iov;
+            iov.clear();
+            self.given_back.push(iov);
+        }
+        self.free.push(slot);
+        self.in_flight -= 1;
+    }
+
+    /// The connection broke: close it; what it held is sent again on the
+    /// next one, or fails if it has waited too long.
+    fn lose(&mut self, why: &str) {
+        self.sock = None;
+        self.rx = Rx::Header;
+        self.hdr_got = 0;
+        self.sent = 0;
+        let now = Instant::now();
+        if self.down_since.is_none() {
+            log::warn!(
+                "NBD {}: {why}; {} request(s) wait, connecting again for up to {:?}",
+                self.dial.name(),
+                self.in_flight,
+                self.delay
+            );
+        }
+        self.down_since.get_or_insert(now);
+        self.pause = Duration::from_millis(50);
+        self.next_try = now;
+        for e in &mut self.slab {
+            if e.state != State::Free {
+                e.lost_at.get_or_insert(now);
+                e.state = State::Queued;
+                e.covered = 0;
+                e.error = None;
+            }
+        }
+        // Everything still held, in the order it first went.
+        let mut order: Vec<u32> = (0..self.slab.len())
+            .filter(|&i| self.slab[i].state == State::Queued)
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        order.sort_by_key(|&i| self.slab[i as usize].seq);
+        self.send_q = order.into();
+        self.fail_expired(now);
+    }
+
+    /// Fails what has waited longer than the delay since its connection
+    /// broke.
+    fn fail_expired(&mut self, now: Instant) {
+        let delay = self.delay;
+        let old: Vec<u32> = self
+            .send_q
+            .iter()
+            .copied()
+            .filter(|&s| {
+                self.slab[s as usize]
+                    .lost_at
+                    .is_some_and(|t| now.duration_since(t) >= delay)
+            })
+            .collect();
+        if old.is_empty() {
+            return;
+        }
+        self.send_q.retain(|s| !old.contains(s));
+        for s in old {
+            self.complete(s, -i64::from(libc::EIO));
+        }
+    }
+
+    /// While the connection is down: tries to make it again, fails what
+    /// waited too long, and sleeps until the next try or a submission.
+    fn while_down(&mut self) {
+        let now = Instant::now();
+        let since = self.down_since.unwrap_or(now);
+        self.fail_expired(now);
+        if !self.expired && now.duration_since(since) >= self.delay {
+            self.expired = true;
+            log::warn!(
+                "NBD {}: still away after {:?}: requests fail until it is back",
+                self.dial.name(),
+                self.delay
+            );
+            // Whatever is queued fails now (take_submissions fails new
+            // ones).
+            self.fail_expired(now + self.delay);
+        }
+        if now >= self.next_try {
+            match self.dial.dial() {
+                Ok((sock, export)) => {
+                    if let Err(why) = self.accept(sock, export) {
+                        crate::warn_limited!("NBD {}: {why}", self.dial.name());
+                    } else {
+                        return;
+                    }
+                }
+                Err(why) => log::debug!("NBD {}: connecting: {why}", self.dial.name()),
+            }
+            self.next_try = Instant::now() + self.pause;
+            self.pause = (self.pause * 2).min(RECONNECT_MAX_PAUSE);
+        }
+        let until = if self.expired {
+            self.next_try
+        } else {
+            self.next_try.min(since + self.delay)
+        };
+        self.wait(Some(until));
+    }
+
+    /// Takes a new connection if the export is still the one we serve.
+    fn accept(&mut self, sock: OwnedFd, export: Export) -> Result<(), String> {
+        let needed = self.export.flags
+            & (proto::TF_SEND_FLUSH
+                | proto::TF_SEND_FUA
+                | proto::TF_SEND_TRIM
+                | proto::TF_SEND_WRITE_ZEROES);
+        if export.size != self.export.size
+            || export.flags & needed != needed
+            || (export.has(proto::TF_READ_ONLY) && !self.export.has(proto::TF_READ_ONLY))
+            || export.min_block > self.export.min_block
+            || export.structured != self.export.structured
+        {
+            return Err(format!(
+                "the export came back changed ({export:?}, was {:?}): not used",
+                self.export
+            ));
+        }
+        set_nonblocking(&sock).map_err(|e| e.to_string())?;
+        let waited = self.down_since.map(|t| t.elapsed()).unwrap_or_default();
+        log::warn!(
+            "NBD {}: connected again after {waited:.1?}; sending {} request(s) again",
+            self.dial.name(),
+            self.send_q.len()
+        );
+        self.sock = Some(sock);
+        self.down_since = None;
+        self.expired = false;
+        Ok(())
+    }
+
+    /// The disk is gone: a polite NBD_CMD_DISC, then the socket closes.
+    fn say_goodbye(&mut self) {
+        if let Some(sock) = &self.sock {
+            let b = proto::request(0, proto::CMD_DISC, 0, 0, 0);
+            // SAFETY: our buffer, for its length; best effort, no wait.
+            unsafe {
+                libc::send(
+                    sock.as_raw_fd(),
+                    b.as_ptr().cast(),
+                    b.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+        }
+        self.sock = None;
+    }
+}
+
+impl Conn {
+    /// Writes the request header of a slot just queued (a resend sends
+    /// the same one: same cookie).
+    fn stamp(&mut self, slot: u32) {
+        let cookie = self.cookie(slot);
+        let e = &mut self.slab[slot as usize];
+        if let Some(s) = &e.sub {
+            e.hdr = proto::request(s.flags, s.cmd, cookie, s.offset, s.len);
+        }
+    }
+}
+
+fn set_nonblocking(sock: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on our own descriptor; no memory is passed.
+    let fl = unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_GETFL) };
+    if fl < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
