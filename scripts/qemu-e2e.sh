@@ -335,6 +335,38 @@ main_run() {
         check "${prefix}server-survived-reboot" FAIL
 }
 
+# quick_run TAG SOCKET SERIAL [append]: the quick checks (fio with
+# verification) in a guest whose one disk is the target on SOCKET; the
+# guest's md5 of the fio region in QUICK_MD5.
+quick_run() {
+    local tag=$1 sock=$2 serial=$3 saved
+    saved=("${QDEVS[@]}")
+    QDEVS=(-device "$(vdev "$sock")")
+    APPEND_EXTRA="vub.quick=$serial ${4:-}"
+    if run_qemu quick 600 -no-reboot; then :; else say "QEMU exited with $?"; fi
+    APPEND_EXTRA=""
+    QDEVS=("${saved[@]}")
+    collect "$QEMU_LOG" "$tag/"
+    grep -aq 'VUB-DONE quick' "$QEMU_LOG" || check "$tag/guest-finished" FAIL "see $QEMU_LOG"
+    QUICK_MD5=$(grep -a '^VUB-MD5 quick ' "$QEMU_LOG" | head -1 | tr -d '\r' | awk '{print $3}')
+}
+
+# same_md5 CHECK HOST-MD5 [how the host read it]: the guest's QUICK_MD5
+# against what the host read of the disk.
+same_md5() {
+    if [ -n "$QUICK_MD5" ] && [ "$QUICK_MD5" = "$2" ]; then
+        check "$1" PASS "$2${3:+ ($3)}"
+    else
+        check "$1" FAIL "guest ${QUICK_MD5:-none} host $2${3:+ ($3)}"
+    fi
+}
+
+# wait_socket PATH: until the target listens there (10 s at most).
+wait_socket() {
+    for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done
+    return 1
+}
+
 # The default: Linux binds the modern interface. Then the same guest with
 # virtio_pci.force_legacy=1 drives the legacy one.
 main_run main modern 128
@@ -349,22 +381,9 @@ truncate -s 64M "$MM_IMG"
 "$BIN" --socket "$MM_SOCK" --disk "$MM_IMG" --queues 2 --serial VUB-E2E-MMAP \
     --notify mmap --packed --poll-mode adaptive >"$WORK/server-mmap.log" 2>&1 &
 MM_PID=$!
-for _ in $(seq 100); do [ -S "$MM_SOCK" ] && break; sleep 0.1; done
-SAVED_QDEVS=("${QDEVS[@]}")
-QDEVS=(-device "$(vdev "$MM_SOCK")")
-APPEND_EXTRA="vub.quick=VUB-E2E-MMAP vub.packed=1"
-if run_qemu quick 600 -no-reboot; then :; else say "QEMU exited with $?"; fi
-APPEND_EXTRA=""
-QDEVS=("${SAVED_QDEVS[@]}")
-collect "$QEMU_LOG" "mmap/"
-grep -aq 'VUB-DONE quick' "$QEMU_LOG" || check mmap/guest-finished FAIL "see $QEMU_LOG"
-g=$(grep -a '^VUB-MD5 quick ' "$QEMU_LOG" | head -1 | tr -d '\r' | awk '{print $3}')
-h=$(dd if="$MM_IMG" bs=1M count=32 status=none | md5sum | awk '{print $1}')
-if [ -n "$g" ] && [ "$g" = "$h" ]; then
-    check mmap/host-image-matches-guest PASS "$h"
-else
-    check mmap/host-image-matches-guest FAIL "guest ${g:-none} host $h"
-fi
+wait_socket "$MM_SOCK" || true
+quick_run mmap "$MM_SOCK" VUB-E2E-MMAP vub.packed=1
+same_md5 mmap/host-image-matches-guest "$(dd if="$MM_IMG" bs=1M count=32 status=none | md5sum | awk '{print $1}')"
 if grep -q 'RING_PACKED' "$WORK/server-mmap.log" && ! grep -q panicked "$WORK/server-mmap.log"; then
     check mmap/server-saw-packed-driver PASS
 else
@@ -402,33 +421,56 @@ else
     "$BIN" --socket "$RBD_SOCK" --disk "rbd:rbd/e2e:conf=$CEPH_DIR/ceph.conf" --queues 2 \
         --serial VUB-E2E-RBD >"$WORK/server-rbd.log" 2>&1 &
     RBD_PID=$!
-    for _ in $(seq 100); do [ -S "$RBD_SOCK" ] && break; sleep 0.1; done
-    SAVED_QDEVS=("${QDEVS[@]}")
-    QDEVS=(-device "$(vdev "$RBD_SOCK")")
-    APPEND_EXTRA="vub.quick=VUB-E2E-RBD"
-    if run_qemu quick 600 -no-reboot; then :; else say "QEMU exited with $?"; fi
-    APPEND_EXTRA=""
-    QDEVS=("${SAVED_QDEVS[@]}")
-    collect "$QEMU_LOG" "rbd/"
-    grep -aq 'VUB-DONE quick' "$QEMU_LOG" || check rbd/guest-finished FAIL "see $QEMU_LOG"
+    wait_socket "$RBD_SOCK" || true
+    quick_run rbd "$RBD_SOCK" VUB-E2E-RBD
     kill "$RBD_PID" 2>/dev/null || true
     wait "$RBD_PID" 2>/dev/null || true
-    g=$(grep -a '^VUB-MD5 quick ' "$QEMU_LOG" | head -1 | tr -d '\r' | awk '{print $3}')
     # (Exported whole: a pipe cut short by head would fail the pipeline.)
     h=none
     if rbd -c "$CEPH_DIR/ceph.conf" export --no-progress rbd/e2e "$WORK/rbd-export.img" >/dev/null 2>&1; then
         h=$(dd if="$WORK/rbd-export.img" bs=1M count=32 status=none | md5sum | awk '{print $1}')
     fi
-    if [ -n "$g" ] && [ "$g" = "$h" ]; then
-        check rbd/image-matches-guest PASS "$h (rbd export)"
-    else
-        check rbd/image-matches-guest FAIL "guest ${g:-none} librbd $h"
-    fi
+    same_md5 rbd/image-matches-guest "$h" "rbd export"
     if grep -q panicked "$WORK/server-rbd.log"; then
         check rbd/server-healthy FAIL "$(grep panicked "$WORK/server-rbd.log" | head -1)"
     fi
 fi
 "$HERE/scripts/ceph-cluster.sh" stop "$CEPH_DIR" >/dev/null 2>&1 || true
+
+# ------------------------------------------------ an NBD disk (qcow2) ----
+# A qcow2 image exported by qemu-nbd, served by the target as an
+# nbd+unix:// disk: fio with verification in the guest, then the image as
+# qemu-img reads it (converted to raw) compared with what the guest read.
+say "nbd: a guest on a qcow2 image through qemu-nbd under $ACCEL"
+need_pkg qemu-nbd qemu-utils
+NBD_IMG=$WORK/nbd.qcow2
+QNBD_SOCK=$WORK/qnbd.sock
+NBD_SOCK=$WORK/nbd.sock
+qemu-img create -q -f qcow2 "$NBD_IMG" 64M
+qemu-nbd --persistent --shared=4 --cache=none --aio=threads -f qcow2 \
+    --socket="$QNBD_SOCK" "$NBD_IMG" >"$WORK/qemu-nbd.log" 2>&1 &
+QNBD_PID=$!
+for _ in $(seq 100); do [ -S "$QNBD_SOCK" ] && break; sleep 0.1; done
+"$BIN" --socket "$NBD_SOCK" --disk "nbd+unix:///?socket=$QNBD_SOCK" --queues 2 \
+    --serial VUB-E2E-NBD >"$WORK/server-nbd.log" 2>&1 &
+NBD_PID=$!
+if wait_socket "$NBD_SOCK"; then
+    quick_run nbd "$NBD_SOCK" VUB-E2E-NBD
+else
+    check nbd/server-started FAIL "$(tail -3 "$WORK/server-nbd.log")"
+fi
+kill "$NBD_PID" 2>/dev/null || true
+wait "$NBD_PID" 2>/dev/null || true
+kill "$QNBD_PID" 2>/dev/null || true
+wait "$QNBD_PID" 2>/dev/null || true
+h=none
+if qemu-img convert -f qcow2 -O raw "$NBD_IMG" "$WORK/nbd-out.raw" 2>/dev/null; then
+    h=$(dd if="$WORK/nbd-out.raw" bs=1M count=32 status=none | md5sum | awk '{print $1}')
+fi
+same_md5 nbd/qcow2-image-matches-guest "$h" "qemu-img convert"
+if grep -q panicked "$WORK/server-nbd.log"; then
+    check nbd/server-healthy FAIL "$(grep panicked "$WORK/server-nbd.log" | head -1)"
+fi
 
 # --------------------------------------------------- boot from the disk ----
 # A raw image with a partition table, ext4, the kernel, the initramfs and

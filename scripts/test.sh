@@ -9,9 +9,19 @@ cargo clippy --all-targets -- -D warnings
 # The RBD tests run against a one-node Ceph cluster of their own
 # (scripts/ceph-cluster.sh): as root, Ceph's packages are installed when
 # missing, and the tests then fail rather than skip without a cluster.
+# The NBD tests run against Debian's nbdkit and qemu-nbd: as root they
+# are installed when missing, and the tests then fail rather than skip
+# without them.
 if [ "$(id -u)" = 0 ]; then
     scripts/ceph-cluster.sh install
     export VUB_REQUIRE_CEPH=1
+    for p in nbdkit:nbdkit qemu-nbd:qemu-utils qemu-img:qemu-utils; do
+        command -v "${p%%:*}" >/dev/null 2>&1 ||
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${p##*:}" >/dev/null ||
+            { apt-get update -q >/dev/null &&
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${p##*:}" >/dev/null; }
+    done
+    export VUB_REQUIRE_NBD=1
 fi
 cargo test --all-targets
 

@@ -258,6 +258,16 @@ fn a_qcow2_image_is_served_through_qemu_nbd_and_refused_as_a_file() {
     );
     expect[2047 * 512..2055 * 512].fill(0);
     assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
+    // Read back through qemu-nbd, whose structured replies send what the
+    // image never allocated as holes: the guest's poisoned buffers must
+    // read zeros there.
+    for (sector, len) in [(0u64, 2 << 20), (19_000, 2 << 20), (30_000, 4096)] {
+        let at = (sector * 512) as usize;
+        let r = Request::read(sector, len).laid(Layout::default().chunks(12_288));
+        let (st, got, _) = d.run(0, &r);
+        assert_eq!(st, S_OK);
+        assert!(got == expect[at..at + len], "read at {sector} differs");
+    }
     drop(d);
     drop(srv);
     drop(nbd);

@@ -161,8 +161,22 @@ struct Args {
     /// it through librbd, qemu-storage-daemon through its rbd driver
     /// (`qsd-threads`; Debian's qemu-block-extra). One server at a time
     /// holds the image (ours takes its exclusive lock).
-    #[arg(long, value_name = "SPEC")]
+    #[arg(long, value_name = "SPEC", conflicts_with = "nbd")]
     rbd: Option<String>,
+
+    /// Serve an NBD export (`nbd+unix:///EXPORT?socket=PATH` or
+    /// `nbd://HOST:PORT/EXPORT`, as our `--disk`) on the single-disk
+    /// workloads: ours through its NBD client, qemu-storage-daemon through
+    /// its nbd driver (`qsd-threads`).
+    #[arg(long, value_name = "URI")]
+    nbd: Option<String>,
+}
+
+impl Args {
+    /// The network disk (`--rbd` or `--nbd`), if one is given.
+    fn remote(&self) -> Option<&String> {
+        self.rbd.as_ref().or(self.nbd.as_ref())
+    }
 }
 
 const QUEUES: usize = 4;
@@ -205,10 +219,10 @@ fn applies(t: &str, w: &Workload, selected: &[&str]) -> bool {
         return false;
     }
     match (t, w.disk) {
-        // On an RBD image: ours in busy and adaptive mode, against qsd's
-        // rbd driver (which has no aio= to choose).
-        ("ours" | "ours-base" | "ours-adaptive" | "qsd-threads", Disk::Rbd) => true,
-        (_, Disk::Rbd) => false,
+        // On an RBD image or NBD export: ours in busy and adaptive mode,
+        // against qsd's rbd or nbd driver (which have no aio= to choose).
+        ("ours" | "ours-base" | "ours-adaptive" | "qsd-threads", Disk::Remote) => true,
+        (_, Disk::Remote) => false,
         ("qsd-native" | "direct-uring" | "ours-adaptive", d) => d == Disk::Direct,
         ("direct", d) => d != Disk::Null,
         // A null disk does no file I/O: the engine does not matter, so each
@@ -746,7 +760,7 @@ impl Servers<'_> {
 
     /// The image files that the server of workload `w` opens.
     fn images_of(&self, w: &Workload) -> Vec<PathBuf> {
-        if let (Some(r), Disk::Rbd) = (&self.args.rbd, w.disk) {
+        if let (Some(r), Disk::Remote) = (self.args.remote(), w.disk) {
             return vec![PathBuf::from(r)];
         }
         if w.devices > 1 {
@@ -763,8 +777,11 @@ impl Servers<'_> {
         let im = self.images;
         let ours_disk = |d: Disk| -> Result<OursDisk> {
             Ok(match d {
-                Disk::Rbd => OursDisk {
-                    spec: a.rbd.clone().context("an RBD workload without --rbd")?,
+                Disk::Remote => OursDisk {
+                    spec: a
+                        .remote()
+                        .cloned()
+                        .context("a remote workload without --rbd/--nbd")?,
                     direct: false,
                 },
                 Disk::Null => OursDisk {
@@ -818,7 +835,7 @@ impl Servers<'_> {
             "qsd-threads" | "qsd-uring" | "qsd-native" => {
                 let d = match w.disk {
                     Disk::Null => QsdDisk::Null { size: im.size },
-                    Disk::Rbd => QsdDisk::Rbd(a.rbd.clone().context("no --rbd")?),
+                    Disk::Remote => QsdDisk::Remote(a.remote().cloned().context("no --rbd/--nbd")?),
                     d => QsdDisk::File {
                         path: im.path(d).to_path_buf(),
                         direct: d == Disk::Direct,
@@ -961,8 +978,9 @@ fn real_main(args: &Args) -> Result<()> {
         .into_iter()
         .filter(|w| args.only.is_empty() || args.only.iter().any(|o| w.name.contains(o.as_str())))
         .collect();
-    if args.rbd.is_some() {
-        // The RBD rows: random 4 KiB at QD 1 and 32, and sequential 128 KiB.
+    if args.remote().is_some() {
+        // The network disk's rows: random 4 KiB at QD 1 and 32, and
+        // sequential 128 KiB.
         const RBD_ROWS: [&str; 6] = [
             "4k-randread-qd1",
             "4k-randread-qd32",
@@ -973,7 +991,7 @@ fn real_main(args: &Args) -> Result<()> {
         ];
         list.retain(|w| RBD_ROWS.contains(&w.name.as_str()));
         for w in &mut list {
-            w.disk = Disk::Rbd;
+            w.disk = Disk::Remote;
         }
     }
     if list.is_empty() {
@@ -1039,7 +1057,7 @@ fn real_main(args: &Args) -> Result<()> {
     if list.is_empty() {
         bail!("no workload left to run");
     }
-    if args.rbd.is_none()
+    if args.remote().is_none()
         && list
             .iter()
             .any(|w| w.disk == Disk::Cached && w.devices == 1)

@@ -52,9 +52,9 @@ pub enum Disk {
     Null,
     /// A second image file opened with O_DIRECT by every target: the disk.
     Direct,
-    /// An RBD image (`--rbd`): ours through librbd, qemu-storage-daemon
-    /// through its rbd driver.
-    Rbd,
+    /// A disk on the network (`--rbd`, `--nbd`): ours through its RBD or
+    /// NBD backend, qemu-storage-daemon through its rbd or nbd driver.
+    Remote,
 }
 
 #[derive(Clone, Debug)]

@@ -205,9 +205,33 @@ pub enum QsdDisk {
     Null {
         size: u64,
     },
-    /// An RBD image, named as our `--disk` names it
-    /// (`rbd:POOL/IMAGE:conf=PATH`).
-    Rbd(String),
+    /// An RBD image or an NBD export, named as our `--disk` names it
+    /// (`rbd:POOL/IMAGE:conf=PATH`, `nbd+unix:///EXPORT?socket=PATH`,
+    /// `nbd://HOST:PORT/EXPORT`).
+    Remote(String),
+}
+
+/// QEMU's nbd driver options for an NBD URI.
+fn qsd_nbd(uri: &str) -> Result<String> {
+    if let Some(rest) = uri.strip_prefix("nbd+unix:///") {
+        let (export, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let path = query
+            .strip_prefix("socket=")
+            .context("nbd+unix:///EXPORT?socket=PATH")?;
+        return Ok(format!(
+            "driver=nbd,server.type=unix,server.path={},export={}",
+            escape(path),
+            escape(export)
+        ));
+    }
+    let rest = uri.strip_prefix("nbd://").context("an NBD URI")?;
+    let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "10809"));
+    Ok(format!(
+        "driver=nbd,server.type=inet,server.host={},server.port={port},export={}",
+        escape(host),
+        escape(export)
+    ))
 }
 
 /// QEMU's rbd driver options for an `rbd:POOL/IMAGE[:conf=PATH]` name.
@@ -256,7 +280,10 @@ pub fn start_qsd(
                 format!("driver=null-co,node-name=file{i},size={size},read-zeroes=on")
             }
             // cache=none, as ours: librbd's cache off.
-            QsdDisk::Rbd(spec) => format!("{},node-name=file{i},cache.direct=on", qsd_rbd(spec)?),
+            QsdDisk::Remote(spec) if spec.starts_with("rbd:") => {
+                format!("{},node-name=file{i},cache.direct=on", qsd_rbd(spec)?)
+            }
+            QsdDisk::Remote(uri) => format!("{},node-name=file{i}", qsd_nbd(uri)?),
         };
         cmd.args(["--blockdev", &file])
             .args(["--blockdev", &format!("driver=raw,node-name=disk{i},file=file{i}")])

@@ -142,6 +142,11 @@ type Lost = String;
 /// Largest structured chunk (other than data) accepted: an error with its
 /// message, a hole.
 const MAX_FIELDS: usize = 8 + 4096 + 16;
+/// Bytes read ahead of the reply being parsed.
+const READ_AHEAD: usize = 64 << 10;
+/// Read data at least this long, with nothing read ahead, goes straight
+/// from the socket into the guest's buffers.
+const DIRECT_READ: usize = 16 << 10;
 /// iovecs in one sendmsg / readv.
 const IOV_BATCH: usize = 1024;
 /// Longest wait between attempts to connect again.
@@ -165,6 +170,11 @@ pub struct Conn {
     hdr_got: usize,
     small: Vec<u8>,
     small_got: usize,
+    /// The stream read ahead (replies' headers, small payloads): many
+    /// replies come in one recv. `rpos..rend` is not yet taken.
+    rbuf: Vec<u8>,
+    rpos: usize,
+    rend: usize,
     /// When the connection broke (None: it is up).
     down_since: Option<Instant>,
     /// Requests fail at once: the server has been away longer than the
@@ -214,6 +224,9 @@ impl Conn {
                 hdr_got: 0,
                 small: vec![0; MAX_FIELDS],
                 small_got: 0,
+                rbuf: vec![0; READ_AHEAD],
+                rpos: 0,
+                rend: 0,
                 down_since: None,
                 expired: false,
                 next_try: Instant::now(),
@@ -477,6 +490,37 @@ impl Conn {
         }
     }
 
+    /// Reads more of the stream into the read-ahead buffer: false when the
+    /// socket has nothing now.
+    fn fill(&mut self) -> Result<bool, Lost> {
+        if self.rpos == self.rend {
+            self.rpos = 0;
+            self.rend = 0;
+        } else if self.rend == self.rbuf.len() {
+            self.rbuf.copy_within(self.rpos..self.rend, 0);
+            self.rend -= self.rpos;
+            self.rpos = 0;
+        }
+        let mut buf = std::mem::take(&mut self.rbuf);
+        let r = self.recv(&mut buf[self.rend..]);
+        self.rbuf = buf;
+        match r? {
+            Some(n) => {
+                self.rend += n;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Takes up to `dst.len()` bytes read ahead into `dst`: how many.
+    fn staged(&mut self, dst: &mut [u8]) -> usize {
+        let n = dst.len().min(self.rend - self.rpos);
+        dst[..n].copy_from_slice(&self.rbuf[self.rpos..self.rpos + n]);
+        self.rpos += n;
+        n
+    }
+
     fn read_header(&mut self) -> Result<bool, Lost> {
         let want = if self.hdr_got >= 4
             && u32::from_be_bytes([self.hdr[0], self.hdr[1], self.hdr[2], self.hdr[3]])
@@ -487,10 +531,11 @@ impl Conn {
             proto::SIMPLE_REPLY_LEN
         };
         let mut buf = self.hdr;
-        let Some(n) = self.recv(&mut buf[self.hdr_got..want])? else {
-            return Ok(false);
-        };
+        let n = self.staged(&mut buf[self.hdr_got..want]);
         self.hdr = buf;
+        if n == 0 {
+            return self.fill();
+        }
         self.hdr_got += n;
         if self.hdr_got < want {
             return Ok(true);
@@ -603,9 +648,11 @@ impl Conn {
         };
         if self.small_got < want {
             let mut small = std::mem::take(&mut self.small);
-            let r = self.recv(&mut small[self.small_got..want]);
+            let n = self.staged(&mut small[self.small_got..want]);
             self.small = small;
-            let Some(n) = r? else { return Ok(false) };
+            if n == 0 {
+                return self.fill();
+            }
             self.small_got += n;
             if self.small_got < want {
                 return Ok(true);
@@ -736,27 +783,28 @@ impl Conn {
             };
             self.scratch.clear();
             sub_iovecs(&s.iov, at, left, &mut self.scratch);
-            let v = as_iovecs(&self.scratch);
-            let cnt = i32::try_from(v.len().min(IOV_BATCH)).unwrap_or(1);
-            let fd = self.sock.as_ref().map_or(-1, AsRawFd::as_raw_fd);
-            // SAFETY: the iovecs are the request's own buffers (guest
-            // memory its owner keeps mapped until the request completes,
-            // or a buffer of the waiting caller), cut to the part this
-            // chunk fills, which lies inside them (checked against the
-            // request above).
-            let r = unsafe { libc::readv(fd, v.as_ptr(), cnt) };
-            if r == 0 {
-                return Err("the server closed the connection".into());
-            }
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                return match e.kind() {
-                    io::ErrorKind::Interrupted => Ok(true),
-                    io::ErrorKind::WouldBlock => Ok(false),
-                    _ => Err(format!("receiving: {e}")),
-                };
-            }
-            let n = r.unsigned_abs();
+            let ahead = self.rend - self.rpos;
+            let n = if ahead > 0 {
+                // What was read ahead is copied in.
+                let n = ahead.min(left);
+                let mut src = &self.rbuf[self.rpos..self.rpos + n];
+                for v in &self.scratch {
+                    if src.is_empty() {
+                        break;
+                    }
+                    let k = v.write_at(0, &src[..v.len().min(src.len())]);
+                    src = &src[k..];
+                }
+                self.rpos += n;
+                n
+            } else if left >= DIRECT_READ {
+                match self.read_direct()? {
+                    Some(n) => n,
+                    None => return Ok(false),
+                }
+            } else {
+                return self.fill();
+            };
             self.rx = Rx::Data {
                 slot,
                 at: at + n,
@@ -772,6 +820,34 @@ impl Conn {
             self.chunks_done(slot);
         }
         Ok(true)
+    }
+
+    /// One readv from the socket straight into the buffers in `scratch`:
+    /// bytes read, or None when the socket has nothing now.
+    fn read_direct(&mut self) -> Result<Option<usize>, Lost> {
+        let v = as_iovecs(&self.scratch);
+        let cnt = i32::try_from(v.len().min(IOV_BATCH)).unwrap_or(1);
+        let fd = self.sock.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        loop {
+            // SAFETY: the iovecs are the request's own buffers (guest
+            // memory its owner keeps mapped until the request completes,
+            // or a buffer of the waiting caller), cut to the part this
+            // reply fills, which lies inside them (checked against the
+            // request when the chunk arrived).
+            let r = unsafe { libc::readv(fd, v.as_ptr(), cnt) };
+            if r > 0 {
+                return Ok(Some(r.unsigned_abs()));
+            }
+            if r == 0 {
+                return Err("the server closed the connection".into());
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(format!("receiving: {e}")),
+            }
+        }
     }
 
     /// Ends the request in `slot` with `res` and frees the slot.
@@ -796,6 +872,8 @@ impl Conn {
         self.sock = None;
         self.rx = Rx::Header;
         self.hdr_got = 0;
+        self.rpos = 0;
+        self.rend = 0;
         self.sent = 0;
         let now = Instant::now();
         if self.down_since.is_none() {
@@ -961,4 +1039,285 @@ fn set_nonblocking(sock: &OwnedFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The connection against a scripted server on a socketpair: replies
+    //! as a server may send them (holes, chunks out of order, errors) and
+    //! as a hostile one would (chunks outside the request, unknown
+    //! cookies), and a server that does not come back.
+    use super::*;
+    use crate::backend::io::AioSink;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+
+    struct Sink(Mutex<mpsc::Sender<i64>>);
+    impl AioSink for Sink {
+        fn done(&self, _tag: u64, res: i64) {
+            let _ = self.0.lock().send(res);
+        }
+    }
+
+    /// Each reconnection takes the next socket the test hands over.
+    struct FakeDial(Mutex<mpsc::Receiver<OwnedFd>>, Export);
+    impl Dial for FakeDial {
+        fn dial(&self) -> Result<(OwnedFd, Export), String> {
+            match self.0.lock().try_recv() {
+                Ok(fd) => Ok((fd, self.1)),
+                Err(_) => Err("no server".into()),
+            }
+        }
+        fn name(&self) -> &str {
+            "test"
+        }
+    }
+
+    const EXPORT: Export = Export {
+        size: 1 << 20,
+        flags: proto::TF_HAS_FLAGS | proto::TF_SEND_FLUSH,
+        min_block: 1,
+        preferred_block: 4096,
+        max_payload: 1 << 20,
+        structured: true,
+    };
+
+    struct Rig {
+        shared: Arc<Shared>,
+        server: UnixStream,
+        more: mpsc::Sender<OwnedFd>,
+        done: mpsc::Receiver<i64>,
+        tag: Arc<AioTag>,
+    }
+
+    fn rig(delay: Duration) -> Rig {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (more, next) = mpsc::channel();
+        let dial = Arc::new(FakeDial(Mutex::new(next), EXPORT));
+        let shared = Conn::start(dial, a.into(), EXPORT, delay).unwrap();
+        let (tx, done) = mpsc::channel();
+        let tag = Arc::new(AioTag {
+            sink: Arc::new(Sink(Mutex::new(tx))),
+            tag: 0,
+        });
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Rig {
+            shared,
+            server: b,
+            more,
+            done,
+            tag,
+        }
+    }
+
+    /// A read of `buf[..len]` (the rest of `buf` is a guard) at `offset`.
+    fn read(r: &Rig, buf: &mut [u8], len: usize, offset: u64) {
+        // SAFETY: the buffer outlives the request: every test waits for
+        // its completion (or drops the connection first).
+        let iov = unsafe { GuestIov::new(buf.as_mut_ptr(), len) };
+        r.shared.submit(Sub {
+            cmd: proto::CMD_READ,
+            flags: 0,
+            offset,
+            len: u32::try_from(len).unwrap(),
+            iov: vec![iov],
+            tag: r.tag.clone(),
+        });
+    }
+
+    /// The next request's cookie, offset and length.
+    fn request(s: &mut UnixStream) -> (u64, u64, u32) {
+        let mut h = [0u8; proto::REQUEST_LEN];
+        s.read_exact(&mut h).unwrap();
+        let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
+        (
+            be64(&h[8..16]),
+            be64(&h[16..24]),
+            u32::from_be_bytes(h[24..28].try_into().unwrap()),
+        )
+    }
+
+    fn chunk(s: &mut UnixStream, flags: u16, kind: u16, cookie: u64, payload: &[u8]) {
+        let mut b = Vec::new();
+        b.extend_from_slice(&proto::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        b.extend_from_slice(payload);
+        s.write_all(&b).unwrap();
+    }
+
+    fn data(offset: u64, bytes: &[u8]) -> Vec<u8> {
+        [offset.to_be_bytes().as_slice(), bytes].concat()
+    }
+
+    fn wait(r: &Rig) -> i64 {
+        r.done.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    #[test]
+    fn holes_and_data_in_any_order_fill_the_buffer_and_nothing_past_it() {
+        let mut r = rig(Duration::from_secs(5));
+        let mut buf = vec![0xa5u8; 8192 + 64];
+        read(&r, &mut buf, 8192, 4096);
+        let (cookie, off, len) = request(&mut r.server);
+        assert_eq!((off, len), (4096, 8192));
+        // The second half first, byte by byte on the wire; then the hole.
+        let c = {
+            let mut b = Vec::new();
+            b.extend_from_slice(&proto::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&proto::REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+            b.extend_from_slice(&cookie.to_be_bytes());
+            b.extend_from_slice(&(8u32 + 4096).to_be_bytes());
+            b.extend_from_slice(&data(8192, &[1u8; 4096]));
+            b
+        };
+        for byte in &c[..64] {
+            r.server.write_all(&[*byte]).unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        r.server.write_all(&c[64..]).unwrap();
+        let mut hole = 4096u64.to_be_bytes().to_vec();
+        hole.extend_from_slice(&4096u32.to_be_bytes());
+        chunk(
+            &mut r.server,
+            proto::REPLY_FLAG_DONE,
+            proto::REPLY_TYPE_OFFSET_HOLE,
+            cookie,
+            &hole,
+        );
+        assert_eq!(wait(&r), 8192);
+        assert!(buf[..4096].iter().all(|&b| b == 0));
+        assert!(buf[4096..8192].iter().all(|&b| b == 1));
+        assert!(
+            buf[8192..].iter().all(|&b| b == 0xa5),
+            "written past the buffer"
+        );
+    }
+
+    #[test]
+    fn an_error_chunk_fails_the_request_and_a_short_reply_is_an_error() {
+        let mut r = rig(Duration::from_secs(5));
+        let mut buf = vec![0u8; 4096];
+        read(&r, &mut buf, 4096, 0);
+        let (cookie, ..) = request(&mut r.server);
+        let mut e = 5u32.to_be_bytes().to_vec();
+        e.extend_from_slice(&3u16.to_be_bytes());
+        e.extend_from_slice(b"bad");
+        chunk(
+            &mut r.server,
+            proto::REPLY_FLAG_DONE,
+            proto::REPLY_TYPE_ERROR_BIT + 1,
+            cookie,
+            &e,
+        );
+        assert_eq!(wait(&r), -i64::from(libc::EIO));
+        // Done after covering half: not a success.
+        read(&r, &mut buf, 4096, 0);
+        let (cookie, ..) = request(&mut r.server);
+        chunk(
+            &mut r.server,
+            0,
+            proto::REPLY_TYPE_OFFSET_DATA,
+            cookie,
+            &data(0, &[2u8; 2048]),
+        );
+        chunk(
+            &mut r.server,
+            proto::REPLY_FLAG_DONE,
+            proto::REPLY_TYPE_NONE,
+            cookie,
+            &[],
+        );
+        assert_eq!(wait(&r), -i64::from(libc::EIO));
+    }
+
+    /// A chunk outside its request, or a reply for no request: the
+    /// connection is dropped (nothing is written) and the request goes
+    /// again on the next one.
+    #[test]
+    fn a_hostile_reply_drops_the_connection_and_the_request_is_sent_again() {
+        for hostile in 0..3 {
+            let mut r = rig(Duration::from_secs(5));
+            let mut buf = vec![0xa5u8; 4096 + 4096];
+            read(&r, &mut buf, 4096, 65536);
+            let (cookie, ..) = request(&mut r.server);
+            match hostile {
+                // Data for bytes before the request (into memory before
+                // the buffer, if it were believed).
+                0 => chunk(&mut r.server, 0, 1, cookie, &data(0, &[9u8; 4096])),
+                // Data running past its end.
+                1 => chunk(
+                    &mut r.server,
+                    0,
+                    1,
+                    cookie,
+                    &data(65536 + 2048, &[9u8; 4096]),
+                ),
+                // A cookie nobody sent.
+                _ => chunk(
+                    &mut r.server,
+                    0,
+                    1,
+                    cookie ^ (7 << 32),
+                    &data(65536, &[9u8; 4096]),
+                ),
+            }
+            // The connection is dropped: the server sees it closed.
+            let mut one = [0u8; 1];
+            assert_eq!(r.server.read(&mut one).unwrap(), 0, "case {hostile}");
+            assert!(
+                buf.iter().all(|&b| b == 0xa5),
+                "case {hostile}: memory written"
+            );
+            let (a, mut b) = UnixStream::pair().unwrap();
+            b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            r.more.send(a.into()).unwrap();
+            let (cookie, off, len) = request(&mut b);
+            assert_eq!((off, len), (65536, 4096));
+            chunk(
+                &mut b,
+                proto::REPLY_FLAG_DONE,
+                1,
+                cookie,
+                &data(65536, &[3u8; 4096]),
+            );
+            assert_eq!(wait(&r), 4096);
+            assert!(buf[..4096].iter().all(|&b| b == 3));
+            assert!(buf[4096..].iter().all(|&b| b == 0xa5));
+        }
+    }
+
+    #[test]
+    fn a_server_that_does_not_come_back_fails_requests_after_the_delay() {
+        let r = rig(Duration::from_millis(500));
+        let mut buf = vec![0u8; 4096];
+        read(&r, &mut buf, 4096, 0);
+        let t = Instant::now();
+        r.server.shutdown(std::net::Shutdown::Both).unwrap();
+        assert_eq!(
+            r.done.recv_timeout(Duration::from_secs(10)).unwrap(),
+            -i64::from(libc::EIO)
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+        // And at once afterwards.
+        let t = Instant::now();
+        read(&r, &mut buf, 4096, 0);
+        assert_eq!(
+            r.done.recv_timeout(Duration::from_secs(10)).unwrap(),
+            -i64::from(libc::EIO)
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+    }
 }

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The NBD benchmark: ours serving an NBD export against qemu-storage-daemon
+# exporting the same export through QEMU's nbd driver (vhost-user-blk),
+# both driven by the benchmark's synthetic guest (ours in busy mode, as
+# `ours`, and in adaptive mode, as `ours-adaptive`), and against fio's nbd
+# engine (libnbd) driving the export directly (no device at all). Two
+# exports: nbdkit's memory plugin, and qemu-nbd serving a raw file (in the
+# page cache). 4 KiB random read and write at QD 1 and 32, 128 KiB
+# sequential at QD 8.
+#
+#   scripts/bench-nbd.sh [--runs N] [--seconds S] [--only nbdkit|qemu-nbd]
+#
+# As root it installs nbdkit, qemu-utils and fio when missing. Writes
+# bench/nbd-results.txt (per export: the benchmark's table, then fio's
+# figures) and bench/nbd-results-*.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+RUNS=3
+SECS=5
+ONLY=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --runs) RUNS=$2; shift 2 ;;
+        --seconds) SECS=$2; shift 2 ;;
+        --only) ONLY=$2; shift 2 ;;
+        *) echo "usage: $0 [--runs N] [--seconds S] [--only nbdkit|qemu-nbd]" >&2; exit 2 ;;
+    esac
+done
+say() { echo "bench-nbd: $*" >&2; }
+for p in nbdkit:nbdkit qemu-nbd:qemu-utils fio:fio; do
+    command -v "${p%%:*}" >/dev/null ||
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${p##*:}" >/dev/null
+done
+
+DIR=$(mktemp -d /tmp/vub-bench-nbd.XXXXXX)
+SRV_PID=""
+stop_server() {
+    if [ -n "$SRV_PID" ]; then
+        kill "$SRV_PID" 2>/dev/null || true
+        wait "$SRV_PID" 2>/dev/null || true
+        SRV_PID=""
+    fi
+}
+trap 'stop_server; rm -rf "$DIR"' EXIT
+
+cargo build --release --workspace -q
+mkdir -p bench
+OUT=bench/nbd-results.txt
+: >"$OUT"
+
+# fio's nbd engine on the export itself, pinned as the benchmark pins its
+# guest (CPU 0), each row as many times as the others.
+fio_row() { # uri name rw bs qd
+    local best="" iops p50 all=()
+    for _ in $(seq "$RUNS"); do
+        read -r iops p50 < <(taskset -c 0 fio --name="$2" --ioengine=nbd --uri="$1" \
+            --rw="$3" --bs="$4" --iodepth="$5" --numjobs=1 --size=1G \
+            --time_based --runtime="$SECS" --output-format=json 2>/dev/null |
+            python3 -c '
+import json, sys
+j = json.load(sys.stdin)["jobs"][0]
+side = j["read"] if j["read"]["io_bytes"] else j["write"]
+print(round(side["iops"]), round(side["clat_ns"]["percentile"]["50.000000"] / 1000, 1))')
+        all+=("$iops")
+        best="$best $iops/$p50"
+    done
+    local med
+    med=$(printf '%s\n' "${all[@]}" | sort -n | sed -n "$(( (${#all[@]} + 1) / 2 ))p")
+    printf '%-20s fio-nbd median %8s IOPS   (runs, IOPS/p50 us:%s)\n' "$2" "$med" "$best"
+}
+
+one_export() { # name uri
+    say "$1: the benchmark ($RUNS runs of ${SECS}s per row and target)"
+    {
+        echo "== $1 ($2) =="
+        target/release/vfio-user-blk-bench --nbd "$2" --size 1G \
+            --targets ours,ours-adaptive,qsd-threads --repeat "$RUNS" --seconds "$SECS" \
+            --json "bench/nbd-results-$1.json"
+        echo
+        echo "fio --ioengine=nbd on the same export (driven directly, no device):"
+        fio_row "$2" 4k-randread-qd1 randread 4k 1
+        fio_row "$2" 4k-randread-qd32 randread 4k 32
+        fio_row "$2" 4k-randwrite-qd1 randwrite 4k 1
+        fio_row "$2" 4k-randwrite-qd32 randwrite 4k 32
+        fio_row "$2" 128k-seqread-qd8 read 128k 8
+        fio_row "$2" 128k-seqwrite-qd8 write 128k 8
+        echo
+    } >>"$OUT"
+}
+
+if [ "$ONLY" != qemu-nbd ]; then
+    # The memory plugin's default thread model serves requests in parallel.
+    nbdkit -f --exit-with-parent -U "$DIR/nbdkit.sock" memory size=1G &
+    SRV_PID=$!
+    for _ in $(seq 100); do [ -S "$DIR/nbdkit.sock" ] && break; sleep 0.1; done
+    # Written whole first, so that reads find data.
+    taskset -c 0 fio --name=fill --ioengine=nbd --uri="nbd+unix:///?socket=$DIR/nbdkit.sock" \
+        --rw=write --bs=1M --iodepth=8 --size=1G >/dev/null
+    one_export nbdkit "nbd+unix:///?socket=$DIR/nbdkit.sock"
+    stop_server
+fi
+if [ "$ONLY" != nbdkit ]; then
+    IMG=$DIR/export.raw
+    dd if=/dev/urandom of="$IMG" bs=1M count=1024 status=none
+    qemu-nbd --persistent --shared=8 -f raw --aio=threads --socket="$DIR/qnbd.sock" "$IMG" &
+    SRV_PID=$!
+    for _ in $(seq 100); do [ -S "$DIR/qnbd.sock" ] && break; sleep 0.1; done
+    one_export qemu-nbd "nbd+unix:///?socket=$DIR/qnbd.sock"
+    stop_server
+fi
+cat "$OUT"
