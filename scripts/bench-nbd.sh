@@ -59,7 +59,8 @@ fio_row() { # uri name rw bs qd
             --time_based --runtime="$SECS" --output-format=json 2>/dev/null |
             python3 -c '
 import json, sys
-j = json.load(sys.stdin)["jobs"][0]
+t = sys.stdin.read()
+j = json.loads(t[t.index("{"):])["jobs"][0]
 side = j["read"] if j["read"]["io_bytes"] else j["write"]
 print(round(side["iops"]), round(side["clat_ns"]["percentile"]["50.000000"] / 1000, 1))')
         all+=("$iops")

@@ -78,6 +78,21 @@ pub trait Backend: Send + Sync {
     fn is_async(&self) -> bool {
         false
     }
+    /// Whether a reactor with requests of this backend in flight drives
+    /// them itself ([`drive`](Self::drive)), as SPDK's pollers do, rather
+    /// than leave them to the backend's threads.
+    fn driven(&self) -> bool {
+        false
+    }
+    /// Sends what was submitted and takes what completed, on the calling
+    /// reactor's thread, without ever blocking; true if anything moved.
+    /// Completions go through their tags as from the backend's threads.
+    fn drive(&self) -> bool {
+        false
+    }
+    /// The reactor that drove this backend goes to sleep: the backend's
+    /// own threads take its requests over.
+    fn undriven(&self) {}
     /// Whether the disk takes discards (an NBD export may not): a device
     /// does not offer DISCARD on one that does not.
     fn can_discard(&self) -> bool {

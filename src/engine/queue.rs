@@ -136,6 +136,10 @@ pub(crate) struct QueueState<H: RequestHandler> {
     throttled: bool,
     /// The backend completes requests on its own threads.
     is_async: bool,
+    /// ... and this reactor may drive them (`Backend::drive`).
+    is_driven: bool,
+    /// Requests in the backend's hands (At::Aio).
+    aio_in_flight: usize,
     /// Per slot, its way back to this reactor from the backend's threads
     /// (made at the first request, on the reactor that owns the queue).
     tags: Vec<Arc<AioTag>>,
@@ -163,6 +167,7 @@ impl<H: RequestHandler> QueueState<H> {
         let handler = p.handler;
         let backend = handler.backend().clone();
         let backend_is_async = backend.is_async();
+        let backend_is_driven = backend.driven();
         let size = usize::from(queue.size());
         let slots = (0..size)
             .map(|_| Slot {
@@ -211,6 +216,8 @@ impl<H: RequestHandler> QueueState<H> {
             mutations: p.mutations,
             throttled: false,
             is_async: backend_is_async,
+            is_driven: backend_is_async && backend_is_driven,
+            aio_in_flight: 0,
             tags: Vec::new(),
         }
     }
@@ -397,6 +404,7 @@ impl<H: RequestHandler> QueueState<H> {
             {
                 Some(Ok(())) => {
                     s.at = At::Aio;
+                    self.aio_in_flight += 1;
                     self.leaves(slot);
                     return 0;
                 }
@@ -675,6 +683,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             return;
         }
         s.at = At::Reactor;
+        self.aio_in_flight -= 1;
         let (result, tail) = aio_completion(res, s.io.kind, s.io.len());
         // (A withdrawn queue's requests write nothing more.)
         if let (Some(from), false) = (tail, self.withdrawn) {
@@ -773,6 +782,24 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
 
     fn live(&self) -> bool {
         self.broken.is_none() && !self.paused() && !self.withdrawn
+    }
+
+    fn drive(&mut self) -> bool {
+        self.is_driven && self.aio_in_flight > 0 && self.backend.drive()
+    }
+
+    fn driven(&self) -> usize {
+        if self.is_driven {
+            self.aio_in_flight
+        } else {
+            0
+        }
+    }
+
+    fn undrive(&mut self) {
+        if self.is_driven {
+            self.backend.undriven();
+        }
     }
 
     fn polled(&self) -> bool {

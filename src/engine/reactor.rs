@@ -185,6 +185,14 @@ pub(crate) trait QueueRunner: Send {
     fn withdraw(&mut self);
     /// A pause is honoured: what it affects has nothing in flight.
     fn quiet(&self) -> bool;
+    /// Drives the backend's requests in flight from this reactor (see
+    /// `Backend::drive`); true if anything moved.
+    fn drive(&mut self) -> bool;
+    /// Requests in flight that this reactor completes by driving them.
+    fn driven(&self) -> usize;
+    /// The reactor goes to sleep: the backend's threads take its driven
+    /// requests over.
+    fn undrive(&mut self);
     /// Takes requests (not paused, withdrawn or broken).
     fn live(&self) -> bool;
     /// Live, and no doorbell will ever say that it has work: it must be
@@ -212,6 +220,8 @@ pub(crate) struct Reactor {
     /// workers) must use too: in busy mode, it sleeps rather than spins
     /// while only their work is pending.
     pub shares_cpu: bool,
+    /// The last pass moved a driven backend's requests.
+    drove: bool,
     shutdown: bool,
     /// Withdrawn queues that leave once nothing is in flight.
     leaving: Vec<u64>,
@@ -243,6 +253,7 @@ impl Reactor {
             completions: Vec::with_capacity(256),
             stats: Arc::default(),
             shares_cpu: false,
+            drove: false,
             shutdown: false,
             leaving: Vec::new(),
             turn: 0,
@@ -311,6 +322,12 @@ impl Reactor {
 
     /// One pass; true if any request was taken from a ring.
     fn pass(&mut self) -> bool {
+        // Replies a driven backend has for us become completions first,
+        // so that this pass finishes them.
+        let mut moved = false;
+        for q in self.queues.iter_mut() {
+            moved |= q.drive();
+        }
         while let Ok(m) = self.rx.try_recv() {
             self.handle(m);
         }
@@ -338,6 +355,11 @@ impl Reactor {
             };
             work |= q.poll(&mut cx);
         }
+        // What the polls submitted to a driven backend goes out now, in
+        // one batch per backend.
+        for q in self.queues.iter_mut() {
+            moved |= q.drive();
+        }
         if let Some(u) = self.uring.as_mut() {
             if let Err(e) = u.submit() {
                 crate::error_limited!("{}: io_uring submit failed: {e}", self.name);
@@ -354,6 +376,7 @@ impl Reactor {
             );
         }
         self.acknowledge();
+        self.drove = moved;
         work
     }
 
@@ -408,6 +431,10 @@ impl Reactor {
         self.queues.iter().map(|q| q.in_flight()).sum()
     }
 
+    fn driven(&self) -> usize {
+        self.queues.iter().map(|q| q.driven()).sum()
+    }
+
     /// Sleeps until a message, a pool completion or an io_uring completion
     /// arrives.
     fn sleep(&mut self) {
@@ -439,8 +466,11 @@ impl Reactor {
         // too.
         // (Summed only where it decides something: on a shared CPU, or when
         // no queue is live.)
+        // Requests this reactor drives itself need no other thread: a busy
+        // reactor keeps spinning for them.
+        let driven = self.driven();
         let in_flight =
-            self.mode == PollMode::Busy && (self.shares_cpu || !live) && self.in_flight() > 0;
+            self.mode == PollMode::Busy && (self.shares_cpu || !live) && self.in_flight() > driven;
         // Not with requests the kernel has not taken yet (a submit that
         // failed): no completion would come for them, and the next pass
         // must submit them again.
@@ -448,7 +478,7 @@ impl Reactor {
         let yield_to_io = self.shares_cpu && in_flight && !unsubmitted;
         let busy_wait = self.queues.iter().any(|q| q.polled())
             || match self.mode {
-                PollMode::Busy => !yield_to_io && (live || in_flight),
+                PollMode::Busy => driven > 0 || (!yield_to_io && (live || in_flight)),
                 PollMode::Adaptive => last_work.elapsed() < ADAPTIVE_SPIN,
                 PollMode::Interrupt => false,
             };
@@ -474,7 +504,7 @@ impl Reactor {
             if self.shutdown && self.queues.is_empty() {
                 return;
             }
-            if work {
+            if work || self.drove {
                 last_work = Instant::now();
                 idle_passes = 0;
                 continue;
@@ -504,6 +534,9 @@ impl Reactor {
                 if waiting {
                     continue;
                 }
+            }
+            for q in self.queues.iter_mut() {
+                q.undrive();
             }
             self.sleep();
             let now = ticks();

@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,11 +51,29 @@ pub trait Dial: Send + Sync {
     fn name(&self) -> &str;
 }
 
-/// The part submitters share with the connection's thread.
+/// A connection: what submitters, reactors and the connection's thread
+/// share.
 pub struct Shared {
     q: Mutex<Queue>,
     wake: EventFd,
     sleeping: AtomicBool,
+    /// The connection itself: the thread holds it while it works (never
+    /// while it sleeps); a reactor that drives it takes it only if free.
+    state: Mutex<Conn>,
+    /// A reactor reads the replies (it drove the connection lately): the
+    /// thread leaves the socket's input alone.
+    driven: AtomicBool,
+    /// When a reactor last drove it (µs since the first connection).
+    last_drive: AtomicU64,
+}
+
+/// A driving reactor passes far more often than this: silence this long
+/// means it has stopped without a word, and the thread takes over.
+const DRIVE_STALE_US: u64 = 500;
+
+fn now_us() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 struct Queue {
@@ -66,12 +84,58 @@ struct Queue {
 }
 
 impl Shared {
-    /// Hands `sub` to the connection.
-    pub fn submit(&self, sub: Sub) {
+    /// Hands `sub` to the connection. From a reactor (`driver`), it goes
+    /// out when the reactor drives the connection at the end of its pass;
+    /// from anywhere else, the thread sends it.
+    pub fn submit(&self, sub: Sub, driver: bool) {
         self.q.lock().subs.push_back(sub);
-        if self.sleeping.load(Ordering::SeqCst) {
+        if !driver && self.sleeping.load(Ordering::SeqCst) {
             let _ = self.wake.write(1);
         }
+    }
+
+    /// On a reactor: sends what was submitted and reads what came back,
+    /// without blocking (nothing, if the thread holds the connection or it
+    /// is down). True if anything moved.
+    pub fn drive(&self) -> bool {
+        let Some(mut c) = self.state.try_lock() else {
+            return false;
+        };
+        if c.sock.is_none() {
+            return false;
+        }
+        self.last_drive.store(now_us(), Ordering::Relaxed);
+        self.driven.store(true, Ordering::Relaxed);
+        let before = c.moved;
+        c.take_submissions(&self.q);
+        if let Err(why) = c.pump() {
+            c.lose(&why);
+            drop(c);
+            // The thread connects again.
+            let _ = self.wake.write(1);
+            return true;
+        }
+        c.moved != before
+    }
+
+    /// The driving reactor goes to sleep: the thread reads the replies.
+    pub fn undriven(&self) {
+        if self.driven.swap(false, Ordering::SeqCst) {
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// Whether a reactor drives the connection now (and has lately).
+    fn reactor_drives(&self) -> bool {
+        if !self.driven.load(Ordering::SeqCst) {
+            return false;
+        }
+        let last = self.last_drive.load(Ordering::Relaxed);
+        if now_us().saturating_sub(last) > DRIVE_STALE_US {
+            self.driven.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
     }
 
     /// An empty buffer list (one given back, when there is).
@@ -152,8 +216,16 @@ const IOV_BATCH: usize = 1024;
 /// Longest wait between attempts to connect again.
 const RECONNECT_MAX_PAUSE: Duration = Duration::from_secs(1);
 
+/// iovecs built and used within one call (the pointers they hold are
+/// never kept), so the list may move between threads with the connection.
+struct IovList(Vec<libc::iovec>);
+
+// SAFETY: the list holds no pointer between calls that use it (it is
+// cleared and refilled each time), so moving it to another thread moves
+// nothing that points anywhere.
+unsafe impl Send for IovList {}
+
 pub struct Conn {
-    shared: Arc<Shared>,
     dial: Arc<dyn Dial>,
     delay: Duration,
     export: Export,
@@ -175,6 +247,8 @@ pub struct Conn {
     rbuf: Vec<u8>,
     rpos: usize,
     rend: usize,
+    /// The last read's data was large (went straight to the guest).
+    large_data: bool,
     /// When the connection broke (None: it is up).
     down_since: Option<Instant>,
     /// Requests fail at once: the server has been away longer than the
@@ -182,9 +256,75 @@ pub struct Conn {
     expired: bool,
     next_try: Instant,
     pause: Duration,
-    iovs: Vec<libc::iovec>,
+    iovs: IovList,
     scratch: Vec<GuestIov>,
     given_back: Vec<Vec<GuestIov>>,
+    /// Bumped when a request is written or completed.
+    moved: u64,
+}
+
+/// The connection's thread: sends what the pool's threads submit, reads
+/// replies while no reactor does, connects again when the connection
+/// breaks, and fails what waited too long.
+fn run(shared: &Shared) {
+    loop {
+        let mut c = shared.state.lock();
+        let stop = c.take_submissions(&shared.q);
+        if stop && c.in_flight == 0 {
+            c.say_goodbye();
+            return;
+        }
+        let (fd, read, until) = if c.sock.is_some() {
+            let driven = shared.reactor_drives();
+            let r = if driven { c.send() } else { c.pump() };
+            if let Err(why) = r {
+                c.lose(&why);
+                continue;
+            }
+            // While a reactor drives, look again now and then in case it
+            // stopped without a word.
+            let until = driven.then(|| Instant::now() + Duration::from_millis(1));
+            (c.fd(), !driven, until)
+        } else {
+            match c.while_down() {
+                None => continue,
+                Some(t) => (-1, false, Some(t)),
+            }
+        };
+        let write = !c.send_q.is_empty() && fd >= 0;
+        drop(c);
+        sleep(shared, fd, read, write, until);
+    }
+}
+
+/// Sleeps until a submission, the socket (`read`: readable, `write`:
+/// writable), or `until`.
+fn sleep(shared: &Shared, fd: i32, read: bool, write: bool, until: Option<Instant>) {
+    shared.sleeping.store(true, Ordering::SeqCst);
+    let nothing_new = shared.q.lock().subs.is_empty();
+    if nothing_new {
+        let events = if read { libc::POLLIN } else { 0 } | if write { libc::POLLOUT } else { 0 };
+        let mut fds = [
+            libc::pollfd {
+                fd: shared.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if events == 0 { -1 } else { fd },
+                events,
+                revents: 0,
+            },
+        ];
+        let timeout = until.map_or(-1, |t| {
+            let ms = t.saturating_duration_since(Instant::now()).as_millis() + 1;
+            i32::try_from(ms).unwrap_or(i32::MAX)
+        });
+        // SAFETY: two pollfds of ours, for the length given.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+    }
+    shared.sleeping.store(false, Ordering::SeqCst);
+    let _ = shared.wake.read();
 }
 
 impl Conn {
@@ -196,6 +336,35 @@ impl Conn {
         delay: Duration,
     ) -> io::Result<Arc<Shared>> {
         set_nonblocking(&sock)?;
+        let conn = Conn {
+            dial,
+            delay,
+            export,
+            sock: Some(sock),
+            slab: Vec::new(),
+            free: Vec::new(),
+            send_q: VecDeque::new(),
+            sent: 0,
+            next_seq: 0,
+            in_flight: 0,
+            rx: Rx::Header,
+            hdr: [0; proto::CHUNK_HEADER_LEN],
+            hdr_got: 0,
+            small: vec![0; MAX_FIELDS],
+            small_got: 0,
+            rbuf: vec![0; READ_AHEAD],
+            rpos: 0,
+            rend: 0,
+            large_data: false,
+            down_since: None,
+            expired: false,
+            next_try: Instant::now(),
+            pause: Duration::from_millis(50),
+            iovs: IovList(Vec::with_capacity(IOV_BATCH)),
+            scratch: Vec::new(),
+            given_back: Vec::new(),
+            moved: 0,
+        };
         let shared = Arc::new(Shared {
             q: Mutex::new(Queue {
                 subs: VecDeque::new(),
@@ -204,74 +373,27 @@ impl Conn {
             }),
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             sleeping: AtomicBool::new(false),
+            state: Mutex::new(conn),
+            driven: AtomicBool::new(false),
+            last_drive: AtomicU64::new(0),
         });
-        let make = {
-            let shared = shared.clone();
-            move || Conn {
-                shared,
-                dial,
-                delay,
-                export,
-                sock: Some(sock),
-                slab: Vec::new(),
-                free: Vec::new(),
-                send_q: VecDeque::new(),
-                sent: 0,
-                next_seq: 0,
-                in_flight: 0,
-                rx: Rx::Header,
-                hdr: [0; proto::CHUNK_HEADER_LEN],
-                hdr_got: 0,
-                small: vec![0; MAX_FIELDS],
-                small_got: 0,
-                rbuf: vec![0; READ_AHEAD],
-                rpos: 0,
-                rend: 0,
-                down_since: None,
-                expired: false,
-                next_try: Instant::now(),
-                pause: Duration::from_millis(50),
-                iovs: Vec::with_capacity(IOV_BATCH),
-                scratch: Vec::new(),
-                given_back: Vec::new(),
-            }
-        };
+        let s = shared.clone();
         std::thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || {
                 if let Some(cpus) = crate::util::helper_cpus() {
                     crate::util::pin_to(cpus);
                 }
-                make().run();
+                run(&s);
             })?;
         Ok(shared)
-    }
-
-    fn run(mut self) {
-        loop {
-            let stop = self.take_submissions();
-            if stop && self.in_flight == 0 {
-                self.say_goodbye();
-                return;
-            }
-            if self.sock.is_some() {
-                if let Err(why) = self.pump() {
-                    self.lose(&why);
-                    continue;
-                }
-                self.wait(None);
-            } else {
-                self.while_down();
-            }
-        }
     }
 
     /// Moves what submitters handed over into the slab and the send queue
     /// (or fails it, while the server is away past the delay); gives back
     /// buffer lists. True once the connection is to end.
-    fn take_submissions(&mut self) -> bool {
-        let shared = self.shared.clone();
-        let mut q = shared.q.lock();
+    fn take_submissions(&mut self, q: &Mutex<Queue>) -> bool {
+        let mut q = q.lock();
         q.spare.append(&mut self.given_back);
         let stop = q.stop;
         while let Some(sub) = q.subs.pop_front() {
@@ -321,47 +443,19 @@ impl Conn {
         self.receive()
     }
 
-    /// Sleeps until the socket or a submitter has something, or `until`.
-    fn wait(&mut self, until: Option<Instant>) {
-        self.shared.sleeping.store(true, Ordering::SeqCst);
-        let nothing_new = self.shared.q.lock().subs.is_empty();
-        if nothing_new {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.shared.wake.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.sock.as_ref().map_or(-1, AsRawFd::as_raw_fd),
-                    events: libc::POLLIN
-                        | if self.send_q.is_empty() {
-                            0
-                        } else {
-                            libc::POLLOUT
-                        },
-                    revents: 0,
-                },
-            ];
-            let timeout = until.map_or(-1, |t| {
-                let ms = t.saturating_duration_since(Instant::now()).as_millis() + 1;
-                i32::try_from(ms).unwrap_or(i32::MAX)
-            });
-            // SAFETY: two pollfds of ours, for the length given.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
-        }
-        self.shared.sleeping.store(false, Ordering::SeqCst);
-        let _ = self.shared.wake.read();
+    /// The socket, while the connection is up.
+    fn fd(&self) -> i32 {
+        self.sock.as_ref().map_or(-1, AsRawFd::as_raw_fd)
     }
 
     /// Writes the queued requests (headers and write payloads, many in one
     /// call) until the queue is empty or the socket full.
     fn send(&mut self) -> Result<(), Lost> {
         while !self.send_q.is_empty() {
-            self.iovs.clear();
+            self.iovs.0.clear();
             let mut skip = self.sent;
             for &slot in &self.send_q {
-                if self.iovs.len() + 2 > IOV_BATCH {
+                if self.iovs.0.len() + 2 > IOV_BATCH {
                     break;
                 }
                 let e = &self.slab[slot as usize];
@@ -373,7 +467,7 @@ impl Conn {
                 };
                 let hdr_left = proto::REQUEST_LEN.saturating_sub(skip);
                 if hdr_left > 0 {
-                    self.iovs.push(libc::iovec {
+                    self.iovs.0.push(libc::iovec {
                         iov_base: e.hdr[proto::REQUEST_LEN - hdr_left..]
                             .as_ptr()
                             .cast_mut()
@@ -386,9 +480,11 @@ impl Conn {
                 if payload > from {
                     self.scratch.clear();
                     sub_iovecs(&sub.iov, from, payload - from, &mut self.scratch);
-                    let room = IOV_BATCH - self.iovs.len();
+                    let room = IOV_BATCH - self.iovs.0.len();
                     let n = self.scratch.len().min(room);
-                    self.iovs.extend_from_slice(&as_iovecs(&self.scratch)[..n]);
+                    self.iovs
+                        .0
+                        .extend_from_slice(&as_iovecs(&self.scratch)[..n]);
                     if n < self.scratch.len() {
                         break;
                     }
@@ -409,8 +505,8 @@ impl Conn {
         let fd = self.sock.as_ref().map_or(-1, AsRawFd::as_raw_fd);
         // SAFETY: msghdr is plain data; zeroed is an empty message.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = self.iovs.as_mut_ptr();
-        msg.msg_iovlen = self.iovs.len();
+        msg.msg_iov = self.iovs.0.as_mut_ptr();
+        msg.msg_iovlen = self.iovs.0.len();
         loop {
             // SAFETY: every iovec points at a request header in the slab
             // (not touched until this returns) or at guest memory its
@@ -450,6 +546,7 @@ impl Conn {
             n -= left;
             self.sent = 0;
             e.state = State::Sent;
+            self.moved += 1;
             self.send_q.pop_front();
         }
     }
@@ -501,8 +598,16 @@ impl Conn {
             self.rend -= self.rpos;
             self.rpos = 0;
         }
+        // After a large read's data, read only as far as the next reply's
+        // header and fields: its data most likely goes straight into the
+        // guest's buffers rather than through this one.
+        let end = if self.large_data && matches!(self.rx, Rx::Header) {
+            (self.rend + proto::CHUNK_HEADER_LEN + 8).min(self.rbuf.len())
+        } else {
+            self.rbuf.len()
+        };
         let mut buf = std::mem::take(&mut self.rbuf);
-        let r = self.recv(&mut buf[self.rend..]);
+        let r = self.recv(&mut buf[self.rend..end]);
         self.rbuf = buf;
         match r? {
             Some(n) => {
@@ -592,6 +697,7 @@ impl Conn {
         if error != 0 {
             self.complete(slot, -i64::from(proto::errno(error)));
         } else if cmd == proto::CMD_READ {
+            self.large_data = len as usize >= DIRECT_READ;
             self.rx = Rx::Data {
                 slot,
                 at: 0,
@@ -690,6 +796,7 @@ impl Conn {
                 if kind == proto::REPLY_TYPE_OFFSET_HOLE {
                     self.zero(slot, at, n);
                 } else {
+                    self.large_data = n >= DIRECT_READ;
                     self.rx = Rx::Data {
                         slot,
                         at,
@@ -852,6 +959,7 @@ impl Conn {
 
     /// Ends the request in `slot` with `res` and frees the slot.
     fn complete(&mut self, slot: u32, res: i64) {
+        self.moved += 1;
         let e = &mut self.slab[slot as usize];
         e.state = State::Free;
         e.covered = 0;
@@ -928,9 +1036,9 @@ impl Conn {
         }
     }
 
-    /// While the connection is down: tries to make it again, fails what
-    /// waited too long, and sleeps until the next try or a submission.
-    fn while_down(&mut self) {
+    /// While the connection is down: tries to make it again and fails
+    /// what waited too long; None once it is up, else when to look again.
+    fn while_down(&mut self) -> Option<Instant> {
         let now = Instant::now();
         let since = self.down_since.unwrap_or(now);
         self.fail_expired(now);
@@ -951,7 +1059,7 @@ impl Conn {
                     if let Err(why) = self.accept(sock, export) {
                         crate::warn_limited!("NBD {}: {why}", self.dial.name());
                     } else {
-                        return;
+                        return None;
                     }
                 }
                 Err(why) => log::debug!("NBD {}: connecting: {why}", self.dial.name()),
@@ -959,12 +1067,11 @@ impl Conn {
             self.next_try = Instant::now() + self.pause;
             self.pause = (self.pause * 2).min(RECONNECT_MAX_PAUSE);
         }
-        let until = if self.expired {
+        Some(if self.expired {
             self.next_try
         } else {
             self.next_try.min(since + self.delay)
-        };
-        self.wait(Some(until));
+        })
     }
 
     /// Takes a new connection if the export is still the one we serve.
@@ -1116,14 +1223,17 @@ mod tests {
         // SAFETY: the buffer outlives the request: every test waits for
         // its completion (or drops the connection first).
         let iov = unsafe { GuestIov::new(buf.as_mut_ptr(), len) };
-        r.shared.submit(Sub {
-            cmd: proto::CMD_READ,
-            flags: 0,
-            offset,
-            len: u32::try_from(len).unwrap(),
-            iov: vec![iov],
-            tag: r.tag.clone(),
-        });
+        r.shared.submit(
+            Sub {
+                cmd: proto::CMD_READ,
+                flags: 0,
+                offset,
+                len: u32::try_from(len).unwrap(),
+                iov: vec![iov],
+                tag: r.tag.clone(),
+            },
+            false,
+        );
     }
 
     /// The next request's cookie, offset and length.
@@ -1289,6 +1399,65 @@ mod tests {
             assert!(buf[..4096].iter().all(|&b| b == 3));
             assert!(buf[4096..].iter().all(|&b| b == 0xa5));
         }
+    }
+
+    /// A reactor drives the connection: its submission goes out and its
+    /// reply comes in on the driving thread; when it stops driving, the
+    /// thread takes over.
+    #[test]
+    fn a_reactor_drives_the_connection_and_the_thread_takes_over_after() {
+        let mut r = rig(Duration::from_secs(5));
+        let mut buf = vec![0u8; 4096];
+        let iov = unsafe_iov(&mut buf);
+        r.shared.submit(
+            Sub {
+                cmd: proto::CMD_READ,
+                flags: 0,
+                offset: 0,
+                len: 4096,
+                iov: vec![iov],
+                tag: r.tag.clone(),
+            },
+            true,
+        );
+        // Sent when the reactor drives.
+        r.shared.drive();
+        let (cookie, ..) = request(&mut r.server);
+        chunk(
+            &mut r.server,
+            proto::REPLY_FLAG_DONE,
+            1,
+            cookie,
+            &data(0, &[4u8; 4096]),
+        );
+        let t = Instant::now();
+        loop {
+            r.shared.drive();
+            if let Ok(res) = r.done.try_recv() {
+                assert_eq!(res, 4096);
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "no completion");
+        }
+        assert!(buf.iter().all(|&b| b == 4));
+        // The reactor sleeps: the thread reads the next reply.
+        r.shared.undriven();
+        read(&r, &mut buf, 4096, 0);
+        let (cookie, ..) = request(&mut r.server);
+        chunk(
+            &mut r.server,
+            proto::REPLY_FLAG_DONE,
+            1,
+            cookie,
+            &data(0, &[5u8; 4096]),
+        );
+        assert_eq!(wait(&r), 4096);
+        assert!(buf.iter().all(|&b| b == 5));
+    }
+
+    fn unsafe_iov(buf: &mut [u8]) -> GuestIov {
+        // SAFETY: the caller waits for the request before the buffer goes.
+        unsafe { GuestIov::new(buf.as_mut_ptr(), buf.len()) }
     }
 
     #[test]

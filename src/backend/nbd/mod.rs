@@ -466,14 +466,17 @@ impl NbdBackend {
         let c = self.conn_for(self.next.fetch_add(1, Ordering::Relaxed));
         let mut list = c.spare_iov();
         list.extend_from_slice(iov);
-        c.submit(conn::Sub {
-            cmd: op.cmd,
-            flags: op.flags,
-            offset: op.offset,
-            len,
-            iov: list,
-            tag,
-        });
+        c.submit(
+            conn::Sub {
+                cmd: op.cmd,
+                flags: op.flags,
+                offset: op.offset,
+                len,
+                iov: list,
+                tag,
+            },
+            false,
+        );
         let mut res = waiter.res.lock();
         while res.is_none() {
             waiter.cv.wait(&mut res);
@@ -563,6 +566,21 @@ impl Backend for NbdBackend {
     fn is_async(&self) -> bool {
         true
     }
+    fn driven(&self) -> bool {
+        true
+    }
+    fn drive(&self) -> bool {
+        let mut moved = false;
+        for c in &self.conns {
+            moved |= c.drive();
+        }
+        moved
+    }
+    fn undriven(&self) {
+        for c in &self.conns {
+            c.undriven();
+        }
+    }
     fn can_discard(&self) -> bool {
         self.has(proto::TF_SEND_TRIM)
     }
@@ -582,14 +600,17 @@ impl Backend for NbdBackend {
         if matches!(op.cmd, proto::CMD_READ | proto::CMD_WRITE) {
             list.extend_from_slice(&io.iov);
         }
-        c.submit(conn::Sub {
-            cmd: op.cmd,
-            flags: op.flags,
-            offset: op.offset,
-            len: u32::try_from(op.len).unwrap_or(0),
-            iov: list,
-            tag: tag.clone(),
-        });
+        c.submit(
+            conn::Sub {
+                cmd: op.cmd,
+                flags: op.flags,
+                offset: op.offset,
+                len: u32::try_from(op.len).unwrap_or(0),
+                iov: list,
+                tag: tag.clone(),
+            },
+            true,
+        );
         Some(Ok(()))
     }
 }
