@@ -131,12 +131,18 @@ impl PathTrust {
         what: &str,
     ) -> Result<(), String> {
         use std::os::unix::fs::MetadataExt;
+        self.check_owner(meta.uid(), path, what)
+    }
+
+    /// Checks the user behind what was reached at the path (a file's
+    /// owner, a socket's listening peer), as the path was checked: in a
+    /// shared folder it must be us, root or the folder's owner.
+    pub fn check_owner(&self, uid: u32, path: &std::path::Path, what: &str) -> Result<(), String> {
         match self.shared_folder_owner {
-            Some(owner) if !trusted_uid(meta.uid()) && meta.uid() != owner => Err(format!(
-                "the {what} {} belongs to user {}, another user, in a folder every user can \
+            Some(owner) if !trusted_uid(uid) && uid != owner => Err(format!(
+                "the {what} {} belongs to user {uid}, another user, in a folder every user can \
                  write to: refusing it",
                 path.display(),
-                meta.uid()
             )),
             _ => Ok(()),
         }

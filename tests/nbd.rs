@@ -693,3 +693,142 @@ fn an_nbd_disk_added_live_is_removed_while_its_server_is_gone() {
         .call("device_stats", serde_json::json!({"name": "n"}))
         .is_err());
 }
+
+/// A server that takes the connection and never speaks: device_add ends
+/// with the reason within the handshake's time limit, and the management
+/// plane answers meanwhile.
+#[test]
+fn a_server_that_never_speaks_fails_device_add_in_time() {
+    let dir = TempDir::new("nbd-mute");
+    let sock = dir.path("mute.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let held = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for c in l.incoming().take(1) {
+            kept.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(15));
+        drop(kept);
+    });
+    let t = RpcTarget::start(&["--poll-mode", "interrupt"]);
+    let started = Instant::now();
+    let (r, listed) = std::thread::scope(|sc| {
+        let add = sc.spawn(|| {
+            t.call(
+                "device_add",
+                serde_json::json!({"name": "m", "socket": t.dir.path("m.sock"),
+                                   "disk": format!("nbd+unix:///?socket={}", sock.display())}),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let listed = t.call("device_list", serde_json::json!({}));
+        (add.join().unwrap(), listed)
+    });
+    let took = started.elapsed();
+    assert!(listed.is_ok(), "{listed:?}");
+    let e = r.expect_err("added");
+    assert!(e.1.contains("in time"), "{e:?}");
+    assert!(took < Duration::from_secs(14), "{took:?}");
+    drop(held);
+}
+
+/// Another user's server behind a socket in a folder every user can
+/// write to is not talked to, even when the socket file is root's (a
+/// socket swapped in between the path's check and the connection): the
+/// listening process's user is checked too. Needs root.
+#[test]
+fn another_users_server_in_a_shared_folder_is_refused() {
+    // SAFETY: geteuid has no memory effects.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root (a listener of another user)");
+        return;
+    }
+    if !have("python3") {
+        return;
+    }
+    let shared = TempDir::new("nbd-shared");
+    std::fs::set_permissions(
+        &shared.0,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let sock = shared.path("nbd.sock");
+    // Bound (the file is root's) by root, listening as nobody.
+    let script = format!(
+        "import os, socket, time\n\
+         s = socket.socket(socket.AF_UNIX)\n\
+         s.bind({:?})\n\
+         os.setgid(65534); os.setuid(65534)\n\
+         s.listen(4)\n\
+         while True:\n    c, _ = s.accept(); time.sleep(30)\n",
+        sock.to_str().unwrap()
+    );
+    let mut py = Command::new("python3")
+        .args(["-c", &script])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "the listener did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = shared.path("t.sock");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let err = refused(&["--socket", t.to_str().unwrap(), "--disk", &uri]);
+    let _ = py.kill();
+    let _ = py.wait();
+    assert!(err.contains("belongs to user 65534"), "{err}");
+}
+
+/// A multi-conn export whose server takes one connection only: the disk
+/// is refused, and the connection already made is closed (the server's
+/// one slot is free again), not left running.
+#[test]
+fn a_disk_whose_second_connection_fails_leaves_nothing_behind() {
+    if !have("nbdkit") {
+        return;
+    }
+    let dir = TempDir::new("nbd-limit");
+    let nbd = NbdServer::nbdkit(
+        &dir,
+        Listen::Unix(dir.path("l.sock")),
+        &["--filter=limit", "memory", "size=8M", "limit=1"],
+    );
+    let t = RpcTarget::start(&["--poll-mode", "interrupt", "--pollers", "2"]);
+    let pid = t.child.id();
+    let r = t.call(
+        "device_add",
+        serde_json::json!({"name": "a", "socket": t.dir.path("a.sock"), "disk": nbd.uri("")}),
+    );
+    assert!(r.is_err(), "{r:?}");
+    let conn_threads = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+            .filter(|c| c.trim() == "nbd-conn")
+            .count()
+    };
+    wait_until("the first connection's thread to end", || {
+        conn_threads() == 0
+    });
+    // The server's slot is free: a client of its own gets in.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = Command::new("qemu-img")
+            .args(["info", "--image-opts"])
+            .arg(format!(
+                "driver=nbd,server.type=unix,server.path={}",
+                dir.path("l.sock").display()
+            ))
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nbdkit's one slot is still taken"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -252,18 +252,41 @@ fn image_format(f: &std::fs::File) -> Option<&'static str> {
         }
     }
     let b = &buf.0[..n];
-    const MAGICS: [(&[u8], &str); 6] = [
+    const MAGICS: [(&[u8], &str); 12] = [
         (b"QFI\xfb", "qcow2"),
         (b"QED\0", "qed"),
         (b"KDMV", "vmdk"),
+        (b"COWD", "vmdk"),
         (b"# Disk DescriptorFile", "vmdk"),
         (b"vhdxfile", "vhdx"),
         (b"conectix", "vpc"),
+        (b"LUKS\xba\xbe", "luks"),
+        (b"WithoutFreeSpace", "parallels"),
+        (b"WithouFreSpacExt", "parallels"),
+        (b"Bochs Virtual HD Image", "bochs"),
+        (b"#!/bin/sh\n#V2.0 Format", "cloop"),
     ];
-    MAGICS
-        .iter()
-        .find(|(m, _)| b.starts_with(m))
-        .map(|(_, f)| *f)
+    if let Some((_, f)) = MAGICS.iter().find(|(m, _)| b.starts_with(m)) {
+        return Some(f);
+    }
+    // VDI: its signature at byte 64.
+    if b.get(64..68) == Some(&[0x7f, 0x10, 0xda, 0xbe]) {
+        return Some("vdi");
+    }
+    vmdk_text_descriptor(b).then_some("vmdk")
+}
+
+/// A VMDK text descriptor as QEMU's probe takes one: comment and empty
+/// lines, then `version=N` (its extents may name any host file).
+fn vmdk_text_descriptor(b: &[u8]) -> bool {
+    for line in b.split(|&c| c == b'\n') {
+        let line = line.trim_ascii();
+        if line.is_empty() || line.starts_with(b"#") {
+            continue;
+        }
+        return line.starts_with(b"version=");
+    }
+    false
 }
 
 #[repr(align(4096))]
@@ -400,6 +423,37 @@ mod tests {
         assert_eq!("null:4096".parse(), Ok(DiskSpec::Null(4096)));
         assert_eq!("a.img".parse(), Ok(DiskSpec::File("a.img".into())));
         assert!("ram:lots".parse::<DiskSpec>().is_err());
+    }
+
+    #[test]
+    fn image_headers_are_recognised_and_plain_data_is_not() {
+        let dir = vub_testkit::TempDir::new("formats");
+        let p = dir.path("x.img");
+        let vdi = {
+            let mut v = vec![b'<'; 64];
+            v.extend_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
+            v
+        };
+        let cases: [(&[u8], Option<&str>); 8] = [
+            (b"QFI\xfb\0\0\0\x03", Some("qcow2")),
+            (
+                b"# a comment\n\nversion=1\nCID=1\nRW 2048 FLAT \"/etc/x\" 0\n",
+                Some("vmdk"),
+            ),
+            (b"COWD\0\0\0\x01", Some("vmdk")),
+            (&vdi, Some("vdi")),
+            (b"LUKS\xba\xbe\0\x01", Some("luks")),
+            (b"\0\0\0\0", None),
+            (b"hello world\nversion=1\n", None),
+            (b"\xeb\x63\x90", None),
+        ];
+        for (head, want) in cases {
+            let mut data = head.to_vec();
+            data.resize(8192, 0);
+            std::fs::write(&p, &data).unwrap();
+            let f = std::fs::File::open(&p).unwrap();
+            assert_eq!(image_format(&f), want, "{head:?}");
+        }
     }
 
     #[test]

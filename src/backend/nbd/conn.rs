@@ -45,8 +45,8 @@ pub struct Sub {
 
 /// How to make the connection again, and what it must find.
 pub trait Dial: Send + Sync {
-    /// A new connected, handshaken socket (blocking, with timeouts).
-    fn dial(&self) -> Result<(OwnedFd, Export), String>;
+    /// A new connected, handshaken socket, by `deadline`.
+    fn dial(&self, deadline: Instant) -> Result<(OwnedFd, Export), String>;
     /// What it connects to, for the log.
     fn name(&self) -> &str;
 }
@@ -175,6 +175,11 @@ struct Entry {
     error: Option<i32>,
     /// When the connection it was on first broke.
     lost_at: Option<Instant>,
+    /// When it was written.
+    sent_at: Instant,
+    /// The byte ranges of a read that reply chunks have filled (no two
+    /// may overlap; the capacity stays with the slot).
+    chunks: Vec<(u64, u64)>,
 }
 
 /// Where the reader is in the byte stream.
@@ -213,6 +218,13 @@ const READ_AHEAD: usize = 64 << 10;
 const DIRECT_READ: usize = 16 << 10;
 /// iovecs in one sendmsg / readv.
 const IOV_BATCH: usize = 1024;
+/// A connection that breaks within this of being made is made again only
+/// after a pause, growing each time.
+const SHORT_LIVED: Duration = Duration::from_secs(1);
+/// A server that answers nothing for this long while requests wait for it
+/// is taken as gone: the connection is made again (and the requests sent
+/// again, within the reconnect delay).
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 /// Longest wait between attempts to connect again.
 const RECONNECT_MAX_PAUSE: Duration = Duration::from_secs(1);
 
@@ -225,9 +237,19 @@ struct IovList(Vec<libc::iovec>);
 // nothing that points anywhere.
 unsafe impl Send for IovList {}
 
+/// How long requests wait: for a server that went away (`delay`, the
+/// disk's reconnect delay), and for one that stays but says nothing
+/// (`silence`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub delay: Duration,
+    pub silence: Duration,
+}
+
 pub struct Conn {
     dial: Arc<dyn Dial>,
     delay: Duration,
+    silence: Duration,
     export: Export,
     sock: Option<OwnedFd>,
     slab: Vec<Entry>,
@@ -261,6 +283,10 @@ pub struct Conn {
     given_back: Vec<Vec<GuestIov>>,
     /// Bumped when a request is written or completed.
     moved: u64,
+    /// When the connection was made, and when the server last sent
+    /// anything.
+    connected_at: Instant,
+    last_rx: Instant,
 }
 
 /// The connection's thread: sends what the pool's threads submit, reads
@@ -281,9 +307,23 @@ fn run(shared: &Shared) {
                 c.lose(&why);
                 continue;
             }
+            let now = Instant::now();
+            if c.silent(now) {
+                let why = format!(
+                    "the server has answered nothing for {:?} while requests wait",
+                    c.silence
+                );
+                c.lose(&why);
+                continue;
+            }
             // While a reactor drives, look again now and then in case it
-            // stopped without a word.
-            let until = driven.then(|| Instant::now() + Duration::from_millis(1));
+            // stopped without a word; while requests wait, each second
+            // for a server gone silent.
+            let until = if driven {
+                Some(now + Duration::from_millis(1))
+            } else {
+                (c.in_flight > 0).then(|| now + Duration::from_secs(1))
+            };
             (c.fd(), !driven, until)
         } else {
             match c.while_down() {
@@ -333,12 +373,13 @@ impl Conn {
         dial: Arc<dyn Dial>,
         sock: OwnedFd,
         export: Export,
-        delay: Duration,
+        limits: Limits,
     ) -> io::Result<Arc<Shared>> {
         set_nonblocking(&sock)?;
         let conn = Conn {
             dial,
-            delay,
+            delay: limits.delay,
+            silence: limits.silence,
             export,
             sock: Some(sock),
             slab: Vec::new(),
@@ -364,6 +405,8 @@ impl Conn {
             scratch: Vec::new(),
             given_back: Vec::new(),
             moved: 0,
+            connected_at: Instant::now(),
+            last_rx: Instant::now(),
         };
         let shared = Arc::new(Shared {
             q: Mutex::new(Queue {
@@ -414,6 +457,8 @@ impl Conn {
                     covered: 0,
                     error: None,
                     lost_at: None,
+                    sent_at: Instant::now(),
+                    chunks: Vec::new(),
                 });
                 u32::try_from(self.slab.len() - 1).unwrap_or(u32::MAX)
             });
@@ -441,6 +486,17 @@ impl Conn {
     fn pump(&mut self) -> Result<(), Lost> {
         self.send()?;
         self.receive()
+    }
+
+    /// Whether the server has kept silent past the limit while a request
+    /// waits for its reply.
+    fn silent(&self, now: Instant) -> bool {
+        if now.duration_since(self.last_rx) < self.silence {
+            return false;
+        }
+        self.slab
+            .iter()
+            .any(|e| e.state == State::Sent && now.duration_since(e.sent_at) >= self.silence)
     }
 
     /// The socket, while the connection is up.
@@ -546,6 +602,7 @@ impl Conn {
             n -= left;
             self.sent = 0;
             e.state = State::Sent;
+            e.sent_at = Instant::now();
             self.moved += 1;
             self.send_q.pop_front();
         }
@@ -612,6 +669,7 @@ impl Conn {
         match r? {
             Some(n) => {
                 self.rend += n;
+                self.last_rx = Instant::now();
                 Ok(true)
             }
             None => Ok(false),
@@ -789,7 +847,15 @@ impl Conn {
                          {req_off}+{req_len}"
                     ));
                 };
-                self.slab[slot as usize].covered += n;
+                let e = &mut self.slab[slot as usize];
+                if e.chunks.iter().any(|&(a, b)| at < b && a < at + n) {
+                    return Err(format!(
+                        "reply chunks that overlap, for bytes {off}+{n} of request \
+                         {req_off}+{req_len}"
+                    ));
+                }
+                e.chunks.push((at, at + n));
+                e.covered += n;
                 let (Ok(at), Ok(n)) = (usize::try_from(at), usize::try_from(n)) else {
                     return Err("a reply chunk too large for this machine".into());
                 };
@@ -906,7 +972,10 @@ impl Conn {
                 n
             } else if left >= DIRECT_READ {
                 match self.read_direct()? {
-                    Some(n) => n,
+                    Some(n) => {
+                        self.last_rx = Instant::now();
+                        n
+                    }
                     None => return Ok(false),
                 }
             } else {
@@ -963,6 +1032,7 @@ impl Conn {
         let e = &mut self.slab[slot as usize];
         e.state = State::Free;
         e.covered = 0;
+        e.chunks.clear();
         e.error = None;
         if let Some(sub) = e.sub.take() {
             sub.tag.complete(res);
@@ -985,7 +1055,7 @@ impl Conn {
         self.sent = 0;
         let now = Instant::now();
         if self.down_since.is_none() {
-            log::warn!(
+            crate::warn_limited!(
                 "NBD {}: {why}; {} request(s) wait, connecting again for up to {:?}",
                 self.dial.name(),
                 self.in_flight,
@@ -993,13 +1063,22 @@ impl Conn {
             );
         }
         self.down_since.get_or_insert(now);
-        self.pause = Duration::from_millis(50);
-        self.next_try = now;
+        // A connection that broke soon after it was made (a server that
+        // answers nonsense, or shuts down at once, each time) is made
+        // again later and later: no storm of connections.
+        if now.duration_since(self.connected_at) < SHORT_LIVED {
+            self.next_try = now + self.pause;
+            self.pause = (self.pause * 2).min(RECONNECT_MAX_PAUSE);
+        } else {
+            self.pause = Duration::from_millis(50);
+            self.next_try = now;
+        }
         for e in &mut self.slab {
             if e.state != State::Free {
                 e.lost_at.get_or_insert(now);
                 e.state = State::Queued;
                 e.covered = 0;
+                e.chunks.clear();
                 e.error = None;
             }
         }
@@ -1054,7 +1133,12 @@ impl Conn {
             self.fail_expired(now + self.delay);
         }
         if now >= self.next_try {
-            match self.dial.dial() {
+            // Not past the delay (the requests that wait fail then), and
+            // at least a second.
+            let limit = proto::HANDSHAKE_TIMEOUT
+                .min((since + self.delay).saturating_duration_since(now))
+                .max(Duration::from_secs(1));
+            match self.dial.dial(now + limit) {
                 Ok((sock, export)) => {
                     if let Err(why) = self.accept(sock, export) {
                         crate::warn_limited!("NBD {}: {why}", self.dial.name());
@@ -1094,11 +1178,13 @@ impl Conn {
         }
         set_nonblocking(&sock).map_err(|e| e.to_string())?;
         let waited = self.down_since.map(|t| t.elapsed()).unwrap_or_default();
-        log::warn!(
+        crate::warn_limited!(
             "NBD {}: connected again after {waited:.1?}; sending {} request(s) again",
             self.dial.name(),
             self.send_q.len()
         );
+        self.connected_at = Instant::now();
+        self.last_rx = self.connected_at;
         self.sock = Some(sock);
         self.down_since = None;
         self.expired = false;
@@ -1170,7 +1256,7 @@ mod tests {
     /// Each reconnection takes the next socket the test hands over.
     struct FakeDial(Mutex<mpsc::Receiver<OwnedFd>>, Export);
     impl Dial for FakeDial {
-        fn dial(&self) -> Result<(OwnedFd, Export), String> {
+        fn dial(&self, _deadline: Instant) -> Result<(OwnedFd, Export), String> {
             match self.0.lock().try_recv() {
                 Ok(fd) => Ok((fd, self.1)),
                 Err(_) => Err("no server".into()),
@@ -1199,10 +1285,17 @@ mod tests {
     }
 
     fn rig(delay: Duration) -> Rig {
+        rig_with(Limits {
+            delay,
+            silence: Duration::from_secs(30),
+        })
+    }
+
+    fn rig_with(limits: Limits) -> Rig {
         let (a, b) = UnixStream::pair().unwrap();
         let (more, next) = mpsc::channel();
         let dial = Arc::new(FakeDial(Mutex::new(next), EXPORT));
-        let shared = Conn::start(dial, a.into(), EXPORT, delay).unwrap();
+        let shared = Conn::start(dial, a.into(), EXPORT, limits).unwrap();
         let (tx, done) = mpsc::channel();
         let tag = Arc::new(AioTag {
             sink: Arc::new(Sink(Mutex::new(tx))),
@@ -1453,6 +1546,124 @@ mod tests {
         );
         assert_eq!(wait(&r), 4096);
         assert!(buf.iter().all(|&b| b == 5));
+    }
+
+    /// A server that takes the request and says nothing: the connection
+    /// is dropped after the silence limit, and the request fails once the
+    /// reconnect delay has passed too.
+    #[test]
+    fn a_server_that_stays_silent_is_dropped_and_its_requests_fail() {
+        let mut r = rig_with(Limits {
+            delay: Duration::from_millis(500),
+            silence: Duration::from_millis(300),
+        });
+        let mut buf = vec![0u8; 4096];
+        read(&r, &mut buf, 4096, 0);
+        let t = Instant::now();
+        request(&mut r.server);
+        let mut one = [0u8; 1];
+        assert_eq!(r.server.read(&mut one).unwrap(), 0, "not dropped");
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(wait(&r), -i64::from(libc::EIO));
+        assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    }
+
+    /// Two chunks that fill the same bytes (a read that would report
+    /// success with part of its buffer never filled): the connection is
+    /// dropped and the read goes again.
+    #[test]
+    fn overlapping_chunks_drop_the_connection() {
+        let mut r = rig(Duration::from_secs(5));
+        let mut buf = vec![0xa5u8; 4096];
+        read(&r, &mut buf, 4096, 0);
+        let (cookie, ..) = request(&mut r.server);
+        chunk(&mut r.server, 0, 1, cookie, &data(0, &[1u8; 2048]));
+        chunk(
+            &mut r.server,
+            proto::REPLY_FLAG_DONE,
+            1,
+            cookie,
+            &data(0, &[1u8; 2048]),
+        );
+        let mut one = [0u8; 1];
+        assert_eq!(r.server.read(&mut one).unwrap(), 0, "not dropped");
+        assert!(r.done.try_recv().is_err(), "completed");
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        r.more.send(a.into()).unwrap();
+        let (cookie, ..) = request(&mut b);
+        chunk(
+            &mut b,
+            proto::REPLY_FLAG_DONE,
+            1,
+            cookie,
+            &data(0, &[6u8; 4096]),
+        );
+        assert_eq!(wait(&r), 4096);
+        assert!(buf.iter().all(|&b| b == 6));
+    }
+
+    /// A server that answers nonsense on every new connection: it is
+    /// connected to again later and later, not thousands of times a
+    /// second.
+    #[test]
+    fn a_server_that_breaks_every_connection_is_not_stormed() {
+        struct Storm(std::sync::atomic::AtomicUsize);
+        fn garbage_server(mut s: UnixStream) {
+            std::thread::spawn(move || {
+                let mut h = [0u8; proto::REQUEST_LEN];
+                if s.read_exact(&mut h).is_ok() {
+                    let _ = s.write_all(&[0xde; 16]);
+                }
+            });
+        }
+        impl Dial for Storm {
+            fn dial(&self, _deadline: Instant) -> Result<(OwnedFd, Export), String> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                let (a, b) = UnixStream::pair().map_err(|e| e.to_string())?;
+                garbage_server(b);
+                Ok((a.into(), EXPORT))
+            }
+            fn name(&self) -> &str {
+                "storm"
+            }
+        }
+        let storm = Arc::new(Storm(std::sync::atomic::AtomicUsize::new(0)));
+        let (a, b) = UnixStream::pair().unwrap();
+        garbage_server(b);
+        let limits = Limits {
+            delay: Duration::from_secs(2),
+            silence: Duration::from_secs(30),
+        };
+        let shared = Conn::start(storm.clone(), a.into(), EXPORT, limits).unwrap();
+        let (tx, done) = mpsc::channel();
+        let tag = Arc::new(AioTag {
+            sink: Arc::new(Sink(Mutex::new(tx))),
+            tag: 0,
+        });
+        let mut buf = vec![0u8; 4096];
+        shared.submit(
+            Sub {
+                cmd: proto::CMD_READ,
+                flags: 0,
+                offset: 0,
+                len: 4096,
+                iov: vec![unsafe_iov(&mut buf)],
+                tag,
+            },
+            false,
+        );
+        assert_eq!(
+            done.recv_timeout(Duration::from_secs(10)).unwrap(),
+            -i64::from(libc::EIO)
+        );
+        let dials = storm.0.load(Ordering::SeqCst);
+        assert!((1..=12).contains(&dials), "{dials} connections in 2 s");
+        shared.stop();
     }
 
     fn unsafe_iov(buf: &mut [u8]) -> GuestIov {

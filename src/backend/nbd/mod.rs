@@ -11,15 +11,14 @@
 //! is one connection per reactor.
 
 mod conn;
+mod dial;
 mod proto;
 
 use std::io;
-use std::net::ToSocketAddrs;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -193,86 +192,6 @@ impl std::fmt::Display for NbdSpec {
     }
 }
 
-/// Connects and shakes hands with the server `spec` names.
-struct Dialer {
-    spec: NbdSpec,
-    name: String,
-}
-
-impl Dialer {
-    fn connect(&self) -> Result<OwnedFd, String> {
-        match &self.spec.addr {
-            NbdAddr::Unix(path) => {
-                // Checked at each connection: a socket another user put in
-                // its place while the server was away is not talked to.
-                crate::util::check_path_is_ours(path, "NBD socket")?;
-                let s = std::os::unix::net::UnixStream::connect(path)
-                    .map_err(|e| format!("connecting to {}: {e}", path.display()))?;
-                s.set_read_timeout(Some(proto::HANDSHAKE_TIMEOUT))
-                    .and_then(|()| s.set_write_timeout(Some(proto::HANDSHAKE_TIMEOUT)))
-                    .map_err(|e| e.to_string())?;
-                Ok(s.into())
-            }
-            NbdAddr::Tcp { host, port } => {
-                let addrs = (host.as_str(), *port)
-                    .to_socket_addrs()
-                    .map_err(|e| format!("resolving {host}: {e}"))?;
-                let mut last = format!("{host} has no address");
-                for a in addrs {
-                    match std::net::TcpStream::connect_timeout(&a, proto::HANDSHAKE_TIMEOUT) {
-                        Ok(s) => {
-                            s.set_read_timeout(Some(proto::HANDSHAKE_TIMEOUT))
-                                .and_then(|()| s.set_write_timeout(Some(proto::HANDSHAKE_TIMEOUT)))
-                                .and_then(|()| s.set_nodelay(true))
-                                .map_err(|e| e.to_string())?;
-                            tcp_keepalive(&s);
-                            return Ok(s.into());
-                        }
-                        Err(e) => last = format!("connecting to {a}: {e}"),
-                    }
-                }
-                Err(last)
-            }
-        }
-    }
-}
-
-/// A dead peer (network gone, host down) is noticed within about half a
-/// minute, even with nothing to send, rather than never.
-fn tcp_keepalive(s: &std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let set = |level: i32, opt: i32, v: i32| {
-        // SAFETY: an int option on our socket; the pointer and size
-        // describe `v`.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                level,
-                opt,
-                (&raw const v).cast(),
-                libc::socklen_t::try_from(std::mem::size_of::<i32>()).unwrap_or(4),
-            )
-        };
-    };
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
-    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 25_000);
-}
-
-impl conn::Dial for Dialer {
-    fn dial(&self) -> Result<(OwnedFd, Export), String> {
-        let fd = self.connect()?;
-        let mut s = std::fs::File::from(fd);
-        let e = proto::handshake(&mut s, &self.spec.export).map_err(|e| e.to_string())?;
-        Ok((s.into(), e))
-    }
-    fn name(&self) -> &str {
-        &self.name
-    }
-}
-
 /// The pool's way to wait for one request.
 #[derive(Default)]
 struct Waiter {
@@ -317,40 +236,42 @@ pub fn open(
     readonly: bool,
     delay: Duration,
 ) -> Result<(u64, Arc<dyn Backend>), OpenError> {
-    let dialer = Arc::new(Dialer {
-        spec: spec.clone(),
-        name: spec.to_string(),
-    });
-    let failed = |why: String| OpenError::Nbd(format!("{spec}: {why}"));
-    let (sock, export) = conn::Dial::dial(&*dialer).map_err(failed)?;
+    let dialer = Arc::new(dial::Dialer::new(spec));
+    let dial: Arc<dyn conn::Dial> = dialer;
+    let deadline = || Instant::now() + proto::HANDSHAKE_TIMEOUT;
+    let (sock, export) = dial.dial(deadline()).map_err(OpenError::Nbd)?;
     if export.has(proto::TF_READ_ONLY) && !readonly {
-        return Err(failed(
+        return Err(OpenError::Nbd(
             "the export is read-only; add readonly=on (--readonly) to serve it".into(),
         ));
     }
     if !export.size.is_multiple_of(512) {
-        return Err(failed(format!(
+        return Err(OpenError::Nbd(format!(
             "the export's size, {} bytes, is not a multiple of 512",
             export.size
         )));
     }
-    let n = connections(&export);
-    let mut conns = Vec::with_capacity(n);
-    let dial: Arc<dyn conn::Dial> = dialer.clone();
-    let first = conn::Conn::start(dial.clone(), sock, export, delay)
-        .map_err(|e| failed(format!("starting its connection: {e}")))?;
-    conns.push(first);
-    for _ in 1..n {
-        let (sock, e) = dial.dial().map_err(failed)?;
-        let c = conn::Conn::start(dial.clone(), sock, e, delay)
-            .map_err(|e| failed(format!("starting its connection: {e}")))?;
-        conns.push(c);
-    }
-    let backend = NbdBackend {
-        conns,
+    let limits = conn::Limits {
+        delay,
+        silence: conn::SILENCE_LIMIT,
+    };
+    let started = |e: io::Error| OpenError::Nbd(format!("starting its connection: {e}"));
+    // Made before the connections, so that its Drop ends those already
+    // started if a later one fails.
+    let mut backend = NbdBackend {
+        conns: Vec::new(),
         export,
         next: AtomicUsize::new(0),
     };
+    backend
+        .conns
+        .push(conn::Conn::start(dial.clone(), sock, export, limits).map_err(started)?);
+    for _ in 1..connections(&export) {
+        let (sock, e) = dial.dial(deadline()).map_err(OpenError::Nbd)?;
+        backend
+            .conns
+            .push(conn::Conn::start(dial.clone(), sock, e, limits).map_err(started)?);
+    }
     log::info!(
         "{spec}: {} bytes, {}{}{}{}{}, block sizes {}/{}/{}, {} connection(s)",
         export.size,
@@ -492,7 +413,9 @@ impl NbdBackend {
     /// A read or write, cut to the export's largest payload.
     fn transfer(&self, cmd: u16, iov: &[GuestIov], offset: u64) -> io::Result<()> {
         let total: usize = iov.iter().map(GuestIov::len).sum();
-        let max = self.export.max_payload as usize;
+        // Pieces keep to the export's minimum block (and whole sectors).
+        let unit = self.export.min_block.max(512) as usize;
+        let max = (self.export.max_payload as usize / unit * unit).max(unit);
         let mut piece = Vec::new();
         let mut done = 0;
         while done < total {

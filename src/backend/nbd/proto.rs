@@ -72,6 +72,9 @@ pub const CHUNK_HEADER_LEN: usize = 20;
 /// The largest payload the protocol lets a client assume when the server
 /// states none (proto.md: 32 MiB).
 pub const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
+/// Most replies to one GO (infos, then the ACK): a server may send infos
+/// we did not ask for, not without end.
+const MAX_GO_REPLIES: u32 = 64;
 /// Longest option reply we read (an error's message, an info).
 const MAX_OPTION_REPLY: u32 = 64 << 10;
 
@@ -236,7 +239,10 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Export, Han
         structured,
     };
     let mut have_export = false;
-    loop {
+    for n in 0.. {
+        if n > MAX_GO_REPLIES {
+            return Err(protocol("the server answers GO without end"));
+        }
         let (kind, data) = option_reply(s, OPT_GO)?;
         match kind {
             REP_INFO => read_info(&data, &mut e, &mut have_export)?,
@@ -288,12 +294,17 @@ fn read_info(data: &[u8], e: &mut Export, have_export: &mut bool) -> Result<(), 
     Ok(())
 }
 
-/// The constraints must be powers of two, min <= preferred, min <= max.
+/// As the protocol has them: powers of two for the minimum (at most 64
+/// KiB) and the preferred size, the preferred at least the minimum, the
+/// maximum a multiple of the minimum (or 2^32 - 1), and at least 512
+/// bytes (a disk's least block).
 fn check_block_sizes(e: &Export) -> Result<(), HandshakeError> {
     let ok = e.min_block.is_power_of_two()
         && e.min_block <= 65536
         && e.preferred_block.is_power_of_two()
-        && e.min_block <= e.max_payload;
+        && e.preferred_block >= e.min_block
+        && (e.max_payload.is_multiple_of(e.min_block) || e.max_payload == u32::MAX)
+        && e.max_payload >= 512;
     if !ok {
         return Err(protocol(format!(
             "impossible block sizes: minimum {}, preferred {}, maximum {}",
@@ -463,6 +474,23 @@ mod tests {
     }
 
     #[test]
+    fn a_go_answered_without_end_is_refused() {
+        let mut v = greeting();
+        opt_reply(&mut v, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+        for _ in 0..100 {
+            opt_reply(&mut v, OPT_GO, REP_INFO, &[0, 99, 1, 2, 3]);
+        }
+        let mut s = Script {
+            input: io::Cursor::new(v),
+            output: Vec::new(),
+        };
+        match handshake(&mut s, "") {
+            Err(HandshakeError::Protocol(m)) => assert!(m.contains("without end"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn impossible_block_sizes_are_refused() {
         let mut v = greeting();
         opt_reply(&mut v, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
@@ -471,7 +499,7 @@ mod tests {
         info.extend_from_slice(&TF_HAS_FLAGS.to_be_bytes());
         opt_reply(&mut v, OPT_GO, REP_INFO, &info);
         let mut bs = vec![0, 3];
-        for x in [3000u32, 4096, 1 << 20] {
+        for x in [4096u32, 4096, 6144] {
             bs.extend_from_slice(&x.to_be_bytes());
         }
         opt_reply(&mut v, OPT_GO, REP_INFO, &bs);
