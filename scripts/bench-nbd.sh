@@ -8,6 +8,12 @@
 # page cache). 4 KiB random read and write at QD 1 and 32, 128 KiB
 # sequential at QD 8.
 #
+# Placement: the benchmark puts the device servers (ours, qsd) on CPU 1
+# and its synthetic guest on CPU 0. The export's server runs on CPU 0 too,
+# beside the guest, so that the device servers have CPU 1 to themselves,
+# as they would with the export on another host; fio, the direct
+# reference, runs on CPU 1, where the device servers run.
+#
 #   scripts/bench-nbd.sh [--runs N] [--seconds S] [--only nbdkit|qemu-nbd]
 #
 # As root it installs nbdkit, qemu-utils and fio when missing. Writes
@@ -49,12 +55,12 @@ mkdir -p bench
 OUT=bench/nbd-results.txt
 : >"$OUT"
 
-# fio's nbd engine on the export itself, pinned as the benchmark pins its
-# guest (CPU 0), each row as many times as the others.
+# fio's nbd engine on the export itself, on the device servers' CPU,
+# each row as many times as the others.
 fio_row() { # uri name rw bs qd
     local best="" iops p50 all=()
     for _ in $(seq "$RUNS"); do
-        read -r iops p50 < <(taskset -c 0 fio --name="$2" --ioengine=nbd --uri="$1" \
+        read -r iops p50 < <(taskset -c 1 fio --name="$2" --ioengine=nbd --uri="$1" \
             --rw="$3" --bs="$4" --iodepth="$5" --numjobs=1 --size=1G \
             --time_based --runtime="$SECS" --output-format=json 2>/dev/null |
             python3 -c '
@@ -92,7 +98,7 @@ one_export() { # name uri
 
 if [ "$ONLY" != qemu-nbd ]; then
     # The memory plugin's default thread model serves requests in parallel.
-    nbdkit -f --exit-with-parent -U "$DIR/nbdkit.sock" memory size=1G &
+    taskset -c 0 nbdkit -f --exit-with-parent -U "$DIR/nbdkit.sock" memory size=1G &
     SRV_PID=$!
     for _ in $(seq 100); do [ -S "$DIR/nbdkit.sock" ] && break; sleep 0.1; done
     # Written whole first, so that reads find data.
@@ -104,7 +110,8 @@ fi
 if [ "$ONLY" != nbdkit ]; then
     IMG=$DIR/export.raw
     dd if=/dev/urandom of="$IMG" bs=1M count=1024 status=none
-    qemu-nbd --persistent --shared=8 -f raw --aio=threads --socket="$DIR/qnbd.sock" "$IMG" &
+    taskset -c 0 qemu-nbd --persistent --shared=8 -f raw --aio=threads \
+        --socket="$DIR/qnbd.sock" "$IMG" &
     SRV_PID=$!
     for _ in $(seq 100); do [ -S "$DIR/qnbd.sock" ] && break; sleep 0.1; done
     one_export qemu-nbd "nbd+unix:///?socket=$DIR/qnbd.sock"
