@@ -21,6 +21,7 @@
 # figures) and bench/nbd-results-*.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib-fio.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 RUNS=3
 SECS=5
@@ -55,28 +56,6 @@ mkdir -p bench
 OUT=bench/nbd-results.txt
 : >"$OUT"
 
-# fio's nbd engine on the export itself, on the device servers' CPU,
-# each row as many times as the others.
-fio_row() { # uri name rw bs qd
-    local best="" iops p50 all=()
-    for _ in $(seq "$RUNS"); do
-        read -r iops p50 < <(taskset -c 1 fio --name="$2" --ioengine=nbd --uri="$1" \
-            --rw="$3" --bs="$4" --iodepth="$5" --numjobs=1 --size=1G \
-            --time_based --runtime="$SECS" --output-format=json 2>/dev/null |
-            python3 -c '
-import json, sys
-t = sys.stdin.read()
-j = json.loads(t[t.index("{"):])["jobs"][0]
-side = j["read"] if j["read"]["io_bytes"] else j["write"]
-print(round(side["iops"]), round(side["clat_ns"]["percentile"]["50.000000"] / 1000, 1))')
-        all+=("$iops")
-        best="$best $iops/$p50"
-    done
-    local med
-    med=$(printf '%s\n' "${all[@]}" | sort -n | sed -n "$(( (${#all[@]} + 1) / 2 ))p")
-    printf '%-20s fio-nbd median %8s IOPS   (runs, IOPS/p50 us:%s)\n' "$2" "$med" "$best"
-}
-
 one_export() { # name uri
     say "$1: the benchmark ($RUNS runs of ${SECS}s per row and target)"
     {
@@ -86,12 +65,8 @@ one_export() { # name uri
             --json "bench/nbd-results-$1.json"
         echo
         echo "fio --ioengine=nbd on the same export (driven directly, no device):"
-        fio_row "$2" 4k-randread-qd1 randread 4k 1
-        fio_row "$2" 4k-randread-qd32 randread 4k 32
-        fio_row "$2" 4k-randwrite-qd1 randwrite 4k 1
-        fio_row "$2" 4k-randwrite-qd32 randwrite 4k 32
-        fio_row "$2" 128k-seqread-qd8 read 128k 8
-        fio_row "$2" 128k-seqwrite-qd8 write 128k 8
+        # On the device servers' CPU.
+        fio_rows nbd 1 --ioengine=nbd --uri="$2" --size=1G
         echo
     } >>"$OUT"
 }

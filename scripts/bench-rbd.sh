@@ -17,6 +17,7 @@
 # then fio's figures and the ratios) and bench/rbd-results.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib-fio.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 RUNS=3
 SECS=5
@@ -72,32 +73,10 @@ target/release/vfio-user-blk-bench --rbd "rbd:rbd/bench:conf=$CONF" --size 1G \
 # guest (CPU 0), each row as many times as the others; librbd's cache off,
 # as ours and qemu-storage-daemon's (cache=none) have it.
 sed '/^\[client\]/a rbd cache = false' "$CONF" >"$DIR/fio.conf"
-fio_row() { # name rw bs qd
-    local best="" iops p50 all=()
-    for _ in $(seq "$RUNS"); do
-        read -r iops p50 < <(CEPH_CONF=$DIR/fio.conf taskset -c 0 fio --name="$1" --ioengine=rbd --clientname=admin \
-            --pool=rbd --rbdname=bench --rw="$2" --bs="$3" --iodepth="$4" --numjobs=1 \
-            --time_based --runtime="$SECS" --output-format=json 2>/dev/null |
-            python3 -c '
-import json, sys
-j = json.load(sys.stdin)["jobs"][0]
-side = j["read"] if j["read"]["io_bytes"] else j["write"]
-print(round(side["iops"]), round(side["clat_ns"]["percentile"]["50.000000"] / 1000, 1))')
-        all+=("$iops")
-        best="$best $iops/$p50"
-    done
-    local med
-    med=$(printf '%s\n' "${all[@]}" | sort -n | sed -n "$(( (${#all[@]} + 1) / 2 ))p")
-    printf '%-20s fio-rbd median %8s IOPS   (runs, IOPS/p50 us:%s)\n' "$1" "$med" "$best"
-}
 {
     echo
     echo "fio --ioengine=rbd on the same image (the image driven directly, no device):"
-    fio_row 4k-randread-qd1 randread 4k 1
-    fio_row 4k-randread-qd32 randread 4k 32
-    fio_row 4k-randwrite-qd1 randwrite 4k 1
-    fio_row 4k-randwrite-qd32 randwrite 4k 32
-    fio_row 128k-seqread-qd8 read 128k 8
-    fio_row 128k-seqwrite-qd8 write 128k 8
+    CEPH_CONF=$DIR/fio.conf fio_rows rbd 0 --ioengine=rbd --clientname=admin \
+        --pool=rbd --rbdname=bench
 } >>"$OUT"
 cat "$OUT"

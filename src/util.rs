@@ -364,6 +364,17 @@ fn check_entry_in_shared_folder(
 /// is full (a server that does not accept is still a server),
 /// ConnectionRefused for a socket nobody listens on.
 pub fn probe_socket(path: &std::path::Path) -> io::Result<()> {
+    match connect_unix_nonblocking(path) {
+        Ok(_) => Ok(()),
+        // A full backlog: a listener that does not accept.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINPROGRESS)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A non-blocking unix stream socket connected to `path`, without ever
+/// waiting: EAGAIN when the listener's backlog is full.
+pub fn connect_unix_nonblocking(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
@@ -388,21 +399,15 @@ pub fn probe_socket(path: &std::path::Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: socket just returned this descriptor and nothing else owns it.
-    let _owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: `addr` is a valid sockaddr_un of `len` bytes that outlives
     // the call; `fd` is our socket.
-    let r = unsafe { libc::connect(fd, (&raw const addr).cast(), len) };
-    if r == 0 {
-        return Ok(());
+    if unsafe { libc::connect(fd, (&raw const addr).cast(), len) } < 0 {
+        return Err(io::Error::last_os_error());
     }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        // A full backlog: a listener that does not accept.
-        Some(libc::EAGAIN | libc::EINPROGRESS) => Ok(()),
-        _ => Err(e),
-    }
+    Ok(owned)
 }
 
 /// Parses a size such as `4096`, `64K`, `512M`, `2G`, `1T` (binary units; an

@@ -66,27 +66,13 @@ fn nbdkit_on(
     NbdServer::nbdkit(dir, Listen::Unix(sock.to_path_buf()), &args)
 }
 
-/// The target's one line when it refuses `args` (it must exit within
+/// What the target says when it refuses `args` (it must exit within
 /// 20 s).
 fn refused(args: &[&str]) -> String {
-    let mut child = Command::new(bin())
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{args:?} accepted: the server is running");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success(), "{args:?} accepted");
-    String::from_utf8_lossy(&out.stderr).to_string()
+    let (exited, status, err) = run_bin(args, Duration::from_secs(20));
+    assert!(exited, "{args:?} accepted: the server is running");
+    assert!(!status.success(), "{args:?} accepted");
+    err
 }
 
 #[test]
@@ -110,21 +96,7 @@ fn an_nbd_unix_disk_reads_back_what_it_wrote_and_the_file_holds_the_same() {
         (65_535, 512, Layout::default()),
         (40_000, 3 << 20, Layout::default().chunks(1 << 20)),
     ];
-    for (i, (sector, len, layout)) in writes.into_iter().enumerate() {
-        let data = pattern(i as u64 + 1, len);
-        let r = Request::write(sector, &data).laid(layout);
-        assert_eq!(d.run(i % 2, &r).0, S_OK, "write {i}");
-        let at = (sector * 512) as usize;
-        expect[at..at + len].copy_from_slice(&data);
-    }
-    assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
-    for (i, (sector, len, _)) in writes.into_iter().enumerate() {
-        let r = Request::read(sector, len).laid(Layout::default().chunks(65536));
-        let (st, got, _) = d.run(1 - i % 2, &r);
-        assert_eq!(st, S_OK);
-        let at = (sector * 512) as usize;
-        assert!(got == expect[at..at + len], "read {i} differs");
-    }
+    round_trip(&mut d, &writes, &mut expect);
     // Discard and write-zeroes read back as zeros, in the file too.
     assert_ne!(d.features & F_DISCARD, 0);
     assert_ne!(d.features & F_WRITE_ZEROES, 0);

@@ -45,28 +45,11 @@ fn created_images_are_private_whatever_the_umask() {
     assert_eq!(mode, 0o600, "created image mode {mode:o}");
 }
 
-/// `vfio-user-blk ARGS`: its exit status and what it wrote to stderr.
+/// `vfio-user-blk ARGS`: its exit status and what it wrote to stderr (a
+/// server that did start is stopped after a moment).
 fn run(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let mut child = Command::new(bin())
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // A server that did start is stopped after a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while std::time::Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (_, status, err) = run_bin(args, Duration::from_secs(3));
+    (status, err)
 }
 
 /// Finding 7: with the README's /tmp paths, another local user could

@@ -49,21 +49,7 @@ fn an_rbd_disk_reads_back_what_it_wrote_and_librbd_reads_the_same() {
         (100_000, 65536, Layout::default().indirect()),
         (131_071, 512, Layout::default()),
     ];
-    for (i, (sector, len, layout)) in writes.into_iter().enumerate() {
-        let data = pattern(i as u64 + 1, len);
-        let r = Request::write(sector, &data).laid(layout);
-        assert_eq!(d.run(i % 2, &r).0, S_OK, "write {i}");
-        let at = (sector * 512) as usize;
-        expect[at..at + len].copy_from_slice(&data);
-    }
-    assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
-    for (i, (sector, len, _)) in writes.into_iter().enumerate() {
-        let r = Request::read(sector, len).laid(Layout::default().chunks(65536));
-        let (st, got, _) = d.run(1 - i % 2, &r);
-        assert_eq!(st, S_OK);
-        let at = (sector * 512) as usize;
-        assert!(got == expect[at..at + len], "read {i} differs");
-    }
+    round_trip(&mut d, &writes, &mut expect);
     // A read of what was never written is zeros, not our poison.
     assert_eq!(d.read(0, 50_000, 4096), (S_OK, vec![0u8; 4096]));
     assert!(ceph.export("bytes") == expect, "librbd reads other bytes");

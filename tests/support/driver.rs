@@ -72,6 +72,28 @@ pub struct Layout {
     pub status_with_data: bool,
 }
 
+/// Writes a pattern at each (sector, length, layout) of `writes`, on
+/// queues 0 and 1 in turn, flushes, then reads each back on the other
+/// queue and checks it; `expect` (the whole disk as it should read) is
+/// kept up to date.
+pub fn round_trip(d: &mut Driver, writes: &[(u64, usize, Layout)], expect: &mut [u8]) {
+    for (i, &(sector, len, layout)) in writes.iter().enumerate() {
+        let data = pattern(i as u64 + 1, len);
+        let r = Request::write(sector, &data).laid(layout);
+        assert_eq!(d.run(i % 2, &r).0, S_OK, "write {i}");
+        let at = (sector * 512) as usize;
+        expect[at..at + len].copy_from_slice(&data);
+    }
+    assert_eq!(d.simple(0, T_FLUSH, 0, vec![], 0).0, S_OK);
+    for (i, &(sector, len, _)) in writes.iter().enumerate() {
+        let r = Request::read(sector, len).laid(Layout::default().chunks(65536));
+        let (st, got, _) = d.run(1 - i % 2, &r);
+        assert_eq!(st, S_OK);
+        let at = (sector * 512) as usize;
+        assert!(got == expect[at..at + len], "read {i} differs");
+    }
+}
+
 /// Layouts built in one expression: `Layout::default().split().chunks(100)`.
 impl Layout {
     pub fn split(mut self) -> Layout {

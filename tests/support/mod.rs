@@ -147,6 +147,33 @@ impl ServerProcess {
     }
 }
 
+/// `vfio-user-blk ARGS` until it exits or `within` has passed (then it is
+/// killed): whether it exited by itself, its status, and its stderr.
+pub fn run_bin(args: &[&str], within: Duration) -> (bool, std::process::ExitStatus, String) {
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + within;
+    let mut exited = false;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            exited = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    (
+        exited,
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `len` bytes of an image file at `off`.
 pub fn image_bytes(img: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;

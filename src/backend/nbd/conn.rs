@@ -175,8 +175,9 @@ struct Entry {
     error: Option<i32>,
     /// When the connection it was on first broke.
     lost_at: Option<Instant>,
-    /// When it was written.
-    sent_at: Instant,
+    /// Since when it has waited on the current connection (queued on it,
+    /// or sent again on it).
+    since: Instant,
     /// The byte ranges of a read that reply chunks have filled (no two
     /// may overlap; the capacity stays with the slot).
     chunks: Vec<(u64, u64)>,
@@ -283,10 +284,8 @@ pub struct Conn {
     given_back: Vec<Vec<GuestIov>>,
     /// Bumped when a request is written or completed.
     moved: u64,
-    /// When the connection was made, and when the server last sent
-    /// anything.
+    /// When the connection was made.
     connected_at: Instant,
-    last_rx: Instant,
 }
 
 /// The connection's thread: sends what the pool's threads submit, reads
@@ -310,7 +309,7 @@ fn run(shared: &Shared) {
             let now = Instant::now();
             if c.silent(now) {
                 let why = format!(
-                    "the server has answered nothing for {:?} while requests wait",
+                    "a request has waited {:?} for the server, which answers it not",
                     c.silence
                 );
                 c.lose(&why);
@@ -406,7 +405,6 @@ impl Conn {
             given_back: Vec::new(),
             moved: 0,
             connected_at: Instant::now(),
-            last_rx: Instant::now(),
         };
         let shared = Arc::new(Shared {
             q: Mutex::new(Queue {
@@ -457,7 +455,7 @@ impl Conn {
                     covered: 0,
                     error: None,
                     lost_at: None,
-                    sent_at: Instant::now(),
+                    since: Instant::now(),
                     chunks: Vec::new(),
                 });
                 u32::try_from(self.slab.len() - 1).unwrap_or(u32::MAX)
@@ -470,6 +468,7 @@ impl Conn {
             // Asked while the server is away: it waits as long as those
             // that were in flight when it went.
             e.lost_at = self.down_since;
+            e.since = Instant::now();
             e.sub = Some(sub);
             self.in_flight += 1;
             self.send_q.push_back(slot);
@@ -488,15 +487,14 @@ impl Conn {
         self.receive()
     }
 
-    /// Whether the server has kept silent past the limit while a request
-    /// waits for its reply.
+    /// Whether a request has waited on this connection past the limit:
+    /// one the server forgot while it answers others, or one it does not
+    /// even read (a write stuck in the socket), counts as much as a server
+    /// gone silent.
     fn silent(&self, now: Instant) -> bool {
-        if now.duration_since(self.last_rx) < self.silence {
-            return false;
-        }
         self.slab
             .iter()
-            .any(|e| e.state == State::Sent && now.duration_since(e.sent_at) >= self.silence)
+            .any(|e| e.state != State::Free && now.duration_since(e.since) >= self.silence)
     }
 
     /// The socket, while the connection is up.
@@ -602,7 +600,6 @@ impl Conn {
             n -= left;
             self.sent = 0;
             e.state = State::Sent;
-            e.sent_at = Instant::now();
             self.moved += 1;
             self.send_q.pop_front();
         }
@@ -624,24 +621,16 @@ impl Conn {
 
     /// recv into `buf`: bytes read, or None when nothing is there.
     fn recv(&self, buf: &mut [u8]) -> Result<Option<usize>, Lost> {
-        let fd = self.sock.as_ref().map_or(-1, AsRawFd::as_raw_fd);
-        loop {
-            // SAFETY: `buf` is ours, for its length.
-            let r =
-                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            if r > 0 {
-                return Ok(Some(r.unsigned_abs()));
-            }
-            if r == 0 {
-                return Err("the server closed the connection".into());
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(None),
-                _ => return Err(format!("receiving: {e}")),
-            }
-        }
+        // SAFETY: `buf` is ours, for its length.
+        let r = unsafe {
+            libc::recv(
+                self.fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        received(r)
     }
 
     /// Reads more of the stream into the read-ahead buffer: false when the
@@ -669,7 +658,6 @@ impl Conn {
         match r? {
             Some(n) => {
                 self.rend += n;
-                self.last_rx = Instant::now();
                 Ok(true)
             }
             None => Ok(false),
@@ -972,10 +960,7 @@ impl Conn {
                 n
             } else if left >= DIRECT_READ {
                 match self.read_direct()? {
-                    Some(n) => {
-                        self.last_rx = Instant::now();
-                        n
-                    }
+                    Some(n) => n,
                     None => return Ok(false),
                 }
             } else {
@@ -1003,27 +988,13 @@ impl Conn {
     fn read_direct(&mut self) -> Result<Option<usize>, Lost> {
         let v = as_iovecs(&self.scratch);
         let cnt = i32::try_from(v.len().min(IOV_BATCH)).unwrap_or(1);
-        let fd = self.sock.as_ref().map_or(-1, AsRawFd::as_raw_fd);
-        loop {
-            // SAFETY: the iovecs are the request's own buffers (guest
-            // memory its owner keeps mapped until the request completes,
-            // or a buffer of the waiting caller), cut to the part this
-            // reply fills, which lies inside them (checked against the
-            // request when the chunk arrived).
-            let r = unsafe { libc::readv(fd, v.as_ptr(), cnt) };
-            if r > 0 {
-                return Ok(Some(r.unsigned_abs()));
-            }
-            if r == 0 {
-                return Err("the server closed the connection".into());
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(None),
-                _ => return Err(format!("receiving: {e}")),
-            }
-        }
+        // SAFETY: the iovecs are the request's own buffers (guest memory
+        // its owner keeps mapped until the request completes, or a buffer
+        // of the waiting caller), cut to the part this reply fills, which
+        // lies inside them (checked against the request when the chunk
+        // arrived).
+        let r = unsafe { libc::readv(self.fd(), v.as_ptr(), cnt) };
+        received(r)
     }
 
     /// Ends the request in `slot` with `res` and frees the slot.
@@ -1164,11 +1135,13 @@ impl Conn {
             & (proto::TF_SEND_FLUSH
                 | proto::TF_SEND_FUA
                 | proto::TF_SEND_TRIM
-                | proto::TF_SEND_WRITE_ZEROES);
+                | proto::TF_SEND_WRITE_ZEROES
+                | proto::TF_CAN_MULTI_CONN);
         if export.size != self.export.size
             || export.flags & needed != needed
             || (export.has(proto::TF_READ_ONLY) && !self.export.has(proto::TF_READ_ONLY))
             || export.min_block > self.export.min_block
+            || export.max_payload < self.export.max_payload
             || export.structured != self.export.structured
         {
             return Err(format!(
@@ -1184,7 +1157,9 @@ impl Conn {
             self.send_q.len()
         );
         self.connected_at = Instant::now();
-        self.last_rx = self.connected_at;
+        for e in &mut self.slab {
+            e.since = self.connected_at;
+        }
         self.sock = Some(sock);
         self.down_since = None;
         self.expired = false;
@@ -1218,6 +1193,23 @@ impl Conn {
         if let Some(s) = &e.sub {
             e.hdr = proto::request(s.flags, s.cmd, cookie, s.offset, s.len);
         }
+    }
+}
+
+/// What a non-blocking recv or readv returned: bytes read, None when
+/// nothing is there now (or the call was interrupted: the next look
+/// finds it), or why the connection is lost.
+fn received(r: isize) -> Result<Option<usize>, Lost> {
+    if r > 0 {
+        return Ok(Some(r.unsigned_abs()));
+    }
+    if r == 0 {
+        return Err("the server closed the connection".into());
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => Ok(None),
+        _ => Err(format!("receiving: {e}")),
     }
 }
 
@@ -1350,6 +1342,13 @@ mod tests {
         b.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
         b.extend_from_slice(payload);
         s.write_all(&b).unwrap();
+    }
+
+    /// Takes the next request, a read, and answers it whole with `byte`.
+    fn answer(s: &mut UnixStream, byte: u8) {
+        let (cookie, off, len) = request(s);
+        let fill = vec![byte; len as usize];
+        chunk(s, proto::REPLY_FLAG_DONE, 1, cookie, &data(off, &fill));
     }
 
     fn data(offset: u64, bytes: &[u8]) -> Vec<u8> {
@@ -1515,14 +1514,7 @@ mod tests {
         );
         // Sent when the reactor drives.
         r.shared.drive();
-        let (cookie, ..) = request(&mut r.server);
-        chunk(
-            &mut r.server,
-            proto::REPLY_FLAG_DONE,
-            1,
-            cookie,
-            &data(0, &[4u8; 4096]),
-        );
+        answer(&mut r.server, 4);
         let t = Instant::now();
         loop {
             r.shared.drive();
@@ -1536,14 +1528,7 @@ mod tests {
         // The reactor sleeps: the thread reads the next reply.
         r.shared.undriven();
         read(&r, &mut buf, 4096, 0);
-        let (cookie, ..) = request(&mut r.server);
-        chunk(
-            &mut r.server,
-            proto::REPLY_FLAG_DONE,
-            1,
-            cookie,
-            &data(0, &[5u8; 4096]),
-        );
+        answer(&mut r.server, 5);
         assert_eq!(wait(&r), 4096);
         assert!(buf.iter().all(|&b| b == 5));
     }
@@ -1572,6 +1557,75 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     }
 
+    /// A server that forgets one request while it answers the others:
+    /// that request is not left waiting forever (the connection is made
+    /// again and it fails after the delay, or is answered).
+    #[test]
+    fn a_request_the_server_forgets_does_not_wait_forever() {
+        let mut r = rig_with(Limits {
+            delay: Duration::from_millis(500),
+            silence: Duration::from_millis(300),
+        });
+        let mut forgotten = vec![0u8; 4096];
+        read(&r, &mut forgotten, 4096, 0);
+        request(&mut r.server);
+        let t = Instant::now();
+        let mut other = vec![0u8; 4096];
+        let res = loop {
+            assert!(t.elapsed() < Duration::from_secs(3), "still waiting");
+            read(&r, &mut other, 4096, 8192);
+            let mut h = [0u8; proto::REQUEST_LEN];
+            if r.server.read_exact(&mut h).is_err() {
+                // Dropped: the forgotten request fails after the delay.
+                break r.done.recv_timeout(Duration::from_secs(5)).unwrap();
+            }
+            let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            let mut reply = proto::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+            reply.extend_from_slice(&proto::REPLY_FLAG_DONE.to_be_bytes());
+            reply.extend_from_slice(&1u16.to_be_bytes());
+            reply.extend_from_slice(&cookie.to_be_bytes());
+            reply.extend_from_slice(&(8u32 + 4096).to_be_bytes());
+            reply.extend_from_slice(&data(8192, &[1u8; 4096]));
+            if r.server.write_all(&reply).is_err() {
+                // Dropped while we answered.
+                break r.done.recv_timeout(Duration::from_secs(5)).unwrap();
+            }
+            let res = wait(&r);
+            if res != 4096 {
+                break res;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(res, -i64::from(libc::EIO));
+    }
+
+    /// A server that stops reading: a write larger than the socket holds
+    /// never leaves the queue; it is not left there forever.
+    #[test]
+    fn a_write_the_server_does_not_read_does_not_wait_forever() {
+        let r = rig_with(Limits {
+            delay: Duration::from_millis(500),
+            silence: Duration::from_millis(300),
+        });
+        let mut buf = vec![7u8; 4 << 20];
+        let iov = unsafe_iov(&mut buf);
+        r.shared.submit(
+            Sub {
+                cmd: proto::CMD_WRITE,
+                flags: 0,
+                offset: 0,
+                len: 4 << 20,
+                iov: vec![iov],
+                tag: r.tag.clone(),
+            },
+            false,
+        );
+        assert_eq!(
+            r.done.recv_timeout(Duration::from_secs(5)).unwrap(),
+            -i64::from(libc::EIO)
+        );
+    }
+
     /// Two chunks that fill the same bytes (a read that would report
     /// success with part of its buffer never filled): the connection is
     /// dropped and the read goes again.
@@ -1595,14 +1649,7 @@ mod tests {
         let (a, mut b) = UnixStream::pair().unwrap();
         b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         r.more.send(a.into()).unwrap();
-        let (cookie, ..) = request(&mut b);
-        chunk(
-            &mut b,
-            proto::REPLY_FLAG_DONE,
-            1,
-            cookie,
-            &data(0, &[6u8; 4096]),
-        );
+        answer(&mut b, 6);
         assert_eq!(wait(&r), 4096);
         assert!(buf.iter().all(|&b| b == 6));
     }

@@ -5,7 +5,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -201,38 +201,7 @@ fn connect_unix(path: &Path, deadline: Instant) -> Result<OwnedFd, String> {
 /// One non-blocking connect (EAGAIN: the backlog is full); the socket is
 /// blocking again once connected.
 fn try_connect_unix(path: &Path) -> io::Result<OwnedFd> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
-    }
-    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = libc::c_char::from_ne_bytes([*s]);
-    }
-    // SAFETY: socket has no memory effects; the descriptor is owned below.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: socket just returned this descriptor and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes that outlives
-    // the call; `fd` is our socket.
-    if unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = crate::util::connect_unix_nonblocking(path)?;
     // SAFETY: fcntl on our own descriptor; no memory is passed.
     let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
     // SAFETY: as above.
