@@ -17,7 +17,7 @@
 #                   [--io-engine io-uring|threads] [--io-threads N]
 #                   [--size SIZE] [--server-args "..."] [--device-opts K=V,...]
 #                   [--server-bin PATH]
-#                   [--verify-every K] [--keep-going] [--keep]
+#                   [--verify-every K] [--keep-going] [--keep] [--nbd]
 #
 #   --device-opts more keys for each --device (e.g. direct=on)
 #   --server-bin  another build of the server to soak (default: this tree's)
@@ -26,6 +26,10 @@
 #   --keep-going  counts the cycles that lose data instead of stopping at
 #                 the first (each bad sector is then taken as it is found)
 #   --keep        keeps the folder (images, journals, logs) and says where
+#   --nbd         serves each image through nbdkit's file plugin (one
+#                 nbdkit per disk, on a socket in the folder) and each disk
+#                 as an NBD disk of it: the soak then checks the NBD
+#                 client's teardown under killed clients
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
@@ -42,6 +46,7 @@ server_bin=""
 keep_going=""
 verify_every=1
 keep=0
+nbd=0
 die() { echo "soak: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -57,6 +62,7 @@ while [ $# -gt 0 ]; do
         --keep-going) keep_going=--keep-going; shift ;;
         --verify-every) verify_every="${2:?}"; shift 2 ;;
         --keep) keep=1; shift ;;
+        --nbd) nbd=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -72,6 +78,7 @@ server_bin="${server_bin:-$bin/vfio-user-blk}"
 dir=$(mktemp -d "${TMPDIR:-/tmp}/vub-soak.XXXXXX")
 server_pid=""
 soak_pid=""
+nbd_pids=()
 cleanup() {
     local rc=$?
     # The soak's clients die with it (they ask for SIGKILL when their
@@ -89,6 +96,10 @@ cleanup() {
         kill -KILL "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
     fi
+    for p in "${nbd_pids[@]}"; do
+        kill -TERM "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
     if [ "$rc" -ne 0 ] && [ -s "$dir/server.log" ]; then
         echo "soak: the server's log ends with:" >&2
         tail -n 20 "$dir/server.log" | sed 's/^/    /' >&2
@@ -106,7 +117,18 @@ trap 'exit 130' INT TERM
 server_devs=()
 soak_devs=()
 for i in $(seq 0 $((devices - 1))); do
-    server_devs+=(--device "name=d$i,socket=$dir/d$i.sock,disk=$dir/d$i.img,size=$size,queues=4$device_opts")
+    if [ "$nbd" = 1 ]; then
+        command -v nbdkit >/dev/null || die "--nbd needs nbdkit (apt-get install nbdkit)"
+        truncate -s "$size" "$dir/d$i.img"
+        nbdkit -f --exit-with-parent -U "$dir/nbd$i.sock" file "$dir/d$i.img" \
+            2>"$dir/nbdkit$i.log" &
+        nbd_pids+=($!)
+        for _ in $(seq 100); do [ -S "$dir/nbd$i.sock" ] && break; sleep 0.05; done
+        disk="nbd+unix:///?socket=$dir/nbd$i.sock"
+    else
+        disk="$dir/d$i.img,size=$size"
+    fi
+    server_devs+=(--device "name=d$i,socket=$dir/d$i.sock,disk=$disk,queues=4$device_opts")
     soak_devs+=(--device "d$i,$dir/d$i.sock,$dir/d$i.img")
 done
 # shellcheck disable=SC2086 # --server-args is split on purpose
