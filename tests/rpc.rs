@@ -214,7 +214,9 @@ fn bad_requests_get_json_rpc_errors_and_the_target_lives() {
         serde_json::from_str(&line).unwrap_or(Value::Null)
     };
     assert_eq!(raw(b"this is not json\n")["error"]["code"], -32700);
-    assert_eq!(raw(b"[1,2]\n")["error"]["code"], -32600);
+    assert_eq!(raw(b"7\n")["error"]["code"], -32600);
+    // A batch of two things that are not requests: an error for each.
+    assert_eq!(raw(b"[1,2]\n")[1]["error"]["code"], -32600);
     assert_eq!(
         raw(b"{\"id\":1,\"method\":\"device_list\"}\n")["error"]["code"],
         -32600
@@ -773,4 +775,99 @@ fn a_resize_moves_the_config_generation_on_the_modern_interface() {
     let f = list[0]["features"].as_array().unwrap();
     assert!(f.iter().any(|v| v == "VERSION_1"), "{list}");
     assert_eq!(d.write(0, 16000, &[9u8; 512]), S_OK);
+}
+
+/// One raw line to the management socket, and the answer line (None when
+/// none comes within 2 s).
+fn raw_rpc(t: &Target, line: &str) -> Option<Value> {
+    let mut s = UnixStream::connect(&t.rpc).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    writeln!(s, "{line}").unwrap();
+    let mut out = String::new();
+    match BufReader::new(&s).read_line(&mut out) {
+        Ok(n) if n > 0 => Some(serde_json::from_str(&out).unwrap()),
+        _ => None,
+    }
+}
+
+/// Discovery as SPDK's rpc.py has it: every method listed exists (a call
+/// with bad parameters is refused for its parameters, not as unknown),
+/// the version is the crate's, device_list takes a name.
+#[test]
+fn methods_version_and_one_device_can_be_asked_for() {
+    let t = Target::start(&[]);
+    let methods = t.ok("rpc_get_methods", json!({}));
+    let methods: Vec<&str> = methods
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    for m in [
+        "device_add",
+        "device_list",
+        "rpc_get_methods",
+        "target_version",
+    ] {
+        assert!(methods.contains(&m), "{m} not listed: {methods:?}");
+    }
+    for m in &methods {
+        let e = t.call(m, json!({"no-such-key": 1})).unwrap_err();
+        assert_eq!(e.0, -32602, "{m}: {e:?}");
+    }
+    let v = t.ok("target_version", json!({}));
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["name"], "vfio-user-blk");
+    for n in ["a", "b"] {
+        t.ok(
+            "device_add",
+            json!({"name": n, "socket": sock(&t, n), "disk": "ram:1M"}),
+        );
+    }
+    let one = t.ok("device_list", json!({"name": "b"}));
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    assert_eq!(one[0]["name"], "b");
+    assert_eq!(t.ok("device_list", json!({})).as_array().unwrap().len(), 2);
+    let e = t.call("device_list", json!({"name": "zz"})).unwrap_err();
+    assert!(e.1.contains("no device named 'zz'"), "{e:?}");
+}
+
+/// JSON-RPC batches: answers in order, none for notifications, an error
+/// for each bad member; an empty or oversized batch is one error.
+#[test]
+fn batches_are_answered_in_order() {
+    let t = Target::start(&[]);
+    let r = raw_rpc(
+        &t,
+        r#"[{"jsonrpc":"2.0","id":1,"method":"target_version"},
+            {"jsonrpc":"2.0","method":"device_list"},
+            {"jsonrpc":"2.0","id":"x","method":"nope"},
+            5,
+            {"jsonrpc":"2.0","id":3,"method":"device_list"}]"#
+            .replace('\n', " ")
+            .as_str(),
+    )
+    .unwrap();
+    let a = r.as_array().unwrap();
+    assert_eq!(a.len(), 4, "{r}");
+    assert_eq!(a[0]["id"], 1);
+    assert!(a[0]["result"]["version"].is_string());
+    assert_eq!(a[1]["id"], "x");
+    assert_eq!(a[1]["error"]["code"], -32601);
+    assert_eq!(a[2]["error"]["code"], -32600);
+    assert_eq!(a[3]["id"], 3);
+    assert!(a[3]["result"].is_array());
+    // Notifications only: nothing comes back.
+    assert!(raw_rpc(&t, r#"[{"jsonrpc":"2.0","method":"device_list"}]"#).is_none());
+    let e = raw_rpc(&t, "[]").unwrap();
+    assert_eq!(e["error"]["code"], -32600);
+    let many = vec![r#"{"jsonrpc":"2.0","id":1,"method":"device_list"}"#; 65].join(",");
+    let e = raw_rpc(&t, &format!("[{many}]")).unwrap();
+    assert_eq!(e["error"]["code"], -32600);
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most 64"));
+    // The connection-per-call client still works afterwards.
+    t.ok("device_list", json!({}));
 }

@@ -1,4 +1,5 @@
-//! The management socket: JSON-RPC 2.0, one JSON object per line each way,
+//! The management socket: JSON-RPC 2.0, one JSON object (or a batch of
+//! them) per line each way,
 //! over a unix socket created owner-only. One table of methods, each with
 //! typed parameters that refuse unknown keys; errors name what was wrong.
 //! Nothing a management client sends can stop the target: lines are capped,
@@ -174,6 +175,26 @@ struct StatsParams {
 #[serde(deny_unknown_fields)]
 struct NoParams {}
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    name: Option<Text>,
+}
+
+/// Every method, as `rpc_get_methods` lists them.
+const METHODS: [&str; 7] = [
+    "device_add",
+    "device_remove",
+    "device_list",
+    "device_resize",
+    "device_stats",
+    "rpc_get_methods",
+    "target_version",
+];
+
+/// Most requests in one batch.
+const MAX_BATCH: usize = 64;
+
 fn params<T: DeserializeOwned>(p: Value) -> Result<T, RpcError> {
     let p = if p.is_null() { json!({}) } else { p };
     if !p.is_object() {
@@ -257,8 +278,33 @@ fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
             Ok(json!({ "name": name, "removed": true, "stopped": stopped }))
         }
         "device_list" => {
+            let p: ListParams = params(p)?;
+            let all = t.list();
+            let Some(name) = p.name.map(|n| n.get("name")).transpose()? else {
+                return Ok(all);
+            };
+            let one: Vec<Value> = all
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|d| d["name"] == json!(name))
+                .cloned()
+                .collect();
+            if one.is_empty() {
+                return Err(err(FAILED, format!("no device named '{name}'")));
+            }
+            Ok(Value::Array(one))
+        }
+        "rpc_get_methods" => {
             let _: NoParams = params(p)?;
-            Ok(t.list())
+            Ok(json!(METHODS))
+        }
+        "target_version" => {
+            let _: NoParams = params(p)?;
+            Ok(json!({
+                "name": env!("CARGO_PKG_NAME"),
+                "version": env!("CARGO_PKG_VERSION"),
+            }))
         }
         "device_resize" => {
             let p: ResizeParams = params(p)?;
@@ -277,27 +323,56 @@ fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
         }
         other => Err(err(
             METHOD_NOT_FOUND,
-            format!(
-                "no method '{other}' (methods: device_add, device_remove, device_list, \
-                 device_resize, device_stats)"
-            ),
+            format!("no method '{other}' (methods: {})", METHODS.join(", ")),
         )),
     }
 }
 
-/// Answers one request line; None for a notification (no id), which gets
-/// no answer.
+/// Answers one request line: a request, or a batch of them (a JSON array,
+/// answered with an array of the answers, in order, notifications left
+/// out); None when nothing is to be answered.
 fn answer(t: &Target, line: &[u8]) -> Option<Value> {
+    let v: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return Some(error_reply(
+                Value::Null,
+                PARSE_ERROR,
+                format!("not JSON: {e}"),
+            ))
+        }
+    };
+    let Value::Array(batch) = v else {
+        return answer_one(t, v);
+    };
+    if batch.is_empty() {
+        return Some(error_reply(Value::Null, INVALID_REQUEST, "an empty batch"));
+    }
+    if batch.len() > MAX_BATCH {
+        return Some(error_reply(
+            Value::Null,
+            INVALID_REQUEST,
+            format!("a batch of {} requests; at most {MAX_BATCH}", batch.len()),
+        ));
+    }
+    let answers: Vec<Value> = batch.into_iter().filter_map(|r| answer_one(t, r)).collect();
+    (!answers.is_empty()).then_some(Value::Array(answers))
+}
+
+fn error_reply(id: Value, code: i64, message: impl Into<String>) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id,
+            "error": { "code": code, "message": message.into() } })
+}
+
+/// Answers one request; None for a notification (no id), which gets no
+/// answer.
+fn answer_one(t: &Target, v: Value) -> Option<Value> {
     let reply = |id: Value, r: Result<Value, RpcError>| {
         Some(match r {
             Ok(v) => json!({ "jsonrpc": "2.0", "id": id, "result": v }),
             Err(e) => json!({ "jsonrpc": "2.0", "id": id,
                               "error": { "code": e.code, "message": e.message } }),
         })
-    };
-    let v: Value = match serde_json::from_slice(line) {
-        Ok(v) => v,
-        Err(e) => return reply(Value::Null, Err(err(PARSE_ERROR, format!("not JSON: {e}")))),
     };
     let Some(obj) = v.as_object() else {
         return reply(
