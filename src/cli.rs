@@ -192,13 +192,40 @@ pub enum Command {
     /// the result (exit 1 with the error message on an error), e.g.
     /// `vfio-user-blk rpc --rpc-socket /run/vub.sock device_resize name=disk0 size=2G`.
     Rpc {
+        /// The target's management socket (its `--rpc-socket`).
         #[arg(long, value_name = "PATH")]
         rpc_socket: PathBuf,
-        /// device_add, device_remove, device_list, device_resize, device_stats
+        /// device_add, device_remove, device_list, device_resize,
+        /// device_stats, rpc_get_methods, target_version
         method: String,
         /// Parameters as key=value (numbers and true/false are typed).
         params: Vec<String>,
     },
+    /// Print a completion script for a shell, e.g.
+    /// `vfio-user-blk completions bash > /etc/bash_completion.d/vfio-user-blk`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g.
+    /// `vfio-user-blk man > /usr/local/share/man/man1/vfio-user-blk.1`.
+    Man,
+}
+
+/// The completion script for `shell`, or the manual page: what the
+/// `completions` and `man` subcommands print.
+pub fn generated(cmd: &Command) -> Option<Vec<u8>> {
+    use clap::CommandFactory;
+    let mut app = Options::command();
+    let mut out = Vec::new();
+    match cmd {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut app, "vfio-user-blk", &mut out);
+        }
+        Command::Man => clap_mangen::Man::new(app).render(&mut out).ok()?,
+        Command::Rpc { .. } => return None,
+    }
+    Some(out)
 }
 
 fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {

@@ -23,6 +23,12 @@ fn main() -> ExitCode {
                 serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
             );
         }),
+        Some(c @ (Command::Completions { .. } | Command::Man)) => {
+            use std::io::Write;
+            vfio_user_blk::cli::generated(c)
+                .ok_or_else(|| anyhow::anyhow!("cannot render the manual page"))
+                .and_then(|b| Ok(std::io::stdout().write_all(&b)?))
+        }
         None => run(&opts),
     };
     match r {

@@ -411,3 +411,56 @@ fn a_busy_target_pins_its_reactor_and_keeps_its_io_threads_off_that_cpu() {
     assert_eq!(reactors, 1);
     assert!(workers > 0, "no I/O thread ran");
 }
+
+/// Completion scripts and the manual page come from the same definition
+/// as --help: every option is in them, and bash takes its script.
+#[test]
+fn completions_and_the_manual_page_are_generated_from_the_options() {
+    let run = |args: &[&str]| {
+        let out = Command::new(bin()).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    for opt in [
+        "--reconnect-delay",
+        "--rpc-socket",
+        "--format",
+        "completions",
+    ] {
+        assert!(
+            bash.contains(opt),
+            "{opt} missing from the bash completions"
+        );
+    }
+    let dir = TempDir::new("completions");
+    let script = dir.path("c.bash");
+    std::fs::write(&script, &bash).unwrap();
+    let st = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bash refuses its completion script");
+    for shell in ["zsh", "fish"] {
+        assert!(
+            run(&["completions", shell]).contains("reconnect-delay"),
+            "{shell}"
+        );
+    }
+    let man = run(&["man"]);
+    assert!(
+        man.contains(".TH vfio-user-blk 1"),
+        "{}",
+        &man[..200.min(man.len())]
+    );
+    assert!(
+        man.contains("reconnect\\-delay"),
+        "an option missing from the manual page"
+    );
+    let e = Command::new(bin())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert!(!e.status.success());
+}
