@@ -75,10 +75,19 @@ fn run(opts: &Options) -> anyhow::Result<()> {
             return Err(e);
         }
     }
+    // Every socket listens: a service manager may start the guests.
+    let disks = target.sockets().len();
+    vfio_user_blk::util::sd_notify(&format!(
+        "READY=1\nSTATUS=serving {disks} disk(s)\nMAINPID={}",
+        std::process::id()
+    ));
     let Some(sig) = signals.forever().next() else {
         error!("signal handling ended");
         return Ok(());
     };
+    vfio_user_blk::util::sd_notify(&format!(
+        "STOPPING=1\nSTATUS=signal {sig}: draining and flushing the disks"
+    ));
     info!(
         "signal {sig}: draining, flushing and removing the sockets (a second signal stops at once)"
     );

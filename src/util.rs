@@ -39,6 +39,34 @@ pub fn sealed_memfd(name: &str, len: u64) -> io::Result<File> {
     Ok(f)
 }
 
+/// Tells the service manager (systemd's readiness protocol, `sd_notify`)
+/// `state`, e.g. `READY=1`: one datagram to `$NOTIFY_SOCKET` (a path, or
+/// an abstract name after `@`). Nothing without it; a failure is logged.
+pub fn sd_notify(state: &str) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(to) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = to.as_bytes();
+    let sent = UnixDatagram::unbound().and_then(|s| {
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                SocketAddr::from_abstract_name(name)?
+            }
+            None => SocketAddr::from_pathname(std::path::Path::new(&to))?,
+        };
+        s.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        log::warn!(
+            "cannot tell the service manager ({}): {e}",
+            to.to_string_lossy()
+        );
+    }
+}
+
 /// The machine's memory, in bytes.
 /// The CPUs that threads doing I/O for the reactors (the pool's workers, a
 /// backend library's own threads) should run on: set once by the engine,

@@ -467,3 +467,83 @@ fn a_stuck_listener_at_the_socket_path_does_not_hang_device_add() {
     drop(held);
     drop(l);
 }
+
+/// systemd's readiness protocol: READY=1 once every socket listens (a
+/// path and an abstract name), STOPPING=1 at a signal.
+#[test]
+fn the_service_manager_is_told_when_the_target_is_ready_and_when_it_stops() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let dir = TempDir::new("notify");
+    let path = dir.path("notify.sock");
+    let abstract_name = format!("vub-notify-{}", std::process::id());
+    for (env, listener) in [
+        (
+            path.to_str().unwrap().to_string(),
+            UnixDatagram::bind(&path).unwrap(),
+        ),
+        (
+            format!("@{abstract_name}"),
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&abstract_name).unwrap())
+                .unwrap(),
+        ),
+    ] {
+        listener
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let sock = dir.path("s.sock");
+        let rpc = dir.path("r.sock");
+        let mut child = Command::new(bin())
+            .args(["--socket", sock.to_str().unwrap(), "--disk", "ram:1M"])
+            .args(["--rpc-socket", rpc.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &env)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = listener.recv(&mut buf).expect("no READY=1");
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(msg.contains("READY=1"), "{msg}");
+        assert!(msg.contains(&format!("MAINPID={}", child.id())), "{msg}");
+        // Ready means listening: both sockets take connections now.
+        std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        std::os::unix::net::UnixStream::connect(&rpc).unwrap();
+        // SAFETY: kill(2) on our own child's PID, not yet reaped.
+        unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
+        let n = listener.recv(&mut buf).expect("no STOPPING=1");
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(msg.contains("STOPPING=1"), "{msg}");
+        assert!(child.wait().unwrap().success());
+    }
+}
+
+/// The example unit is one systemd takes (systemd-analyze verify), with
+/// the binary's path set as the README says to.
+#[test]
+fn the_example_systemd_unit_verifies() {
+    let have = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("SKIPPED: systemd-analyze is not installed");
+        return;
+    }
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/vfio-user-blk.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("Type=notify"));
+    let dir = TempDir::new("unit");
+    let path = dir.path("vfio-user-blk.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/vfio-user-blk", bin())).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("vfio-user-blk.service:"), "{err}");
+}
