@@ -138,6 +138,20 @@ pub struct Options {
     #[arg(long, value_name = "raw", value_parser = crate::device::parse_format)]
     pub format: Option<bool>,
 
+    /// The device socket's permission bits (octal, e.g. 0660), set once it
+    /// is bound (owner-only until then): for a QEMU running as another user.
+    #[arg(long, value_name = "MODE", value_parser = crate::device::parse_socket_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// The device socket's group (a name or a number).
+    #[arg(long, value_name = "GROUP", value_parser = crate::util::group_id)]
+    pub socket_group: Option<u32>,
+
+    /// The device socket's owner (a name or a number; needs the right to
+    /// give files away, root's).
+    #[arg(long, value_name = "USER", value_parser = crate::util::user_id)]
+    pub socket_owner: Option<u32>,
+
     /// NBD disks: seconds requests wait for a server that went away before
     /// they fail (default 10).
     #[arg(long, value_name = "SECONDS", value_parser = crate::device::parse_reconnect_delay)]
@@ -309,6 +323,11 @@ impl Options {
                 force_share: self.force_share,
                 format_raw: self.format.unwrap_or(false),
                 reconnect_delay: self.reconnect_delay,
+                socket_access: crate::device::SocketAccess {
+                    mode: self.socket_mode,
+                    owner: self.socket_owner,
+                    group: self.socket_group,
+                },
             });
         }
         v.extend(self.devices.iter().cloned());

@@ -60,6 +60,48 @@ pub struct DeviceSpec {
     pub format_raw: bool,
     /// NBD disks: seconds requests wait for a server that went away.
     pub reconnect_delay: Option<u64>,
+    /// Who may connect to the device's socket, besides its owner.
+    pub socket_access: SocketAccess,
+}
+
+/// The device socket's permissions, owner and group, set right after it
+/// is bound (it is owner-only until then): for a QEMU that runs as another
+/// user (libvirt's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    pub mode: Option<u32>,
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+}
+
+/// `socket-mode=`: octal permission bits, e.g. 0660.
+pub fn parse_socket_mode(v: &str) -> Result<u32, String> {
+    u32::from_str_radix(v.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("socket-mode={v}: expected octal permission bits, e.g. 0660"))
+}
+
+impl SocketAccess {
+    /// Applies to the socket at `path` (just bound: ours).
+    pub fn apply(&self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if self.owner.is_some() || self.group.is_some() {
+            std::os::unix::fs::chown(path, self.owner, self.group).with_context(|| {
+                format!(
+                    "giving {} to user {:?}, group {:?}",
+                    path.display(),
+                    self.owner,
+                    self.group
+                )
+            })?;
+        }
+        if let Some(m) = self.mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(m))
+                .with_context(|| format!("setting the mode of {} to {m:o}", path.display()))?;
+        }
+        Ok(())
+    }
 }
 
 /// `format=`: only raw is served; any other format goes through qemu-nbd.
@@ -128,6 +170,7 @@ impl std::str::FromStr for DeviceSpec {
             force_share: false,
             format_raw: false,
             reconnect_delay: None,
+            socket_access: SocketAccess::default(),
         };
         for item in items.iter().filter(|i| !i.is_empty()) {
             let (k, v) = item
@@ -150,11 +193,15 @@ impl std::str::FromStr for DeviceSpec {
                 "force-share" => d.force_share = on_off(k, v)?,
                 "format" => d.format_raw = parse_format(v)?,
                 "reconnect-delay" => d.reconnect_delay = Some(parse_reconnect_delay(v)?),
+                "socket-mode" => d.socket_access.mode = Some(parse_socket_mode(v)?),
+                "socket-owner" => d.socket_access.owner = Some(crate::util::user_id(v)?),
+                "socket-group" => d.socket_access.group = Some(crate::util::group_id(v)?),
                 _ => {
                     return Err(format!(
                         "unknown key '{k}' (keys: name, socket, disk, size, readonly, queues, \
                          queue-size, serial, logical-block-size, direct, discard, write-zeroes, \
-                         packed, force-share, format, reconnect-delay)"
+                         packed, force-share, format, reconnect-delay, socket-mode, \
+                         socket-owner, socket-group)"
                     ))
                 }
             }

@@ -39,6 +39,46 @@ pub fn sealed_memfd(name: &str, len: u64) -> io::Result<File> {
     Ok(f)
 }
 
+/// A user's id: digits as they are, or a name looked up (NSS included).
+pub fn user_id(name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("user '{name}': a NUL byte"))?;
+    // SAFETY: passwd is plain data; zeroed is a valid value.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: the name, the record, its buffer (with its length) and the
+    // result pointer all outlive the call; the record points into `buf`,
+    // read before `buf` goes.
+    let r =
+        unsafe { libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if r != 0 || found.is_null() {
+        return Err(format!("no user named '{name}'"));
+    }
+    Ok(pw.pw_uid)
+}
+
+/// A group's id: digits as they are, or a name looked up (NSS included).
+pub fn group_id(name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("group '{name}': a NUL byte"))?;
+    // SAFETY: group is plain data; zeroed is a valid value.
+    let mut gr: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: as for getpwnam_r above.
+    let r =
+        unsafe { libc::getgrnam_r(c.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if r != 0 || found.is_null() {
+        return Err(format!("no group named '{name}'"));
+    }
+    Ok(gr.gr_gid)
+}
+
 /// Tells the service manager (systemd's readiness protocol, `sd_notify`)
 /// `state`, e.g. `READY=1`: one datagram to `$NOTIFY_SOCKET` (a path, or
 /// an abstract name after `@`). Nothing without it; a failure is logged.

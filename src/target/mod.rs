@@ -199,6 +199,13 @@ impl Target {
             }
         };
         let socket_id = file_id(&spec.socket);
+        if let Err(e) = spec.socket_access.apply(&spec.socket) {
+            drop(listener);
+            remove_own_socket(&spec.socket, socket_id);
+            drop(server);
+            remove_created();
+            return Err(e);
+        }
         let control = Arc::new(Control::default());
         // Before the device's thread starts: the process's descriptors are
         // all there once the socket is announced.

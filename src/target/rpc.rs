@@ -148,6 +148,12 @@ struct AddParams {
     format: Option<Text>,
     #[serde(alias = "reconnect_delay")]
     reconnect_delay: Option<Text>,
+    #[serde(alias = "socket_mode")]
+    socket_mode: Option<Text>,
+    #[serde(alias = "socket_owner")]
+    socket_owner: Option<Text>,
+    #[serde(alias = "socket_group")]
+    socket_group: Option<Text>,
 }
 
 #[derive(Deserialize)]
@@ -240,6 +246,15 @@ fn add_spec(p: AddParams) -> Result<DeviceSpec, RpcError> {
     }
     if let Some(v) = p.reconnect_delay {
         put("reconnect-delay", v.get("reconnect-delay")?);
+    }
+    for (k, v) in [
+        ("socket-mode", p.socket_mode),
+        ("socket-owner", p.socket_owner),
+        ("socket-group", p.socket_group),
+    ] {
+        if let Some(v) = v {
+            put(k, v.get(k)?);
+        }
     }
     for (k, f) in [
         ("readonly", p.readonly),
