@@ -343,6 +343,10 @@ pub(crate) fn parse_queue_size(s: &str) -> Result<u16, String> {
 /// Binds the listening socket: owner-only permissions, and a clear answer
 /// when the path is taken.
 pub fn bind_socket(path: &Path, force: bool) -> Result<UnixListener> {
+    if let Some(l) = crate::activation::take(path) {
+        info!("{}: the socket the service manager passed", path.display());
+        return Ok(l);
+    }
     crate::util::check_path_is_ours(path, "socket").map_err(anyhow::Error::msg)?;
     match std::fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => match crate::util::probe_socket(path) {

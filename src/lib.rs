@@ -10,6 +10,7 @@
 //! `target` serves the disks of a process and its management plane; `cli`
 //! is the command line.
 
+pub mod activation;
 pub mod backend;
 pub mod blk;
 pub mod cli;

@@ -9,9 +9,13 @@ use vfio_user_blk::cli::{Command, Options};
 use vfio_user_blk::target::{metrics, remove_own_socket, rpc};
 
 fn main() -> ExitCode {
+    // Before any descriptor is opened: those from 3 on may be sockets the
+    // service manager passed.
+    vfio_user_blk::activation::adopt();
     let opts = Options::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&opts.log_level))
         .init();
+    vfio_user_blk::activation::say_adopted();
     let r = match &opts.command {
         Some(Command::Rpc {
             rpc_socket,
@@ -39,6 +43,17 @@ fn main() -> ExitCode {
             eprintln!("vfio-user-blk: {}", chain.join(": "));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Removes the management socket, unless the service manager passed it
+/// (its socket unit keeps it).
+fn remove_rpc_socket(p: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let passed = std::fs::symlink_metadata(p)
+        .is_ok_and(|m| vfio_user_blk::activation::was_passed((m.dev(), m.ino())));
+    if !passed {
+        let _ = std::fs::remove_file(p);
     }
 }
 
@@ -70,7 +85,7 @@ fn run(opts: &Options) -> anyhow::Result<()> {
         if let Err(e) = metrics::serve(target.clone(), addr) {
             target.shutdown();
             if let Some(p) = &opts.rpc_socket {
-                let _ = std::fs::remove_file(p);
+                remove_rpc_socket(p);
             }
             return Err(e);
         }
@@ -101,14 +116,14 @@ fn run(opts: &Options) -> anyhow::Result<()> {
                 remove_own_socket(p, *id);
             }
             if let Some(p) = &opts.rpc_socket {
-                let _ = std::fs::remove_file(p);
+                remove_rpc_socket(p);
             }
             std::process::exit(1);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     if let Some(p) = &opts.rpc_socket {
-        let _ = std::fs::remove_file(p);
+        remove_rpc_socket(p);
     }
     // RBD images close on threads of their own: their locks are let go of
     // before we leave, unless the cluster does not answer.

@@ -538,14 +538,25 @@ fn the_example_systemd_unit_verifies() {
     let dir = TempDir::new("unit");
     let path = dir.path("vfio-user-blk.service");
     std::fs::write(&path, unit.replace("/usr/local/bin/vfio-user-blk", bin())).unwrap();
+    // With its socket unit beside it (socket activation).
+    let socket_unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/vfio-user-blk.socket"
+    ))
+    .unwrap();
+    assert!(socket_unit.contains("ListenStream="));
+    let socket_path = dir.path("vfio-user-blk.socket");
+    std::fs::write(&socket_path, socket_unit).unwrap();
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
         .arg(&path)
+        .arg(&socket_path)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("vfio-user-blk.service:"), "{err}");
+    assert!(!err.contains("vfio-user-blk.socket:"), "{err}");
 }
 
 /// A device socket for a QEMU of another user: its mode and group as
@@ -603,4 +614,67 @@ fn a_device_socket_gets_the_mode_and_group_asked_for() {
             "{bad}: {err}"
         );
     }
+}
+
+/// Socket activation: a listening socket passed as systemd passes it
+/// (descriptor 3, LISTEN_FDS=1, LISTEN_PID) is served as the device's,
+/// not bound again, and stays when the target stops.
+#[test]
+fn a_socket_passed_by_the_service_manager_is_served_and_left_in_place() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("activation");
+    let path = dir.path("vm.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    let fd = listener.as_raw_fd();
+    let dev = format!("socket={},disk=ram:1M", path.display());
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"", bin()])
+        .args(["--device", &dev])
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: dup2 and fcntl are async-signal-safe; they put our listener
+    // at descriptor 3 of the child, without close-on-exec (dup2 onto
+    // itself would keep it), before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd != 3 && libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(listener);
+    // The target answers on the passed socket: a client gets a device.
+    let mut d = Driver::new(&path, DriverOptions::default());
+    assert_eq!(d.capacity(), 2048);
+    assert_eq!(d.write(0, 0, &pattern(1, 4096)), S_OK);
+    assert_eq!(d.read(0, 0, 4096), (S_OK, pattern(1, 4096)));
+    drop(d);
+    // SAFETY: kill(2) on our own child's PID, not yet reaped.
+    unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
+    let out = {
+        let st = child.wait().unwrap();
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (st, err)
+    };
+    assert!(out.0.success(), "{}", out.1);
+    assert!(
+        out.1.contains("the socket the service manager passed"),
+        "{}",
+        out.1
+    );
+    // Not bound again (same file), and not removed at the stop.
+    assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
 }

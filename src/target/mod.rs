@@ -89,6 +89,10 @@ fn say_listening(name: &str, spec: &DeviceSpec, shared: &BlkShared) {
 
 /// Removes the socket at `p` only if it is still the one we bound.
 pub fn remove_own_socket(p: &std::path::Path, id: Option<(u64, u64)>) {
+    // A socket the service manager passed is its own: it stays.
+    if id.is_some_and(crate::activation::was_passed) {
+        return;
+    }
     if id.is_some() && file_id(p) == id {
         let _ = std::fs::remove_file(p);
     }
