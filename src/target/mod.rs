@@ -203,20 +203,16 @@ impl Target {
             }
         };
         let socket_id = file_id(&spec.socket);
-        if let Err(e) = spec.socket_access.apply(&spec.socket) {
-            drop(listener);
-            remove_own_socket(&spec.socket, socket_id);
-            drop(server);
-            remove_created();
-            return Err(e);
-        }
-        let control = Arc::new(Control::default());
-        // Before the device's thread starts: the process's descriptors are
-        // all there once the socket is announced.
         let undo_bind = || {
             remove_own_socket(&spec.socket, socket_id);
             remove_created();
         };
+        spec.socket_access
+            .apply(&spec.socket)
+            .inspect_err(|_| undo_bind())?;
+        let control = Arc::new(Control::default());
+        // Before the device's thread starts: the process's descriptors are
+        // all there once the socket is announced.
         control
             .watch_listener(&listener)
             .inspect_err(|_| undo_bind())?;
