@@ -28,10 +28,11 @@ use crate::virtio::transport::NotifyMode;
 /// (`-object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem`).
 ///
 /// One disk: `--socket PATH --disk SPEC` with the per-disk options below.
-/// More: `--device socket=PATH,disk=SPEC[,size=SIZE,readonly=on,queues=N,
-/// queue-size=N,serial=S,logical-block-size=N,direct=on,discard=off,
-/// write-zeroes=off,packed=on]`, repeatable (a comma inside a value is
-/// written `,,`).
+/// More: `--device socket=PATH,disk=SPEC[,name=NAME,size=SIZE,readonly=on,
+/// queues=N,queue-size=N,serial=S,logical-block-size=N,direct=on,
+/// discard=off,write-zeroes=off,packed=on,force-share=on,format=raw,
+/// reconnect-delay=SECONDS,socket-mode=MODE,socket-group=G,socket-owner=U]`,
+/// repeatable (a comma inside a value is written `,,`).
 #[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about, args_conflicts_with_subcommands = true)]
 pub struct Options {
