@@ -84,11 +84,19 @@ struct Queue {
 }
 
 impl Shared {
-    /// Hands `sub` to the connection. From a reactor (`driver`), it goes
-    /// out when the reactor drives the connection at the end of its pass;
-    /// from anywhere else, the thread sends it.
-    pub fn submit(&self, sub: Sub, driver: bool) {
-        self.q.lock().subs.push_back(sub);
+    /// Hands `sub` to the connection, its buffers a copy of `iov` in a list
+    /// given back by an earlier request (one lock, no allocation once the
+    /// lists are there). From a reactor (`driver`), it goes out when the
+    /// reactor drives the connection at the end of its pass; from anywhere
+    /// else, the thread sends it.
+    pub fn submit(&self, mut sub: Sub, iov: &[GuestIov], driver: bool) {
+        {
+            let mut q = self.q.lock();
+            let mut list = q.spare.pop().unwrap_or_default();
+            list.extend_from_slice(iov);
+            sub.iov = list;
+            q.subs.push_back(sub);
+        }
         if !driver && self.sleeping.load(Ordering::SeqCst) {
             let _ = self.wake.write(1);
         }
@@ -136,11 +144,6 @@ impl Shared {
             return false;
         }
         true
-    }
-
-    /// An empty buffer list (one given back, when there is).
-    pub fn spare_iov(&self) -> Vec<GuestIov> {
-        self.q.lock().spare.pop().unwrap_or_default()
     }
 
     /// Ends the connection once nothing is left in it (the disk is gone:
@@ -1314,9 +1317,10 @@ mod tests {
                 flags: 0,
                 offset,
                 len: u32::try_from(len).unwrap(),
-                iov: vec![iov],
+                iov: Vec::new(),
                 tag: r.tag.clone(),
             },
+            &[iov],
             false,
         );
     }
@@ -1507,9 +1511,10 @@ mod tests {
                 flags: 0,
                 offset: 0,
                 len: 4096,
-                iov: vec![iov],
+                iov: Vec::new(),
                 tag: r.tag.clone(),
             },
+            &[iov],
             true,
         );
         // Sent when the reactor drives.
@@ -1615,9 +1620,10 @@ mod tests {
                 flags: 0,
                 offset: 0,
                 len: 4 << 20,
-                iov: vec![iov],
+                iov: Vec::new(),
                 tag: r.tag.clone(),
             },
+            &[iov],
             false,
         );
         assert_eq!(
@@ -1699,9 +1705,10 @@ mod tests {
                 flags: 0,
                 offset: 0,
                 len: 4096,
-                iov: vec![unsafe_iov(&mut buf)],
+                iov: Vec::new(),
                 tag,
             },
+            &[unsafe_iov(&mut buf)],
             false,
         );
         assert_eq!(

@@ -385,19 +385,15 @@ impl NbdBackend {
             tag: 0,
         });
         let c = self.conn_for(self.next.fetch_add(1, Ordering::Relaxed));
-        let mut list = c.spare_iov();
-        list.extend_from_slice(iov);
-        c.submit(
-            conn::Sub {
-                cmd: op.cmd,
-                flags: op.flags,
-                offset: op.offset,
-                len,
-                iov: list,
-                tag,
-            },
-            false,
-        );
+        let sub = conn::Sub {
+            cmd: op.cmd,
+            flags: op.flags,
+            offset: op.offset,
+            len,
+            iov: Vec::new(),
+            tag,
+        };
+        c.submit(sub, iov, false);
         let mut res = waiter.res.lock();
         while res.is_none() {
             waiter.cv.wait(&mut res);
@@ -519,21 +515,20 @@ impl Backend for NbdBackend {
         // A queue's requests keep to one connection (its tag names the
         // queue): they reach the server in the order they were taken.
         let c = self.conn_for(usize::try_from(tag.tag >> 16).unwrap_or(0));
-        let mut list = c.spare_iov();
-        if matches!(op.cmd, proto::CMD_READ | proto::CMD_WRITE) {
-            list.extend_from_slice(&io.iov);
-        }
-        c.submit(
-            conn::Sub {
-                cmd: op.cmd,
-                flags: op.flags,
-                offset: op.offset,
-                len: u32::try_from(op.len).unwrap_or(0),
-                iov: list,
-                tag: tag.clone(),
-            },
-            true,
-        );
+        let iov: &[GuestIov] = if matches!(op.cmd, proto::CMD_READ | proto::CMD_WRITE) {
+            &io.iov
+        } else {
+            &[]
+        };
+        let sub = conn::Sub {
+            cmd: op.cmd,
+            flags: op.flags,
+            offset: op.offset,
+            len: u32::try_from(op.len).unwrap_or(0),
+            iov: Vec::new(),
+            tag: tag.clone(),
+        };
+        c.submit(sub, iov, true);
         Some(Ok(()))
     }
 }
