@@ -871,3 +871,131 @@ fn batches_are_answered_in_order() {
     // The connection-per-call client still works afterwards.
     t.ok("device_list", json!({}));
 }
+
+fn http_raw(addr: &str, request: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "{request}").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The latency of each operation as a Prometheus histogram (aggregatable
+/// across devices and queues), failures per operation, the client gauge,
+/// the build info, and HEAD.
+#[test]
+fn latency_histograms_per_operation_and_the_operator_gauges() {
+    let t = Target::start(&["--metrics", "127.0.0.1:0", "--poll-mode", "interrupt"]);
+    let addr = metrics_addr(&t);
+    t.ok(
+        "device_add",
+        json!({"name": "m", "socket": sock(&t, "m"), "disk": "ram:8M", "queues": 2}),
+    );
+    t.ok(
+        "device_add",
+        json!({"name": "r", "socket": sock(&t, "r"), "disk": "null:4M", "readonly": true}),
+    );
+    let mut d = Driver::new(&sock(&t, "m"), DriverOptions::default());
+    let mut dr = Driver::new(&sock(&t, "r"), DriverOptions::default());
+    for k in 0..3u64 {
+        assert_eq!(d.write(0, k * 8, &pattern(k, 4096)), S_OK);
+    }
+    for k in 0..5u64 {
+        assert_eq!(d.read((k % 2) as usize, 0, 4096).0, S_OK);
+    }
+    assert_eq!(dr.write(0, 0, &[1u8; 512]), S_IOERR);
+    assert_eq!(dr.write(0, 0, &[1u8; 512]), S_IOERR);
+
+    let m = http_get(&addr, "/metrics");
+    let h = |what: &str, dev: &str, op: &str| {
+        metric(
+            &m,
+            &format!(
+                r#"vfio_user_blk_request_duration_seconds_{what}{{device="{dev}",op="{op}"}}"#
+            ),
+        )
+    };
+    // Both queues' reads in one histogram.
+    assert_eq!(h("count", "m", "read"), Some(5.0), "{m}");
+    assert_eq!(h("count", "m", "write"), Some(3.0), "{m}");
+    assert!(h("sum", "m", "read").unwrap() > 0.0, "{m}");
+    assert_eq!(
+        h("count", "m", "flush"),
+        None,
+        "an operation never seen is left out"
+    );
+    // Cumulative buckets, ending in +Inf with the count.
+    let buckets: Vec<(String, f64)> = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("vfio_user_blk_request_duration_seconds_bucket{")
+                && l.contains(r#"device="m",op="read""#)
+        })
+        .map(|l| {
+            let le = l.split("le=\"").nth(1).unwrap().split('"').next().unwrap();
+            (
+                le.to_string(),
+                l.rsplit(' ').next().unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    assert!(buckets.len() > 10, "{m}");
+    assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "{buckets:?}");
+    assert_eq!(buckets.last().unwrap(), &("+Inf".to_string(), 5.0));
+    assert_eq!(
+        metric(
+            &m,
+            r#"vfio_user_blk_failed_requests_total{device="r",op="write"}"#
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"vfio_user_blk_failed_requests_total{device="m",op="write"}"#
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, r#"vfio_user_blk_client_attached{device="m"}"#),
+        Some(1.0)
+    );
+    let version = format!(
+        r#"vfio_user_blk_build_info{{version="{}"}}"#,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(metric(&m, &version), Some(1.0), "{m}");
+
+    // The same in device_stats: total time and failures by kind.
+    let s = t.ok("device_stats", json!({"name": "r"}));
+    assert_eq!(s["devices"][0]["queues"][0]["failed"]["write"], 2);
+    assert!(
+        s["devices"][0]["queues"][0]["time_ns"]["write"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    // HEAD: the headers of a scrape, no body.
+    let head = http_raw(&addr, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (headers, body) = head.split_once("\r\n\r\n").unwrap();
+    assert!(body.is_empty(), "{body}");
+    let len: usize = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(len > 1000, "{headers}");
+
+    drop(d);
+    wait_until("the client gauge to fall", || {
+        metric(
+            &http_get(&addr, "/metrics"),
+            r#"vfio_user_blk_client_attached{device="m"}"#,
+        ) == Some(0.0)
+    });
+    drop(dr);
+}

@@ -263,6 +263,10 @@ impl RequestHandler for BlkContext {
         self.max_discard_segs.max(self.max_write_zeroes_segs) as usize
     }
 
+    fn kind(&self, req: &BlkReq) -> usize {
+        kind_index(req.vtype)
+    }
+
     fn prepare(
         &self,
         mem: &Arc<GuestMemoryMmap>,
@@ -337,7 +341,9 @@ impl RequestHandler for BlkContext {
         stats: &QueueStats,
     ) -> Finish {
         let f = self.finish_request(mem, req, result);
-        QueueStats::add(&stats.requests[kind_index(req.vtype)], 1);
+        let kind = kind_index(req.vtype);
+        QueueStats::add(&stats.requests[kind], 1);
+        let failed = || QueueStats::add(&stats.failed[kind], 1);
         match &f {
             (Finish::Used(_), Some(st)) if *st == status_u8(VIRTIO_BLK_S_OK) => {
                 let bytes = &match req.vtype {
@@ -349,9 +355,16 @@ impl RequestHandler for BlkContext {
             }
             (_, Some(st)) if *st == status_u8(VIRTIO_BLK_S_UNSUPP) => {
                 QueueStats::add(&stats.errors[1], 1);
+                failed();
             }
-            (_, Some(_)) => QueueStats::add(&stats.errors[0], 1),
-            (_, None) => QueueStats::add(&stats.errors[2], 1),
+            (_, Some(_)) => {
+                QueueStats::add(&stats.errors[0], 1);
+                failed();
+            }
+            (_, None) => {
+                QueueStats::add(&stats.errors[2], 1);
+                failed();
+            }
         }
         f.0
     }

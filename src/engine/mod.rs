@@ -44,7 +44,7 @@ pub use device::{Change, DeviceQueues, HoldError, Paused, QueueHold, Start, Star
 use pool::Pool;
 pub use reactor::Fence;
 use reactor::{Msg, Reactor, ReactorTx, Waker};
-pub use stats::{QueueStats, ReactorStats};
+pub use stats::{Histogram, QueueStats, ReactorStats, KINDS};
 
 /// How reactors wait for work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -112,6 +112,9 @@ pub trait RequestHandler: Send + Sync + 'static {
     /// answer), so that an unmap of that memory waits for it or puts the
     /// request back. Nothing is written into guest memory before `finish`.
     fn finish_writes(&self, req: &Self::Req, lo: u64, hi: u64) -> bool;
+    /// The slot of the queue's statistics the request counts in (its
+    /// kind, as the device numbers them), for its latency.
+    fn kind(&self, req: &Self::Req) -> usize;
     /// Writes the outcome into guest memory (status) and gives the used
     /// length. `result` is the backend's, or None when `prepare` answered.
     /// `stats` is the queue's, for the device to count the request in.

@@ -285,7 +285,8 @@ impl<H: RequestHandler> QueueState<H> {
         }
         self.in_flight -= 1;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.stats.latency.record(s.start.elapsed());
+        self.stats
+            .record(self.handler.kind(&s.req), s.start.elapsed());
         let Some(mem) = s.io.iov.end() else { return };
         if self.withdrawn || self.broken.is_some() {
             // The activation is over (or the ring is unusable): nothing is

@@ -5,6 +5,7 @@
 //! path, the management plane reads them at any time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Sub-buckets per power of two: latencies are kept to within 1/8 (12.5%).
@@ -14,17 +15,11 @@ const SUB: usize = 1 << SUB_BITS;
 const POWERS: usize = 40;
 
 /// A log-linear histogram of durations (nanoseconds), recorded with one
-/// relaxed atomic add.
+/// relaxed atomic add. Its buckets are allocated at the first record, so
+/// that request kinds a queue never sees cost nothing.
+#[derive(Default)]
 pub struct Histogram {
-    buckets: Box<[AtomicU64]>,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            buckets: (0..POWERS * SUB).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
+    buckets: OnceLock<Box<[AtomicU64]>>,
 }
 
 impl Histogram {
@@ -51,21 +46,54 @@ impl Histogram {
 
     pub fn record(&self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.buckets[Self::bucket(ns)].fetch_add(1, Ordering::Relaxed);
+        let buckets = self
+            .buckets
+            .get_or_init(|| (0..POWERS * SUB).map(|_| AtomicU64::new(0)).collect());
+        buckets[Self::bucket(ns)].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+        self.buckets
+            .get()
+            .map_or(0, |b| b.iter().map(|b| b.load(Ordering::Relaxed)).sum())
+    }
+
+    /// Adds this histogram's bucket counts into `into` (sized by
+    /// [`Histogram::counts_len`]): several histograms merge this way.
+    pub fn add_counts(&self, into: &mut [u64]) {
+        for (sum, b) in into
+            .iter_mut()
+            .zip(self.buckets.get().into_iter().flatten())
+        {
+            *sum += b.load(Ordering::Relaxed);
+        }
+    }
+
+    /// How many bucket counts `add_counts` fills.
+    pub const fn counts_len() -> usize {
+        POWERS * SUB
+    }
+
+    /// The upper edge of bucket `b`, in nanoseconds: every duration it
+    /// counts is below it (u64::MAX for the last, open-ended one).
+    pub fn upper_ns(b: usize) -> u64 {
+        if b + 1 < POWERS * SUB {
+            Self::lower(b + 1)
+        } else {
+            u64::MAX
+        }
     }
 
     /// The duration below which a fraction `q` (0..=1) of the records lie,
     /// to within a bucket; None when nothing was recorded.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
+        let mut counts = vec![0; Self::counts_len()];
+        self.add_counts(&mut counts);
+        Self::quantile_of(&counts, q)
+    }
+
+    /// [`Histogram::quantile`] of merged bucket counts.
+    pub fn quantile_of(counts: &[u64], q: f64) -> Option<Duration> {
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;
@@ -90,19 +118,46 @@ impl Histogram {
     }
 }
 
+/// Request kinds a queue counts apart.
+pub const KINDS: usize = 8;
+
 /// Counters of one queue. The device decides what the slots of `requests`
-/// and `errors` mean (virtio-blk: request types and status bytes).
+/// and `errors` mean (virtio-blk: request types and status bytes); the
+/// slots of `failed`, `latency` and `time_ns` are those of `requests`.
 #[derive(Default)]
 pub struct QueueStats {
-    pub requests: [AtomicU64; 8],
+    pub requests: [AtomicU64; KINDS],
     pub errors: [AtomicU64; 4],
+    /// Requests of each kind that failed (any error outcome).
+    pub failed: [AtomicU64; KINDS],
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub in_flight: AtomicU64,
-    pub latency: Histogram,
+    /// Time from the ring to the used entry, by kind.
+    pub latency: [Histogram; KINDS],
+    /// The same time summed, in nanoseconds, by kind.
+    pub time_ns: [AtomicU64; KINDS],
 }
 
 impl QueueStats {
+    /// A request of kind `kind` took `d`.
+    pub fn record(&self, kind: usize, d: Duration) {
+        let kind = kind.min(KINDS - 1);
+        self.latency[kind].record(d);
+        Self::add(
+            &self.time_ns[kind],
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+        );
+    }
+
+    /// Bucket counts of every kind's latency, merged (see
+    /// [`Histogram::quantile_of`]).
+    pub fn all_latency(&self, into: &mut [u64]) {
+        for h in &self.latency {
+            h.add_counts(into);
+        }
+    }
+
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }

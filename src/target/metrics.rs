@@ -10,17 +10,74 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use log::{info, warn};
+use parking_lot::Mutex;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use super::conns::{accept_each, Place, Places};
 use super::Target;
 use crate::blk::exec::{ERROR_KINDS, REQUEST_KINDS};
-use crate::engine::QueueStats;
+use crate::blk::BlkShared;
+use crate::engine::{Histogram, QueueStats, KINDS};
+
+/// The upper bounds (seconds) of the exported latency buckets, before
+/// +Inf: from 5 µs (a memory disk) to 10 s (a network disk that stalls).
+const LE: [f64; 19] = [
+    5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
+    0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// A histogram as it stands at the scrape, taken from the engine's
+/// finer one (prometheus-client's own `Histogram` is recorded into, one
+/// observation at a time; ours is already counted).
+#[derive(Debug, Default)]
+struct Counted(Mutex<HistogramNow>);
+
+/// Sum (seconds), count, and the count of each bucket by upper bound.
+type HistogramNow = (f64, u64, Vec<(f64, u64)>);
+
+impl TypedMetric for Counted {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Counted {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = &*self.0.lock();
+        encoder.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+impl Counted {
+    /// From the engine's bucket counts and the total time (ns): each fine
+    /// bucket is counted under the first bound its upper edge does not
+    /// pass, so that every bucket holds only durations at or below its
+    /// `le`.
+    fn set(&self, fine: &[u64], total_ns: u64) {
+        let mut per_le = vec![0u64; LE.len() + 1];
+        for (b, &c) in fine.iter().enumerate().filter(|(_, &c)| c > 0) {
+            let upper = Histogram::upper_ns(b) as f64 / 1e9;
+            let i = LE.iter().position(|&le| upper <= le).unwrap_or(LE.len());
+            per_le[i] += c;
+        }
+        let buckets = LE
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(per_le)
+            .collect();
+        *self.0.lock() = (total_ns as f64 / 1e9, fine.iter().sum(), buckets);
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabels {
@@ -43,6 +100,12 @@ struct QuantileLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    device: String,
+    op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeviceLabels {
     device: String,
 }
@@ -61,7 +124,10 @@ struct Families {
     written: Family<QueueLabels, Counter>,
     in_flight: Family<QueueLabels, Gauge>,
     latency: Family<QuantileLabels, Gauge<f64, AtomicU64>>,
+    duration: Family<OpLabels, Counted>,
+    failed: Family<OpLabels, Counter>,
     size: Family<DeviceLabels, Gauge>,
+    attached: Family<DeviceLabels, Gauge>,
     busy: Family<ReactorLabels, Gauge<f64, AtomicU64>>,
 }
 
@@ -78,8 +144,11 @@ impl Families {
             read "read_bytes" "Bytes read by the guest"
             written "written_bytes" "Bytes written by the guest"
             in_flight "in_flight" "Requests in flight"
-            latency "latency_seconds" "Request latency, from the ring to the used entry"
+            latency "latency_seconds" "Request latency, from the ring to the used entry (per queue; not aggregatable: see request_duration_seconds)"
+            duration "request_duration_seconds" "Request latency by operation, from the ring to the used entry, all queues of the device"
+            failed "failed_requests" "Requests that failed, by operation"
             size "disk_size_bytes" "Size of the disk"
+            attached "client_attached" "Whether a client (a VMM) is connected to the device"
             busy "reactor_busy_ratio" "Share of the reactor's time spent in passes that found work"
         }
     }
@@ -112,8 +181,10 @@ impl Families {
         self.in_flight
             .get_or_create(&ql)
             .set(i64::try_from(QueueStats::get(&q.in_flight)).unwrap_or(i64::MAX));
+        let mut counts = vec![0; Histogram::counts_len()];
+        q.all_latency(&mut counts);
         for (label, p) in [("0.5", 0.5), ("0.99", 0.99), ("0.999", 0.999)] {
-            if let Some(d) = q.latency.quantile(p) {
+            if let Some(d) = Histogram::quantile_of(&counts, p) {
                 self.latency
                     .get_or_create(&QuantileLabels {
                         device: device.to_string(),
@@ -124,6 +195,30 @@ impl Families {
             }
         }
     }
+
+    /// The device's latency histogram and failures per operation, over
+    /// all its queues (operations it never saw are left out).
+    fn operations(&self, device: &str, s: &BlkShared) {
+        for (kind, op) in REQUEST_KINDS.iter().enumerate().take(KINDS) {
+            let mut counts = vec![0; Histogram::counts_len()];
+            let mut total_ns = 0;
+            let mut failed = 0;
+            for q in &s.stats {
+                q.latency[kind].add_counts(&mut counts);
+                total_ns += QueueStats::get(&q.time_ns[kind]);
+                failed += QueueStats::get(&q.failed[kind]);
+            }
+            if counts.iter().all(|&c| c == 0) {
+                continue;
+            }
+            let l = OpLabels {
+                device: device.to_string(),
+                op: (*op).to_string(),
+            };
+            self.duration.get_or_create(&l).set(&counts, total_ns);
+            self.failed.get_or_create(&l).inc_by(failed);
+        }
+    }
 }
 
 /// The exposition text for every device and reactor now.
@@ -131,15 +226,23 @@ pub fn render(t: &Target) -> String {
     let mut reg = Registry::with_prefix("vfio_user_blk");
     let f = Families::default();
     f.register(&mut reg);
-    for (name, s) in t.snapshot() {
+    reg.register(
+        "build",
+        "The target's version",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    for (name, s, attached) in t.snapshot() {
+        let d = DeviceLabels {
+            device: name.clone(),
+        };
         f.size
-            .get_or_create(&DeviceLabels {
-                device: name.clone(),
-            })
+            .get_or_create(&d)
             .set(i64::try_from(s.capacity_bytes()).unwrap_or(i64::MAX));
+        f.attached.get_or_create(&d).set(i64::from(attached));
         for (qi, q) in s.stats.iter().enumerate() {
             f.queue(&name, qi, q);
         }
+        f.operations(&name, &s);
     }
     for (i, r) in t.engine().reactor_stats().iter().enumerate() {
         f.busy
@@ -187,19 +290,24 @@ fn answer(t: &Target, mut s: TcpStream, place: &Place) {
     place.busy(true);
     let head = String::from_utf8_lossy(&buf[..n]);
     let path = head.split_whitespace().nth(1).unwrap_or("");
-    let (status, body, ctype) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
-        (
-            "200 OK",
-            render(t),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )
-    } else {
-        ("404 Not Found", "GET /metrics\n".to_string(), "text/plain")
-    };
+    // HEAD: the same answer without its body (a probe that a scrape
+    // would work).
+    let head_only = head.starts_with("HEAD ");
+    let (status, body, ctype) =
+        if (head.starts_with("GET ") || head_only) && (path == "/metrics" || path == "/") {
+            (
+                "200 OK",
+                render(t),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        } else {
+            ("404 Not Found", "GET /metrics\n".to_string(), "text/plain")
+        };
     let _ = write!(
         s,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        if head_only { "" } else { body.as_str() }
     );
 }
 

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use crate::blk::exec::{ERROR_KINDS, REQUEST_KINDS};
 use crate::blk::{feature_names, BlkShared};
 use crate::device::{bind_socket, build_device, device_on, DeviceSpec, Settings};
-use crate::engine::{Engine, EngineConfig, QueueStats};
+use crate::engine::{Engine, EngineConfig, Histogram, QueueStats};
 use crate::vfio_user::Control;
 
 struct Entry {
@@ -424,12 +424,13 @@ impl Target {
             .collect()
     }
 
-    /// For the metrics endpoint: every device's name and shared state.
-    pub fn snapshot(&self) -> Vec<(String, Arc<BlkShared>)> {
+    /// For the metrics endpoint: every device's name, shared state, and
+    /// whether a client is attached.
+    pub fn snapshot(&self) -> Vec<(String, Arc<BlkShared>, bool)> {
         self.devices
             .lock()
             .iter()
-            .map(|(n, e)| (n.clone(), e.shared.clone()))
+            .map(|(n, e)| (n.clone(), e.shared.clone(), e.control.client().is_some()))
             .collect()
     }
 
@@ -561,10 +562,21 @@ fn device_stats(name: &str, s: &BlkShared) -> Value {
             .zip(&q.errors)
             .map(|(k, c)| ((*k).to_string(), json!(QueueStats::get(c))))
             .collect();
-        let us = |p| q.latency.quantile(p).map(|d| d.as_secs_f64() * 1e6);
+        let by_kind = |c: &[std::sync::atomic::AtomicU64]| -> serde_json::Map<String, Value> {
+            REQUEST_KINDS
+                .iter()
+                .zip(c)
+                .map(|(k, c)| ((*k).to_string(), json!(QueueStats::get(c))))
+                .collect()
+        };
+        let mut counts = vec![0; Histogram::counts_len()];
+        q.all_latency(&mut counts);
+        let us = |p| Histogram::quantile_of(&counts, p).map(|d| d.as_secs_f64() * 1e6);
         json!({
             "requests": requests,
             "errors": errors,
+            "failed": by_kind(&q.failed),
+            "time_ns": by_kind(&q.time_ns),
             "bytes_read": QueueStats::get(&q.bytes_read),
             "bytes_written": QueueStats::get(&q.bytes_written),
             "in_flight": QueueStats::get(&q.in_flight),
