@@ -45,6 +45,18 @@ pub struct Options {
     #[arg(long, value_name = "PATH")]
     pub rpc_socket: Option<PathBuf>,
 
+    /// The devices to serve, kept across restarts (JSON, the keys of
+    /// device_add): they start alongside the command line's, and the
+    /// config_save method writes the running set (all but the command
+    /// line's) back. A FILE that does not exist yet is no devices.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// With --config: write the file after every device_add,
+    /// device_remove, device_resize and device_set_qos.
+    #[arg(long, requires = "config")]
+    pub config_autosave: bool,
+
     /// Serve statistics as Prometheus text on http://ADDR:PORT/metrics
     /// (loopback unless you say otherwise, e.g. 127.0.0.1:9135).
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_metrics_addr)]
@@ -152,6 +164,23 @@ pub struct Options {
     /// give files away, root's).
     #[arg(long, value_name = "USER", value_parser = crate::util::user_id)]
     pub socket_owner: Option<u32>,
+
+    /// Most requests per second (0: no limit); a device over a limit is
+    /// not polled until it is under it again.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = |v: &str| crate::device::parse_rate("iops", v))]
+    pub iops: u64,
+
+    /// Most bytes per second, read and written together (e.g. 100M).
+    #[arg(long, value_name = "RATE", default_value_t = 0, value_parser = |v: &str| crate::device::parse_rate("bps", v))]
+    pub bps: u64,
+
+    /// Most bytes read per second.
+    #[arg(long, value_name = "RATE", default_value_t = 0, value_parser = |v: &str| crate::device::parse_rate("read-bps", v))]
+    pub read_bps: u64,
+
+    /// Most bytes written per second.
+    #[arg(long, value_name = "RATE", default_value_t = 0, value_parser = |v: &str| crate::device::parse_rate("write-bps", v))]
+    pub write_bps: u64,
 
     /// NBD disks: seconds requests wait for a server that went away before
     /// they fail (default 10).
@@ -263,8 +292,10 @@ impl Options {
     /// is created: a bad option must not leave an image or a socket behind,
     /// nor be found only when the guest starts the device.
     pub fn validate(&self) -> Result<()> {
-        let devices = self.device_specs();
-        if devices.is_empty() && self.rpc_socket.is_none() {
+        let mut devices: Vec<DeviceSpec> =
+            self.config_specs()?.into_iter().map(|(s, _)| s).collect();
+        devices.extend(self.device_specs());
+        if devices.is_empty() && self.rpc_socket.is_none() && self.config.is_none() {
             bail!(
                 "no disk to serve: give --socket PATH --disk SPEC, --device socket=PATH,disk=SPEC, \
                  or --rpc-socket PATH to add disks later"
@@ -329,6 +360,12 @@ impl Options {
                     owner: self.socket_owner,
                     group: self.socket_group,
                 },
+                qos: crate::engine::QosLimits {
+                    iops: self.iops,
+                    bps: self.bps,
+                    read_bps: self.read_bps,
+                    write_bps: self.write_bps,
+                },
             });
         }
         v.extend(self.devices.iter().cloned());
@@ -348,11 +385,29 @@ impl Options {
     /// on one engine, after checking them all.
     pub fn start_target(&self) -> Result<Arc<crate::target::Target>> {
         self.validate()?;
+        let mut specs: Vec<(DeviceSpec, bool)> = self.config_specs()?;
+        specs.extend(self.device_specs().into_iter().map(|s| (s, false)));
         crate::target::Target::start(
             self.engine_config(false),
             self.settings(),
-            self.device_specs(),
+            specs,
+            self.config
+                .as_ref()
+                .map(|p| crate::target::config::ConfigFile {
+                    path: p.clone(),
+                    autosave: self.config_autosave,
+                }),
         )
+    }
+
+    /// The devices of the `--config` file (none without one), each to be
+    /// kept by `config_save`.
+    fn config_specs(&self) -> Result<Vec<(DeviceSpec, bool)>> {
+        let Some(p) = &self.config else {
+            return Ok(Vec::new());
+        };
+        let specs = crate::target::config::load(p, crate::target::rpc::spec_from_json)?;
+        Ok(specs.into_iter().map(|s| (s, true)).collect())
     }
 
     /// The engine these options ask for.

@@ -17,7 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::backend::{self, DiskSpec, OpenOptionsDisk};
 use crate::blk::exec::ErrorPolicy;
 use crate::blk::{BlkDevice, BlkOptions, BlkShared};
-use crate::engine::Engine;
+use crate::engine::{Engine, QosLimits};
 use crate::memory::GuestMemoryHandle;
 use crate::pci::{self, Identity, Interrupts, PciFunction};
 use crate::util::parse_size;
@@ -62,6 +62,8 @@ pub struct DeviceSpec {
     pub reconnect_delay: Option<u64>,
     /// Who may connect to the device's socket, besides its owner.
     pub socket_access: SocketAccess,
+    /// Limits on operations and bytes per second (0: none).
+    pub qos: QosLimits,
 }
 
 /// The device socket's permissions, owner and group, set right after it
@@ -113,6 +115,23 @@ pub fn parse_format(v: &str) -> Result<bool, String> {
              (qemu-nbd -f {f} --socket=PATH IMAGE) with disk=nbd+unix:///?socket=PATH"
         )),
     }
+}
+
+/// A QoS limit: `iops=` a count per second, the byte rates with the
+/// suffixes of sizes (`bps=100M`); 0 is no limit.
+pub fn parse_rate(key: &str, v: &str) -> Result<u64, String> {
+    let r = if key == "iops" {
+        v.parse::<u64>()
+            .map_err(|_| format!("{key}={v}: expected a count per second"))?
+    } else {
+        parse_size(v).map_err(|e| format!("{key}={v}: {e}"))?
+    };
+    // (Beyond this a limit means nothing; it also keeps the buckets'
+    // arithmetic exact.)
+    if r > 1 << 50 {
+        return Err(format!("{key}={v}: at most 2^50"));
+    }
+    Ok(r)
 }
 
 /// `reconnect-delay=SECONDS`: 0 to 3600.
@@ -171,6 +190,7 @@ impl std::str::FromStr for DeviceSpec {
             format_raw: false,
             reconnect_delay: None,
             socket_access: SocketAccess::default(),
+            qos: QosLimits::default(),
         };
         for item in items.iter().filter(|i| !i.is_empty()) {
             let (k, v) = item
@@ -178,32 +198,8 @@ impl std::str::FromStr for DeviceSpec {
                 .ok_or_else(|| format!("'{item}' is not key=value"))?;
             match k {
                 "socket" => socket = Some(PathBuf::from(v)),
-                "name" => d.name = Some(parse_name(v)?),
                 "disk" => disk = Some(v.parse::<DiskSpec>()?),
-                "size" => d.size = Some(parse_size(v)?),
-                "readonly" => d.readonly = on_off(k, v)?,
-                "queues" => d.queues = parse_queues(v)?,
-                "queue-size" => d.queue_size = parse_queue_size(v)?,
-                "serial" => d.serial = parse_serial(v)?,
-                "logical-block-size" => d.logical_block_size = parse_block_size(v)?,
-                "direct" => d.direct = on_off(k, v)?,
-                "discard" => d.discard = on_off(k, v)?,
-                "write-zeroes" => d.write_zeroes = on_off(k, v)?,
-                "packed" => d.packed = on_off(k, v)?,
-                "force-share" => d.force_share = on_off(k, v)?,
-                "format" => d.format_raw = parse_format(v)?,
-                "reconnect-delay" => d.reconnect_delay = Some(parse_reconnect_delay(v)?),
-                "socket-mode" => d.socket_access.mode = Some(parse_socket_mode(v)?),
-                "socket-owner" => d.socket_access.owner = Some(crate::util::user_id(v)?),
-                "socket-group" => d.socket_access.group = Some(crate::util::group_id(v)?),
-                _ => {
-                    return Err(format!(
-                        "unknown key '{k}' (keys: name, socket, disk, size, readonly, queues, \
-                         queue-size, serial, logical-block-size, direct, discard, write-zeroes, \
-                         packed, force-share, format, reconnect-delay, socket-mode, \
-                         socket-owner, socket-group)"
-                    ))
-                }
+                _ => d.set_key(k, v)?,
             }
         }
         d.socket = socket.ok_or("socket=PATH is missing")?;
@@ -212,6 +208,43 @@ impl std::str::FromStr for DeviceSpec {
         }
         d.disk = disk.ok_or("disk=SPEC is missing")?;
         Ok(d)
+    }
+}
+
+impl DeviceSpec {
+    /// Sets one `key=value` of `--device` (all but socket and disk).
+    fn set_key(&mut self, k: &str, v: &str) -> Result<(), String> {
+        match k {
+            "name" => self.name = Some(parse_name(v)?),
+            "size" => self.size = Some(parse_size(v)?),
+            "readonly" => self.readonly = on_off(k, v)?,
+            "queues" => self.queues = parse_queues(v)?,
+            "queue-size" => self.queue_size = parse_queue_size(v)?,
+            "serial" => self.serial = parse_serial(v)?,
+            "logical-block-size" => self.logical_block_size = parse_block_size(v)?,
+            "direct" => self.direct = on_off(k, v)?,
+            "discard" => self.discard = on_off(k, v)?,
+            "write-zeroes" => self.write_zeroes = on_off(k, v)?,
+            "packed" => self.packed = on_off(k, v)?,
+            "force-share" => self.force_share = on_off(k, v)?,
+            "format" => self.format_raw = parse_format(v)?,
+            "reconnect-delay" => self.reconnect_delay = Some(parse_reconnect_delay(v)?),
+            "socket-mode" => self.socket_access.mode = Some(parse_socket_mode(v)?),
+            "socket-owner" => self.socket_access.owner = Some(crate::util::user_id(v)?),
+            "socket-group" => self.socket_access.group = Some(crate::util::group_id(v)?),
+            "iops" | "bps" | "read-bps" | "write-bps" => {
+                self.qos.set_named(k, parse_rate(k, v)?);
+            }
+            _ => {
+                return Err(format!(
+                    "unknown key '{k}' (keys: name, socket, disk, size, readonly, queues, \
+                     queue-size, serial, logical-block-size, direct, discard, write-zeroes, \
+                     packed, force-share, format, reconnect-delay, socket-mode, \
+                     socket-owner, socket-group, iops, bps, read-bps, write-bps)"
+                ))
+            }
+        }
+        Ok(())
     }
 }
 
@@ -497,6 +530,7 @@ pub fn device_on(
         engine.clone(),
     );
     let shared = blk.shared();
+    shared.qos.set(spec.qos);
     let weak = Arc::downgrade(&shared);
     watched.watch_size(Box::new(move |size| {
         if let Some(s) = weak.upgrade() {

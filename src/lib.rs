@@ -16,6 +16,7 @@ pub mod blk;
 pub mod cli;
 pub mod device;
 pub mod engine;
+pub mod events;
 pub mod memory;
 pub mod pci;
 pub mod target;

@@ -589,6 +589,8 @@ macro_rules! log_limited {
 pub struct DeviceLog {
     name: String,
     limit: RateLimit,
+    /// I/O error events (a failing disk can fail every request).
+    io_events: RateLimit,
 }
 
 impl std::fmt::Debug for RateLimit {
@@ -601,12 +603,26 @@ impl DeviceLog {
     /// Lines a second one device may write about what its guest or client
     /// does.
     pub const BURST: u32 = 20;
+    /// I/O error events a second one device may send.
+    pub const IO_EVENTS: u32 = 10;
 
     pub fn new(name: impl Into<String>) -> std::sync::Arc<DeviceLog> {
         std::sync::Arc::new(DeviceLog {
             name: name.into(),
             limit: RateLimit::new(),
+            io_events: RateLimit::new(),
         })
+    }
+
+    /// Tells the management plane's subscribers (see [`crate::events`]);
+    /// I/O errors at most [`Self::IO_EVENTS`] a second.
+    pub fn event(&self, e: crate::events::Event) {
+        if matches!(e, crate::events::Event::IoError { .. })
+            && self.io_events.allow_burst(Self::IO_EVENTS).is_none()
+        {
+            return;
+        }
+        crate::events::publish(&self.name, &e);
     }
 
     pub fn name(&self) -> &str {

@@ -12,6 +12,7 @@ use super::request::*;
 use crate::backend::io::Backend;
 use crate::backend::request::{IoKind, IoRequest};
 use crate::engine::{Finish, Prepared, QueueStats, RequestHandler};
+use crate::events::Event;
 
 /// What to do when the backend fails a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -241,6 +242,10 @@ impl BlkContext {
             }
             Err(e) => {
                 crate::dev_log!(self.log, Warn, "backend error on {kind:?}: {e}");
+                self.log.event(Event::IoError {
+                    op: format!("{kind:?}").to_lowercase(),
+                    error: e.to_string(),
+                });
                 status_u8(VIRTIO_BLK_S_IOERR)
             }
         }

@@ -17,6 +17,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 use crate::backend::io::Backend;
 use crate::engine::{DeviceQueues, Engine, HoldError, QueueHold, QueueStats, Start};
+use crate::events::Event;
 use crate::memory::{GuestMemoryHandle, MemoryChange};
 use crate::util::DeviceLog;
 use crate::virtio::{low32, ConfigNotifier, DriverReady, VirtioDevice};
@@ -71,6 +72,8 @@ pub struct BlkDevice {
 pub struct BlkShared {
     /// Per queue, kept across activations and clients.
     pub stats: Vec<Arc<QueueStats>>,
+    /// The device's limits (operations and bytes per second).
+    pub qos: Arc<crate::engine::Qos>,
     /// Capacity in 512-byte sectors.
     capacity: Arc<AtomicU64>,
     /// Feature bits the driver acknowledged (0 when none is attached).
@@ -258,6 +261,7 @@ impl BlkShared {
             "{}: disk resized from {old} to {new} bytes",
             self.log.name()
         );
+        self.log.event(Event::Resized { size: new });
         notifier
     }
 }
@@ -324,6 +328,7 @@ impl BlkDevice {
         let queues = DeviceQueues::new(engine, memory, log.clone(), opts.num_queues);
         let shared = Arc::new(BlkShared {
             stats: queues.stats().to_vec(),
+            qos: queues.qos().clone(),
             capacity: config.capacity_cell(),
             features: AtomicU64::new(0),
             running: AtomicBool::new(false),
@@ -485,6 +490,7 @@ impl VirtioDevice for BlkDevice {
                 polled,
             },
         );
+        self.log.event(Event::DriverOk);
     }
 
     fn notify(&mut self, index: u16) {
@@ -492,6 +498,9 @@ impl VirtioDevice for BlkDevice {
     }
 
     fn reset(&mut self) {
+        if self.shared.running() || self.acked != 0 {
+            self.log.event(Event::DriverReset);
+        }
         self.queues.stop();
         self.acked = 0;
         self.shared.features.store(0, Ordering::Relaxed);

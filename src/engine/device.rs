@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use parking_lot::{ArcMutexGuard, Mutex, MutexGuard, RawMutex};
 
-use super::{Activation, Active, Engine, Fence, QueueStats, RequestHandler};
+use super::{Activation, Active, Engine, Fence, Qos, QueueStats, RequestHandler};
 use crate::memory::{DmaRange, GuestMemoryHandle, MemoryChange};
 use crate::util::DeviceLog;
 use crate::virtio::{QueueConfig, VirtioInterrupt};
@@ -27,6 +27,8 @@ pub struct DeviceQueues {
     tenant: u64,
     /// Per queue, kept across activations and clients.
     stats: Vec<Arc<QueueStats>>,
+    /// The device's limits (kept likewise).
+    qos: Arc<Qos>,
     /// The queues while the driver has the device running.
     active: Option<Arc<Active>>,
     /// The activation of a client that left without a reset: its writes
@@ -61,6 +63,7 @@ impl DeviceQueues {
             memory,
             log,
             stats: (0..num_queues).map(|_| Arc::default()).collect(),
+            qos: Arc::default(),
             active: None,
             departed: None,
             fenced: false,
@@ -71,6 +74,11 @@ impl DeviceQueues {
     /// Each queue's statistics (the same objects for the device's life).
     pub fn stats(&self) -> &[Arc<QueueStats>] {
         &self.stats
+    }
+
+    /// The device's limits.
+    pub fn qos(&self) -> &Arc<Qos> {
+        &self.qos
     }
 
     /// What another thread may do with these queues.
@@ -101,6 +109,7 @@ impl DeviceQueues {
             memory: self.memory.clone(),
             queues: s.queues,
             stats: self.stats.clone(),
+            qos: self.qos.clone(),
             event_idx: s.event_idx,
             polled: s.polled,
             irq: s.irq,

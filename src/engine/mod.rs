@@ -19,6 +19,7 @@
 
 mod device;
 mod pool;
+pub mod qos;
 mod queue;
 mod reactor;
 pub mod stats;
@@ -42,6 +43,7 @@ use crate::virtio::ring::{ChainError, RingError};
 use crate::virtio::{QueueConfig, VirtioInterrupt};
 pub use device::{Change, DeviceQueues, HoldError, Paused, QueueHold, Start, Starting};
 use pool::Pool;
+pub use qos::{Qos, QosLimits};
 pub use reactor::Fence;
 use reactor::{Msg, Reactor, ReactorTx, Waker};
 pub use stats::{Histogram, QueueStats, ReactorStats, KINDS};
@@ -188,6 +190,8 @@ pub struct Activation<H: RequestHandler> {
     pub queues: Vec<Option<QueueConfig>>,
     /// The device's statistics for each queue (kept across activations).
     pub stats: Vec<Arc<QueueStats>>,
+    /// The device's limits, shared by its queues.
+    pub qos: Arc<Qos>,
     pub event_idx: bool,
     /// No doorbell will come (the driver writes them to shared memory):
     /// the reactor polls these queues and never sleeps while it has one.
@@ -435,6 +439,7 @@ impl Engine {
                         polled: a.polled,
                         use_uring: self.use_uring,
                         stats: a.stats.get(i).cloned().unwrap_or_default(),
+                        qos: a.qos.clone(),
                         tenant: a.tenant,
                         mutations: mutations.clone(),
                     };

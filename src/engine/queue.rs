@@ -42,7 +42,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemory
 
 use super::pool::{Done, Job};
 use super::reactor::{Cx, Fence, QueueRunner};
-use super::{Finish, Mutations, Prepared, QueueFault, QueueStats, RequestHandler};
+use super::{Finish, Mutations, Prepared, Qos, QueueFault, QueueStats, RequestHandler};
 use crate::backend::io::{AioTag, Backend, UringTarget};
 use crate::backend::request::{IoKind, IoRequest};
 use crate::backend::uring::Uring;
@@ -125,6 +125,10 @@ pub(crate) struct QueueState<H: RequestHandler> {
     /// like it.)
     ring_checked: Option<Arc<GuestMemoryMmap>>,
     stats: Arc<QueueStats>,
+    /// The device's limits; while it is over one, the queue is not polled
+    /// before `qos_until`.
+    qos: Arc<Qos>,
+    qos_until: Option<Instant>,
     /// The device, for the pool's fairness.
     tenant: u64,
     /// Set at withdrawal: the pool takes no further step of our jobs.
@@ -158,6 +162,7 @@ pub(crate) struct QueueParams<H: RequestHandler> {
     pub polled: bool,
     pub use_uring: bool,
     pub stats: Arc<QueueStats>,
+    pub qos: Arc<Qos>,
     pub tenant: u64,
     pub mutations: Arc<Mutations>,
 }
@@ -211,6 +216,8 @@ impl<H: RequestHandler> QueueState<H> {
             withdrawn: false,
             ring_checked: None,
             stats: p.stats,
+            qos: p.qos,
+            qos_until: None,
             tenant: p.tenant,
             cancel: Arc::default(),
             mutations: p.mutations,
@@ -224,6 +231,10 @@ impl<H: RequestHandler> QueueState<H> {
 
     fn break_queue(&mut self, why: QueueFault) {
         if self.broken.is_none() {
+            self.log.event(crate::events::Event::QueueBroken {
+                queue: self.index,
+                why: why.to_string(),
+            });
             crate::dev_log!(
                 self.log,
                 Error,
@@ -581,6 +592,19 @@ impl<H: RequestHandler> QueueState<H> {
             return Taken::Stop;
         }
         let s = &self.slots[usize::from(head)];
+        if self.qos.on() {
+            let io = &s.io;
+            let data = if matches!(prepared, Prepared::Io) {
+                io.len() as u64
+            } else {
+                0
+            };
+            self.qos.charge(
+                io.kind == IoKind::Read && data > 0,
+                io.kind == IoKind::Write && data > 0,
+                data,
+            );
+        }
         if self.fence.is_some_and(|f| self.touches(s, &f)) {
             self.put_back(head);
             return Taken::Stop;
@@ -614,9 +638,20 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         let mut work = false;
         let mut sync_bytes = 0;
         self.throttled = false;
+        if self.qos_until.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        self.qos_until = None;
         for _ in 0..size.min(PASS_REQUESTS) {
             if sync_bytes > PASS_SYNC_BYTES {
                 break;
+            }
+            // Over the device's limit: the rest waits in the ring.
+            if self.qos.on() {
+                self.qos_until = self.qos.admit(Instant::now());
+                if self.qos_until.is_some() {
+                    break;
+                }
             }
             // Nothing is taken that the io_uring could not hold: its
             // completion queue must never overflow, and a device takes no
@@ -730,7 +765,9 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             // A paused queue takes nothing: what waits is not work; a
             // throttled one waits for io_uring completions, which wake the
             // reactor anyway.
-            Ok(w) => w && !self.paused() && !self.throttled,
+            // One over its limit waits for its tokens: the reactor wakes
+            // for them (see `qos_until`).
+            Ok(w) => w && !self.paused() && !self.throttled && self.qos_until.is_none(),
             Err(e) => {
                 self.break_queue(QueueFault::Notification(e));
                 false
@@ -805,6 +842,10 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
 
     fn polled(&self) -> bool {
         self.polled && self.live()
+    }
+
+    fn qos_until(&self) -> Option<Instant> {
+        self.qos_until.filter(|_| self.live())
     }
 }
 

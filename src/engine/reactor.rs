@@ -73,6 +73,27 @@ impl Waker {
         }
     }
 
+    /// Waits for a wake-up, or until `t` at the latest.
+    fn wait_until(&self, t: Instant) {
+        let left = t.saturating_duration_since(Instant::now());
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(left.subsec_nanos()),
+        };
+        let mut pfd = libc::pollfd {
+            fd: self.raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd that lives across the call, a valid timespec
+        // and no signal mask; the kernel only writes `revents`.
+        let n = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+        if n > 0 {
+            // Readable: this does not block.
+            let _ = self.fd.read();
+        }
+    }
+
     /// A doorbell: the reactor looks at its rings again.
     pub fn kick(&self) {
         self.kicked.store(true, Ordering::SeqCst);
@@ -198,6 +219,8 @@ pub(crate) trait QueueRunner: Send {
     /// Live, and no doorbell will ever say that it has work: it must be
     /// polled whatever the reactor's mode.
     fn polled(&self) -> bool;
+    /// Over its device's limit until then: a sleeping reactor wakes for it.
+    fn qos_until(&self) -> Option<Instant>;
 }
 
 pub(crate) struct Reactor {
@@ -436,14 +459,19 @@ impl Reactor {
     }
 
     /// Sleeps until a message, a pool completion or an io_uring completion
-    /// arrives.
+    /// arrives, or a queue held by its device's limit may go on.
     fn sleep(&mut self) {
         let waker = self.me.waker.clone();
         waker.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         let cq_ready = self.uring.as_mut().is_some_and(Uring::has_completions);
         if self.rx.is_empty() && !cq_ready && !waker.kicked.swap(false, Ordering::SeqCst) {
-            let _ = waker.fd.read();
+            match self.queues.iter().filter_map(|q| q.qos_until()).min() {
+                None => {
+                    let _ = waker.fd.read();
+                }
+                Some(t) => waker.wait_until(t),
+            }
         }
         waker.sleeping.store(false, Ordering::SeqCst);
         waker.kicked.store(false, Ordering::SeqCst);

@@ -111,6 +111,12 @@ struct DeviceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    device: String,
+    limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReactorLabels {
     reactor: String,
 }
@@ -128,6 +134,8 @@ struct Families {
     failed: Family<OpLabels, Counter>,
     size: Family<DeviceLabels, Gauge>,
     attached: Family<DeviceLabels, Gauge>,
+    qos_limit: Family<LimitLabels, Gauge>,
+    qos_waits: Family<DeviceLabels, Counter>,
     busy: Family<ReactorLabels, Gauge<f64, AtomicU64>>,
 }
 
@@ -149,6 +157,8 @@ impl Families {
             failed "failed_requests" "Requests that failed, by operation"
             size "disk_size_bytes" "Size of the disk"
             attached "client_attached" "Whether a client (a VMM) is connected to the device"
+            qos_limit "qos_limit" "The device's limit per second (iops, bps, read-bps, write-bps; 0: none)"
+            qos_waits "qos_waits" "Times a queue found the device over its limit and waited"
             busy "reactor_busy_ratio" "Share of the reactor's time spent in passes that found work"
         }
     }
@@ -239,6 +249,15 @@ pub fn render(t: &Target) -> String {
             .get_or_create(&d)
             .set(i64::try_from(s.capacity_bytes()).unwrap_or(i64::MAX));
         f.attached.get_or_create(&d).set(i64::from(attached));
+        for (k, v) in s.qos.limits().named() {
+            f.qos_limit
+                .get_or_create(&LimitLabels {
+                    device: name.clone(),
+                    limit: k.to_string(),
+                })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+        f.qos_waits.get_or_create(&d).inc_by(s.qos.waits());
         for (qi, q) in s.stats.iter().enumerate() {
             f.queue(&name, qi, q);
         }

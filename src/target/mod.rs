@@ -3,6 +3,7 @@
 //! resize, read statistics (JSON-RPC, `rpc`; Prometheus text, `metrics`).
 //! Knows devices and their options, nothing of rings.
 
+pub mod config;
 mod conns;
 pub mod metrics;
 pub mod rpc;
@@ -19,8 +20,9 @@ use serde_json::{json, Value};
 use crate::blk::exec::{ERROR_KINDS, REQUEST_KINDS};
 use crate::blk::{feature_names, BlkShared};
 use crate::device::{bind_socket, build_device, device_on, DeviceSpec, Settings};
-use crate::engine::{Engine, EngineConfig, Histogram, QueueStats};
+use crate::engine::{Engine, EngineConfig, Histogram, QosLimits, QueueStats};
 use crate::vfio_user::Control;
+use config::ConfigFile;
 
 struct Entry {
     spec: DeviceSpec,
@@ -29,6 +31,8 @@ struct Entry {
     thread: Option<JoinHandle<()>>,
     /// The socket file we bound (device, inode): only it is removed later.
     socket_id: Option<(u64, u64)>,
+    /// Written by `config_save` (not given on the command line).
+    saved: bool,
 }
 
 /// How long a removal waits for the device to stop before it answers
@@ -112,16 +116,22 @@ pub struct Target {
     memory: Mutex<()>,
     /// Shutting down: nothing is added any more.
     closing: std::sync::atomic::AtomicBool,
+    /// `--config`: where `config_save` writes the devices.
+    config: Option<ConfigFile>,
+    /// One save at a time (two would race on the file's rename).
+    saving: Mutex<()>,
 }
 
 impl Target {
     /// Starts the engine and every device of `specs` (checked by the
-    /// caller, as `Options::start_target` does). A failure removes what
-    /// was already started.
+    /// caller, as `Options::start_target` does), each with whether
+    /// `config_save` keeps it (those of the `--config` file; not those of
+    /// the command line). A failure removes what was already started.
     pub fn start(
         engine: EngineConfig,
         settings: Settings,
-        specs: Vec<DeviceSpec>,
+        specs: Vec<(DeviceSpec, bool)>,
+        config: Option<ConfigFile>,
     ) -> Result<Arc<Target>> {
         let engine = Engine::start(engine).context("starting the reactors")?;
         let t = Arc::new(Target {
@@ -131,9 +141,11 @@ impl Target {
             admin: Mutex::new(()),
             memory: Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            config,
+            saving: Mutex::new(()),
         });
-        for spec in specs {
-            if let Err(e) = t.add(spec) {
+        for (spec, saved) in specs {
+            if let Err(e) = t.add_on(spec, None, saved) {
                 t.shutdown();
                 return Err(e);
             }
@@ -150,18 +162,26 @@ impl Target {
         &self.engine
     }
 
-    /// Adds a device: opens its disk, binds its socket, serves it.
+    /// Adds a device: opens its disk, binds its socket, serves it (and
+    /// `config_save` keeps it).
     pub fn add(&self, spec: DeviceSpec) -> Result<Value> {
-        self.add_on(spec, None)
+        let r = self.add_on(spec, None, true)?;
+        self.changed();
+        Ok(r)
     }
 
     /// Adds a device on a disk the caller opened (embedding, tests): the
     /// spec's disk is only its description.
     pub fn add_disk(&self, spec: DeviceSpec, disk: crate::backend::Disk) -> Result<Value> {
-        self.add_on(spec, Some(disk))
+        self.add_on(spec, Some(disk), false)
     }
 
-    fn add_on(&self, mut spec: DeviceSpec, disk: Option<crate::backend::Disk>) -> Result<Value> {
+    fn add_on(
+        &self,
+        mut spec: DeviceSpec,
+        disk: Option<crate::backend::Disk>,
+        saved: bool,
+    ) -> Result<Value> {
         let _admin = self.admin_lock()?;
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             bail!("the target is shutting down");
@@ -170,14 +190,7 @@ impl Target {
         spec.name = Some(name.clone());
         spec.validate_against_machine()?;
         // Held until the device is in the table (its size counts then).
-        let _memory = match &spec.disk {
-            crate::backend::DiskSpec::Ram(size) => {
-                let held = self.memory.lock();
-                self.check_memory_disks(None, *size)?;
-                Some(held)
-            }
-            _ => None,
-        };
+        let _memory = self.memory_for(&spec)?;
         // Only what did not exist at all (not even as a dangling link) is
         // ours to remove if the add fails.
         let created = match &spec.disk {
@@ -227,17 +240,37 @@ impl Target {
             })
             .context("starting the device's thread")
             .inspect_err(|_| undo_bind())?;
-        say_listening(&name, &spec, &shared);
-        let entry = Entry {
-            spec,
-            shared,
-            control,
-            thread: Some(thread),
-            socket_id,
+        Ok(self.enlist(
+            name,
+            Entry {
+                spec,
+                shared,
+                control,
+                thread: Some(thread),
+                socket_id,
+                saved,
+            },
+        ))
+    }
+
+    /// For a new memory disk: the memory lock, once the disk fits.
+    fn memory_for(&self, spec: &DeviceSpec) -> Result<Option<parking_lot::MutexGuard<'_, ()>>> {
+        let crate::backend::DiskSpec::Ram(size) = spec.disk else {
+            return Ok(None);
         };
+        let held = self.memory.lock();
+        self.check_memory_disks(None, size)?;
+        Ok(Some(held))
+    }
+
+    /// A device that serves now: said in the log and to subscribers, and
+    /// in the table.
+    fn enlist(&self, name: String, entry: Entry) -> Value {
+        say_listening(&name, &entry.spec, &entry.shared);
+        crate::events::publish(&name, &crate::events::Event::DeviceAdded);
         let info = describe(&name, &entry);
         self.devices.lock().insert(name, entry);
-        Ok(info)
+        info
     }
 
     /// The lock that serialises adds and removes, waited for at most
@@ -280,6 +313,8 @@ impl Target {
         entry.control.disconnect_client();
         // Nobody can connect any more: the name and the socket are free.
         remove_own_socket(&entry.spec.socket, entry.socket_id);
+        crate::events::publish(name, &crate::events::Event::DeviceRemoved);
+        self.changed();
         let Some(t) = entry.thread.take() else {
             return Ok(true);
         };
@@ -332,7 +367,64 @@ impl Target {
         let new = shared
             .resize(size, shrink)
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        if let Some(e) = self.devices.lock().get_mut(name) {
+            config::resized(&mut e.spec, new);
+        }
+        self.changed();
         Ok(json!({ "name": name, "size": new }))
+    }
+
+    /// The limits of device `name` now.
+    pub fn qos(&self, name: &str) -> Result<QosLimits> {
+        match self.devices.lock().get(name) {
+            Some(e) => Ok(e.spec.qos),
+            None => bail!("no device named '{name}'"),
+        }
+    }
+
+    /// New limits for device `name`, from now on (its queues see them at
+    /// their next request).
+    pub fn set_qos(&self, name: &str, limits: QosLimits) -> Result<Value> {
+        {
+            let mut devs = self.devices.lock();
+            let Some(e) = devs.get_mut(name) else {
+                bail!("no device named '{name}'");
+            };
+            e.shared.qos.set(limits);
+            e.spec.qos = limits;
+        }
+        info!("{name}: limits now {}", describe_qos(limits));
+        self.changed();
+        Ok(json!({ "name": name, "qos": qos_json(limits) }))
+    }
+
+    /// Writes the devices that are not the command line's to the
+    /// `--config` file.
+    pub fn config_save(&self) -> Result<Value> {
+        let Some(c) = &self.config else {
+            bail!("the target was started without --config FILE: there is nowhere to save");
+        };
+        let _one = self.saving.lock();
+        let specs: Vec<DeviceSpec> = self
+            .devices
+            .lock()
+            .values()
+            .filter(|e| e.saved)
+            .map(|e| e.spec.clone())
+            .collect();
+        config::save(&c.path, &specs.iter().collect::<Vec<_>>())?;
+        info!("saved {} device(s) to {}", specs.len(), c.path.display());
+        Ok(json!({ "path": c.path, "devices": specs.len() }))
+    }
+
+    /// A device was added, removed or changed: with `--config-autosave`,
+    /// the file follows.
+    fn changed(&self) {
+        if self.config.as_ref().is_some_and(|c| c.autosave) {
+            if let Err(e) = self.config_save() {
+                warn!("saving the configuration: {e:#}");
+            }
+        }
     }
 
     /// The name a new device gets (its own, or the first free `diskN`):
@@ -544,10 +636,33 @@ fn describe(name: &str, e: &Entry) -> Value {
         "discard": s.discard,
         "write_zeroes": s.write_zeroes,
         "packed": s.packed,
+        "qos": qos_json(s.qos),
         "client": client,
         "features": feature_names(e.shared.features()),
         "queue_state": queues,
     })
+}
+
+/// The limits as `device_list` shows them (0: none).
+fn qos_json(l: QosLimits) -> Value {
+    Value::Object(
+        l.named()
+            .iter()
+            .map(|(k, v)| (k.replace('-', "_"), json!(v)))
+            .collect(),
+    )
+}
+
+fn describe_qos(l: QosLimits) -> String {
+    if !l.limited() {
+        return "none".into();
+    }
+    l.named()
+        .iter()
+        .filter(|(_, v)| *v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn device_stats(name: &str, s: &BlkShared) -> Value {

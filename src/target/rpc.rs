@@ -19,7 +19,8 @@ use serde_json::{json, Value};
 
 use super::conns::{accept_each, Place, Places};
 use super::Target;
-use crate::device::{bind_socket, DeviceSpec};
+use crate::device::{bind_socket, parse_rate, DeviceSpec};
+use crate::engine::QosLimits;
 use crate::util::parse_size;
 
 /// The longest request line taken.
@@ -154,6 +155,24 @@ struct AddParams {
     socket_owner: Option<Text>,
     #[serde(alias = "socket_group")]
     socket_group: Option<Text>,
+    iops: Option<Text>,
+    bps: Option<Size>,
+    #[serde(alias = "read_bps")]
+    read_bps: Option<Size>,
+    #[serde(alias = "write_bps")]
+    write_bps: Option<Size>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct QosParams {
+    name: Text,
+    iops: Option<Text>,
+    bps: Option<Size>,
+    #[serde(alias = "read_bps")]
+    read_bps: Option<Size>,
+    #[serde(alias = "write_bps")]
+    write_bps: Option<Size>,
 }
 
 #[derive(Deserialize)]
@@ -188,18 +207,49 @@ struct ListParams {
 }
 
 /// Every method, as `rpc_get_methods` lists them.
-const METHODS: [&str; 7] = [
+const METHODS: [&str; 10] = [
     "device_add",
     "device_remove",
     "device_list",
     "device_resize",
     "device_stats",
+    "device_set_qos",
+    "config_save",
+    "events_subscribe",
     "rpc_get_methods",
     "target_version",
 ];
 
 /// Most requests in one batch.
 const MAX_BATCH: usize = 64;
+/// Most connections subscribed to events at once (each keeps its place:
+/// the others stay for requests).
+const MAX_SUBSCRIBED: usize = MAX_CONNECTIONS / 2;
+static SUBSCRIBED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// What a request may ask of its connection.
+#[derive(Default)]
+struct ConnCx {
+    /// The connection holds one of the MAX_SUBSCRIBED places: events go
+    /// out on it.
+    subscribed: bool,
+}
+
+/// `events_subscribe`: takes a subscriber's place for the connection.
+fn subscribe(cx: &mut ConnCx) -> Result<Value, RpcError> {
+    use std::sync::atomic::Ordering;
+    if !cx.subscribed {
+        if SUBSCRIBED.fetch_add(1, Ordering::SeqCst) >= MAX_SUBSCRIBED {
+            SUBSCRIBED.fetch_sub(1, Ordering::SeqCst);
+            return Err(err(
+                FAILED,
+                format!("{MAX_SUBSCRIBED} connections are subscribed already"),
+            ));
+        }
+        cx.subscribed = true;
+    }
+    Ok(json!({ "subscribed": true }))
+}
 
 fn params<T: DeserializeOwned>(p: Value) -> Result<T, RpcError> {
     let p = if p.is_null() { json!({}) } else { p };
@@ -207,6 +257,25 @@ fn params<T: DeserializeOwned>(p: Value) -> Result<T, RpcError> {
         return Err(err(INVALID_PARAMS, "params must be an object"));
     }
     serde_json::from_value(p).map_err(|e| err(INVALID_PARAMS, e.to_string()))
+}
+
+/// The QoS parameters given, as `--device` keys and text values.
+fn qos_keys(
+    iops: Option<Text>,
+    bps: Option<Size>,
+    read: Option<Size>,
+    write: Option<Size>,
+) -> Result<Vec<(&'static str, String)>, RpcError> {
+    let mut v = Vec::new();
+    if let Some(i) = iops {
+        v.push(("iops", i.get("iops")?));
+    }
+    for (k, b) in [("bps", bps), ("read-bps", read), ("write-bps", write)] {
+        if let Some(b) = b {
+            v.push((k, b.bytes()?.to_string()));
+        }
+    }
+    Ok(v)
 }
 
 fn add_spec(p: AddParams) -> Result<DeviceSpec, RpcError> {
@@ -247,6 +316,9 @@ fn add_spec(p: AddParams) -> Result<DeviceSpec, RpcError> {
     if let Some(v) = p.reconnect_delay {
         put("reconnect-delay", v.get("reconnect-delay")?);
     }
+    for (k, v) in qos_keys(p.iops, p.bps, p.read_bps, p.write_bps)? {
+        put(k, v);
+    }
     for (k, v) in [
         ("socket-mode", p.socket_mode),
         ("socket-owner", p.socket_owner),
@@ -271,7 +343,37 @@ fn add_spec(p: AddParams) -> Result<DeviceSpec, RpcError> {
     s.parse::<DeviceSpec>().map_err(bad)
 }
 
-fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
+/// A device described as `device_add`'s parameters (a `--config` file's
+/// entry), read as `device_add` reads them.
+pub fn spec_from_json(v: Value) -> Result<DeviceSpec, String> {
+    params(v).and_then(add_spec).map_err(|e| e.message)
+}
+
+/// `device_set_qos`: the limits given change, the others stay.
+fn qos_limits(t: &Target, p: QosParams) -> Result<(String, QosLimits), RpcError> {
+    let name = p.name.get("name")?;
+    let mut l = t.qos(&name).map_err(|e| err(FAILED, e.to_string()))?;
+    for (k, v) in qos_keys(p.iops, p.bps, p.read_bps, p.write_bps)? {
+        let rate = parse_rate(k, &v).map_err(|e| err(INVALID_PARAMS, e))?;
+        l.set_named(k, rate);
+    }
+    Ok((name, l))
+}
+
+/// The methods about the target itself (they take no parameters).
+fn target_call(t: &Target, cx: &mut ConnCx, method: &str) -> Result<Value, RpcError> {
+    match method {
+        "rpc_get_methods" => Ok(json!(METHODS)),
+        "target_version" => Ok(json!({
+            "name": env!("CARGO_PKG_NAME"),
+            "version": env!("CARGO_PKG_VERSION"),
+        })),
+        "config_save" => t.config_save().map_err(|e| err(FAILED, format!("{e:#}"))),
+        _ => subscribe(cx),
+    }
+}
+
+fn call(t: &Target, cx: &mut ConnCx, method: &str, p: Value) -> Result<Value, RpcError> {
     let failed = |e: anyhow::Error| {
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
         err(FAILED, chain.join(": "))
@@ -310,16 +412,9 @@ fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
             }
             Ok(Value::Array(one))
         }
-        "rpc_get_methods" => {
+        "rpc_get_methods" | "target_version" | "config_save" | "events_subscribe" => {
             let _: NoParams = params(p)?;
-            Ok(json!(METHODS))
-        }
-        "target_version" => {
-            let _: NoParams = params(p)?;
-            Ok(json!({
-                "name": env!("CARGO_PKG_NAME"),
-                "version": env!("CARGO_PKG_VERSION"),
-            }))
+            target_call(t, cx, method)
         }
         "device_resize" => {
             let p: ResizeParams = params(p)?;
@@ -330,6 +425,10 @@ fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
                 .transpose()?
                 .unwrap_or(false);
             t.resize(&p.name.get("name")?, size, shrink).map_err(failed)
+        }
+        "device_set_qos" => {
+            let (name, limits) = qos_limits(t, params(p)?)?;
+            t.set_qos(&name, limits).map_err(failed)
         }
         "device_stats" => {
             let p: StatsParams = params(p)?;
@@ -346,7 +445,7 @@ fn call(t: &Target, method: &str, p: Value) -> Result<Value, RpcError> {
 /// Answers one request line: a request, or a batch of them (a JSON array,
 /// answered with an array of the answers, in order, notifications left
 /// out); None when nothing is to be answered.
-fn answer(t: &Target, line: &[u8]) -> Option<Value> {
+fn answer(t: &Target, cx: &mut ConnCx, line: &[u8]) -> Option<Value> {
     let v: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => {
@@ -358,7 +457,7 @@ fn answer(t: &Target, line: &[u8]) -> Option<Value> {
         }
     };
     let Value::Array(batch) = v else {
-        return answer_one(t, v);
+        return answer_one(t, cx, v);
     };
     if batch.is_empty() {
         return Some(error_reply(Value::Null, INVALID_REQUEST, "an empty batch"));
@@ -370,7 +469,10 @@ fn answer(t: &Target, line: &[u8]) -> Option<Value> {
             format!("a batch of {} requests; at most {MAX_BATCH}", batch.len()),
         ));
     }
-    let answers: Vec<Value> = batch.into_iter().filter_map(|r| answer_one(t, r)).collect();
+    let answers: Vec<Value> = batch
+        .into_iter()
+        .filter_map(|r| answer_one(t, cx, r))
+        .collect();
     (!answers.is_empty()).then_some(Value::Array(answers))
 }
 
@@ -381,7 +483,7 @@ fn error_reply(id: Value, code: i64, message: impl Into<String>) -> Value {
 
 /// Answers one request; None for a notification (no id), which gets no
 /// answer.
-fn answer_one(t: &Target, v: Value) -> Option<Value> {
+fn answer_one(t: &Target, cx: &mut ConnCx, v: Value) -> Option<Value> {
     let reply = |id: Value, r: Result<Value, RpcError>| {
         Some(match r {
             Ok(v) => json!({ "jsonrpc": "2.0", "id": id, "result": v }),
@@ -416,7 +518,7 @@ fn answer_one(t: &Target, v: Value) -> Option<Value> {
     };
     let p = obj.get("params").cloned().unwrap_or(Value::Null);
     debug!("rpc: {method} {p}");
-    let r = call(t, method, p);
+    let r = call(t, cx, method, p);
     match id {
         Some(id) => reply(id, r),
         None => None,
@@ -427,7 +529,7 @@ fn answer_one(t: &Target, v: Value) -> Option<Value> {
 /// when the connection is over (closed, idle for IDLE_TIMEOUT, a line that
 /// took longer than LINE_DEADLINE to arrive, or one longer than MAX_LINE,
 /// which is answered first).
-fn next_line(s: &mut UnixStream, buf: &mut Vec<u8>, line: &mut Vec<u8>) -> bool {
+fn next_line(s: &mut UnixStream, buf: &mut Vec<u8>, line: &mut Vec<u8>, idle: bool) -> bool {
     let mut started: Option<std::time::Instant> = None;
     let mut chunk = [0u8; 8192];
     loop {
@@ -446,12 +548,16 @@ fn next_line(s: &mut UnixStream, buf: &mut Vec<u8>, line: &mut Vec<u8>) -> bool 
         }
         // Idle between requests for a while; once a request has begun, it
         // must arrive whole in LINE_DEADLINE, however it trickles.
+        // (A subscribed connection may stay quiet: its events are why it
+        // is there.)
         let left = match (buf.is_empty(), started) {
+            (true, _) if !idle => Duration::MAX,
             (true, _) => IDLE_TIMEOUT,
             (false, Some(t)) => LINE_DEADLINE.saturating_sub(t.elapsed()),
             (false, None) => LINE_DEADLINE,
         };
-        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+        let timeout = (left != Duration::MAX).then_some(left);
+        if left.is_zero() || s.set_read_timeout(timeout).is_err() {
             if !buf.is_empty() {
                 crate::warn_limited!(
                     "rpc: a request took over {LINE_DEADLINE:?} to arrive; connection closed"
@@ -483,19 +589,79 @@ fn next_line(s: &mut UnixStream, buf: &mut Vec<u8>, line: &mut Vec<u8>) -> bool 
 fn serve_conn(t: &Target, mut stream: UnixStream, place: &Place) {
     let mut buf = Vec::new();
     let mut line = Vec::new();
-    while next_line(&mut stream, &mut buf, &mut line) {
+    let mut cx = ConnCx::default();
+    // Answers and events go out through one lock, a line at a time.
+    let Ok(out) = stream.try_clone() else { return };
+    let out = Arc::new(parking_lot::Mutex::new(out));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut events: Option<std::thread::JoinHandle<()>> = None;
+    while next_line(&mut stream, &mut buf, &mut line, !cx.subscribed) {
         let trimmed = line.trim_ascii();
         if trimmed.is_empty() {
             continue;
         }
         // Being answered: not closed to make room for another.
         place.busy(true);
-        let answered = answer(t, trimmed).is_none_or(|v| writeln!(stream, "{v}").is_ok());
-        place.busy(false);
+        let a = answer(t, &mut cx, trimmed);
+        // Subscribed before the answer goes out: every event after it is
+        // sent.
+        if cx.subscribed && events.is_none() {
+            events = send_events(crate::events::subscribe(), out.clone(), done.clone());
+            if events.is_none() {
+                break;
+            }
+        }
+        let answered = a.is_none_or(|v| writeln!(out.lock(), "{v}").is_ok());
+        // A subscribed connection keeps its place.
+        place.busy(cx.subscribed);
         if !answered {
-            return;
+            break;
         }
     }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    if cx.subscribed {
+        SUBSCRIBED.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    if let Some(h) = events {
+        let _ = h.join();
+    }
+}
+
+/// Sends every event to a subscribed connection, as JSON-RPC notifications
+/// (`event`, and `events_lost` with a count when the connection did not
+/// keep up), until `done` or the connection fails (which closes it).
+fn send_events(
+    sub: crate::events::Subscription,
+    out: Arc<parking_lot::Mutex<UnixStream>>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("rpc-events".into())
+        .spawn(move || {
+            let send = |v: Value| writeln!(out.lock(), "{v}").is_ok();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let lost = sub.take_lost();
+                if lost > 0
+                    && !send(json!({ "jsonrpc": "2.0", "method": "events_lost",
+                                      "params": { "count": lost } }))
+                {
+                    break;
+                }
+                match sub.rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(v) => {
+                        if !send(json!({ "jsonrpc": "2.0", "method": "event", "params": v })) {
+                            break;
+                        }
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            // A subscriber that does not read its events is let go: its
+            // reader sees the end.
+            let _ = out.lock().shutdown(std::net::Shutdown::Both);
+        })
+        .ok()
 }
 
 /// Serves the management socket at `path` (owner-only) on its own threads.

@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread;
 
+use crate::events::Event;
 use crate::util::DeviceLog;
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_DMA_UNMAP_FLAG_ALL,
@@ -322,8 +323,15 @@ impl<D: Device> Server<D> {
             // reply at once.
             let _ = stream.set_write_timeout(Some(REPLY_WRITE_TIMEOUT));
             *control.client.lock() = stream.try_clone().ok().map(|s| (s, cred));
+            let pid = cred.map_or(-1, |c| c.pid);
+            self.log.event(Event::ClientAttached {
+                pid,
+                uid: cred.map_or(u32::MAX, |c| c.uid),
+                gid: cred.map_or(u32::MAX, |c| c.gid),
+            });
             self.serve(stream);
             *control.client.lock() = None;
+            self.log.event(Event::ClientDetached { pid });
             if control.stopping.load(Ordering::SeqCst) {
                 break;
             }
