@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: formatting, lints, unit and integration tests,
-# then the real-guest test (scripts/qemu-e2e.sh) when running as root.
+# the README's examples as written (scripts/readme-check.sh), then the
+# real-guest test (scripts/qemu-e2e.sh) when running as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
@@ -24,6 +25,9 @@ if [ "$(id -u)" = 0 ]; then
     export VUB_REQUIRE_NBD=1
 fi
 cargo test --all-targets
+# The README's examples, run as written (a release build; as root, curl is
+# installed when missing).
+scripts/readme-check.sh
 
 if [ "$(id -u)" != 0 ]; then
     echo "qemu-e2e: SKIPPED (needs root: debootstrap, chroot and bind mounts)"
