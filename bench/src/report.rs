@@ -638,3 +638,46 @@ pub fn against_base(results: &Results) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chart::read;
+
+    #[test]
+    fn the_iops_chart_has_its_legend_beside_both_plots_and_the_machine_on_top() {
+        let rows: Vec<Value> = [1, 8, 32]
+            .iter()
+            .map(|qd| {
+                let s = |iops: f64| json!({"iops": iops * *qd as f64, "p99_us": 12.5 * *qd as f64});
+                json!({"workload": format!("4k-randread-qd{qd}"), "op": "Read", "random": true,
+                    "block_size": 4096, "queue_depth": qd, "queues": 1, "devices": 1,
+                    "disk": "cached", "targets": {"ours": s(40_000.0), "qsd-uring": s(25_000.0)}})
+            })
+            .collect();
+        let v = json!({"machine": "Test CPU 9000, 4 cores, 8 GiB, Linux 6.1", "results": rows});
+        let svg = plot(&v).unwrap();
+        let texts = read::texts(&svg);
+        let areas = read::plot_areas(&svg);
+        assert_eq!(areas.len(), 2, "two plots: {areas:?}");
+        let right = areas.iter().map(|a| a.2).fold(0.0, f64::max);
+        for name in ["ours", "qsd-uring"] {
+            let t = texts.iter().find(|t| t.2 == name).expect(name);
+            assert!(
+                t.0 > right,
+                "legend entry {name} at x {} left of {right}",
+                t.0
+            );
+        }
+        for (x0, _, x1, y1) in &areas {
+            for qd in ["1", "8", "32"] {
+                assert!(
+                    (texts.iter()).any(|t| t.2 == qd && t.1 > *y1 && *x0 <= t.0 && t.0 <= *x1),
+                    "no queue depth {qd} under the plot at {x0}..{x1}: {texts:?}"
+                );
+            }
+        }
+        assert!(texts.iter().any(|t| t.2 == "Test CPU 9000, 4 cores"));
+        assert!(texts.iter().all(|t| !t.2.ends_with(".0")), "{texts:?}");
+    }
+}
