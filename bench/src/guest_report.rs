@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use plotters::prelude::*;
 use serde_json::{json, Value};
 
+use crate::chart;
 use crate::report::median;
 
 /// One job of one run: (IOPS, p50 µs, p99 µs).
@@ -65,10 +65,15 @@ fn parse_log(text: &str) -> BTreeMap<String, Fig> {
     out
 }
 
-pub fn run(dir: &Path, json_path: Option<&Path>, svg: Option<&Path>) -> Result<()> {
-    // config -> job -> runs; config -> (qemu cores, server cores) per run
-    let mut jobs: BTreeMap<String, BTreeMap<String, Vec<Fig>>> = BTreeMap::new();
-    let mut cpu: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+/// config -> job -> runs
+type Jobs = BTreeMap<String, BTreeMap<String, Vec<Fig>>>;
+/// config -> (qemu cores, server cores) per run
+type Cpu = BTreeMap<String, Vec<(f64, f64)>>;
+
+/// The runs of DIR: their jobs' figures, their CPU and the accelerator.
+fn collect(dir: &Path) -> Result<(Jobs, Cpu, String)> {
+    let mut jobs: Jobs = BTreeMap::new();
+    let mut cpu: Cpu = BTreeMap::new();
     let mut accel = String::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let p = e?.path();
@@ -99,6 +104,11 @@ pub fn run(dir: &Path, json_path: Option<&Path>, svg: Option<&Path>) -> Result<(
     if jobs.is_empty() {
         bail!("no finished run in {}", dir.display());
     }
+    Ok((jobs, cpu, accel))
+}
+
+pub fn run(dir: &Path, json_path: Option<&Path>, svg: Option<&Path>) -> Result<()> {
+    let (jobs, cpu, accel) = collect(dir)?;
     let all_jobs: Vec<String> = {
         let mut v: Vec<String> = jobs.values().flat_map(|m| m.keys().cloned()).collect();
         v.sort();
@@ -164,91 +174,155 @@ pub fn run(dir: &Path, json_path: Option<&Path>, svg: Option<&Path>) -> Result<(
     println!(
         "* the best QEMU configuration of the job (by IOPS), which ours/bestQ compares against"
     );
+    let cpu_rows = cpu_table(&cpu);
+    let v = json!({"machine": crate::machine(), "accelerator": accel, "runs": runs,
+        "jobs": rows, "cpu": cpu_rows});
+    if let Some(p) = json_path {
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    if let Some(p) = svg {
+        std::fs::write(p, plot(&v)?)?;
+    }
+    Ok(())
+}
+
+/// Prints the host CPU of each configuration (medians) and gives its rows
+/// of the JSON.
+fn cpu_table(cpu: &Cpu) -> Vec<Value> {
     println!("\nhost CPU while the jobs ran (cores = CPU seconds / wall seconds, medians):");
     println!(
         "{:<30} {:>12} {:>12}",
         "configuration", "QEMU cores", "server cores"
     );
     let mut cpu_rows = Vec::new();
-    for (c, v) in &cpu {
+    for (c, v) in cpu {
         let q = median(v.iter().map(|x| x.0).collect());
         let s = median(v.iter().map(|x| x.1).collect());
         println!("{c:<30} {q:>12.2} {s:>12.2}");
         cpu_rows.push(json!({"configuration": c, "qemu_cores": q, "server_cores": s}));
     }
-    if let Some(p) = json_path {
-        let v = json!({"accelerator": accel, "runs": runs, "jobs": rows, "cpu": cpu_rows});
-        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
-    }
-    if let Some(p) = svg {
-        plot(&all_jobs, &configs, &med, p)?;
-    }
-    Ok(())
+    cpu_rows
 }
 
-fn plot(
-    jobs: &[String],
-    configs: &[String],
-    med: &dyn Fn(&str, &str) -> Option<Fig>,
-    path: &Path,
-) -> Result<()> {
-    let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let ymax = jobs
+/// The SVG of a guest report's JSON (as `run` writes it): IOPS per job
+/// (a group of bars) and configuration (a bar), titled with the machine
+/// and the accelerator.
+pub fn plot(v: &Value) -> Result<String> {
+    let rows = v["jobs"]
+        .as_array()
+        .context("no \"jobs\" in the guest report")?;
+    let names = |key: &str| -> Vec<String> {
+        let mut n: Vec<String> = (rows.iter())
+            .filter_map(|r| r[key].as_str().map(str::to_string))
+            .collect();
+        n.sort();
+        n.dedup();
+        n
+    };
+    let (jobs, configs) = (names("job"), names("configuration"));
+    let value = |i: usize, k: usize| {
+        let row = rows
+            .iter()
+            .find(|r| r["job"] == jobs[i] && r["configuration"] == configs[k]);
+        row.and_then(|r| r["iops"].as_f64())
+    };
+    let accel = match v["accelerator"].as_str().unwrap_or("") {
+        "" => "accelerator unknown".to_string(),
+        "tcg" => "accelerator TCG (only the ratios mean anything)".to_string(),
+        a => format!("accelerator {}", a.to_uppercase()),
+    };
+    let runs = v["runs"].as_u64().unwrap_or(0);
+    chart::bars(&chart::Bars {
+        title: "Guest fio IOPS per job and configuration".into(),
+        subtitle: format!(
+            "{}; {accel}; medians of {runs} run(s)",
+            chart::machine_of(v)
+        ),
+        groups: &jobs,
+        series: &configs,
+        value: &value,
+        y_desc: "IOPS",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chart::read;
+
+    /// A guest report of three jobs and two configurations.
+    fn report() -> Value {
+        let mut rows = Vec::new();
+        for (j, job) in [
+            "randread-qd1/libaio",
+            "randread-qd32/libaio",
+            "randwrite-qd32/libaio",
+        ]
         .iter()
-        .flat_map(|j| configs.iter().filter_map(|c| med(c, j).map(|f| f.0)))
-        .fold(1.0, f64::max)
-        * 1.15;
-    let n = configs.len().max(1) as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Guest fio IOPS per job and configuration",
-            ("sans-serif", 16),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0f64..jobs.len() as f64, 0f64..ymax)?;
-    let labels: Vec<String> = jobs.to_vec();
-    chart
-        .configure_mesh()
-        .x_labels(jobs.len().max(1))
-        .x_label_formatter(&|x| {
-            // Bars of job i stand between i and i + 1.
-            labels
+        .enumerate()
+        {
+            for (k, c) in ["ours-busy-direct", "qemu-modern-iothread-native"]
                 .iter()
                 .enumerate()
-                .find(|(i, _)| (*i as f64) <= *x && *x < (*i + 1) as f64)
-                .map(|(_, l)| l.clone())
-                .unwrap_or_default()
-        })
-        .y_desc("IOPS")
-        .draw()?;
-    let palette = crate::report::PALETTE;
-    for (k, c) in configs.iter().enumerate() {
-        let color = palette[k % palette.len()];
-        let bars: Vec<Rectangle<(f64, f64)>> = jobs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, j)| {
-                let v = med(c, j)?.0;
-                let x0 = i as f64 + 0.1 + 0.8 * k as f64 / n;
-                Some(Rectangle::new(
-                    [(x0, 0.0), (x0 + 0.8 / n, v)],
-                    color.filled(),
-                ))
-            })
-            .collect();
-        chart
-            .draw_series(bars)?
-            .label(c.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+            {
+                let iops = 5000.0 + 12000.0 * j as f64 + 1500.0 * k as f64;
+                rows.push(json!({"job": job, "configuration": c, "iops": iops}));
+            }
+        }
+        json!({"machine": "Test CPU 9000, 4 cores, 8 GiB, Linux 6.1", "accelerator": "kvm",
+            "runs": 3, "jobs": rows})
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()?;
-    root.present()?;
-    Ok(())
+
+    #[test]
+    fn every_group_is_labelled_under_its_bars_and_the_legend_is_beside_the_plot() {
+        let svg = plot(&report()).unwrap();
+        let texts = read::texts(&svg);
+        let areas = read::plot_areas(&svg);
+        assert_eq!(areas.len(), 1, "one plot: {areas:?}");
+        let (x0, y0, x1, y1) = areas[0];
+        let palette: Vec<String> = (chart::PALETTE.iter())
+            .map(|c| format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2))
+            .collect();
+        let (mut bars, mut others): (Vec<_>, Vec<_>) = read::rects(&svg)
+            .into_iter()
+            .filter(|r| !(r.0 == 0.0 && r.1 == 0.0)) // the background
+            .partition(|r| palette.contains(&r.4) && (r.1 + r.3 - y1).abs() <= 2.0);
+        // The bars stand on the x axis, three groups of two.
+        assert_eq!(bars.len(), 6, "{bars:?}");
+        bars.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let labels = [
+            "randread-qd1/libaio",
+            "randread-qd32/libaio",
+            "randwrite-qd32/libaio",
+        ];
+        for (group, label) in bars.chunks(2).zip(labels) {
+            let (from, to) = (group[0].0, group[1].0 + group[1].2);
+            // The label's lines under the axis, within the group's span.
+            let mut under: Vec<&(f64, f64, String)> = (texts.iter())
+                .filter(|t| t.1 > y1 && from <= t.0 && t.0 <= to)
+                .collect();
+            under.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let under: Vec<&str> = under.iter().map(|t| t.2.as_str()).collect();
+            assert_eq!(under.join("/"), label, "under the bars at {from}..{to}");
+        }
+        // The legend: a swatch per configuration, none of it on the plot.
+        let swatches = others.iter().filter(|r| palette.contains(&r.4)).count();
+        assert_eq!(swatches, 2, "{others:?}");
+        others.retain(|r| r.0 < x1 && r.0 + r.2 > x0 && r.1 < y1 && r.1 + r.3 > y0);
+        assert!(
+            others.is_empty(),
+            "on the plot ({x0},{y0})-({x1},{y1}): {others:?}"
+        );
+        for name in ["ours-busy-direct", "qemu-modern-iothread-native"] {
+            let t = texts.iter().find(|t| t.2 == name).expect(name);
+            assert!(t.0 > x1, "legend entry {name} at x {} left of {x1}", t.0);
+        }
+        // The title names the machine and the accelerator; no number on
+        // the axis has a trailing .0.
+        assert!(texts.iter().any(|t| t.2.contains("Test CPU 9000, 4 cores")
+            && t.2.contains("KVM")
+            && !t.2.contains("GiB")));
+        assert!(texts.iter().all(|t| !t.2.ends_with(".0")), "{texts:?}");
+        assert!(texts.iter().any(|t| t.2 == "30k"), "{texts:?}");
+    }
 }

@@ -4,6 +4,7 @@
 //! the synthetic guest that drives the devices, and `servers` for the
 //! device processes.
 
+mod chart;
 mod guest;
 mod guest_report;
 mod notify;
@@ -149,6 +150,16 @@ struct Args {
     /// --json and --svg).
     #[arg(long, value_name = "DIR")]
     guest_report: Option<PathBuf>,
+    /// Only draw --svg from an earlier --json file (the benchmark's, as
+    /// bench/results.json, or --guest-report's, as bench/guest.json),
+    /// running nothing.
+    #[arg(
+        long,
+        value_name = "JSON",
+        requires = "svg",
+        conflicts_with = "guest_report"
+    )]
+    render_from: Option<PathBuf>,
 
     /// An earlier build of the server, run as the target `ours-base` with
     /// ours' options, interleaved with ours on every single-disk workload:
@@ -930,6 +941,9 @@ fn real_main(args: &Args) -> Result<()> {
     if let Some(dir) = &args.guest_report {
         return guest_report::run(dir, args.json.as_deref(), args.svg.as_deref());
     }
+    if let (Some(from), Some(svg)) = (&args.render_from, &args.svg) {
+        return render(from, svg);
+    }
     let placement = if args.no_pin {
         None
     } else {
@@ -1310,10 +1324,27 @@ fn real_main(args: &Args) -> Result<()> {
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d)?;
         }
-        report::plot(&results, p)?;
+        std::fs::write(p, report::plot(&json)?)?;
         eprintln!("wrote {}", p.display());
     }
     drop(servers);
+    Ok(())
+}
+
+/// `--render-from JSON --svg SVG`: the chart of an earlier run's JSON, a
+/// guest report's (it has "jobs") or the benchmark's.
+fn render(from: &Path, svg: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(from).with_context(|| format!("reading {}", from.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", from.display()))?;
+    let chart = if v.get("jobs").is_some() {
+        guest_report::plot(&v)?
+    } else {
+        report::plot(&v)?
+    };
+    std::fs::write(svg, chart).with_context(|| format!("writing {}", svg.display()))?;
+    eprintln!("wrote {}", svg.display());
     Ok(())
 }
 

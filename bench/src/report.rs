@@ -4,12 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
 
-use anyhow::Result;
-use plotters::prelude::*;
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
+use crate::chart;
 use crate::run::{Disk, Op, RunResult, Workload};
 
 /// Every target name, in table order.
@@ -574,102 +573,46 @@ pub fn to_json(results: &Results, m: &Meta) -> Value {
     })
 }
 
-/// A plotted line: target, points, colour.
-type Series = (&'static str, Vec<(f64, f64)>, RGBColor);
-
-/// IOPS and p99 against queue depth for 4 KiB random reads on one queue.
-/// Series colours of the charts.
-pub const PALETTE: [RGBColor; 12] = [
-    RGBColor(200, 40, 40),
-    RGBColor(230, 140, 30),
-    RGBColor(40, 90, 200),
-    RGBColor(120, 60, 180),
-    RGBColor(60, 170, 190),
-    RGBColor(60, 150, 60),
-    RGBColor(120, 120, 120),
-    RGBColor(170, 110, 60),
-    RGBColor(0, 0, 0),
-    RGBColor(220, 90, 160),
-    RGBColor(90, 90, 40),
-    RGBColor(40, 160, 120),
-];
-
-pub fn plot(results: &Results, path: &Path) -> Result<()> {
-    let pts = |t: &str, f: &dyn Fn(&Summary) -> f64| -> Vec<(f64, f64)> {
-        let mut v: Vec<(f64, f64)> = results
-            .values()
-            .filter(|r| {
-                let w = &r.w;
-                w.bs == 4096
-                    && w.random
-                    && w.op == Op::Read
-                    && w.queues == 1
-                    && w.devices == 1
-                    && w.disk == Disk::Cached
-            })
-            .filter_map(|r| r.per.get(t).map(|s| (r.w.qd as f64, f(s))))
-            .collect();
-        v.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
-        v
-    };
-    let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(500);
-    let colors = PALETTE;
-    for (area, title, f, unit) in [
-        (
-            &left,
-            "4 KiB random read, 1 queue: IOPS",
-            &(|s: &Summary| s.iops) as &dyn Fn(&Summary) -> f64,
-            "IOPS",
-        ),
-        (
-            &right,
-            "4 KiB random read, 1 queue: p99 latency",
-            &(|s: &Summary| s.p99),
-            "p99 (us)",
-        ),
-    ] {
-        let series: Vec<Series> = TARGETS
-            .iter()
-            .zip(colors)
-            .map(|(t, c)| (*t, pts(t, f), c))
-            .filter(|s| !s.1.is_empty())
-            .collect();
-        let ymax = series
-            .iter()
-            .flat_map(|(_, v, _)| v.iter().map(|p| p.1))
-            .fold(1.0, f64::max)
-            * 1.15;
-        let mut chart = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d((1f64..160f64).log_scale(), 0f64..ymax)?;
-        chart
-            .configure_mesh()
-            .x_desc("queue depth")
-            .y_desc(unit)
-            .x_labels(6)
-            .draw()?;
-        for (name, v, c) in series {
-            chart
-                .draw_series(LineSeries::new(v.clone(), c.stroke_width(2)))?
-                .label(name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-                });
-            chart.draw_series(v.into_iter().map(|p| Circle::new(p, 3, c.filled())))?;
+/// bench/iops.svg from the benchmark's JSON (as `to_json` writes it): IOPS
+/// and p99 latency against queue depth for 4 KiB random reads on one
+/// queue of a page-cached image, titled with the machine.
+pub fn plot(v: &Value) -> Result<String> {
+    let rows = v["results"]
+        .as_array()
+        .context("no \"results\" in the JSON")?;
+    let rows: Vec<&Value> = (rows.iter())
+        .filter(|r| {
+            r["block_size"] == 4096
+                && r["random"] == true
+                && r["op"] == "Read"
+                && r["queues"] == 1
+                && r["devices"] == 1
+                && r["disk"] == "cached"
+        })
+        .collect();
+    let panel = |caption: &str, key: &str, y_desc: &str| {
+        let series = TARGETS.iter().enumerate().map(|(k, t)| {
+            let mut pts: Vec<(f64, f64)> = (rows.iter())
+                .filter_map(|r| Some((r["queue_depth"].as_f64()?, r["targets"][t][key].as_f64()?)))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (t.to_string(), chart::color(k), pts)
+        });
+        chart::Panel {
+            caption: caption.into(),
+            y_desc: y_desc.into(),
+            series: series.filter(|s| !s.2.is_empty()).collect(),
         }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()?;
-    }
-    root.present()?;
-    Ok(())
+    };
+    chart::lines(
+        "4 KiB random reads, 1 queue, page-cached image",
+        &chart::machine_of(v),
+        "queue depth",
+        &[
+            panel("IOPS", "iops", "IOPS"),
+            panel("p99 latency", "p99_us", "p99 latency (µs)"),
+        ],
+    )
 }
 
 /// ours against `--baseline-bin` (ours-base), workload by workload: the
@@ -694,4 +637,47 @@ pub fn against_base(results: &Results) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chart::read;
+
+    #[test]
+    fn the_iops_chart_has_its_legend_beside_both_plots_and_the_machine_on_top() {
+        let rows: Vec<Value> = [1, 8, 32]
+            .iter()
+            .map(|qd| {
+                let s = |iops: f64| json!({"iops": iops * *qd as f64, "p99_us": 12.5 * *qd as f64});
+                json!({"workload": format!("4k-randread-qd{qd}"), "op": "Read", "random": true,
+                    "block_size": 4096, "queue_depth": qd, "queues": 1, "devices": 1,
+                    "disk": "cached", "targets": {"ours": s(40_000.0), "qsd-uring": s(25_000.0)}})
+            })
+            .collect();
+        let v = json!({"machine": "Test CPU 9000, 4 cores, 8 GiB, Linux 6.1", "results": rows});
+        let svg = plot(&v).unwrap();
+        let texts = read::texts(&svg);
+        let areas = read::plot_areas(&svg);
+        assert_eq!(areas.len(), 2, "two plots: {areas:?}");
+        let right = areas.iter().map(|a| a.2).fold(0.0, f64::max);
+        for name in ["ours", "qsd-uring"] {
+            let t = texts.iter().find(|t| t.2 == name).expect(name);
+            assert!(
+                t.0 > right,
+                "legend entry {name} at x {} left of {right}",
+                t.0
+            );
+        }
+        for (x0, _, x1, y1) in &areas {
+            for qd in ["1", "8", "32"] {
+                assert!(
+                    (texts.iter()).any(|t| t.2 == qd && t.1 > *y1 && *x0 <= t.0 && t.0 <= *x1),
+                    "no queue depth {qd} under the plot at {x0}..{x1}: {texts:?}"
+                );
+            }
+        }
+        assert!(texts.iter().any(|t| t.2 == "Test CPU 9000, 4 cores"));
+        assert!(texts.iter().all(|t| !t.2.ends_with(".0")), "{texts:?}");
+    }
 }

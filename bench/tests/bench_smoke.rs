@@ -166,3 +166,26 @@ fn bad_options_are_errors() {
         assert!(err.contains("bench:"), "{args:?}: {err}");
     }
 }
+
+/// `--render-from`: the committed JSON files drawn again, with nothing run.
+#[test]
+fn render_from_draws_the_chart_of_a_saved_json() {
+    let dir = TempDir::new("bench-render");
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (json, want) in [
+        ("results.json", "queue depth"),
+        ("guest.json", "Guest fio IOPS"),
+    ] {
+        let svg = dir.path("out.svg");
+        let from = here.join(json);
+        let args = format!("--render-from {} --svg {}", from.display(), svg.display());
+        bench_ok(&args, None);
+        let s = std::fs::read_to_string(&svg).unwrap();
+        assert!(s.starts_with("<svg") && s.contains(want), "{json}: {s}");
+        assert!(s.contains(" cores"), "{json}: no machine in the title");
+        std::fs::remove_file(&svg).unwrap();
+    }
+    // It needs --svg.
+    let out = bench("--render-from results.json", None);
+    assert!(!out.status.success());
+}
