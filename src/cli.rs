@@ -31,7 +31,8 @@ use crate::virtio::transport::NotifyMode;
 /// More: `--device socket=PATH,disk=SPEC[,name=NAME,size=SIZE,readonly=on,
 /// queues=N,queue-size=N,serial=S,logical-block-size=N,direct=on,
 /// discard=off,write-zeroes=off,packed=on,force-share=on,format=raw,
-/// reconnect-delay=SECONDS,socket-mode=MODE,socket-group=G,socket-owner=U]`,
+/// reconnect-delay=SECONDS,socket-mode=MODE,socket-group=G,socket-owner=U,
+/// iops=N,bps=RATE,read-bps=RATE,write-bps=RATE]`,
 /// repeatable (a comma inside a value is written `,,`).
 #[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about, args_conflicts_with_subcommands = true)]
@@ -240,7 +241,9 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         rpc_socket: PathBuf,
         /// device_add, device_remove, device_list, device_resize,
-        /// device_stats, rpc_get_methods, target_version
+        /// device_stats, device_set_qos, config_save, rpc_get_methods,
+        /// target_version; events_subscribe prints each event as a line
+        /// of JSON until the target stops
         method: String,
         /// Parameters as key=value (numbers and true/false are typed).
         params: Vec<String>,

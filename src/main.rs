@@ -22,10 +22,13 @@ fn main() -> ExitCode {
             method,
             params,
         }) => rpc::client(rpc_socket, method, params).map(|v| {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
-            );
+            // (events_subscribe printed its events as they came.)
+            if method != "events_subscribe" {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+                );
+            }
         }),
         Some(c @ (Command::Completions { .. } | Command::Man)) => {
             use std::io::Write;

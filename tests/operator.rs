@@ -90,6 +90,26 @@ fn images_and_sockets_planted_by_another_user_are_refused() {
     assert!(!st.success(), "served a planted image: {err}");
     assert!(err.contains("another user"), "{err}");
 
+    // A planted --config file: it names the disks to open (issue 22).
+    let cfg = shared.join("vub.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{{\"devices\": [{{\"socket\": \"{}\", \"disk\": \"ram:1M\"}}]}}",
+            dir.path("c.sock").display()
+        ),
+    )
+    .unwrap();
+    chown(&cfg).unwrap();
+    let (st, err) = run(&[
+        "--rpc-socket",
+        dir.path("r.sock").to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(!st.success(), "took a planted configuration: {err}");
+    assert!(err.contains("another user"), "{err}");
+
     // A planted symlink to a root-only file.
     let secret = dir.image("secret.img", 1 << 20);
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -341,3 +341,84 @@ fn a_subscribed_connection_hears_of_attach_reset_resize_and_removal() {
     let v: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["id"], 9, "{line}");
 }
+
+/// `vfio-user-blk rpc ... events_subscribe` prints each event as it comes.
+#[test]
+fn the_rpc_client_follows_events() {
+    let t = RpcTarget::start(&[]);
+    let mut child = std::process::Command::new(bin())
+        .args(["rpc", "--rpc-socket", s(&t.rpc), "events_subscribe"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines() {
+            if tx.send(l.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    // The client subscribes some time after it starts: devices are added
+    // until one is heard of.
+    let mut heard = None;
+    for i in 0..50 {
+        t.ok(
+            "device_add",
+            json!({"name": format!("f{i}"), "socket": t.dir.path(&format!("f{i}.sock")),
+                   "disk": "null:1M"}),
+        );
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            heard = Some(line);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = heard.expect("no event printed");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["event"], "device_added", "{line}");
+    assert!(v["device"].as_str().unwrap().starts_with('f'), "{line}");
+}
+
+/// Subscribers keep their places, so they are bounded: the ninth is
+/// refused, and requests still find room.
+#[test]
+fn at_most_eight_connections_subscribe() {
+    let t = RpcTarget::start(&[]);
+    let subs: Vec<_> = (0..8).map(|_| subscribe(&t.rpc)).collect();
+    let mut s = UnixStream::connect(&t.rpc).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    writeln!(
+        s,
+        "{}",
+        json!({"jsonrpc": "2.0", "id": 1, "method": "events_subscribe"})
+    )
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("subscribed already"),
+        "{line}"
+    );
+    assert_eq!(t.ok("target_version", json!({}))["name"], "vfio-user-blk");
+    // One leaves: its place is free again.
+    drop(subs);
+    wait_until("a subscriber's place", || {
+        let mut s = UnixStream::connect(&t.rpc).unwrap();
+        writeln!(
+            s,
+            "{}",
+            json!({"jsonrpc": "2.0", "id": 1, "method": "events_subscribe"})
+        )
+        .unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        line.contains("\"subscribed\":true")
+    });
+}

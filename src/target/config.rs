@@ -82,6 +82,9 @@ pub fn load(
     path: &Path,
     parse: impl Fn(Value) -> Result<DeviceSpec, String>,
 ) -> Result<Vec<DeviceSpec>> {
+    // It names disks to open: a file another user planted or can swap
+    // (in /tmp, in their folder) is refused, as an image would be.
+    crate::util::check_path_is_ours(path, "configuration file").map_err(anyhow::Error::msg)?;
     let text = match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             log::info!(

@@ -716,8 +716,9 @@ pub fn client(socket: &Path, method: &str, args: &[String]) -> Result<Value> {
     s.set_read_timeout(Some(Duration::from_secs(600)))?;
     let req = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": p });
     writeln!(s, "{req}")?;
+    let mut r = BufReader::new(&s);
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
+    r.read_line(&mut line)?;
     let v: Value = serde_json::from_str(&line).context("the answer is not JSON")?;
     if let Some(e) = v.get("error") {
         bail!(
@@ -725,5 +726,29 @@ pub fn client(socket: &Path, method: &str, args: &[String]) -> Result<Value> {
             e.get("message").and_then(Value::as_str).unwrap_or("error")
         );
     }
+    if method == "events_subscribe" {
+        follow_events(r)?;
+    }
     Ok(v.get("result").cloned().unwrap_or(Value::Null))
+}
+
+/// `rpc events_subscribe`: prints each event as one line of JSON as it
+/// comes, until the target closes the connection (or the user stops it).
+fn follow_events(mut r: BufReader<&UnixStream>) -> Result<()> {
+    r.get_ref().set_read_timeout(None)?;
+    let mut out = std::io::stdout().lock();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let v: Value = serde_json::from_str(&line).context("an event is not JSON")?;
+        let shown = match v["method"].as_str() {
+            Some("event") => v["params"].clone(),
+            _ => v,
+        };
+        writeln!(out, "{shown}")?;
+        out.flush()?;
+    }
 }
