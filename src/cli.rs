@@ -54,8 +54,10 @@ pub struct Options {
     pub config: Option<PathBuf>,
 
     /// With --config: write the file after every device_add,
-    /// device_remove, device_resize and device_set_qos.
-    #[arg(long, requires = "config")]
+    /// device_remove, device_resize and device_set_qos (on, the default),
+    /// or only when config_save is called (off).
+    #[arg(long, value_name = "on|off", default_value = "on", requires = "config", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub config_autosave: bool,
 
     /// Serve statistics as Prometheus text on http://ADDR:PORT/metrics

@@ -98,7 +98,8 @@ fn devices_added_over_rpc_come_back_after_a_restart_with_config() {
 fn autosave_follows_every_change_and_save_needs_a_file() {
     let keep = TempDir::new("cfg");
     let cfg = keep.path("auto.json");
-    let t = RpcTarget::start(&["--config", s(&cfg), "--config-autosave"]);
+    // (Autosave is the default.)
+    let t = RpcTarget::start(&["--config", s(&cfg)]);
     let saved = || -> Vec<String> {
         let v: Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
         v["devices"]
@@ -130,6 +131,17 @@ fn autosave_follows_every_change_and_save_needs_a_file() {
     let other = RpcTarget::start(&[]);
     let e = other.call("config_save", json!({})).unwrap_err();
     assert!(e.1.contains("--config"), "{e:?}");
+
+    // Off: only config_save writes.
+    let quiet = keep.path("quiet.json");
+    let t = RpcTarget::start(&["--config", s(&quiet), "--config-autosave", "off"]);
+    t.ok(
+        "device_add",
+        json!({"name": "y", "socket": keep.path("y.sock"), "disk": "ram:1M"}),
+    );
+    assert!(!quiet.exists(), "saved without config_save");
+    t.ok("config_save", json!({}));
+    assert!(quiet.exists());
 }
 
 #[test]
