@@ -117,8 +117,15 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 mkdir -m 700 "$tmp/home" "$tmp/checkout" "$tmp/run" "$tmp/root" "$tmp/blocks"
+# Only what the repository holds, and the build: a developer's own
+# vblk.img or vblk.sock in the checkout (what the first command makes
+# there) is neither served nor fought over by the check.
 for e in "$repo"/*; do
-    ln -s "$e" "$tmp/checkout/"
+    b=$(basename "$e")
+    if [ "$b" = target ] ||
+        git -C "$repo" ls-files --error-unmatch -- "$b" >/dev/null 2>&1; then
+        ln -s "$e" "$tmp/checkout/"
+    fi
 done
 
 # --- the marked blocks, from README.md ---------------------------------

@@ -297,9 +297,9 @@ impl Options {
     /// is created: a bad option must not leave an image or a socket behind,
     /// nor be found only when the guest starts the device.
     pub fn validate(&self) -> Result<()> {
-        let mut devices: Vec<DeviceSpec> =
-            self.config_specs()?.into_iter().map(|(s, _)| s).collect();
-        devices.extend(self.device_specs());
+        // (The --config file's devices are checked as they are added, as
+        // device_add's are.)
+        let devices = self.device_specs();
         if devices.is_empty() && self.rpc_socket.is_none() && self.config.is_none() {
             bail!(
                 "no disk to serve: give --socket PATH --disk SPEC, --device socket=PATH,disk=SPEC, \
@@ -314,7 +314,10 @@ impl Options {
                 .iter()
                 .any(|e| e.name.is_some() && e.name == d.name)
             {
-                bail!("two disks are named {:?}", d.name);
+                bail!(
+                    "two disks are named '{}'",
+                    d.name.as_deref().unwrap_or_default()
+                );
             }
             d.validate_against_machine()?;
         }
@@ -412,7 +415,29 @@ impl Options {
             return Ok(Vec::new());
         };
         let specs = crate::target::config::load(p, crate::target::rpc::spec_from_json)?;
-        Ok(specs.into_iter().map(|s| (s, true)).collect())
+        // A device of the command line that was removed and added again
+        // over RPC is in the file too: the command line's wins.
+        let cli = self.device_specs();
+        let clash = |s: &DeviceSpec| {
+            cli.iter()
+                .find(|c| c.socket == s.socket || (s.name.is_some() && c.name == s.name))
+        };
+        Ok(specs
+            .into_iter()
+            .filter(|s| match clash(s) {
+                None => true,
+                Some(c) => {
+                    log::warn!(
+                        "{}: the device on {} is the command line's ({}); the file's is not served",
+                        p.display(),
+                        c.socket.display(),
+                        c.disk
+                    );
+                    false
+                }
+            })
+            .map(|s| (s, true))
+            .collect())
     }
 
     /// The engine these options ask for.

@@ -16,6 +16,10 @@ use serde_json::{json, Value};
 
 /// Events a subscriber may have waiting before newer ones are dropped.
 const QUEUE: usize = 1024;
+/// The part of a subscriber's queue kept for the management plane's own
+/// events (added, removed, resized): guests flooding it with theirs cannot
+/// crowd those out.
+const RESERVED: usize = 256;
 
 /// Something that happened to a device.
 #[derive(Debug, Clone)]
@@ -49,6 +53,15 @@ pub enum Event {
 }
 
 impl Event {
+    /// Caused by a guest or a client, as often as it likes (limited per
+    /// device, see `DeviceLog::event`).
+    pub fn from_guest(&self) -> bool {
+        !matches!(
+            self,
+            Event::DeviceAdded | Event::DeviceRemoved | Event::Resized { .. }
+        )
+    }
+
     fn to_json(&self, device: &str) -> Value {
         let (kind, mut v) = match self {
             Event::ClientAttached { pid, uid, gid } => (
@@ -86,11 +99,29 @@ static LISTENING: AtomicUsize = AtomicUsize::new(0);
 
 /// Tells every subscriber that `e` happened to `device`.
 pub fn publish(device: &str, e: &Event) {
+    publish_after(device, e, 0);
+}
+
+/// [`publish`], saying that `suppressed` events of the device were left
+/// out before it (its rate limit).
+pub fn publish_after(device: &str, e: &Event, suppressed: u64) {
     if LISTENING.load(Ordering::Relaxed) == 0 {
         return;
     }
-    let v = e.to_json(device);
+    let mut v = e.to_json(device);
+    if suppressed > 0 {
+        v["suppressed_before"] = json!(suppressed);
+    }
+    let room = if e.from_guest() {
+        QUEUE - RESERVED
+    } else {
+        QUEUE
+    };
     for s in SUBSCRIBERS.lock().iter() {
+        if s.tx.len() >= room {
+            s.lost.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         match s.tx.try_send(v.clone()) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {
@@ -153,6 +184,9 @@ mod tests {
             publish("d0", &Event::DriverOk);
         }
         assert!(b.take_lost() >= 5);
+        // Guests' events leave room for the management plane's.
+        publish("d1", &Event::DeviceRemoved);
+        assert_eq!(b.take_lost(), 0, "a management event was crowded out");
         drop(b);
         // Other tests of this process may subscribe too: only ours count.
         assert!(a.rx.len() <= QUEUE);

@@ -591,6 +591,8 @@ pub struct DeviceLog {
     limit: RateLimit,
     /// I/O error events (a failing disk can fail every request).
     io_events: RateLimit,
+    /// The other events a guest or client causes at will (resets, attach).
+    guest_events: RateLimit,
 }
 
 impl std::fmt::Debug for RateLimit {
@@ -605,24 +607,31 @@ impl DeviceLog {
     pub const BURST: u32 = 20;
     /// I/O error events a second one device may send.
     pub const IO_EVENTS: u32 = 10;
+    /// Other guest- or client-caused events a second one device may send.
+    pub const GUEST_EVENTS: u32 = 20;
 
     pub fn new(name: impl Into<String>) -> std::sync::Arc<DeviceLog> {
         std::sync::Arc::new(DeviceLog {
             name: name.into(),
             limit: RateLimit::new(),
             io_events: RateLimit::new(),
+            guest_events: RateLimit::new(),
         })
     }
 
-    /// Tells the management plane's subscribers (see [`crate::events`]);
-    /// I/O errors at most [`Self::IO_EVENTS`] a second.
+    /// Tells the management plane's subscribers (see [`crate::events`]):
+    /// I/O errors at most [`Self::IO_EVENTS`] a second, the other events
+    /// a guest or client can cause at will at most [`Self::GUEST_EVENTS`]
+    /// (the next one that goes out says how many were left out).
     pub fn event(&self, e: crate::events::Event) {
-        if matches!(e, crate::events::Event::IoError { .. })
-            && self.io_events.allow_burst(Self::IO_EVENTS).is_none()
-        {
-            return;
+        let suppressed = match &e {
+            crate::events::Event::IoError { .. } => self.io_events.allow_burst(Self::IO_EVENTS),
+            e if e.from_guest() => self.guest_events.allow_burst(Self::GUEST_EVENTS),
+            _ => Some(0),
+        };
+        if let Some(n) = suppressed {
+            crate::events::publish_after(&self.name, &e, n);
         }
-        crate::events::publish(&self.name, &e);
     }
 
     pub fn name(&self) -> &str {

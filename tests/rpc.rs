@@ -977,6 +977,7 @@ fn latency_histograms_per_operation_and_the_operator_gauges() {
             > 0
     );
 
+    assert!(http_get(&addr, "/metrics?collect=all").starts_with("HTTP/1.1 200"));
     // HEAD: the headers of a scrape, no body.
     let head = http_raw(&addr, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");

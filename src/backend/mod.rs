@@ -52,6 +52,17 @@ impl std::str::FromStr for DiskSpec {
     }
 }
 
+impl DiskSpec {
+    /// The spec as given, with the secrets `Display` hides (an RBD key):
+    /// for the owner-only `--config` file.
+    pub fn full_text(&self) -> String {
+        match self {
+            DiskSpec::Rbd(r) => r.full_text(),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for DiskSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

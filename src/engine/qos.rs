@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+/// A device over its limit waits until its buckets hold this much of a
+/// second's allowance (or are full), so that its reactor wakes for a few
+/// requests at a time, not for each one.
+const BATCH: f64 = 0.001;
+
 /// How much of a second's allowance the buckets hold when full: small,
 /// so that a device does its limit over any second, not only on average
 /// (a reactor that wakes late still finds 20 ms of tokens waiting).
@@ -91,6 +96,8 @@ impl Buckets {
 /// One device's buckets.
 pub struct Qos {
     on: AtomicBool,
+    /// Moves on at every `set`: a queue's wait under the old limits ends.
+    generation: AtomicU64,
     buckets: Mutex<Buckets>,
     /// Times a queue found the device over a limit and waited.
     waits: AtomicU64,
@@ -100,6 +107,7 @@ impl Default for Qos {
     fn default() -> Self {
         Qos {
             on: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             buckets: Mutex::new(Buckets {
                 limits: QosLimits::default(),
                 level: [0.0; 4],
@@ -125,6 +133,12 @@ impl Qos {
         }
         b.limits = limits;
         self.on.store(limits.limited(), Ordering::Release);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Which limits are in force (see `set`).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn limits(&self) -> QosLimits {
@@ -146,12 +160,16 @@ impl Qos {
     pub(crate) fn admit(&self, now: Instant) -> Option<Instant> {
         let mut b = self.buckets.lock();
         b.refill(now);
+        // Until every short bucket holds a batch (see BATCH).
         let wait = b
             .level
             .iter()
             .zip(b.limits.rates())
             .filter(|&(&level, rate)| rate > 0 && level <= 0.0)
-            .map(|(&level, rate)| -level / rate as f64)
+            .map(|(&level, rate)| {
+                let batch = (rate as f64 * BATCH).min(Buckets::cap(rate));
+                (batch - level) / rate as f64
+            })
             .fold(None, |w: Option<f64>, s| Some(w.map_or(s, |w| w.max(s))))?;
         self.waits.fetch_add(1, Ordering::Relaxed);
         // A microsecond past the time the level reaches zero: then it is
@@ -159,7 +177,8 @@ impl Qos {
         Some(now + Duration::from_secs_f64(wait.min(3600.0)) + Duration::from_micros(1))
     }
 
-    /// A request went in: one operation, and `bytes` read or written.
+    /// A request went in: one operation, and `bytes` read or written
+    /// (written: zeroed too).
     pub(crate) fn charge(&self, read: bool, write: bool, bytes: u64) {
         let mut b = self.buckets.lock();
         let bytes = bytes as f64;
@@ -246,8 +265,27 @@ mod tests {
         q.charge(false, true, 1 << 20);
         let t = q.admit(now).expect("over the limit");
         let wait = t.duration_since(now).as_secs_f64();
-        // (1 MiB - the 2 kB burst) at 100 kB/s.
+        // (1 MiB - the 2 kB burst + a 100-byte batch) at 100 kB/s.
         assert!((10.4..10.5).contains(&wait), "{wait}");
+    }
+
+    #[test]
+    fn a_device_over_its_limit_waits_for_a_batch_not_one_request() {
+        let q = Qos::default();
+        q.set(QosLimits {
+            iops: 5000,
+            ..Default::default()
+        });
+        let now = Instant::now();
+        while q.admit(now).is_none() {
+            q.charge(true, false, 4096);
+        }
+        let wait = q.admit(now).unwrap().duration_since(now);
+        // 5 requests' worth (1 ms), not one (200 µs).
+        assert!(wait >= Duration::from_micros(900), "{wait:?}");
+        let g = q.generation();
+        q.set(QosLimits::default());
+        assert_ne!(q.generation(), g, "a new limit ends the old wait");
     }
 
     #[test]

@@ -128,7 +128,8 @@ pub(crate) struct QueueState<H: RequestHandler> {
     /// The device's limits; while it is over one, the queue is not polled
     /// before `qos_until`.
     qos: Arc<Qos>,
-    qos_until: Option<Instant>,
+    /// Until when, under which limits (`Qos::generation`).
+    qos_until: Option<(Instant, u64)>,
     /// The device, for the pool's fairness.
     tenant: u64,
     /// Set at withdrawal: the pool takes no further step of our jobs.
@@ -227,6 +228,13 @@ impl<H: RequestHandler> QueueState<H> {
             aio_in_flight: 0,
             tags: Vec::new(),
         }
+    }
+
+    /// Until when the device's limit holds this queue: None once that time
+    /// has come or the limits changed since.
+    fn qos_waiting(&self) -> Option<Instant> {
+        let (t, g) = self.qos_until?;
+        (g == self.qos.generation() && Instant::now() < t).then_some(t)
     }
 
     fn break_queue(&mut self, why: QueueFault) {
@@ -594,15 +602,19 @@ impl<H: RequestHandler> QueueState<H> {
         let s = &self.slots[usize::from(head)];
         if self.qos.on() {
             let io = &s.io;
-            let data = if matches!(prepared, Prepared::Io) {
-                io.len() as u64
-            } else {
-                0
+            // Write-zeroes counts as the bytes it writes (a limit on
+            // writes that it escaped would limit nothing).
+            let bytes = match (&prepared, io.kind) {
+                (Prepared::Io, IoKind::Read | IoKind::Write) => io.len() as u64,
+                (Prepared::Io, IoKind::WriteZeroes) => {
+                    io.ranges.iter().fold(0u64, |a, r| a.saturating_add(r.1))
+                }
+                _ => 0,
             };
             self.qos.charge(
-                io.kind == IoKind::Read && data > 0,
-                io.kind == IoKind::Write && data > 0,
-                data,
+                io.kind == IoKind::Read && bytes > 0,
+                matches!(io.kind, IoKind::Write | IoKind::WriteZeroes) && bytes > 0,
+                bytes,
             );
         }
         if self.fence.is_some_and(|f| self.touches(s, &f)) {
@@ -638,7 +650,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         let mut work = false;
         let mut sync_bytes = 0;
         self.throttled = false;
-        if self.qos_until.is_some_and(|t| Instant::now() < t) {
+        if self.qos_waiting().is_some() {
             return false;
         }
         self.qos_until = None;
@@ -648,7 +660,8 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             }
             // Over the device's limit: the rest waits in the ring.
             if self.qos.on() {
-                self.qos_until = self.qos.admit(Instant::now());
+                let g = self.qos.generation();
+                self.qos_until = self.qos.admit(Instant::now()).map(|t| (t, g));
                 if self.qos_until.is_some() {
                     break;
                 }
@@ -767,7 +780,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             // reactor anyway.
             // One over its limit waits for its tokens: the reactor wakes
             // for them (see `qos_until`).
-            Ok(w) => w && !self.paused() && !self.throttled && self.qos_until.is_none(),
+            Ok(w) => w && !self.paused() && !self.throttled && self.qos_waiting().is_none(),
             Err(e) => {
                 self.break_queue(QueueFault::Notification(e));
                 false
@@ -845,7 +858,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
     }
 
     fn qos_until(&self) -> Option<Instant> {
-        self.qos_until.filter(|_| self.live())
+        self.qos_waiting().filter(|_| self.live())
     }
 }
 

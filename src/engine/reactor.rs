@@ -39,6 +39,9 @@ fn ticks() -> u64 {
 
 /// In adaptive mode, how long to keep spinning after the last work.
 const ADAPTIVE_SPIN: Duration = Duration::from_micros(200);
+/// The longest a reactor sleeps for a queue held by its device's limit
+/// before it looks again (the limit may have been lifted).
+const QOS_RECHECK: Duration = Duration::from_millis(50);
 /// Idle passes of a spinning reactor between two yields of its core.
 const IDLE_PASSES_PER_YIELD: u32 = 64;
 
@@ -73,8 +76,9 @@ impl Waker {
         }
     }
 
-    /// Waits for a wake-up, or until `t` at the latest.
-    fn wait_until(&self, t: Instant) {
+    /// Waits for a wake-up, or until `t` at the latest: false when the
+    /// time came first.
+    fn wait_until(&self, t: Instant) -> bool {
         let left = t.saturating_duration_since(Instant::now());
         let ts = libc::timespec {
             tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
@@ -92,6 +96,7 @@ impl Waker {
             // Readable: this does not block.
             let _ = self.fd.read();
         }
+        n != 0
     }
 
     /// A doorbell: the reactor looks at its rings again.
@@ -245,6 +250,9 @@ pub(crate) struct Reactor {
     pub shares_cpu: bool,
     /// The last pass moved a driven backend's requests.
     drove: bool,
+    /// The last pass took requests that the adaptive spin is for (not
+    /// only those a limit let in).
+    spin_work: bool,
     shutdown: bool,
     /// Withdrawn queues that leave once nothing is in flight.
     leaving: Vec<u64>,
@@ -277,6 +285,7 @@ impl Reactor {
             stats: Arc::default(),
             shares_cpu: false,
             drove: false,
+            spin_work: false,
             shutdown: false,
             leaving: Vec::new(),
             turn: 0,
@@ -365,6 +374,7 @@ impl Reactor {
         }
         self.completions.clear();
         let mut work = false;
+        let mut spin = false;
         // Each pass starts with the next queue: when the io_uring has room
         // for only some requests, every queue gets its turn at it.
         let n = self.queues.len();
@@ -376,8 +386,13 @@ impl Reactor {
                 pool: &self.pool,
                 me: &self.me,
             };
-            work |= q.poll(&mut cx);
+            let took = q.poll(&mut cx);
+            work |= took;
+            // Requests let in as a limit's tokens came are not a reason to
+            // keep spinning: the next ones come with the next tokens.
+            spin |= took && q.qos_until().is_none();
         }
+        self.spin_work = spin;
         // What the polls submitted to a driven backend goes out now, in
         // one batch per backend.
         for q in self.queues.iter_mut() {
@@ -459,22 +474,27 @@ impl Reactor {
     }
 
     /// Sleeps until a message, a pool completion or an io_uring completion
-    /// arrives, or a queue held by its device's limit may go on.
-    fn sleep(&mut self) {
+    /// arrives, or a queue held by its device's limit may go on: false
+    /// when it woke for the limit alone.
+    fn sleep(&mut self) -> bool {
         let waker = self.me.waker.clone();
         waker.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         let cq_ready = self.uring.as_mut().is_some_and(Uring::has_completions);
+        let mut woken = true;
         if self.rx.is_empty() && !cq_ready && !waker.kicked.swap(false, Ordering::SeqCst) {
             match self.queues.iter().filter_map(|q| q.qos_until()).min() {
                 None => {
                     let _ = waker.fd.read();
                 }
-                Some(t) => waker.wait_until(t),
+                // Looked at again at least every QOS_RECHECK: a limit
+                // lifted meanwhile lets the queue go on.
+                Some(t) => woken = waker.wait_until(t.min(Instant::now() + QOS_RECHECK)),
             }
         }
         waker.sleeping.store(false, Ordering::SeqCst);
         waker.kicked.store(false, Ordering::SeqCst);
+        woken
     }
 
     /// What an idle pass does next: spin (`busy_wait`), or sleep; and
@@ -533,7 +553,9 @@ impl Reactor {
                 return;
             }
             if work || self.drove {
-                last_work = Instant::now();
+                if self.spin_work || self.drove {
+                    last_work = Instant::now();
+                }
                 idle_passes = 0;
                 continue;
             }
@@ -566,7 +588,7 @@ impl Reactor {
             for q in self.queues.iter_mut() {
                 q.undrive();
             }
-            self.sleep();
+            let woken = self.sleep();
             let now = ticks();
             self.stats
                 .total_ns
@@ -577,7 +599,11 @@ impl Reactor {
                     q.set_notifications(false);
                 }
             }
-            last_work = Instant::now();
+            // A doorbell or a completion: more may follow, worth the
+            // adaptive spin; a limit's tokens are not.
+            if woken {
+                last_work = Instant::now();
+            }
         }
     }
 

@@ -37,8 +37,11 @@ pub fn spec_to_json(s: &DeviceSpec) -> Value {
         put("name", n.clone());
     }
     put("socket", s.socket.to_string_lossy().into_owned());
-    put("disk", s.disk.to_string());
-    if let Some(size) = s.size {
+    put("disk", s.disk.full_text());
+    // An image's size is not kept: at the next start the image is opened
+    // as it is, and one that has gone (storage not mounted yet) stops the
+    // start rather than coming back empty.
+    if let (Some(size), false) = (s.size, matches!(s.disk, DiskSpec::File(_))) {
         put("size", size.to_string());
     }
     put("queues", s.queues.to_string());
@@ -143,10 +146,12 @@ pub fn save(path: &Path, devices: &[&DeviceSpec]) -> Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("{} names no file", path.display()))?;
+    // A name nobody can guess: in a shared folder another user could
+    // otherwise hold it and make every save fail.
     let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+        ".{}.{:016x}.tmp",
         name.to_string_lossy(),
-        std::process::id()
+        random_u64()?
     ));
     let write = || -> Result<()> {
         let mut f = std::fs::OpenOptions::new()
@@ -163,19 +168,25 @@ pub fn save(path: &Path, devices: &[&DeviceSpec]) -> Result<()> {
         std::fs::File::open(&dir)?.sync_all()?;
         Ok(())
     };
-    // A leftover from a crash of this same pid is ours to replace.
-    let _ = std::fs::remove_file(&tmp);
     write().inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
 }
 
-/// The spec a device has now, after a resize (what a restart recreates).
+fn random_u64() -> Result<u64> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom")?;
+    Ok(u64::from_ne_bytes(b))
+}
+
+/// The spec a device has now, after a resize (what a restart recreates:
+/// a memory disk of the new size; an image keeps its own).
 pub fn resized(spec: &mut DeviceSpec, size: u64) {
-    match &mut spec.disk {
-        DiskSpec::Ram(s) => *s = size,
-        DiskSpec::File(_) if spec.size.is_some() => spec.size = Some(size),
-        _ => {}
+    if let DiskSpec::Ram(s) = &mut spec.disk {
+        *s = size;
     }
 }
 
@@ -186,7 +197,8 @@ mod tests {
     #[test]
     fn an_entry_reads_back_as_the_same_device() {
         for text in [
-            "socket=/run/a.sock,disk=/img/a.img,size=1G,queues=2,serial=abc,readonly=on,direct=on",
+            "socket=/run/a.sock,disk=/img/a.img,queues=2,serial=abc,readonly=on,direct=on",
+            "socket=/run/r.sock,disk=rbd:pool/img:id=vub:key=AQBsecret==,iops=7",
             "socket=/run/b.sock,disk=ram:64M,name=b,packed=on,discard=off,write-zeroes=off",
             "socket=/run/c.sock,disk=null:1G,logical-block-size=4096,queue-size=128,iops=500,bps=10M",
             "socket=/run/d.sock,disk=nbd+unix:///exp?socket=/run/n.sock,reconnect-delay=3,write-bps=1M,read-bps=2M",
@@ -202,6 +214,15 @@ mod tests {
             let back: DeviceSpec = line.join(",").parse().unwrap();
             assert_eq!(format!("{back:?}"), format!("{spec:?}"), "{text}");
         }
+        // An image's creation size is not kept (a vanished image must not
+        // come back empty); a memory disk's size is its disk.
+        let spec: DeviceSpec = "socket=/s,disk=/img/a.img,size=1G".parse().unwrap();
+        assert_eq!(spec_to_json(&spec).get("size"), None);
+        let spec: DeviceSpec = "socket=/s,disk=rbd:p/i:key=AQBsecret==".parse().unwrap();
+        assert!(spec_to_json(&spec)["disk"]
+            .as_str()
+            .unwrap()
+            .contains("AQBsecret=="));
     }
 
     #[test]

@@ -308,7 +308,9 @@ fn answer(t: &Target, mut s: TcpStream, place: &Place) {
     // Being answered: not closed to make room for another.
     place.busy(true);
     let head = String::from_utf8_lossy(&buf[..n]);
-    let path = head.split_whitespace().nth(1).unwrap_or("");
+    // (A query string, as Prometheus' `params:` add, asks for the same.)
+    let target = head.split_whitespace().nth(1).unwrap_or("");
+    let path = target.split('?').next().unwrap_or("");
     // HEAD: the same answer without its body (a probe that a scrape
     // would work).
     let head_only = head.starts_with("HEAD ");

@@ -165,9 +165,7 @@ impl Target {
     /// Adds a device: opens its disk, binds its socket, serves it (and
     /// `config_save` keeps it).
     pub fn add(&self, spec: DeviceSpec) -> Result<Value> {
-        let r = self.add_on(spec, None, true)?;
-        self.changed();
-        Ok(r)
+        self.add_on(spec, None, true)
     }
 
     /// Adds a device on a disk the caller opened (embedding, tests): the
@@ -314,7 +312,6 @@ impl Target {
         // Nobody can connect any more: the name and the socket are free.
         remove_own_socket(&entry.spec.socket, entry.socket_id);
         crate::events::publish(name, &crate::events::Event::DeviceRemoved);
-        self.changed();
         let Some(t) = entry.thread.take() else {
             return Ok(true);
         };
@@ -370,31 +367,31 @@ impl Target {
         if let Some(e) = self.devices.lock().get_mut(name) {
             config::resized(&mut e.spec, new);
         }
-        self.changed();
         Ok(json!({ "name": name, "size": new }))
     }
 
-    /// The limits of device `name` now.
-    pub fn qos(&self, name: &str) -> Result<QosLimits> {
-        match self.devices.lock().get(name) {
-            Some(e) => Ok(e.spec.qos),
-            None => bail!("no device named '{name}'"),
-        }
-    }
-
-    /// New limits for device `name`, from now on (its queues see them at
-    /// their next request).
-    pub fn set_qos(&self, name: &str, limits: QosLimits) -> Result<Value> {
-        {
+    /// Changes some limits of device `name` (by key: `iops`, `bps`,
+    /// `read-bps`, `write-bps`; the others stay), from now on: its queues
+    /// see them at their next request.
+    pub fn set_qos(&self, name: &str, changes: &[(&str, u64)]) -> Result<Value> {
+        // One change at a time, from the limits in force (two callers
+        // changing different keys both get theirs).
+        let limits = {
             let mut devs = self.devices.lock();
             let Some(e) = devs.get_mut(name) else {
                 bail!("no device named '{name}'");
             };
-            e.shared.qos.set(limits);
-            e.spec.qos = limits;
-        }
+            let mut l = e.spec.qos;
+            for (k, v) in changes {
+                if !l.set_named(k, *v) {
+                    bail!("no limit called '{k}'");
+                }
+            }
+            e.shared.qos.set(l);
+            e.spec.qos = l;
+            l
+        };
         info!("{name}: limits now {}", describe_qos(limits));
-        self.changed();
         Ok(json!({ "name": name, "qos": qos_json(limits) }))
     }
 
@@ -404,6 +401,11 @@ impl Target {
         let Some(c) = &self.config else {
             bail!("the target was started without --config FILE: there is nowhere to save");
         };
+        // Shutdown takes the devices out of the table: what is left there
+        // is not the set to keep.
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            bail!("the target is shutting down; the file keeps the devices it has");
+        }
         let _one = self.saving.lock();
         let specs: Vec<DeviceSpec> = self
             .devices
@@ -417,14 +419,15 @@ impl Target {
         Ok(json!({ "path": c.path, "devices": specs.len() }))
     }
 
-    /// A device was added, removed or changed: with `--config-autosave`,
-    /// the file follows.
-    fn changed(&self) {
-        if self.config.as_ref().is_some_and(|c| c.autosave) {
-            if let Err(e) = self.config_save() {
-                warn!("saving the configuration: {e:#}");
-            }
+    /// A device was added, removed or changed: with `--config` (and
+    /// autosave on), the file follows. The error when it could not.
+    pub fn autosave(&self) -> Option<String> {
+        if !self.config.as_ref().is_some_and(|c| c.autosave) {
+            return None;
         }
+        let e = self.config_save().err()?;
+        warn!("saving the configuration: {e:#}");
+        Some(format!("{e:#}"))
     }
 
     /// The name a new device gets (its own, or the first free `diskN`):

@@ -20,7 +20,6 @@ use serde_json::{json, Value};
 use super::conns::{accept_each, Place, Places};
 use super::Target;
 use crate::device::{bind_socket, parse_rate, DeviceSpec};
-use crate::engine::QosLimits;
 use crate::util::parse_size;
 
 /// The longest request line taken.
@@ -349,15 +348,32 @@ pub fn spec_from_json(v: Value) -> Result<DeviceSpec, String> {
     params(v).and_then(add_spec).map_err(|e| e.message)
 }
 
-/// `device_set_qos`: the limits given change, the others stay.
-fn qos_limits(t: &Target, p: QosParams) -> Result<(String, QosLimits), RpcError> {
+/// `device_set_qos`: the device and the limits given (the others stay).
+type QosChanges = (String, Vec<(&'static str, u64)>);
+
+fn qos_changes(p: QosParams) -> Result<QosChanges, RpcError> {
     let name = p.name.get("name")?;
-    let mut l = t.qos(&name).map_err(|e| err(FAILED, e.to_string()))?;
+    let mut changes = Vec::new();
     for (k, v) in qos_keys(p.iops, p.bps, p.read_bps, p.write_bps)? {
-        let rate = parse_rate(k, &v).map_err(|e| err(INVALID_PARAMS, e))?;
-        l.set_named(k, rate);
+        changes.push((k, parse_rate(k, &v).map_err(|e| err(INVALID_PARAMS, e))?));
     }
-    Ok((name, l))
+    if changes.is_empty() {
+        return Err(err(
+            INVALID_PARAMS,
+            "give at least one of iops, bps, read-bps, write-bps",
+        ));
+    }
+    Ok((name, changes))
+}
+
+/// A change went through: with `--config`, the file follows, and the
+/// answer says when it could not.
+fn saved(t: &Target, mut v: Value) -> Value {
+    if let (Some(e), Some(o)) = (t.autosave(), v.as_object_mut()) {
+        o.insert("config_saved".into(), json!(false));
+        o.insert("config_error".into(), json!(e));
+    }
+    v
 }
 
 /// The methods about the target itself (they take no parameters).
@@ -381,7 +397,7 @@ fn call(t: &Target, cx: &mut ConnCx, method: &str, p: Value) -> Result<Value, Rp
     match method {
         "device_add" => {
             let spec = add_spec(params(p)?)?;
-            t.add(spec).map_err(failed)
+            t.add(spec).map(|v| saved(t, v)).map_err(failed)
         }
         "device_remove" => {
             let p: RemoveParams = params(p)?;
@@ -392,7 +408,10 @@ fn call(t: &Target, cx: &mut ConnCx, method: &str, p: Value) -> Result<Value, Rp
                 .unwrap_or(false);
             let name = p.name.get("name")?;
             let stopped = t.remove(&name, force).map_err(failed)?;
-            Ok(json!({ "name": name, "removed": true, "stopped": stopped }))
+            Ok(saved(
+                t,
+                json!({ "name": name, "removed": true, "stopped": stopped }),
+            ))
         }
         "device_list" => {
             let p: ListParams = params(p)?;
@@ -424,11 +443,15 @@ fn call(t: &Target, cx: &mut ConnCx, method: &str, p: Value) -> Result<Value, Rp
                 .map(|f| f.get("shrink"))
                 .transpose()?
                 .unwrap_or(false);
-            t.resize(&p.name.get("name")?, size, shrink).map_err(failed)
+            t.resize(&p.name.get("name")?, size, shrink)
+                .map(|v| saved(t, v))
+                .map_err(failed)
         }
         "device_set_qos" => {
-            let (name, limits) = qos_limits(t, params(p)?)?;
-            t.set_qos(&name, limits).map_err(failed)
+            let (name, changes) = qos_changes(params(p)?)?;
+            t.set_qos(&name, &changes)
+                .map(|v| saved(t, v))
+                .map_err(failed)
         }
         "device_stats" => {
             let p: StatsParams = params(p)?;
@@ -529,7 +552,14 @@ fn answer_one(t: &Target, cx: &mut ConnCx, v: Value) -> Option<Value> {
 /// when the connection is over (closed, idle for IDLE_TIMEOUT, a line that
 /// took longer than LINE_DEADLINE to arrive, or one longer than MAX_LINE,
 /// which is answered first).
-fn next_line(s: &mut UnixStream, buf: &mut Vec<u8>, line: &mut Vec<u8>, idle: bool) -> bool {
+/// (`out` is where answers go, a line at a time among the events.)
+fn next_line(
+    s: &mut UnixStream,
+    out: &parking_lot::Mutex<UnixStream>,
+    buf: &mut Vec<u8>,
+    line: &mut Vec<u8>,
+    idle: bool,
+) -> bool {
     let mut started: Option<std::time::Instant> = None;
     let mut chunk = [0u8; 8192];
     loop {
@@ -542,7 +572,7 @@ fn next_line(s: &mut UnixStream, buf: &mut Vec<u8>, line: &mut Vec<u8>, idle: bo
         if buf.len() > MAX_LINE {
             let e = json!({ "jsonrpc": "2.0", "id": null, "error": {
                 "code": INVALID_REQUEST, "message": format!("request longer than {MAX_LINE} bytes") } });
-            let _ = writeln!(s, "{e}");
+            let _ = writeln!(out.lock(), "{e}");
             crate::warn_limited!("rpc: request line over {MAX_LINE} bytes; connection closed");
             return false;
         }
@@ -595,7 +625,8 @@ fn serve_conn(t: &Target, mut stream: UnixStream, place: &Place) {
     let out = Arc::new(parking_lot::Mutex::new(out));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut events: Option<std::thread::JoinHandle<()>> = None;
-    while next_line(&mut stream, &mut buf, &mut line, !cx.subscribed) {
+    let mut sub = None;
+    while next_line(&mut stream, &out, &mut buf, &mut line, !cx.subscribed) {
         let trimmed = line.trim_ascii();
         if trimmed.is_empty() {
             continue;
@@ -603,15 +634,18 @@ fn serve_conn(t: &Target, mut stream: UnixStream, place: &Place) {
         // Being answered: not closed to make room for another.
         place.busy(true);
         let a = answer(t, &mut cx, trimmed);
-        // Subscribed before the answer goes out: every event after it is
-        // sent.
-        if cx.subscribed && events.is_none() {
-            events = send_events(crate::events::subscribe(), out.clone(), done.clone());
+        // Subscribed before the answer goes out (every event after it is
+        // sent), but sent only after it.
+        if cx.subscribed && events.is_none() && sub.is_none() {
+            sub = Some(crate::events::subscribe());
+        }
+        let answered = a.is_none_or(|v| writeln!(out.lock(), "{v}").is_ok());
+        if let Some(s) = sub.take() {
+            events = send_events(s, out.clone(), done.clone());
             if events.is_none() {
                 break;
             }
         }
-        let answered = a.is_none_or(|v| writeln!(out.lock(), "{v}").is_ok());
         // A subscribed connection keeps its place.
         place.busy(cx.subscribed);
         if !answered {

@@ -102,6 +102,22 @@ impl std::str::FromStr for RbdSpec {
 
 impl std::fmt::Display for RbdSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.write_spec(f, false)
+    }
+}
+
+impl RbdSpec {
+    /// The spec as it is given, secrets included (for the owner-only
+    /// `--config` file, which must open the image again).
+    pub fn full_text(&self) -> String {
+        let mut s = String::new();
+        let _ = self.write_spec(&mut s, true);
+        s
+    }
+
+    /// The spec's text; a `key=` only with `reveal` (a secret is not
+    /// repeated in logs and listings).
+    fn write_spec(&self, f: &mut impl std::fmt::Write, reveal: bool) -> std::fmt::Result {
         write!(f, "rbd:{}/", self.pool)?;
         if let Some(ns) = &self.namespace {
             write!(f, "{ns}/")?;
@@ -117,8 +133,7 @@ impl std::fmt::Display for RbdSpec {
             write!(f, ":id={id}")?;
         }
         for (k, v) in &self.options {
-            // A secret is not repeated in logs and listings.
-            if option_name(k) == "key" {
+            if option_name(k) == "key" && !reveal {
                 write!(f, ":{k}=(hidden)")?;
             } else {
                 write!(f, ":{k}={v}")?;
