@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -284,12 +284,7 @@ fn a_byte_limit_holds_its_direction_only() {
 fn subscribe(rpc: &Path) -> BufReader<UnixStream> {
     let mut s = UnixStream::connect(rpc).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    writeln!(
-        s,
-        "{}",
-        json!({"jsonrpc": "2.0", "id": 1, "method": "events_subscribe"})
-    )
-    .unwrap();
+    send_request(&mut s, 1, "events_subscribe");
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
@@ -341,12 +336,7 @@ fn a_subscribed_connection_hears_of_attach_reset_resize_and_removal() {
     // The subscription does not keep the others from the socket: requests
     // on it are still answered.
     let mut s = ev.into_inner();
-    writeln!(
-        s,
-        "{}",
-        json!({"jsonrpc": "2.0", "id": 9, "method": "target_version"})
-    )
-    .unwrap();
+    send_request(&mut s, 9, "target_version");
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
@@ -402,12 +392,7 @@ fn at_most_eight_connections_subscribe() {
     let subs: Vec<_> = (0..8).map(|_| subscribe(&t.rpc)).collect();
     let mut s = UnixStream::connect(&t.rpc).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    writeln!(
-        s,
-        "{}",
-        json!({"jsonrpc": "2.0", "id": 1, "method": "events_subscribe"})
-    )
-    .unwrap();
+    send_request(&mut s, 1, "events_subscribe");
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line).unwrap();
     let v: Value = serde_json::from_str(&line).unwrap();
@@ -423,12 +408,7 @@ fn at_most_eight_connections_subscribe() {
     drop(subs);
     wait_until("a subscriber's place", || {
         let mut s = UnixStream::connect(&t.rpc).unwrap();
-        writeln!(
-            s,
-            "{}",
-            json!({"jsonrpc": "2.0", "id": 1, "method": "events_subscribe"})
-        )
-        .unwrap();
+        send_request(&mut s, 1, "events_subscribe");
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line).unwrap();
         line.contains("\"subscribed\":true")

@@ -42,12 +42,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn subscribe_raw(rpc: &Path) -> (UnixStream, BufReader<UnixStream>) {
     let mut s = UnixStream::connect(rpc).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    writeln!(
-        s,
-        "{}",
-        json!({"jsonrpc": "2.0", "id": 1, "method": "events_subscribe"})
-    )
-    .unwrap();
+    send_request(&mut s, 1, "events_subscribe");
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
@@ -373,12 +368,7 @@ fn an_event_can_precede_the_subscribe_answer() {
         for _ in 0..trials {
             let mut s = UnixStream::connect(&t.rpc).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            writeln!(
-                s,
-                "{}",
-                json!({"jsonrpc": "2.0", "id": 1, "method": "events_subscribe"})
-            )
-            .unwrap();
+            send_request(&mut s, 1, "events_subscribe");
             let mut r = BufReader::new(s);
             let mut line = String::new();
             r.read_line(&mut line).unwrap();
@@ -474,12 +464,7 @@ fn config_save_during_shutdown_empties_the_file() {
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     sigterm(&t);
     std::thread::sleep(Duration::from_millis(500));
-    writeln!(
-        c,
-        "{}",
-        json!({"jsonrpc": "2.0", "id": 1, "method": "config_save"})
-    )
-    .unwrap();
+    send_request(&mut c, 1, "config_save");
     let mut line = String::new();
     let _ = BufReader::new(&c).read_line(&mut line);
     assert!(line.contains("shutting down"), "{line}");
@@ -717,12 +702,7 @@ fn subscribe_cycles_leak_nothing() {
         let subs: Vec<_> = (0..8)
             .map(|_| {
                 let mut s = UnixStream::connect(&t.rpc).unwrap();
-                writeln!(
-                    s,
-                    "{}",
-                    json!({"jsonrpc": "2.0", "id": 1, "method": "events_subscribe"})
-                )
-                .unwrap();
+                send_request(&mut s, 1, "events_subscribe");
                 let mut r = BufReader::new(s.try_clone().unwrap());
                 let mut l = String::new();
                 r.read_line(&mut l).unwrap();

@@ -455,6 +455,17 @@ impl RpcTarget {
     }
 }
 
+/// Writes one JSON-RPC request without parameters on a raw management
+/// connection (the tests that read what comes back themselves).
+pub fn send_request(s: &mut impl Write, id: u64, method: &str) {
+    writeln!(
+        s,
+        "{}",
+        json!({"jsonrpc": "2.0", "id": id, "method": method})
+    )
+    .unwrap();
+}
+
 impl Drop for RpcTarget {
     fn drop(&mut self) {
         let _ = self.child.kill();
