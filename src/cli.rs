@@ -415,29 +415,38 @@ impl Options {
             return Ok(Vec::new());
         };
         let specs = crate::target::config::load(p, crate::target::rpc::spec_from_json)?;
-        // A device of the command line that was removed and added again
-        // over RPC is in the file too: the command line's wins.
         let cli = self.device_specs();
-        let clash = |s: &DeviceSpec| {
-            cli.iter()
-                .find(|c| c.socket == s.socket || (s.name.is_some() && c.name == s.name))
-        };
-        Ok(specs
-            .into_iter()
-            .filter(|s| match clash(s) {
-                None => true,
-                Some(c) => {
-                    log::warn!(
-                        "{}: the device on {} is the command line's ({}); the file's is not served",
-                        p.display(),
-                        c.socket.display(),
-                        c.disk
-                    );
-                    false
-                }
-            })
-            .map(|s| (s, true))
-            .collect())
+        let mut out = Vec::new();
+        for s in specs {
+            // A device of the command line that was removed and added again
+            // over RPC is in the file too (on the same socket, however the
+            // path is spelled): the command line's wins.
+            if let Some(c) = cli.iter().find(|c| same_socket(&c.socket, &s.socket)) {
+                log::warn!(
+                    "{}: the device on {} is the command line's ({}); the file's is not served",
+                    p.display(),
+                    c.socket.display(),
+                    c.disk
+                );
+                continue;
+            }
+            // Another device with a command-line device's name: neither
+            // is dropped for the other; the operator decides.
+            if let Some(n) = s
+                .name
+                .as_ref()
+                .filter(|n| cli.iter().any(|c| c.name.as_ref() == Some(n)))
+            {
+                bail!(
+                    "{}: device '{n}' on {} has the name of a command-line device on another \
+                     socket; rename one of them",
+                    p.display(),
+                    s.socket.display()
+                );
+            }
+            out.push((s, true));
+        }
+        Ok(out)
     }
 
     /// The engine these options ask for.
@@ -450,6 +459,26 @@ impl Options {
             max_io_threads: usize::from(self.io_threads),
             inline,
         }
+    }
+}
+
+/// Whether two socket paths name the same file: the same name in the same
+/// folder, however the folders are spelled (the socket itself may not
+/// exist yet).
+fn same_socket(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let canon = |p: &std::path::Path| {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        (
+            std::fs::canonicalize(dir).ok(),
+            p.file_name().map(ToOwned::to_owned),
+        )
+    };
+    a == b || {
+        let (ca, cb) = (canon(a), canon(b));
+        ca.0.is_some() && ca == cb
     }
 }
 

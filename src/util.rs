@@ -591,8 +591,12 @@ pub struct DeviceLog {
     limit: RateLimit,
     /// I/O error events (a failing disk can fail every request).
     io_events: RateLimit,
-    /// The other events a guest or client causes at will (resets, attach).
+    /// The driver's events (resets, DRIVER_OK, broken queues), which a
+    /// guest causes at will.
     guest_events: RateLimit,
+    /// Clients attaching and leaving: apart, so that a guest's reset loop
+    /// cannot hide who is attached.
+    client_events: RateLimit,
 }
 
 impl std::fmt::Debug for RateLimit {
@@ -616,16 +620,22 @@ impl DeviceLog {
             limit: RateLimit::new(),
             io_events: RateLimit::new(),
             guest_events: RateLimit::new(),
+            client_events: RateLimit::new(),
         })
     }
 
     /// Tells the management plane's subscribers (see [`crate::events`]):
-    /// I/O errors at most [`Self::IO_EVENTS`] a second, the other events
-    /// a guest or client can cause at will at most [`Self::GUEST_EVENTS`]
-    /// (the next one that goes out says how many were left out).
+    /// I/O errors at most [`Self::IO_EVENTS`] a second, the driver's
+    /// events and clients' comings and goings at most [`Self::GUEST_EVENTS`]
+    /// each (the next one of the kind that goes out says how many were left
+    /// out).
     pub fn event(&self, e: crate::events::Event) {
+        use crate::events::Event;
         let suppressed = match &e {
-            crate::events::Event::IoError { .. } => self.io_events.allow_burst(Self::IO_EVENTS),
+            Event::IoError { .. } => self.io_events.allow_burst(Self::IO_EVENTS),
+            Event::ClientAttached { .. } | Event::ClientDetached { .. } => {
+                self.client_events.allow_burst(Self::GUEST_EVENTS)
+            }
             e if e.from_guest() => self.guest_events.allow_burst(Self::GUEST_EVENTS),
             _ => Some(0),
         };

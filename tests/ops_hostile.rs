@@ -848,3 +848,583 @@ fn a_failed_autosave_is_in_the_answer() {
     // The device was added all the same.
     assert_eq!(t.ok("device_list", json!({})).as_array().unwrap().len(), 2);
 }
+
+// ---- from the second hostile review (of the fixes above) -------------
+
+/// Completions on queue `q` within `secs` (polling, no kick).
+fn used_within_on(d: &mut Driver, q: usize, n: usize, secs: f64) -> (usize, Duration) {
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(secs);
+    let mut got = 0;
+    while got < n && Instant::now() < end {
+        got += d.try_used(q).len();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    (got, t0.elapsed())
+}
+
+// ---------------------------------------------------------------- events
+
+fn subscribe_reader(rpc: &Path) -> BufReader<UnixStream> {
+    let mut s = UnixStream::connect(rpc).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    send_request(&mut s, 1, "events_subscribe");
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("\"subscribed\":true"), "{line}");
+    r
+}
+
+fn wait_exit(t: &mut RpcTarget) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while t.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the target did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn saved(cfg: &Path) -> Vec<Value> {
+    let v: Value = serde_json::from_slice(&std::fs::read(cfg).unwrap()).unwrap();
+    v["devices"].as_array().unwrap().clone()
+}
+
+/// Every event line until `quiet` passes with none.
+fn drain_events(r: &mut BufReader<UnixStream>, quiet: Duration) -> Vec<Value> {
+    r.get_ref().set_read_timeout(Some(quiet)).unwrap();
+    let mut v = Vec::new();
+    loop {
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(n) if n > 0 => {
+                v.push(serde_json::from_str::<Value>(&line).unwrap()["params"].clone())
+            }
+            _ => return v,
+        }
+    }
+}
+
+// ------------------------------------------------------ the config file
+
+/// SIGTERM while device_set_qos autosaves run: config_save checks
+/// `closing` before it waits for the save lock and reads the table, so a
+/// save queued behind another, or one that passed the check just before
+/// the signal, writes the table shutdown has just emptied.
+#[test]
+fn sigterm_during_autosaves_empties_the_file() {
+    let mut emptied = 0;
+    let rounds = 10;
+    for round in 0..rounds {
+        let keep = on_disk("cfgrace");
+        let cfg = keep.path("vub.json");
+        let mut t = RpcTarget::start(&["--config", s(&cfg)]);
+        for n in ["a", "b", "c"] {
+            t.ok(
+                "device_add",
+                json!({"name": n, "socket": keep.path(&format!("{n}.sock")), "disk": "null:1M"}),
+            );
+        }
+        assert_eq!(saved_names(&cfg), ["a", "b", "c"]);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            for k in 0..6u64 {
+                let rpc = t.rpc.clone();
+                let stop = &stop;
+                sc.spawn(move || {
+                    let mut i = 1;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let Ok(mut c) = UnixStream::connect(&rpc) else {
+                            return;
+                        };
+                        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let req = json!({"jsonrpc": "2.0", "id": 1, "method": "device_set_qos",
+                                         "params": {"name": "a", "iops": 1000 + k * 100 + i}});
+                        i += 1;
+                        if writeln!(c, "{req}").is_err() {
+                            return;
+                        }
+                        let mut l = String::new();
+                        if BufReader::new(&c).read_line(&mut l).unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+            std::thread::sleep(Duration::from_millis(150 + 20 * round));
+            sigterm(&t);
+            wait_exit(&mut t);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        let names = saved_names(&cfg);
+        if names != ["a", "b", "c"] {
+            eprintln!("round {round}: the file now holds {names:?}");
+            if round == 0 {
+                let log = t.log_text();
+                let l: Vec<&str> = log
+                    .lines()
+                    .filter(|l| {
+                        l.contains("saved")
+                            || l.contains("signal")
+                            || l.contains("stopped after")
+                            || l.contains("shut")
+                    })
+                    .collect();
+                eprintln!("{}", l[l.len().saturating_sub(8)..].join("\n"));
+            }
+            emptied += 1;
+        }
+    }
+    assert_eq!(
+        emptied, 0,
+        "{emptied} of {rounds} shutdowns left a file without the devices"
+    );
+}
+
+/// The clash filter compares socket paths as written: the same socket
+/// spelled another way in the file (re-added over RPC as `dir/x/../vm.sock`
+/// or through a symlinked folder such as /var/run -> /run) is not caught,
+/// the file's device is served first and takes the socket, and the command
+/// line's device then cannot bind: the target does not start (the first
+/// review's finding, by another path).
+#[test]
+fn the_same_socket_spelled_differently_still_blocks_the_start() {
+    let keep = TempDir::new("cfgspell");
+    let cfg = keep.path("vub.json");
+    std::fs::create_dir(keep.path("x")).unwrap();
+    let sock = keep.path("vm.sock");
+    let other = keep.path("x").join("..").join("vm.sock");
+    let cli = format!("socket={},disk=ram:1M,name=vm", s(&sock));
+    let args = ["--config", s(&cfg), "--device", &cli];
+    {
+        let mut t = RpcTarget::start(&args);
+        t.ok("device_remove", json!({"name": "vm"}));
+        t.ok(
+            "device_add",
+            json!({"name": "vm2", "socket": other, "disk": "ram:1M", "queues": 2}),
+        );
+        sigterm(&t);
+        wait_exit(&mut t);
+    }
+    eprintln!("saved: {:?}", saved(&cfg));
+    let rpc = keep.path("r2.sock");
+    let mut a = vec!["--rpc-socket", s(&rpc)];
+    a.extend_from_slice(&args);
+    let (exited, status, err) = run_bin(&a, Duration::from_secs(5));
+    eprintln!(
+        "restart: exited={exited} {status}: {}",
+        err.lines().last().unwrap_or("")
+    );
+    assert!(!exited, "the target did not come back: {err}");
+}
+
+/// A --config file that is a symlink in a private folder (an /etc entry
+/// pointing at persistent storage) is read through the link, but the
+/// first save renames a regular file over the link: the real file is
+/// never written again, and the link is gone.
+#[test]
+fn a_symlinked_config_file_is_replaced_not_written() {
+    let keep = TempDir::new("cfglink");
+    std::fs::create_dir(keep.path("persist")).unwrap();
+    std::fs::create_dir(keep.path("etc")).unwrap();
+    let real = keep.path("persist").join("vub.json");
+    std::fs::write(&real, "{\"devices\": []}\n").unwrap();
+    let link = keep.path("etc").join("vub.json");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let mut t = RpcTarget::start(&["--config", s(&link)]);
+    let r = t.ok(
+        "device_add",
+        json!({"name": "a", "socket": keep.path("a.sock"), "disk": "null:1M"}),
+    );
+    assert!(r.get("config_saved").is_none(), "{r}");
+    sigterm(&t);
+    wait_exit(&mut t);
+    let is_link = link.symlink_metadata().unwrap().file_type().is_symlink();
+    let real_text = std::fs::read_to_string(&real).unwrap();
+    eprintln!(
+        "after a save: {} is a symlink: {is_link}; {} holds {real_text:?}",
+        link.display(),
+        real.display()
+    );
+    assert!(
+        is_link && real_text.contains("\"a\""),
+        "the save went beside the real file"
+    );
+}
+
+/// A --config file name of 240 bytes (NAME_MAX is 255) is read, but the
+/// temporary name of every save (".NAME.<16 hex>.tmp", 22 bytes more) is
+/// too long: nothing can ever be saved.
+#[test]
+fn a_long_config_file_name_can_never_be_saved() {
+    let keep = TempDir::new("cfglong");
+    let cfg = keep.path(&format!("{}.json", "v".repeat(235)));
+    std::fs::write(&cfg, "{\"devices\": []}\n").unwrap();
+    let t = RpcTarget::start(&["--config", s(&cfg)]);
+    let r = t.ok(
+        "device_add",
+        json!({"name": "a", "socket": keep.path("a.sock"), "disk": "null:1M"}),
+    );
+    eprintln!("{}", r.get("config_error").cloned().unwrap_or_default());
+    assert!(
+        r.get("config_saved").is_none(),
+        "a file that was read cannot be saved: {r}"
+    );
+}
+
+/// A resized null disk is saved at its old size (config::resized knows
+/// memory disks only), unlike a memory disk.
+#[test]
+fn resized_disks_are_saved_at_their_new_size() {
+    let keep = TempDir::new("cfgresize");
+    let cfg = keep.path("vub.json");
+    let mut t = RpcTarget::start(&["--config", s(&cfg)]);
+    for (n, d) in [("r", "ram:1M"), ("z", "null:1M")] {
+        t.ok(
+            "device_add",
+            json!({"name": n, "socket": keep.path(&format!("{n}.sock")), "disk": d}),
+        );
+        let r = t.call("device_resize", json!({"name": n, "size": "4M"}));
+        eprintln!("resize {n}: {r:?}");
+    }
+    sigterm(&t);
+    wait_exit(&mut t);
+    let saved = saved(&cfg);
+    eprintln!("{saved:?}");
+    for d in &saved {
+        assert!(
+            d["disk"].as_str().unwrap().ends_with(":4194304"),
+            "{} saved as {}",
+            d["name"],
+            d["disk"]
+        );
+    }
+}
+
+/// A batch [events_subscribe, device_add]: the subscription is taken
+/// after the whole batch, so the subscriber never hears of the device
+/// its own batch added.
+#[test]
+fn a_batch_that_subscribes_then_adds_misses_its_own_device_added() {
+    let t = RpcTarget::start(&[]);
+    let mut s = UnixStream::connect(&t.rpc).unwrap();
+    writeln!(
+        s,
+        "{}",
+        json!([
+            {"jsonrpc": "2.0", "id": 1, "method": "events_subscribe"},
+            {"jsonrpc": "2.0", "id": 2, "method": "device_add",
+             "params": {"name": "b", "socket": t.dir.path("b.sock"), "disk": "null:1M"}}])
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("subscribed"), "{line}");
+    let got = drain_events(&mut r, Duration::from_millis(1000));
+    eprintln!("events after the batch: {got:?}");
+    assert!(
+        got.iter().any(|e| e["event"] == "device_added"),
+        "subscribed first in the batch, but its device_added never came"
+    );
+}
+
+/// A guest that resets its device 25 times (a reboot loop, or on purpose)
+/// spends the device's 20 events a second; its client then disconnects,
+/// and a new client attaches: the management plane hears of neither,
+/// and no later event says so (`suppressed_before` waits for an event
+/// that may never come).
+#[test]
+fn a_reset_loop_hides_the_clients_detach_and_the_next_attach() {
+    let t = RpcTarget::start(&[]);
+    t.ok(
+        "device_add",
+        json!({"name": "vm", "socket": t.dir.path("vm.sock"), "disk": "null:1M"}),
+    );
+    let mut ev = subscribe_reader(&t.rpc);
+    let mut d = Driver::new(&t.dir.path("vm.sock"), DriverOptions::default());
+    for _ in 0..25 {
+        d.reset();
+        d.init(0);
+    }
+    drop(d);
+    // Another VMM process takes over at once (a migration's destination,
+    // or the same VM restarted).
+    let d2 = Driver::new(&t.dir.path("vm.sock"), DriverOptions::default());
+    let got = drain_events(&mut ev, Duration::from_millis(3000));
+    let kinds: Vec<&str> = got.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let detached = kinds.iter().filter(|k| **k == "client_detached").count();
+    let attached = kinds.iter().filter(|k| **k == "client_attached").count();
+    eprintln!(
+        "{} events: detached {detached}, attached {attached}; last: {:?}",
+        kinds.len(),
+        &kinds[kinds.len().saturating_sub(4)..]
+    );
+    let l = t.ok("device_list", json!({"name": "vm"}));
+    eprintln!("device_list says client {}", l[0]["client"]);
+    drop(d2);
+    assert_eq!(detached, 1, "the client's detach was not told");
+    assert_eq!(attached, 2, "the second client's attach was not told");
+}
+
+// ---------------------------------------------------------------- limits
+
+/// README: "A new limit, or none, applies at once, also to a queue already
+/// waiting" (and the reactor looks again every 50 ms). Here no doorbell
+/// follows the change: the guest already rang for every request in the
+/// ring. Modes: interrupt, adaptive, busy; EVENT_IDX on and off.
+#[test]
+fn a_lifted_limit_releases_a_full_ring_without_a_doorbell() {
+    for mode in ["interrupt", "adaptive", "busy"] {
+        for refuse in [0, F_EVENT_IDX] {
+            let t = RpcTarget::start(&["--pollers", "1", "--poll-mode", mode]);
+            t.ok(
+                "device_add",
+                json!({"name": "q", "socket": t.dir.path("q.sock"), "disk": "null:1G",
+                       "bps": "1"}),
+            );
+            let mut d = Driver::new(&t.dir.path("q.sock"), DriverOptions::refusing(refuse));
+            assert_eq!(d.read(0, 0, 4096).0, S_OK);
+            let qs = usize::from(d.queues[0].size);
+            for _ in 0..qs {
+                d.submit(
+                    0,
+                    &Request::read(0, 4096).laid(Layout::default().indirect()),
+                );
+            }
+            d.force_kick(0);
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(d.try_used(0).len(), 0);
+            let t0 = Instant::now();
+            t.ok("device_set_qos", json!({"name": "q", "bps": 0}));
+            let (got, took) = used_within_on(&mut d, 0, qs, 3.0);
+            let answered = t0.elapsed();
+            eprintln!(
+                "{mode} event_idx={}: {got}/{qs} released in {took:?} (set_qos+wait {answered:?})",
+                refuse == 0
+            );
+            assert_eq!(got, qs, "{mode}: the lifted limit did not release the ring");
+            assert!(took < Duration::from_millis(200), "{mode}: {took:?}");
+        }
+    }
+}
+
+/// QD1 and QD2 under iops=10 with doorbells as Linux rings them (EVENT_IDX
+/// suppression honoured), interrupt and adaptive: no request may stall.
+#[test]
+fn low_qd_under_a_limit_never_stalls() {
+    for mode in ["interrupt", "adaptive"] {
+        let t = RpcTarget::start(&["--pollers", "1", "--poll-mode", mode]);
+        t.ok(
+            "device_add",
+            json!({"name": "q", "socket": t.dir.path("q.sock"), "disk": "null:1G", "iops": "20"}),
+        );
+        let mut d = Driver::new(&t.dir.path("q.sock"), DriverOptions::default());
+        let t0 = Instant::now();
+        let mut worst = Duration::ZERO;
+        for i in 0..24 {
+            let a = Instant::now();
+            if i % 2 == 0 {
+                d.submit(0, &Request::read(0, 4096));
+                d.submit(0, &Request::read(0, 4096));
+                d.kick(0);
+                d.wait_used(0, 2, Duration::from_secs(5));
+            } else {
+                assert_eq!(d.read(0, 0, 4096).0, S_OK);
+            }
+            worst = worst.max(a.elapsed());
+        }
+        eprintln!(
+            "{mode}: 36 requests in {:?}, worst round {worst:?}",
+            t0.elapsed()
+        );
+        assert!(worst < Duration::from_millis(400));
+    }
+}
+
+/// Many clients at once subscribe and reset the connection at once (no
+/// read, SO_LINGER 0), some inside a batch, while events flow: no
+/// subscriber place may leak (8 subscribe afterwards).
+#[test]
+fn parallel_subscribe_and_reset_leaks_no_place() {
+    let t = RpcTarget::start(&[]);
+    t.ok(
+        "device_add",
+        json!({"name": "r", "socket": t.dir.path("r.sock"), "disk": "ram:1M"}),
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let stop = &stop;
+        let tt = &t;
+        sc.spawn(move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let size = if i % 2 == 0 { "2M" } else { "1M" };
+                let _ = tt.call(
+                    "device_resize",
+                    json!({"name": "r", "size": size, "shrink": true}),
+                );
+                i += 1;
+            }
+        });
+        let hs: Vec<_> =
+            (0..8)
+                .map(|k| {
+                    let rpc = t.rpc.clone();
+                    sc.spawn(move || {
+                    for i in 0..60 {
+                        let Ok(mut c) = UnixStream::connect(&rpc) else { continue };
+                        if (i + k) % 3 == 0 {
+                            let _ = writeln!(
+                                c,
+                                "{}",
+                                json!([{"jsonrpc": "2.0", "id": 1, "method": "events_subscribe"},
+                                       {"jsonrpc": "2.0", "id": 2, "method": "events_subscribe"}])
+                            );
+                        } else {
+                            send_request(&mut c, 1, "events_subscribe");
+                        }
+                        if i % 2 == 0 {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        let l = libc::linger { l_onoff: 1, l_linger: 0 };
+                        // SAFETY: a valid linger struct for our own socket.
+                        unsafe {
+                            libc::setsockopt(
+                                std::os::fd::AsRawFd::as_raw_fd(&c),
+                                libc::SOL_SOCKET,
+                                libc::SO_LINGER,
+                                std::ptr::addr_of!(l).cast(),
+                                std::mem::size_of::<libc::linger>() as u32,
+                            );
+                        }
+                        drop(c);
+                    }
+                })
+                })
+                .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    wait_until("8 subscriber places", || {
+        let subs: Vec<_> = (0..8)
+            .map(|_| {
+                let mut s = UnixStream::connect(&t.rpc).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                send_request(&mut s, 1, "events_subscribe");
+                let mut l = String::new();
+                let _ = BufReader::new(s.try_clone().unwrap()).read_line(&mut l);
+                (s, l)
+            })
+            .collect();
+        subs.iter().all(|(_, l)| l.contains("subscribed\":true"))
+    });
+}
+
+/// A subscribed client that keeps sending requests and never reads, while
+/// events flow: the target must not wedge (others are answered), the
+/// connection ends, and its subscriber place comes back (8 subscribe).
+#[test]
+fn a_subscriber_that_never_reads_while_requesting_is_let_go() {
+    let t = RpcTarget::start(&[]);
+    t.ok(
+        "device_add",
+        json!({"name": "r", "socket": t.dir.path("r.sock"), "disk": "ram:1M"}),
+    );
+    let mut hog = UnixStream::connect(&t.rpc).unwrap();
+    send_request(&mut hog, 1, "events_subscribe");
+    let w = hog.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut w = w;
+        w.set_write_timeout(Some(Duration::from_secs(40))).unwrap();
+        let mut n = 0u64;
+        let t0 = Instant::now();
+        // device_list answers are large: the socket fills quickly.
+        while t0.elapsed() < Duration::from_secs(40) {
+            let req = json!({"jsonrpc": "2.0", "id": n, "method": "device_list"});
+            if writeln!(w, "{req}").is_err() {
+                break;
+            }
+            n += 1;
+        }
+        (n, t0.elapsed())
+    });
+    // Events while it does not read, and others' requests answered.
+    let t0 = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..100 {
+        let a = Instant::now();
+        let size = if i % 2 == 0 { "2M" } else { "1M" };
+        t.ok(
+            "device_resize",
+            json!({"name": "r", "size": size, "shrink": true}),
+        );
+        slowest = slowest.max(a.elapsed());
+    }
+    eprintln!(
+        "100 resizes beside it in {:?}, slowest {slowest:?}",
+        t0.elapsed()
+    );
+    let (n, took) = writer.join().unwrap();
+    eprintln!("the hog wrote {n} requests; its writes stopped after {took:?}");
+    assert!(slowest < Duration::from_secs(1));
+    assert!(took < Duration::from_secs(30), "the hog was never let go");
+    drop(hog);
+    wait_until("8 subscriber places", || {
+        let subs: Vec<_> = (0..8)
+            .map(|_| {
+                let mut s = UnixStream::connect(&t.rpc).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                send_request(&mut s, 1, "events_subscribe");
+                let mut l = String::new();
+                BufReader::new(s.try_clone().unwrap())
+                    .read_line(&mut l)
+                    .unwrap();
+                (s, l)
+            })
+            .collect();
+        subs.iter().all(|(_, l)| l.contains("subscribed\":true"))
+    });
+}
+
+/// A file's device with the name of a command-line device on another
+/// socket (a different device) was left out and then deleted from the file
+/// by the next unrelated save. Neither is dropped now: the start stops and
+/// says to rename one.
+#[test]
+fn a_name_only_clash_stops_the_start_and_keeps_the_file() {
+    let keep = TempDir::new("cfgclash");
+    let cfg = keep.path("vub.json");
+    let img = keep.path("important.img");
+    {
+        let mut t = RpcTarget::start(&["--config", s(&cfg)]);
+        t.ok(
+            "device_add",
+            json!({"name": "vm", "socket": keep.path("vm.sock"), "disk": img, "size": "1M"}),
+        );
+        sigterm(&t);
+        wait_exit(&mut t);
+    }
+    assert_eq!(saved_names(&cfg), ["vm"]);
+    let cli = format!(
+        "socket={},disk=ram:1M,name=vm",
+        s(&keep.path("scratch.sock"))
+    );
+    let rpc = keep.path("r.sock");
+    let (exited, status, err) = run_bin(
+        &[
+            "--rpc-socket",
+            s(&rpc),
+            "--config",
+            s(&cfg),
+            "--device",
+            &cli,
+        ],
+        Duration::from_secs(5),
+    );
+    assert!(exited && !status.success(), "{err}");
+    assert!(err.contains("rename"), "{err}");
+    assert_eq!(saved_names(&cfg), ["vm"]);
+}

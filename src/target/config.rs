@@ -137,22 +137,23 @@ pub fn load(
 /// Writes `devices` to `path` atomically, owner-only.
 pub fn save(path: &Path, devices: &[&DeviceSpec]) -> Result<()> {
     let doc = json!({ "devices": devices.iter().map(|s| spec_to_json(s)).collect::<Vec<_>>() });
+    // A link (checked at load as any path is) is written through: the
+    // file it leads to is the configuration.
+    let resolved = std::fs::canonicalize(path).ok();
+    let path = resolved.as_deref().unwrap_or(path);
     let mut text = serde_json::to_string_pretty(&doc)?;
     text.push('\n');
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} names no file", path.display()))?;
-    // A name nobody can guess: in a shared folder another user could
-    // otherwise hold it and make every save fail.
-    let tmp = dir.join(format!(
-        ".{}.{:016x}.tmp",
-        name.to_string_lossy(),
-        random_u64()?
-    ));
+    if path.file_name().is_none() {
+        bail!("{} names no file", path.display());
+    }
+    // A name nobody can guess (in a shared folder another user could
+    // otherwise hold it and make every save fail), and short whatever the
+    // file's own name.
+    let tmp = dir.join(format!(".vub-config.{:016x}.tmp", random_u64()?));
     let write = || -> Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -185,7 +186,7 @@ fn random_u64() -> Result<u64> {
 /// The spec a device has now, after a resize (what a restart recreates:
 /// a memory disk of the new size; an image keeps its own).
 pub fn resized(spec: &mut DeviceSpec, size: u64) {
-    if let DiskSpec::Ram(s) = &mut spec.disk {
+    if let DiskSpec::Ram(s) | DiskSpec::Null(s) = &mut spec.disk {
         *s = size;
     }
 }

@@ -401,19 +401,20 @@ impl Target {
         let Some(c) = &self.config else {
             bail!("the target was started without --config FILE: there is nowhere to save");
         };
-        // Shutdown takes the devices out of the table: what is left there
-        // is not the set to keep.
-        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
-            bail!("the target is shutting down; the file keeps the devices it has");
-        }
         let _one = self.saving.lock();
-        let specs: Vec<DeviceSpec> = self
-            .devices
-            .lock()
-            .values()
-            .filter(|e| e.saved)
-            .map(|e| e.spec.clone())
-            .collect();
+        let specs: Vec<DeviceSpec> = {
+            let devs = self.devices.lock();
+            // Shutdown sets the flag, then takes the devices out of the
+            // table (under this lock): what is left there then is not the
+            // set to keep.
+            if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                bail!("the target is shutting down; the file keeps the devices it has");
+            }
+            devs.values()
+                .filter(|e| e.saved)
+                .map(|e| e.spec.clone())
+                .collect()
+        };
         config::save(&c.path, &specs.iter().collect::<Vec<_>>())?;
         info!("saved {} device(s) to {}", specs.len(), c.path.display());
         Ok(json!({ "path": c.path, "devices": specs.len() }))

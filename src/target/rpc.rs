@@ -232,6 +232,9 @@ struct ConnCx {
     /// The connection holds one of the MAX_SUBSCRIBED places: events go
     /// out on it.
     subscribed: bool,
+    /// Events from the moment of `events_subscribe` (in a batch, those of
+    /// the requests after it too), sent once its answer is out.
+    sub: Option<crate::events::Subscription>,
 }
 
 /// `events_subscribe`: takes a subscriber's place for the connection.
@@ -246,6 +249,7 @@ fn subscribe(cx: &mut ConnCx) -> Result<Value, RpcError> {
             ));
         }
         cx.subscribed = true;
+        cx.sub = Some(crate::events::subscribe());
     }
     Ok(json!({ "subscribed": true }))
 }
@@ -625,7 +629,6 @@ fn serve_conn(t: &Target, mut stream: UnixStream, place: &Place) {
     let out = Arc::new(parking_lot::Mutex::new(out));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut events: Option<std::thread::JoinHandle<()>> = None;
-    let mut sub = None;
     while next_line(&mut stream, &out, &mut buf, &mut line, !cx.subscribed) {
         let trimmed = line.trim_ascii();
         if trimmed.is_empty() {
@@ -634,13 +637,9 @@ fn serve_conn(t: &Target, mut stream: UnixStream, place: &Place) {
         // Being answered: not closed to make room for another.
         place.busy(true);
         let a = answer(t, &mut cx, trimmed);
-        // Subscribed before the answer goes out (every event after it is
-        // sent), but sent only after it.
-        if cx.subscribed && events.is_none() && sub.is_none() {
-            sub = Some(crate::events::subscribe());
-        }
+        // Events start after the answer that subscribed.
         let answered = a.is_none_or(|v| writeln!(out.lock(), "{v}").is_ok());
-        if let Some(s) = sub.take() {
+        if let Some(s) = cx.sub.take() {
             events = send_events(s, out.clone(), done.clone());
             if events.is_none() {
                 break;
