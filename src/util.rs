@@ -39,44 +39,49 @@ pub fn sealed_memfd(name: &str, len: u64) -> io::Result<File> {
     Ok(f)
 }
 
-/// A user's id: digits as they are, or a name looked up (NSS included).
-pub fn user_id(name: &str) -> Result<u32, String> {
+/// A user's or group's id (`what`): digits as they are, or the name looked
+/// up by `look` (given the name and a buffer for the record's strings).
+fn id_of(
+    what: &str,
+    name: &str,
+    look: impl FnOnce(&std::ffi::CStr, &mut [libc::c_char]) -> Option<u32>,
+) -> Result<u32, String> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(n);
     }
-    let c = std::ffi::CString::new(name).map_err(|_| format!("user '{name}': a NUL byte"))?;
-    // SAFETY: passwd is plain data; zeroed is a valid value.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(name).map_err(|_| format!("{what} '{name}': a NUL byte"))?;
     let mut buf = vec![0 as libc::c_char; 16 << 10];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: the name, the record, its buffer (with its length) and the
-    // result pointer all outlive the call; the record points into `buf`,
-    // read before `buf` goes.
-    let r =
-        unsafe { libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
-    if r != 0 || found.is_null() {
-        return Err(format!("no user named '{name}'"));
-    }
-    Ok(pw.pw_uid)
+    look(&c, &mut buf).ok_or_else(|| format!("no {what} named '{name}'"))
+}
+
+/// A user's id: digits as they are, or a name looked up (NSS included).
+pub fn user_id(name: &str) -> Result<u32, String> {
+    id_of("user", name, |c, buf| {
+        // SAFETY: passwd is plain data; zeroed is a valid value.
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: the name, the record, its buffer (with its length) and
+        // the result pointer all outlive the call; the record points into
+        // `buf`, read before `buf` goes.
+        let r = unsafe {
+            libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found)
+        };
+        (r == 0 && !found.is_null()).then_some(pw.pw_uid)
+    })
 }
 
 /// A group's id: digits as they are, or a name looked up (NSS included).
 pub fn group_id(name: &str) -> Result<u32, String> {
-    if let Ok(n) = name.parse::<u32>() {
-        return Ok(n);
-    }
-    let c = std::ffi::CString::new(name).map_err(|_| format!("group '{name}': a NUL byte"))?;
-    // SAFETY: group is plain data; zeroed is a valid value.
-    let mut gr: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 << 10];
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: as for getpwnam_r above.
-    let r =
-        unsafe { libc::getgrnam_r(c.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut found) };
-    if r != 0 || found.is_null() {
-        return Err(format!("no group named '{name}'"));
-    }
-    Ok(gr.gr_gid)
+    id_of("group", name, |c, buf| {
+        // SAFETY: group is plain data; zeroed is a valid value.
+        let mut gr: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: as for getpwnam_r in `user_id`.
+        let r = unsafe {
+            libc::getgrnam_r(c.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut found)
+        };
+        (r == 0 && !found.is_null()).then_some(gr.gr_gid)
+    })
 }
 
 /// Tells the service manager (systemd's readiness protocol, `sd_notify`)

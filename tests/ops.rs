@@ -17,16 +17,6 @@ use serde_json::{json, Value};
 use support::driver::*;
 use support::*;
 
-fn sigterm_and_wait(t: &mut RpcTarget) {
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(i32::try_from(t.child.id()).unwrap(), libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while t.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the target did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -73,7 +63,8 @@ fn devices_added_over_rpc_come_back_after_a_restart_with_config() {
         assert_eq!(r["devices"], 2, "the command line's device is not saved");
         let mode = std::fs::metadata(&cfg).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        sigterm_and_wait(&mut t);
+        t.sigterm();
+        t.wait_exit();
     }
     let t = RpcTarget::start(&args);
     let list = t.ok("device_list", json!({}));

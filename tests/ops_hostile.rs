@@ -20,17 +20,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Waits for `n` completions on queue 0 for at most `secs`: how many came.
-fn used_within(d: &mut Driver, n: usize, secs: f64) -> usize {
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    let mut got = 0;
-    while got < n && Instant::now() < end {
-        got += d.try_used(0).len();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    got
-}
-
 /// utime+stime of `pid` in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -116,16 +105,17 @@ fn fds(pid: u32) -> usize {
         .count()
 }
 
-fn sigterm(t: &RpcTarget) {
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(i32::try_from(t.child.id()).unwrap(), libc::SIGTERM) };
+/// Starts the target again with `args` (and a management socket at
+/// `rpc`): it must come up and stay up.
+fn comes_back(rpc: &Path, args: &[&str]) {
+    let mut a = vec!["--rpc-socket", s(rpc)];
+    a.extend_from_slice(args);
+    let (exited, status, err) = run_bin(&a, Duration::from_secs(5));
+    assert!(!exited, "the target did not come back ({status}): {err}");
 }
 
 fn saved_names(cfg: &Path) -> Vec<String> {
-    let v: Value = serde_json::from_slice(&std::fs::read(cfg).unwrap()).unwrap();
-    v["devices"]
-        .as_array()
-        .unwrap()
+    saved(cfg)
         .iter()
         .map(|d| d["name"].as_str().unwrap().to_string())
         .collect()
@@ -148,7 +138,7 @@ fn lifting_a_limit_releases_a_waiting_queue() {
     d.submit(0, &Request::read(0, 4096));
     d.kick(0);
     assert_eq!(
-        used_within(&mut d, 1, 0.5),
+        used_within_on(&mut d, 0, 1, 0.5).0,
         0,
         "held by the limit, as it should be"
     );
@@ -159,7 +149,7 @@ fn lifting_a_limit_releases_a_waiting_queue() {
     // A doorbell too, as a guest would ring for a new request.
     d.submit(0, &Request::read(0, 4096));
     d.force_kick(0);
-    let got = used_within(&mut d, 2, 3.0);
+    let got = used_within_on(&mut d, 0, 2, 3.0).0;
     assert_eq!(
         got, 2,
         "limit lifted, but the queue still waits out the old limit's debt (up to 1 h)"
@@ -183,20 +173,20 @@ fn raising_a_limit_releases_a_waiting_queue() {
     d.submit(0, &Request::read(0, 1 << 20));
     d.kick(0);
     assert_eq!(
-        used_within(&mut d, 1, 0.5),
+        used_within_on(&mut d, 0, 1, 0.5).0,
         1,
         "the 1 MiB read goes in (debt)"
     );
     d.submit(0, &Request::read(0, 4096));
     d.kick(0);
-    assert_eq!(used_within(&mut d, 1, 0.5), 0, "and the next waits");
+    assert_eq!(used_within_on(&mut d, 0, 1, 0.5).0, 0, "and the next waits");
     t.ok(
         "device_set_qos",
         json!({"name": "q", "iops": 0, "bps": "1G"}),
     );
     d.submit(0, &Request::read(0, 4096));
     d.force_kick(0);
-    let got = used_within(&mut d, 2, 3.0);
+    let got = used_within_on(&mut d, 0, 2, 3.0).0;
     assert_eq!(got, 2, "limit raised to 1G/s, queue still held by old debt");
 }
 
@@ -401,18 +391,11 @@ fn a_command_line_device_re_added_over_rpc_blocks_the_next_start() {
             json!({"name": "vm", "socket": sock, "disk": "ram:1M", "queues": 2}),
         );
         assert_eq!(saved_names(&cfg), ["vm"]);
-        sigterm(&t);
+        t.sigterm();
         let _ = t.child.wait();
     }
     let rpc = keep.path("r2.sock");
-    let mut a = vec!["--rpc-socket", s(&rpc)];
-    a.extend_from_slice(&args);
-    let (exited, status, err) = run_bin(&a, Duration::from_secs(5));
-    eprintln!(
-        "restart: exited={exited} {status}: {}",
-        err.lines().last().unwrap_or("")
-    );
-    assert!(!exited, "the target did not come back: {err}");
+    comes_back(&rpc, &args);
 }
 
 /// A config_save that arrives while the target shuts down (its device
@@ -462,7 +445,7 @@ fn config_save_during_shutdown_empties_the_file() {
     // A management connection opened before the signal (a daemon's).
     let mut c = UnixStream::connect(&t.rpc).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    sigterm(&t);
+    t.sigterm();
     std::thread::sleep(Duration::from_millis(500));
     send_request(&mut c, 1, "config_save");
     let mut line = String::new();
@@ -803,7 +786,7 @@ fn a_vanished_image_stops_the_start_and_is_not_created_again() {
             "device_add",
             json!({"name": "vm", "socket": sock, "disk": img, "size": "4M"}),
         );
-        sigterm(&t);
+        t.sigterm();
         let _ = t.child.wait();
     }
     std::fs::remove_file(&img).unwrap();
@@ -861,28 +844,6 @@ fn used_within_on(d: &mut Driver, q: usize, n: usize, secs: f64) -> (usize, Dura
         std::thread::sleep(Duration::from_micros(200));
     }
     (got, t0.elapsed())
-}
-
-// ---------------------------------------------------------------- events
-
-fn subscribe_reader(rpc: &Path) -> BufReader<UnixStream> {
-    let mut s = UnixStream::connect(rpc).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    send_request(&mut s, 1, "events_subscribe");
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.contains("\"subscribed\":true"), "{line}");
-    r
-}
-
-fn wait_exit(t: &mut RpcTarget) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while t.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the target did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn saved(cfg: &Path) -> Vec<Value> {
@@ -952,8 +913,8 @@ fn sigterm_during_autosaves_empties_the_file() {
                 });
             }
             std::thread::sleep(Duration::from_millis(150 + 20 * round));
-            sigterm(&t);
-            wait_exit(&mut t);
+            t.sigterm();
+            t.wait_exit();
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
         let names = saved_names(&cfg);
@@ -1003,19 +964,12 @@ fn the_same_socket_spelled_differently_still_blocks_the_start() {
             "device_add",
             json!({"name": "vm2", "socket": other, "disk": "ram:1M", "queues": 2}),
         );
-        sigterm(&t);
-        wait_exit(&mut t);
+        t.sigterm();
+        t.wait_exit();
     }
     eprintln!("saved: {:?}", saved(&cfg));
     let rpc = keep.path("r2.sock");
-    let mut a = vec!["--rpc-socket", s(&rpc)];
-    a.extend_from_slice(&args);
-    let (exited, status, err) = run_bin(&a, Duration::from_secs(5));
-    eprintln!(
-        "restart: exited={exited} {status}: {}",
-        err.lines().last().unwrap_or("")
-    );
-    assert!(!exited, "the target did not come back: {err}");
+    comes_back(&rpc, &args);
 }
 
 /// A --config file that is a symlink in a private folder (an /etc entry
@@ -1037,8 +991,8 @@ fn a_symlinked_config_file_is_replaced_not_written() {
         json!({"name": "a", "socket": keep.path("a.sock"), "disk": "null:1M"}),
     );
     assert!(r.get("config_saved").is_none(), "{r}");
-    sigterm(&t);
-    wait_exit(&mut t);
+    t.sigterm();
+    t.wait_exit();
     let is_link = link.symlink_metadata().unwrap().file_type().is_symlink();
     let real_text = std::fs::read_to_string(&real).unwrap();
     eprintln!(
@@ -1087,8 +1041,8 @@ fn resized_disks_are_saved_at_their_new_size() {
         let r = t.call("device_resize", json!({"name": n, "size": "4M"}));
         eprintln!("resize {n}: {r:?}");
     }
-    sigterm(&t);
-    wait_exit(&mut t);
+    t.sigterm();
+    t.wait_exit();
     let saved = saved(&cfg);
     eprintln!("{saved:?}");
     for d in &saved {
@@ -1141,7 +1095,7 @@ fn a_reset_loop_hides_the_clients_detach_and_the_next_attach() {
         "device_add",
         json!({"name": "vm", "socket": t.dir.path("vm.sock"), "disk": "null:1M"}),
     );
-    let mut ev = subscribe_reader(&t.rpc);
+    let mut ev = subscribe_raw(&t.rpc).1;
     let mut d = Driver::new(&t.dir.path("vm.sock"), DriverOptions::default());
     for _ in 0..25 {
         d.reset();
@@ -1404,8 +1358,8 @@ fn a_name_only_clash_stops_the_start_and_keeps_the_file() {
             "device_add",
             json!({"name": "vm", "socket": keep.path("vm.sock"), "disk": img, "size": "1M"}),
         );
-        sigterm(&t);
-        wait_exit(&mut t);
+        t.sigterm();
+        t.wait_exit();
     }
     assert_eq!(saved_names(&cfg), ["vm"]);
     let cli = format!(

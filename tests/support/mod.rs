@@ -425,6 +425,20 @@ impl RpcTarget {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn sigterm(&self) {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(i32::try_from(self.child.id()).unwrap(), libc::SIGTERM) };
+    }
+
+    /// Waits (up to 20 s) for the target to exit.
+    pub fn wait_exit(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the target did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn call(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
         let mut s = UnixStream::connect(&self.rpc).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
