@@ -97,6 +97,12 @@ struct Subscriber {
 static SUBSCRIBERS: Mutex<Vec<Arc<Subscriber>>> = Mutex::new(Vec::new());
 static LISTENING: AtomicUsize = AtomicUsize::new(0);
 
+/// Whether anybody listens: an event that costs something to describe
+/// (an error's text) is only made then.
+pub fn listening() -> bool {
+    LISTENING.load(Ordering::Relaxed) > 0
+}
+
 /// Tells every subscriber that `e` happened to `device`.
 pub fn publish(device: &str, e: &Event) {
     publish_after(device, e, 0);
@@ -105,7 +111,7 @@ pub fn publish(device: &str, e: &Event) {
 /// [`publish`], saying that `suppressed` events of the device were left
 /// out before it (its rate limit).
 pub fn publish_after(device: &str, e: &Event, suppressed: u64) {
-    if LISTENING.load(Ordering::Relaxed) == 0 {
+    if !listening() {
         return;
     }
     let mut v = e.to_json(device);

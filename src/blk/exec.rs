@@ -242,10 +242,14 @@ impl BlkContext {
             }
             Err(e) => {
                 crate::dev_log!(self.log, Warn, "backend error on {kind:?}: {e}");
-                self.log.event(Event::IoError {
-                    op: format!("{kind:?}").to_lowercase(),
-                    error: e.to_string(),
-                });
+                // (A failing disk fails every request: its text is only made
+                // for a subscriber.)
+                if crate::events::listening() {
+                    self.log.event(Event::IoError {
+                        op: format!("{kind:?}").to_lowercase(),
+                        error: e.to_string(),
+                    });
+                }
                 status_u8(VIRTIO_BLK_S_IOERR)
             }
         }

@@ -600,6 +600,12 @@ impl<H: RequestHandler> QueueState<H> {
             return Taken::Stop;
         }
         let s = &self.slots[usize::from(head)];
+        if self.fence.is_some_and(|f| self.touches(s, &f)) {
+            self.put_back(head);
+            return Taken::Stop;
+        }
+        // Charged once it goes on (one put back for an unmap is charged
+        // when it is taken again).
         if self.qos.on() {
             let io = &s.io;
             // Write-zeroes counts as the bytes it writes (a limit on
@@ -612,14 +618,10 @@ impl<H: RequestHandler> QueueState<H> {
                 _ => 0,
             };
             self.qos.charge(
-                io.kind == IoKind::Read && bytes > 0,
-                matches!(io.kind, IoKind::Write | IoKind::WriteZeroes) && bytes > 0,
+                io.kind == IoKind::Read,
+                matches!(io.kind, IoKind::Write | IoKind::WriteZeroes),
                 bytes,
             );
-        }
-        if self.fence.is_some_and(|f| self.touches(s, &f)) {
-            self.put_back(head);
-            return Taken::Stop;
         }
         match prepared {
             Prepared::Io => Taken::Request {

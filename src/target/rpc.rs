@@ -584,14 +584,14 @@ fn next_line(
         // must arrive whole in LINE_DEADLINE, however it trickles.
         // (A subscribed connection may stay quiet: its events are why it
         // is there.)
-        let left = match (buf.is_empty(), started) {
-            (true, _) if !idle => Duration::MAX,
-            (true, _) => IDLE_TIMEOUT,
-            (false, Some(t)) => LINE_DEADLINE.saturating_sub(t.elapsed()),
-            (false, None) => LINE_DEADLINE,
+        // (None: no limit.)
+        let timeout = match (buf.is_empty(), started) {
+            (true, _) if !idle => None,
+            (true, _) => Some(IDLE_TIMEOUT),
+            (false, Some(t)) => Some(LINE_DEADLINE.saturating_sub(t.elapsed())),
+            (false, None) => Some(LINE_DEADLINE),
         };
-        let timeout = (left != Duration::MAX).then_some(left);
-        if left.is_zero() || s.set_read_timeout(timeout).is_err() {
+        if timeout.is_some_and(|t| t.is_zero()) || s.set_read_timeout(timeout).is_err() {
             if !buf.is_empty() {
                 crate::warn_limited!(
                     "rpc: a request took over {LINE_DEADLINE:?} to arrive; connection closed"
