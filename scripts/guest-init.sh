@@ -47,7 +47,7 @@ while [ $i -lt 120 ]; do
     n=0
     for b in /sys/block/vd*; do [ -e "$b" ] && n=$((n + 1)); done
     [ $n -ge 3 ] && break
-    case "$PHASE" in quick | boot | bench) [ $n -ge 1 ] && break ;; esac
+    case "$PHASE" in quick | boot | bench | upgrade) [ $n -ge 1 ] && break ;; esac
     sleep 0.5
     i=$((i + 1))
 done
@@ -282,6 +282,29 @@ quick)
     [ "$nq" = 2 ]; verdict two-hardware-queues $? "$nq"
     echo "VUB-MD5 quick $(region_md5 0 32)"
     finish quick
+    ;;
+upgrade)
+    # fio with verification while the host upgrades the target under it
+    # (it starts when it sees VUB-UPGRADE-FIO-START), then the kernel log
+    # must hold no I/O error.
+    if [ -z "$DISK" ]; then
+        bad disk-found "no virtio disk with serial $SERIAL"
+        finish upgrade
+    fi
+    dmesg -c >/dev/null 2>&1
+    echo "VUB-UPGRADE-FIO-START"
+    fio --name=upgrade --filename="$DISK" --ioengine=$fio_ioengine --direct=1 --rw=randwrite \
+        --bs=4k --iodepth=16 --offset=0 --size=32M --time_based --runtime=${RUNTIME:-25} \
+        --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_backlog=1024 \
+        --output=/tmp/fu.txt >/dev/null 2>&1
+    verdict fio-verify-across-upgrades $? "$(grep -o 'IOPS=[^,]*' /tmp/fu.txt | head -1)"
+    fio --name=upgrade-check --filename="$DISK" --ioengine=$fio_ioengine --direct=1 \
+        --rw=read --bs=128k --iodepth=4 --offset=0 --size=32M --output=/tmp/fu2.txt >/dev/null 2>&1
+    verdict read-back-after-upgrades $? ""
+    errs=$(dmesg | grep -ci 'error\|blk_update_request\|timed out\|hung')
+    [ "$errs" = 0 ]; verdict no-io-errors-in-kernel-log $? "$errs line(s) since fio started"
+    echo "VUB-MD5 quick $(region_md5 0 32)"
+    finish upgrade
     ;;
 fio-kill)
     losetup -o $((64 * MiB)) /dev/loop0 "$DISK"

@@ -405,6 +405,59 @@ fi
 kill "$MM_PID" 2>/dev/null || true
 wait "$MM_PID" 2>/dev/null || true
 
+# ------------------------------------------------------- live upgrade ----
+# fio with verification in the guest while the target replaces its own
+# binary 10 times (target_upgrade): no error in the guest, the data right,
+# the same process throughout.
+say "upgrade: fio with verification while the target is upgraded 10 times under $ACCEL"
+UP_SOCK=$WORK/up.sock
+UP_IMG=$WORK/up.img
+UP_RPC=$WORK/up-rpc.sock
+truncate -s 64M "$UP_IMG"
+"$BIN" --socket "$UP_SOCK" --disk "$UP_IMG" --queues 2 --serial VUB-E2E-UPG \
+    --rpc-socket "$UP_RPC" >"$WORK/server-up.log" 2>&1 &
+UP_PID=$!
+wait_socket "$UP_SOCK" || true
+: >"$WORK/upgrades.out"
+(
+    for _ in $(seq 2400); do
+        grep -aq 'VUB-UPGRADE-FIO-START' "$WORK/serial-upgrade.log" 2>/dev/null && break
+        sleep 0.25
+    done
+    sleep 2
+    for i in $(seq 10); do
+        "$BIN" rpc --rpc-socket "$UP_RPC" target_upgrade >>"$WORK/upgrades.out" 2>&1 ||
+            echo "UPGRADE-FAILED $i" >>"$WORK/upgrades.out"
+        sleep 1
+    done
+) &
+UPGRADER=$!
+saved_devs=("${QDEVS[@]}")
+QDEVS=(-device "$(vdev "$UP_SOCK")")
+APPEND_EXTRA="vub.quick=VUB-E2E-UPG vub.runtime=25"
+if run_qemu upgrade 900 -no-reboot; then :; else say "QEMU exited with $?"; fi
+APPEND_EXTRA=""
+QDEVS=("${saved_devs[@]}")
+wait "$UPGRADER" 2>/dev/null || true
+collect "$QEMU_LOG" upgrade/
+grep -aq 'VUB-DONE upgrade' "$QEMU_LOG" || check upgrade/guest-finished FAIL "see $QEMU_LOG"
+pauses=$(grep -o '"pause_ms": [0-9.]*' "$WORK/upgrades.out" | awk '{printf "%.1f ", $2}')
+n=$(grep -c '"pause_ms"' "$WORK/upgrades.out" || true)
+if [ "$n" = 10 ]; then
+    check upgrade/ten-upgrades-under-fio PASS "pauses (ms): $pauses"
+else
+    check upgrade/ten-upgrades-under-fio FAIL "$n of 10: $(grep -v pause_ms "$WORK/upgrades.out" | tail -3)"
+fi
+QUICK_MD5=$(grep -a '^VUB-MD5 quick ' "$QEMU_LOG" | head -1 | tr -d '\r' | awk '{print $3}')
+same_md5 upgrade/host-image-matches-guest "$(dd if="$UP_IMG" bs=1M count=32 status=none | md5sum | awk '{print $1}')"
+if kill -0 "$UP_PID" 2>/dev/null && ! grep -q panicked "$WORK/server-up.log"; then
+    check upgrade/same-process-no-panic PASS "pid $UP_PID"
+else
+    check upgrade/same-process-no-panic FAIL "$(tail -3 "$WORK/server-up.log")"
+fi
+kill "$UP_PID" 2>/dev/null || true
+wait "$UP_PID" 2>/dev/null || true
+
 # ----------------------------------------------------------- an RBD disk ----
 # A one-node Ceph cluster (the project's script), an image on it served as
 # the guest's disk: fio with verification in the guest, then the image as

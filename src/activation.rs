@@ -106,6 +106,17 @@ pub fn was_passed(id: (u64, u64)) -> bool {
     FILES.lock().contains(&id)
 }
 
+/// Every socket file the service manager passed (a live upgrade hands the
+/// list to the next binary).
+pub fn passed_files() -> Vec<(u64, u64)> {
+    FILES.lock().clone()
+}
+
+/// Takes over a list of [`passed_files`].
+pub fn mark_passed(ids: &[(u64, u64)]) {
+    FILES.lock().extend_from_slice(ids);
+}
+
 /// Logs what `adopt` found (it runs before the log is set up).
 pub fn say_adopted() {
     for n in NOTES.lock().drain(..) {

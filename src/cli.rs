@@ -389,6 +389,16 @@ impl Options {
         }
     }
 
+    /// `--config` as the target keeps it.
+    pub fn config_file(&self) -> Option<crate::target::config::ConfigFile> {
+        self.config
+            .as_ref()
+            .map(|p| crate::target::config::ConfigFile {
+                path: p.clone(),
+                autosave: self.config_autosave,
+            })
+    }
+
     /// Starts the target these options describe: every disk they name,
     /// on one engine, after checking them all.
     pub fn start_target(&self) -> Result<Arc<crate::target::Target>> {
@@ -399,12 +409,7 @@ impl Options {
             self.engine_config(false),
             self.settings(),
             specs,
-            self.config
-                .as_ref()
-                .map(|p| crate::target::config::ConfigFile {
-                    path: p.clone(),
-                    autosave: self.config_autosave,
-                }),
+            self.config_file(),
         )
     }
 
@@ -465,7 +470,7 @@ impl Options {
 /// Whether two socket paths name the same file: the same name in the same
 /// folder, however the folders are spelled (the socket itself may not
 /// exist yet).
-fn same_socket(a: &std::path::Path, b: &std::path::Path) -> bool {
+pub(crate) fn same_socket(a: &std::path::Path, b: &std::path::Path) -> bool {
     let canon = |p: &std::path::Path| {
         let dir = match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,

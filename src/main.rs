@@ -2,17 +2,31 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use log::{error, info};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use vfio_user_blk::cli::{Command, Options};
 use vfio_user_blk::target::{metrics, remove_own_socket, rpc};
 
 fn main() -> ExitCode {
+    // What a live upgrade handed over (this binary replaced the one that
+    // served, in the same process).
+    let incoming = match vfio_user_blk::relaunch::at_start() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("vfio-user-blk: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // Before any descriptor is opened: those from 3 on may be sockets the
     // service manager passed.
     vfio_user_blk::activation::adopt();
     let opts = Options::parse();
+    if vfio_user_blk::relaunch::checking() {
+        // An upgrade asks whether this binary can take over.
+        println!("{}", vfio_user_blk::relaunch::check_answer());
+        return ExitCode::SUCCESS;
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&opts.log_level))
         .init();
     vfio_user_blk::activation::say_adopted();
@@ -36,7 +50,7 @@ fn main() -> ExitCode {
                 .ok_or_else(|| anyhow::anyhow!("cannot render the manual page"))
                 .and_then(|b| Ok(std::io::stdout().write_all(&b)?))
         }
-        None => run(&opts),
+        None => run(&opts, incoming),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -73,10 +87,39 @@ fn raise_fd_limit() {
     }
 }
 
-fn run(opts: &Options) -> anyhow::Result<()> {
+/// Takes over from the binary this one replaced (a live upgrade).
+fn take_over(
+    opts: &Options,
+    incoming: vfio_user_blk::relaunch::Incoming,
+) -> anyhow::Result<std::sync::Arc<vfio_user_blk::target::Target>> {
+    let t = vfio_user_blk::target::upgrade::take_over(
+        opts.engine_config(false),
+        opts.settings(),
+        opts.config_file(),
+        incoming,
+    )?;
+    match t.rpc {
+        Some((l, p)) => rpc::serve_listener(t.target.clone(), l, &p, t.reply)?,
+        None => {
+            if let Some((s, a)) = &t.reply {
+                vfio_user_blk::target::upgrade::answer(s, a);
+            }
+        }
+    }
+    if let Some(l) = t.metrics {
+        metrics::serve_listener(t.target.clone(), l)?;
+    }
+    Ok(t.target)
+}
+
+fn run(opts: &Options, incoming: Option<vfio_user_blk::relaunch::Incoming>) -> anyhow::Result<()> {
     raise_fd_limit();
     // Signals are taken before anything is created, so that none is lost.
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR2])?;
+    if let Some(i) = incoming {
+        let target = take_over(opts, i)?;
+        return serve_until_signal(opts, target, signals);
+    }
     let target = opts.start_target()?;
     if let Some(path) = &opts.rpc_socket {
         if let Err(e) = rpc::serve(target.clone(), path, opts.force) {
@@ -93,15 +136,42 @@ fn run(opts: &Options) -> anyhow::Result<()> {
             return Err(e);
         }
     }
+    serve_until_signal(opts, target, signals)
+}
+
+/// Serves until SIGINT, SIGTERM or SIGHUP (SIGUSR2 upgrades the binary in
+/// place), then stops gracefully.
+fn serve_until_signal(
+    opts: &Options,
+    target: std::sync::Arc<vfio_user_blk::target::Target>,
+    mut signals: Signals,
+) -> anyhow::Result<()> {
     // Every socket listens: a service manager may start the guests.
     let disks = target.sockets().len();
     vfio_user_blk::util::sd_notify(&format!(
         "READY=1\nSTATUS=serving {disks} disk(s)\nMAINPID={}",
         std::process::id()
     ));
-    let Some(sig) = signals.forever().next() else {
-        error!("signal handling ended");
-        return Ok(());
+    let sig = loop {
+        let Some(sig) = signals.forever().next() else {
+            error!("signal handling ended");
+            return Ok(());
+        };
+        if sig != SIGUSR2 {
+            break sig;
+        }
+        let t = target.clone();
+        let upgrading = std::thread::Builder::new()
+            .name("upgrade".into())
+            .spawn(move || {
+                info!("SIGUSR2: upgrading in place");
+                if let Err(e) = t.upgrade(None, None) {
+                    error!("upgrade: {e:#}");
+                }
+            });
+        if let Err(e) = upgrading {
+            error!("upgrade: cannot start its thread: {e}");
+        }
     };
     vfio_user_blk::util::sd_notify(&format!(
         "STOPPING=1\nSTATUS=signal {sig}: draining and flushing the disks"

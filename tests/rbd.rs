@@ -589,3 +589,31 @@ fn the_disk_name_cannot_make_the_target_write_files_hang_on_a_fifo_or_show_a_sec
     assert!(shown.contains("key=(hidden)"), "{shown}");
     assert!(!shown.contains(&secret), "{shown}");
 }
+
+/// Issue 21: a live upgrade closes nothing of an RBD disk the guest sees:
+/// the old binary lets go of the image's exclusive lock just before the
+/// exec, and the new one opens the image again and takes it.
+#[test]
+fn an_rbd_disk_opens_again_in_the_new_binary_after_a_live_upgrade() {
+    let _one = one_at_a_time();
+    let Some(ceph) = cluster() else { return };
+    let disk = ceph.image("upgrade", 64 * MB);
+    let dir = TempDir::new("rbd-upg");
+    let dev = format!("socket={},disk={disk}", dir.path("d.sock").display());
+    let t = RpcTarget::start(&["--device", &dev]);
+    let mut d = Driver::new(&dir.path("d.sock"), DriverOptions::default());
+    let mut expect = vec![0u8; (64 * MB) as usize];
+    for i in 0..3u64 {
+        let data = pattern(i, 65536);
+        assert_eq!(d.write(0, i * 1000, &data), S_OK);
+        expect[(i * 1000 * 512) as usize..][..65536].copy_from_slice(&data);
+        let r = t.ok("target_upgrade", serde_json::json!({}));
+        assert_eq!(r["devices"], 1, "{r}");
+        assert_eq!(d.read(0, i * 1000, 65536), (S_OK, data));
+    }
+    assert_eq!(d.write(0, 5000, &pattern(9, 4096)), S_OK);
+    expect[5000 * 512..][..4096].copy_from_slice(&pattern(9, 4096));
+    drop(d);
+    assert!(ceph.export("upgrade") == expect, "librbd reads other bytes");
+    assert!(!t.log_text().contains("panicked"));
+}

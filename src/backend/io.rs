@@ -111,6 +111,22 @@ pub trait Backend: Send + Sync {
     /// whenever the disk's size changes outside the target (an image
     /// resized by another client). Backends that cannot tell ignore it.
     fn watch_size(&self, _f: Box<dyn Fn(u64) + Send + Sync>) {}
+    /// The open file a live upgrade hands to the next binary (which then
+    /// holds the same open file, its lock and its contents); None: the
+    /// next binary opens the disk again.
+    fn handover_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+    /// A live upgrade replaces the process image next, with nothing in
+    /// flight: let go of what the next binary must take itself (an
+    /// exclusive lock on a network image).
+    fn hand_off(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// The upgrade did not happen after `hand_off`: take it back.
+    fn take_back(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Sets the disk's size to `size` bytes, or (None) reads it again (a
     /// block device resized underneath); returns the size now.
     fn resize(&self, _size: Option<u64>) -> io::Result<u64> {
@@ -329,6 +345,11 @@ impl IovCursor {
 }
 
 impl Backend for FileBackend {
+    fn handover_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(self.file.as_fd())
+    }
+
     fn try_nowait(&self, iov: &[GuestIov], offset: u64, write: bool) -> Option<io::Result<()>> {
         if self.direct || iov.is_empty() || iov.len() > IOV_MAX {
             return None;

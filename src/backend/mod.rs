@@ -369,6 +369,84 @@ fn open_existing(
     ))
 }
 
+/// A disk a live upgrade handed over: the old binary's open image file
+/// (or memory disk's file), with its lock. Checked for what `open` would
+/// have made of the spec: the kind of file, the access mode and O_DIRECT.
+pub fn open_handed(
+    spec: &DiskSpec,
+    fd: std::os::fd::OwnedFd,
+    o: OpenOptionsDisk,
+) -> Result<Disk, OpenError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    let path: PathBuf = match spec {
+        DiskSpec::File(p) => p.clone(),
+        DiskSpec::Ram(_) => "ram:".into(),
+        _ => {
+            return Err(OpenError::NotOurs(format!(
+                "{spec}: no open file is handed over for it"
+            )))
+        }
+    };
+    let bad = |why: String| {
+        OpenError::NotOurs(format!("the handed-over file of {}: {why}", path.display()))
+    };
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if fl < 0 {
+        return Err(bad("cannot read its flags".into()));
+    }
+    let ram = matches!(spec, DiskSpec::Ram(_));
+    // (A memory disk's file is always open for writing.)
+    let want_acc = if o.readonly && !ram {
+        libc::O_RDONLY
+    } else {
+        libc::O_RDWR
+    };
+    if fl & libc::O_ACCMODE != want_acc || (fl & libc::O_DIRECT != 0) != o.direct.is_some() {
+        return Err(bad(format!(
+            "opened with flags {fl:#o}, not as the device asks"
+        )));
+    }
+    let mut f = std::fs::File::from(fd);
+    let meta = f.metadata().map_err(|source| OpenError::Size {
+        path: path.clone(),
+        source,
+    })?;
+    let kind_ok = if ram {
+        meta.is_file()
+    } else {
+        meta.is_file() || meta.file_type().is_block_device()
+    };
+    if !kind_ok {
+        return Err(OpenError::NotADisk(path));
+    }
+    let size = f.seek(SeekFrom::End(0)).map_err(|source| OpenError::Size {
+        path: path.clone(),
+        source,
+    })?;
+    let backend: Arc<dyn io::Backend> = if ram {
+        Arc::new(io::FileBackend::new(f, false, 512, false, true))
+    } else {
+        Arc::new(io::FileBackend::new(
+            f,
+            o.direct.is_some(),
+            o.direct.unwrap_or(512),
+            true,
+            false,
+        ))
+    };
+    if size == 0 || size % 512 != 0 {
+        return Err(OpenError::Unaligned(size));
+    }
+    Ok(Disk {
+        spec: spec.clone(),
+        size,
+        readonly: o.readonly,
+        backend,
+    })
+}
+
 /// Opens (or, with `create_size`, creates) a disk.
 pub fn open(spec: &DiskSpec, o: OpenOptionsDisk) -> Result<Disk, OpenError> {
     let readonly = o.readonly;

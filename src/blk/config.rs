@@ -109,6 +109,20 @@ impl BlkConfig {
         self.has(VIRTIO_BLK_F_FLUSH) && self.bytes[offset_of!(Cfg, wce)] != 0
     }
 
+    /// The writeback byte as stored (what the driver last wrote).
+    pub fn wce_byte(&self) -> u8 {
+        self.bytes[offset_of!(Cfg, wce)]
+    }
+
+    /// Puts back a stored writeback byte (0 or 1).
+    pub fn set_wce_byte(&mut self, b: u8) -> Result<(), String> {
+        if b > 1 {
+            return Err(format!("writeback byte {b} is neither 0 nor 1"));
+        }
+        self.bytes[offset_of!(Cfg, wce)] = b;
+        Ok(())
+    }
+
     /// Reads config bytes; the caller keeps `offset + data.len()` in range.
     pub fn read(&self, offset: usize, data: &mut [u8]) {
         data.copy_from_slice(&self.bytes[offset..offset + data.len()]);

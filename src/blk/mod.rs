@@ -139,6 +139,20 @@ impl BlkShared {
     }
 
     /// Makes completed writes durable (graceful shutdown).
+    /// See `Backend::hand_off` and `Backend::take_back`.
+    pub fn hand_off(&self, off: bool) -> std::io::Result<()> {
+        if off {
+            self.backend.hand_off()
+        } else {
+            self.backend.take_back()
+        }
+    }
+
+    /// The open file a live upgrade hands over (see `Backend::handover_fd`).
+    pub fn handover_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.backend.handover_fd()
+    }
+
     pub fn flush(&self) -> std::io::Result<()> {
         self.backend.flush()
     }
@@ -523,5 +537,54 @@ impl VirtioDevice for BlkDevice {
         self.shared.features.store(features, Ordering::Relaxed);
         self.config.set_features(self.acked);
         self.update_write_through();
+    }
+
+    fn freeze(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> Result<Vec<Option<crate::virtio::ring::RingPos>>, String> {
+        self.queues.freeze(limit).map_err(|e| match e {
+            HoldError::Busy => "a resize of the device holds its queues".to_string(),
+            HoldError::Stuck => format!(
+                "requests are still in the backend after {limit:?} (a disk that stopped answering?)"
+            ),
+            HoldError::DepartedStuck => {
+                format!("writes of a client that left are still in the backend after {limit:?}")
+            }
+        })
+    }
+
+    fn thaw(&mut self) {
+        self.queues.thaw();
+    }
+
+    fn save(&self) -> serde_json::Value {
+        serde_json::json!({
+            "wce": self.config.wce_byte(),
+            "stats": self.shared.stats.iter().map(|q| q.save()).collect::<Vec<_>>(),
+        })
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Saved {
+            wce: u8,
+            stats: Vec<crate::engine::SavedStats>,
+        }
+        let s: Saved = serde_json::from_value(state.clone()).map_err(|e| e.to_string())?;
+        if s.stats.len() != self.shared.stats.len() {
+            return Err(format!(
+                "statistics of {} queue(s) for a device of {}",
+                s.stats.len(),
+                self.shared.stats.len()
+            ));
+        }
+        self.config.set_wce_byte(s.wce)?;
+        for (q, saved) in self.shared.stats.iter().zip(&s.stats) {
+            q.restore(saved)?;
+        }
+        self.update_write_through();
+        Ok(())
     }
 }

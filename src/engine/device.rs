@@ -16,6 +16,7 @@ use parking_lot::{ArcMutexGuard, Mutex, MutexGuard, RawMutex};
 use super::{Activation, Active, Engine, Fence, Qos, QueueStats, RequestHandler};
 use crate::memory::{DmaRange, GuestMemoryHandle, MemoryChange};
 use crate::util::DeviceLog;
+use crate::virtio::ring::RingPos;
 use crate::virtio::{QueueConfig, VirtioInterrupt};
 
 /// The queues of one device across its activations.
@@ -37,6 +38,9 @@ pub struct DeviceQueues {
     /// What the last quiesce did: fence an unmap (true) or hold all.
     fenced: bool,
     hold: Arc<QueueHold>,
+    /// Frozen for a live upgrade: no change from another thread until
+    /// thawed (or the process image is replaced).
+    frozen: Option<ArcMutexGuard<RawMutex, ()>>,
 }
 
 /// How a driver's queues start: the handler of their requests and what
@@ -68,6 +72,55 @@ impl DeviceQueues {
             departed: None,
             fenced: false,
             hold: Arc::default(),
+            frozen: None,
+        }
+    }
+
+    /// A live upgrade: every queue stops taking requests and nothing of
+    /// the device may be left in the backend within `limit` (else the
+    /// queues go on and the answer says why). Returns where each running
+    /// queue stands in its ring (None: not running, or broken).
+    pub fn freeze(&mut self, limit: Duration) -> Result<Vec<Option<RingPos>>, HoldError> {
+        let n = self.stats.len();
+        if self.frozen.is_some() {
+            return Err(HoldError::Busy);
+        }
+        let one = self
+            .hold
+            .changing
+            .try_lock_arc_for(limit)
+            .ok_or(HoldError::Busy)?;
+        if let Some(a) = &self.active {
+            if !a.pause_all_within(limit) {
+                return Err(HoldError::Stuck);
+            }
+        }
+        let gone = [&self.active, &self.departed]
+            .into_iter()
+            .flatten()
+            .any(|a| !a.wait_mutations_within(limit));
+        if gone {
+            if let Some(a) = &self.active {
+                a.resume();
+            }
+            return Err(HoldError::DepartedStuck);
+        }
+        let mut pos = self
+            .active
+            .as_ref()
+            .map(|a| a.positions())
+            .unwrap_or_default();
+        pos.resize(n, None);
+        self.frozen = Some(one);
+        Ok(pos)
+    }
+
+    /// The upgrade did not happen: the queues go on.
+    pub fn thaw(&mut self) {
+        if self.frozen.take().is_some() {
+            if let Some(a) = &self.active {
+                a.resume();
+            }
         }
     }
 

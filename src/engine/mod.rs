@@ -46,7 +46,7 @@ use pool::Pool;
 pub use qos::{Qos, QosLimits};
 pub use reactor::Fence;
 use reactor::{Msg, Reactor, ReactorTx, Waker};
-pub use stats::{Histogram, QueueStats, ReactorStats, KINDS};
+pub use stats::{Histogram, QueueStats, ReactorStats, SavedStats, KINDS};
 
 /// How reactors wait for work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -696,6 +696,37 @@ impl Active {
             fence: Some(fence),
             ack,
         });
+    }
+
+    /// Where each queue stands in its ring, by queue index (None: not
+    /// running, or broken). Meant for queues paused and drained.
+    pub fn positions(&self) -> Vec<Option<crate::virtio::ring::RingPos>> {
+        let (tx, rx) = unbounded();
+        let mut n = 0;
+        for p in self.placed.iter().flatten() {
+            self.send(
+                *p,
+                Msg::Position {
+                    queue: p.id,
+                    reply: tx.clone(),
+                },
+            );
+            n += 1;
+        }
+        self.run_inline();
+        let mut by_id = std::collections::HashMap::new();
+        for _ in 0..n {
+            match rx.recv_timeout(DRAIN_REPORT) {
+                Ok((id, pos)) => {
+                    by_id.insert(id, pos);
+                }
+                Err(_) => break,
+            }
+        }
+        self.placed
+            .iter()
+            .map(|p| p.and_then(|p| by_id.get(&p.id).copied().flatten()))
+            .collect()
     }
 
     /// Lifts one `pause_all`.

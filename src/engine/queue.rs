@@ -837,6 +837,10 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         self.broken.is_none() && !self.paused() && !self.withdrawn
     }
 
+    fn position(&self) -> Option<crate::virtio::ring::RingPos> {
+        self.broken.is_none().then(|| self.queue.position())
+    }
+
     fn drive(&mut self) -> bool {
         self.is_driven && self.aio_in_flight > 0 && self.backend.drive()
     }

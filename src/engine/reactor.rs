@@ -171,6 +171,11 @@ pub(crate) enum Msg {
         ack: Sender<()>,
         drain: bool,
     },
+    /// Where a queue stands in its ring (None: broken, or not here).
+    Position {
+        queue: u64,
+        reply: Sender<(u64, Option<crate::virtio::ring::RingPos>)>,
+    },
     PoolDone(Done),
     /// A backend's own completion (librbd's threads) for a request slot.
     AioDone {
@@ -226,6 +231,8 @@ pub(crate) trait QueueRunner: Send {
     fn polled(&self) -> bool;
     /// Over its device's limit until then: a sleeping reactor wakes for it.
     fn qos_until(&self) -> Option<Instant>;
+    /// Where it stands in its ring; None once broken.
+    fn position(&self) -> Option<crate::virtio::ring::RingPos>;
 }
 
 pub(crate) struct Reactor {
@@ -328,6 +335,10 @@ impl Reactor {
                     let _ = ack.send(());
                 }
             },
+            Msg::Position { queue, reply } => {
+                let pos = self.find(queue).and_then(|i| self.queues[i].position());
+                let _ = reply.send((queue, pos));
+            }
             Msg::PoolDone(d) => self.on_queue(d.queue, |q, cx| q.pool_done(d, cx)),
             Msg::AioDone { queue, slot, res } => {
                 self.on_queue(queue, |q, cx| q.aio_done(slot, res, cx));

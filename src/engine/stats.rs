@@ -52,6 +52,16 @@ impl Histogram {
         buckets[Self::bucket(ns)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds `n` records to bucket `b` (a restored histogram).
+    fn add_bucket(&self, b: usize, n: u64) {
+        let buckets = self
+            .buckets
+            .get_or_init(|| (0..POWERS * SUB).map(|_| AtomicU64::new(0)).collect());
+        if let Some(c) = buckets.get(b) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
     pub fn count(&self) -> u64 {
         self.buckets
             .get()
@@ -164,6 +174,82 @@ impl QueueStats {
 
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+}
+
+/// A queue's counters as a live upgrade carries them: each array in the
+/// order of [`QueueStats`]'s, latency as (bucket, count) pairs per kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedStats {
+    pub requests: Vec<u64>,
+    pub errors: Vec<u64>,
+    pub failed: Vec<u64>,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub time_ns: Vec<u64>,
+    pub latency: Vec<Vec<(usize, u64)>>,
+}
+
+impl QueueStats {
+    /// The counters now (requests in flight are not counters: none are,
+    /// at an upgrade).
+    pub fn save(&self) -> SavedStats {
+        let all = |c: &[AtomicU64]| c.iter().map(Self::get).collect();
+        SavedStats {
+            requests: all(&self.requests),
+            errors: all(&self.errors),
+            failed: all(&self.failed),
+            bytes_read: Self::get(&self.bytes_read),
+            bytes_written: Self::get(&self.bytes_written),
+            time_ns: all(&self.time_ns),
+            latency: self
+                .latency
+                .iter()
+                .map(|h| {
+                    let mut c = vec![0; Histogram::counts_len()];
+                    h.add_counts(&mut c);
+                    c.into_iter().enumerate().filter(|(_, n)| *n > 0).collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds saved counters to these (a fresh queue's: the totals go on
+    /// from where the old binary left them).
+    pub fn restore(&self, s: &SavedStats) -> Result<(), String> {
+        let sized = [
+            (s.requests.len(), KINDS),
+            (s.errors.len(), self.errors.len()),
+            (s.failed.len(), KINDS),
+            (s.time_ns.len(), KINDS),
+            (s.latency.len(), KINDS),
+        ];
+        if sized.iter().any(|(a, b)| a != b)
+            || s.latency
+                .iter()
+                .flatten()
+                .any(|(b, _)| *b >= Histogram::counts_len())
+        {
+            return Err("queue statistics of another shape".into());
+        }
+        let put = |c: &[AtomicU64], v: &[u64]| {
+            for (c, v) in c.iter().zip(v) {
+                Self::add(c, *v);
+            }
+        };
+        put(&self.requests, &s.requests);
+        put(&self.errors, &s.errors);
+        put(&self.failed, &s.failed);
+        put(&self.time_ns, &s.time_ns);
+        Self::add(&self.bytes_read, s.bytes_read);
+        Self::add(&self.bytes_written, s.bytes_written);
+        for (h, counts) in self.latency.iter().zip(&s.latency) {
+            for &(b, n) in counts {
+                h.add_bucket(b, n);
+            }
+        }
+        Ok(())
     }
 }
 

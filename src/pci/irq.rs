@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -99,7 +99,92 @@ fn kick(fd: &File) {
     }
 }
 
+/// One MSI-X vector as a live upgrade carries it (fd: -1 for none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedVector {
+    pub fd: i64,
+    pub masked: bool,
+    pub pending: bool,
+}
+
+/// The interrupt state of a function as a live upgrade carries it: the
+/// descriptors by number (see [`crate::handover`]), -1 for none.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedIrqs {
+    pub msix: Vec<SavedVector>,
+    pub intx_fd: i64,
+    pub intx_masked: bool,
+    pub intx_level: bool,
+    pub err_fd: i64,
+}
+
 impl Interrupts {
+    /// The state and the descriptors, listed in `out`.
+    pub fn save(&self, out: &mut crate::handover::Outgoing) -> SavedIrqs {
+        let mut fd_of = |f: Option<&File>| f.map_or(-1, |f| out.add(f.as_fd()));
+        let st = self.state.lock();
+        let msix = self
+            .msix
+            .iter()
+            .map(|v| {
+                let v = v.lock();
+                SavedVector {
+                    fd: fd_of(v.fd.as_deref()),
+                    masked: v.masked,
+                    pending: v.pending,
+                }
+            })
+            .collect();
+        SavedIrqs {
+            msix,
+            intx_fd: fd_of(st.intx_fd.as_ref()),
+            intx_masked: st.intx_masked,
+            intx_level: st.intx_level,
+            err_fd: fd_of(st.err_fd.as_ref()),
+        }
+    }
+
+    /// Takes a saved state: every descriptor must be an eventfd, as at
+    /// SET_IRQS. MSI-X enable and mask come from config space afterwards
+    /// (`set_msix_control`).
+    pub fn restore(&self, s: &SavedIrqs, fds: &mut crate::handover::FdBag) -> Result<(), String> {
+        if s.msix.len() != self.msix.len() {
+            return Err(format!(
+                "{} MSI-X vectors saved for a function of {}",
+                s.msix.len(),
+                self.msix.len()
+            ));
+        }
+        let mut take = |n: i64| -> Result<Option<File>, String> {
+            let Some(fd) = fds.take_opt(n)? else {
+                return Ok(None);
+            };
+            check_interrupt_fd(&fd, &self.log)
+                .map_err(|_| format!("interrupt descriptor {n} is not an eventfd"))?;
+            Ok(Some(File::from(fd)))
+        };
+        let mut vectors = Vec::with_capacity(s.msix.len());
+        for v in &s.msix {
+            vectors.push((take(v.fd)?.map(Arc::new), v.masked, v.pending));
+        }
+        let (intx, err) = (take(s.intx_fd)?, take(s.err_fd)?);
+        for (slot, (fd, masked, pending)) in self.msix.iter().zip(vectors) {
+            *slot.lock() = Vector {
+                fd,
+                masked,
+                pending,
+            };
+        }
+        let mut st = self.state.lock();
+        st.intx_fd = intx;
+        st.err_fd = err;
+        st.intx_masked = s.intx_masked;
+        st.intx_level = s.intx_level;
+        Ok(())
+    }
+
     pub fn new(msix_vectors: u16, log: Arc<DeviceLog>) -> Interrupts {
         Interrupts {
             log,

@@ -68,6 +68,24 @@ pub trait BarLogic: Send {
     fn memory_changed(&mut self, change: MemoryChange);
     /// The guest changed the bus-master enable bit.
     fn bus_master_changed(&mut self, enabled: bool);
+    /// A live upgrade: stop all activity within `limit`, keeping what a
+    /// new binary needs to go on (see [`save`](Self::save)).
+    fn freeze(&mut self, _limit: std::time::Duration) -> Result<(), String> {
+        Err("this function cannot be handed to another binary".into())
+    }
+    /// The upgrade did not happen: activity goes on.
+    fn thaw(&mut self) {}
+    /// The BARs' state, for a new binary.
+    fn save(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Takes [`save`](Self::save)'s output, checked as guest input is;
+    /// nothing runs until [`start_restored`](Self::start_restored).
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Err("this function cannot take a saved state".into())
+    }
+    /// The upgrade is committed: activity resumes.
+    fn start_restored(&mut self) {}
 }
 
 /// BAR1 layout: MSI-X table at 0, PBA at 0x800, 4 KiB in all.
@@ -259,7 +277,79 @@ impl<B: BarLogic> PciFunction<B> {
     }
 }
 
+/// A function as a live upgrade carries it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedFunction {
+    /// Config space as read; only its writable bits are taken back.
+    config: Vec<u8>,
+    msix_table: Vec<u8>,
+    irqs: irq::SavedIrqs,
+    bars: serde_json::Value,
+}
+
+impl<B: BarLogic> PciFunction<B> {
+    fn restore_function(
+        &mut self,
+        state: &serde_json::Value,
+        fds: &mut crate::handover::FdBag,
+    ) -> Result<(), String> {
+        let s: SavedFunction =
+            serde_json::from_value(state.clone()).map_err(|e| format!("PCI function: {e}"))?;
+        if s.config.len() != CONFIG_SIZE || s.msix_table.len() != self.msix_table.len() {
+            return Err(format!(
+                "config space of {} bytes and an MSI-X table of {} for a function of \
+                 {CONFIG_SIZE} and {}",
+                s.config.len(),
+                s.msix_table.len(),
+                self.msix_table.len()
+            ));
+        }
+        self.irqs.restore(&s.irqs, fds)?;
+        self.bars.restore(&s.bars)?;
+        // Through the writable masks, as the driver's own writes went:
+        // identity, capabilities and BAR sizes stay this binary's.
+        self.config.write(0, &s.config);
+        self.msix_table.copy_from_slice(&s.msix_table);
+        let (enabled, masked) = self.config.msix_control();
+        self.irqs.set_msix_control(enabled, masked);
+        Ok(())
+    }
+}
+
 impl<B: BarLogic> Device for PciFunction<B> {
+    fn freeze(&mut self, limit: std::time::Duration) -> Result<(), String> {
+        self.bars.freeze(limit)
+    }
+
+    fn thaw(&mut self) {
+        self.bars.thaw();
+    }
+
+    fn save(&self, out: &mut crate::handover::Outgoing) -> serde_json::Value {
+        let mut config = vec![0u8; CONFIG_SIZE];
+        self.config.read(0, &mut config);
+        serde_json::to_value(SavedFunction {
+            config,
+            msix_table: self.msix_table.clone(),
+            irqs: self.irqs.save(out),
+            bars: self.bars.save(),
+        })
+        .unwrap_or_default()
+    }
+
+    fn restore(
+        &mut self,
+        state: &serde_json::Value,
+        fds: &mut crate::handover::FdBag,
+    ) -> Result<(), String> {
+        self.restore_function(state, fds)
+    }
+
+    fn start_restored(&mut self) {
+        self.bars.start_restored();
+    }
+
     fn num_regions(&self) -> u32 {
         VFIO_PCI_NUM_REGIONS
     }

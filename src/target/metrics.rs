@@ -338,6 +338,13 @@ pub fn serve(target: Arc<Target>, addr: SocketAddr) -> Result<()> {
     if !addr.ip().is_loopback() {
         warn!("metrics on {addr}: reachable from outside this machine");
     }
+    serve_listener(target, l)
+}
+
+/// Serves metrics on a bound port (after a live upgrade: the old
+/// binary's).
+pub fn serve_listener(target: Arc<Target>, l: TcpListener) -> Result<()> {
+    super::upgrade::keep_metrics(&l);
     info!("metrics on http://{}/metrics", l.local_addr()?);
     let places = Places::new(MAX_CONNECTIONS);
     std::thread::Builder::new()

@@ -7,6 +7,7 @@ pub mod config;
 mod conns;
 pub mod metrics;
 pub mod rpc;
+pub mod upgrade;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -133,17 +134,7 @@ impl Target {
         specs: Vec<(DeviceSpec, bool)>,
         config: Option<ConfigFile>,
     ) -> Result<Arc<Target>> {
-        let engine = Engine::start(engine).context("starting the reactors")?;
-        let t = Arc::new(Target {
-            engine,
-            settings,
-            devices: Mutex::new(BTreeMap::new()),
-            admin: Mutex::new(()),
-            memory: Mutex::new(()),
-            closing: std::sync::atomic::AtomicBool::new(false),
-            config,
-            saving: Mutex::new(()),
-        });
+        let t = Target::empty(engine, settings, config)?;
         for (spec, saved) in specs {
             if let Err(e) = t.add_on(spec, None, saved) {
                 t.shutdown();
@@ -156,6 +147,25 @@ impl Target {
             t.engine.describe()
         );
         Ok(t)
+    }
+
+    /// The engine, and no device yet.
+    fn empty(
+        engine: EngineConfig,
+        settings: Settings,
+        config: Option<ConfigFile>,
+    ) -> Result<Arc<Target>> {
+        let engine = Engine::start(engine).context("starting the reactors")?;
+        Ok(Arc::new(Target {
+            engine,
+            settings,
+            devices: Mutex::new(BTreeMap::new()),
+            admin: Mutex::new(()),
+            memory: Mutex::new(()),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            config,
+            saving: Mutex::new(()),
+        }))
     }
 
     pub fn engine(&self) -> &Arc<Engine> {

@@ -206,7 +206,7 @@ struct ListParams {
 }
 
 /// Every method, as `rpc_get_methods` lists them.
-const METHODS: [&str; 10] = [
+const METHODS: [&str; 11] = [
     "device_add",
     "device_remove",
     "device_list",
@@ -217,6 +217,7 @@ const METHODS: [&str; 10] = [
     "events_subscribe",
     "rpc_get_methods",
     "target_version",
+    "target_upgrade",
 ];
 
 /// Most requests in one batch.
@@ -235,6 +236,40 @@ struct ConnCx {
     /// Events from the moment of `events_subscribe` (in a batch, those of
     /// the requests after it too), sent once its answer is out.
     sub: Option<crate::events::Subscription>,
+    /// The connection's socket (an upgrade answers on it from the new
+    /// binary), the id of the request being answered, and whether it is
+    /// part of a batch.
+    conn: Option<std::os::fd::RawFd>,
+    id: Option<Value>,
+    in_batch: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeParams {
+    binary: Option<Text>,
+}
+
+/// `target_upgrade`: returns only when the upgrade did not happen (the
+/// new binary answers otherwise, on the same connection).
+fn upgrade(t: &Target, cx: &ConnCx, p: UpgradeParams) -> Result<Value, RpcError> {
+    if cx.in_batch {
+        return Err(err(
+            INVALID_REQUEST,
+            "target_upgrade cannot be part of a batch (the new binary answers it alone)",
+        ));
+    }
+    let binary = p.binary.map(|b| b.get("binary")).transpose()?;
+    let reply = match (cx.conn, &cx.id) {
+        (Some(fd), Some(id)) => Some(super::upgrade::Reply {
+            // SAFETY: the connection's socket, open while it is served.
+            stream: unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+            id: id.clone(),
+        }),
+        _ => None,
+    };
+    t.upgrade(binary.map(std::path::PathBuf::from), reply)
+        .map_err(|e| err(FAILED, format!("{e:#}")))
 }
 
 /// `events_subscribe`: takes a subscriber's place for the connection.
@@ -387,6 +422,7 @@ fn target_call(t: &Target, cx: &mut ConnCx, method: &str) -> Result<Value, RpcEr
         "target_version" => Ok(json!({
             "name": env!("CARGO_PKG_NAME"),
             "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
         })),
         "config_save" => t.config_save().map_err(|e| err(FAILED, format!("{e:#}"))),
         _ => subscribe(cx),
@@ -457,6 +493,7 @@ fn call(t: &Target, cx: &mut ConnCx, method: &str, p: Value) -> Result<Value, Rp
                 .map(|v| saved(t, v))
                 .map_err(failed)
         }
+        "target_upgrade" => upgrade(t, cx, params(p)?),
         "device_stats" => {
             let p: StatsParams = params(p)?;
             let name = p.name.map(|n| n.get("name")).transpose()?;
@@ -496,10 +533,12 @@ fn answer(t: &Target, cx: &mut ConnCx, line: &[u8]) -> Option<Value> {
             format!("a batch of {} requests; at most {MAX_BATCH}", batch.len()),
         ));
     }
+    cx.in_batch = true;
     let answers: Vec<Value> = batch
         .into_iter()
         .filter_map(|r| answer_one(t, cx, r))
         .collect();
+    cx.in_batch = false;
     (!answers.is_empty()).then_some(Value::Array(answers))
 }
 
@@ -545,6 +584,7 @@ fn answer_one(t: &Target, cx: &mut ConnCx, v: Value) -> Option<Value> {
     };
     let p = obj.get("params").cloned().unwrap_or(Value::Null);
     debug!("rpc: {method} {p}");
+    cx.id.clone_from(&id);
     let r = call(t, cx, method, p);
     match id {
         Some(id) => reply(id, r),
@@ -623,7 +663,10 @@ fn next_line(
 fn serve_conn(t: &Target, mut stream: UnixStream, place: &Place) {
     let mut buf = Vec::new();
     let mut line = Vec::new();
-    let mut cx = ConnCx::default();
+    let mut cx = ConnCx {
+        conn: Some(std::os::fd::AsRawFd::as_raw_fd(&stream)),
+        ..ConnCx::default()
+    };
     // Answers and events go out through one lock, a line at a time.
     let Ok(out) = stream.try_clone() else { return };
     let out = Arc::new(parking_lot::Mutex::new(out));
@@ -700,8 +743,25 @@ fn send_events(
 /// Serves the management socket at `path` (owner-only) on its own threads.
 pub fn serve(target: Arc<Target>, path: &Path, force: bool) -> Result<()> {
     let listener = bind_socket(path, force)?;
+    serve_listener(target, listener, path, None)
+}
+
+/// Serves a bound management socket; `first` (after a live upgrade: the
+/// connection that asked for it, with its answer) is answered and served
+/// before any other.
+pub fn serve_listener(
+    target: Arc<Target>,
+    listener: std::os::unix::net::UnixListener,
+    path: &Path,
+    first: Option<(UnixStream, Value)>,
+) -> Result<()> {
+    super::upgrade::keep_rpc(&listener, path);
     let places = Places::new(MAX_CONNECTIONS);
     info!("management socket on {}", path.display());
+    let first = first.map(|(s, answer)| {
+        super::upgrade::answer(&s, &answer);
+        Ok(s)
+    });
     std::thread::Builder::new()
         .name("rpc-accept".into())
         .spawn(move || {
@@ -716,7 +776,7 @@ pub fn serve(target: Arc<Target>, path: &Path, force: bool) -> Result<()> {
             };
             accept_each(
                 "rpc",
-                listener.incoming(),
+                first.into_iter().chain(listener.incoming()),
                 &places,
                 "the one idle longest",
                 refuse,

@@ -394,6 +394,24 @@ impl DmaTable {
         }
     }
 
+    /// Every window, for a live upgrade: its descriptor (the file it maps)
+    /// listed in `out`; a window the device does not reach has none.
+    pub fn save(&self, out: &mut crate::handover::Outgoing) -> Vec<super::park::SavedWindow> {
+        use std::os::fd::AsFd;
+        self.windows
+            .iter()
+            .map(|w| {
+                let fo = w.region.as_ref().and_then(|r| r.file_offset());
+                super::park::SavedWindow {
+                    iova: w.iova,
+                    size: w.size,
+                    offset: fo.map_or(0, FileOffset::start),
+                    fd: fo.map_or(-1, |f| out.add(f.file().as_fd())),
+                }
+            })
+            .collect()
+    }
+
     /// Drops every window (disconnect).
     pub fn clear(&mut self) {
         let gone = std::mem::take(&mut self.windows);

@@ -8,6 +8,7 @@
 
 pub mod budget;
 pub mod dma;
+pub mod park;
 pub mod server;
 pub mod socket;
 pub mod wire;
@@ -109,4 +110,21 @@ pub trait Device: Send {
     /// The client went away: reset without waiting for in-flight work
     /// (which must write nothing more), and drop every descriptor it gave.
     fn disconnect(&mut self);
+    /// A live upgrade: stop all work within `limit` (else go on, and say
+    /// why), so that [`save`](Self::save) describes a device at rest.
+    fn freeze(&mut self, limit: std::time::Duration) -> Result<(), String>;
+    /// The upgrade did not happen: work goes on.
+    fn thaw(&mut self);
+    /// The device's state for a new binary; its descriptors are listed in
+    /// `out` and named in the state by number.
+    fn save(&self, out: &mut crate::handover::Outgoing) -> serde_json::Value;
+    /// Takes a saved state, checked as strictly as the messages that made
+    /// it; nothing runs until [`start_restored`](Self::start_restored).
+    fn restore(
+        &mut self,
+        state: &serde_json::Value,
+        fds: &mut crate::handover::FdBag,
+    ) -> Result<(), String>;
+    /// The upgrade is committed: work resumes where it stopped.
+    fn start_restored(&mut self);
 }

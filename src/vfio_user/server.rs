@@ -53,7 +53,6 @@ impl Default for ServerConfig {
 }
 
 /// What the management plane sees of, and does to, a running server.
-#[derive(Default)]
 pub struct Control {
     stopping: AtomicBool,
     /// At the end of the current client, wait for its requests before the
@@ -62,6 +61,42 @@ pub struct Control {
     listener: Mutex<Option<UnixListener>>,
     /// The attached client's stream and credentials.
     client: Mutex<Option<(UnixStream, Option<PeerCred>)>>,
+    /// Upgrade requests for the device's thread (see `park`).
+    pub(super) park_tx: crossbeam_channel::Sender<super::park::Park>,
+    pub(super) park_rx: crossbeam_channel::Receiver<super::park::Park>,
+    /// Wakes the device's thread from its wait on the client's socket.
+    pub(super) wake: Option<OwnedFd>,
+    /// Wakes the accept thread from its wait on the listening socket.
+    pub(super) accept_wake: Option<OwnedFd>,
+    pub(super) accept: AcceptHold,
+}
+
+/// Holding the accept thread between accepts (a live upgrade).
+#[derive(Default)]
+pub(super) struct AcceptHold {
+    pub(super) paused: AtomicBool,
+    pub(super) parked: AtomicBool,
+    pub(super) lock: parking_lot::Mutex<()>,
+    pub(super) cv: parking_lot::Condvar,
+    /// A connection accepted while the device could not take it.
+    pub(super) pending: Mutex<Option<UnixStream>>,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        let (park_tx, park_rx) = crossbeam_channel::unbounded();
+        Control {
+            stopping: AtomicBool::new(false),
+            drain: Arc::default(),
+            listener: Mutex::new(None),
+            client: Mutex::new(None),
+            park_tx,
+            park_rx,
+            wake: super::park::wake_fd(),
+            accept_wake: super::park::wake_fd(),
+            accept: AcceptHold::default(),
+        }
+    }
 }
 
 /// Who is on the other end of a socket (SO_PEERCRED).
@@ -121,6 +156,26 @@ impl Control {
             // SAFETY: shutdown on a socket we own; no memory is passed.
             unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
         }
+        if let Some(w) = &self.accept_wake {
+            super::park::kick(w);
+        }
+        self.resume_accept();
+    }
+
+    /// The listening socket (a live upgrade hands it over).
+    pub fn listener(&self) -> Option<UnixListener> {
+        self.listener
+            .lock()
+            .as_ref()
+            .and_then(|l| l.try_clone().ok())
+    }
+
+    /// The attached client's socket (a live upgrade hands it over).
+    pub fn client_stream(&self) -> Option<UnixStream> {
+        self.client
+            .lock()
+            .as_ref()
+            .and_then(|(s, _)| s.try_clone().ok())
     }
 }
 
@@ -181,12 +236,14 @@ enum Next {
 }
 
 pub struct Server<D: Device> {
-    device: D,
-    dma: DmaTable,
-    config: ServerConfig,
+    pub(super) device: D,
+    pub(super) dma: DmaTable,
+    pub(super) config: ServerConfig,
     /// Set: at the end of a client, wait for its requests in flight first.
     drain_on_close: Arc<AtomicBool>,
-    log: Arc<DeviceLog>,
+    pub(super) log: Arc<DeviceLog>,
+    /// The management plane's handle, once running under one.
+    control: Option<Arc<Control>>,
 }
 
 /// Per-connection protocol state.
@@ -199,6 +256,94 @@ struct Conn<T: Transport> {
     reply: Vec<u8>,
     /// A descriptor to send with the reply (a mappable region's file).
     reply_fd: Option<std::os::fd::RawFd>,
+}
+
+/// The accept thread: takes connections and hands each to the device's
+/// thread, which serves one at a time; stops between accepts while an
+/// upgrade holds it.
+fn accept_loop(
+    listener: &UnixListener,
+    ctl: &Control,
+    tx: &crossbeam_channel::Sender<UnixStream>,
+    log: &DeviceLog,
+) {
+    // Readiness comes from poll, so that an upgrade can wake the thread.
+    let _ = listener.set_nonblocking(true);
+    loop {
+        if ctl.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if ctl.accept.paused.load(Ordering::SeqCst) {
+            let mut g = ctl.accept.lock.lock();
+            ctl.accept.parked.store(true, Ordering::SeqCst);
+            while ctl.accept.paused.load(Ordering::SeqCst) && !ctl.stopping.load(Ordering::SeqCst) {
+                ctl.accept
+                    .cv
+                    .wait_for(&mut g, std::time::Duration::from_millis(100));
+            }
+            ctl.accept.parked.store(false, Ordering::SeqCst);
+            continue;
+        }
+        match super::park::wait_readable(listener.as_raw_fd(), ctl.accept_wake.as_ref()) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                crate::dev_log!(log, Error, "waiting for clients failed: {e}");
+                thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        }
+        match listener.accept() {
+            Ok(_) if ctl.stopping.load(Ordering::SeqCst) => return,
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                if !hand_over(ctl, tx, stream, log) {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) if ctl.stopping.load(Ordering::SeqCst) => return,
+            Err(e) => {
+                crate::dev_log!(log, Error, "accept failed: {e}");
+                thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Gives an accepted connection to the device's thread; false once that
+/// thread is gone. A client that just left may still be being torn down:
+/// the newcomer waits a moment before it is called a second client. An
+/// upgrade that pauses the thread meanwhile keeps the connection.
+fn hand_over(
+    ctl: &Control,
+    tx: &crossbeam_channel::Sender<UnixStream>,
+    stream: UnixStream,
+    log: &DeviceLog,
+) -> bool {
+    let until = std::time::Instant::now() + HANDOVER_WAIT;
+    let mut s = stream;
+    loop {
+        if ctl.accept.paused.load(Ordering::SeqCst) {
+            *ctl.accept.pending.lock() = Some(s);
+            return true;
+        }
+        match tx.send_timeout(s, std::time::Duration::from_millis(10)) {
+            Ok(()) => return true,
+            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
+            Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
+                if std::time::Instant::now() >= until {
+                    crate::dev_log!(
+                        log,
+                        Warn,
+                        "refusing a second client: this device serves one client at a time"
+                    );
+                    return true;
+                }
+                s = back;
+            }
+        }
+    }
 }
 
 fn command_name(cmd: u16) -> &'static str {
@@ -239,6 +384,7 @@ impl<D: Device> Server<D> {
             config,
             drain_on_close: Arc::default(),
             log,
+            control: None,
         }
     }
 
@@ -269,74 +415,81 @@ impl<D: Device> Server<D> {
         listener: UnixListener,
         control: &Arc<Control>,
     ) -> io::Result<()> {
+        self.run_with(listener, control, None)
+    }
+
+    /// [`run_controlled`](Self::run_controlled) in a new binary after a
+    /// live upgrade: first on with the client the old binary served.
+    pub fn run_restored(
+        &mut self,
+        listener: UnixListener,
+        control: &Arc<Control>,
+        client: Option<super::park::Resumed>,
+    ) -> io::Result<()> {
+        self.run_with(listener, control, client)
+    }
+
+    fn run_with(
+        &mut self,
+        listener: UnixListener,
+        control: &Arc<Control>,
+        first: Option<super::park::Resumed>,
+    ) -> io::Result<()> {
         let (tx, rx) = crossbeam_channel::bounded::<UnixStream>(0);
         control.watch_listener(&listener)?;
         self.drain_on_close = control.drain.clone();
+        self.control = Some(control.clone());
         let ctl = control.clone();
         let log = self.log.clone();
         thread::Builder::new()
             .name("vfio-user-accept".into())
-            .spawn(move || loop {
-                if ctl.stopping.load(Ordering::SeqCst) {
-                    return;
-                }
-                match listener.accept() {
-                    Ok(_) if ctl.stopping.load(Ordering::SeqCst) => return,
-                    Ok((stream, _)) => {
-                        // A client that just left may still be being torn
-                        // down: give that a moment before calling the
-                        // newcomer a second client.
-                        match tx.send_timeout(stream, HANDOVER_WAIT) {
-                            Ok(()) => {}
-                            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return,
-                            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => {
-                                crate::dev_log!(log, Warn,
-                                "refusing a second client: this device serves one client at a time"
-                            )
-                            }
-                        }
-                    }
-                    Err(_) if ctl.stopping.load(Ordering::SeqCst) => return,
-                    Err(e) => {
-                        crate::dev_log!(log, Error, "accept failed: {e}");
-                        thread::sleep(std::time::Duration::from_millis(100));
+            .spawn(move || accept_loop(&listener, &ctl, &tx, &log))?;
+        if let Some(r) = first {
+            self.attach(control, r.stream, Some((r.negotiated, r.max_xfer)));
+        }
+        let parks = control.park_requests().clone();
+        while !control.stopping.load(Ordering::SeqCst) {
+            crossbeam_channel::select! {
+                recv(rx) -> s => match s {
+                    Ok(s) => self.attach(control, s, None),
+                    Err(_) => break,
+                },
+                recv(parks) -> p => {
+                    if let Ok(p) = p {
+                        self.park(p, None, crate::handover::Outgoing::default());
                     }
                 }
-            })?;
-        loop {
-            let stream = match rx.recv_timeout(RETIRED_SWEEP) {
-                Ok(s) => s,
                 // Between clients: give back the windows the last one's
                 // requests held a little longer than the client itself.
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    self.dma.sweep();
-                    continue;
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-            };
-            if control.stopping.load(Ordering::SeqCst) {
-                break;
+                default(RETIRED_SWEEP) => self.dma.sweep(),
             }
-            let cred = peer_cred(&stream);
-            // A client that stops reading its replies must not hold this
-            // thread (and a graceful shutdown) forever: QEMU reads every
-            // reply at once.
-            let _ = stream.set_write_timeout(Some(REPLY_WRITE_TIMEOUT));
-            *control.client.lock() = stream.try_clone().ok().map(|s| (s, cred));
-            let pid = cred.map_or(-1, |c| c.pid);
+        }
+        Ok(())
+    }
+
+    /// Serves one accepted client (or, `resumed`, one a previous binary
+    /// served: past VERSION, with its transfer size) to its end.
+    fn attach(&mut self, control: &Arc<Control>, stream: UnixStream, resumed: Option<(bool, u32)>) {
+        if control.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let cred = peer_cred(&stream);
+        // A client that stops reading its replies must not hold this
+        // thread (and a graceful shutdown) forever: QEMU reads every
+        // reply at once.
+        let _ = stream.set_write_timeout(Some(REPLY_WRITE_TIMEOUT));
+        *control.client.lock() = stream.try_clone().ok().map(|s| (s, cred));
+        let pid = cred.map_or(-1, |c| c.pid);
+        if resumed.is_none() {
             self.log.event(Event::ClientAttached {
                 pid,
                 uid: cred.map_or(u32::MAX, |c| c.uid),
                 gid: cred.map_or(u32::MAX, |c| c.gid),
             });
-            self.serve(stream);
-            *control.client.lock() = None;
-            self.log.event(Event::ClientDetached { pid });
-            if control.stopping.load(Ordering::SeqCst) {
-                break;
-            }
         }
-        Ok(())
+        self.serve_from(stream, resumed);
+        *control.client.lock() = None;
+        self.log.event(Event::ClientDetached { pid });
     }
 
     /// Serves one client until it disconnects or breaks the stream, then
@@ -350,20 +503,35 @@ impl<D: Device> Server<D> {
     /// loop as on a socket, so a fuzzer or a test can drive it in memory.
     /// Returns the transport, with what the server sent.
     pub fn serve_on<T: Transport>(&mut self, stream: T) -> T {
-        crate::dev_log!(self.log, Info, "client connected");
-        // What the last client's requests still held is back by now, or
-        // stays counted.
-        self.dma.sweep();
-        self.dma.set_max_windows(self.config.max_dma_maps as usize);
+        self.serve_from(stream, None)
+    }
+
+    fn serve_from<T: Transport>(&mut self, stream: T, resumed: Option<(bool, u32)>) -> T {
+        if resumed.is_none() {
+            crate::dev_log!(self.log, Info, "client connected");
+            // What the last client's requests still held is back by now,
+            // or stays counted.
+            self.dma.sweep();
+            self.dma.set_max_windows(self.config.max_dma_maps as usize);
+        }
+        let (negotiated, max_xfer) = resumed.unwrap_or((false, self.config.max_data_xfer_size));
         let mut conn = Conn {
             stream,
-            negotiated: false,
-            max_xfer: self.config.max_data_xfer_size,
+            negotiated,
+            max_xfer,
             reply: Vec::new(),
             reply_fd: None,
         };
         let mut payload = Vec::new();
         loop {
+            match self.between_messages(&conn) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    crate::dev_log!(self.log, Warn, "connection error: {e}");
+                    break;
+                }
+            }
             match self.handle_one(&mut conn, &mut payload) {
                 Ok(Next::Continue) => {}
                 Ok(Next::Close) => break,
@@ -398,6 +566,27 @@ impl<D: Device> Server<D> {
             "client disconnected; device reset, DMA windows and interrupt descriptors dropped"
         );
         conn.stream
+    }
+
+    /// Before reading a message: waits for one (true), or for an upgrade's
+    /// request to stop, which is answered here (false: look again).
+    fn between_messages<T: Transport>(&mut self, conn: &Conn<T>) -> io::Result<bool> {
+        let (Some(fd), Some(control)) = (conn.stream.fd(), self.control.clone()) else {
+            return Ok(true);
+        };
+        if let Ok(p) = control.park_requests().try_recv() {
+            let mut out = crate::handover::Outgoing::default();
+            // SAFETY: the connection's descriptor, open while `conn` lives.
+            let n = out.add(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+            let client = super::park::SavedClient {
+                fd: n,
+                negotiated: conn.negotiated,
+                max_xfer: conn.max_xfer,
+            };
+            self.park(p, Some(client), out);
+            return Ok(false);
+        }
+        super::park::wait_readable(fd, control.wake.as_ref())
     }
 
     fn handle_one<T: Transport>(

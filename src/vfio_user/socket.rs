@@ -114,9 +114,18 @@ pub trait Transport {
     fn send_all(&mut self, msg: &[u8]) -> io::Result<()>;
     /// Sends one whole message with a descriptor riding on its first byte.
     fn send_with_fd(&mut self, msg: &[u8], fd: RawFd) -> io::Result<()>;
+    /// The socket behind it, if there is one (a live upgrade waits on it
+    /// between messages, and hands it over).
+    fn fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 impl Transport for UnixStream {
+    fn fd(&self) -> Option<RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.as_raw_fd())
+    }
     fn recv_header(&mut self) -> io::Result<Option<RecvHeader>> {
         recv_header(self)
     }

@@ -11,6 +11,8 @@ pub mod legacy;
 pub mod modern;
 pub mod packed;
 pub mod ring;
+mod saved;
+pub use saved::SavedTransport;
 #[cfg(test)]
 mod test_device;
 pub mod transport;
@@ -57,6 +59,9 @@ pub struct QueueConfig {
     /// The packed layout (desc: the ring; avail and used: the driver's and
     /// the device's event suppression structures).
     pub packed: bool,
+    /// Where the device takes up in the ring (a live upgrade); None: at
+    /// the start, as after a reset.
+    pub start: Option<ring::RingPos>,
 }
 
 /// The configuration-change side of a device, shared by the transport, the
@@ -108,6 +113,12 @@ impl ConfigState {
 
     pub fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Puts back a saved generation and NEEDS_RESET (a live upgrade).
+    pub fn restore(&self, generation: u32, needs_reset: bool) {
+        self.generation.store(generation, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
     }
 
     /// Back to power-on (the generation keeps counting: a driver that read
@@ -259,4 +270,23 @@ pub trait VirtioDevice: Send {
     /// The driver wrote its feature bits (before DRIVER_OK): what the
     /// device config shows may depend on them.
     fn features_written(&mut self, features: u64);
+    /// A live upgrade: the queues stop and drain within `limit`; where each
+    /// running queue stands in its ring (None: not running or broken).
+    fn freeze(
+        &mut self,
+        _limit: std::time::Duration,
+    ) -> Result<Vec<Option<ring::RingPos>>, String> {
+        Err("this device cannot be handed to another binary".into())
+    }
+    /// The upgrade did not happen: the queues go on.
+    fn thaw(&mut self) {}
+    /// What of the device a new binary needs, besides what the driver
+    /// wrote to the transport (its writable config, its statistics).
+    fn save(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Takes [`save`](Self::save)'s output, checked as driver input is.
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Err("this device cannot take a saved state".into())
+    }
 }

@@ -74,6 +74,8 @@ pub enum PackedError {
     NotInFlight(u16),
     #[error("used ring write at {0:#x} failed")]
     Unwritable(u64),
+    #[error("a saved ring position is outside the ring or has requests in flight")]
+    Position,
 }
 
 /// One ring descriptor as stored: addr, len, id, flags.
@@ -175,6 +177,33 @@ impl PackedQueue {
 
     pub fn size(&self) -> u16 {
         self.size
+    }
+
+    /// Where the device is in the ring: (next available, its wrap
+    /// counter, next used, its wrap counter).
+    pub fn position(&self) -> (u16, bool, u16, bool) {
+        (
+            self.next_avail,
+            self.avail_wrap,
+            self.next_used,
+            self.used_wrap,
+        )
+    }
+
+    /// Takes up where a drained queue left off (a live upgrade): nothing
+    /// is in flight, so the used side has caught up with the available
+    /// one. Positions must lie inside the ring.
+    pub fn set_position(
+        &mut self,
+        avail: (u16, bool),
+        used: (u16, bool),
+    ) -> Result<(), PackedError> {
+        if avail.0 >= self.size || used.0 >= self.size || avail != used {
+            return Err(PackedError::Position);
+        }
+        (self.next_avail, self.avail_wrap) = avail;
+        (self.next_used, self.used_wrap) = used;
+        Ok(())
     }
 
     /// The guest memory the ring uses: (address, length) of the

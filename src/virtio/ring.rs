@@ -82,6 +82,8 @@ pub enum RingError {
     Split(#[from] virtio_queue::Error),
     #[error("packed ring: {0}")]
     Packed(#[from] super::packed::PackedError),
+    #[error("split ring: a saved position has requests in flight")]
+    Position,
 }
 
 /// Why a descriptor chain cannot be used at all: the queue is broken.
@@ -95,15 +97,36 @@ pub enum ChainError {
     Unterminated,
 }
 
+/// Where a drained queue stands in its ring: what a live upgrade carries
+/// over (everything else of a ring is in guest memory). The wrap counters
+/// mean something for the packed layout only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RingPos {
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub avail_wrap: bool,
+    pub used_wrap: bool,
+}
+
 impl DeviceRing {
     /// Sets up a ring from where the driver put it.
     pub fn new(qc: &super::QueueConfig, event_idx: bool) -> Result<DeviceRing, RingError> {
         use virtio_queue::QueueT;
         use vm_memory::GuestAddress;
         if qc.packed {
-            return super::packed::PackedQueue::new(qc.size, qc.desc, qc.avail, qc.used, event_idx)
-                .map(DeviceRing::Packed)
-                .map_err(RingError::from);
+            let mut q =
+                super::packed::PackedQueue::new(qc.size, qc.desc, qc.avail, qc.used, event_idx)?;
+            if let Some(p) = qc.start {
+                q.set_position((p.next_avail, p.avail_wrap), (p.next_used, p.used_wrap))?;
+            }
+            return Ok(DeviceRing::Packed(q));
+        }
+        if let Some(p) = qc.start {
+            // Drained: every chain taken has its used entry.
+            if p.next_avail != p.next_used {
+                return Err(RingError::Position);
+            }
         }
         let split = || -> Result<virtio_queue::Queue, virtio_queue::Error> {
             let mut q = virtio_queue::Queue::new(qc.size)?;
@@ -112,10 +135,36 @@ impl DeviceRing {
             q.try_set_avail_ring_address(GuestAddress(qc.avail))?;
             q.try_set_used_ring_address(GuestAddress(qc.used))?;
             q.set_event_idx(event_idx);
+            if let Some(p) = qc.start {
+                q.set_next_avail(p.next_avail);
+                q.set_next_used(p.next_used);
+            }
             q.set_ready(true);
             Ok(q)
         };
         split().map(DeviceRing::Split).map_err(RingError::from)
+    }
+
+    /// Where the device stands in the ring.
+    pub fn position(&self) -> RingPos {
+        use virtio_queue::QueueT;
+        match self {
+            DeviceRing::Split(q) => RingPos {
+                next_avail: q.next_avail(),
+                next_used: q.next_used(),
+                avail_wrap: false,
+                used_wrap: false,
+            },
+            DeviceRing::Packed(q) => {
+                let (next_avail, avail_wrap, next_used, used_wrap) = q.position();
+                RingPos {
+                    next_avail,
+                    next_used,
+                    avail_wrap,
+                    used_wrap,
+                }
+            }
+        }
     }
 
     pub fn size(&self) -> u16 {

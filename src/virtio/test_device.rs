@@ -56,7 +56,27 @@ impl VirtioDevice for Fake {
     fn features_written(&mut self, features: u64) {
         self.written.lock().unwrap().push(features);
     }
+    fn freeze(
+        &mut self,
+        _limit: std::time::Duration,
+    ) -> Result<Vec<Option<super::ring::RingPos>>, String> {
+        Ok(vec![Some(TEST_POS), None])
+    }
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        state
+            .is_null()
+            .then_some(())
+            .ok_or_else(|| "unexpected device state".to_string())
+    }
 }
+
+/// Where the fake's first queue stands when frozen.
+pub const TEST_POS: super::ring::RingPos = super::ring::RingPos {
+    next_avail: 7,
+    next_used: 7,
+    avail_wrap: false,
+    used_wrap: false,
+};
 
 pub type Transport = PciTransport<Fake>;
 

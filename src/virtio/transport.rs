@@ -54,7 +54,7 @@ pub enum NotifyMode {
 }
 
 #[derive(Clone, Copy, Debug)]
-pub(super) struct QueueRegs {
+pub(crate) struct QueueRegs {
     /// Legacy: ring base as a page frame number (0: no ring).
     pub pfn: u32,
     pub vector: u16,
@@ -96,7 +96,7 @@ pub struct PciTransport<D: VirtioDevice> {
     pub(super) queue_sel: u16,
     pub(super) queues: Vec<QueueRegs>,
     /// The queues' vectors as running queues read them at each interrupt.
-    live_vectors: Arc<[AtomicU16]>,
+    pub(super) live_vectors: Arc<[AtomicU16]>,
     pub(super) config_vector: u16,
     pub(super) active: bool,
     pub(super) interface: Option<Interface>,
@@ -109,6 +109,11 @@ pub struct PciTransport<D: VirtioDevice> {
     /// client maps the page).
     pub(super) doorbell_messages: u64,
     config_notifier: Arc<ConfigNotifier>,
+    /// Frozen for a live upgrade: where each queue stood.
+    pub(super) frozen: Option<Vec<Option<super::ring::RingPos>>>,
+    /// Restored from a live upgrade, running: the queues start from these
+    /// positions once the upgrade commits.
+    pub(super) restarting: Option<Vec<Option<super::ring::RingPos>>>,
 }
 
 impl<D: VirtioDevice> PciTransport<D> {
@@ -150,6 +155,8 @@ impl<D: VirtioDevice> PciTransport<D> {
             notify,
             notify_file,
             doorbell_messages: 0,
+            frozen: None,
+            restarting: None,
         })
     }
 
@@ -273,6 +280,12 @@ impl<D: VirtioDevice> PciTransport<D> {
     }
 
     fn activate(&mut self) {
+        self.activate_from(None);
+    }
+
+    /// Starts the queues: from the start of their rings, or (a live
+    /// upgrade) from saved positions, where only queues that have one run.
+    pub(super) fn activate_from(&mut self, starts: Option<Vec<Option<super::ring::RingPos>>>) {
         let max = self.dev.queue_size();
         let modern = self.interface == Some(Interface::Modern);
         // The packed layout exists only on the modern interface.
@@ -282,7 +295,14 @@ impl<D: VirtioDevice> PciTransport<D> {
         let queues: Vec<Option<QueueConfig>> = self
             .queues
             .iter()
-            .map(|q| {
+            .enumerate()
+            .map(|(i, q)| {
+                let start = starts.as_ref().map(|s| s.get(i).copied().flatten());
+                if start == Some(None) {
+                    // Not running when the old binary saved it (or broken).
+                    return None;
+                }
+                let start = start.flatten();
                 if modern {
                     q.enable.then_some(QueueConfig {
                         size: q.size,
@@ -291,6 +311,7 @@ impl<D: VirtioDevice> PciTransport<D> {
                         used: q.used,
                         vector: q.vector,
                         packed,
+                        start,
                     })
                 } else {
                     (q.pfn != 0).then(|| {
@@ -303,6 +324,7 @@ impl<D: VirtioDevice> PciTransport<D> {
                             used,
                             vector: q.vector,
                             packed: false,
+                            start,
                         }
                     })
                 }
@@ -405,6 +427,28 @@ impl<D: VirtioDevice> BarLogic for PciTransport<D> {
 
     fn memory_changed(&mut self, change: MemoryChange) {
         self.dev.memory_changed(change);
+    }
+
+    fn freeze(&mut self, limit: std::time::Duration) -> Result<(), String> {
+        self.freeze_queues(limit)
+    }
+
+    fn thaw(&mut self) {
+        self.thaw_queues();
+    }
+
+    fn save(&self) -> serde_json::Value {
+        serde_json::to_value(self.save_state()).unwrap_or_default()
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let s: super::SavedTransport =
+            serde_json::from_value(state.clone()).map_err(|e| format!("transport: {e}"))?;
+        self.restore_state(s)
+    }
+
+    fn start_restored(&mut self) {
+        PciTransport::start_restored(self);
     }
 
     fn bus_master_changed(&mut self, enabled: bool) {

@@ -50,6 +50,7 @@ pub struct Lib {
     pub rbd_config_image_list: unsafe extern "C" fn(Image, *mut ConfigOption, *mut c_int) -> c_int,
     pub rbd_config_image_list_cleanup: unsafe extern "C" fn(*mut ConfigOption, c_int),
     pub rbd_lock_acquire: unsafe extern "C" fn(Image, c_int) -> c_int,
+    pub rbd_lock_release: unsafe extern "C" fn(Image) -> c_int,
     pub rbd_update_watch: unsafe extern "C" fn(Image, *mut u64, UpdateCb, *mut c_void) -> c_int,
     pub rbd_update_unwatch: unsafe extern "C" fn(Image, u64) -> c_int,
     pub rbd_aio_create_completion:
@@ -107,6 +108,7 @@ fn load() -> Result<Lib, String> {
         rbd_config_image_list: sym!(rbd, rbd_config_image_list),
         rbd_config_image_list_cleanup: sym!(rbd, rbd_config_image_list_cleanup),
         rbd_lock_acquire: sym!(rbd, rbd_lock_acquire),
+        rbd_lock_release: sym!(rbd, rbd_lock_release),
         rbd_update_watch: sym!(rbd, rbd_update_watch),
         rbd_update_unwatch: sym!(rbd, rbd_update_unwatch),
         rbd_aio_create_completion: sym!(rbd, rbd_aio_create_completion),

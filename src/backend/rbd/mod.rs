@@ -425,6 +425,8 @@ struct Image {
     image: ffi::Image,
     ioctx: ffi::IoCtx,
     _cluster: Arc<Cluster>,
+    /// This client holds the image's exclusive lock.
+    locked: bool,
 }
 
 // SAFETY: librbd image handles are used from any thread (librbd locks
@@ -793,6 +795,7 @@ fn open_image(
         image: handle,
         ioctx,
         _cluster: cluster,
+        locked: false,
     };
     if !readonly {
         lock_image(&mut image)?;
@@ -872,6 +875,7 @@ fn lock_image(image: &mut Image) -> Result<(), String> {
             _ => format!("cannot take the image's exclusive lock: {}", errno_text(r)),
         });
     }
+    image.locked = true;
     Ok(())
 }
 
@@ -928,6 +932,32 @@ impl RbdBackend {
 }
 
 impl Backend for RbdBackend {
+    fn hand_off(&self) -> io::Result<()> {
+        if !self.image.locked {
+            return Ok(());
+        }
+        // SAFETY: an open image with nothing in flight (the upgrade drained it).
+        let r = unsafe { (self.image.lib.rbd_lock_release)(self.image.image) };
+        if r < 0 {
+            return Err(io::Error::from_raw_os_error(-r));
+        }
+        Ok(())
+    }
+
+    fn take_back(&self) -> io::Result<()> {
+        if !self.image.locked {
+            return Ok(());
+        }
+        // SAFETY: an open image.
+        let r = unsafe {
+            (self.image.lib.rbd_lock_acquire)(self.image.image, ffi::LOCK_MODE_EXCLUSIVE)
+        };
+        if r < 0 {
+            return Err(io::Error::from_raw_os_error(-r));
+        }
+        Ok(())
+    }
+
     fn read_at(&self, iov: &[GuestIov], offset: u64) -> io::Result<()> {
         let n = self.image.run(Op::Read(iov, offset))?;
         let want: usize = iov.iter().map(GuestIov::len).sum();

@@ -1,0 +1,391 @@
+//! Issue 21: live upgrade. The target replaces its own binary
+//! (`target_upgrade`, SIGUSR2) while clients of rust-vmm's vfio-user
+//! `Client` do byte-verified I/O on a split and a packed device; every
+//! upgrade that cannot go through leaves the target serving.
+#![allow(clippy::cast_possible_truncation)]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::driver::*;
+use support::*;
+
+/// One JSON-RPC call on a fresh connection.
+fn call(rpc: &Path, method: &str, params: Value) -> Result<Value, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(rpc).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = json!({"jsonrpc": "2.0", "id": 9, "method": method, "params": params});
+    writeln!(s, "{req}").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}"))?;
+    assert_eq!(v["id"], 9, "{v}");
+    match v.get("error") {
+        Some(e) => Err(e["message"].as_str().unwrap_or_default().to_string()),
+        None => Ok(v["result"].clone()),
+    }
+}
+
+/// A target with a file disk (driven through the legacy interface, split
+/// rings) and a memory disk (modern interface, packed rings).
+struct Two {
+    t: RpcTarget,
+    dir: TempDir,
+    img: PathBuf,
+}
+
+fn two(extra: &[&str]) -> Two {
+    let dir = TempDir::new("upg");
+    let img = dir.path("a.img");
+    let a = format!(
+        "socket={},disk={},size=64M",
+        dir.path("a.sock").display(),
+        img.display()
+    );
+    let b = format!(
+        "socket={},disk=ram:64M,packed=on,queues=2",
+        dir.path("b.sock").display()
+    );
+    let mut args = vec!["--device", &a, "--device", &b];
+    args.extend_from_slice(extra);
+    let t = RpcTarget::start(&args);
+    Two { t, dir, img }
+}
+
+impl Two {
+    fn drivers(&self) -> (Driver, Driver) {
+        let a = Driver::new(&self.dir.path("a.sock"), DriverOptions::default());
+        let b = Driver::new(
+            &self.dir.path("b.sock"),
+            DriverOptions {
+                modern: true,
+                ..Default::default()
+            },
+        );
+        assert!(!b.packed.is_empty(), "packed rings negotiated");
+        (a, b)
+    }
+
+    fn pid(&self) -> u32 {
+        self.t.child.id()
+    }
+}
+
+/// One write and its read-back, then `depth` writes at once and their
+/// read-backs at once, every byte compared; `round` varies the data.
+fn verified_round(d: &mut Driver, q: usize, round: u64, depth: usize) {
+    d.reset_alloc();
+    let base = (round % 64) * 256 + q as u64 * 60_000;
+    let one = pattern(round, 4096);
+    assert_eq!(d.write(q, base, &one), S_OK, "round {round}");
+    assert_eq!(d.read(q, base, 4096), (S_OK, one), "round {round}");
+    d.reset_alloc();
+    let data: Vec<Vec<u8>> = (0..depth)
+        .map(|i| pattern(round * 1000 + i as u64, 4096))
+        .collect();
+    let writes: Vec<Submitted> = data
+        .iter()
+        .enumerate()
+        .map(|(i, b)| d.submit(q, &Request::write(base + 8 + 8 * i as u64, b)))
+        .collect();
+    d.kick(q);
+    d.wait_used(q, depth, Duration::from_secs(30));
+    for w in &writes {
+        assert_eq!(d.result(w).0, S_OK, "round {round}");
+    }
+    let reads: Vec<Submitted> = (0..depth)
+        .map(|i| d.submit(q, &Request::read(base + 8 + 8 * i as u64, 4096)))
+        .collect();
+    d.kick(q);
+    d.wait_used(q, depth, Duration::from_secs(30));
+    for (r, want) in reads.iter().zip(&data) {
+        assert_eq!(d.result(r), (S_OK, want.clone()), "round {round}");
+    }
+}
+
+#[test]
+fn a_hundred_upgrades_under_verified_io_lose_nothing() {
+    let two = two(&[]);
+    let pid = two.pid();
+    let (mut a, mut b) = two.drivers();
+    verified_round(&mut a, 0, 0, 32);
+    verified_round(&mut b, 1, 0, 32);
+    let rpc = two.t.rpc.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    let upgrader = std::thread::spawn(move || {
+        let mut pauses = Vec::new();
+        let mut fds = Vec::new();
+        for i in 0..100 {
+            let r = call(&rpc, "target_upgrade", json!({}))
+                .unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
+            assert_eq!(r["devices"], 2, "{r}");
+            pauses.push(r["pause_ms"].as_f64().unwrap());
+            let n = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .count();
+            fds.push((n, proc_status(pid, "VmRSS:").unwrap_or(0)));
+        }
+        flag.store(true, Ordering::SeqCst);
+        (pauses, fds)
+    });
+    let mut round = 1;
+    while !done.load(Ordering::SeqCst) {
+        for q in 0..2 {
+            verified_round(&mut b, q, round, if round % 2 == 0 { 32 } else { 1 });
+        }
+        verified_round(&mut a, 0, round, if round % 2 == 0 { 1 } else { 32 });
+        round += 1;
+    }
+    let (pauses, fds) = upgrader.join().unwrap();
+    // Every round completed with the right bytes, across all 100, and the
+    // image holds what the last writes left.
+    verified_round(&mut a, 0, round, 32);
+    verified_round(&mut b, 0, round, 32);
+    assert!(round > 10, "I/O ran throughout ({round} rounds)");
+    let base = (round % 64) * 256;
+    assert_eq!(
+        image_bytes(&two.img, base * 512, 4096),
+        pattern(round, 4096)
+    );
+    // The same process all along, with as many descriptors after the last
+    // upgrade as after the tenth, and no growth of memory.
+    assert_eq!(two.t.child.id(), pid);
+    // (Management connections come and go: the fewest open in a stretch
+    // of upgrades is what stays.)
+    let least = |r: std::ops::Range<usize>| fds[r].iter().map(|f| f.0).min().unwrap();
+    let most_rss = |r: std::ops::Range<usize>| fds[r].iter().map(|f| f.1).max().unwrap();
+    assert!(least(85..100) <= least(5..20), "descriptors: {fds:?}");
+    let (rss_early, rss_late) = (most_rss(5..20), most_rss(85..100));
+    assert!(
+        rss_late < rss_early + (8 << 10),
+        "RSS grew from {rss_early} to {rss_late} kB"
+    );
+    let worst = pauses.iter().cloned().fold(0.0, f64::max);
+    eprintln!("100 upgrades, {round} I/O rounds; longest pause {worst:.1} ms");
+    let log = two.t.log_text();
+    assert_eq!(log.matches("upgrade from version").count(), 100, "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// The target's state after a failed upgrade: same process, still
+/// serving the drivers already attached.
+fn still_serving(two: &Two, a: &mut Driver, b: &mut Driver, round: u64) {
+    assert!(
+        call(&two.t.rpc, "target_version", json!({})).is_ok(),
+        "{}",
+        two.t.log_text()
+    );
+    verified_round(a, 0, round, 8);
+    verified_round(b, 0, round, 8);
+}
+
+#[test]
+fn upgrades_that_cannot_go_through_leave_the_target_serving() {
+    let hooks = TempDir::new("hooks");
+    let version_hook = hooks.path("version");
+    let fail_hook = hooks.path("fail");
+    let two = {
+        std::env::set_var("VFIO_USER_BLK_TEST_STATE_VERSION", &version_hook);
+        std::env::set_var("VFIO_USER_BLK_TEST_RESTORE_FAIL", &fail_hook);
+        two(&[])
+    };
+    let pid = two.pid();
+    let (mut a, mut b) = two.drivers();
+    still_serving(&two, &mut a, &mut b, 1);
+    let up = |binary: Option<&Path>| {
+        let p = binary.map_or(json!({}), |b| json!({ "binary": b }));
+        call(&two.t.rpc, "target_upgrade", p).unwrap_err()
+    };
+    // A file that is not executable, and one that does not exist.
+    let text = two.dir.path("not-a-binary");
+    std::fs::write(&text, "hello").unwrap();
+    assert!(up(Some(&text)).contains("not an executable"));
+    let e = up(Some(&two.dir.path("missing")));
+    assert!(e.contains("missing"), "{e}");
+    still_serving(&two, &mut a, &mut b, 2);
+    // A program that is not ours.
+    let e = up(Some(Path::new("/bin/false")));
+    assert!(e.contains("not a vfio-user-blk that takes upgrades"), "{e}");
+    // A script that is executable but cannot take over.
+    let script = two.dir.path("fake.sh");
+    std::fs::write(&script, "#!/bin/sh\necho vfio-user-blk\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(!up(Some(&script)).is_empty());
+    still_serving(&two, &mut a, &mut b, 3);
+    // State of a version the new binary does not read.
+    std::fs::write(&version_hook, "99").unwrap();
+    let e = up(None);
+    assert!(e.contains("reads upgrade state up to version 1"), "{e}");
+    still_serving(&two, &mut a, &mut b, 4);
+    // A new binary that finds the state unusable: the old one takes it
+    // back, in the same process, and says why.
+    std::fs::write(&fail_hook, "").unwrap();
+    let e = up(None);
+    assert!(e.contains("a test asked this restore to fail"), "{e}");
+    assert!(e.contains("serves on with the binary it had"), "{e}");
+    still_serving(&two, &mut a, &mut b, 5);
+    assert_eq!(two.t.child.id(), pid);
+    // And after all that, an upgrade goes through.
+    let r = call(&two.t.rpc, "target_upgrade", json!({})).unwrap();
+    assert_eq!(r["devices"], 2);
+    still_serving(&two, &mut a, &mut b, 6);
+    assert!(!two.t.log_text().contains("panicked"));
+}
+
+/// Kills a process by PID on drop (a target that a rescue left running
+/// under a new PID).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            // SAFETY: a signal to the process this test caused to exist.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn a_new_binary_that_crashes_while_it_takes_over_is_rescued() {
+    let hooks = TempDir::new("hooks");
+    let crash = hooks.path("crash");
+    let mut two = {
+        std::env::set_var("VFIO_USER_BLK_TEST_RESTORE_CRASH", &crash);
+        two(&[])
+    };
+    let pid = two.pid();
+    let (mut a, mut b) = two.drivers();
+    verified_round(&mut a, 0, 1, 8);
+    std::fs::write(&crash, "").unwrap();
+    let e = call(&two.t.rpc, "target_upgrade", json!({})).unwrap_err();
+    assert!(e.contains("ended before it took over"), "{e}");
+    // The process that crashed is gone; the old binary serves on in the
+    // watchdog's process.
+    let status = two.t.child.wait().unwrap();
+    assert!(!status.success());
+    let v = call(&two.t.rpc, "target_version", json!({})).unwrap();
+    let rescued = v["pid"].as_i64().unwrap() as i32;
+    let _kill = KillOnDrop(rescued);
+    assert_ne!(rescued.cast_unsigned(), pid);
+    still_serving(&two, &mut a, &mut b, 2);
+    // It upgrades again like any target.
+    let r = call(&two.t.rpc, "target_upgrade", json!({})).unwrap();
+    assert_eq!(r["devices"], 2);
+    still_serving(&two, &mut a, &mut b, 3);
+}
+
+#[test]
+fn sigusr2_upgrades_and_statistics_survive() {
+    let two = two(&[]);
+    let (mut a, mut b) = two.drivers();
+    for r in 0..5 {
+        verified_round(&mut a, 0, r, 4);
+    }
+    let before = call(&two.t.rpc, "device_stats", json!({"name": "disk0"})).unwrap();
+    let reqs = before["devices"][0]["requests"].as_u64().unwrap();
+    assert!(reqs >= 50, "{before}");
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(two.pid().cast_signed(), libc::SIGUSR2) };
+    wait_until("the upgrade by SIGUSR2", || {
+        two.t.log_text().contains("upgrade from version")
+    });
+    let after = call(&two.t.rpc, "device_stats", json!({"name": "disk0"})).unwrap();
+    assert_eq!(after["devices"][0]["requests"].as_u64().unwrap(), reqs);
+    assert_eq!(
+        after["devices"][0]["bytes_written"],
+        before["devices"][0]["bytes_written"]
+    );
+    let log = two.t.log_text();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        verified_round(&mut a, 0, 9, 4);
+        verified_round(&mut b, 1, 9, 4);
+    }));
+    if r.is_err() {
+        panic!("{log}\n---\n{}", two.t.log_text());
+    }
+    let list = call(&two.t.rpc, "device_list", json!({})).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert!(list[0]["client"].is_object(), "{list}");
+}
+
+/// A target with one device on `disk` (and a driver on it).
+fn one(disk: &str) -> (RpcTarget, TempDir, Driver) {
+    let dir = TempDir::new("upg1");
+    let dev = format!("socket={},disk={disk}", dir.path("d.sock").display());
+    let t = RpcTarget::start(&["--device", &dev]);
+    let d = Driver::new(&dir.path("d.sock"), DriverOptions::default());
+    (t, dir, d)
+}
+
+#[test]
+fn an_nbd_disk_connects_again_in_the_new_binary() {
+    use support::nbd::{have, Listen, NbdServer};
+    if !have("nbdkit") {
+        return;
+    }
+    let x = TempDir::new("upg-nbd");
+    let img = x.image("export.img", 64 << 20);
+    let sock = x.path("nbd.sock");
+    let file = format!("file={}", img.display());
+    // One connection at a time, as qemu-nbd's default: the old binary's
+    // must be gone before the new one's is taken.
+    let nbd = NbdServer::nbdkit(
+        &x,
+        Listen::Unix(sock),
+        &["--filter=noparallel", "file", &file],
+    );
+    let (t, _dir, mut d) = one(&nbd.uri(""));
+    for i in 0..5 {
+        verified_round(&mut d, 0, i, 16);
+        let r = call(&t.rpc, "target_upgrade", json!({})).unwrap();
+        assert_eq!(r["devices"], 1);
+    }
+    verified_round(&mut d, 0, 9, 16);
+    assert_eq!(image_bytes(&img, 9 * 256 * 512, 4096), pattern(9, 4096));
+}
+
+#[test]
+fn a_disk_that_does_not_drain_stops_the_upgrade_and_the_target_serves_on() {
+    use support::nbd::{have, Listen, NbdServer};
+    if !have("nbdkit") {
+        return;
+    }
+    let x = TempDir::new("upg-stuck");
+    let img = x.image("export.img", 64 << 20);
+    let sock = x.path("nbd.sock");
+    let file = format!("file={}", img.display());
+    // Every read takes 8 s: longer than an upgrade waits for the drain.
+    let nbd = NbdServer::nbdkit(
+        &x,
+        Listen::Unix(sock),
+        &["--filter=delay", "file", &file, "rdelay=8"],
+    );
+    let (t, _dir, mut d) = one(&nbd.uri(""));
+    let data = pattern(5, 4096);
+    assert_eq!(d.write(0, 64, &data), S_OK);
+    let stuck = d.submit(0, &Request::read(64, 4096));
+    d.kick(0);
+    let started = std::time::Instant::now();
+    let e = call(&t.rpc, "target_upgrade", json!({})).unwrap_err();
+    assert!(e.contains("still in the backend"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered before the read"
+    );
+    // The read completes, right, in the same process; writes go on.
+    d.wait_used(0, 1, Duration::from_secs(30));
+    assert_eq!(d.result(&stuck), (S_OK, data));
+    assert_eq!(d.write(0, 128, &pattern(6, 4096)), S_OK);
+    assert_eq!(image_bytes(&img, 128 * 512, 4096), pattern(6, 4096));
+    assert!(call(&t.rpc, "target_version", json!({})).is_ok());
+}
