@@ -8,6 +8,7 @@ mod chart;
 mod guest;
 mod guest_report;
 mod notify;
+mod upgrade;
 mod place;
 mod report;
 mod run;
@@ -146,6 +147,11 @@ struct Args {
     /// one with `--notify mmap`.
     #[arg(long)]
     notify_study: bool,
+    /// Run only the live-upgrade study: 20 upgrades of our target with the
+    /// guest idle and 20 under QD32 random reads; the pause distribution,
+    /// the slowest request and the rate before and after.
+    #[arg(long, conflicts_with = "notify_study")]
+    upgrade_study: bool,
     /// Only report scripts/guest-bench.sh's runs in this folder (with
     /// --json and --svg).
     #[arg(long, value_name = "DIR")]
@@ -961,6 +967,19 @@ fn real_main(args: &Args) -> Result<()> {
             args.size,
             Duration::from_secs_f64(args.seconds),
             args.repeat,
+        )?;
+        if let Some(p) = &args.json {
+            std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+        }
+        return Ok(());
+    }
+    if args.upgrade_study {
+        prepare_image(&args.image, args.size, true)?;
+        let v = upgrade::study(
+            &canonical(&args.image),
+            args.size,
+            Duration::from_secs_f64(args.seconds),
+            &args.ours_args,
         )?;
         if let Some(p) = &args.json {
             std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
