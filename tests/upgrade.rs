@@ -160,11 +160,12 @@ fn a_hundred_upgrades_under_verified_io_lose_nothing() {
     // The same process all along, with as many descriptors after the last
     // upgrade as after the tenth, and no growth of memory.
     assert_eq!(two.t.child.id(), pid);
-    // (Management connections come and go: the fewest open in a stretch
-    // of upgrades is what stays.)
+    // (Management connections come and go, the one that asked for the
+    // upgrade too: the fewest open in a stretch of upgrades is what stays,
+    // give or take those. A descriptor lost per upgrade would be 80 more.)
     let least = |r: std::ops::Range<usize>| fds[r].iter().map(|f| f.0).min().unwrap();
     let most_rss = |r: std::ops::Range<usize>| fds[r].iter().map(|f| f.1).max().unwrap();
-    assert!(least(85..100) <= least(5..20), "descriptors: {fds:?}");
+    assert!(least(85..100) <= least(5..20) + 2, "descriptors: {fds:?}");
     let (rss_early, rss_late) = (most_rss(5..20), most_rss(85..100));
     assert!(
         rss_late < rss_early + (8 << 10),
@@ -388,4 +389,65 @@ fn a_disk_that_does_not_drain_stops_the_upgrade_and_the_target_serves_on() {
     assert_eq!(d.write(0, 128, &pattern(6, 4096)), S_OK);
     assert_eq!(image_bytes(&img, 128 * 512, 4096), pattern(6, 4096));
     assert!(call(&t.rpc, "target_version", json!({})).is_ok());
+}
+
+/// A request on a connection kept open, and its answer.
+fn ask(
+    w: &mut std::os::unix::net::UnixStream,
+    r: &mut std::io::BufReader<std::os::unix::net::UnixStream>,
+    id: u64,
+    method: &str,
+) -> Value {
+    use std::io::{BufRead, Write};
+    writeln!(
+        w,
+        "{}",
+        json!({"jsonrpc": "2.0", "id": id, "method": method})
+    )
+    .unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+#[test]
+fn management_connections_and_event_subscriptions_go_on_across_an_upgrade() {
+    use std::io::BufRead;
+    let two = two(&[]);
+    let open = || {
+        let s = std::os::unix::net::UnixStream::connect(&two.t.rpc).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let r = std::io::BufReader::new(s.try_clone().unwrap());
+        (s, r)
+    };
+    let (mut w, mut r) = open();
+    assert_eq!(ask(&mut w, &mut r, 1, "target_version")["id"], 1);
+    let (mut ew, mut er) = open();
+    assert_eq!(
+        ask(&mut ew, &mut er, 2, "events_subscribe")["result"]["subscribed"],
+        true
+    );
+    for _ in 0..3 {
+        call(&two.t.rpc, "target_upgrade", json!({})).unwrap();
+    }
+    // The same connection is answered by the new binary.
+    let v = ask(&mut w, &mut r, 3, "device_list");
+    assert_eq!(v["result"].as_array().unwrap().len(), 2, "{v}");
+    // And the subscriber hears of what happens after the upgrades.
+    let sock = two.dir.path("c.sock");
+    call(
+        &two.t.rpc,
+        "device_add",
+        json!({"name": "late", "socket": sock, "disk": "null:1M"}),
+    )
+    .unwrap();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        er.read_line(&mut line).unwrap();
+        let e: Value = serde_json::from_str(&line).unwrap();
+        if e["params"]["device"] == "late" {
+            break;
+        }
+    }
 }

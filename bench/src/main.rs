@@ -8,12 +8,12 @@ mod chart;
 mod guest;
 mod guest_report;
 mod notify;
-mod upgrade;
 mod place;
 mod report;
 mod run;
 mod servers;
 mod soak;
+mod upgrade;
 
 use std::collections::BTreeMap;
 use std::io::Write;

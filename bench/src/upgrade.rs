@@ -17,7 +17,7 @@ use crate::run::{run_virtio, Disk, Op, Workload, RING_BASE};
 use crate::servers::{start_ours, OursDisk};
 
 /// Upgrades in each phase.
-const UPGRADES: usize = 20;
+const UPGRADES: u32 = 20;
 /// Between two upgrades under load.
 const GAP: Duration = Duration::from_millis(500);
 
@@ -40,12 +40,18 @@ fn upgrades(rpc: &Path, gap: Duration) -> Result<Vec<f64>> {
 fn spread(v: &[f64]) -> (f64, f64, f64, f64) {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
-    (s[0], at(0.5), at(0.9), s[s.len() - 1])
+    // The rank of quantile q/10.
+    let at = |tenths: usize| s[((s.len() - 1) * tenths + 5) / 10];
+    (s[0], at(5), at(9), s[s.len() - 1])
 }
 
 /// Runs the study on `image`; prints the table and returns it as JSON.
-pub fn study(image: &Path, size: u64, secs: Duration, ours_args: &str) -> Result<serde_json::Value> {
+pub fn study(
+    image: &Path,
+    size: u64,
+    secs: Duration,
+    ours_args: &str,
+) -> Result<serde_json::Value> {
     let dir = std::env::temp_dir().join(format!("vub-upgrade-{}", std::process::id()));
     let rpc = dir.join("rpc.sock");
     let mut args: Vec<String> = ours_args.split_whitespace().map(String::from).collect();
@@ -80,7 +86,7 @@ pub fn study(image: &Path, size: u64, secs: Duration, ours_args: &str) -> Result
     let idle = upgrades(&rpc, Duration::from_millis(100))?;
     let before = run_virtio(&mut g, &ram, &mut rings, &w, size, secs, &[pid])?;
     eprintln!("bench: upgrades: {UPGRADES} under QD32 random reads");
-    let load_secs = GAP * (UPGRADES as u32 + 2) + Duration::from_secs(2);
+    let load_secs = GAP * (UPGRADES + 2) + Duration::from_secs(2);
     let upgrader = {
         let rpc = rpc.clone();
         std::thread::spawn(move || upgrades(&rpc, GAP))
@@ -90,7 +96,7 @@ pub fn study(image: &Path, size: u64, secs: Duration, ours_args: &str) -> Result
     let loaded = upgrader
         .join()
         .map_err(|_| anyhow::anyhow!("the upgrading thread panicked"))??;
-    if started.elapsed() < GAP * UPGRADES as u32 {
+    if started.elapsed() < GAP * UPGRADES {
         bail!("the load ended before the upgrades");
     }
     let after = run_virtio(&mut g, &ram, &mut rings, &w, size, secs, &[pid])?;

@@ -7,6 +7,7 @@ pub mod config;
 mod conns;
 pub mod metrics;
 pub mod rpc;
+mod rpc_hold;
 pub mod upgrade;
 
 use std::collections::BTreeMap;

@@ -242,6 +242,8 @@ struct ConnCx {
     conn: Option<std::os::fd::RawFd>,
     id: Option<Value>,
     in_batch: bool,
+    /// The connection's place in the upgrade's hold.
+    hold: u64,
 }
 
 #[derive(Deserialize)]
@@ -265,6 +267,7 @@ fn upgrade(t: &Target, cx: &ConnCx, p: UpgradeParams) -> Result<Value, RpcError>
             // SAFETY: the connection's socket, open while it is served.
             stream: unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
             id: id.clone(),
+            hold: cx.hold,
         }),
         _ => None,
     };
@@ -597,11 +600,15 @@ fn answer_one(t: &Target, cx: &mut ConnCx, v: Value) -> Option<Value> {
 /// took longer than LINE_DEADLINE to arrive, or one longer than MAX_LINE,
 /// which is answered first).
 /// (`out` is where answers go, a line at a time among the events.)
+/// Between requests the wait is `reg`'s (a live upgrade stops the
+/// connection there, its answers' lock held so that no event is half
+/// written).
 fn next_line(
     s: &mut UnixStream,
     out: &parking_lot::Mutex<UnixStream>,
     buf: &mut Vec<u8>,
     line: &mut Vec<u8>,
+    reg: &super::rpc_hold::Registered,
     idle: bool,
 ) -> bool {
     let mut started: Option<std::time::Instant> = None;
@@ -631,6 +638,12 @@ fn next_line(
             (false, Some(t)) => Some(LINE_DEADLINE.saturating_sub(t.elapsed())),
             (false, None) => Some(LINE_DEADLINE),
         };
+        if buf.is_empty() {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*s);
+            if !reg.wait(fd, timeout, !idle, out) {
+                return false;
+            }
+        }
         if timeout.is_some_and(|t| t.is_zero()) || s.set_read_timeout(timeout).is_err() {
             if !buf.is_empty() {
                 crate::warn_limited!(
@@ -660,11 +673,27 @@ fn next_line(
     }
 }
 
-fn serve_conn(t: &Target, mut stream: UnixStream, place: &Place) {
+/// A management connection: its socket, and (handed over by a live
+/// upgrade) whether it was subscribed to events.
+pub struct RpcConn {
+    pub stream: UnixStream,
+    pub subscribed: bool,
+}
+
+impl std::os::fd::AsRawFd for RpcConn {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+fn serve_conn(t: &Target, conn: RpcConn, place: &Place) {
+    let mut stream = conn.stream;
     let mut buf = Vec::new();
     let mut line = Vec::new();
+    let reg = super::rpc_hold::register();
     let mut cx = ConnCx {
         conn: Some(std::os::fd::AsRawFd::as_raw_fd(&stream)),
+        hold: reg.id(),
         ..ConnCx::default()
     };
     // Answers and events go out through one lock, a line at a time.
@@ -672,7 +701,17 @@ fn serve_conn(t: &Target, mut stream: UnixStream, place: &Place) {
     let out = Arc::new(parking_lot::Mutex::new(out));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut events: Option<std::thread::JoinHandle<()>> = None;
-    while next_line(&mut stream, &out, &mut buf, &mut line, !cx.subscribed) {
+    if conn.subscribed {
+        // Subscribed in the binary before a live upgrade: again here.
+        if subscribe(&mut cx).is_err() {
+            return;
+        }
+        place.busy(true);
+    }
+    if let Some(s) = cx.sub.take() {
+        events = send_events(s, out.clone(), done.clone());
+    }
+    while next_line(&mut stream, &out, &mut buf, &mut line, &reg, !cx.subscribed) {
         let trimmed = line.trim_ascii();
         if trimmed.is_empty() {
             continue;
@@ -743,7 +782,7 @@ fn send_events(
 /// Serves the management socket at `path` (owner-only) on its own threads.
 pub fn serve(target: Arc<Target>, path: &Path, force: bool) -> Result<()> {
     let listener = bind_socket(path, force)?;
-    serve_listener(target, listener, path, None)
+    serve_listener(target, listener, path, None, Vec::new())
 }
 
 /// Serves a bound management socket; `first` (after a live upgrade: the
@@ -754,18 +793,24 @@ pub fn serve_listener(
     listener: std::os::unix::net::UnixListener,
     path: &Path,
     first: Option<(UnixStream, Value)>,
+    handed: Vec<RpcConn>,
 ) -> Result<()> {
     super::upgrade::keep_rpc(&listener, path);
     let places = Places::new(MAX_CONNECTIONS);
     info!("management socket on {}", path.display());
     let first = first.map(|(s, answer)| {
         super::upgrade::answer(&s, &answer);
-        Ok(s)
+        Ok(RpcConn {
+            stream: s,
+            subscribed: false,
+        })
     });
+    let handed = handed.into_iter().map(Ok);
     std::thread::Builder::new()
         .name("rpc-accept".into())
         .spawn(move || {
-            let refuse = |mut s: UnixStream| {
+            let refuse = |c: RpcConn| {
+                let mut s = c.stream;
                 crate::warn_limited!(
                     "rpc: {MAX_CONNECTIONS} connections are all being answered; refused"
                 );
@@ -776,14 +821,19 @@ pub fn serve_listener(
             };
             accept_each(
                 "rpc",
-                first.into_iter().chain(listener.incoming()),
+                first.into_iter().chain(handed).chain(listener.incoming().map(|s| {
+                    s.map(|stream| RpcConn {
+                        stream,
+                        subscribed: false,
+                    })
+                })),
                 &places,
                 "the one idle longest",
                 refuse,
-                move |s: UnixStream, place| {
+                move |s: RpcConn, place| {
                     // A connection that does not read its answers gives
                     // its place back.
-                    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                    let _ = s.stream.set_write_timeout(Some(WRITE_TIMEOUT));
                     serve_conn(&target, s, &place);
                 },
             );

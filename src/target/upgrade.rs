@@ -32,6 +32,8 @@ use crate::vfio_user::Control;
 pub const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// How long the accept threads have to stop.
 const ACCEPT_WAIT: Duration = Duration::from_secs(1);
+/// How long management connections busy with a request have to finish it.
+const CONN_WAIT: Duration = Duration::from_secs(2);
 const FORMAT: &str = "vfio-user-blk-upgrade";
 
 /// One upgrade at a time.
@@ -71,6 +73,9 @@ struct State {
     metrics: Option<i64>,
     /// The management connection that asked, and its request id.
     reply: Option<(i64, Value)>,
+    /// The other management connections, stopped between requests, and
+    /// whether each is subscribed to events.
+    management: Vec<(i64, bool)>,
     /// Socket files the service manager passed (never removed by us).
     passed: Vec<(u64, u64)>,
     fds: Vec<i64>,
@@ -95,6 +100,8 @@ struct SavedDevice {
 pub struct Reply<'a> {
     pub stream: std::os::fd::BorrowedFd<'a>,
     pub id: Value,
+    /// The connection's place in the management connections' hold.
+    pub hold: u64,
 }
 
 fn monotonic_ns() -> u64 {
@@ -103,6 +110,16 @@ fn monotonic_ns() -> u64 {
     // SAFETY: a valid pointer to `ts`.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// A device of the table, as an upgrade asks it to stop.
+struct Listed {
+    name: String,
+    spec: DeviceSpec,
+    saved: bool,
+    socket_id: Option<(u64, u64)>,
+    control: Arc<Control>,
+    shared: Arc<crate::blk::BlkShared>,
 }
 
 /// What a stopped device hands over, and what keeps it stopped.
@@ -135,6 +152,21 @@ impl Target {
             path.display(),
             launch.version
         );
+        let conns = super::rpc_hold::pause(reply.as_ref().map(|r| r.hold), CONN_WAIT);
+        let r = self.upgrade_held(&path, &launch, &conns, reply);
+        super::rpc_hold::resume();
+        r
+    }
+
+    /// [`upgrade`](Self::upgrade) with the management connections `conns`
+    /// stopped.
+    fn upgrade_held(
+        &self,
+        path: &std::path::Path,
+        launch: &relaunch::Launch,
+        conns: &[(RawFd, bool)],
+        reply: Option<Reply<'_>>,
+    ) -> Result<Value> {
         let _admin = self.admin_lock()?;
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(anyhow!("the target is shutting down"));
@@ -160,7 +192,7 @@ impl Target {
                 return Err(e);
             }
         };
-        let why = self.hand_over(&launch, &stopped, paused_ns, reply);
+        let why = self.hand_over(launch, &stopped, paused_ns, conns, reply);
         // Still here: the exec did not happen. Everything goes on.
         drop(stopped);
         resume_accept();
@@ -173,24 +205,38 @@ impl Target {
     /// Stops every device (in parallel): each answers with its state once
     /// nothing of it is in flight, or says why it cannot.
     fn stop_devices(&self) -> Result<Vec<Stopped>> {
-        let devs = self.devices.lock();
+        // (Not under the table's lock while they drain: a scrape of the
+        // metrics need not wait for a disk.)
+        let entries: Vec<Listed> = self
+            .devices
+            .lock()
+            .iter()
+            .map(|(n, e)| Listed {
+                name: n.clone(),
+                spec: e.spec.clone(),
+                saved: e.saved,
+                socket_id: e.socket_id,
+                control: e.control.clone(),
+                shared: e.shared.clone(),
+            })
+            .collect();
         let mut waiting = Vec::new();
-        for (name, e) in devs.iter() {
+        for e in entries {
             let (tx, rx) = crossbeam_channel::bounded(1);
             e.control.park(Park {
                 limit: DRAIN_WAIT,
                 reply: tx,
             });
-            waiting.push((name.clone(), e, rx));
+            waiting.push((e, rx));
         }
         let mut stopped = Vec::new();
         let until = std::time::Instant::now() + DRAIN_WAIT + Duration::from_secs(1);
-        for (name, e, rx) in waiting {
+        for (e, rx) in waiting {
             let left = until.saturating_duration_since(std::time::Instant::now());
             let parked = match rx.recv_timeout(left) {
                 Ok(Ok(p)) => p,
-                Ok(Err(why)) => return Err(anyhow!("{name}: {why}")),
-                Err(_) => return Err(anyhow!("{name}: its thread did not stop in time")),
+                Ok(Err(why)) => return Err(anyhow!("{}: {why}", e.name)),
+                Err(_) => return Err(anyhow!("{}: its thread did not stop in time", e.name)),
             };
             let pending = if parked.state["client"].is_null() {
                 e.control.take_pending()
@@ -204,15 +250,15 @@ impl Target {
                 .handover_fd()
                 .and_then(|fd| fd.try_clone_to_owned().ok());
             stopped.push(Stopped {
-                name,
-                entry_spec: e.spec.clone(),
+                listener: e.control.listener(),
+                name: e.name,
+                entry_spec: e.spec,
                 saved: e.saved,
                 socket_id: e.socket_id,
                 parked,
-                listener: e.control.listener(),
                 pending,
                 disk,
-                shared: e.shared.clone(),
+                shared: e.shared,
             });
         }
         Ok(stopped)
@@ -225,6 +271,7 @@ impl Target {
         launch: &relaunch::Launch,
         stopped: &[Stopped],
         paused_ns: u64,
+        conns: &[(RawFd, bool)],
         reply: Option<Reply<'_>>,
     ) -> String {
         let mut out = Outgoing::default();
@@ -249,6 +296,17 @@ impl Target {
             rpc: rpc.as_ref().map(|(l, p)| (out.add(l.as_fd()), p.clone())),
             metrics: metrics.as_ref().map(|l| out.add(l.as_fd())),
             reply: reply.map(|r| (out.add(r.stream), r.id)),
+            management: conns
+                .iter()
+                .map(|&(fd, sub)| {
+                    // SAFETY: the connection's thread is parked with its
+                    // socket open until the exec or the call-off.
+                    (
+                        out.add(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }),
+                        sub,
+                    )
+                })
+                .collect(),
             passed: crate::activation::passed_files(),
             fds: Vec::new(),
         };
@@ -270,6 +328,21 @@ impl Target {
             state.fds.len(),
             launch.path.display()
         );
+        let why = self.exec_now(launch, &bytes, &state.fds, stopped, rollback.as_raw_fd());
+        let _ = out.inherit(false);
+        why
+    }
+
+    /// The network disks let go of their locks and the new binary runs;
+    /// returns (the disks taken back) only if it could not, with why.
+    fn exec_now(
+        &self,
+        launch: &relaunch::Launch,
+        bytes: &[u8],
+        fds: &[i64],
+        stopped: &[Stopped],
+        rollback: RawFd,
+    ) -> String {
         let take_back = |n: usize| {
             for s in &stopped[..n] {
                 if let Err(e) = s.shared.hand_off(false) {
@@ -283,13 +356,16 @@ impl Target {
         for (i, s) in stopped.iter().enumerate() {
             if let Err(e) = s.shared.hand_off(true) {
                 take_back(i);
-                let _ = out.inherit(false);
                 return format!("{}: letting go of the disk's lock: {e}", s.name);
             }
         }
-        let why = relaunch::exec(launch, &bytes, &state.fds, rollback.as_raw_fd());
+        // A stop asked for meanwhile (SIGTERM) wins over the upgrade.
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            take_back(stopped.len());
+            return "the target is shutting down".into();
+        }
+        let why = relaunch::exec(launch, bytes, fds, rollback);
         take_back(stopped.len());
-        let _ = out.inherit(false);
         why
     }
 }
@@ -337,6 +413,8 @@ pub struct TakenOver {
     pub metrics: Option<std::net::TcpListener>,
     /// The management connection to answer first, with its answer.
     pub reply: Option<(UnixStream, Value)>,
+    /// The other management connections, to serve on.
+    pub management: Vec<super::rpc::RpcConn>,
 }
 
 /// A test hook: when the variable names a file that exists, the file is
@@ -388,6 +466,16 @@ pub fn take_over(
         .as_ref()
         .and_then(|(fd, _)| bag.take(*fd).ok())
         .map(UnixStream::from);
+    let management = state
+        .management
+        .iter()
+        .filter_map(|&(fd, subscribed)| {
+            let stream = UnixStream::from(bag.take(fd).ok()?);
+            // A connected socket, as accept gave it.
+            stream.peer_addr().ok()?;
+            Some(super::rpc::RpcConn { stream, subscribed })
+        })
+        .collect();
     bag.close_originals();
     // SAFETY: the state's memfd, handed to us and read; nothing owns it.
     unsafe { libc::close(incoming.state_fd) };
@@ -408,6 +496,7 @@ pub fn take_over(
         rpc,
         metrics,
         reply,
+        management,
     })
 }
 
@@ -606,7 +695,8 @@ mod tests {
         let ok = json!({
             "format": FORMAT, "version": STATE_VERSION, "binary_version": "0",
             "exe": "/x", "rollback_fd": 3, "paused_ns": 0, "devices": [],
-            "rpc": null, "metrics": null, "reply": null, "passed": [], "fds": [],
+            "rpc": null, "metrics": null, "reply": null, "management": [], "passed": [],
+            "fds": [],
         });
         assert!(parse_state(ok.to_string().as_bytes()).is_ok());
         let mut future = ok.clone();
