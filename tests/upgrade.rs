@@ -451,3 +451,47 @@ fn management_connections_and_event_subscriptions_go_on_across_an_upgrade() {
         }
     }
 }
+
+#[test]
+fn an_upgrade_stopped_by_one_stuck_disk_lets_every_other_device_go_on() {
+    use support::nbd::{have, Listen, NbdServer};
+    if !have("nbdkit") {
+        return;
+    }
+    let x = TempDir::new("upg-stuck2");
+    let img = x.image("export.img", 64 << 20);
+    let file = format!("file={}", img.display());
+    let nbd = NbdServer::nbdkit(
+        &x,
+        Listen::Unix(x.path("nbd.sock")),
+        &["--filter=delay", "file", &file, "rdelay=8"],
+    );
+    // disk0 (stuck) is asked first, disk1 (in memory) is stopped already
+    // when disk0's answer ends the upgrade.
+    let a = format!("socket={},disk={}", x.path("a.sock").display(), nbd.uri(""));
+    let b = format!("socket={},disk=ram:16M", x.path("b.sock").display());
+    let t = RpcTarget::start(&["--device", &a, "--device", &b]);
+    let mut da = Driver::new(&x.path("a.sock"), DriverOptions::default());
+    let mut db = Driver::new(&x.path("b.sock"), DriverOptions::default());
+    verified_round(&mut db, 0, 1, 4);
+    let stuck = da.submit(0, &Request::read(64, 4096));
+    da.kick(0);
+    let e = call(&t.rpc, "target_upgrade", json!({})).unwrap_err();
+    assert!(
+        e.contains("disk0") && e.contains("still in the backend"),
+        "{e}"
+    );
+    // disk1 was thawed: it serves at once, long before disk0's read ends
+    // (a wedged device would never answer: the round runs on a thread).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        verified_round(&mut db, 0, 2, 4);
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(3)).is_ok(),
+        "disk1 does not serve after the upgrade gave up"
+    );
+    da.wait_used(0, 1, Duration::from_secs(30));
+    assert_eq!(da.result(&stuck).0, S_OK);
+}

@@ -150,7 +150,12 @@ impl<D: Device> Server<D> {
             fds: out,
             go,
         };
-        if req.reply.send(Ok(parked)).is_ok() {
+        let reply = req.reply;
+        let sent = reply.send(Ok(parked)).is_ok();
+        // Ours gone, an answer the upgrade never takes (it gave up on this
+        // device) is dropped with the channel, and `go` with it.
+        drop(reply);
+        if sent {
             // Only a call-off ends this: an upgrade that goes through
             // replaces the process image first.
             let _ = wait.recv();
