@@ -78,18 +78,20 @@ const FEATURES_OK: u8 = VIRTIO_CONFIG_S_FEATURES_OK as u8;
 
 impl<D: VirtioDevice> PciTransport<D> {
     /// Stops the queues for an upgrade and keeps where they stand.
+    /// (Whether or not the driver runs: writes of a client that left may
+    /// still be in the backend, and must end before the exec.)
     pub(super) fn freeze_queues(&mut self, limit: Duration) -> Result<(), String> {
-        let pos = if self.active {
-            self.dev.freeze(limit)?
-        } else {
-            vec![None; self.queues.len()]
-        };
+        let mut pos = self.dev.freeze(limit)?;
+        pos.resize(self.queues.len(), None);
+        if !self.active {
+            pos.fill(None);
+        }
         self.frozen = Some(pos);
         Ok(())
     }
 
     pub(super) fn thaw_queues(&mut self) {
-        if self.frozen.take().is_some() && self.active {
+        if self.frozen.take().is_some() {
             self.dev.thaw();
         }
     }
