@@ -495,3 +495,35 @@ fn an_upgrade_stopped_by_one_stuck_disk_lets_every_other_device_go_on() {
     da.wait_used(0, 1, Duration::from_secs(30));
     assert_eq!(da.result(&stuck).0, S_OK);
 }
+
+#[test]
+fn clients_that_come_and_go_during_upgrades_neither_stop_them_nor_get_lost() {
+    let two = two(&[]);
+    let sock = two.dir.path("b.sock");
+    let rpc = two.t.rpc.clone();
+    let upgrader = std::thread::spawn(move || {
+        for i in 0..20 {
+            call(&rpc, "target_upgrade", json!({})).unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
+        }
+    });
+    // Clients connect, negotiate and leave all the while: whether one is
+    // waiting to be accepted, being served or just gone when a device
+    // stops, the upgrade goes through and the next client is served.
+    let mut n = 0;
+    while !upgrader.is_finished() {
+        let mut c = vfio_user::Client::new(&sock).expect("a client connects");
+        let mut id = [0u8; 4];
+        c.region_read(7, 0, &mut id).unwrap();
+        assert_eq!(u32::from_le_bytes(id), 0x1001_1af4);
+        if n % 2 == 0 {
+            c.shutdown().unwrap();
+        }
+        n += 1;
+    }
+    upgrader.join().unwrap();
+    assert!(n > 20, "{n} clients");
+    fresh_client_works(&sock);
+    let (mut a, mut b) = two.drivers();
+    verified_round(&mut a, 0, 1, 8);
+    verified_round(&mut b, 0, 1, 8);
+}

@@ -471,8 +471,8 @@ pub fn take_over(
         .iter()
         .filter_map(|&(fd, subscribed)| {
             let stream = UnixStream::from(bag.take(fd).ok()?);
-            // A connected socket, as accept gave it.
-            stream.peer_addr().ok()?;
+            // A unix socket (one whose client left is seen as it is read).
+            stream.local_addr().ok()?;
             Some(super::rpc::RpcConn { stream, subscribed })
         })
         .collect();
@@ -544,6 +544,9 @@ fn parse_state(bytes: &[u8]) -> Result<State, String> {
 /// Executes the old binary again, with why; returns only if that failed.
 fn give_back(incoming: &Incoming, rollback_fd: i64, why: &str) -> anyhow::Error {
     error!("cannot take the upgrade: {why}");
+    // RBD images this binary opened let go of their locks first (the old
+    // binary takes them again).
+    crate::backend::rbd::wait_closed(Duration::from_secs(5));
     if incoming.rollback.is_some() {
         return anyhow!("taking the state back after a failed upgrade: {why}");
     }

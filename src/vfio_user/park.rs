@@ -186,12 +186,10 @@ impl<D: Device> Server<D> {
             return Err(format!("client max_data_xfer_size {}", c.max_xfer));
         }
         let stream = UnixStream::from(fds.take(c.fd)?);
-        // A socket, connected: what accept gave the old binary.
-        if stream.peer_addr().is_err() {
-            return Err(format!(
-                "client descriptor {} is not a connected unix socket",
-                c.fd
-            ));
+        // A unix socket (its client may have left meanwhile: that is seen
+        // when it is read, as for any client).
+        if stream.local_addr().is_err() {
+            return Err(format!("client descriptor {} is not a unix socket", c.fd));
         }
         Ok(Some(Resumed {
             stream,
