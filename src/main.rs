@@ -116,10 +116,18 @@ fn run(opts: &Options, incoming: Option<vfio_user_blk::relaunch::Incoming>) -> a
     raise_fd_limit();
     // Signals are taken before anything is created, so that none is lost.
     let signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR2])?;
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        signal_hook::flag::register(sig, vfio_user_blk::relaunch::stop_flag())?;
+    }
     if let Some(i) = incoming {
+        // (The signals stay held, as the binary before held them across
+        // the exec, until this one has taken over: a rollback executes
+        // the old binary again with them still pending.)
         let target = take_over(opts, i)?;
+        vfio_user_blk::relaunch::release_signals();
         return serve_until_signal(opts, target, signals);
     }
+    vfio_user_blk::relaunch::release_signals();
     let target = opts.start_target()?;
     if let Some(path) = &opts.rpc_socket {
         if let Err(e) = rpc::serve(target.clone(), path, opts.force) {

@@ -43,6 +43,67 @@ const CHECK_WAIT: Duration = Duration::from_secs(10);
 /// Largest state read.
 const MAX_STATE: u64 = 64 << 20;
 
+/// Signals that stop the target (SIGINT, SIGTERM, SIGHUP) or start an
+/// upgrade (SIGUSR2). The thread that executes another binary holds them
+/// blocked: the mask and what is pending survive the exec, so one that
+/// comes meanwhile is neither lost with the old image nor fatal to the
+/// new one before it has its handlers (which would have the watchdog
+/// "rescue" a process being stopped). The new binary lets them through
+/// once it has taken over ([`release_signals`]).
+const HELD: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR2];
+
+/// Set from the signal handler itself when a stop is asked for: an
+/// upgrade that sees it does not execute the new binary.
+static STOP_ASKED: OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = OnceLock::new();
+
+/// The flag the stop signals set (register it with `signal_hook::flag`).
+pub fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    STOP_ASKED.get_or_init(Default::default).clone()
+}
+
+/// Whether a stop signal came.
+pub fn stop_asked() -> bool {
+    STOP_ASKED
+        .get()
+        .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+fn held_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset fill it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in HELD {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the held signals in this thread; the mask before.
+pub fn hold_signals() -> libc::sigset_t {
+    let set = held_set();
+    // SAFETY: sigset_t is plain data, filled by pthread_sigmask.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pointers to two live sigsets.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
+    old
+}
+
+/// Puts back the mask [`hold_signals`] returned.
+pub fn restore_signals(old: &libc::sigset_t) {
+    // SAFETY: a pointer to a live sigset.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+}
+
+/// Lets the held signals through in this thread (the main one, whose
+/// handlers take them), and those that came while held are delivered.
+pub fn release_signals() {
+    let set = held_set();
+    // SAFETY: a pointer to a live sigset.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
 /// The command line and binary the process was first started with.
 static ARGS: OnceLock<Vec<OsString>> = OnceLock::new();
 static EXE: OnceLock<PathBuf> = OnceLock::new();

@@ -244,6 +244,9 @@ struct ConnCx {
     in_batch: bool,
     /// The connection's place in the upgrade's hold.
     hold: u64,
+    /// Bytes of later requests were read already (they would end with
+    /// this process image if an upgrade answered from the next one).
+    more_input: bool,
 }
 
 #[derive(Deserialize)]
@@ -259,6 +262,13 @@ fn upgrade(t: &Target, cx: &ConnCx, p: UpgradeParams) -> Result<Value, RpcError>
         return Err(err(
             INVALID_REQUEST,
             "target_upgrade cannot be part of a batch (the new binary answers it alone)",
+        ));
+    }
+    if cx.more_input {
+        return Err(err(
+            INVALID_REQUEST,
+            "target_upgrade must be the last request sent before its answer (later \
+             requests on this connection were read already and would be lost)",
         ));
     }
     let binary = p.binary.map(|b| b.get("binary")).transpose()?;
@@ -718,6 +728,7 @@ fn serve_conn(t: &Target, conn: RpcConn, place: &Place) {
         }
         // Being answered: not closed to make room for another.
         place.busy(true);
+        cx.more_input = !buf.iter().all(u8::is_ascii_whitespace);
         let a = answer(t, &mut cx, trimmed);
         // Events start after the answer that subscribed.
         let answered = a.is_none_or(|v| writeln!(out.lock(), "{v}").is_ok());

@@ -28,8 +28,13 @@ use crate::relaunch::{self, Incoming, STATE_VERSION};
 use crate::vfio_user::park::{Park, Parked, Resumed};
 use crate::vfio_user::Control;
 
-/// How long every device has to have nothing in flight.
-pub const DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// How long every device has to have nothing in flight. Every other
+/// device stays stopped meanwhile, and QEMU gives a device up when a
+/// reply takes 5 s: the whole stop (this, the slack below, the exec and
+/// the restore) must stay well inside that.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(2);
+/// How much longer than `DRAIN_WAIT` a device's thread may take to answer.
+const PARK_SLACK: Duration = Duration::from_millis(500);
 /// How long the accept threads have to stop.
 const ACCEPT_WAIT: Duration = Duration::from_secs(1);
 /// How long management connections busy with a request have to finish it.
@@ -230,7 +235,7 @@ impl Target {
             waiting.push((e, rx));
         }
         let mut stopped = Vec::new();
-        let until = std::time::Instant::now() + DRAIN_WAIT + Duration::from_secs(1);
+        let until = std::time::Instant::now() + DRAIN_WAIT + PARK_SLACK;
         for (e, rx) in waiting {
             let left = until.saturating_duration_since(std::time::Instant::now());
             let parked = match rx.recv_timeout(left) {
@@ -359,12 +364,16 @@ impl Target {
                 return format!("{}: letting go of the disk's lock: {e}", s.name);
             }
         }
-        // A stop asked for meanwhile (SIGTERM) wins over the upgrade.
-        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+        // A stop asked for meanwhile wins: it would be lost with this image
+        // (or, held across the exec, it stops the new binary at once).
+        let mask = relaunch::hold_signals();
+        if relaunch::stop_asked() || self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            relaunch::restore_signals(&mask);
             take_back(stopped.len());
-            return "the target is shutting down".into();
+            return "the target is stopping (a signal came during the upgrade)".into();
         }
         let why = relaunch::exec(launch, bytes, fds, rollback);
+        relaunch::restore_signals(&mask);
         take_back(stopped.len());
         why
     }
@@ -574,8 +583,21 @@ fn restore(
     let target = Target::empty(engine, settings, config).map_err(|e| format!("{e:#}"))?;
     let mut ready = Vec::new();
     for d in &state.devices {
-        let r = restore_device(&target, d, &mut bag).map_err(|e| format!("{}: {e}", d.name))?;
-        ready.push(r);
+        match restore_device(&target, d, &mut bag) {
+            Ok(r) => ready.push(r),
+            // Taking our own state back (a rollback, or the watchdog's
+            // rescue) is the last resort: a device that cannot be had
+            // again (a network disk whose server does not answer now) is
+            // dropped, its client disconnected, and every other device
+            // serves on; failing here would end the process and every
+            // guest's disk with it.
+            Err(e) if rolling_back => error!(
+                "{}: cannot take it back after the failed upgrade: {e}; the device is \
+                 dropped and its client disconnected (device_add brings it back)",
+                d.name
+            ),
+            Err(e) => return Err(format!("{}: {e}", d.name)),
+        }
     }
     if !rolling_back && test_hook("VFIO_USER_BLK_TEST_RESTORE_CRASH").is_some() {
         error!("a test asked this restore to crash");

@@ -209,6 +209,13 @@ const MSG_OVERHEAD: u32 = 4096;
 /// treated as gone.
 const REPLY_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long the rest of a message may take once its first byte came (the
+/// thread only reads after poll says a message starts): a client that
+/// stops in the middle of one would otherwise hold the device's thread,
+/// its graceful stop and every live upgrade of the target, forever. QEMU
+/// sends each message whole.
+const MESSAGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Between clients, how often windows still held by the last client's
 /// requests are looked at again.
 const RETIRED_SWEEP: std::time::Duration = std::time::Duration::from_millis(200);
@@ -478,6 +485,9 @@ impl<D: Device> Server<D> {
         // thread (and a graceful shutdown) forever: QEMU reads every
         // reply at once.
         let _ = stream.set_write_timeout(Some(REPLY_WRITE_TIMEOUT));
+        // (Reads start only once poll saw a message begin: see
+        // `between_messages`.)
+        let _ = stream.set_read_timeout(Some(MESSAGE_DEADLINE));
         *control.client.lock() = stream.try_clone().ok().map(|s| (s, cred));
         let pid = cred.map_or(-1, |c| c.pid);
         if resumed.is_none() {
