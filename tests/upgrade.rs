@@ -527,3 +527,25 @@ fn clients_that_come_and_go_during_upgrades_neither_stop_them_nor_get_lost() {
     verified_round(&mut a, 0, 1, 8);
     verified_round(&mut b, 0, 1, 8);
 }
+
+#[test]
+fn every_poll_mode_and_notify_mmap_go_on_across_upgrades() {
+    for extra in [
+        &["--poll-mode", "busy"][..],
+        &["--poll-mode", "interrupt"][..],
+        &["--notify", "mmap", "--poll-mode", "adaptive"][..],
+        &["--pollers", "2", "--io-engine", "threads"][..],
+    ] {
+        let two = two(extra);
+        let (mut a, mut b) = two.drivers();
+        for i in 0..3 {
+            verified_round(&mut a, 0, i, 8);
+            verified_round(&mut b, 1, i, 8);
+            let r = call(&two.t.rpc, "target_upgrade", json!({}))
+                .unwrap_or_else(|e| panic!("{extra:?}: {e}"));
+            assert_eq!(r["devices"], 2, "{extra:?}");
+        }
+        verified_round(&mut a, 0, 7, 32);
+        verified_round(&mut b, 0, 7, 32);
+    }
+}
