@@ -9,6 +9,34 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 /// Creates an anonymous memory file (memfd), close-on-exec.
+/// Waits up to `timeout_ms` (-1: no limit) until `fd` or `wake` (-1:
+/// none) is readable: whether each is. Interrupted waits are retried.
+pub fn poll_two(fd: i32, wake: i32, timeout_ms: i32) -> io::Result<(bool, bool)> {
+    let mut p = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: two pollfd structs that outlive the call.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) };
+        if r >= 0 {
+            return Ok((p[0].revents != 0, p[1].revents != 0));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 pub fn memfd(name: &str) -> io::Result<File> {
     memfd_with(name, libc::MFD_CLOEXEC)
 }

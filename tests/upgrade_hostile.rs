@@ -15,19 +15,7 @@ use support::*;
 
 /// One JSON-RPC call on a fresh connection.
 fn call(rpc: &Path, method: &str, params: Value) -> Result<Value, String> {
-    let mut s = UnixStream::connect(rpc).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let req = json!({"jsonrpc": "2.0", "id": 9, "method": method, "params": params});
-    writeln!(s, "{req}").map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    let v: Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}"))?;
-    match v.get("error") {
-        Some(e) => Err(e["message"].as_str().unwrap_or_default().to_string()),
-        None => Ok(v["result"].clone()),
-    }
+    rpc_call(rpc, method, params)
 }
 
 fn round(d: &mut Driver, r: u64) {

@@ -98,28 +98,11 @@ impl Registered {
             let ms = left.map_or(-1, |l| {
                 i32::try_from(l.as_millis().max(1)).unwrap_or(i32::MAX)
             });
-            let mut p = [
-                libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: h.wake.as_ref().map_or(-1, AsRawFd::as_raw_fd),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two pollfd structs that outlive the call.
-            let r = unsafe { libc::poll(p.as_mut_ptr(), 2, ms) };
-            if r < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return false;
-            }
-            if p[0].revents != 0 {
-                return true;
+            let wake = h.wake.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+            match crate::util::poll_two(fd, wake, ms) {
+                Ok((true, _)) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
             }
         }
     }

@@ -97,35 +97,13 @@ fn drain(fd: BorrowedFd<'_>) {
 /// Waits until `fd` is readable or `wake` is: true for `fd`. Interrupted
 /// waits are retried; an error says so.
 pub(super) fn wait_readable(fd: RawFd, wake: Option<&OwnedFd>) -> io::Result<bool> {
-    let mut p = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake.map_or(-1, AsRawFd::as_raw_fd),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: two pollfd structs that outlive the call.
-        let r = unsafe { libc::poll(p.as_mut_ptr(), 2, -1) };
-        if r >= 0 {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    if p[1].revents != 0 {
+    let (ready, woken) = crate::util::poll_two(fd, wake.map_or(-1, AsRawFd::as_raw_fd), -1)?;
+    if woken {
         if let Some(w) = wake {
             drain(w.as_fd());
         }
     }
-    Ok(p[0].revents != 0)
+    Ok(ready)
 }
 
 impl<D: Device> Server<D> {

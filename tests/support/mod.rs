@@ -469,6 +469,26 @@ impl RpcTarget {
     }
 }
 
+/// One JSON-RPC call on a fresh management connection: the result, or
+/// the error's message (a connection that ends without an answer is an
+/// error too).
+pub fn rpc_call(rpc: &Path, method: &str, params: Value) -> Result<Value, String> {
+    let mut s = UnixStream::connect(rpc).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = json!({"jsonrpc": "2.0", "id": 9, "method": method, "params": params});
+    writeln!(s, "{req}").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}"))?;
+    assert_eq!(v["id"], 9, "{v}");
+    match v.get("error") {
+        Some(e) => Err(e["message"].as_str().unwrap_or_default().to_string()),
+        None => Ok(v["result"].clone()),
+    }
+}
+
 /// Writes one JSON-RPC request without parameters on a raw management
 /// connection (the tests that read what comes back themselves).
 pub fn send_request(s: &mut impl Write, id: u64, method: &str) {
