@@ -18,6 +18,7 @@
 #                   [--size SIZE] [--server-args "..."] [--device-opts K=V,...]
 #                   [--server-bin PATH]
 #                   [--verify-every K] [--keep-going] [--keep] [--nbd]
+#                   [--upgrade-every K]
 #
 #   --device-opts more keys for each --device (e.g. direct=on)
 #   --server-bin  another build of the server to soak (default: this tree's)
@@ -25,6 +26,8 @@
 #                 client then attaches right after the teardown)
 #   --keep-going  counts the cycles that lose data instead of stopping at
 #                 the first (each bad sector is then taken as it is found)
+#   --upgrade-every  upgrades the server in place (target_upgrade) in every
+#                 K-th cycle, half-way through the client's life
 #   --keep        keeps the folder (images, journals, logs) and says where
 #   --nbd         serves each image through nbdkit's file plugin (one
 #                 nbdkit per disk, on a socket in the folder) and each disk
@@ -63,6 +66,7 @@ while [ $# -gt 0 ]; do
         --verify-every) verify_every="${2:?}"; shift 2 ;;
         --keep) keep=1; shift ;;
         --nbd) nbd=1; shift ;;
+        --upgrade-every) upgrade_every="${2:?}"; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -151,7 +155,7 @@ done
 # (bash runs traps only between commands, and `wait` is one).
 "$bin/vfio-user-blk-bench" soak --server-pid "$server_pid" --rpc-socket "$dir/rpc.sock" \
     "${soak_devs[@]}" --cycles "$cycles" --io-threads "$io_threads" --workdir "$dir" \
-    --verify-every "$verify_every" \
+    --verify-every "$verify_every" --upgrade-every "${upgrade_every:-0}" \
     ${seed:+--seed "$seed"} ${keep_going:+"$keep_going"} &
 soak_pid=$!
 rc=0

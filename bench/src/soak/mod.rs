@@ -86,6 +86,12 @@ pub struct SoakArgs {
     /// or half-way in shorter runs) to the last, in MiB.
     #[arg(long, default_value_t = 4)]
     pub rss_slack_mib: u64,
+    /// Upgrade the server in place (`target_upgrade`) in every K-th cycle,
+    /// half-way through the client's life (0: never): every acknowledged
+    /// write must still be on the disk, the long-lived client must go on,
+    /// and the server must keep its PID.
+    #[arg(long, default_value_t = 0)]
+    pub upgrade_every: u64,
 }
 
 /// `soak` and `soak-client`, beside the benchmark's own options.
@@ -498,6 +504,8 @@ struct Totals {
     attach_ns: Vec<u64>,
     rss_ref: Option<(u64, u64, u64)>,
     rss_last: (u64, u64, u64),
+    /// Live upgrades of the server (`--upgrade-every`).
+    upgrades: u64,
 }
 
 /// Cycles that lost data (with `--keep-going`).
@@ -688,7 +696,20 @@ fn run(a: &SoakArgs) -> Result<bool> {
             refuse,
             long_lived: false,
         })?;
-        std::thread::sleep(delay);
+        if a.upgrade_every > 0 && cycle.is_multiple_of(a.upgrade_every) {
+            std::thread::sleep(delay / 2);
+            let r = rpc.call("target_upgrade");
+            if let Err(e) = r
+                .as_ref()
+                .map(|v| v["pause_ms"].as_f64().context("no pause_ms"))
+            {
+                failure.get_or_insert(format!("cycle {cycle}: upgrade: {e:#}"));
+            }
+            t.upgrades += 1;
+            std::thread::sleep(delay / 2);
+        } else {
+            std::thread::sleep(delay);
+        }
         let exited = child.try_wait()?;
         let _ = child.kill();
         let st = child.wait()?;
@@ -1054,6 +1075,12 @@ fn run(a: &SoakArgs) -> Result<bool> {
         t.teardown_max_cycle
     ));
     out.push_str(&neighbour_line);
+    if t.upgrades > 0 {
+        out.push_str(&format!(
+            "  live upgrades of the server during a client's I/O: {}\n",
+            t.upgrades
+        ));
+    }
     if cycles_done > 0 {
         out.push_str(&format!(
             "  server fds: baseline {}, min {} max {} after teardown; threads: baseline {base_threads}, min {} max {} (limit {thread_limit}), and up to {} io_uring workers (limit {uring_limit})\n",
