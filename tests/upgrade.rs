@@ -30,6 +30,11 @@ struct Two {
 }
 
 fn two(extra: &[&str]) -> Two {
+    two_env(extra, &[])
+}
+
+/// [`two`] with the test hooks `env` set for the target.
+fn two_env(extra: &[&str], env: &[(&str, &Path)]) -> Two {
     let dir = TempDir::new("upg");
     let img = dir.path("a.img");
     let a = format!(
@@ -43,7 +48,7 @@ fn two(extra: &[&str]) -> Two {
     );
     let mut args = vec!["--device", &a, "--device", &b];
     args.extend_from_slice(extra);
-    let t = RpcTarget::start(&args);
+    let t = RpcTarget::start_env(&args, env);
     Two { t, dir, img }
 }
 
@@ -181,11 +186,13 @@ fn upgrades_that_cannot_go_through_leave_the_target_serving() {
     let hooks = TempDir::new("hooks");
     let version_hook = hooks.path("version");
     let fail_hook = hooks.path("fail");
-    let two = {
-        std::env::set_var("VFIO_USER_BLK_TEST_STATE_VERSION", &version_hook);
-        std::env::set_var("VFIO_USER_BLK_TEST_RESTORE_FAIL", &fail_hook);
-        two(&[])
-    };
+    let two = two_env(
+        &[],
+        &[
+            ("VFIO_USER_BLK_TEST_STATE_VERSION", &version_hook),
+            ("VFIO_USER_BLK_TEST_RESTORE_FAIL", &fail_hook),
+        ],
+    );
     let pid = two.pid();
     let (mut a, mut b) = two.drivers();
     still_serving(&two, &mut a, &mut b, 1);
@@ -246,10 +253,7 @@ impl Drop for KillOnDrop {
 fn a_new_binary_that_crashes_while_it_takes_over_is_rescued() {
     let hooks = TempDir::new("hooks");
     let crash = hooks.path("crash");
-    let mut two = {
-        std::env::set_var("VFIO_USER_BLK_TEST_RESTORE_CRASH", &crash);
-        two(&[])
-    };
+    let mut two = two_env(&[], &[("VFIO_USER_BLK_TEST_RESTORE_CRASH", &crash)]);
     let pid = two.pid();
     let (mut a, mut b) = two.drivers();
     verified_round(&mut a, 0, 1, 8);

@@ -61,9 +61,21 @@ pub fn bin() -> &'static str {
 /// The server binary with `socket` (its option and path) and `args`, its
 /// log (at `level`) in `log`.
 fn spawn_server(socket: [&std::ffi::OsStr; 2], args: &[&str], log: &Path, level: &str) -> Child {
+    spawn_server_env(socket, args, log, level, &[])
+}
+
+/// [`spawn_server`] with variables set for the server alone.
+fn spawn_server_env(
+    socket: [&std::ffi::OsStr; 2],
+    args: &[&str],
+    log: &Path,
+    level: &str,
+    env: &[(&str, &Path)],
+) -> Child {
     Command::new(bin())
         .args(socket)
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", level)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -403,10 +415,23 @@ pub struct RpcTarget {
 
 impl RpcTarget {
     pub fn start(extra: &[&str]) -> RpcTarget {
+        Self::start_env(extra, &[])
+    }
+
+    /// [`start`](Self::start) with variables set for the target alone (a
+    /// test's hooks: never the test process's own environment, which the
+    /// targets of tests running beside it would inherit).
+    pub fn start_env(extra: &[&str], env: &[(&str, &Path)]) -> RpcTarget {
         let dir = TempDir::new("rpc");
         let rpc = dir.path("rpc.sock");
         let log = dir.path("target.log");
-        let child = spawn_server(["--rpc-socket".as_ref(), rpc.as_ref()], extra, &log, "info");
+        let child = spawn_server_env(
+            ["--rpc-socket".as_ref(), rpc.as_ref()],
+            extra,
+            &log,
+            "info",
+            env,
+        );
         let t = RpcTarget {
             child,
             dir,
