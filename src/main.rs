@@ -101,7 +101,7 @@ fn take_over(
     match t.rpc {
         Some((l, p)) => rpc::serve_listener(t.target.clone(), l, &p, t.reply, t.management)?,
         None => {
-            if let Some((s, a)) = &t.reply {
+            if let Some((s, a, _)) = &t.reply {
                 vfio_user_blk::target::upgrade::answer(s, a);
             }
         }
@@ -115,6 +115,10 @@ fn take_over(
 fn run(opts: &Options, incoming: Option<vfio_user_blk::relaunch::Incoming>) -> anyhow::Result<()> {
     raise_fd_limit();
     // Signals are taken before anything is created, so that none is lost.
+    // (The relay to the next binary first: the handlers of a signal run
+    // in the order they were registered, and an exec under way ends the
+    // thread that runs them at any point.)
+    vfio_user_blk::relaunch::register_stop_relay()?;
     let signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR2])?;
     for sig in [SIGINT, SIGTERM, SIGHUP] {
         signal_hook::flag::register(sig, vfio_user_blk::relaunch::stop_flag())?;
@@ -123,11 +127,23 @@ fn run(opts: &Options, incoming: Option<vfio_user_blk::relaunch::Incoming>) -> a
         // (The signals stay held, as the binary before held them across
         // the exec, until this one has taken over: a rollback executes
         // the old binary again with them still pending.)
+        let stop = i.stop;
         let target = take_over(opts, i)?;
         vfio_user_blk::relaunch::release_signals();
+        vfio_user_blk::relaunch::replay_stop(stop);
         return serve_until_signal(opts, target, signals);
     }
+    // Every thread the target starts holds the stop signals blocked (as
+    // after an upgrade): only this one takes them. A thread that took one
+    // while an upgrade executes the next binary would lose it with this
+    // image.
+    vfio_user_blk::relaunch::hold_signals();
+    let started = start_serving(opts);
     vfio_user_blk::relaunch::release_signals();
+    serve_until_signal(opts, started?, signals)
+}
+
+fn start_serving(opts: &Options) -> anyhow::Result<std::sync::Arc<vfio_user_blk::target::Target>> {
     let target = opts.start_target()?;
     if let Some(path) = &opts.rpc_socket {
         if let Err(e) = rpc::serve(target.clone(), path, opts.force) {
@@ -144,7 +160,7 @@ fn run(opts: &Options, incoming: Option<vfio_user_blk::relaunch::Incoming>) -> a
             return Err(e);
         }
     }
-    serve_until_signal(opts, target, signals)
+    Ok(target)
 }
 
 /// Serves until SIGINT, SIGTERM or SIGHUP (SIGUSR2 upgrades the binary in
@@ -169,6 +185,8 @@ fn serve_until_signal(
             break sig;
         }
         let t = target.clone();
+        // (Started with the stop signals blocked, as every other thread.)
+        let mask = vfio_user_blk::relaunch::hold_signals();
         let upgrading = std::thread::Builder::new()
             .name("upgrade".into())
             .spawn(move || {
@@ -177,6 +195,7 @@ fn serve_until_signal(
                     error!("upgrade: {e:#}");
                 }
             });
+        vfio_user_blk::relaunch::restore_signals(&mask);
         if let Err(e) = upgrading {
             error!("upgrade: cannot start its thread: {e}");
         }

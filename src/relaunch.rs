@@ -36,6 +36,7 @@ const ENV_ROLLBACK: &str = "VFIO_USER_BLK_UPGRADE_ROLLBACK";
 const ENV_RESCUED: &str = "VFIO_USER_BLK_UPGRADE_RESCUED";
 const ENV_WATCHDOG: &str = "VFIO_USER_BLK_UPGRADE_WATCHDOG";
 const ENV_CHECK: &str = "VFIO_USER_BLK_UPGRADE_CHECK";
+const ENV_STOP: &str = "VFIO_USER_BLK_UPGRADE_STOP";
 /// What the check mode prints first.
 const CHECK_ANSWER: &str = "vfio-user-blk upgrade-check";
 /// How long the check mode may take.
@@ -66,6 +67,50 @@ pub fn stop_asked() -> bool {
     STOP_ASKED
         .get()
         .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// While an exec is prepared and made: an eventfd (inherited) that the
+/// stop signals' handler counts into. Only the executing thread holds the
+/// signals blocked: one that comes meanwhile is taken by another thread of
+/// this image, whose handlers end with it; the count tells the next image.
+static STOP_RELAY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Registers the handler that relays a stop signal across an exec under
+/// way (call once, with the other handlers).
+pub fn register_stop_relay() -> std::io::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the action only loads an atomic and writes 8 bytes to an
+        // eventfd, both async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(sig, || {
+                let fd = STOP_RELAY.load(std::sync::atomic::Ordering::SeqCst);
+                if fd >= 0 {
+                    let one = 1u64.to_ne_bytes();
+                    libc::write(fd, one.as_ptr().cast(), one.len());
+                }
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The new image has taken over (signals released): a stop relayed
+/// from the image before is asked for again, here.
+pub fn replay_stop(incoming_stop: Option<RawFd>) {
+    let Some(fd) = incoming_stop else { return };
+    let mut b = [0u8; 8];
+    // SAFETY: a non-blocking read of at most 8 bytes into a live buffer
+    // from the eventfd handed over, then closing it (nothing else owns it).
+    let n = unsafe {
+        let n = libc::read(fd, b.as_mut_ptr().cast(), b.len());
+        libc::close(fd);
+        n
+    };
+    if n == 8 && u64::from_ne_bytes(b) > 0 {
+        log::warn!("a stop signal came while the binary was being replaced: stopping");
+        // SAFETY: a signal to this process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    }
 }
 
 fn held_set() -> libc::sigset_t {
@@ -118,6 +163,8 @@ pub struct Incoming {
     pub rollback: Option<String>,
     /// The watchdog to tell that the new binary took over, and to reap.
     pub watchdog: Option<(RawFd, i32)>,
+    /// Stop signals the image before took during the exec (an eventfd).
+    pub stop: Option<RawFd>,
 }
 
 /// Called first in `main`: remembers how the process was started, and
@@ -134,6 +181,9 @@ pub fn at_start() -> Result<Option<Incoming>, String> {
     let rollback = take(ENV_ROLLBACK);
     let rescued = take(ENV_RESCUED).is_some();
     let watchdog = take(ENV_WATCHDOG);
+    let stop: Option<RawFd> = take(ENV_STOP)
+        .and_then(|v| v.parse().ok())
+        .filter(|&fd: &RawFd| fd > 2);
     let Some(state) = state else {
         let _ = EXE.set(std::env::current_exe().unwrap_or_default());
         return Ok(None);
@@ -171,6 +221,7 @@ pub fn at_start() -> Result<Option<Incoming>, String> {
         state_fd: fd,
         rollback,
         watchdog,
+        stop,
     }))
 }
 
@@ -386,6 +437,12 @@ fn exec_inner(
 ) -> Result<Never, String> {
     let memfd = state_memfd(state)?;
     let state_fd = memfd.as_raw_fd();
+    let relay = StopRelay::new()?;
+    // From here a stop is counted for the next image; one before is seen.
+    if stop_asked() {
+        return Err("the target is stopping (a signal came during the upgrade)".into());
+    }
+    let stop_fd = relay.fd.as_raw_fd();
     let mut p = [0; 2];
     // SAFETY: pipe2 fills the two-int array.
     if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -401,17 +458,19 @@ fn exec_inner(
             "the new binary ended before it took over".to_string(),
         ),
         (ENV_RESCUED, "1".into()),
+        (ENV_STOP, stop_fd.to_string()),
     ])?;
     let mut wanted: Vec<RawFd> = keep
         .iter()
         .filter_map(|&k| RawFd::try_from(k).ok())
         .collect();
-    wanted.extend([state_fd, rollback, rd]);
+    wanted.extend([state_fd, rollback, rd, stop_fd]);
     let close_in_watchdog: Vec<RawFd> = open_fds()
         .into_iter()
         .filter(|fd| *fd > 2 && !wanted.contains(fd))
         .collect();
     crate::handover::set_cloexec(state_fd, false).map_err(|e| e.to_string())?;
+    crate::handover::set_cloexec(stop_fd, false).map_err(|e| e.to_string())?;
     let pid = spawn_watchdog(rd, rollback, &rescue, &close_in_watchdog)?;
     drop(rd_fd);
     let tell_watchdog = |wr: RawFd| {
@@ -425,6 +484,7 @@ fn exec_inner(
     let go = exec_vectors(&[
         (ENV_STATE, state_fd.to_string()),
         (ENV_WATCHDOG, format!("{wr}:{pid}")),
+        (ENV_STOP, stop_fd.to_string()),
     ]);
     let (argv, envp) = match go {
         Ok(v) => v,
@@ -454,6 +514,33 @@ fn exec_inner(
     drop(wr_fd);
     drop(memfd);
     Err(format!("exec of {}: {e}", launch.path.display()))
+}
+
+/// The eventfd stop signals are counted into while an exec is under way
+/// (see [`STOP_RELAY`]); the relay ends when this is dropped (the exec
+/// failed).
+struct StopRelay {
+    fd: OwnedFd,
+}
+
+impl StopRelay {
+    fn new() -> Result<StopRelay, String> {
+        // SAFETY: eventfd takes no pointers; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        STOP_RELAY.store(fd.as_raw_fd(), std::sync::atomic::Ordering::SeqCst);
+        Ok(StopRelay { fd })
+    }
+}
+
+impl Drop for StopRelay {
+    fn drop(&mut self) {
+        STOP_RELAY.store(-1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Forks the watchdog: it holds copies of the handed-over descriptors
@@ -525,6 +612,9 @@ pub fn roll_back(incoming: &Incoming, rollback: RawFd, why: &str) -> String {
     ];
     if let Some((fd, pid)) = incoming.watchdog {
         extra.push((ENV_WATCHDOG, format!("{fd}:{pid}")));
+    }
+    if let Some(fd) = incoming.stop {
+        extra.push((ENV_STOP, fd.to_string()));
     }
     let (argv, envp) = match exec_vectors(&extra) {
         Ok(v) => v,

@@ -247,6 +247,10 @@ struct ConnCx {
     /// Bytes of later requests were read already (they would end with
     /// this process image if an upgrade answered from the next one).
     more_input: bool,
+    /// Where answers and events go out (held while the process image is
+    /// replaced: no event is half written before the next binary's
+    /// answer).
+    out: Option<Arc<parking_lot::Mutex<UnixStream>>>,
 }
 
 #[derive(Deserialize)]
@@ -278,9 +282,11 @@ fn upgrade(t: &Target, cx: &ConnCx, p: UpgradeParams) -> Result<Value, RpcError>
             stream: unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
             id: id.clone(),
             hold: cx.hold,
+            subscribed: cx.subscribed,
         }),
         _ => None,
     };
+    let _quiet = cx.out.as_ref().map(|o| o.lock());
     t.upgrade(binary.map(std::path::PathBuf::from), reply)
         .map_err(|e| err(FAILED, format!("{e:#}")))
 }
@@ -688,6 +694,9 @@ fn next_line(
 pub struct RpcConn {
     pub stream: UnixStream,
     pub subscribed: bool,
+    /// Its place in the upgrade's hold, taken by the accept thread (None:
+    /// taken when it is served).
+    pub hold: Option<super::rpc_hold::Registered>,
 }
 
 impl std::os::fd::AsRawFd for RpcConn {
@@ -697,21 +706,26 @@ impl std::os::fd::AsRawFd for RpcConn {
 }
 
 fn serve_conn(t: &Target, conn: RpcConn, place: &Place) {
-    let mut stream = conn.stream;
+    let RpcConn {
+        mut stream,
+        subscribed,
+        hold,
+    } = conn;
     let mut buf = Vec::new();
     let mut line = Vec::new();
-    let reg = super::rpc_hold::register();
-    let mut cx = ConnCx {
-        conn: Some(std::os::fd::AsRawFd::as_raw_fd(&stream)),
-        hold: reg.id(),
-        ..ConnCx::default()
-    };
+    let reg = hold.unwrap_or_else(super::rpc_hold::register);
     // Answers and events go out through one lock, a line at a time.
     let Ok(out) = stream.try_clone() else { return };
     let out = Arc::new(parking_lot::Mutex::new(out));
+    let mut cx = ConnCx {
+        conn: Some(std::os::fd::AsRawFd::as_raw_fd(&stream)),
+        hold: reg.id(),
+        out: Some(out.clone()),
+        ..ConnCx::default()
+    };
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut events: Option<std::thread::JoinHandle<()>> = None;
-    if conn.subscribed {
+    if subscribed {
         // Subscribed in the binary before a live upgrade: again here.
         if subscribe(&mut cx).is_err() {
             return;
@@ -803,17 +817,18 @@ pub fn serve_listener(
     target: Arc<Target>,
     listener: std::os::unix::net::UnixListener,
     path: &Path,
-    first: Option<(UnixStream, Value)>,
+    first: Option<(UnixStream, Value, bool)>,
     handed: Vec<RpcConn>,
 ) -> Result<()> {
     super::upgrade::keep_rpc(&listener, path);
     let places = Places::new(MAX_CONNECTIONS);
     info!("management socket on {}", path.display());
-    let first = first.map(|(s, answer)| {
+    let first = first.map(|(s, answer, subscribed)| {
         super::upgrade::answer(&s, &answer);
         Ok(RpcConn {
             stream: s,
-            subscribed: false,
+            subscribed,
+            hold: None,
         })
     });
     let handed = handed.into_iter().map(Ok);
@@ -830,14 +845,22 @@ pub fn serve_listener(
                     "code": FAILED, "message": format!("more than {MAX_CONNECTIONS} management connections") } });
                 let _ = writeln!(s, "{e}");
             };
+            // The accept thread stops between accepts for an upgrade, and
+            // registers each connection before it accepts the next: an
+            // upgrade hands every accepted connection over.
+            let me = super::rpc_hold::register();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+            let incoming = std::iter::from_fn(|| {
+                me.wait_accept(fd);
+                Some(listener.accept().map(|(stream, _)| RpcConn {
+                    stream,
+                    subscribed: false,
+                    hold: Some(super::rpc_hold::register()),
+                }))
+            });
             accept_each(
                 "rpc",
-                first.into_iter().chain(handed).chain(listener.incoming().map(|s| {
-                    s.map(|stream| RpcConn {
-                        stream,
-                        subscribed: false,
-                    })
-                })),
+                first.into_iter().chain(handed).chain(incoming),
                 &places,
                 "the one idle longest",
                 refuse,

@@ -20,6 +20,9 @@ enum At {
     /// Stopped between requests for an upgrade: its socket, and whether
     /// it is subscribed to events.
     Parked(RawFd, bool),
+    /// The accept thread, stopped between accepts (what connects
+    /// meanwhile waits in the listening socket for the next binary).
+    AcceptParked,
 }
 
 struct Hold {
@@ -107,10 +110,52 @@ impl Registered {
         }
     }
 
+    /// The accept thread, between two accepts: waits until the listening
+    /// socket `fd` is readable, stopping here while an upgrade is under
+    /// way. (Each connection accepted is registered before this is
+    /// called again: an upgrade that finds this thread stopped knows
+    /// every connection it took.)
+    pub fn wait_accept(&self, fd: RawFd) {
+        let h = hold();
+        loop {
+            if h.paused.load(Ordering::SeqCst) {
+                self.stop_at(At::AcceptParked);
+                continue;
+            }
+            let mut p = [
+                libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: h.wake.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two pollfd structs that outlive the call.
+            let r = unsafe { libc::poll(p.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            if p[0].revents != 0 && !h.paused.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
     fn park(&self, fd: RawFd, subscribed: bool) {
+        self.stop_at(At::Parked(fd, subscribed));
+    }
+
+    fn stop_at(&self, at: At) {
         let h = hold();
         let mut g = h.conns.lock();
-        g.insert(self.0, At::Parked(fd, subscribed));
+        g.insert(self.0, at);
         h.cv.notify_all();
         while h.paused.load(Ordering::SeqCst) {
             h.cv.wait_for(&mut g, Duration::from_millis(100));
@@ -147,7 +192,7 @@ pub fn pause(except: Option<u64>, limit: Duration) -> Vec<(RawFd, bool)> {
                 .values()
                 .filter_map(|at| match at {
                     At::Parked(fd, sub) => Some((*fd, *sub)),
-                    At::Busy => None,
+                    At::Busy | At::AcceptParked => None,
                 })
                 .collect();
         }

@@ -78,6 +78,9 @@ struct State {
     metrics: Option<i64>,
     /// The management connection that asked, and its request id.
     reply: Option<(i64, Value)>,
+    /// Whether the connection that asked is subscribed to events.
+    #[serde(default)]
+    reply_subscribed: bool,
     /// The other management connections, stopped between requests, and
     /// whether each is subscribed to events.
     management: Vec<(i64, bool)>,
@@ -107,6 +110,8 @@ pub struct Reply<'a> {
     pub id: Value,
     /// The connection's place in the management connections' hold.
     pub hold: u64,
+    /// It is subscribed to events (and is again in the next binary).
+    pub subscribed: bool,
 }
 
 fn monotonic_ns() -> u64 {
@@ -300,6 +305,7 @@ impl Target {
             devices,
             rpc: rpc.as_ref().map(|(l, p)| (out.add(l.as_fd()), p.clone())),
             metrics: metrics.as_ref().map(|l| out.add(l.as_fd())),
+            reply_subscribed: reply.as_ref().is_some_and(|r| r.subscribed),
             reply: reply.map(|r| (out.add(r.stream), r.id)),
             management: conns
                 .iter()
@@ -420,8 +426,9 @@ pub struct TakenOver {
     pub target: Arc<Target>,
     pub rpc: Option<(UnixListener, PathBuf)>,
     pub metrics: Option<std::net::TcpListener>,
-    /// The management connection to answer first, with its answer.
-    pub reply: Option<(UnixStream, Value)>,
+    /// The management connection to answer first, with its answer and
+    /// whether it is subscribed to events.
+    pub reply: Option<(UnixStream, Value, bool)>,
     /// The other management connections, to serve on.
     pub management: Vec<super::rpc::RpcConn>,
 }
@@ -482,7 +489,11 @@ pub fn take_over(
             let stream = UnixStream::from(bag.take(fd).ok()?);
             // A unix socket (one whose client left is seen as it is read).
             stream.local_addr().ok()?;
-            Some(super::rpc::RpcConn { stream, subscribed })
+            Some(super::rpc::RpcConn {
+                stream,
+                subscribed,
+                hold: None,
+            })
         })
         .collect();
     bag.close_originals();
@@ -494,12 +505,15 @@ pub fn take_over(
     // Every device stopped at `paused_ns` and is running again now.
     let pause = Duration::from_nanos(monotonic_ns().saturating_sub(state.paused_ns));
     let answer = upgrade_answer(&state, rolling_back.as_deref(), pause, &target);
-    let reply = reply_stream.zip(state.reply.map(|(_, id)| {
-        let mut a = answer.clone();
-        a["jsonrpc"] = json!("2.0");
-        a["id"] = id;
-        a
-    }));
+    let subscribed = state.reply_subscribed;
+    let reply = reply_stream
+        .zip(state.reply.map(|(_, id)| {
+            let mut a = answer.clone();
+            a["jsonrpc"] = json!("2.0");
+            a["id"] = id;
+            a
+        }))
+        .map(|(s, a)| (s, a, subscribed));
     Ok(TakenOver {
         target,
         rpc,
