@@ -120,9 +120,6 @@ fn run(opts: &Options, incoming: Option<vfio_user_blk::relaunch::Incoming>) -> a
     // thread that runs them at any point.)
     vfio_user_blk::relaunch::register_stop_relay()?;
     let signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR2])?;
-    for sig in [SIGINT, SIGTERM, SIGHUP] {
-        signal_hook::flag::register(sig, vfio_user_blk::relaunch::stop_flag())?;
-    }
     if let Some(i) = incoming {
         // (The signals stay held, as the binary before held them across
         // the exec, until this one has taken over: a rollback executes

@@ -53,20 +53,13 @@ const MAX_STATE: u64 = 64 << 20;
 /// once it has taken over ([`release_signals`]).
 const HELD: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR2];
 
-/// Set from the signal handler itself when a stop is asked for: an
-/// upgrade that sees it does not execute the new binary.
-static STOP_ASKED: OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = OnceLock::new();
-
-/// The flag the stop signals set (register it with `signal_hook::flag`).
-pub fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    STOP_ASKED.get_or_init(Default::default).clone()
-}
+/// Stop signals that came, counted by the signal handler itself (before
+/// it looks for a relay: see [`register_stop_relay`]).
+static STOPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Whether a stop signal came.
 pub fn stop_asked() -> bool {
-    STOP_ASKED
-        .get()
-        .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+    STOPS.load(std::sync::atomic::Ordering::SeqCst) > 0
 }
 
 /// While an exec is prepared and made: an eventfd (inherited) that the
@@ -83,6 +76,10 @@ pub fn register_stop_relay() -> std::io::Result<()> {
         // eventfd, both async-signal-safe.
         unsafe {
             signal_hook::low_level::register(sig, || {
+                // Counted first, then the relay looked for; the exec
+                // publishes the relay first, then looks at the count: one
+                // of the two sees the other (both sequentially consistent).
+                STOPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let fd = STOP_RELAY.load(std::sync::atomic::Ordering::SeqCst);
                 if fd >= 0 {
                     let one = 1u64.to_ne_bytes();
@@ -460,11 +457,7 @@ fn exec_inner(
         (ENV_RESCUED, "1".into()),
         (ENV_STOP, stop_fd.to_string()),
     ])?;
-    let mut wanted: Vec<RawFd> = keep
-        .iter()
-        .filter_map(|&k| RawFd::try_from(k).ok())
-        .collect();
-    wanted.extend([state_fd, rollback, rd, stop_fd]);
+    let mut wanted = kept(keep, &[state_fd, rollback, rd, stop_fd]);
     let close_in_watchdog: Vec<RawFd> = open_fds()
         .into_iter()
         .filter(|fd| *fd > 2 && !wanted.contains(fd))
@@ -494,14 +487,8 @@ fn exec_inner(
         }
     };
     let (argv, envp) = (pointers(&argv), pointers(&envp));
-    // Whatever else is open (some crates create descriptors that are not
-    // close-on-exec) ends with this image.
     wanted.push(wr);
-    for fd in open_fds() {
-        if fd > 2 && !wanted.contains(&fd) {
-            let _ = crate::handover::set_cloexec(fd, true);
-        }
-    }
+    close_the_rest(&wanted);
     if let Err(e) = crate::handover::set_cloexec(wr, false) {
         tell_watchdog(wr);
         return Err(e.to_string());
@@ -514,6 +501,26 @@ fn exec_inner(
     drop(wr_fd);
     drop(memfd);
     Err(format!("exec of {}: {e}", launch.path.display()))
+}
+
+/// The descriptors handed over (`keep`) and the exec's own (`own`).
+fn kept(keep: &[i64], own: &[RawFd]) -> Vec<RawFd> {
+    let mut v: Vec<RawFd> = keep
+        .iter()
+        .filter_map(|&k| RawFd::try_from(k).ok())
+        .collect();
+    v.extend_from_slice(own);
+    v
+}
+
+/// Whatever else is open (some crates create descriptors that are not
+/// close-on-exec) ends with this image.
+fn close_the_rest(wanted: &[RawFd]) {
+    for fd in open_fds() {
+        if fd > 2 && !wanted.contains(&fd) {
+            let _ = crate::handover::set_cloexec(fd, true);
+        }
+    }
 }
 
 /// The eventfd stop signals are counted into while an exec is under way
