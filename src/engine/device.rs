@@ -85,20 +85,24 @@ impl DeviceQueues {
         if self.frozen.is_some() {
             return Err(HoldError::Busy);
         }
+        // One deadline for every step: the device's thread answers nothing
+        // else meanwhile.
+        let until = std::time::Instant::now() + limit;
+        let left = || until.saturating_duration_since(std::time::Instant::now());
         let one = self
             .hold
             .changing
-            .try_lock_arc_for(limit)
+            .try_lock_arc_for(left())
             .ok_or(HoldError::Busy)?;
         if let Some(a) = &self.active {
-            if !a.pause_all_within(limit) {
+            if !a.pause_all_within(left()) {
                 return Err(HoldError::Stuck);
             }
         }
         let gone = [&self.active, &self.departed]
             .into_iter()
             .flatten()
-            .any(|a| !a.wait_mutations_within(limit));
+            .any(|a| !a.wait_mutations_within(left()));
         if gone {
             if let Some(a) = &self.active {
                 a.resume();
