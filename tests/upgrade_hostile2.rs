@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,19 +25,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// One JSON-RPC call on a fresh connection.
 fn call(rpc: &Path, method: &str, params: Value) -> Result<Value, String> {
-    let mut s = UnixStream::connect(rpc).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let req = json!({"jsonrpc": "2.0", "id": 9, "method": method, "params": params});
-    writeln!(s, "{req}").map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    let v: Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}"))?;
-    match v.get("error") {
-        Some(e) => Err(e["message"].as_str().unwrap_or_default().to_string()),
-        None => Ok(v["result"].clone()),
-    }
+    rpc_call(rpc, method, params)
 }
 
 fn file_dev(dir: &TempDir, name: &str) -> (String, PathBuf) {

@@ -122,28 +122,11 @@ impl Registered {
                 self.stop_at(At::AcceptParked);
                 continue;
             }
-            let mut p = [
-                libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: h.wake.as_ref().map_or(-1, AsRawFd::as_raw_fd),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two pollfd structs that outlive the call.
-            let r = unsafe { libc::poll(p.as_mut_ptr(), 2, -1) };
-            if r < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return;
-            }
-            if p[0].revents != 0 && !h.paused.load(Ordering::SeqCst) {
-                return;
+            let wake = h.wake.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+            match crate::util::poll_two(fd, wake, -1) {
+                Ok((true, _)) if !h.paused.load(Ordering::SeqCst) => return,
+                Ok(_) => {}
+                Err(_) => return,
             }
         }
     }
