@@ -115,11 +115,6 @@ impl FdBag {
         self.take(n).map(Some)
     }
 
-    /// The listed descriptors nothing took.
-    pub fn unused(&self) -> Vec<RawFd> {
-        self.listed.difference(&self.taken).copied().collect()
-    }
-
     /// Commits: the originals go (their duplicates serve on).
     pub fn close_originals(&self) {
         for &fd in &self.listed {
@@ -146,7 +141,6 @@ mod tests {
         let d = b.take(n).unwrap();
         assert_ne!(d.as_raw_fd(), f.as_raw_fd());
         assert!(b.take(n).is_err());
-        assert!(b.unused().is_empty());
         assert_eq!(b.take_opt(-1).unwrap().map(|_| ()), None);
     }
 }

@@ -169,14 +169,6 @@ impl Control {
             .as_ref()
             .and_then(|l| l.try_clone().ok())
     }
-
-    /// The attached client's socket (a live upgrade hands it over).
-    pub fn client_stream(&self) -> Option<UnixStream> {
-        self.client
-            .lock()
-            .as_ref()
-            .and_then(|(s, _)| s.try_clone().ok())
-    }
 }
 
 fn peer_cred(s: &UnixStream) -> Option<PeerCred> {
