@@ -9,6 +9,7 @@ mod guest;
 mod guest_report;
 mod notify;
 mod place;
+mod ramdisk;
 mod report;
 mod run;
 mod servers;
@@ -187,6 +188,15 @@ struct Args {
     /// its nbd driver (`qsd-threads`).
     #[arg(long, value_name = "URI")]
     nbd: Option<String>,
+
+    /// Where the direct-* workloads' O_DIRECT image lives: `memory`, a
+    /// loop device over a memory file, with the kernel's loop workers
+    /// kept on the server CPUs while it exists (needs root; a virtual
+    /// machine's disk moves its pace by the minute, more than the targets
+    /// differ), or `disk`, a file next to --image. `memory` falls back to
+    /// `disk`, saying why, where a loop device cannot be made.
+    #[arg(long, default_value = "memory", value_parser = ["memory", "disk"])]
+    direct_medium: String,
 }
 
 impl Args {
@@ -355,6 +365,13 @@ fn workloads(quick: bool) -> Vec<Workload> {
     v
 }
 
+/// What the images hold, 1 MiB of it: neither zeros nor one byte repeated.
+fn image_pattern() -> Vec<u8> {
+    (0..(1usize << 20))
+        .map(|i| (i * 31 + 7).to_le_bytes()[0])
+        .collect()
+}
+
 /// Writes the image (not sparse, not zeros) unless it has the right size.
 /// `warm` reads it into the page cache; otherwise its pages are dropped
 /// from the cache (for O_DIRECT users, which should find the disk).
@@ -372,9 +389,7 @@ fn prepare_image(path: &Path, size: u64, warm: bool) -> Result<()> {
             path.display()
         );
         let mut f = std::fs::File::create(path)?;
-        let chunk: Vec<u8> = (0..(1usize << 20))
-            .map(|i| (i * 31 + 7).to_le_bytes()[0])
-            .collect();
+        let chunk = image_pattern();
         let mut left = size;
         while left > 0 {
             let n = usize::try_from(left.min(1 << 20)).context("chunk")?;
@@ -523,6 +538,66 @@ fn mount_of(path: &Path) -> Option<(String, String, String)> {
         })
         .filter(|(_, _, mp)| path.starts_with(mp))
         .max_by_key(|(_, _, mp)| mp.len())
+}
+
+/// Makes the direct-* workloads' image ready: a loop device over memory
+/// (`--direct-medium memory`, `images.direct` then names it), or the file
+/// next to --image on a real disk. The note for the header and the memory
+/// disk to hold for the run; Err: why the workloads cannot run.
+fn direct_medium(
+    args: &Args,
+    images: &mut Images,
+) -> std::result::Result<(String, Option<ramdisk::RamDisk>), String> {
+    if args.direct_medium == "memory" {
+        let cpus = place::get().map(|p| p.server.clone()).unwrap_or_default();
+        match ramdisk::RamDisk::create(images.size, &image_pattern(), &cpus) {
+            Ok(rd) => {
+                let workers = if rd.workers_placed() {
+                    format!("its kernel workers kept on CPU {}", place::list(&cpus))
+                } else {
+                    "its kernel workers on any CPU (the workqueue mask could not be set)".into()
+                };
+                let note = format!(
+                    "direct-* image {}: a loop device over a {} MiB memory file, {workers}, so \
+                     that O_DIRECT reaches a block device that keeps one pace",
+                    rd.path.display(),
+                    images.size >> 20
+                );
+                images.direct = rd.path.clone();
+                return Ok((note, Some(rd)));
+            }
+            Err(e) => {
+                eprintln!("bench: the direct-* image goes on the disk: no memory disk: {e:#}")
+            }
+        }
+    }
+    let folder = images.direct.parent().unwrap_or(Path::new("."));
+    let folder = if folder.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        folder
+    };
+    let mount = mount_of(folder);
+    if let Some((_, fs, _)) = &mount {
+        if ["tmpfs", "ramfs"].contains(&fs.as_str()) {
+            return Err(format!(
+                "{} is on {fs}: O_DIRECT there reaches no disk",
+                folder.display()
+            ));
+        }
+    }
+    prepare_image(&images.direct, images.size, false)
+        .and_then(|()| run::open_image(&images.direct, Disk::Direct).map(drop))
+        .map_err(|e| format!("O_DIRECT on {}: {e:#}", images.direct.display()))?;
+    let note = mount
+        .map(|(src, fs, mp)| {
+            format!(
+                "direct-* image {} on {src} ({fs}, mounted at {mp})",
+                images.direct.display()
+            )
+        })
+        .unwrap_or_default();
+    Ok((note, None))
 }
 
 fn sibling(image: &Path, suffix: &str) -> PathBuf {
@@ -1050,43 +1125,24 @@ fn real_main(args: &Args) -> Result<()> {
         size: args.size,
         multi_size: ((args.size / MULTI as u64) & !((1 << 20) - 1)).max(1 << 20),
     };
-    let mut disk_note = String::new();
-    if list.iter().any(|w| w.disk == Disk::Direct) {
-        let folder = images.direct.parent().unwrap_or(Path::new("."));
-        let folder = if folder.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            folder
-        };
-        let mount = mount_of(folder);
-        let refuse = match &mount {
-            Some((_, fs, _)) if ["tmpfs", "ramfs"].contains(&fs.as_str()) => Some(format!(
-                "{} is on {fs}: O_DIRECT there reaches no disk",
-                folder.display()
-            )),
-            _ => None,
-        };
-        let refuse = refuse.or_else(|| {
-            prepare_image(&images.direct, images.size, false)
-                .and_then(|()| run::open_image(&images.direct, Disk::Direct).map(drop))
-                .err()
-                .map(|e| format!("O_DIRECT on {}: {e:#}", images.direct.display()))
-        });
-        if let Some(why) = refuse {
-            eprintln!("bench: skipping the direct-* workloads: {why}");
-            list.retain(|w| {
-                if w.disk == Disk::Direct {
-                    skipped.insert(w.name.clone(), why.clone());
-                }
-                w.disk != Disk::Direct
-            });
-        } else if let Some((src, fs, mp)) = mount {
-            disk_note = format!(
-                "direct-* image {} on {src} ({fs}, mounted at {mp})",
-                images.direct.display()
-            );
+    let mut images = images;
+    let (disk_note, ramdisk) = if list.iter().any(|w| w.disk == Disk::Direct) {
+        match direct_medium(args, &mut images) {
+            Ok(found) => found,
+            Err(why) => {
+                eprintln!("bench: skipping the direct-* workloads: {why}");
+                list.retain(|w| {
+                    if w.disk == Disk::Direct {
+                        skipped.insert(w.name.clone(), why.clone());
+                    }
+                    w.disk != Disk::Direct
+                });
+                (String::new(), None)
+            }
         }
-    }
+    } else {
+        (String::new(), None)
+    };
     if list.is_empty() {
         bail!("no workload left to run");
     }
@@ -1144,13 +1200,15 @@ fn real_main(args: &Args) -> Result<()> {
     };
     let (mut noisy_waits, mut noisy_wait) = (0usize, Duration::ZERO);
     // The disk's quiet pace, for the direct-* workloads.
-    let disk_quiet = (!quiet_limit.is_zero() && list.iter().any(|w| w.disk == Disk::Direct))
-        .then(|| {
-            (0..5)
-                .filter_map(|_| disk_pace(&images.direct, images.size))
-                .min()
-        })
-        .flatten();
+    let disk_quiet = (!quiet_limit.is_zero()
+        && ramdisk.is_none()
+        && list.iter().any(|w| w.disk == Disk::Direct))
+    .then(|| {
+        (0..5)
+            .filter_map(|_| disk_pace(&images.direct, images.size))
+            .min()
+    })
+    .flatten();
     let mut stolen_redo = 0usize;
     // Every page-cached image stays in memory for the whole run.
     let mut resident: Vec<&Path> = Vec::new();
@@ -1296,8 +1354,7 @@ fn real_main(args: &Args) -> Result<()> {
             "; the guest watches its rings {} µs before it sleeps on an interrupt; \
              a run starts once the CPUs copy memory within 25 % of their quiet pace \
              ({:.1} ms) and a cache line crosses from the guest's CPU to the server's and \
-             back within 25 % of its quiet round trip ({:.0} ns), and a direct-* run once 32 \
-             random O_DIRECT reads take at most twice their quiet time ({}): {noisy_waits} \
+             back within 25 % of its quiet round trip ({:.0} ns){}: {noisy_waits} \
              run(s) waited for that, {:.1} s in all; a run the hypervisor took more than 5 % of a CPU \
              from (steal time) is run again, twice at most: {stolen_redo} run(s) were; \
              the page-cached images are {}; each of the {} rounds runs every workload \
@@ -1305,8 +1362,9 @@ fn real_main(args: &Args) -> Result<()> {
             args.guest_poll_us,
             quiet.copy.as_secs_f64() * 1e3,
             quiet.trip.as_secs_f64() * 1e9,
-            disk_quiet.map_or("not measured".to_string(), |d| format!(
-                "{:.1} ms",
+            disk_quiet.map_or(String::new(), |d| format!(
+                ", and a direct-* run once 32 random O_DIRECT reads of the disk take at most \
+                 twice their quiet time ({:.1} ms)",
                 d.as_secs_f64() * 1e3
             )),
             noisy_wait.as_secs_f64(),

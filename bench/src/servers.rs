@@ -197,6 +197,11 @@ pub fn start_ours(
 }
 
 /// One disk of qemu-storage-daemon.
+fn is_block_device(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+}
+
 pub enum QsdDisk {
     File {
         path: PathBuf,
@@ -272,7 +277,14 @@ pub fn start_qsd(
         let _ = std::fs::remove_file(&sock);
         let file = match d {
             QsdDisk::File { path, direct } => format!(
-                "driver=file,node-name=file{i},filename={},cache.direct={},aio={aio}",
+                "driver={},node-name=file{i},filename={},cache.direct={},aio={aio}",
+                // QEMU's driver for block devices (the memory disk of the
+                // direct-* workloads); `file` takes regular files only.
+                if is_block_device(path) {
+                    "host_device"
+                } else {
+                    "file"
+                },
                 escape(path.to_str().context("image path")?),
                 if *direct { "on" } else { "off" }
             ),

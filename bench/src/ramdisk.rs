@@ -1,0 +1,250 @@
+//! The medium of the direct-* (O_DIRECT) workloads: a block device whose
+//! blocks live in memory.
+//!
+//! On a virtual machine the disk's pace moves by the minute, by more than
+//! the targets differ: two quick runs in a row moved the direct-* medians
+//! by 30–167 %, every target alike. A loop device over a memory file is a
+//! block device that answers at the same pace all the time, so that
+//! O_DIRECT still takes every target through the block layer while what
+//! differs between them is their own path.
+//!
+//! The loop driver copies each request in a kernel worker that may run on
+//! any CPU; left free, it ran beside the synthetic guest as often as
+//! beside the server, and the cells' spreads were 40–56 %. The workers of
+//! unbound workqueues are kept on the server CPUs while the disk exists
+//! (the kernel's `workqueue/cpumask`, put back when it is dropped, and by
+//! a stop signal), as the medium's work is the device side's.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+
+use anyhow::{bail, Context, Result};
+
+// From linux/loop.h.
+const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// `struct loop_info64`.
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    sizelimit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+const WQ_MASK: &str = "/sys/devices/virtual/workqueue/cpumask";
+
+/// A loop device over a memory file, detached by the kernel once the last
+/// descriptor of it is closed (ours is held until drop, or until the
+/// process ends however it ends).
+pub struct RamDisk {
+    pub path: PathBuf,
+    _dev: File,
+    /// The unbound workqueues' CPU mask before, if it was changed.
+    wq_mask: Option<String>,
+}
+
+/// The unbound workqueues' mask to write back on SIGINT/SIGTERM/SIGHUP:
+/// an open descriptor of the mask file and the old value (at most 63
+/// bytes), set before the handler is.
+static RESTORE_FD: AtomicI32 = AtomicI32::new(-1);
+static mut RESTORE_MASK: [u8; 64] = [0; 64];
+static RESTORE_LEN: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn restore_and_die(sig: libc::c_int) {
+    let fd = RESTORE_FD.load(Ordering::Acquire);
+    let len = RESTORE_LEN.load(Ordering::Acquire);
+    if fd >= 0 && len > 0 {
+        // SAFETY: write(2) and the signal calls are async-signal-safe; the
+        // buffer was filled before the descriptor was published and is not
+        // written again.
+        unsafe {
+            let p = std::ptr::addr_of!(RESTORE_MASK).cast::<libc::c_void>();
+            libc::write(fd, p, len);
+        }
+    }
+    // SAFETY: the default action, then the signal again: the process ends
+    // as the signal asked.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+fn hex_mask(cpus: &[usize]) -> Option<String> {
+    let mut bits = 0u64;
+    for &c in cpus {
+        bits |= 1u64.checked_shl(u32::try_from(c).ok()?)?;
+    }
+    (bits != 0).then(|| format!("{bits:x}"))
+}
+
+impl RamDisk {
+    /// A `size`-byte loop device over a memory file that holds `fill`
+    /// repeated; the kernel's loop workers kept on `server_cpus`.
+    pub fn create(size: u64, fill: &[u8], server_cpus: &[usize]) -> Result<RamDisk> {
+        let backing = memory_file(size, fill)?;
+        let ctl = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/loop-control")
+            .context("opening /dev/loop-control")?;
+        let (dev, path) = attach(&ctl, &backing)?;
+        let mut info: LoopInfo64 = LoopInfo64 {
+            device: 0,
+            inode: 0,
+            rdevice: 0,
+            offset: 0,
+            sizelimit: 0,
+            number: 0,
+            encrypt_type: 0,
+            encrypt_key_size: 0,
+            flags: LO_FLAGS_AUTOCLEAR,
+            file_name: [0; 64],
+            crypt_name: [0; 64],
+            encrypt_key: [0; 32],
+            init: [0; 2],
+        };
+        let name = b"vfio-user-blk-bench direct-*";
+        info.file_name[..name.len()].copy_from_slice(name);
+        // SAFETY: LOOP_SET_STATUS64 reads one loop_info64 from the pointer,
+        // which is valid for the call.
+        if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_STATUS64, &info) } != 0 {
+            bail!(
+                "setting {} to detach itself: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        let wq_mask = place_workers(server_cpus);
+        Ok(RamDisk {
+            path,
+            _dev: dev,
+            wq_mask,
+        })
+    }
+
+    /// Whether the loop workers were kept on the server CPUs.
+    pub fn workers_placed(&self) -> bool {
+        self.wq_mask.is_some()
+    }
+}
+
+impl Drop for RamDisk {
+    fn drop(&mut self) {
+        if let Some(old) = &self.wq_mask {
+            let _ = std::fs::write(WQ_MASK, old);
+            RESTORE_FD.store(-1, Ordering::Release);
+        }
+    }
+}
+
+/// A sealed-size memory file of `size` bytes holding `fill` repeated.
+fn memory_file(size: u64, fill: &[u8]) -> Result<File> {
+    // SAFETY: memfd_create with a NUL-terminated name; the descriptor it
+    // returns is owned by the File below.
+    let fd = unsafe { libc::memfd_create(c"vub-bench-direct".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        bail!("memfd_create: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    let mut left = size;
+    while left > 0 {
+        let n = usize::try_from(left.min(fill.len() as u64))?;
+        f.write_all(&fill[..n]).context("filling the memory disk")?;
+        left -= n as u64;
+    }
+    Ok(f)
+}
+
+/// Binds `backing` to a free loop device (another process may take the
+/// one the kernel named first: tried again).
+fn attach(ctl: &File, backing: &File) -> Result<(File, PathBuf)> {
+    for _ in 0..16 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            bail!("no free loop device: {}", std::io::Error::last_os_error());
+        }
+        let path = PathBuf::from(format!("/dev/loop{n}"));
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: LOOP_SET_FD takes a descriptor number, which is open.
+        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD, backing.as_raw_fd()) };
+        if r == 0 {
+            return Ok((dev, path));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            bail!("binding {}: {e}", path.display());
+        }
+    }
+    bail!("every free loop device was taken before it could be bound")
+}
+
+/// Keeps the unbound workqueues' workers on `cpus`: the old mask, if it
+/// was changed (None when the file cannot be written, e.g. not root).
+fn place_workers(cpus: &[usize]) -> Option<String> {
+    let want = hex_mask(cpus)?;
+    let old = std::fs::read_to_string(WQ_MASK).ok()?.trim().to_string();
+    if old.is_empty() || old.len() > 63 {
+        return None;
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(WQ_MASK).ok()?;
+    // SAFETY: the buffer is written here only, before the handler can read
+    // it (RESTORE_FD is published after), and by one thread.
+    unsafe {
+        let buf = &mut *std::ptr::addr_of_mut!(RESTORE_MASK);
+        buf[..old.len()].copy_from_slice(old.as_bytes());
+    }
+    RESTORE_LEN.store(old.len(), Ordering::Release);
+    RESTORE_FD.store(f.as_raw_fd(), Ordering::Release);
+    std::mem::forget(f);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installs a handler that only makes async-signal-safe calls.
+        unsafe {
+            libc::signal(
+                sig,
+                restore_and_die as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+    if std::fs::write(WQ_MASK, &want).is_err() {
+        RESTORE_FD.store(-1, Ordering::Release);
+        return None;
+    }
+    Some(old)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_become_kernel_masks() {
+        assert_eq!(hex_mask(&[1]).as_deref(), Some("2"));
+        assert_eq!(hex_mask(&[0, 1]).as_deref(), Some("3"));
+        assert_eq!(hex_mask(&[4, 9]).as_deref(), Some("210"));
+        assert_eq!(hex_mask(&[]), None);
+        assert_eq!(hex_mask(&[64]), None);
+    }
+}
