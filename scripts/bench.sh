@@ -22,7 +22,8 @@ if ! command -v qemu-storage-daemon >/dev/null 2>&1; then
 fi
 cargo build --release --workspace -q
 mkdir -p bench
-# The direct-* workloads need the image folder on a real disk, not tmpfs.
+# The direct-* workloads run on a loop device over memory (as root; else on
+# a file next to the image, which must then be on a real disk, not tmpfs).
 df -hT bench | tail -n 1 | awk '{print "bench: images on " $1 " (" $2 ")"}' >&2
 "${CARGO_TARGET_DIR:-target}/release/vfio-user-blk-bench" \
     --image bench/bench.img --size 1G --seconds 2 \

@@ -149,7 +149,12 @@ impl Drop for RamDisk {
     fn drop(&mut self) {
         if let Some(old) = &self.wq_mask {
             let _ = std::fs::write(WQ_MASK, old);
-            RESTORE_FD.store(-1, Ordering::Release);
+            let fd = RESTORE_FD.swap(-1, Ordering::AcqRel);
+            if fd >= 0 {
+                // SAFETY: the descriptor place_workers left open for the
+                // signal handler (and its lock), closed once.
+                unsafe { libc::close(fd) };
+            }
         }
     }
 }
@@ -210,6 +215,12 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
         return None;
     }
     let f = std::fs::OpenOptions::new().write(true).open(WQ_MASK).ok()?;
+    // One bench at a time changes the mask (two would each save the
+    // other's and leave it changed): the second leaves its workers free.
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return None;
+    }
     // SAFETY: the buffer is written here only, before the handler can read
     // it (RESTORE_FD is published after), and by one thread.
     unsafe {
@@ -218,6 +229,7 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
     }
     RESTORE_LEN.store(old.len(), Ordering::Release);
     RESTORE_FD.store(f.as_raw_fd(), Ordering::Release);
+    // Held (with its lock) until the disk is dropped or the process ends.
     std::mem::forget(f);
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: installs a handler that only makes async-signal-safe calls.
@@ -229,7 +241,9 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
         };
     }
     if std::fs::write(WQ_MASK, &want).is_err() {
-        RESTORE_FD.store(-1, Ordering::Release);
+        let fd = RESTORE_FD.swap(-1, Ordering::AcqRel);
+        // SAFETY: the descriptor forgotten above, closed once.
+        unsafe { libc::close(fd) };
         return None;
     }
     Some(old)
@@ -238,6 +252,53 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where a loop device can be made (root, /dev/loop-control): the
+    /// disk reads back what it was filled with through O_DIRECT, the
+    /// workers' mask is the server CPUs' while it exists and the old one
+    /// after, and the loop device is gone once dropped.
+    #[test]
+    fn the_memory_disk_serves_its_pattern_and_leaves_nothing_behind() {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        if !std::path::Path::new("/dev/loop-control").exists() {
+            eprintln!("no /dev/loop-control here: nothing to check");
+            return;
+        }
+        let fill: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 1).to_le_bytes()[0]).collect();
+        let before = std::fs::read_to_string(WQ_MASK).unwrap_or_default();
+        let rd = match RamDisk::create(1 << 20, &fill, &[0]) {
+            Ok(rd) => rd,
+            // SAFETY: geteuid has no memory effects.
+            Err(e) if unsafe { libc::geteuid() } != 0 => {
+                eprintln!("not root ({e:#}): nothing to check");
+                return;
+            }
+            Err(e) => panic!("{e:#}"),
+        };
+        let name = rd.path.file_name().unwrap().to_str().unwrap().to_string();
+        let size = format!("/sys/block/{name}/size");
+        assert_eq!(std::fs::read_to_string(&size).unwrap().trim(), "2048");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&rd.path)
+            .unwrap();
+        let mut buf = crate::run::AlignedBuf::new(4096, 0).unwrap();
+        f.read_at(buf.as_mut_slice(), 12288).unwrap();
+        assert_eq!(buf.as_mut_slice(), &fill[4096..8192]);
+        drop(f);
+        if rd.workers_placed() {
+            assert_eq!(std::fs::read_to_string(WQ_MASK).unwrap().trim(), "1");
+        }
+        drop(rd);
+        assert_eq!(std::fs::read_to_string(WQ_MASK).unwrap_or_default(), before);
+        // Detached by the kernel once its last descriptor closed.
+        let t = std::time::Instant::now();
+        while std::fs::read_to_string(&size).is_ok_and(|s| s.trim() != "0") {
+            assert!(t.elapsed().as_secs() < 5, "{name} is still bound");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 
     #[test]
     fn cpu_lists_become_kernel_masks() {

@@ -31,9 +31,14 @@ fn bench_ok(args: &str, path: Option<&str>) -> Output {
     out
 }
 
+/// The tests that run direct-* workloads, one at a time: each bench
+/// keeps the kernel's loop workers on its server CPUs while it runs.
+static MEMORY_DISK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn bench_quick_run_writes_json_and_svg() {
     support::build_server_next_to_bench();
+    let _one = MEMORY_DISK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("bench");
     let json = dir.path("r.json");
     let svg = dir.path("p.svg");
@@ -57,7 +62,8 @@ fn bench_quick_run_writes_json_and_svg() {
     );
     let v: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let rows = v["results"].as_array().unwrap();
-    // The direct-* workloads are skipped (and say so) where the temporary
+    // The direct-* workloads run on a memory disk (as root), or are
+    // skipped, saying so, where none can be made and the temporary
     // directory is tmpfs.
     let skipped = v["skipped"].as_object().unwrap();
     assert_eq!(rows.len() + skipped.len(), 6, "{v}");
@@ -188,4 +194,87 @@ fn render_from_draws_the_chart_of_a_saved_json() {
     // It needs --svg.
     let out = bench("--render-from results.json", None);
     assert!(!out.status.success());
+}
+
+const WQ_MASK: &str = "/sys/devices/virtual/workqueue/cpumask";
+
+/// The loop devices bound to a bench's memory disk.
+fn memory_disks() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            backing.contains("vub-bench-direct").then_some(name)
+        })
+        .collect()
+}
+
+/// A bench stopped by SIGTERM in the middle of a direct-* run puts the
+/// workers' CPU mask back, and its loop device goes with it.
+#[test]
+fn a_stopped_bench_leaves_no_memory_disk_and_the_workers_mask_as_it_was() {
+    let _one = MEMORY_DISK.lock().unwrap_or_else(|e| e.into_inner());
+    let Ok(before) = std::fs::read_to_string(WQ_MASK) else {
+        eprintln!("no {WQ_MASK} here: nothing to check");
+        return;
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 || !memory_disks().is_empty() {
+        eprintln!("one CPU, or another bench's memory disk: nothing to check");
+        return;
+    }
+    let dir = TempDir::new("bench-stop");
+    let args = format!(
+        "--only direct-4k-randread --targets direct --seconds 30 --repeat 1 --quiet-wait 0 \
+         --size 16M --image {}",
+        dir.path("b.img").display()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vfio-user-blk-bench"))
+        .args(args.split_whitespace())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let t = std::time::Instant::now();
+    let mut disks = Vec::new();
+    while t.elapsed().as_secs() < 20 {
+        disks = memory_disks();
+        let changed = std::fs::read_to_string(WQ_MASK).is_ok_and(|m| m != before);
+        if !disks.is_empty() && changed {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if disks.is_empty() || std::fs::read_to_string(WQ_MASK).is_ok_and(|m| m == before) {
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!("no memory disk was made (not root?): nothing to check");
+        return;
+    }
+    let child_pid = i32::try_from(child.id()).unwrap();
+    let mut child = Reap(child);
+    // SAFETY: a signal to our own child, not yet reaped.
+    unsafe { libc::kill(child_pid, libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(std::fs::read_to_string(WQ_MASK).unwrap(), before);
+    let t = std::time::Instant::now();
+    while !memory_disks().is_empty() {
+        assert!(
+            t.elapsed().as_secs() < 5,
+            "still bound: {:?}",
+            memory_disks()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
