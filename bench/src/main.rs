@@ -1188,13 +1188,11 @@ fn real_main(args: &Args) -> Result<()> {
         .sum();
     let mut done = 0;
     let mut results: Results = BTreeMap::new();
-    // The machine's pace when quiet: the best of a few calibrations.
+    // The machine's pace when quiet: a few measurements to start with,
+    // and every one taken before and after a run.
     let quiet_limit = Duration::from_secs_f64(args.quiet_wait);
     let mut quiet = if quiet_limit.is_zero() {
-        place::Pace {
-            copy: Duration::MAX,
-            trip: Duration::MAX,
-        }
+        place::Pace::default()
     } else {
         place::quiet_pace()
     };
@@ -1361,17 +1359,17 @@ fn real_main(args: &Args) -> Result<()> {
         } + &format!(
             "; the guest watches its rings {} µs before it sleeps on an interrupt; \
              a run starts once the CPUs copy memory within 25 % of their quiet pace \
-             ({:.1} ms) and a cache line crosses from the guest's CPU to the server's and \
+             ({:.1} ms; quiet: the first quartile of every measurement) and a cache line crosses from the guest's CPU to the server's and \
              back within 25 % of its quiet round trip ({:.0} ns){}: {noisy_waits} \
              run(s) waited for that, {:.1} s in all; a run is run again, twice at most, when the \
              hypervisor took more than 5 % of a CPU from it (steal time): {stolen_redo} \
-             run(s) were, or when the machine was not quiet right after it (the quiet pace \
-             is the best seen so far): {noisy_redo} run(s) were; \
+             run(s) were, or when the machine was not quiet right after it: {noisy_redo} \
+             run(s) were; \
              the page-cached images are {}; each of the {} rounds runs every workload \
              on every target once",
             args.guest_poll_us,
-            quiet.copy.as_secs_f64() * 1e3,
-            quiet.trip.as_secs_f64() * 1e9,
+            quiet.copy().as_secs_f64() * 1e3,
+            quiet.trip().as_secs_f64() * 1e9,
             disk_quiet.map_or(String::new(), |d| format!(
                 ", and a direct-* run once 32 random O_DIRECT reads of the disk take at most \
                  twice their quiet time ({:.1} ms)",
