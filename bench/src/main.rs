@@ -1307,7 +1307,7 @@ fn real_main(args: &Args) -> Result<()> {
                     // Likewise a run at whose end the machine was not
                     // quiet: the vCPUs moved apart (or a neighbour came)
                     // during it, for seconds as a rule.
-                    if !quiet_limit.is_zero() && !quiet.quiet_now(1.25) && tries < 2 {
+                    if tries < 2 && !quiet_limit.is_zero() && !quiet.quiet_now(1.25) {
                         tries += 1;
                         noisy_redo += 1;
                         continue;
@@ -1337,6 +1337,26 @@ fn real_main(args: &Args) -> Result<()> {
         );
     }
     eprintln!("\r\x1b[2Kdone: {total} runs");
+    let quiet_text = if quiet_limit.is_zero() {
+        "no run waits for a quiet machine (--quiet-wait 0)".to_string()
+    } else {
+        format!(
+            "a run starts once the CPUs copy memory within 25 % of their quiet pace \
+             ({:.1} ms; quiet: the first quartile of every measurement) and a cache line \
+             crosses from the guest's CPU to the server's and back within 25 % of its quiet \
+             round trip ({:.0} ns){}: {noisy_waits} run(s) waited for that, {:.1} s in all, \
+             and is run again (twice at most) when the machine was not quiet right after it: \
+             {noisy_redo} run(s) were",
+            quiet.copy().as_secs_f64() * 1e3,
+            quiet.trip().as_secs_f64() * 1e9,
+            disk_quiet.map_or(String::new(), |d| format!(
+                ", and a direct-* run once 32 random O_DIRECT reads of the disk take at most \
+                 twice their quiet time ({:.1} ms)",
+                d.as_secs_f64() * 1e3
+            )),
+            noisy_wait.as_secs_f64(),
+        )
+    };
     let meta = Meta {
         machine: machine(),
         repeat: args.repeat,
@@ -1358,24 +1378,11 @@ fn real_main(args: &Args) -> Result<()> {
             None => "nothing pinned (--no-pin)".into(),
         } + &format!(
             "; the guest watches its rings {} µs before it sleeps on an interrupt; \
-             a run starts once the CPUs copy memory within 25 % of their quiet pace \
-             ({:.1} ms; quiet: the first quartile of every measurement) and a cache line crosses from the guest's CPU to the server's and \
-             back within 25 % of its quiet round trip ({:.0} ns){}: {noisy_waits} \
-             run(s) waited for that, {:.1} s in all; a run is run again, twice at most, when the \
-             hypervisor took more than 5 % of a CPU from it (steal time): {stolen_redo} \
-             run(s) were, or when the machine was not quiet right after it: {noisy_redo} \
-             run(s) were; \
+             {quiet_text}; a run is run again, twice at most, when the hypervisor took more \
+             than 5 % of a CPU from it (steal time): {stolen_redo} run(s) were; \
              the page-cached images are {}; each of the {} rounds runs every workload \
              on every target once",
             args.guest_poll_us,
-            quiet.copy().as_secs_f64() * 1e3,
-            quiet.trip().as_secs_f64() * 1e9,
-            disk_quiet.map_or(String::new(), |d| format!(
-                ", and a direct-* run once 32 random O_DIRECT reads of the disk take at most \
-                 twice their quiet time ({:.1} ms)",
-                d.as_secs_f64() * 1e3
-            )),
-            noisy_wait.as_secs_f64(),
             if locked {
                 "locked in memory (mlock) for the whole run"
             } else {

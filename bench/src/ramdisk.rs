@@ -25,7 +25,9 @@ use anyhow::{bail, Context, Result};
 
 // From linux/loop.h.
 const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 
@@ -47,7 +49,25 @@ struct LoopInfo64 {
     init: [u64; 2],
 }
 
+/// `struct loop_config` (Linux 5.8): the backing file and the status in
+/// one call, so that no loop device is ever bound without AUTOCLEAR.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+const _: () = assert!(std::mem::size_of::<LoopInfo64>() == 232);
+const _: () = assert!(std::mem::size_of::<LoopConfig>() == 304);
+
 const WQ_MASK: &str = "/sys/devices/virtual/workqueue/cpumask";
+/// The mask a bench found, kept while it has changed it: a bench killed
+/// outright (SIGKILL, the OOM killer) leaves it for the next one, which
+/// puts it back.
+const WQ_SAVED: &str = "/run/vfio-user-blk-bench.wqmask";
+const WQ_SAVED_C: &std::ffi::CStr = c"/run/vfio-user-blk-bench.wqmask";
 
 /// A loop device over a memory file, detached by the kernel once the last
 /// descriptor of it is closed (ours is held until drop, or until the
@@ -75,7 +95,9 @@ extern "C" fn restore_and_die(sig: libc::c_int) {
         // written again.
         unsafe {
             let p = std::ptr::addr_of!(RESTORE_MASK).cast::<libc::c_void>();
-            libc::write(fd, p, len);
+            if libc::write(fd, p, len) >= 0 {
+                libc::unlink(WQ_SAVED_C.as_ptr());
+            }
         }
     }
     // SAFETY: the default action, then the signal again: the process ends
@@ -91,46 +113,26 @@ fn hex_mask(cpus: &[usize]) -> Option<String> {
     for &c in cpus {
         bits |= 1u64.checked_shl(u32::try_from(c).ok()?)?;
     }
-    (bits != 0).then(|| format!("{bits:x}"))
+    // The kernel reads a mask in 32-bit groups, separated by commas.
+    let text = if bits >> 32 == 0 {
+        format!("{bits:x}")
+    } else {
+        format!("{:x},{:08x}", bits >> 32, bits & 0xffff_ffff)
+    };
+    (bits != 0).then_some(text)
 }
 
 impl RamDisk {
     /// A `size`-byte loop device over a memory file that holds `fill`
     /// repeated; the kernel's loop workers kept on `server_cpus`.
     pub fn create(size: u64, fill: &[u8], server_cpus: &[usize]) -> Result<RamDisk> {
-        let backing = memory_file(size, fill)?;
         let ctl = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/loop-control")
             .context("opening /dev/loop-control")?;
+        let backing = memory_file(size, fill)?;
         let (dev, path) = attach(&ctl, &backing)?;
-        let mut info: LoopInfo64 = LoopInfo64 {
-            device: 0,
-            inode: 0,
-            rdevice: 0,
-            offset: 0,
-            sizelimit: 0,
-            number: 0,
-            encrypt_type: 0,
-            encrypt_key_size: 0,
-            flags: LO_FLAGS_AUTOCLEAR,
-            file_name: [0; 64],
-            crypt_name: [0; 64],
-            encrypt_key: [0; 32],
-            init: [0; 2],
-        };
-        let name = b"vfio-user-blk-bench direct-*";
-        info.file_name[..name.len()].copy_from_slice(name);
-        // SAFETY: LOOP_SET_STATUS64 reads one loop_info64 from the pointer,
-        // which is valid for the call.
-        if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_STATUS64, &info) } != 0 {
-            bail!(
-                "setting {} to detach itself: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
         let wq_mask = place_workers(server_cpus);
         Ok(RamDisk {
             path,
@@ -148,7 +150,9 @@ impl RamDisk {
 impl Drop for RamDisk {
     fn drop(&mut self) {
         if let Some(old) = &self.wq_mask {
-            let _ = std::fs::write(WQ_MASK, old);
+            if std::fs::write(WQ_MASK, old).is_ok() {
+                let _ = std::fs::remove_file(WQ_SAVED);
+            }
             let fd = RESTORE_FD.swap(-1, Ordering::AcqRel);
             if fd >= 0 {
                 // SAFETY: the descriptor place_workers left open for the
@@ -159,7 +163,7 @@ impl Drop for RamDisk {
     }
 }
 
-/// A sealed-size memory file of `size` bytes holding `fill` repeated.
+/// A memory file of `size` bytes holding `fill` repeated.
 fn memory_file(size: u64, fill: &[u8]) -> Result<File> {
     // SAFETY: memfd_create with a NUL-terminated name; the descriptor it
     // returns is owned by the File below.
@@ -178,6 +182,67 @@ fn memory_file(size: u64, fill: &[u8]) -> Result<File> {
     Ok(f)
 }
 
+fn loop_info() -> LoopInfo64 {
+    let mut info = LoopInfo64 {
+        device: 0,
+        inode: 0,
+        rdevice: 0,
+        offset: 0,
+        sizelimit: 0,
+        number: 0,
+        encrypt_type: 0,
+        encrypt_key_size: 0,
+        flags: LO_FLAGS_AUTOCLEAR,
+        file_name: [0; 64],
+        crypt_name: [0; 64],
+        encrypt_key: [0; 32],
+        init: [0; 2],
+    };
+    let name = b"vfio-user-blk-bench direct-*";
+    info.file_name[..name.len()].copy_from_slice(name);
+    info
+}
+
+/// Binds `backing` to loop device `dev`, which detaches itself once its
+/// last descriptor is closed: Ok(false) if another process took it first.
+fn bind(dev: &File, backing: &File) -> std::io::Result<bool> {
+    let cfg = LoopConfig {
+        fd: u32::try_from(backing.as_raw_fd()).map_err(|_| std::io::ErrorKind::InvalidInput)?,
+        block_size: 0,
+        info: loop_info(),
+        reserved: [0; 8],
+    };
+    // SAFETY: LOOP_CONFIGURE reads one loop_config, valid for the call.
+    if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EBUSY) => return Ok(false),
+        // Before Linux 5.8: the file, then the status.
+        Some(libc::EINVAL | libc::ENOTTY) => {}
+        _ => return Err(e),
+    }
+    // SAFETY: LOOP_SET_FD takes a descriptor number, which is open.
+    if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD, backing.as_raw_fd()) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EBUSY) {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    let info = loop_info();
+    // SAFETY: LOOP_SET_STATUS64 reads one loop_info64, valid for the call.
+    if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_STATUS64, &info) } != 0 {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: unbinds what LOOP_SET_FD bound above; no argument.
+        unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD, 0) };
+        return Err(e);
+    }
+    Ok(true)
+}
+
 /// Binds `backing` to a free loop device (another process may take the
 /// one the kernel named first: tried again).
 fn attach(ctl: &File, backing: &File) -> Result<(File, PathBuf)> {
@@ -193,33 +258,49 @@ fn attach(ctl: &File, backing: &File) -> Result<(File, PathBuf)> {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: LOOP_SET_FD takes a descriptor number, which is open.
-        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD, backing.as_raw_fd()) };
-        if r == 0 {
+        if bind(&dev, backing).with_context(|| format!("binding {}", path.display()))? {
             return Ok((dev, path));
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EBUSY) {
-            bail!("binding {}: {e}", path.display());
         }
     }
     bail!("every free loop device was taken before it could be bound")
 }
 
+fn mask_text(s: &str) -> Option<String> {
+    let t = s.trim();
+    let ok = !t.is_empty() && t.len() < 64 && t.chars().all(|c| c.is_ascii_hexdigit() || c == ',');
+    ok.then(|| t.to_string())
+}
+
 /// Keeps the unbound workqueues' workers on `cpus`: the old mask, if it
-/// was changed (None when the file cannot be written, e.g. not root).
+/// was changed (None when the file cannot be written, e.g. not root, or
+/// another bench has changed it).
 fn place_workers(cpus: &[usize]) -> Option<String> {
     let want = hex_mask(cpus)?;
-    let old = std::fs::read_to_string(WQ_MASK).ok()?.trim().to_string();
-    if old.is_empty() || old.len() > 63 {
-        return None;
-    }
     let f = std::fs::OpenOptions::new().write(true).open(WQ_MASK).ok()?;
     // One bench at a time changes the mask (two would each save the
     // other's and leave it changed): the second leaves its workers free.
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return None;
+    }
+    // Read under the lock. What a bench killed outright left saved is the
+    // mask from before it.
+    let current = mask_text(&std::fs::read_to_string(WQ_MASK).ok()?)?;
+    let old = std::fs::read_to_string(WQ_SAVED)
+        .ok()
+        .and_then(|s| mask_text(&s))
+        .unwrap_or(current);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let saved = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(WQ_SAVED);
+        if let Ok(mut saved) = saved {
+            let _ = saved.write_all(old.as_bytes());
+        }
     }
     // SAFETY: the buffer is written here only, before the handler can read
     // it (RESTORE_FD is published after), and by one thread.
@@ -232,6 +313,17 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
     // Held (with its lock) until the disk is dropped or the process ends.
     std::mem::forget(f);
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // A signal the bench was started to ignore (nohup, a background
+        // job) stays ignored.
+        // SAFETY: sigaction only reads the current disposition into `cur`.
+        let ignored = unsafe {
+            let mut cur: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut cur) == 0
+                && cur.sa_sigaction == libc::SIG_IGN
+        };
+        if ignored {
+            continue;
+        }
         // SAFETY: installs a handler that only makes async-signal-safe calls.
         unsafe {
             libc::signal(
@@ -242,6 +334,7 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
     }
     if std::fs::write(WQ_MASK, &want).is_err() {
         let fd = RESTORE_FD.swap(-1, Ordering::AcqRel);
+        let _ = std::fs::remove_file(WQ_SAVED);
         // SAFETY: the descriptor forgotten above, closed once.
         unsafe { libc::close(fd) };
         return None;
@@ -253,6 +346,43 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// The tests that change the workers' mask, one at a time.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// A bench killed outright left the mask changed and the old one
+    /// saved: the next memory disk puts the saved one back when it goes.
+    #[test]
+    fn a_mask_left_by_a_killed_bench_is_put_back() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: geteuid has no memory effects.
+        let root = unsafe { libc::geteuid() } == 0;
+        let Ok(before) = std::fs::read_to_string(WQ_MASK) else {
+            return;
+        };
+        let before = before.trim().to_string();
+        if !root || !std::path::Path::new("/dev/loop-control").exists() || before == "1" {
+            eprintln!("not root, no loop devices or one CPU: nothing to check");
+            return;
+        }
+        std::fs::write(WQ_SAVED, &before).unwrap();
+        if std::fs::write(WQ_MASK, "1").is_err() {
+            let _ = std::fs::remove_file(WQ_SAVED);
+            eprintln!("the mask cannot be written here: nothing to check");
+            return;
+        }
+        let rd = RamDisk::create(1 << 20, &[7u8; 4096], &[0]);
+        let kept = rd.as_ref().ok().and_then(|rd| rd.wq_mask.clone());
+        drop(rd);
+        let after = std::fs::read_to_string(WQ_MASK).unwrap();
+        if after.trim() != before {
+            // Whatever failed, the machine gets its mask back.
+            let _ = std::fs::write(WQ_MASK, &before);
+        }
+        assert_eq!(kept.as_deref(), Some(before.as_str()));
+        assert_eq!(after.trim(), before);
+        assert!(!std::path::Path::new(WQ_SAVED).exists());
+    }
+
     /// Where a loop device can be made (root, /dev/loop-control): the
     /// disk reads back what it was filled with through O_DIRECT, the
     /// workers' mask is the server CPUs' while it exists and the old one
@@ -260,6 +390,7 @@ mod tests {
     #[test]
     fn the_memory_disk_serves_its_pattern_and_leaves_nothing_behind() {
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         if !std::path::Path::new("/dev/loop-control").exists() {
             eprintln!("no /dev/loop-control here: nothing to check");
             return;
@@ -307,5 +438,6 @@ mod tests {
         assert_eq!(hex_mask(&[4, 9]).as_deref(), Some("210"));
         assert_eq!(hex_mask(&[]), None);
         assert_eq!(hex_mask(&[64]), None);
+        assert_eq!(hex_mask(&[1, 33]).as_deref(), Some("2,00000002"));
     }
 }

@@ -196,12 +196,13 @@ pub fn start_ours(
     })
 }
 
-/// One disk of qemu-storage-daemon.
+/// Whether `p` is a block device.
 fn is_block_device(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
 }
 
+/// One disk of qemu-storage-daemon.
 pub enum QsdDisk {
     File {
         path: PathBuf,
