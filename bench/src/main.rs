@@ -372,6 +372,20 @@ fn image_pattern() -> Vec<u8> {
         .collect()
 }
 
+/// Writes `size` bytes of `fill` repeated to `w`.
+fn write_repeated(w: &mut impl Write, size: u64, fill: &[u8]) -> Result<()> {
+    if fill.is_empty() && size > 0 {
+        bail!("nothing to fill {size} bytes with");
+    }
+    let mut left = size;
+    while left > 0 {
+        let n = usize::try_from(left.min(fill.len() as u64))?;
+        w.write_all(&fill[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
 /// Writes the image (not sparse, not zeros) unless it has the right size.
 /// `warm` reads it into the page cache; otherwise its pages are dropped
 /// from the cache (for O_DIRECT users, which should find the disk).
@@ -389,13 +403,7 @@ fn prepare_image(path: &Path, size: u64, warm: bool) -> Result<()> {
             path.display()
         );
         let mut f = std::fs::File::create(path)?;
-        let chunk = image_pattern();
-        let mut left = size;
-        while left > 0 {
-            let n = usize::try_from(left.min(1 << 20)).context("chunk")?;
-            f.write_all(&chunk[..n])?;
-            left -= n as u64;
-        }
+        write_repeated(&mut f, size, &image_pattern())?;
         f.sync_all()?;
     }
     let mut f = std::fs::File::open(path)?;
@@ -1116,7 +1124,7 @@ fn real_main(args: &Args) -> Result<()> {
     if let Some(d) = args.image.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d)?;
     }
-    let images = Images {
+    let mut images = Images {
         cached: args.image.clone(),
         direct: sibling(&args.image, "-direct"),
         multi: (0..MULTI)
@@ -1125,7 +1133,6 @@ fn real_main(args: &Args) -> Result<()> {
         size: args.size,
         multi_size: ((args.size / MULTI as u64) & !((1 << 20) - 1)).max(1 << 20),
     };
-    let mut images = images;
     let (disk_note, ramdisk) = if list.iter().any(|w| w.disk == Disk::Direct) {
         match direct_medium(args, &mut images) {
             Ok(found) => found,

@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
@@ -165,20 +165,8 @@ impl Drop for RamDisk {
 
 /// A memory file of `size` bytes holding `fill` repeated.
 fn memory_file(size: u64, fill: &[u8]) -> Result<File> {
-    // SAFETY: memfd_create with a NUL-terminated name; the descriptor it
-    // returns is owned by the File below.
-    let fd = unsafe { libc::memfd_create(c"vub-bench-direct".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        bail!("memfd_create: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    let mut f = unsafe { File::from_raw_fd(fd) };
-    let mut left = size;
-    while left > 0 {
-        let n = usize::try_from(left.min(fill.len() as u64))?;
-        f.write_all(&fill[..n]).context("filling the memory disk")?;
-        left -= n as u64;
-    }
+    let mut f = vfio_user_blk::util::memfd("vub-bench-direct").context("memfd_create")?;
+    crate::write_repeated(&mut f, size, fill).context("filling the memory disk")?;
     Ok(f)
 }
 
@@ -309,9 +297,8 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
         buf[..old.len()].copy_from_slice(old.as_bytes());
     }
     RESTORE_LEN.store(old.len(), Ordering::Release);
-    RESTORE_FD.store(f.as_raw_fd(), Ordering::Release);
     // Held (with its lock) until the disk is dropped or the process ends.
-    std::mem::forget(f);
+    RESTORE_FD.store(f.into_raw_fd(), Ordering::Release);
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // A signal the bench was started to ignore (nohup, a background
         // job) stays ignored.
@@ -335,7 +322,7 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
     if std::fs::write(WQ_MASK, &want).is_err() {
         let fd = RESTORE_FD.swap(-1, Ordering::AcqRel);
         let _ = std::fs::remove_file(WQ_SAVED);
-        // SAFETY: the descriptor forgotten above, closed once.
+        // SAFETY: the descriptor let go of above, closed once.
         unsafe { libc::close(fd) };
         return None;
     }
