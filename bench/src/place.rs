@@ -325,7 +325,12 @@ impl Pace {
     /// the quiet pace and a cache line crosses between the driver and
     /// the server CPUs within `slack` of its quiet round trip.
     pub fn quiet_now(&mut self, slack: f64) -> bool {
-        let (copy, trip) = (calibrate(), round_trip());
+        self.record(calibrate(), round_trip(), slack)
+    }
+
+    /// Adds one measurement: whether it is within `slack` of the quiet
+    /// pace (with it).
+    fn record(&mut self, copy: std::time::Duration, trip: std::time::Duration, slack: f64) -> bool {
         self.copies.push(copy);
         self.trips.push(trip);
         let ok = |d: std::time::Duration, q: std::time::Duration| {
@@ -380,6 +385,32 @@ pub fn stolen() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quiet_pace_is_the_usual_fast_one_whatever_came_first() {
+        let us = std::time::Duration::from_micros;
+        let ns = std::time::Duration::from_nanos;
+        let mut p = Pace::default();
+        // A start taken in a slow spell (529 ns) does not stay the
+        // reference: the usual pace that follows becomes it.
+        for _ in 0..8 {
+            p.record(us(2300), ns(529), 1.0);
+        }
+        for _ in 0..30 {
+            p.record(us(2300), ns(180), 1.25);
+        }
+        assert_eq!(p.trip(), ns(180));
+        assert!(!p.record(us(2300), ns(450), 1.25), "a slow spell passed");
+        // A rare fast moment does not become the reference either.
+        p.record(us(2300), ns(110), 1.25);
+        assert_eq!(p.trip(), ns(180));
+        assert!(
+            p.record(us(2300), ns(190), 1.25),
+            "the usual pace was refused"
+        );
+        // Nothing measured: no reference to hold a run to.
+        assert_eq!(Pace::default().trip(), std::time::Duration::MAX);
+    }
 
     #[test]
     fn cpu_lists_parse_and_print_alike() {

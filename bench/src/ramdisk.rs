@@ -370,6 +370,35 @@ mod tests {
         assert!(!std::path::Path::new(WQ_SAVED).exists());
     }
 
+    /// While another bench has the mask (its lock on the mask file), a
+    /// memory disk leaves the mask alone.
+    #[test]
+    fn a_second_bench_leaves_the_mask_to_the_first() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: geteuid has no memory effects.
+        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/loop-control").exists() {
+            eprintln!("not root or no loop devices: nothing to check");
+            return;
+        }
+        let before = std::fs::read_to_string(WQ_MASK).unwrap();
+        let first = std::fs::OpenOptions::new()
+            .write(true)
+            .open(WQ_MASK)
+            .unwrap();
+        // SAFETY: flock on a descriptor we own.
+        let locked = unsafe { libc::flock(first.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(locked, 0);
+        let rd = RamDisk::create(1 << 20, &[7u8; 4096], &[0]).unwrap();
+        let during = std::fs::read_to_string(WQ_MASK).unwrap();
+        let placed = rd.workers_placed();
+        drop(rd);
+        if during != before {
+            let _ = std::fs::write(WQ_MASK, &before);
+        }
+        assert!(!placed);
+        assert_eq!(during, before);
+    }
+
     /// Where a loop device can be made (root, /dev/loop-control): the
     /// disk reads back what it was filled with through O_DIRECT, the
     /// workers' mask is the server CPUs' while it exists and the old one

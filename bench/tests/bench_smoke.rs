@@ -212,62 +212,75 @@ fn memory_disks() -> Vec<String> {
         .collect()
 }
 
-/// A bench stopped by SIGTERM in the middle of a direct-* run puts the
-/// workers' CPU mask back, and its loop device goes with it.
-#[test]
-fn a_stopped_bench_leaves_no_memory_disk_and_the_workers_mask_as_it_was() {
-    let _one = MEMORY_DISK.lock().unwrap_or_else(|e| e.into_inner());
-    let Ok(before) = std::fs::read_to_string(WQ_MASK) else {
-        eprintln!("no {WQ_MASK} here: nothing to check");
-        return;
-    };
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    if cpus < 2 || !memory_disks().is_empty() {
-        eprintln!("one CPU, or another bench's memory disk: nothing to check");
-        return;
+/// A bench process, killed and reaped when dropped.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
-    let dir = TempDir::new("bench-stop");
+}
+
+impl Reap {
+    fn signal(&self, sig: libc::c_int) {
+        let pid = i32::try_from(self.0.id()).unwrap();
+        // SAFETY: a signal to our own child, not yet reaped.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Starts a bench on a direct-* workload (run long) that ignores
+/// `ignored` signals, and waits until its memory disk exists and the
+/// workers' mask has changed: the bench and the mask from before. None
+/// where that cannot happen here (not root, one CPU, another bench).
+fn bench_with_memory_disk(dir: &TempDir, ignored: &[libc::c_int]) -> Option<(Reap, String)> {
+    // SAFETY: geteuid has no memory effects.
+    let root = unsafe { libc::geteuid() } == 0;
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let before = std::fs::read_to_string(WQ_MASK).ok();
+    let Some(before) = before.filter(|_| root && cpus >= 2 && memory_disks().is_empty()) else {
+        eprintln!("not root, one CPU or another bench's memory disk: nothing to check");
+        return None;
+    };
     let args = format!(
         "--only direct-4k-randread --targets direct --seconds 30 --repeat 1 --quiet-wait 0 \
          --size 16M --image {}",
         dir.path("b.img").display()
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vfio-user-blk-bench"))
-        .args(args.split_whitespace())
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vfio-user-blk-bench"));
+    cmd.args(args.split_whitespace())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+        .stderr(std::process::Stdio::null());
+    let ignored = ignored.to_vec();
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec only signal(2), which is
+        // async-signal-safe; the ignored dispositions survive the exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &sig in &ignored {
+                    libc::signal(sig, libc::SIG_IGN);
+                }
+                Ok(())
+            })
+        };
     }
+    let child = Reap(cmd.spawn().unwrap());
     let t = std::time::Instant::now();
-    let mut disks = Vec::new();
     while t.elapsed().as_secs() < 20 {
-        disks = memory_disks();
         let changed = std::fs::read_to_string(WQ_MASK).is_ok_and(|m| m != before);
-        if !disks.is_empty() && changed {
-            break;
+        if !memory_disks().is_empty() && changed {
+            return Some((child, before));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    if disks.is_empty() || std::fs::read_to_string(WQ_MASK).is_ok_and(|m| m == before) {
-        let _ = child.kill();
-        let _ = child.wait();
-        eprintln!("no memory disk was made (not root?): nothing to check");
-        return;
-    }
-    let child_pid = i32::try_from(child.id()).unwrap();
-    let mut child = Reap(child);
-    // SAFETY: a signal to our own child, not yet reaped.
-    unsafe { libc::kill(child_pid, libc::SIGTERM) };
-    let status = child.0.wait().unwrap();
-    assert!(!status.success(), "{status:?}");
-    assert_eq!(std::fs::read_to_string(WQ_MASK).unwrap(), before);
+    eprintln!("no memory disk was made, or the mask is not writable here: nothing to check");
+    None
+}
+
+/// Waits (5 s at most) until no loop device of a bench is bound.
+fn no_memory_disk_left() {
     let t = std::time::Instant::now();
     while !memory_disks().is_empty() {
         assert!(
@@ -277,4 +290,41 @@ fn a_stopped_bench_leaves_no_memory_disk_and_the_workers_mask_as_it_was() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// A bench stopped by SIGTERM once its memory disk exists puts the
+/// workers' CPU mask back, and its loop device goes with it.
+#[test]
+fn a_stopped_bench_leaves_no_memory_disk_and_the_workers_mask_as_it_was() {
+    let _one = MEMORY_DISK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("bench-stop");
+    let Some((mut child, before)) = bench_with_memory_disk(&dir, &[]) else {
+        return;
+    };
+    child.signal(libc::SIGTERM);
+    let status = child.0.wait().unwrap();
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(std::fs::read_to_string(WQ_MASK).unwrap(), before);
+    no_memory_disk_left();
+}
+
+/// A bench started to ignore SIGHUP (nohup) goes on through one: the
+/// handler that puts the mask back is not installed for it.
+#[test]
+fn a_bench_started_under_nohup_survives_a_hangup() {
+    let _one = MEMORY_DISK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("bench-nohup");
+    let Some((mut child, before)) = bench_with_memory_disk(&dir, &[libc::SIGHUP]) else {
+        return;
+    };
+    child.signal(libc::SIGHUP);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the bench ended on a SIGHUP it was started to ignore"
+    );
+    child.signal(libc::SIGTERM);
+    child.0.wait().unwrap();
+    assert_eq!(std::fs::read_to_string(WQ_MASK).unwrap(), before);
+    no_memory_disk_left();
 }
