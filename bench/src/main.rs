@@ -153,6 +153,11 @@ struct Args {
     /// the slowest request and the rate before and after.
     #[arg(long, conflicts_with = "notify_study")]
     upgrade_study: bool,
+    /// Only measure the round trip of a cache line between the guest's
+    /// and the server's CPUs N times, every 0.5 s, and print each and a
+    /// summary: how often, and for how long, the two vCPUs are apart.
+    #[arg(long, value_name = "N", conflicts_with_all = ["notify_study", "upgrade_study"])]
+    trip_probe: Option<usize>,
     /// Only report scripts/guest-bench.sh's runs in this folder (with
     /// --json and --svg).
     #[arg(long, value_name = "DIR")]
@@ -1054,6 +1059,10 @@ fn real_main(args: &Args) -> Result<()> {
         if let Some(p) = &args.json {
             std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
         }
+        return Ok(());
+    }
+    if let Some(n) = args.trip_probe {
+        print!("{}", place::trip_probe(n, Duration::from_millis(500)));
         return Ok(());
     }
     if args.upgrade_study {

@@ -289,9 +289,9 @@ pub fn round_trip() -> std::time::Duration {
 /// The machine's pace: [`calibrate`] and [`round_trip`], as measured so
 /// far; its quiet pace is the first quartile of each.
 ///
-/// This VM's vCPUs are moved apart for seconds at a time (a round trip of
-/// 440-600 ns instead of 180, a quarter of the time here) and now and then
-/// closer (110-140 ns, rarely). Seven measurements at the start, all taken
+/// This VM's vCPUs are moved apart for seconds at a time (a round trip
+/// mostly of 380-730 ns instead of 180, a quarter of the time here, see
+/// `--trip-probe`) and now and then closer (113 ns at least). Seven measurements at the start, all taken
 /// in a slow spell, once made 529 ns the quiet round trip of a whole run;
 /// the best one seen, a rare fast one, made every run wait. The first
 /// quartile of every measurement is the usual fast pace either way.
@@ -349,6 +349,63 @@ pub fn quiet_pace() -> Pace {
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
     p
+}
+
+/// [`round_trip`] `n` times, `every` apart: each, then a summary of the
+/// spells in which it was more than 1.5 times its first quartile.
+pub fn trip_probe(n: usize, every: std::time::Duration) -> String {
+    let t0 = std::time::Instant::now();
+    let mut out = String::new();
+    let mut trips = Vec::with_capacity(n);
+    for _ in 0..n {
+        let d = round_trip();
+        trips.push(d);
+        out += &format!(
+            "{:7.1} s {:6.0} ns\n",
+            t0.elapsed().as_secs_f64(),
+            d.as_secs_f64() * 1e9
+        );
+        std::thread::sleep(every);
+    }
+    out + &trip_summary(&trips, every)
+}
+
+/// The quartiles of `trips`, and the spells (runs of samples taken
+/// `every` apart) more than 1.5 times the first quartile.
+fn trip_summary(trips: &[std::time::Duration], every: std::time::Duration) -> String {
+    let mut s = trips.to_vec();
+    s.sort_unstable();
+    let Some(&q1) = s.get(s.len() / 4) else {
+        return "no measurement\n".into();
+    };
+    let ns = |d: std::time::Duration| d.as_secs_f64() * 1e9;
+    let slow: Vec<bool> = trips.iter().map(|&d| ns(d) > ns(q1) * 1.5).collect();
+    let mut spells: Vec<usize> = Vec::new();
+    let mut run = 0;
+    for &x in slow.iter().chain([&false]) {
+        if x {
+            run += 1;
+        } else if run > 0 {
+            spells.push(run);
+            run = 0;
+        }
+    }
+    format!(
+        "round trip: min {:.0}, first quartile {:.0}, median {:.0}, third quartile {:.0}, \
+         max {:.0} ns; more than 1.5x the first quartile in {} of {} samples, in {} spell(s) \
+         of {}-{} samples ({:.1} s apart)\n",
+        ns(s[0]),
+        ns(q1),
+        ns(s[s.len() / 2]),
+        ns(s[s.len() * 3 / 4]),
+        ns(s[s.len() - 1]),
+        slow.iter().filter(|&&x| x).count(),
+        trips.len(),
+        spells.len(),
+        spells.iter().min().unwrap_or(&0),
+        spells.iter().max().unwrap_or(&0),
+        every.as_secs_f64(),
+    )
 }
 
 /// Waits (at most `limit`) until [`Pace::quiet_now`]: the time waited.
@@ -410,6 +467,25 @@ mod tests {
         );
         // Nothing measured: no reference to hold a run to.
         assert_eq!(Pace::default().trip(), std::time::Duration::MAX);
+    }
+
+    #[test]
+    fn the_trip_summary_counts_slow_spells() {
+        let ns = std::time::Duration::from_nanos;
+        let v: Vec<_> = [180, 185, 500, 520, 180, 190, 600, 175]
+            .into_iter()
+            .map(ns)
+            .collect();
+        let s = trip_summary(&v, std::time::Duration::from_millis(500));
+        assert!(s.contains("first quartile 180,"), "{s}");
+        assert!(
+            s.contains("in 3 of 8 samples, in 2 spell(s) of 1-2 samples"),
+            "{s}"
+        );
+        assert_eq!(
+            trip_summary(&[], std::time::Duration::ZERO),
+            "no measurement\n"
+        );
     }
 
     #[test]

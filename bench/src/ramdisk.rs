@@ -9,8 +9,7 @@
 //! differs between them is their own path.
 //!
 //! The loop driver copies each request in a kernel worker that may run on
-//! any CPU; left free, it ran beside the synthetic guest as often as
-//! beside the server, and the cells' spreads were 40–56 %. The workers of
+//! any CPU; left free, ours' direct-* cells spread by 40–56 %. The workers of
 //! unbound workqueues are kept on the server CPUs while the disk exists
 //! (the kernel's `workqueue/cpumask`, put back when it is dropped, and by
 //! a stop signal), as the medium's work is the device side's.
