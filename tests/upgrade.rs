@@ -17,9 +17,7 @@ use support::driver::*;
 use support::*;
 
 /// One JSON-RPC call on a fresh connection.
-fn call(rpc: &Path, method: &str, params: Value) -> Result<Value, String> {
-    rpc_call(rpc, method, params)
-}
+use support::rpc_call as call;
 
 /// A target with a file disk (driven through the legacy interface, split
 /// rings) and a memory disk (modern interface, packed rings).

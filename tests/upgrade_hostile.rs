@@ -6,7 +6,7 @@ mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -14,9 +14,7 @@ use support::driver::*;
 use support::*;
 
 /// One JSON-RPC call on a fresh connection.
-fn call(rpc: &Path, method: &str, params: Value) -> Result<Value, String> {
-    rpc_call(rpc, method, params)
-}
+use support::rpc_call as call;
 
 fn round(d: &mut Driver, r: u64) {
     let data = pattern(r, 4096);

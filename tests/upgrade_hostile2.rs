@@ -6,7 +6,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -24,9 +24,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// One JSON-RPC call on a fresh connection.
-fn call(rpc: &Path, method: &str, params: Value) -> Result<Value, String> {
-    rpc_call(rpc, method, params)
-}
+use support::rpc_call as call;
 
 fn file_dev(dir: &TempDir, name: &str) -> (String, PathBuf) {
     let img = dir.path(&format!("{name}.img"));
