@@ -568,7 +568,10 @@ fn direct_medium(
                 let workers = if rd.workers_placed() {
                     format!("its kernel workers kept on CPU {}", place::list(&cpus))
                 } else {
-                    "its kernel workers on any CPU (the workqueue mask could not be set)".into()
+                    "its kernel workers wherever the machine's workqueue mask puts them \
+                     (not changed: no placement, or it cannot be written, or another bench \
+                     has it)"
+                        .into()
                 };
                 let note = format!(
                     "direct-* image {}: a loop device over a {} MiB memory file, {workers}, so \
@@ -621,6 +624,17 @@ fn sibling(image: &Path, suffix: &str) -> PathBuf {
     image.with_file_name(format!("{stem}{suffix}.img"))
 }
 
+/// A line of /proc/meminfo (`MemTotal`, `MemAvailable`), in KiB.
+fn meminfo_kib(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -633,16 +647,7 @@ fn machine() -> String {
     // Online CPUs, not this thread's (the benchmark pins itself).
     // SAFETY: sysconf has no memory effects.
     let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .next()
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
-        })
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| kb >> 20)
-        .unwrap_or(0);
+    let mem = meminfo_kib("MemTotal").map_or(0, |kb| kb >> 20);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpu}, {cores} cores, {mem} GiB, Linux {}", kernel.trim())
 }
@@ -1223,7 +1228,7 @@ fn real_main(args: &Args) -> Result<()> {
             .min()
     })
     .flatten();
-    let (mut stolen_redo, mut noisy_redo) = (0usize, 0usize);
+    let (mut stolen_redo, mut noisy_redo, mut noisy_kept) = (0usize, 0usize, 0usize);
     // Every page-cached image stays in memory for the whole run.
     let mut resident: Vec<&Path> = Vec::new();
     if list
@@ -1323,10 +1328,13 @@ fn real_main(args: &Args) -> Result<()> {
                     // Likewise a run at whose end the machine was not
                     // quiet: the vCPUs moved apart (or a neighbour came)
                     // during it, for seconds as a rule.
-                    if tries < 2 && !quiet_limit.is_zero() && !quiet.quiet_now(1.25) {
-                        tries += 1;
-                        noisy_redo += 1;
-                        continue;
+                    if !quiet_limit.is_zero() && !quiet.quiet_now(1.25) {
+                        if tries < 2 {
+                            tries += 1;
+                            noisy_redo += 1;
+                            continue;
+                        }
+                        noisy_kept += 1;
                     }
                     break r;
                 };
@@ -1362,7 +1370,8 @@ fn real_main(args: &Args) -> Result<()> {
              crosses from the guest's CPU to the server's and back within 25 % of its quiet \
              round trip ({:.0} ns){}: {noisy_waits} run(s) waited for that, {:.1} s in all, \
              and is run again (twice at most) when the machine was not quiet right after it: \
-             {noisy_redo} run(s) were",
+             {noisy_redo} run(s) were, and {noisy_kept} kept after two tries were not quiet \
+             either",
             quiet.copy().as_secs_f64() * 1e3,
             quiet.trip().as_secs_f64() * 1e9,
             disk_quiet.map_or(String::new(), |d| format!(

@@ -125,6 +125,17 @@ impl RamDisk {
     /// A `size`-byte loop device over a memory file that holds `fill`
     /// repeated; the kernel's loop workers kept on `server_cpus`.
     pub fn create(size: u64, fill: &[u8], server_cpus: &[usize]) -> Result<RamDisk> {
+        // Its pages count against nobody's limit: it leaves a quarter of
+        // the available memory to the rest (the page-cached images, the
+        // servers, the machine).
+        let available = crate::meminfo_kib("MemAvailable").map_or(0, |k| k << 10);
+        if size > available / 4 * 3 {
+            bail!(
+                "{} MiB would leave too little of the {} MiB of memory available",
+                size >> 20,
+                available >> 20
+            );
+        }
         let ctl = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -149,15 +160,11 @@ impl RamDisk {
 impl Drop for RamDisk {
     fn drop(&mut self) {
         if let Some(old) = &self.wq_mask {
+            // The record goes only once the mask is back.
             if std::fs::write(WQ_MASK, old).is_ok() {
                 let _ = std::fs::remove_file(WQ_SAVED);
             }
-            let fd = RESTORE_FD.swap(-1, Ordering::AcqRel);
-            if fd >= 0 {
-                // SAFETY: the descriptor place_workers left open for the
-                // signal handler (and its lock), closed once.
-                unsafe { libc::close(fd) };
-            }
+            release_restore_fd();
         }
     }
 }
@@ -252,10 +259,50 @@ fn attach(ctl: &File, backing: &File) -> Result<(File, PathBuf)> {
     bail!("every free loop device was taken before it could be bound")
 }
 
+/// A mask the kernel can take back: hex digits in comma-separated groups,
+/// with at least one CPU.
 fn mask_text(s: &str) -> Option<String> {
     let t = s.trim();
-    let ok = !t.is_empty() && t.len() < 64 && t.chars().all(|c| c.is_ascii_hexdigit() || c == ',');
+    let ok = t.len() < 64
+        && t.split(',')
+            .all(|g| !g.is_empty() && g.chars().all(|c| c.is_ascii_hexdigit()))
+        && t.chars().any(|c| c.is_ascii_hexdigit() && c != '0');
     ok.then(|| t.to_string())
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// The record a bench killed outright left: the mask from before it, if
+/// the record is root's own regular file (not a link, not a FIFO), from
+/// this boot, and the mask is still the one that bench set (nobody
+/// changed it since). A record that does not hold is removed.
+fn killed_benchs_mask(current: &str) -> Option<String> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(WQ_SAVED)
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    let mut text = String::new();
+    let read = meta.is_file()
+        && meta.uid() == 0
+        && meta.len() < 256
+        && std::io::Read::read_to_string(&mut &f, &mut text).is_ok();
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let old = match (read, fields.as_slice()) {
+        (true, [old, set, boot]) if *set == current && *boot == boot_id() => mask_text(old),
+        _ => None,
+    };
+    if old.is_none() {
+        let _ = std::fs::remove_file(WQ_SAVED);
+    }
+    old
 }
 
 /// Keeps the unbound workqueues' workers on `cpus`: the old mask, if it
@@ -270,13 +317,9 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return None;
     }
-    // Read under the lock. What a bench killed outright left saved is the
-    // mask from before it.
+    // Read under the lock.
     let current = mask_text(&std::fs::read_to_string(WQ_MASK).ok()?)?;
-    let old = std::fs::read_to_string(WQ_SAVED)
-        .ok()
-        .and_then(|s| mask_text(&s))
-        .unwrap_or(current);
+    let old = killed_benchs_mask(&current).unwrap_or(current);
     {
         use std::os::unix::fs::OpenOptionsExt;
         let saved = std::fs::OpenOptions::new()
@@ -284,13 +327,15 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(WQ_SAVED);
         if let Ok(mut saved) = saved {
-            let _ = saved.write_all(old.as_bytes());
+            let _ = writeln!(saved, "{old} {want} {}", boot_id());
         }
     }
-    // SAFETY: the buffer is written here only, before the handler can read
-    // it (RESTORE_FD is published after), and by one thread.
+    // SAFETY: the buffer is written while no handler is installed or
+    // RESTORE_FD is -1 (one memory disk at a time: a second one finds the
+    // lock taken and never gets here), by one thread.
     unsafe {
         let buf = &mut *std::ptr::addr_of_mut!(RESTORE_MASK);
         buf[..old.len()].copy_from_slice(old.as_bytes());
@@ -298,7 +343,7 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
     RESTORE_LEN.store(old.len(), Ordering::Release);
     // Held (with its lock) until the disk is dropped or the process ends.
     RESTORE_FD.store(f.into_raw_fd(), Ordering::Release);
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+    for sig in STOP_SIGNALS {
         // A signal the bench was started to ignore (nohup, a background
         // job) stays ignored.
         // SAFETY: sigaction only reads the current disposition into `cur`.
@@ -319,13 +364,37 @@ fn place_workers(cpus: &[usize]) -> Option<String> {
         };
     }
     if std::fs::write(WQ_MASK, &want).is_err() {
-        let fd = RESTORE_FD.swap(-1, Ordering::AcqRel);
-        let _ = std::fs::remove_file(WQ_SAVED);
-        // SAFETY: the descriptor let go of above, closed once.
-        unsafe { libc::close(fd) };
+        // The mask was not changed: the record (which says so) stays for
+        // what it may hold of an earlier bench.
+        release_restore_fd();
         return None;
     }
     Some(old)
+}
+
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// Closes the descriptor the stop handler writes through, with the stop
+/// signals blocked on this thread meanwhile (a handler running here
+/// cannot see it closed and its number reused).
+fn release_restore_fd() {
+    // SAFETY: sigset calls on a local set; pthread_sigmask on this thread
+    // with valid pointers; close of the descriptor place_workers let go
+    // of, taken out of RESTORE_FD first so that it is closed once.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in STOP_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        let fd = RESTORE_FD.swap(-1, Ordering::AcqRel);
+        if fd >= 0 {
+            libc::close(fd);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
 }
 
 #[cfg(test)]
@@ -350,7 +419,7 @@ mod tests {
             eprintln!("not root, no loop devices or one CPU: nothing to check");
             return;
         }
-        std::fs::write(WQ_SAVED, &before).unwrap();
+        std::fs::write(WQ_SAVED, format!("{before} 1 {}\n", boot_id())).unwrap();
         if std::fs::write(WQ_MASK, "1").is_err() {
             let _ = std::fs::remove_file(WQ_SAVED);
             eprintln!("the mask cannot be written here: nothing to check");
@@ -367,6 +436,71 @@ mod tests {
         assert_eq!(kept.as_deref(), Some(before.as_str()));
         assert_eq!(after.trim(), before);
         assert!(!std::path::Path::new(WQ_SAVED).exists());
+    }
+
+    /// A record that does not hold is not followed and goes: one from
+    /// another boot, one whose bench's mask was changed since, one that
+    /// is a link (to a file it must not touch), one the kernel could not
+    /// take back.
+    #[test]
+    fn a_record_that_does_not_hold_is_ignored() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: geteuid has no memory effects.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: /run is not ours to write");
+            return;
+        }
+        let victim = std::env::temp_dir().join(format!("vub-victim-{}", std::process::id()));
+        // Whatever fails, neither file stays.
+        struct Gone(PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+                let _ = std::fs::remove_file(WQ_SAVED);
+            }
+        }
+        let _gone = Gone(victim.clone());
+        let boot = boot_id();
+        for bad in [
+            "1 3 not-this-boot".to_string(),
+            format!("1 2 {boot}"),
+            format!("0 3 {boot}"),
+            format!(", 3 {boot}"),
+            "1".to_string(),
+        ] {
+            std::fs::write(WQ_SAVED, &bad).unwrap();
+            assert_eq!(killed_benchs_mask("3"), None, "{bad}");
+            assert!(!std::path::Path::new(WQ_SAVED).exists(), "{bad}");
+        }
+        std::fs::write(&victim, format!("1 3 {boot}")).unwrap();
+        std::os::unix::fs::symlink(&victim, WQ_SAVED).unwrap();
+        assert_eq!(killed_benchs_mask("3"), None);
+        let _ = std::fs::remove_file(WQ_SAVED);
+        assert_eq!(
+            std::fs::read_to_string(&victim).unwrap(),
+            format!("1 3 {boot}")
+        );
+        std::fs::remove_file(&victim).unwrap();
+        // One that holds.
+        std::fs::write(WQ_SAVED, format!("1 3 {boot}\n")).unwrap();
+        assert_eq!(killed_benchs_mask("3").as_deref(), Some("1"));
+        std::fs::remove_file(WQ_SAVED).unwrap();
+    }
+
+    #[test]
+    fn a_memory_disk_larger_than_memory_allows_is_refused_before_it_is_filled() {
+        let available = crate::meminfo_kib("MemAvailable").unwrap() << 10;
+        let e = RamDisk::create(available, &[1], &[]).err().unwrap();
+        assert!(format!("{e:#}").contains("memory available"), "{e:#}");
+    }
+
+    #[test]
+    fn masks_the_kernel_cannot_take_back_are_refused() {
+        assert_eq!(mask_text(" 3\n").as_deref(), Some("3"));
+        assert_eq!(mask_text("2,00000001").as_deref(), Some("2,00000001"));
+        for bad in ["", "0", "00,0", ",", "3,", "g", "1 2"] {
+            assert_eq!(mask_text(bad), None, "{bad:?}");
+        }
     }
 
     /// While another bench has the mask (its lock on the mask file), a
