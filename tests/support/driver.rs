@@ -864,7 +864,7 @@ impl Driver {
     }
 
     /// The vectors (and [`INTX`]) whose eventfd fired since the last look.
-    fn fired(&self) -> Vec<usize> {
+    pub fn fired(&self) -> Vec<usize> {
         let mut fired: Vec<usize> = (0..self.vectors.len())
             .filter(|&i| self.vectors[i].read().is_ok())
             .collect();
