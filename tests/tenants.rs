@@ -720,10 +720,19 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
     be.wait_entered();
     // Give the reactor time to go to sleep behind the stuck read.
     thread::sleep(Duration::from_millis(50));
+    // It sleeps there: it spins only for a moment after its last work
+    // (seen failing when it spins for as long as the read is stuck).
+    let running = reactor_running_share(Duration::from_millis(200));
     let served = within(Duration::from_secs(5), move || {
         let mut b = Driver::new(&other, DriverOptions::default());
         let data = support::driver::pattern(9, 4096);
-        (0..20).all(|i| b.write(0, i * 8, &data) == S_OK)
+        (0..20).all(|i| {
+            // Each write well after the reactor's spin since the last one
+            // ended, so that only a doorbell can wake it for the next
+            // (seen failing when it sleeps without asking for doorbells).
+            thread::sleep(Duration::from_millis(2));
+            b.write(0, i * 8, &data) == S_OK
+        })
     });
     be.release();
     assert_eq!(
@@ -731,6 +740,36 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
         Some(true),
         "the other device's writes waited for the stuck disk"
     );
+    assert!(
+        running < 0.5,
+        "the busy reactor was running or runnable in {:.0} % of the samples while only a stuck read was in flight",
+        running * 100.0
+    );
+}
+
+/// The share of samples, taken every millisecond for `span`, in which a
+/// reactor thread of this process was running or runnable.
+fn reactor_running_share(span: Duration) -> f64 {
+    let start = Instant::now();
+    let (mut samples, mut running) = (0u32, 0u32);
+    while start.elapsed() < span {
+        let mut any = false;
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let path = task.path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if !comm.starts_with("reactor-") {
+                continue;
+            }
+            let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+            // The state follows the command's closing parenthesis.
+            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+            any |= state == Some(Some('R'));
+        }
+        samples += 1;
+        running += u32::from(any);
+        thread::sleep(Duration::from_millis(1));
+    }
+    f64::from(running) / f64::from(samples.max(1))
 }
 
 /// A target in this process, its management socket in `dir` (unused: the
