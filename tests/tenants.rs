@@ -720,16 +720,17 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
     be.wait_entered();
     // Give the reactor time to go to sleep behind the stuck read.
     thread::sleep(Duration::from_millis(50));
-    // It sleeps there: it spins only for a moment after its last work
-    // (seen failing when it spins for as long as the read is stuck).
+    // It sleeps there, not spinning on the CPU the I/O needs (seen failing
+    // when it spins for as long as the read is stuck).
     let running = reactor_running_share(Duration::from_millis(200));
     let served = within(Duration::from_secs(5), move || {
         let mut b = Driver::new(&other, DriverOptions::default());
         let data = support::driver::pattern(9, 4096);
         (0..20).all(|i| {
-            // Each write well after the reactor's spin since the last one
-            // ended, so that only a doorbell can wake it for the next
-            // (seen failing when it sleeps without asking for doorbells).
+            // Each write after a pause, with the reactor asleep again, so
+            // that only a doorbell can wake it (seen failing when it sleeps
+            // without asking for doorbells and spins for 200 µs after its
+            // last work: closer writes were served by the spin).
             thread::sleep(Duration::from_millis(2));
             b.write(0, i * 8, &data) == S_OK
         })
