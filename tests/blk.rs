@@ -376,20 +376,9 @@ fn poller_threads(pid: u32) -> usize {
 
 /// CPU time (user + system, in clock ticks) of each reactor thread.
 fn reactor_cpu_ticks(pid: u32) -> Vec<u64> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| {
-            let t = t.unwrap().path();
-            let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
-            if !comm.starts_with("reactor-") {
-                return None;
-            }
-            let stat = std::fs::read_to_string(t.join("stat")).ok()?;
-            // Fields after the command name: utime and stime are 14 and 15.
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?)
-        })
+    threads_named(pid, "reactor-")
+        .iter()
+        .map(|t| t.ticks)
         .collect()
 }
 

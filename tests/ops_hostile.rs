@@ -71,26 +71,10 @@ fn resize_storm<'a>(
 
 /// utime+stime of each thread of `pid` whose name starts with `prefix`.
 fn thread_ticks(pid: u32, prefix: &str) -> Vec<(String, u64)> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let p = e.unwrap().path();
-        let comm = std::fs::read_to_string(p.join("comm"))
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        if !comm.starts_with(prefix) {
-            continue;
-        }
-        let s = std::fs::read_to_string(p.join("stat")).unwrap();
-        let rest = &s[s.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        v.push((
-            comm,
-            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap(),
-        ));
-    }
-    v.sort();
-    v
+    threads_named(pid, prefix)
+        .into_iter()
+        .map(|t| (t.name, t.ticks))
+        .collect()
 }
 
 fn tasks(pid: u32) -> usize {

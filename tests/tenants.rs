@@ -729,8 +729,9 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
         (0..20).all(|i| {
             // Each write after a pause, with the reactor asleep again, so
             // that only a doorbell can wake it (seen failing when it sleeps
-            // without asking for doorbells and spins for 200 µs after its
-            // last work: closer writes were served by the spin).
+            // without asking for doorbells; without the pause, a reactor
+            // that spins a while after its last work, as 63fff76's did,
+            // served the writes without one and hid that).
             thread::sleep(Duration::from_millis(2));
             b.write(0, i * 8, &data) == S_OK
         })
@@ -754,18 +755,9 @@ fn reactor_running_share(span: Duration) -> f64 {
     let start = Instant::now();
     let (mut samples, mut running) = (0u32, 0u32);
     while start.elapsed() < span {
-        let mut any = false;
-        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-            let path = task.path();
-            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-            if !comm.starts_with("reactor-") {
-                continue;
-            }
-            let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
-            // The state follows the command's closing parenthesis.
-            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
-            any |= state == Some(Some('R'));
-        }
+        let any = threads_named(std::process::id(), "reactor-")
+            .iter()
+            .any(|t| t.state == 'R');
         samples += 1;
         running += u32::from(any);
         thread::sleep(Duration::from_millis(1));

@@ -536,3 +536,38 @@ impl Drop for RpcTarget {
         let _ = self.child.wait();
     }
 }
+
+/// One thread of a process, as /proc/PID/task/TID/stat shows it.
+pub struct ThreadStat {
+    pub name: String,
+    /// The scheduler's state: 'R' running or runnable, 'S' asleep, ...
+    pub state: char,
+    /// CPU time, user and system, in clock ticks.
+    pub ticks: u64,
+}
+
+/// The threads of `pid` whose name starts with `prefix`, by name (a thread
+/// that ends while they are read is left out).
+pub fn threads_named(pid: u32, prefix: &str) -> Vec<ThreadStat> {
+    let mut v: Vec<ThreadStat> = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let name = fs::read_to_string(p.join("comm")).ok()?.trim().to_string();
+            if !name.starts_with(prefix) {
+                return None;
+            }
+            let stat = fs::read_to_string(p.join("stat")).ok()?;
+            // The fields after the command's closing parenthesis: the
+            // state first, utime and stime 12th and 13th.
+            let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+            Some(ThreadStat {
+                name,
+                state: f.first()?.chars().next()?,
+                ticks: f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}

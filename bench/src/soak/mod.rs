@@ -298,6 +298,9 @@ fn threads_of(pid: u32) -> Result<(u64, u64, u64)> {
     Ok((own, uring, reactors))
 }
 
+/// (cycle, VmRSS KiB, RssAnon KiB) after a cycle's teardown.
+type RssSample = (u64, u64, u64);
+
 /// The lowest RSS sample of two windows of cycles: from the reference
 /// cycle (the 50th, or half-way in shorter runs) on, and at the end, each
 /// up to 20 cycles and at most a third of what follows the reference. A leak
@@ -313,14 +316,9 @@ fn rss_floors(samples: &[RssSample]) -> Option<(RssSample, RssSample)> {
     let r = n.div_ceil(2).clamp(1, 50) - 1;
     let k = ((n - r) / 3).clamp(1, 20);
     let floor = |w: &[RssSample]| w.iter().copied().min_by_key(|s| s.1);
-    Some((
-        floor(&samples[r..(r + k).min(n)])?,
-        floor(&samples[n - k..])?,
-    ))
+    // r + k <= n: k is at most a third of n - r, or 1 where n - r is 1.
+    Some((floor(&samples[r..r + k])?, floor(&samples[n - k..])?))
 }
-
-/// (cycle, VmRSS KiB, RssAnon KiB) after a cycle's teardown.
-type RssSample = (u64, u64, u64);
 
 /// (threads, VmRSS KiB, RssAnon KiB) of a process.
 fn status_of(pid: u32) -> Result<(u64, u64, u64)> {
@@ -1185,5 +1183,17 @@ mod tests {
         assert_eq!(rss_floors(&one), Some((one[0], one[0])));
         let two = [(1, 10 * MIB, MIB), (2, 11 * MIB, MIB)];
         assert_eq!(rss_floors(&two), Some((two[0], two[1])));
+    }
+
+    /// Every length has two windows inside the samples, the late one after
+    /// the early one from two samples on.
+    #[test]
+    fn windows_fit_every_length() {
+        let samples: Vec<_> = (1..=1000u64).map(|c| (c, c, c)).collect();
+        for n in 1..=samples.len() {
+            let (early, late) = rss_floors(&samples[..n]).unwrap();
+            assert!(late.0 <= n as u64, "{n}");
+            assert!(n < 2 || early.0 < late.0, "{n}: {early:?} {late:?}");
+        }
     }
 }
