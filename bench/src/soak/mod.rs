@@ -303,11 +303,10 @@ type RssSample = (u64, u64, u64);
 
 /// The lowest RSS sample of two windows of cycles: from the reference
 /// cycle (the 50th, or half-way in shorter runs) on, and at the end, each
-/// up to 20 cycles and at most a third of what follows the reference. A leak
-/// raises the floor by what it holds; a sample taken while the kernel
-/// still holds a worker's stack, or just after a live upgrade faulted the
-/// new image in, raises only that sample (seen: 11.5 to 16.8 MiB from one
-/// cycle to the next across upgrades, with no trend). None without samples.
+/// up to 20 cycles and at most a third of what follows the reference. A
+/// leak raises the floor by what it holds; noise raises single samples
+/// only (seen: 11.5 to 16.8 MiB from one cycle to the next across live
+/// upgrades, with no trend). None without samples.
 fn rss_floors(samples: &[RssSample]) -> Option<(RssSample, RssSample)> {
     let n = samples.len();
     if n == 0 {
