@@ -514,9 +514,10 @@ impl Reactor {
     fn when_idle(&self, last_work: Instant) -> (bool, bool) {
         let live = self.queues.iter().any(|q| q.live());
         // On a CPU it shares with the I/O threads, a busy reactor with
-        // requests in their hands gives the CPU to them at once (even a
-        // 20 µs spin kept a 4 KiB buffered write's thread off the CPU:
-        // p50 19.6 µs at QD1, 12.9 µs without it): spinning there
+        // requests in their hands gives the CPU to them at once (on an
+        // AMD EPYC VM even a 20 µs spin kept a 4 KiB buffered write's
+        // thread off the CPU: p50 19.6 µs at QD1, 12.9 µs without it;
+        // but see one request alone below): spinning there
         // took the time the requests needed (4 KiB buffered writes ran
         // at 0.44-0.84x qemu-storage-daemon's), and their completion
         // wakes it. It asks for doorbells first, as in adaptive mode,
@@ -539,10 +540,10 @@ impl Reactor {
         // yields every few passes) for ADAPTIVE_SPIN after its last work
         // first, as an adaptive reactor does. A 4 KiB buffered write at
         // QD1 took 34 µs (p50) when the reactor slept at once and 21 µs
-        // with the spin (0.59x the IOPS, in one interleaved run). With
-        // more requests out it sleeps at once: a spin that their
-        // completions kept renewing took the CPU from the disk's kernel
-        // worker (O_DIRECT QD32 runs collapsed to 2.3k IOPS now and then).
+        // with the spin (0.59x the IOPS, in one interleaved run on an
+        // Intel Xeon VM). With more requests out it sleeps at once: with a
+        // spin that their completions kept renewing, O_DIRECT runs at QD32
+        // collapsed to 2.3k IOPS now and then (why was not found).
         let lone = yield_to_io && self.in_flight() - driven == 1;
         let busy_wait = self.queues.iter().any(|q| q.polled())
             || match self.mode {
