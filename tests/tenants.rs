@@ -685,17 +685,7 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
     let _one = one_at_a_time();
     confine_to_one_cpu();
     let dir = TempDir::new("share");
-    let target = target_in(
-        &dir,
-        &[
-            "--poll-mode",
-            "busy",
-            "--pollers",
-            "1",
-            "--io-engine",
-            "threads",
-        ],
-    );
+    let target = target_in(&dir, BUSY_THREADS);
     let stuck = dir.path("stuck.sock");
     let be = add_stuck_disk(&target, &stuck);
     let other = dir.path("other.sock");
@@ -743,10 +733,11 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
 /// A busy reactor on a CPU it shares with its I/O threads, with several
 /// requests in their hands and their completions coming every few tens of
 /// microseconds, sleeps between them: it does not spin on the CPU the
-/// requests need (seen failing, the reactor runnable in every sample, when
-/// a reactor spins for a while after its last work whatever is in flight,
-/// as 63fff76's did: each completion renewed the spin, and O_DIRECT runs at
-/// QD32 collapsed to 2.3k IOPS now and then).
+/// requests need. Seen failing when a reactor spins for a while after its
+/// last work whatever is in flight, as 63fff76's did (each completion
+/// renewed the spin, and O_DIRECT runs at QD32 collapsed to 2.3k IOPS now
+/// and then): it slept about 0.12 times a completion, and 2 times without
+/// that spin.
 #[test]
 fn a_busy_reactor_sharing_its_cpu_sleeps_while_several_requests_are_out() {
     let _one = one_at_a_time();
@@ -756,47 +747,71 @@ fn a_busy_reactor_sharing_its_cpu_sleeps_while_several_requests_are_out() {
     let be = std::sync::Arc::new(SlowReads(vfio_user_blk::backend::io::FileBackend::new(
         f, false, 512, true, false,
     )));
-    let (_dir, sock) = support::gate::serve_on(
-        be,
-        &[
-            "--poll-mode",
-            "busy",
-            "--pollers",
-            "1",
-            "--io-engine",
-            "threads",
-        ],
-    );
+    let pid = std::process::id();
+    let before: Vec<u32> = threads_named(pid, "reactor-")
+        .iter()
+        .map(|t| t.tid)
+        .collect();
+    let (_dir, sock) = support::gate::serve_on(be, BUSY_THREADS);
     let mut d = Driver::new(&sock, DriverOptions::default());
-    let sampler = thread::spawn(|| {
+    // This server's reactor only (another test's would count otherwise).
+    let ours: Vec<u32> = threads_named(pid, "reactor-")
+        .iter()
+        .map(|t| t.tid)
+        .filter(|t| !before.contains(t))
+        .collect();
+    assert!(!ours.is_empty(), "no reactor thread of this server");
+    // Its time on a CPU and the times it went to sleep, summed.
+    let reactor = move || -> (u64, u64) {
+        threads_named(pid, "reactor-")
+            .iter()
+            .filter(|t| ours.contains(&t.tid))
+            .fold((0, 0), |(r, s), t| (r + t.run_ns, s + t.sleeps))
+    };
+    // Eight reads out at all times until the sampler has measured 300 ms,
+    // after 100 ms to settle.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (stop2, done2) = (stop.clone(), done.clone());
+    let sampler = thread::spawn(move || {
+        use std::sync::atomic::Ordering::SeqCst;
         thread::sleep(Duration::from_millis(100));
-        reactor_running_share(Duration::from_millis(300))
+        let (t0, (r0, s0), d0) = (Instant::now(), reactor(), done2.load(SeqCst));
+        thread::sleep(Duration::from_millis(300));
+        let ((r1, s1), d1) = (reactor(), done2.load(SeqCst));
+        stop2.store(true, SeqCst);
+        let share = (r1 - r0) as f64 / t0.elapsed().as_nanos() as f64;
+        (share, s1 - s0, d1 - d0)
     });
-    // Eight reads out at all times for half a second.
-    let until = Instant::now() + Duration::from_millis(500);
-    let (mut out, mut done) = (0usize, 0usize);
-    while Instant::now() < until {
+    let mut out = 0usize;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
         while out < 8 {
-            let sector = ((done + out) % 1000) as u64 * 8;
+            let sector = ((done.load(std::sync::atomic::Ordering::SeqCst) + out) % 1000) as u64 * 8;
             d.submit(0, &Request::read(sector, 4096));
             out += 1;
         }
         d.kick(0);
         let n = d.wait_used(0, 1, Duration::from_secs(5)).len();
         out -= n;
-        done += n;
+        done.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
     }
     d.wait_used(0, out, Duration::from_secs(5));
-    let running = sampler.join().unwrap();
-    assert!(done > 100, "only {done} reads in half a second");
+    let (share, sleeps, reads) = sampler.join().unwrap();
     assert!(
-        running < 0.5,
-        "the busy reactor was running or runnable in {:.0} % of the samples while eight reads were with the I/O threads",
-        running * 100.0
+        reads > 100,
+        "only {reads} reads while the reactor was measured"
+    );
+    // Sleeping at once, it sleeps about once a completion (fewer when
+    // completions come together); spinning, hardly ever. Counted, not
+    // timed: the same on a slow machine or a busy one.
+    assert!(
+        sleeps * 4 > reads as u64,
+        "the busy reactor slept {sleeps} times for {reads} completions (on the CPU {:.0} % of the time) while eight reads were with the I/O threads",
+        share * 100.0
     );
 }
 
-/// A disk whose reads take 300 µs each (a network disk), over a memfd.
+/// A disk whose reads take 1 ms each (a network disk), over a memfd.
 struct SlowReads(vfio_user_blk::backend::io::FileBackend);
 
 impl vfio_user_blk::backend::io::Backend for SlowReads {
@@ -805,7 +820,7 @@ impl vfio_user_blk::backend::io::Backend for SlowReads {
         iov: &[vfio_user_blk::backend::io::GuestIov],
         offset: u64,
     ) -> std::io::Result<()> {
-        thread::sleep(Duration::from_micros(300));
+        thread::sleep(Duration::from_millis(1));
         self.0.read_at(iov, offset)
     }
     fn write_at(
@@ -831,6 +846,16 @@ impl vfio_user_blk::backend::io::Backend for SlowReads {
         self.0.resize(size)
     }
 }
+
+/// A busy reactor with the thread-pool engine.
+const BUSY_THREADS: &[&str] = &[
+    "--poll-mode",
+    "busy",
+    "--pollers",
+    "1",
+    "--io-engine",
+    "threads",
+];
 
 /// This thread, and every thread of a target started from it, on one CPU:
 /// the reactor and the I/O threads share it.
