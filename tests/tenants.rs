@@ -683,7 +683,7 @@ fn one_devices_large_reads_leave_room_in_the_io_uring_for_another() {
 #[test]
 fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk() {
     let _one = one_at_a_time();
-    confine_to_one_cpu();
+    let _cpu = confine_to_one_cpu();
     let dir = TempDir::new("share");
     let target = target_in(&dir, BUSY_THREADS);
     let stuck = dir.path("stuck.sock");
@@ -741,7 +741,7 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
 #[test]
 fn a_busy_reactor_sharing_its_cpu_sleeps_while_several_requests_are_out() {
     let _one = one_at_a_time();
-    confine_to_one_cpu();
+    let _cpu = confine_to_one_cpu();
     let f = vfio_user_blk::util::memfd("slow").unwrap();
     f.set_len(support::gate::SIZE).unwrap();
     let be = std::sync::Arc::new(SlowReads(vfio_user_blk::backend::io::FileBackend::new(
@@ -766,7 +766,9 @@ fn a_busy_reactor_sharing_its_cpu_sleeps_while_several_requests_are_out() {
         threads_named(pid, "reactor-")
             .iter()
             .filter(|t| ours.contains(&t.tid))
-            .fold((0, 0), |(r, s), t| (r + t.run_ns, s + t.sleeps))
+            .fold((0, 0), |(r, s), t| {
+                (r + t.run_ns.unwrap_or(0), s + t.sleeps)
+            })
     };
     // Eight reads out at all times until the sampler has measured 300 ms,
     // after 100 ms to settle.
@@ -858,16 +860,31 @@ const BUSY_THREADS: &[&str] = &[
 ];
 
 /// This thread, and every thread of a target started from it, on one CPU:
-/// the reactor and the I/O threads share it.
-fn confine_to_one_cpu() {
+/// the reactor and the I/O threads share it. The thread gets its CPUs back
+/// when the guard goes (the test harness runs later tests on it).
+fn confine_to_one_cpu() -> impl Drop {
+    struct Restore(libc::cpu_set_t);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: pid 0 is this thread; the pointer and size describe
+            // the set saved before it was confined.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+        }
+    }
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is this thread; the kernel writes at most `size` bytes
+    // into `old`.
+    assert_eq!(unsafe { libc::sched_getaffinity(0, size, &mut old) }, 0);
     let cpu = vfio_user_blk::engine::usable_cpus().unwrap()[0];
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: CPU_SET writes one bit inside `set` (a CPU the process has).
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    assert_eq!(r, 0);
+    assert_eq!(unsafe { libc::sched_setaffinity(0, size, &set) }, 0);
+    Restore(old)
 }
 
 /// The share of samples, taken every millisecond for `span`, in which a

@@ -529,8 +529,13 @@ impl Reactor {
         // Requests this reactor drives itself need no other thread: a busy
         // reactor keeps spinning for them.
         let driven = self.driven();
-        let in_flight =
-            self.mode == PollMode::Busy && (self.shares_cpu || !live) && self.in_flight() > driven;
+        // Requests in other threads' hands (the I/O threads', the kernel's).
+        let out = if self.mode == PollMode::Busy && (self.shares_cpu || !live) {
+            self.in_flight().saturating_sub(driven)
+        } else {
+            0
+        };
+        let in_flight = out > 0;
         // Not with requests the kernel has not taken yet (a submit that
         // failed): no completion would come for them, and the next pass
         // must submit them again.
@@ -544,7 +549,7 @@ impl Reactor {
         // Intel Xeon VM). With more requests out it sleeps at once: with a
         // spin that their completions kept renewing, O_DIRECT runs at QD32
         // collapsed to 2.3k IOPS now and then (why was not found).
-        let lone = yield_to_io && self.in_flight() - driven == 1;
+        let lone = yield_to_io && out == 1;
         let busy_wait = self.queues.iter().any(|q| q.polled())
             || match self.mode {
                 PollMode::Busy => {

@@ -546,8 +546,9 @@ pub struct ThreadStat {
     pub ticks: u64,
     pub tid: u32,
     /// Time on a CPU, in nanoseconds (the scheduler's own count, which
-    /// waiting for a CPU does not add to).
-    pub run_ns: u64,
+    /// waiting for a CPU does not add to); None on a kernel without
+    /// schedstat.
+    pub run_ns: Option<u64>,
     /// Times it went to sleep (a yield or a preemption does not count).
     pub sleeps: u64,
 }
@@ -567,7 +568,7 @@ pub fn threads_named(pid: u32, prefix: &str) -> Vec<ThreadStat> {
             // The fields after the command's closing parenthesis: the
             // state first, utime and stime 12th and 13th.
             let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-            let sched = fs::read_to_string(p.join("schedstat")).ok()?;
+            let sched = fs::read_to_string(p.join("schedstat")).unwrap_or_default();
             let status = fs::read_to_string(p.join("status")).ok()?;
             let sleeps = status
                 .lines()
@@ -580,7 +581,7 @@ pub fn threads_named(pid: u32, prefix: &str) -> Vec<ThreadStat> {
                 state: f.first()?.chars().next()?,
                 ticks: f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
                 tid: p.file_name()?.to_str()?.parse().ok()?,
-                run_ns: sched.split_whitespace().next()?.parse().ok()?,
+                run_ns: sched.split_whitespace().next().and_then(|n| n.parse().ok()),
                 sleeps,
             })
         })
