@@ -331,7 +331,7 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
         let w = &row.w;
         let _ = writeln!(
             out,
-            "\n{}: {} disks ({} image files of {} MiB, page-cached), {} KiB random {}, QD{} on each, one guest thread per disk, all at once",
+            "\n{}: {} disks ({} image files of {} MiB, page-cached), {} KiB random {}, QD{} on each, all at once from one guest thread (one vCPU polling its disks)",
             w.name,
             w.devices,
             w.devices,
@@ -376,10 +376,14 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
         let get = |t: &str| row.per.get(t);
         let _ = writeln!(
             out,
-            "(a)/(b) = ours-1proc/ours-4proc: IOPS {}, server cores {}",
+            "(a)/(b) = ours-1proc/ours-4proc: IOPS {}, p99 {}, server cores {}",
             fmt_ratio(ratio(
                 get("ours-1proc").map(|s| s.iops),
                 get("ours-4proc").map(|s| s.iops)
+            )),
+            fmt_ratio(ratio(
+                get("ours-1proc").map(|s| s.p99),
+                get("ours-4proc").map(|s| s.p99)
             )),
             fmt_ratio(ratio(
                 get("ours-1proc").map(|s| s.cores),
@@ -522,6 +526,10 @@ pub fn to_json(results: &Results, m: &Meta) -> Value {
                 put(
                     "ratio_1proc_4proc_iops",
                     ratio(g("ours-1proc", |s| s.iops), g("ours-4proc", |s| s.iops)),
+                );
+                put(
+                    "ratio_1proc_4proc_p99",
+                    ratio(g("ours-1proc", |s| s.p99), g("ours-4proc", |s| s.p99)),
                 );
                 put(
                     "ratio_1proc_4proc_cores",

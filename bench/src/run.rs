@@ -266,26 +266,11 @@ pub fn set_guest_poll(d: Duration) {
     let _ = GUEST_POLL.set(d);
 }
 
-thread_local! {
-    /// Whether this guest thread has a CPU to itself (see [`guest_poll`]).
-    static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
-}
-
-/// Tells the calling guest thread whether it has a CPU to itself.
-pub fn set_guest_alone(alone: bool) {
-    ALONE.with(|a| a.set(alone));
-}
-
 /// How long the synthetic guest, waiting for a completion, watches its
-/// rings before it sleeps on the interrupt eventfd (default 200 µs). As
-/// KVM polls a halted vCPU only while nothing else is runnable on its CPU,
-/// a guest thread that shares its CPUs with others (the multi-device
-/// workload) does not watch at all: its spinning took the CPU the other
-/// guests needed, and their requests waited hundreds of milliseconds.
+/// rings before it sleeps on the interrupt eventfd (default 200 µs), as KVM
+/// polls a halted vCPU. One guest thread drives all the disks of a run, so
+/// it has its CPU to itself.
 pub fn guest_poll() -> Duration {
-    if !ALONE.with(std::cell::Cell::get) {
-        return Duration::ZERO;
-    }
     *GUEST_POLL.get_or_init(|| Duration::from_micros(200))
 }
 
@@ -302,6 +287,14 @@ struct Slot {
     read: bool,
 }
 
+/// One device as the synthetic guest sees it: its doorbells and
+/// interrupts, the guest RAM it was given, and its rings.
+pub struct GuestDev<'a> {
+    pub t: &'a mut dyn Transport,
+    pub ram: &'a GuestRam,
+    pub rings: &'a mut [SplitRing],
+}
+
 /// Drives a virtio-blk device through `t` for `duration`.
 pub fn run_virtio(
     t: &mut dyn Transport,
@@ -312,19 +305,47 @@ pub fn run_virtio(
     duration: Duration,
     device_pids: &[u32],
 ) -> Result<RunResult> {
-    let mem = &ram.mem;
-    let nq = rings.len();
+    run_virtio_many(
+        &mut [GuestDev { t, ram, rings }],
+        w,
+        disk_size,
+        duration,
+        device_pids,
+    )
+}
+
+/// Drives every queue of every device in `devs` from this one thread for
+/// `duration`, as one vCPU of a guest with several disks does: each queue
+/// keeps `w.qd` requests in flight, the thread reaps and refills whichever
+/// has completions, and it waits for an interrupt of any of them only when
+/// none has.
+pub fn run_virtio_many(
+    devs: &mut [GuestDev<'_>],
+    w: &Workload,
+    disk_size: u64,
+    duration: Duration,
+    device_pids: &[u32],
+) -> Result<RunResult> {
     let slot_size = (w.bs as u64 + 4096 + 4095) & !4095;
-    let need = SLOT_BASE + slot_size * (w.qd * nq) as u64;
-    if need > ram.size {
-        bail!(
-            "guest RAM too small for {} slots of {} bytes",
-            w.qd * nq,
-            w.bs
-        );
+    // Every queue of every device: (device, queue).
+    let lanes: Vec<(usize, usize)> = devs
+        .iter()
+        .enumerate()
+        .flat_map(|(d, g)| (0..g.rings.len()).map(move |q| (d, q)))
+        .collect();
+    for g in devs.iter() {
+        let need = SLOT_BASE + slot_size * (w.qd * g.rings.len()) as u64;
+        if need > g.ram.size {
+            bail!(
+                "guest RAM too small for {} slots of {} bytes",
+                w.qd * g.rings.len(),
+                w.bs
+            );
+        }
     }
+    // Each lane's slots lie in its own device's RAM.
     let mut slots: Vec<Vec<Slot>> = Vec::new();
-    for q in 0..nq {
+    for &(_, q) in &lanes {
         let mut v = Vec::new();
         for i in 0..w.qd {
             let base = SLOT_BASE + slot_size * (q * w.qd + i) as u64;
@@ -341,21 +362,36 @@ pub fn run_virtio(
     }
     // Fill write buffers once with something that is not zeros.
     let pattern: Vec<u8> = (0..w.bs).map(|i| (i * 7 + 13).to_le_bytes()[0]).collect();
-    for s in slots.iter().flatten() {
-        mem.write_slice(&pattern, GuestAddress(s.data))?;
+    for (l, &(d, _)) in lanes.iter().enumerate() {
+        for s in &slots[l] {
+            devs[d]
+                .ram
+                .mem
+                .write_slice(&pattern, GuestAddress(s.data))?;
+        }
     }
-    let indirect =
-        t.features() & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC) != 0;
-    let mut head_slot: Vec<Vec<usize>> = rings
+    let indirect: Vec<bool> = devs
         .iter()
-        .map(|r| vec![usize::MAX; usize::from(r.size)])
+        .map(|g| {
+            g.t.features() & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC) != 0
+        })
         .collect();
-    let mut streams: Vec<Stream> = (0..nq)
-        .map(|q| Stream::new(w, disk_size, 1 + q as u64))
+    let mut head_slot: Vec<Vec<usize>> = lanes
+        .iter()
+        .map(|&(d, q)| vec![usize::MAX; usize::from(devs[d].rings[q].size)])
+        .collect();
+    let mut streams: Vec<Stream> = (0..lanes.len())
+        .map(|l| Stream::new(w, disk_size, 1 + l as u64))
         .collect();
     let bs = u32::try_from(w.bs).context("block size")?;
 
-    let submit = |ring: &mut SplitRing, s: &mut Slot, read: bool, offset: u64| -> Result<u16> {
+    let submit = |mem: &vm_memory::GuestMemoryMmap,
+                  indirect: bool,
+                  ring: &mut SplitRing,
+                  s: &mut Slot,
+                  read: bool,
+                  offset: u64|
+     -> Result<u16> {
         let mut h = [0u8; 16];
         let kind: u32 = if read { 0 } else { 1 };
         h[0..4].copy_from_slice(&kind.to_le_bytes());
@@ -391,23 +427,26 @@ pub fn run_virtio(
     let drv_cpu0 = thread_cpu();
     let stolen0 = crate::place::stolen();
     let t0 = Instant::now();
-    for q in 0..nq {
-        for (i, slot) in slots[q].iter_mut().enumerate() {
-            let (read, off) = streams[q].next_request();
-            let head = submit(&mut rings[q], slot, read, off)?;
-            head_slot[q][usize::from(head)] = i;
+    for (l, &(d, q)) in lanes.iter().enumerate() {
+        let g = &mut devs[d];
+        let mem = &g.ram.mem;
+        for (i, slot) in slots[l].iter_mut().enumerate() {
+            let (read, off) = streams[l].next_request();
+            let head = submit(mem, indirect[d], &mut g.rings[q], slot, read, off)?;
+            head_slot[l][usize::from(head)] = i;
         }
-        if rings[q].kick_needed(mem) {
-            t.kick(q)?;
+        if g.rings[q].kick_needed(mem) {
+            g.t.kick(q)?;
         }
     }
     let mut hist = new_hist();
     let mut ios = 0u64;
     let mut bytes = 0u64;
     let mut errors = 0u64;
-    let mut pfds: Vec<libc::pollfd> = (0..nq)
-        .map(|q| libc::pollfd {
-            fd: t.irq_fd(q),
+    let mut pfds: Vec<libc::pollfd> = lanes
+        .iter()
+        .map(|&(d, q)| libc::pollfd {
+            fd: devs[d].t.irq_fd(q),
             events: libc::POLLIN,
             revents: 0,
         })
@@ -416,13 +455,16 @@ pub fn run_virtio(
     let mut now = Instant::now();
     while now < deadline {
         let mut got = 0;
-        for q in 0..nq {
-            while let Some((head, _len)) = rings[q].pop_used(mem) {
-                let i = head_slot[q][usize::from(head)];
+        for (l, &(d, q)) in lanes.iter().enumerate() {
+            let g = &mut devs[d];
+            let mem = &g.ram.mem;
+            let ring = &mut g.rings[q];
+            while let Some((head, _len)) = ring.pop_used(mem) {
+                let i = head_slot[l][usize::from(head)];
                 if i == usize::MAX {
                     bail!("device completed head {head}, which is not in flight");
                 }
-                let s = &mut slots[q][i];
+                let s = &mut slots[l][i];
                 let st: u8 = mem.read_obj(GuestAddress(s.status))?;
                 if st != 0 {
                     errors += 1;
@@ -433,12 +475,12 @@ pub fn run_virtio(
                 ios += 1;
                 bytes += w.bs as u64;
                 got += 1;
-                let (read, off) = streams[q].next_request();
-                let nh = submit(&mut rings[q], s, read, off)?;
-                head_slot[q][usize::from(nh)] = i;
+                let (read, off) = streams[l].next_request();
+                let nh = submit(mem, indirect[d], ring, s, read, off)?;
+                head_slot[l][usize::from(nh)] = i;
             }
-            if rings[q].kick_needed(mem) {
-                t.kick(q)?;
+            if ring.kick_needed(mem) {
+                g.t.kick(q)?;
             }
         }
         if got == 0 {
@@ -446,18 +488,22 @@ pub fn run_virtio(
             // like a halted vCPU under KVM's halt polling, watch a while
             // before sleeping.
             let mut pending = false;
-            for r in rings.iter_mut() {
-                pending |= r.enable_interrupts(mem);
+            for g in devs.iter_mut() {
+                for r in g.rings.iter_mut() {
+                    pending |= r.enable_interrupts(&g.ram.mem);
+                }
             }
             let watch = guest_poll();
             let spin_until = Instant::now() + watch;
             while !pending && Instant::now() < spin_until.min(deadline) {
                 std::hint::spin_loop();
-                pending = rings.iter().any(|r| r.has_used(mem));
+                pending = devs
+                    .iter()
+                    .any(|g| g.rings.iter().any(|r| r.has_used(&g.ram.mem)));
             }
             if !pending {
-                // SAFETY: pfds is a valid array of nq pollfds.
-                unsafe { libc::poll(pfds.as_mut_ptr(), nq as libc::nfds_t, 100) };
+                // SAFETY: pfds is a valid array of pfds.len() pollfds.
+                unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) };
                 for p in &pfds {
                     let mut v = [0u8; 8];
                     // SAFETY: reading 8 bytes from an eventfd into a local.
@@ -473,11 +519,13 @@ pub fn run_virtio(
     let stolen = crate::place::stolen() - stolen0;
     // Let what is in flight finish, so that the next run starts clean.
     let drain_deadline = Instant::now() + Duration::from_secs(10);
-    let mut outstanding = nq * w.qd;
+    let mut outstanding = lanes.len() * w.qd;
     while outstanding > 0 && Instant::now() < drain_deadline {
-        for r in rings.iter_mut() {
-            while r.pop_used(mem).is_some() {
-                outstanding -= 1;
+        for g in devs.iter_mut() {
+            for r in g.rings.iter_mut() {
+                while r.pop_used(&g.ram.mem).is_some() {
+                    outstanding -= 1;
+                }
             }
         }
         std::thread::sleep(Duration::from_micros(100));
