@@ -56,6 +56,8 @@ pub struct Summary {
     pub device_cpu_per_mreq: f64,
     /// CPU seconds of the device process(es) per wall second.
     pub cores: f64,
+    /// Doorbells the guest rang per request.
+    pub kicks_per_io: f64,
     pub runs: usize,
 }
 
@@ -120,6 +122,7 @@ pub fn summarize(runs: &[RunResult]) -> Summary {
                 0.0
             }
         }),
+        kicks_per_io: m(&|r| r.kicks as f64 / r.ios.max(1) as f64),
         runs: runs.len(),
     }
 }
@@ -342,7 +345,7 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
         );
         let _ = writeln!(
             out,
-            "{:<18} {:>10} {:>17} {:>6} {:>9} {:>9} {:>12} {:>10} {:>9}",
+            "{:<18} {:>10} {:>17} {:>6} {:>9} {:>9} {:>12} {:>10} {:>9} {:>8}",
             "setup",
             "IOPS",
             "[min-max]",
@@ -351,7 +354,8 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
             "p99 us",
             "server cores",
             "IOPS/core",
-            "CPU s/M"
+            "CPU s/M",
+            "kicks/IO"
         );
         for &t in &row.targets {
             if let Some(why) = row.not_run.get(t) {
@@ -362,7 +366,7 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
             let per_core = if s.cores > 0.0 { s.iops / s.cores } else { 0.0 };
             let _ = writeln!(
                 out,
-                "{t:<18} {:>10.0} {:>17} {:>6} {:>9.1} {:>9.1} {:>12.2} {:>10.0} {:>9.2}",
+                "{t:<18} {:>10.0} {:>17} {:>6} {:>9.1} {:>9.1} {:>12.2} {:>10.0} {:>9.2} {:>8.3}",
                 s.iops,
                 format!("[{}-{}]", kilo(s.iops_min), kilo(s.iops_max)),
                 fmt_spread(s.iops_spread()),
@@ -370,7 +374,8 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
                 s.p99,
                 s.cores,
                 per_core,
-                s.device_cpu_per_mreq
+                s.device_cpu_per_mreq,
+                s.kicks_per_io
             );
         }
         let get = |t: &str| row.per.get(t);
@@ -393,14 +398,17 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
         if let Some((bt, b)) = row.best_qsd() {
             let _ = writeln!(
                 out,
-                "(a)/(c) = ours-1proc/{bt}: IOPS {}, server cores {}",
+                "(a)/(c) = ours-1proc/{bt}: IOPS {}, p99 {}, server cores {}",
                 fmt_ratio(ratio(get("ours-1proc").map(|s| s.iops), Some(b.iops))),
+                fmt_ratio(ratio(get("ours-1proc").map(|s| s.p99), Some(b.p99))),
                 fmt_ratio(ratio(get("ours-1proc").map(|s| s.cores), Some(b.cores)))
             );
         }
         let _ = writeln!(
             out,
             "server cores = CPU seconds of the server process(es) / wall seconds; \
+             kicks/IO = doorbells the guest rang per request (ours' legacy doorbell waits for \
+             the server's reply; a vhost-user kick does not); \
              (a) one process, {} --device, {}; (b) {} processes, one disk each, the same options; \
              (c) one qemu-storage-daemon, {} exports on one iothread",
             w.devices, m.ours_args, w.devices, w.devices
@@ -476,6 +484,7 @@ fn summary_json(s: &Summary) -> Value {
         "cpu_s_per_million": s.cpu_per_mreq,
         "device_cpu_s_per_million": s.device_cpu_per_mreq,
         "server_cores": s.cores,
+        "kicks_per_io": s.kicks_per_io,
         "runs": s.runs,
     })
 }
@@ -538,6 +547,10 @@ pub fn to_json(results: &Results, m: &Meta) -> Value {
                 put(
                     "ratio_1proc_qsd_iops",
                     ratio(g("ours-1proc", |s| s.iops), b_iops),
+                );
+                put(
+                    "ratio_1proc_qsd_p99",
+                    ratio(g("ours-1proc", |s| s.p99), best.map(|b| b.1.p99)),
                 );
                 put(
                     "ratio_1proc_qsd_cores",
