@@ -12,7 +12,7 @@
 # here override the defaults below (the last value wins).
 #
 #   scripts/bench.sh [extra vfio-user-blk-bench options]
-#   scripts/bench.sh --quick --seconds 1     # a short set, about 2 minutes
+#   scripts/bench.sh --quick                 # the short set, about 7 minutes here
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"

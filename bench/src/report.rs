@@ -52,6 +52,8 @@ pub struct Summary {
     pub p50: f64,
     pub p99: f64,
     pub p999: f64,
+    /// The slowest request of a run, in µs (the median over the runs).
+    pub max_us: f64,
     pub cpu_per_mreq: f64,
     pub device_cpu_per_mreq: f64,
     /// CPU seconds of the device process(es) per wall second.
@@ -113,6 +115,7 @@ pub fn summarize(runs: &[RunResult]) -> Summary {
         p50: m(&|r| r.pct_us(0.5)),
         p99: m(&|r| r.pct_us(0.99)),
         p999: m(&|r| r.pct_us(0.999)),
+        max_us: m(&|r| r.hist.max() as f64 / 1000.0),
         cpu_per_mreq: m(&|r| r.cpu_per_mreq()),
         device_cpu_per_mreq: m(&|r| r.device_cpu_per_mreq()),
         cores: m(&|r| {
@@ -345,13 +348,15 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
         );
         let _ = writeln!(
             out,
-            "{:<18} {:>10} {:>17} {:>6} {:>9} {:>9} {:>12} {:>10} {:>9} {:>8}",
+            "{:<18} {:>10} {:>17} {:>6} {:>9} {:>9} {:>9} {:>9} {:>12} {:>10} {:>9} {:>8}",
             "setup",
             "IOPS",
             "[min-max]",
             "spread",
             "p50 us",
             "p99 us",
+            "p99.9 us",
+            "max us",
             "server cores",
             "IOPS/core",
             "CPU s/M",
@@ -366,12 +371,14 @@ pub fn multi_table(results: &Results, m: &Meta) -> String {
             let per_core = if s.cores > 0.0 { s.iops / s.cores } else { 0.0 };
             let _ = writeln!(
                 out,
-                "{t:<18} {:>10.0} {:>17} {:>6} {:>9.1} {:>9.1} {:>12.2} {:>10.0} {:>9.2} {:>8.3}",
+                "{t:<18} {:>10.0} {:>17} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>12.2} {:>10.0} {:>9.2} {:>8.3}",
                 s.iops,
                 format!("[{}-{}]", kilo(s.iops_min), kilo(s.iops_max)),
                 fmt_spread(s.iops_spread()),
                 s.p50,
                 s.p99,
+                s.p999,
+                s.max_us,
                 s.cores,
                 per_core,
                 s.device_cpu_per_mreq,
@@ -485,6 +492,7 @@ fn summary_json(s: &Summary) -> Value {
         "device_cpu_s_per_million": s.device_cpu_per_mreq,
         "server_cores": s.cores,
         "kicks_per_io": s.kicks_per_io,
+        "max_us": s.max_us,
         "runs": s.runs,
     })
 }
