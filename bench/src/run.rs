@@ -471,10 +471,7 @@ pub fn run_virtio_many(
             let mem = &g.ram.mem;
             let ring = &mut g.rings[q];
             while let Some((head, _len)) = ring.pop_used(mem) {
-                let i = std::mem::replace(&mut head_slot[l][usize::from(head)], usize::MAX);
-                if i == usize::MAX {
-                    bail!("device completed head {head}, which is not in flight");
-                }
+                let i = take_head(&mut head_slot[l], head)?;
                 let s = &mut slots[l][i];
                 let st: u8 = mem.read_obj(GuestAddress(s.status))?;
                 if st != 0 {
@@ -537,10 +534,7 @@ pub fn run_virtio_many(
         for (l, &(d, q)) in lanes.iter().enumerate() {
             let g = &mut devs[d];
             while let Some((head, _len)) = g.rings[q].pop_used(&g.ram.mem) {
-                let i = std::mem::replace(&mut head_slot[l][usize::from(head)], usize::MAX);
-                if i == usize::MAX {
-                    bail!("device completed head {head}, which is not in flight");
-                }
+                take_head(&mut head_slot[l], head)?;
                 outstanding -= 1;
             }
         }
@@ -562,6 +556,15 @@ pub fn run_virtio_many(
         stolen,
         kicks,
     })
+}
+
+/// The slot of a completed head, which is then no longer in flight; an
+/// error for a head that was not.
+fn take_head(head_slot: &mut [usize], head: u16) -> Result<usize> {
+    match head_slot.get_mut(usize::from(head)) {
+        Some(i) if *i != usize::MAX => Ok(std::mem::replace(i, usize::MAX)),
+        _ => bail!("device completed head {head}, which is not in flight"),
+    }
 }
 
 /// The same stream with pread/pwrite from `qd * queues` threads (with
