@@ -742,11 +742,8 @@ fn a_busy_reactor_sharing_its_cpu_does_not_make_a_device_wait_for_anothers_disk(
 fn a_busy_reactor_sharing_its_cpu_sleeps_while_several_requests_are_out() {
     let _one = one_at_a_time();
     let _cpu = confine_to_one_cpu();
-    let f = vfio_user_blk::util::memfd("slow").unwrap();
-    f.set_len(support::gate::SIZE).unwrap();
-    let be = std::sync::Arc::new(SlowReads(vfio_user_blk::backend::io::FileBackend::new(
-        f, false, 512, true, false,
-    )));
+    // A disk whose reads take 1 ms each (a network disk).
+    let be = support::gate::Gate::slow_reads(Duration::from_millis(1));
     let pid = std::process::id();
     let before: Vec<u32> = threads_named(pid, "reactor-")
         .iter()
@@ -813,40 +810,55 @@ fn a_busy_reactor_sharing_its_cpu_sleeps_while_several_requests_are_out() {
     );
 }
 
-/// A disk whose reads take 1 ms each (a network disk), over a memfd.
-struct SlowReads(vfio_user_blk::backend::io::FileBackend);
-
-impl vfio_user_blk::backend::io::Backend for SlowReads {
-    fn read_at(
-        &self,
-        iov: &[vfio_user_blk::backend::io::GuestIov],
-        offset: u64,
-    ) -> std::io::Result<()> {
-        thread::sleep(Duration::from_millis(1));
-        self.0.read_at(iov, offset)
+/// A busy reactor on a CPU it shares with its I/O threads, with one
+/// request stuck in their hands, keeps sleeping while the guest rings
+/// doorbells with nothing new on the ring: a wake with no work does not
+/// start the one-request spin again (before the fix, every doorbell did,
+/// and a guest ringing every 100 µs kept the reactor on the CPU).
+#[test]
+fn empty_doorbells_do_not_keep_a_busy_reactor_on_a_shared_cpu() {
+    let _one = one_at_a_time();
+    let _cpu = confine_to_one_cpu();
+    let pid = std::process::id();
+    let before: Vec<u32> = threads_named(pid, "reactor-")
+        .iter()
+        .map(|t| t.tid)
+        .collect();
+    let (gate, _dir, mut d) = support::gate::stuck_reads(BUSY_THREADS);
+    let ours: Vec<u32> = threads_named(pid, "reactor-")
+        .iter()
+        .map(|t| t.tid)
+        .filter(|t| !before.contains(t))
+        .collect();
+    assert!(!ours.is_empty(), "no reactor thread of this server");
+    let sleeps = || -> u64 {
+        threads_named(pid, "reactor-")
+            .iter()
+            .filter(|t| ours.contains(&t.tid))
+            .map(|t| t.sleeps)
+            .sum()
+    };
+    support::gate::stuck_read(&mut d, 64);
+    gate.wait_entered();
+    thread::sleep(Duration::from_millis(50));
+    let s0 = sleeps();
+    let mut rings = 0u64;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(300) {
+        d.force_kick(0);
+        rings += 1;
+        thread::sleep(Duration::from_micros(100));
     }
-    fn write_at(
-        &self,
-        iov: &[vfio_user_blk::backend::io::GuestIov],
-        offset: u64,
-    ) -> std::io::Result<()> {
-        self.0.write_at(iov, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
-        self.0.write_zeroes(offset, len, unmap)
-    }
-    fn inline(&self) -> bool {
-        false
-    }
-    fn resize(&self, size: Option<u64>) -> std::io::Result<u64> {
-        self.0.resize(size)
-    }
+    let slept = sleeps() - s0;
+    gate.release();
+    d.wait_used(0, 1, Duration::from_secs(5));
+    assert!(rings > 100, "only {rings} doorbells rung");
+    // Sleeping after each, it sleeps about once a doorbell; spun up by
+    // each, it hardly sleeps at all.
+    assert!(
+        slept * 4 > rings,
+        "the busy reactor slept {slept} times for {rings} empty doorbells with one request stuck"
+    );
 }
 
 /// A busy reactor with the thread-pool engine.

@@ -630,8 +630,12 @@ impl Reactor {
                 }
             }
             // A doorbell or a completion: more may follow, worth the
-            // adaptive spin; a limit's tokens are not.
-            if woken {
+            // adaptive spin; a limit's tokens are not. Not for a reactor
+            // that slept to give its CPU to the I/O: there only work the
+            // next pass finds starts the lone request's spin again, or a
+            // guest ringing empty doorbells could keep it spinning on the
+            // CPU the request needs.
+            if woken && !yield_to_io {
                 last_work = Instant::now();
             }
         }

@@ -29,7 +29,10 @@ pub enum Stuck {
 
 pub struct Gate {
     inner: FileBackend,
-    at: u64,
+    /// Added to every read (a network disk); zero for a gate.
+    read_delay: std::time::Duration,
+    /// The byte offset that blocks; None: nothing does.
+    at: Option<u64>,
     what: Stuck,
     armed: AtomicBool,
     open: Mutex<bool>,
@@ -41,13 +44,26 @@ pub struct Gate {
 impl Gate {
     /// A disk whose `what` at `sector` blocks; the 4 KiB there hold 0x5a.
     pub fn new(what: Stuck, sector: u64) -> Arc<Gate> {
+        Gate::build(what, Some(sector), std::time::Duration::ZERO)
+    }
+
+    /// A disk where nothing gets stuck but every read takes `delay` (a
+    /// network disk).
+    pub fn slow_reads(delay: std::time::Duration) -> Arc<Gate> {
+        Gate::build(Stuck::Reads, None, delay)
+    }
+
+    fn build(what: Stuck, sector: Option<u64>, read_delay: std::time::Duration) -> Arc<Gate> {
         use std::os::unix::fs::FileExt;
         let f = vfio_user_blk::util::memfd("gate").unwrap();
         f.set_len(SIZE).unwrap();
-        f.write_all_at(&[0x5au8; 4096], sector * 512).unwrap();
+        if let Some(sector) = sector {
+            f.write_all_at(&[0x5au8; 4096], sector * 512).unwrap();
+        }
         Arc::new(Gate {
             inner: FileBackend::new(f, false, 512, true, false),
-            at: sector * 512,
+            read_delay,
+            at: sector.map(|s| s * 512),
             what,
             armed: AtomicBool::new(true),
             open: Mutex::new(false),
@@ -77,7 +93,7 @@ impl Gate {
     }
 
     fn pass(&self, offset: u64, write: bool) {
-        let stuck = offset == self.at
+        let stuck = Some(offset) == self.at
             && match self.what {
                 Stuck::Reads => !write,
                 Stuck::FirstWrite => write && self.armed.swap(false, Ordering::SeqCst),
@@ -94,6 +110,9 @@ impl Gate {
 
 impl Backend for Gate {
     fn read_at(&self, iov: &[GuestIov], offset: u64) -> io::Result<()> {
+        if !self.read_delay.is_zero() {
+            thread::sleep(self.read_delay);
+        }
         self.pass(offset, false);
         self.inner.read_at(iov, offset)
     }
