@@ -102,16 +102,19 @@ impl ServerProcess {
             dir,
             log,
         };
-        s.wait_listening();
+        // Every `--device` listens too, each after the one before: a test
+        // that connects to the last must not find it not bound yet.
+        let devices = 1 + args.iter().filter(|a| a.starts_with("--device")).count();
+        s.wait_listening(devices);
         s
     }
 
-    fn wait_listening(&mut self) {
+    fn wait_listening(&mut self, devices: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             // The log line comes after bind+listen; the socket file alone
             // may be a stale one the server is about to replace.
-            if self.socket.exists() && self.log_text().contains("listening on") {
+            if self.socket.exists() && self.log_text().matches("listening on").count() >= devices {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
