@@ -151,10 +151,11 @@ fn a_hundred_upgrades_under_verified_io_lose_nothing() {
     assert_eq!(two.t.child.id(), pid);
     // (Management connections come and go, the one that asked for the
     // upgrade too: the fewest open in a stretch of upgrades is what stays,
-    // give or take those. A descriptor lost per upgrade would be 80 more.)
+    // give or take those: under load, 27 to 35 in one stretch. A
+    // descriptor lost per upgrade would be 80 more, one per ten 8 more.)
     let least = |r: std::ops::Range<usize>| fds[r].iter().map(|f| f.0).min().unwrap();
     let most_rss = |r: std::ops::Range<usize>| fds[r].iter().map(|f| f.1).max().unwrap();
-    assert!(least(85..100) <= least(5..20) + 2, "descriptors: {fds:?}");
+    assert!(least(85..100) <= least(5..20) + 7, "descriptors: {fds:?}");
     let (rss_early, rss_late) = (most_rss(5..20), most_rss(85..100));
     assert!(
         rss_late < rss_early + (8 << 10),
@@ -440,6 +441,46 @@ fn management_connections_and_event_subscriptions_go_on_across_an_upgrade() {
     }
 }
 
+/// A subscriber handed over by an upgrade heard nothing until its thread in
+/// the new binary subscribed again: a device added at once after the
+/// upgrade's answer was lost to it (seen under load, 1 run in 30). Its
+/// events now start before the answer goes out.
+#[test]
+fn an_event_right_after_an_upgrade_reaches_a_subscriber_whose_thread_starts_late() {
+    use std::io::BufRead;
+    let hook = TempDir::new("late-sub");
+    let late = hook.path("late");
+    std::fs::write(&late, "").unwrap();
+    let two = two_env(&[], &[("VFIO_USER_BLK_TEST_LATE_SUBSCRIBER", &late)]);
+    let s = std::os::unix::net::UnixStream::connect(&two.t.rpc).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut er = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut ew = s;
+    assert_eq!(
+        ask(&mut ew, &mut er, 1, "events_subscribe")["result"]["subscribed"],
+        true
+    );
+    call(&two.t.rpc, "target_upgrade", json!({})).unwrap();
+    let sock = two.dir.path("c.sock");
+    call(
+        &two.t.rpc,
+        "device_add",
+        json!({"name": "late", "socket": sock, "disk": "null:1M"}),
+    )
+    .unwrap();
+    assert!(!late.exists(), "the hook was not taken");
+    let mut line = String::new();
+    loop {
+        line.clear();
+        er.read_line(&mut line)
+            .unwrap_or_else(|e| panic!("no event of the device added: {e}"));
+        let e: Value = serde_json::from_str(&line).unwrap();
+        if e["params"]["device"] == "late" {
+            break;
+        }
+    }
+}
+
 #[test]
 fn an_upgrade_stopped_by_one_stuck_disk_lets_every_other_device_go_on() {
     use support::nbd::{have, Listen, NbdServer};
@@ -589,9 +630,18 @@ fn interrupts_reach_the_driver_after_every_upgrade_msix_and_intx() {
                 !b.queues[0].enable_interrupts(&b.mem),
                 "completions waiting"
             );
+            let before = b.used_idx(0);
             let s = b.submit(0, &Request::write(8 * i + 4, &pattern(i + 100, 512)));
             b.kick(0);
-            b.wait_used(0, 1, Duration::from_secs(10));
+            // Watch the used index without taking the entry: `wait_used`
+            // would ask for the interrupt after it, and a device that
+            // decides after that (under load) rightly sends none
+            // (EVENT_IDX), so nothing would fire at the unmask.
+            let t = Instant::now();
+            while b.used_idx(0) == before && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(b.try_used(0).len(), 1, "the write completed");
             assert_eq!(b.result(&s).0, S_OK);
             std::thread::sleep(Duration::from_millis(50));
             assert_eq!(

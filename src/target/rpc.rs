@@ -293,6 +293,16 @@ fn upgrade(t: &Target, cx: &ConnCx, p: UpgradeParams) -> Result<Value, RpcError>
 
 /// `events_subscribe`: takes a subscriber's place for the connection.
 fn subscribe(cx: &mut ConnCx) -> Result<Value, RpcError> {
+    subscribe_with(cx, None)
+}
+
+/// [`subscribe`], with the subscription made already when `early` (a
+/// connection subscribed before a live upgrade: its events start before
+/// the upgrade is answered).
+fn subscribe_with(
+    cx: &mut ConnCx,
+    early: Option<crate::events::Subscription>,
+) -> Result<Value, RpcError> {
     use std::sync::atomic::Ordering;
     if !cx.subscribed {
         if SUBSCRIBED.fetch_add(1, Ordering::SeqCst) >= MAX_SUBSCRIBED {
@@ -303,7 +313,7 @@ fn subscribe(cx: &mut ConnCx) -> Result<Value, RpcError> {
             ));
         }
         cx.subscribed = true;
-        cx.sub = Some(crate::events::subscribe());
+        cx.sub = Some(early.unwrap_or_else(crate::events::subscribe));
     }
     Ok(json!({ "subscribed": true }))
 }
@@ -694,6 +704,10 @@ fn next_line(
 pub struct RpcConn {
     pub stream: UnixStream,
     pub subscribed: bool,
+    /// A subscribed connection's events since it was handed over (made
+    /// before the upgrade is answered: an event right after the answer
+    /// reaches it, though its thread has not started yet).
+    pub early: Option<crate::events::Subscription>,
     /// Its place in the upgrade's hold, taken by the accept thread (None:
     /// taken when it is served).
     pub hold: Option<super::rpc_hold::Registered>,
@@ -709,6 +723,7 @@ fn serve_conn(t: &Target, conn: RpcConn, place: &Place) {
     let RpcConn {
         mut stream,
         subscribed,
+        early,
         hold,
     } = conn;
     let mut buf = Vec::new();
@@ -726,8 +741,12 @@ fn serve_conn(t: &Target, conn: RpcConn, place: &Place) {
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut events: Option<std::thread::JoinHandle<()>> = None;
     if subscribed {
+        // (A test's hook: this thread starts late.)
+        if super::upgrade::test_hook("VFIO_USER_BLK_TEST_LATE_SUBSCRIBER").is_some() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
         // Subscribed in the binary before a live upgrade: again here.
-        if subscribe(&mut cx).is_err() {
+        if subscribe_with(&mut cx, early).is_err() {
             return;
         }
         place.busy(true);
@@ -823,15 +842,28 @@ pub fn serve_listener(
     super::upgrade::keep_rpc(&listener, path);
     let places = Places::new(MAX_CONNECTIONS);
     info!("management socket on {}", path.display());
+    // Every subscriber handed over hears of what happens from before the
+    // upgrade is answered (the client may act on the answer at once).
+    let early = |subscribed: bool| subscribed.then(crate::events::subscribe);
+    let handed: Vec<_> = handed
+        .into_iter()
+        .map(|c| {
+            Ok(RpcConn {
+                early: early(c.subscribed),
+                ..c
+            })
+        })
+        .collect();
     let first = first.map(|(s, answer, subscribed)| {
+        let early = early(subscribed);
         super::upgrade::answer(&s, &answer);
         Ok(RpcConn {
             stream: s,
             subscribed,
+            early,
             hold: None,
         })
     });
-    let handed = handed.into_iter().map(Ok);
     std::thread::Builder::new()
         .name("rpc-accept".into())
         .spawn(move || {
@@ -855,6 +887,7 @@ pub fn serve_listener(
                 Some(listener.accept().map(|(stream, _)| RpcConn {
                     stream,
                     subscribed: false,
+                    early: None,
                     hold: Some(super::rpc_hold::register()),
                 }))
             });

@@ -492,6 +492,7 @@ pub fn take_over(
             Some(super::rpc::RpcConn {
                 stream,
                 subscribed,
+                early: None,
                 hold: None,
             })
         })
