@@ -106,6 +106,8 @@ pub(crate) struct QueueState<H: RequestHandler> {
     uring_target: Option<UringTarget>,
     slots: Vec<Slot<H::Req>>,
     in_flight: usize,
+    /// When a request of it was last taken or finished.
+    moved: Instant,
     broken: Option<QueueFault>,
     added: bool,
     waiting_for_memory: bool,
@@ -206,6 +208,7 @@ impl<H: RequestHandler> QueueState<H> {
             memory: p.memory,
             slots,
             in_flight: 0,
+            moved: Instant::now(),
             broken: None,
             added: false,
             waiting_for_memory: false,
@@ -304,8 +307,12 @@ impl<H: RequestHandler> QueueState<H> {
         }
         self.in_flight -= 1;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.stats
-            .record(self.handler.kind(&s.req), s.start.elapsed());
+        let now = Instant::now();
+        self.moved = now;
+        self.stats.record(
+            self.handler.kind(&s.req),
+            now.saturating_duration_since(s.start),
+        );
         let Some(mem) = s.io.iov.end() else { return };
         if self.withdrawn || self.broken.is_some() {
             // The activation is over (or the ring is unusable): nothing is
@@ -588,6 +595,7 @@ impl<H: RequestHandler> QueueState<H> {
         s.at = At::Reactor;
         s.io.iov.begin(mem);
         s.start = Instant::now();
+        self.moved = s.start;
         self.in_flight += 1;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let prepared = self.handler.prepare(mem, chain, &mut s.req, &mut s.io);
@@ -792,6 +800,10 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
 
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    fn moved(&self) -> Instant {
+        self.moved
     }
 
     fn pause(&mut self, fence: Option<Fence>) {
