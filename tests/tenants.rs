@@ -242,12 +242,13 @@ fn add_stuck_disk(
     be
 }
 
-/// Adds to `target` a device named `name` at `sock` on the gate `be`.
+/// Adds to `target` a device named `name` at `sock` on the backend `be`
+/// (of support::gate::SIZE bytes).
 fn add_gated_disk(
     target: &vfio_user_blk::target::Target,
     sock: &std::path::Path,
     name: &str,
-    be: std::sync::Arc<support::gate::Gate>,
+    be: std::sync::Arc<dyn vfio_user_blk::backend::io::Backend>,
 ) {
     let spec: vfio_user_blk::device::DeviceSpec =
         format!("socket={},disk=null:8M,name={name}", sock.display())
@@ -952,6 +953,111 @@ fn another_devices_stuck_request_leaves_a_lone_request_its_spin() {
         rounds.iter().any(|&slept| slept * 10 < n * 9),
         "the busy reactor slept {rounds:?} times in rounds of {n} reads of one device while another's read was stuck"
     );
+}
+
+/// A disk whose io_uring reads come from a pipe: they wait until the test
+/// writes into it (a disk that stops answering).
+struct PipeDisk {
+    read_end: std::os::fd::OwnedFd,
+}
+
+impl vfio_user_blk::backend::io::Backend for PipeDisk {
+    fn read_at(&self, _: &[vfio_user_blk::backend::io::GuestIov], _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EIO))
+    }
+    fn write_at(&self, _: &[vfio_user_blk::backend::io::GuestIov], _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EIO))
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn inline(&self) -> bool {
+        false
+    }
+    fn uring_target(&self) -> Option<vfio_user_blk::backend::io::UringTarget> {
+        use std::os::fd::AsRawFd;
+        Some(vfio_user_blk::backend::io::UringTarget {
+            fd: self.read_end.as_raw_fd(),
+            direct_align: None,
+            durable: false,
+        })
+    }
+}
+
+/// A busy reactor that sleeps to give its shared CPU to the I/O asks for
+/// no doorbell on a queue whose io_uring requests are moving (their
+/// completions wake it, and it takes what came meanwhile). When they stop
+/// moving it must ask again: a request the guest adds then, ringing no
+/// doorbell as it was told, would wait for a completion that never comes.
+/// (Without the reactor's deadline it waited forever.)
+#[test]
+fn a_request_behind_io_uring_requests_that_stopped_is_still_taken() {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let _one = one_at_a_time();
+    let _cpu = confine_to_one_cpu();
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 just made these descriptors and nothing else owns them.
+    let (read_end, write_end) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let dir = TempDir::new("lazy");
+    let target = target_in(
+        &dir,
+        &[
+            "--poll-mode",
+            "busy",
+            "--pollers",
+            "1",
+            "--io-engine",
+            "io-uring",
+        ],
+    );
+    let sock = dir.path("p.sock");
+    add_gated_disk(
+        &target,
+        &sock,
+        "pipe",
+        std::sync::Arc::new(PipeDisk { read_end }),
+    );
+    let mut d = Driver::new(&sock, DriverOptions::default());
+    let reads: Vec<_> = (0..2)
+        .map(|_| d.submit(0, &Request::read(0, 4096)))
+        .collect();
+    d.kick(0);
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(d.used_idx(0), 0, "the pipe's reads did not wait");
+    // A write: the disk drops it (EIO) at once; what matters is that it is
+    // taken, rung for only if the device asks.
+    let w = d.submit(0, &Request::write(8, &[1u8; 512]));
+    d.kick(0);
+    let t = Instant::now();
+    while d.used_idx(0) == 0 && t.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let taken = d.used_idx(0) > 0;
+    // The reads get their bytes, so that everything ends.
+    (&write_end).write_all(&[0u8; 8192]).unwrap();
+    let used = d.wait_used(0, 3, Duration::from_secs(5));
+    assert!(
+        taken,
+        "a request added while the disk's requests stood still was not taken in 5 s"
+    );
+    assert_eq!(used[0].0, w.head, "the write was not the first completed");
+    for r in &reads {
+        assert_eq!(d.result(r).0, S_OK);
+    }
 }
 
 /// A busy reactor with the thread-pool engine.

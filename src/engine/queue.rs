@@ -806,6 +806,10 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         self.moved
     }
 
+    fn on_uring(&self) -> bool {
+        self.uring_target.is_some()
+    }
+
     fn pause(&mut self, fence: Option<Fence>) {
         match fence {
             None => self.holds += 1,

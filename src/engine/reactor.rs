@@ -217,6 +217,8 @@ pub(crate) trait QueueRunner: Send {
     fn in_flight(&self) -> usize;
     /// When a request of it was last taken or finished.
     fn moved(&self) -> Instant;
+    /// Its reads and writes go through the reactor's io_uring.
+    fn on_uring(&self) -> bool;
     fn pause(&mut self, fence: Option<Fence>);
     fn resume(&mut self, fence: bool);
     fn withdraw(&mut self);
@@ -504,14 +506,15 @@ impl Reactor {
     /// Sleeps until a message, a pool completion or an io_uring completion
     /// arrives, or a queue held by its device's limit may go on: false
     /// when it woke for the limit alone.
-    fn sleep(&mut self) -> bool {
+    fn sleep(&mut self, deadline: Option<Instant>) -> bool {
         let waker = self.me.waker.clone();
         waker.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         let cq_ready = self.uring.as_mut().is_some_and(Uring::has_completions);
         let mut woken = true;
         if self.rx.is_empty() && !cq_ready && !waker.kicked.swap(false, Ordering::SeqCst) {
-            match self.queues.iter().filter_map(|q| q.qos_until()).min() {
+            let until = self.queues.iter().filter_map(|q| q.qos_until()).min();
+            match until.into_iter().chain(deadline).min() {
                 None => {
                     let _ = waker.fd.read();
                 }
@@ -624,13 +627,31 @@ impl Reactor {
                 }
                 continue;
             }
+            let mut deadline = None;
             if self.mode != PollMode::Busy || yield_to_io {
                 // Ask for doorbells, then look once more: a request that
                 // arrived before notifications were on would otherwise
                 // wait for the next one.
+                // A busy reactor that sleeps for the I/O asks for none on a
+                // queue whose requests are moving: their next completion
+                // wakes it soon, and it takes what came meanwhile then; a
+                // doorbell would cost the guest a round trip on the CPU
+                // those requests need. It looks again within STALE_OUT, in
+                // case they stop moving.
+                let now = Instant::now();
                 let mut waiting = false;
                 for q in self.queues.iter_mut() {
-                    waiting |= q.set_notifications(true);
+                    let moving = yield_to_io
+                        && q.on_uring()
+                        && q.in_flight() > q.driven()
+                        && now.saturating_duration_since(q.moved()) < STALE_OUT;
+                    if moving {
+                        let at = q.moved() + STALE_OUT;
+                        deadline = Some(deadline.map_or(at, |d: Instant| d.min(at)));
+                        waiting |= q.set_notifications(false);
+                    } else {
+                        waiting |= q.set_notifications(true);
+                    }
                 }
                 if waiting {
                     continue;
@@ -639,7 +660,7 @@ impl Reactor {
             for q in self.queues.iter_mut() {
                 q.undrive();
             }
-            let woken = self.sleep();
+            let woken = self.sleep(deadline);
             let now = ticks();
             self.stats
                 .total_ns
