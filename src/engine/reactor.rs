@@ -48,6 +48,10 @@ const IDLE_PASSES_PER_YIELD: u32 = 64;
 /// long is waiting on a slow disk: its requests are no reason to stop the
 /// spin for another queue's one request.
 const STALE_OUT: Duration = Duration::from_millis(1);
+/// A busy reactor sleeping for the I/O asks for no doorbell on a queue
+/// whose io_uring requests moved within this long, and looks again at most
+/// this long after their last movement.
+const LAZY_DOORBELLS: Duration = Duration::from_micros(200);
 
 /// Wakes a reactor that sleeps. A doorbell sets `kicked` and wakes: no
 /// message per doorbell, so a client ringing doorbells while the reactor is
@@ -636,17 +640,18 @@ impl Reactor {
                 // queue whose requests are moving: their next completion
                 // wakes it soon, and it takes what came meanwhile then; a
                 // doorbell would cost the guest a round trip on the CPU
-                // those requests need. It looks again within STALE_OUT, in
-                // case they stop moving.
+                // those requests need. It looks again within LAZY_DOORBELLS
+                // of their last movement, so that a request added meanwhile
+                // waits no longer than that if none completes.
                 let now = Instant::now();
                 let mut waiting = false;
                 for q in self.queues.iter_mut() {
                     let moving = yield_to_io
                         && q.on_uring()
                         && q.in_flight() > q.driven()
-                        && now.saturating_duration_since(q.moved()) < STALE_OUT;
+                        && now.saturating_duration_since(q.moved()) < LAZY_DOORBELLS;
                     if moving {
-                        let at = q.moved() + STALE_OUT;
+                        let at = q.moved() + LAZY_DOORBELLS;
                         deadline = Some(deadline.map_or(at, |d: Instant| d.min(at)));
                         waiting |= q.set_notifications(false);
                     } else {
