@@ -101,7 +101,7 @@ fn take_over(
     match t.rpc {
         Some((l, p)) => rpc::serve_listener(t.target.clone(), l, &p, t.reply, t.management)?,
         None => {
-            if let Some((s, a, _)) = &t.reply {
+            if let Some((s, a, ..)) = &t.reply {
                 vfio_user_blk::target::upgrade::answer(s, a);
             }
         }

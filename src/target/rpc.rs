@@ -296,15 +296,16 @@ fn subscribe(cx: &mut ConnCx) -> Result<Value, RpcError> {
     subscribe_with(cx, None)
 }
 
-/// [`subscribe`], with the subscription made already when `early` (a
-/// connection subscribed before a live upgrade: its events start before
-/// the upgrade is answered).
-fn subscribe_with(
-    cx: &mut ConnCx,
-    early: Option<crate::events::Subscription>,
-) -> Result<Value, RpcError> {
+/// [`subscribe`], with the place and the subscription taken already when
+/// `early` (a connection subscribed before a live upgrade).
+fn subscribe_with(cx: &mut ConnCx, early: Option<EarlySub>) -> Result<Value, RpcError> {
     use std::sync::atomic::Ordering;
     if !cx.subscribed {
+        if let Some(sub) = early.and_then(EarlySub::into_sub) {
+            cx.subscribed = true;
+            cx.sub = Some(sub);
+            return Ok(json!({ "subscribed": true }));
+        }
         if SUBSCRIBED.fetch_add(1, Ordering::SeqCst) >= MAX_SUBSCRIBED {
             SUBSCRIBED.fetch_sub(1, Ordering::SeqCst);
             return Err(err(
@@ -313,9 +314,44 @@ fn subscribe_with(
             ));
         }
         cx.subscribed = true;
-        cx.sub = Some(early.unwrap_or_else(crate::events::subscribe));
+        cx.sub = Some(crate::events::subscribe());
     }
     Ok(json!({ "subscribed": true }))
+}
+
+/// A subscriber's place and its events, taken in the binary a live upgrade
+/// started for a connection subscribed in the one before, before that
+/// binary starts the devices again and answers the upgrade: no event from
+/// then on is lost to it, and no newcomer takes its place meanwhile.
+/// Dropped unused, it gives the place back.
+pub struct EarlySub(Option<crate::events::Subscription>);
+
+impl EarlySub {
+    /// None when `subscribed` is false or every place is taken.
+    pub fn take(subscribed: bool) -> Option<EarlySub> {
+        use std::sync::atomic::Ordering;
+        if !subscribed {
+            return None;
+        }
+        if SUBSCRIBED.fetch_add(1, Ordering::SeqCst) >= MAX_SUBSCRIBED {
+            SUBSCRIBED.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(EarlySub(Some(crate::events::subscribe())))
+    }
+
+    /// The subscription; its place is the connection's from now on.
+    fn into_sub(mut self) -> Option<crate::events::Subscription> {
+        self.0.take()
+    }
+}
+
+impl Drop for EarlySub {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            SUBSCRIBED.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 fn params<T: DeserializeOwned>(p: Value) -> Result<T, RpcError> {
@@ -704,10 +740,10 @@ fn next_line(
 pub struct RpcConn {
     pub stream: UnixStream,
     pub subscribed: bool,
-    /// A subscribed connection's events since it was handed over (made
-    /// before the upgrade is answered: an event right after the answer
+    /// A subscribed connection's place and events since it was handed
+    /// over (taken before the devices started again: an event right after
     /// reaches it, though its thread has not started yet).
-    pub early: Option<crate::events::Subscription>,
+    pub early: Option<EarlySub>,
     /// Its place in the upgrade's hold, taken by the accept thread (None:
     /// taken when it is served).
     pub hold: Option<super::rpc_hold::Registered>,
@@ -836,26 +872,14 @@ pub fn serve_listener(
     target: Arc<Target>,
     listener: std::os::unix::net::UnixListener,
     path: &Path,
-    first: Option<(UnixStream, Value, bool)>,
+    first: Option<(UnixStream, Value, bool, Option<EarlySub>)>,
     handed: Vec<RpcConn>,
 ) -> Result<()> {
     super::upgrade::keep_rpc(&listener, path);
     let places = Places::new(MAX_CONNECTIONS);
     info!("management socket on {}", path.display());
-    // Every subscriber handed over hears of what happens from before the
-    // upgrade is answered (the client may act on the answer at once).
-    let early = |subscribed: bool| subscribed.then(crate::events::subscribe);
-    let handed: Vec<_> = handed
-        .into_iter()
-        .map(|c| {
-            Ok(RpcConn {
-                early: early(c.subscribed),
-                ..c
-            })
-        })
-        .collect();
-    let first = first.map(|(s, answer, subscribed)| {
-        let early = early(subscribed);
+    let handed = handed.into_iter().map(Ok);
+    let first = first.map(|(s, answer, subscribed, early)| {
         super::upgrade::answer(&s, &answer);
         Ok(RpcConn {
             stream: s,

@@ -426,9 +426,10 @@ pub struct TakenOver {
     pub target: Arc<Target>,
     pub rpc: Option<(UnixListener, PathBuf)>,
     pub metrics: Option<std::net::TcpListener>,
-    /// The management connection to answer first, with its answer and
-    /// whether it is subscribed to events.
-    pub reply: Option<(UnixStream, Value, bool)>,
+    /// The management connection to answer first, with its answer,
+    /// whether it is subscribed to events and (if so) its place and events
+    /// taken before the devices started.
+    pub reply: Option<(UnixStream, Value, bool, Option<super::rpc::EarlySub>)>,
     /// The other management connections, to serve on.
     pub management: Vec<super::rpc::RpcConn>,
 }
@@ -492,11 +493,14 @@ pub fn take_over(
             Some(super::rpc::RpcConn {
                 stream,
                 subscribed,
-                early: None,
+                early: super::rpc::EarlySub::take(subscribed),
                 hold: None,
             })
         })
         .collect();
+    // The connection that asked hears of the devices' events from their
+    // start too, as every subscriber handed over does.
+    let reply_early = super::rpc::EarlySub::take(state.reply_subscribed);
     bag.close_originals();
     // SAFETY: the state's memfd, handed to us and read; nothing owns it.
     unsafe { libc::close(incoming.state_fd) };
@@ -514,7 +518,7 @@ pub fn take_over(
             a["id"] = id;
             a
         }))
-        .map(|(s, a)| (s, a, subscribed));
+        .map(|(s, a)| (s, a, subscribed, reply_early));
     Ok(TakenOver {
         target,
         rpc,
