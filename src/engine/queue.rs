@@ -88,6 +88,8 @@ struct Slot<R> {
     /// Counted in the activation's [`Mutations`]: it changes the disk and
     /// left the reactor (io_uring or pool).
     mutates: bool,
+    /// At the pool as CPU work (counted in the queue's `cpu_out`).
+    cpu_job: bool,
 }
 
 pub(crate) struct QueueState<H: RequestHandler> {
@@ -108,6 +110,10 @@ pub(crate) struct QueueState<H: RequestHandler> {
     in_flight: usize,
     /// When a request of it was last taken or finished.
     moved: Instant,
+    /// Requests in the reactor's io_uring.
+    in_uring: usize,
+    /// Requests at the pool as CPU work.
+    cpu_out: usize,
     broken: Option<QueueFault>,
     added: bool,
     waiting_for_memory: bool,
@@ -189,6 +195,7 @@ impl<H: RequestHandler> QueueState<H> {
                 span: (0, 0),
                 start: Instant::now(),
                 mutates: false,
+                cpu_job: false,
             })
             .collect();
         QueueState {
@@ -209,6 +216,8 @@ impl<H: RequestHandler> QueueState<H> {
             slots,
             in_flight: 0,
             moved: Instant::now(),
+            in_uring: 0,
+            cpu_out: 0,
             broken: None,
             added: false,
             waiting_for_memory: false,
@@ -381,6 +390,8 @@ impl<H: RequestHandler> QueueState<H> {
         // disk that stopped answering, and must not hold a CPU place then.
         let cpu_bound =
             self.inline || (s.io.kind == IoKind::WriteZeroes && self.backend.zeroes_are_written());
+        s.cpu_job = cpu_bound;
+        self.cpu_out += usize::from(cpu_bound);
         cx.pool.submit(Job {
             io: std::mem::take(&mut s.io),
             backend: self.backend.clone(),
@@ -453,6 +464,7 @@ impl<H: RequestHandler> QueueState<H> {
                 if unsafe { u.push(&t, &s.io, user_data) } {
                     u.charge(self.tenant, len);
                     s.at = At::Uring;
+                    self.in_uring += 1;
                     self.leaves(slot);
                     return 0;
                 }
@@ -713,6 +725,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             return;
         }
         s.at = At::Reactor;
+        self.in_uring -= 1;
         if let Some(u) = cx.uring.as_deref_mut() {
             u.release(self.tenant, s.io.len());
         }
@@ -731,6 +744,9 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         }
         s.io = d.io;
         s.at = At::Reactor;
+        if std::mem::take(&mut s.cpu_job) {
+            self.cpu_out -= 1;
+        }
         self.finish(d.slot, Some(d.result));
     }
 
@@ -806,8 +822,12 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         self.moved
     }
 
-    fn on_uring(&self) -> bool {
-        self.uring_target.is_some()
+    fn in_uring(&self) -> bool {
+        self.in_uring > 0
+    }
+
+    fn cpu_out(&self) -> usize {
+        self.cpu_out
     }
 
     fn pause(&mut self, fence: Option<Fence>) {

@@ -221,8 +221,12 @@ pub(crate) trait QueueRunner: Send {
     fn in_flight(&self) -> usize;
     /// When a request of it was last taken or finished.
     fn moved(&self) -> Instant;
-    /// Its reads and writes go through the reactor's io_uring.
-    fn on_uring(&self) -> bool;
+    /// Requests of it are in the reactor's io_uring (their completions
+    /// wake the reactor; a thread pool's would too, but there the lazy
+    /// doorbells below cost more than they save).
+    fn in_uring(&self) -> bool;
+    /// Requests of it at the thread pool as CPU work (copies).
+    fn cpu_out(&self) -> usize;
     fn pause(&mut self, fence: Option<Fence>);
     fn resume(&mut self, fence: bool);
     fn withdraw(&mut self);
@@ -497,13 +501,19 @@ impl Reactor {
     }
 
     /// Requests in other threads' hands on queues where one was taken or
-    /// finished within STALE_OUT.
+    /// finished within STALE_OUT, and CPU work at the pool however long it
+    /// has run (it needs the CPU a spin would take).
     fn recent_out(&self) -> usize {
         let now = Instant::now();
         self.queues
             .iter()
-            .filter(|q| now.saturating_duration_since(q.moved()) < STALE_OUT)
-            .map(|q| q.in_flight().saturating_sub(q.driven()))
+            .map(|q| {
+                if now.saturating_duration_since(q.moved()) < STALE_OUT {
+                    q.in_flight().saturating_sub(q.driven())
+                } else {
+                    q.cpu_out()
+                }
+            })
             .sum()
     }
 
@@ -647,7 +657,7 @@ impl Reactor {
                 let mut waiting = false;
                 for q in self.queues.iter_mut() {
                     let moving = yield_to_io
-                        && q.on_uring()
+                        && q.in_uring()
                         && q.in_flight() > q.driven()
                         && now.saturating_duration_since(q.moved()) < LAZY_DOORBELLS;
                     if moving {
