@@ -755,29 +755,13 @@ fn a_busy_reactor_sharing_its_cpu_sleeps_while_several_requests_are_out() {
     let _cpu = confine_to_one_cpu();
     // A disk whose reads take 1 ms each (a network disk).
     let be = support::gate::Gate::slow_reads(Duration::from_millis(1));
-    let pid = std::process::id();
-    let before: Vec<u32> = threads_named(pid, "reactor-")
-        .iter()
-        .map(|t| t.tid)
-        .collect();
+    let before = Reactors::now();
     let (_dir, sock) = support::gate::serve_on(be, BUSY_THREADS);
     let mut d = Driver::new(&sock, DriverOptions::default());
     // This server's reactor only (another test's would count otherwise).
-    let ours: Vec<u32> = threads_named(pid, "reactor-")
-        .iter()
-        .map(|t| t.tid)
-        .filter(|t| !before.contains(t))
-        .collect();
-    assert!(!ours.is_empty(), "no reactor thread of this server");
+    let ours = before.started_since();
     // Its time on a CPU and the times it went to sleep, summed.
-    let reactor = move || -> (u64, u64) {
-        threads_named(pid, "reactor-")
-            .iter()
-            .filter(|t| ours.contains(&t.tid))
-            .fold((0, 0), |(r, s), t| {
-                (r + t.run_ns.unwrap_or(0), s + t.sleeps)
-            })
-    };
+    let reactor = move || ours.run_and_sleeps();
     // Eight reads out at all times until the sampler has measured 300 ms,
     // after 100 ms to settle.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -830,25 +814,10 @@ fn a_busy_reactor_sharing_its_cpu_sleeps_while_several_requests_are_out() {
 fn empty_doorbells_do_not_keep_a_busy_reactor_on_a_shared_cpu() {
     let _one = one_at_a_time();
     let _cpu = confine_to_one_cpu();
-    let pid = std::process::id();
-    let before: Vec<u32> = threads_named(pid, "reactor-")
-        .iter()
-        .map(|t| t.tid)
-        .collect();
+    let before = Reactors::now();
     let (gate, _dir, mut d) = support::gate::stuck_reads(BUSY_THREADS);
-    let ours: Vec<u32> = threads_named(pid, "reactor-")
-        .iter()
-        .map(|t| t.tid)
-        .filter(|t| !before.contains(t))
-        .collect();
-    assert!(!ours.is_empty(), "no reactor thread of this server");
-    let sleeps = || -> u64 {
-        threads_named(pid, "reactor-")
-            .iter()
-            .filter(|t| ours.contains(&t.tid))
-            .map(|t| t.sleeps)
-            .sum()
-    };
+    let ours = before.started_since();
+    let sleeps = || ours.run_and_sleeps().1;
     support::gate::stuck_read(&mut d, 64);
     gate.wait_entered();
     thread::sleep(Duration::from_millis(50));
@@ -881,11 +850,7 @@ fn empty_doorbells_do_not_keep_a_busy_reactor_on_a_shared_cpu() {
 fn another_devices_stuck_request_leaves_a_lone_request_its_spin() {
     let _one = one_at_a_time();
     let _cpu = confine_to_one_cpu();
-    let pid = std::process::id();
-    let before: Vec<u32> = threads_named(pid, "reactor-")
-        .iter()
-        .map(|t| t.tid)
-        .collect();
+    let before = Reactors::now();
     let dir = TempDir::new("lone");
     let target = target_in(&dir, BUSY_THREADS);
     let stuck = dir.path("stuck.sock");
@@ -897,19 +862,8 @@ fn another_devices_stuck_request_leaves_a_lone_request_its_spin() {
         "other",
         support::gate::Gate::slow_reads(Duration::ZERO),
     );
-    let ours: Vec<u32> = threads_named(pid, "reactor-")
-        .iter()
-        .map(|t| t.tid)
-        .filter(|t| !before.contains(t))
-        .collect();
-    assert!(!ours.is_empty(), "no reactor thread of this target");
-    let sleeps = || -> u64 {
-        threads_named(pid, "reactor-")
-            .iter()
-            .filter(|t| ours.contains(&t.tid))
-            .map(|t| t.sleeps)
-            .sum()
-    };
+    let ours = before.started_since();
+    let sleeps = || ours.run_and_sleeps().1;
     let mut d = Driver::new(&stuck, DriverOptions::default());
     support::gate::stuck_read(&mut d, 64);
     be.wait_entered();
@@ -1061,6 +1015,48 @@ fn a_request_behind_io_uring_requests_that_stopped_is_still_taken() {
     assert_eq!(used[0].0, w.head, "the write was not the first completed");
     for r in &reads {
         assert_eq!(d.result(r).0, S_OK);
+    }
+}
+
+/// Reactor threads of this process, by thread id.
+struct Reactors(Vec<u32>);
+
+impl Reactors {
+    fn now() -> Reactors {
+        Reactors(
+            threads_named(std::process::id(), "reactor-")
+                .iter()
+                .map(|t| t.tid)
+                .collect(),
+        )
+    }
+
+    /// Those started since `self` was taken (a target's of this test; not
+    /// another test's, which would count otherwise); at least one. A
+    /// thread just spawned names itself when it first runs: on a loaded
+    /// machine that may take a moment (a CI run found none at once).
+    fn started_since(&self) -> Reactors {
+        let new = || -> Vec<u32> {
+            Reactors::now()
+                .0
+                .into_iter()
+                .filter(|t| !self.0.contains(t))
+                .collect()
+        };
+        wait_until("a reactor thread of this test's target", || {
+            !new().is_empty()
+        });
+        Reactors(new())
+    }
+
+    /// Their time on a CPU (ns) and the times they went to sleep, summed.
+    fn run_and_sleeps(&self) -> (u64, u64) {
+        threads_named(std::process::id(), "reactor-")
+            .iter()
+            .filter(|t| self.0.contains(&t.tid))
+            .fold((0, 0), |(r, s), t| {
+                (r + t.run_ns.unwrap_or(0), s + t.sleeps)
+            })
     }
 }
 

@@ -399,6 +399,18 @@ fn ask(
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
 }
 
+/// Adds a device named `late` to the target (its event is what the
+/// subscribers below wait for).
+fn add_late_device(two: &Two) {
+    let sock = two.dir.path("c.sock");
+    call(
+        &two.t.rpc,
+        "device_add",
+        json!({"name": "late", "socket": sock, "disk": "null:1M"}),
+    )
+    .unwrap();
+}
+
 #[test]
 fn management_connections_and_event_subscriptions_go_on_across_an_upgrade() {
     use std::io::BufRead;
@@ -423,13 +435,7 @@ fn management_connections_and_event_subscriptions_go_on_across_an_upgrade() {
     let v = ask(&mut w, &mut r, 3, "device_list");
     assert_eq!(v["result"].as_array().unwrap().len(), 2, "{v}");
     // And the subscriber hears of what happens after the upgrades.
-    let sock = two.dir.path("c.sock");
-    call(
-        &two.t.rpc,
-        "device_add",
-        json!({"name": "late", "socket": sock, "disk": "null:1M"}),
-    )
-    .unwrap();
+    add_late_device(&two);
     let mut line = String::new();
     loop {
         line.clear();
@@ -461,13 +467,7 @@ fn an_event_right_after_an_upgrade_reaches_a_subscriber_whose_thread_starts_late
         true
     );
     call(&two.t.rpc, "target_upgrade", json!({})).unwrap();
-    let sock = two.dir.path("c.sock");
-    call(
-        &two.t.rpc,
-        "device_add",
-        json!({"name": "late", "socket": sock, "disk": "null:1M"}),
-    )
-    .unwrap();
+    add_late_device(&two);
     assert!(!late.exists(), "the hook was not taken");
     let mut line = String::new();
     loop {
