@@ -658,7 +658,6 @@ impl Reactor {
                 for q in self.queues.iter_mut() {
                     let moving = yield_to_io
                         && q.in_uring()
-                        && q.in_flight() > q.driven()
                         && now.saturating_duration_since(q.moved()) < LAZY_DOORBELLS;
                     if moving {
                         let at = q.moved() + LAZY_DOORBELLS;

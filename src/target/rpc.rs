@@ -299,30 +299,26 @@ fn subscribe(cx: &mut ConnCx) -> Result<Value, RpcError> {
 /// [`subscribe`], with the place and the subscription taken already when
 /// `early` (a connection subscribed before a live upgrade).
 fn subscribe_with(cx: &mut ConnCx, early: Option<EarlySub>) -> Result<Value, RpcError> {
-    use std::sync::atomic::Ordering;
     if !cx.subscribed {
-        if let Some(sub) = early.and_then(EarlySub::into_sub) {
-            cx.subscribed = true;
-            cx.sub = Some(sub);
-            return Ok(json!({ "subscribed": true }));
-        }
-        if SUBSCRIBED.fetch_add(1, Ordering::SeqCst) >= MAX_SUBSCRIBED {
-            SUBSCRIBED.fetch_sub(1, Ordering::SeqCst);
+        let sub = early
+            .or_else(|| EarlySub::take(true))
+            .and_then(EarlySub::into_sub);
+        let Some(sub) = sub else {
             return Err(err(
                 FAILED,
                 format!("{MAX_SUBSCRIBED} connections are subscribed already"),
             ));
-        }
+        };
         cx.subscribed = true;
-        cx.sub = Some(crate::events::subscribe());
+        cx.sub = Some(sub);
     }
     Ok(json!({ "subscribed": true }))
 }
 
-/// A subscriber's place and its events, taken in the binary a live upgrade
-/// started for a connection subscribed in the one before, before that
-/// binary starts the devices again and answers the upgrade: no event from
-/// then on is lost to it, and no newcomer takes its place meanwhile.
+/// A subscriber's place and its events. Taken early in the binary a live
+/// upgrade started, for a connection subscribed in the one before, before
+/// that binary starts the devices again and answers the upgrade: no event
+/// from then on is lost to it, and no newcomer takes its place meanwhile.
 /// Dropped unused, it gives the place back.
 pub struct EarlySub(Option<crate::events::Subscription>);
 
