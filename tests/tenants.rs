@@ -840,6 +840,25 @@ fn empty_doorbells_do_not_keep_a_busy_reactor_on_a_shared_cpu() {
 /// QD1 took 34 µs instead of 21 for as long as the first was stuck).
 #[test]
 fn another_devices_stuck_request_leaves_a_lone_request_its_spin() {
+    lone_request_beside_a_stuck_one(false);
+}
+
+/// The same while the stuck request's own guest keeps its queue moving
+/// with other reads, one every 700 µs or so: staleness was judged by a
+/// queue's last taken or finished request, so those kept the stuck one
+/// counted (and the reactor slept after each of the other's reads). It is
+/// judged by each request's age now.
+#[test]
+fn a_stuck_request_stays_stale_while_its_queue_keeps_moving() {
+    lone_request_beside_a_stuck_one(true);
+}
+
+/// Device "stuck" has a read stuck (and, with `stream`, a thread reading
+/// elsewhere on the same queue meanwhile); device "other" on the same busy
+/// reactor reads at QD1, each read waited for without sleeping: the reactor
+/// must spin for them rather than sleep after each.
+fn lone_request_beside_a_stuck_one(stream: bool) {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let _one = one_at_a_time();
     let _cpu = confine_to_one_cpu();
     let before = Reactors::now();
@@ -859,6 +878,32 @@ fn another_devices_stuck_request_leaves_a_lone_request_its_spin() {
     let mut d = Driver::new(&stuck, DriverOptions::default());
     support::gate::stuck_read(&mut d, 64);
     be.wait_entered();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // The stuck device's guest reads past its stuck read (sectors 128 on,
+    // away from the gate's), each done at once, often enough that its
+    // queue always moved within the last millisecond.
+    let streamer = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut done = 0u64;
+            while stream && !stop.load(Ordering::Relaxed) {
+                let r = d.submit(0, &Request::read(128 + (done % 64) * 8, 4096));
+                d.kick(0);
+                let t = Instant::now();
+                while d.try_used(0).is_empty() {
+                    assert!(
+                        t.elapsed() < Duration::from_secs(5),
+                        "stream read {done} lost"
+                    );
+                    thread::yield_now();
+                }
+                assert_eq!(d.result(&r).0, S_OK);
+                done += 1;
+                thread::sleep(Duration::from_micros(700));
+            }
+            (d, done)
+        })
+    };
     thread::sleep(Duration::from_millis(50));
     let mut b = Driver::new(&other, DriverOptions::default());
     for i in 0..20 {
@@ -893,8 +938,12 @@ fn another_devices_stuck_request_leaves_a_lone_request_its_spin() {
             break;
         }
     }
+    stop.store(true, Ordering::Relaxed);
+    let (mut d, streamed) = streamer.join().unwrap();
     be.release();
     d.wait_used(0, 1, Duration::from_secs(5));
+    eprintln!("sleeps per round of {n}: {rounds:?}; stream reads: {streamed}");
+    assert!(!stream || streamed > 5, "the stream made {streamed} reads");
     assert!(
         rounds.iter().any(|&slept| slept * 10 < n * 9),
         "the busy reactor slept {rounds:?} times in rounds of {n} reads of one device while another's read was stuck"

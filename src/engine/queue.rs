@@ -32,10 +32,11 @@
 //!    this file adds the used entry (`virtio/ring.rs`), the one place that
 //!    does. The pass ends with one interrupt decision per queue (`signal`).
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::util::DeviceLog;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
@@ -60,6 +61,10 @@ const PASS_SYNC_BYTES: usize = 8 << 20;
 /// larger ones, and discard and write-zeroes on memory disks, go to the
 /// thread pool.
 const INLINE_MAX: usize = 1 << 20;
+/// A request out (in another thread's hands) for this long waits on a slow
+/// or stuck disk: it is no reason to stop a reactor's spin for another
+/// request (see [`QueueRunner::recent_out`]).
+const RECENT_OUT: Duration = Duration::from_millis(1);
 
 /// Where a request's backend work is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +119,10 @@ pub(crate) struct QueueState<H: RequestHandler> {
     in_uring: usize,
     /// Requests at the pool as CPU work.
     cpu_out: usize,
+    /// The requests taken within RECENT_OUT (and a few older ones until
+    /// the next take), oldest first: when, and their slot. An entry whose
+    /// slot was freed or taken again since is left for the next prune.
+    taken: VecDeque<(Instant, u16)>,
     broken: Option<QueueFault>,
     added: bool,
     waiting_for_memory: bool,
@@ -218,6 +227,7 @@ impl<H: RequestHandler> QueueState<H> {
             moved: Instant::now(),
             in_uring: 0,
             cpu_out: 0,
+            taken: VecDeque::new(),
             broken: None,
             added: false,
             waiting_for_memory: false,
@@ -596,6 +606,7 @@ impl<H: RequestHandler> QueueState<H> {
             }
         };
         let head = chain.head_index();
+        let cap = self.slots.len();
         let Some(s) = self.slots.get_mut(usize::from(head)) else {
             self.break_queue(ChainError::HeadOutOfRange(head).into());
             return Taken::Stop;
@@ -608,6 +619,17 @@ impl<H: RequestHandler> QueueState<H> {
         s.io.iov.begin(mem);
         s.start = Instant::now();
         self.moved = s.start;
+        // Nothing older than RECENT_OUT is counted again. The log keeps a
+        // ring's worth at most: a queue that takes more than that within
+        // RECENT_OUT is moving, and an older request of it left uncounted
+        // costs at most another queue's lone request a spin.
+        let start = s.start;
+        while self.taken.front().is_some_and(|&(t, _)| {
+            start.saturating_duration_since(t) >= RECENT_OUT || self.taken.len() >= cap
+        }) {
+            self.taken.pop_front();
+        }
+        self.taken.push_back((start, head));
         self.in_flight += 1;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let prepared = self.handler.prepare(mem, chain, &mut s.req, &mut s.io);
@@ -826,8 +848,22 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         self.in_uring > 0
     }
 
-    fn cpu_out(&self) -> usize {
-        self.cpu_out
+    fn recent_out(&self, now: Instant) -> usize {
+        let mut n = self.cpu_out;
+        for &(t, slot) in self.taken.iter().rev() {
+            if n > 1 || now.saturating_duration_since(t) >= RECENT_OUT {
+                break;
+            }
+            let s = &self.slots[usize::from(slot)];
+            let out = match s.at {
+                At::Free | At::Reactor => false,
+                At::Aio => !self.is_driven,
+                At::Uring | At::Pool => !s.cpu_job,
+            };
+            // The same slot taken again since has an entry of its own.
+            n += usize::from(out && s.start == t);
+        }
+        n
     }
 
     fn pause(&mut self, fence: Option<Fence>) {

@@ -44,10 +44,6 @@ const ADAPTIVE_SPIN: Duration = Duration::from_micros(200);
 const QOS_RECHECK: Duration = Duration::from_millis(50);
 /// Idle passes of a spinning reactor between two yields of its core.
 const IDLE_PASSES_PER_YIELD: u32 = 64;
-/// A queue with requests out where none was taken or finished for this
-/// long is waiting on a slow disk: its requests are no reason to stop the
-/// spin for another queue's one request.
-const STALE_OUT: Duration = Duration::from_millis(1);
 /// A busy reactor sleeping for the I/O asks for no doorbell on a queue
 /// whose io_uring requests moved within this long, and looks again at most
 /// this long after their last movement.
@@ -225,8 +221,12 @@ pub(crate) trait QueueRunner: Send {
     /// wake the reactor; a thread pool's would too, but there the lazy
     /// doorbells below cost more than they save).
     fn in_uring(&self) -> bool;
-    /// Requests of it at the thread pool as CPU work (copies).
-    fn cpu_out(&self) -> usize;
+    /// Requests of it in other threads' hands that count against another
+    /// queue's lone request: those taken within a millisecond (older ones
+    /// wait on a slow or stuck disk), and CPU work at the pool however old
+    /// (it needs the CPU a spin would take), at `now`: exact up to 2, at
+    /// least 2 beyond.
+    fn recent_out(&self, now: Instant) -> usize;
     fn pause(&mut self, fence: Option<Fence>);
     fn resume(&mut self, fence: bool);
     fn withdraw(&mut self);
@@ -500,21 +500,11 @@ impl Reactor {
         self.queues.iter().map(|q| q.driven()).sum()
     }
 
-    /// Requests in other threads' hands on queues where one was taken or
-    /// finished within STALE_OUT, and CPU work at the pool however long it
-    /// has run (it needs the CPU a spin would take).
+    /// Requests in other threads' hands that count against a lone request
+    /// (see `QueueRunner::recent_out`).
     fn recent_out(&self) -> usize {
         let now = Instant::now();
-        self.queues
-            .iter()
-            .map(|q| {
-                if now.saturating_duration_since(q.moved()) < STALE_OUT {
-                    q.in_flight().saturating_sub(q.driven())
-                } else {
-                    q.cpu_out()
-                }
-            })
-            .sum()
+        self.queues.iter().map(|q| q.recent_out(now)).sum()
     }
 
     /// Sleeps until a message, a pool completion or an io_uring completion
@@ -583,10 +573,11 @@ impl Reactor {
         // Intel Xeon VM). With more requests out it sleeps at once: with a
         // spin that their completions kept renewing, O_DIRECT runs at QD32
         // collapsed to 2.3k IOPS now and then (why was not found).
-        // Requests of a queue where nothing moved for STALE_OUT (a disk
-        // that hangs, or answers in milliseconds) do not count: one
-        // tenant's stuck request must not cost another's lone request its
-        // spin (a 4 KiB buffered write at QD1 took 34 µs instead of 21).
+        // Requests out for a millisecond or more (a disk that hangs, or
+        // answers in milliseconds) do not count: one tenant's stuck request
+        // must not cost another's lone request its spin (a 4 KiB buffered
+        // write at QD1 took 34 µs instead of 21), even while that tenant
+        // keeps its queue moving with other requests.
         let lone = yield_to_io && (out == 1 || self.recent_out() == 1);
         let busy_wait = self.queues.iter().any(|q| q.polled())
             || match self.mode {
