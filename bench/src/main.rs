@@ -563,7 +563,19 @@ fn direct_medium(
         match ramdisk::RamDisk::create(images.size, &image_pattern(), &cpus) {
             Ok(rd) => {
                 let workers = if rd.workers_placed() {
-                    format!("its kernel workers kept on CPU {}", place::list(&cpus))
+                    let softirq = match rd.softirq_threads_raised() {
+                        0 => "(their softirq threads left as they were)".to_string(),
+                        n => format!(
+                            "and their softirq thread{} (ksoftirqd, which completes the disk's \
+                             requests) at real-time priority, as a real disk's interrupts are \
+                             handled before any thread",
+                            if n == 1 { "" } else { "s" }
+                        ),
+                    };
+                    format!(
+                        "its kernel workers kept on CPU {} {softirq}",
+                        place::list(&cpus)
+                    )
                 } else {
                     "its kernel workers wherever the machine's workqueue mask puts them \
                      (not changed: no placement, or it cannot be written, or another bench \
