@@ -904,6 +904,14 @@ fn lone_request_beside_a_stuck_one(stream: bool) {
             (d, done)
         })
     };
+    // The stream ends however this test does.
+    struct Stop(std::sync::Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop = Stop(stop);
     thread::sleep(Duration::from_millis(50));
     let mut b = Driver::new(&other, DriverOptions::default());
     for i in 0..20 {
@@ -938,7 +946,7 @@ fn lone_request_beside_a_stuck_one(stream: bool) {
             break;
         }
     }
-    stop.store(true, Ordering::Relaxed);
+    drop(stop);
     let (mut d, streamed) = streamer.join().unwrap();
     be.release();
     d.wait_used(0, 1, Duration::from_secs(5));

@@ -315,7 +315,9 @@ fn boot_id() -> String {
 /// The record a bench killed outright left: the mask from before it, if
 /// the record is root's own regular file (not a link, not a FIFO), from
 /// this boot, and the mask is still the one that bench set (nobody
-/// changed it since). A record that does not hold is removed.
+/// changed it since). A record that does not hold is removed. The softirq
+/// threads it names are put back to normal priority if it is root's and
+/// from this boot, whatever the mask.
 fn killed_benchs_mask(current: &str) -> Option<String> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let f = std::fs::OpenOptions::new()
@@ -327,27 +329,28 @@ fn killed_benchs_mask(current: &str) -> Option<String> {
     let mut text = String::new();
     let read = meta.is_file()
         && meta.uid() == 0
-        && meta.len() < 256
+        && meta.len() < 4096
         && std::io::Read::read_to_string(&mut &f, &mut text).is_ok();
     let fields: Vec<&str> = text.split_whitespace().collect();
     let (old, raised) = match (read, fields.as_slice()) {
-        (true, [old, set, boot, rest @ ..])
-            if *set == current && *boot == boot_id() && rest.len() <= 1 =>
-        {
-            (mask_text(old), rest.first().copied())
-        }
+        (true, [old, set, boot, rest @ ..]) if *boot == boot_id() && rest.len() <= 1 => (
+            (*set == current).then(|| mask_text(old)).flatten(),
+            rest.first().copied(),
+        ),
         _ => (None, None),
     };
-    if old.is_none() {
-        let _ = std::fs::remove_file(WQ_SAVED);
-    } else if let Some(list) = raised {
-        // Its softirq threads go back to normal priority at once.
+    // Its softirq threads go back to normal priority at once, even where
+    // someone changed the mask since (each is checked to be one).
+    if let Some(list) = raised {
         lower(
             &list
                 .split(',')
                 .filter_map(|p| p.parse().ok())
                 .collect::<Vec<i32>>(),
         );
+    }
+    if old.is_none() {
+        let _ = std::fs::remove_file(WQ_SAVED);
     }
     old
 }
@@ -361,29 +364,42 @@ fn softirq_thread(cpu: usize) -> Option<i32> {
     })
 }
 
-/// `pid` is a kernel thread (a child of kthreadd) named `name`.
+/// `pid` is a kernel thread named `name`: its PF_KTHREAD flag is set (a
+/// child of pid 2 in a pid namespace of its own may be anything).
 fn is_softirq_thread(pid: i32, name: &str) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
     let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
         return false;
     };
-    let ppid = stat[close + 1..].split_whitespace().nth(1);
-    &stat[open + 1..close] == name && ppid == Some("2")
+    // After the name: state, ppid, pgrp, session, tty, tpgid, flags.
+    let flags = stat[close + 1..].split_whitespace().nth(6);
+    let kthread = flags
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|f| f & PF_KTHREAD != 0);
+    &stat[open + 1..close] == name && kthread
 }
 
 /// Puts softirq threads given real-time priority back to SCHED_OTHER (a
-/// pid that is no softirq thread, or not at SCHED_FIFO, is left alone).
+/// pid that is no softirq thread, or not at SCHED_FIFO priority 1, is left
+/// alone).
 fn lower(pids: &[i32]) {
     for &pid in pids {
         let Some(name) = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok() else {
             continue;
         };
         let name = name.trim();
-        // SAFETY: sched_getscheduler reads a policy; no memory effects.
-        let fifo = unsafe { libc::sched_getscheduler(pid) } == libc::SCHED_FIFO;
-        if name.starts_with("ksoftirqd/") && is_softirq_thread(pid, name) && fifo {
+        let mut p = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_getscheduler and sched_getparam read a policy and
+        // write one sched_param, valid for the call.
+        let ours = unsafe {
+            libc::sched_getscheduler(pid) == libc::SCHED_FIFO
+                && libc::sched_getparam(pid, &mut p) == 0
+                && p.sched_priority == 1
+        };
+        if name.starts_with("ksoftirqd/") && is_softirq_thread(pid, name) && ours {
             let p = libc::sched_param { sched_priority: 0 };
             // SAFETY: sets a policy from a valid sched_param.
             unsafe { libc::sched_setscheduler(pid, libc::SCHED_OTHER, &p) };
@@ -544,10 +560,6 @@ mod tests {
         // Its softirq thread runs at real-time priority while it exists.
         let during = policy(softirq);
         drop(rd);
-        if normal {
-            assert_eq!(during, Some(libc::SCHED_FIFO));
-            assert_eq!(policy(softirq), Some(libc::SCHED_OTHER));
-        }
         let after = std::fs::read_to_string(WQ_MASK).unwrap();
         if after.trim() != before {
             // Whatever failed, the machine gets its mask back.
@@ -556,6 +568,10 @@ mod tests {
         assert_eq!(kept.as_deref(), Some(before.as_str()));
         assert_eq!(after.trim(), before);
         assert!(!std::path::Path::new(WQ_SAVED).exists());
+        if normal {
+            assert_eq!(during, Some(libc::SCHED_FIFO));
+            assert_eq!(policy(softirq), Some(libc::SCHED_OTHER));
+        }
     }
 
     /// A record that does not hold is not followed and goes: one from
@@ -650,29 +666,60 @@ mod tests {
             }
         }
         let _back = Back(ks);
-        // A thread of this test at real-time priority, asleep.
+        // A thread of this test named like a softirq thread, at real-time
+        // priority, asleep; it goes back to normal priority itself before
+        // it ends (its id is not touched once it may be another's).
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let sleeper = std::thread::spawn(move || {
-            // SAFETY: gettid has no memory effects.
-            tx.send(unsafe { libc::gettid() }).unwrap();
-            let _ = stop_rx.recv();
-        });
+        let sleeper = std::thread::Builder::new()
+            .name("ksoftirqd/0".into())
+            .spawn(move || {
+                // SAFETY: gettid has no memory effects.
+                tx.send(unsafe { libc::gettid() }).unwrap();
+                let _ = stop_rx.recv();
+                let p = libc::sched_param { sched_priority: 0 };
+                // SAFETY: sets this thread's policy from a valid sched_param.
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &p) };
+            })
+            .unwrap();
         let tid = rx.recv().unwrap();
-        let _back_too = Back(tid);
+        let stop = Stop(Some(stop_tx), Some(sleeper));
+        struct Stop(
+            Option<std::sync::mpsc::Sender<()>>,
+            Option<std::thread::JoinHandle<()>>,
+        );
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                drop(self.0.take());
+                if let Some(t) = self.1.take() {
+                    let _ = t.join();
+                }
+            }
+        }
         assert!(fifo(tid, 1));
         let boot = boot_id();
         std::fs::write(WQ_SAVED, format!("1 3 {boot} {ks},{tid},x\n")).unwrap();
         assert_eq!(killed_benchs_mask("3").as_deref(), Some("1"));
         assert_eq!(policy(ks), libc::SCHED_OTHER);
+        // Not a kernel thread: left as it was.
         assert_eq!(policy(tid), libc::SCHED_FIFO);
-        // A record that does not hold names nothing to put back.
+        // A record whose mask someone changed since is not followed for
+        // the mask, but its threads still go back.
         assert!(fifo(ks, 1));
         std::fs::write(WQ_SAVED, format!("1 2 {boot} {ks}\n")).unwrap();
         assert_eq!(killed_benchs_mask("3"), None);
+        assert_eq!(policy(ks), libc::SCHED_OTHER);
+        // One from another boot names nothing.
+        assert!(fifo(ks, 1));
+        std::fs::write(WQ_SAVED, format!("1 3 other-boot {ks}\n")).unwrap();
+        assert_eq!(killed_benchs_mask("3"), None);
         assert_eq!(policy(ks), libc::SCHED_FIFO);
-        stop_tx.send(()).unwrap();
-        sleeper.join().unwrap();
+        // Nor does a priority other than the bench's.
+        assert!(fifo(ks, 2));
+        std::fs::write(WQ_SAVED, format!("1 3 {boot} {ks}\n")).unwrap();
+        assert_eq!(killed_benchs_mask("3").as_deref(), Some("1"));
+        assert_eq!(policy(ks), libc::SCHED_FIFO);
+        drop(stop);
     }
 
     #[test]

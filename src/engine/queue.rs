@@ -65,6 +65,8 @@ const INLINE_MAX: usize = 1 << 20;
 /// or stuck disk: it is no reason to stop a reactor's spin for another
 /// request (see [`QueueRunner::recent_out`]).
 const RECENT_OUT: Duration = Duration::from_millis(1);
+/// The most entries of a queue's log that one `recent_out` looks at.
+const RECENT_WALK: usize = 64;
 
 /// Where a request's backend work is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +97,11 @@ struct Slot<R> {
     mutates: bool,
     /// At the pool as CPU work (counted in the queue's `cpu_out`).
     cpu_job: bool,
+    /// Takes of this slot so far: tells its entries in the queue's `left`
+    /// log apart (a clock may give two takes the same instant).
+    takes: u32,
+    /// Logged in `left` since it was taken.
+    logged: bool,
 }
 
 pub(crate) struct QueueState<H: RequestHandler> {
@@ -119,10 +126,11 @@ pub(crate) struct QueueState<H: RequestHandler> {
     in_uring: usize,
     /// Requests at the pool as CPU work.
     cpu_out: usize,
-    /// The requests taken within RECENT_OUT (and a few older ones until
-    /// the next take), oldest first: when, and their slot. An entry whose
-    /// slot was freed or taken again since is left for the next prune.
-    taken: VecDeque<(Instant, u16)>,
+    /// The requests that left the reactor (for the io_uring, the pool or
+    /// the backend's threads), in that order: when each was taken, its
+    /// slot and which take of the slot it was. An entry whose request has
+    /// finished since stays until pruned (see `leaves`).
+    left: VecDeque<(Instant, u16, u32)>,
     broken: Option<QueueFault>,
     added: bool,
     waiting_for_memory: bool,
@@ -205,6 +213,8 @@ impl<H: RequestHandler> QueueState<H> {
                 start: Instant::now(),
                 mutates: false,
                 cpu_job: false,
+                takes: 0,
+                logged: false,
             })
             .collect();
         QueueState {
@@ -227,7 +237,7 @@ impl<H: RequestHandler> QueueState<H> {
             moved: Instant::now(),
             in_uring: 0,
             cpu_out: 0,
-            taken: VecDeque::new(),
+            left: VecDeque::new(),
             broken: None,
             added: false,
             waiting_for_memory: false,
@@ -369,7 +379,20 @@ impl<H: RequestHandler> QueueState<H> {
     /// Marks the request in `slot` as leaving the reactor: a request that
     /// changes the disk is counted until it finishes.
     fn leaves(&mut self, slot: u16) {
+        let cap = self.slots.len();
         let s = &mut self.slots[usize::from(slot)];
+        if !std::mem::replace(&mut s.logged, true) {
+            // Nothing taken RECENT_OUT before this one counts again, and
+            // the log keeps a ring's worth at most: a queue where more than
+            // that left within RECENT_OUT is moving (see `recent_out`).
+            let start = s.start;
+            while self.left.front().is_some_and(|&(t, _, _)| {
+                start.saturating_duration_since(t) >= RECENT_OUT || self.left.len() >= cap
+            }) {
+                self.left.pop_front();
+            }
+            self.left.push_back((start, slot, s.takes));
+        }
         if !s.mutates
             && matches!(
                 s.io.kind,
@@ -606,7 +629,6 @@ impl<H: RequestHandler> QueueState<H> {
             }
         };
         let head = chain.head_index();
-        let cap = self.slots.len();
         let Some(s) = self.slots.get_mut(usize::from(head)) else {
             self.break_queue(ChainError::HeadOutOfRange(head).into());
             return Taken::Stop;
@@ -618,18 +640,9 @@ impl<H: RequestHandler> QueueState<H> {
         s.at = At::Reactor;
         s.io.iov.begin(mem);
         s.start = Instant::now();
+        s.takes = s.takes.wrapping_add(1);
+        s.logged = false;
         self.moved = s.start;
-        // Nothing older than RECENT_OUT is counted again. The log keeps a
-        // ring's worth at most: a queue that takes more than that within
-        // RECENT_OUT is moving, and an older request of it left uncounted
-        // costs at most another queue's lone request a spin.
-        let start = s.start;
-        while self.taken.front().is_some_and(|&(t, _)| {
-            start.saturating_duration_since(t) >= RECENT_OUT || self.taken.len() >= cap
-        }) {
-            self.taken.pop_front();
-        }
-        self.taken.push_back((start, head));
         self.in_flight += 1;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let prepared = self.handler.prepare(mem, chain, &mut s.req, &mut s.io);
@@ -850,9 +863,18 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
 
     fn recent_out(&self, now: Instant) -> usize {
         let mut n = self.cpu_out;
-        for &(t, slot) in self.taken.iter().rev() {
+        // The newest entries first, and RECENT_WALK of them at most: a
+        // queue with that many requests gone out within RECENT_OUT and
+        // fewer than two of them still out is moving fast, and counts as
+        // two (the reactor sleeps at once, as it did for any queue that
+        // moved). So a guest flooding its queue with quick requests makes
+        // each look cost RECENT_WALK steps, not one per request.
+        for (i, &(t, slot, takes)) in self.left.iter().rev().enumerate() {
             if n > 1 || now.saturating_duration_since(t) >= RECENT_OUT {
                 break;
+            }
+            if i == RECENT_WALK {
+                return n.max(2);
             }
             let s = &self.slots[usize::from(slot)];
             let out = match s.at {
@@ -861,7 +883,7 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
                 At::Uring | At::Pool => !s.cpu_job,
             };
             // The same slot taken again since has an entry of its own.
-            n += usize::from(out && s.start == t);
+            n += usize::from(out && s.takes == takes);
         }
         n
     }
