@@ -360,26 +360,24 @@ fn softirq_thread(cpu: usize) -> Option<i32> {
     let want = format!("ksoftirqd/{cpu}");
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        is_softirq_thread(pid, &want).then_some(pid)
+        (kernel_thread_name(pid)? == want).then_some(pid)
     })
 }
 
-/// `pid` is a kernel thread named `name`: its PF_KTHREAD flag is set (a
-/// child of pid 2 in a pid namespace of its own may be anything).
-fn is_softirq_thread(pid: i32, name: &str) -> bool {
+/// The name of `pid` if it is a kernel thread: its PF_KTHREAD flag is set
+/// (a child of pid 2 in a pid namespace of its own may be anything).
+fn kernel_thread_name(pid: i32) -> Option<String> {
     const PF_KTHREAD: u64 = 0x0020_0000;
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-        return false;
-    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
     // After the name: state, ppid, pgrp, session, tty, tpgid, flags.
-    let flags = stat[close + 1..].split_whitespace().nth(6);
-    let kthread = flags
-        .and_then(|f| f.parse::<u64>().ok())
-        .is_some_and(|f| f & PF_KTHREAD != 0);
-    &stat[open + 1..close] == name && kthread
+    let flags: u64 = stat
+        .get(close + 1..)?
+        .split_whitespace()
+        .nth(6)?
+        .parse()
+        .ok()?;
+    (flags & PF_KTHREAD != 0).then(|| stat.get(open + 1..close).map(str::to_string))?
 }
 
 /// Puts softirq threads given real-time priority back to SCHED_OTHER (a
@@ -387,20 +385,18 @@ fn is_softirq_thread(pid: i32, name: &str) -> bool {
 /// alone).
 fn lower(pids: &[i32]) {
     for &pid in pids {
-        let Some(name) = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok() else {
-            continue;
-        };
-        let name = name.trim();
+        let softirq = kernel_thread_name(pid).is_some_and(|n| n.starts_with("ksoftirqd/"));
         let mut p = libc::sched_param { sched_priority: 0 };
         // SAFETY: sched_getscheduler and sched_getparam read a policy and
         // write one sched_param, valid for the call.
-        let ours = unsafe {
-            libc::sched_getscheduler(pid) == libc::SCHED_FIFO
-                && libc::sched_getparam(pid, &mut p) == 0
-                && p.sched_priority == 1
-        };
-        if name.starts_with("ksoftirqd/") && is_softirq_thread(pid, name) && ours {
-            let p = libc::sched_param { sched_priority: 0 };
+        let ours = softirq
+            && unsafe {
+                libc::sched_getscheduler(pid) == libc::SCHED_FIFO
+                    && libc::sched_getparam(pid, &mut p) == 0
+                    && p.sched_priority == 1
+            };
+        if ours {
+            p.sched_priority = 0;
             // SAFETY: sets a policy from a valid sched_param.
             unsafe { libc::sched_setscheduler(pid, libc::SCHED_OTHER, &p) };
         }
