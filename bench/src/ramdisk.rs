@@ -106,9 +106,11 @@ extern "C" fn restore_and_die(sig: libc::c_int) {
     let fd = RESTORE_FD.load(Ordering::Acquire);
     let len = RESTORE_LEN.load(Ordering::Acquire);
     if fd >= 0 && len > 0 {
-        // SAFETY: write(2) and the signal calls are async-signal-safe; the
-        // buffer was filled before the descriptor was published and is not
-        // written again.
+        // SAFETY: write(2) and the signal calls are async-signal-safe, and
+        // sched_setscheduler is one system call on plain values (not on
+        // POSIX's list, but it takes no lock of ours and the process ends
+        // right after); the buffer was filled before the descriptor was
+        // published and is not written again.
         unsafe {
             let p = std::ptr::addr_of!(RESTORE_MASK).cast::<libc::c_void>();
             for t in &RAISED {
@@ -449,9 +451,6 @@ fn place_workers(cpus: &[usize]) -> Option<(String, Vec<i32>)> {
         buf[..old.len()].copy_from_slice(old.as_bytes());
     }
     RESTORE_LEN.store(old.len(), Ordering::Release);
-    for (slot, &pid) in RAISED.iter().zip(&raise) {
-        slot.store(pid, Ordering::Release);
-    }
     // Held (with its lock) until the disk is dropped or the process ends.
     RESTORE_FD.store(f.into_raw_fd(), Ordering::Release);
     for sig in STOP_SIGNALS {
@@ -481,11 +480,16 @@ fn place_workers(cpus: &[usize]) -> Option<(String, Vec<i32>)> {
         return None;
     }
     let p = libc::sched_param { sched_priority: 1 };
-    let raised = raise
+    // SAFETY: sets a policy from a valid sched_param.
+    let raised: Vec<i32> = raise
         .into_iter()
-        // SAFETY: sets a policy from a valid sched_param.
         .filter(|&pid| unsafe { libc::sched_setscheduler(pid, libc::SCHED_FIFO, &p) } == 0)
         .collect();
+    // The stop handler puts back only what was raised (a signal between a
+    // raise and its slot leaves that thread to the record).
+    for (slot, &pid) in RAISED.iter().zip(&raised) {
+        slot.store(pid, Ordering::Release);
+    }
     Some((old, raised))
 }
 

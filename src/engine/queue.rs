@@ -120,8 +120,10 @@ pub(crate) struct QueueState<H: RequestHandler> {
     uring_target: Option<UringTarget>,
     slots: Vec<Slot<H::Req>>,
     in_flight: usize,
-    /// When a request of it was last taken or finished.
-    moved: Instant,
+    /// When a request of it last went into the reactor's io_uring or came
+    /// out of it (requests taken or finished otherwise leave it alone: a
+    /// stuck io_uring request must not look as if it moved).
+    uring_moved: Instant,
     /// Requests in the reactor's io_uring.
     in_uring: usize,
     /// Requests at the pool as CPU work.
@@ -234,7 +236,7 @@ impl<H: RequestHandler> QueueState<H> {
             memory: p.memory,
             slots,
             in_flight: 0,
-            moved: Instant::now(),
+            uring_moved: Instant::now(),
             in_uring: 0,
             cpu_out: 0,
             left: VecDeque::new(),
@@ -325,10 +327,11 @@ impl<H: RequestHandler> QueueState<H> {
 
     /// Finishes the request in `slot`: the handler writes its status, we
     /// add the used entry. `result` None: answered without backend I/O.
-    fn finish(&mut self, slot: u16, result: Option<io::Result<()>>) {
+    /// When it finished (None: it was not in flight).
+    fn finish(&mut self, slot: u16, result: Option<io::Result<()>>) -> Option<Instant> {
         let s = &mut self.slots[usize::from(slot)];
         if s.at == At::Free {
-            return;
+            return None;
         }
         s.at = At::Free;
         if std::mem::take(&mut s.mutates) {
@@ -337,16 +340,17 @@ impl<H: RequestHandler> QueueState<H> {
         self.in_flight -= 1;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         let now = Instant::now();
-        self.moved = now;
         self.stats.record(
             self.handler.kind(&s.req),
             now.saturating_duration_since(s.start),
         );
-        let Some(mem) = s.io.iov.end() else { return };
+        let Some(mem) = s.io.iov.end() else {
+            return Some(now);
+        };
         if self.withdrawn || self.broken.is_some() {
             // The activation is over (or the ring is unusable): nothing is
             // written for it any more.
-            return;
+            return Some(now);
         }
         match self
             .handler
@@ -355,12 +359,13 @@ impl<H: RequestHandler> QueueState<H> {
             Finish::Used(len) => {
                 if let Err(e) = self.queue.add_used(&mem, slot, len) {
                     self.break_queue(QueueFault::Used(e));
-                    return;
+                    return Some(now);
                 }
                 self.added = true;
             }
             Finish::Stop => self.break_queue(QueueFault::StoppedOnError),
         }
+        Some(now)
     }
 
     /// The request just popped points into memory that is being taken
@@ -379,7 +384,8 @@ impl<H: RequestHandler> QueueState<H> {
     /// Marks the request in `slot` as leaving the reactor: a request that
     /// changes the disk is counted until it finishes.
     fn leaves(&mut self, slot: u16) {
-        let cap = self.slots.len();
+        // Long enough for RECENT_WALK entries on a small ring too.
+        let cap = self.slots.len().max(RECENT_WALK + 1);
         let s = &mut self.slots[usize::from(slot)];
         if !std::mem::replace(&mut s.logged, true) {
             // Nothing taken RECENT_OUT before this one counts again, and
@@ -498,6 +504,7 @@ impl<H: RequestHandler> QueueState<H> {
                     u.charge(self.tenant, len);
                     s.at = At::Uring;
                     self.in_uring += 1;
+                    self.uring_moved = s.start;
                     self.leaves(slot);
                     return 0;
                 }
@@ -642,7 +649,6 @@ impl<H: RequestHandler> QueueState<H> {
         s.start = Instant::now();
         s.takes = s.takes.wrapping_add(1);
         s.logged = false;
-        self.moved = s.start;
         self.in_flight += 1;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let prepared = self.handler.prepare(mem, chain, &mut s.req, &mut s.io);
@@ -765,8 +771,15 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
             u.release(self.tenant, s.io.len());
         }
         match completion(res, s.io.kind, s.io.len(), self.withdrawn) {
-            Completion::Done(result) => self.finish(slot, Some(result)),
-            Completion::ToPool => self.send_to_pool(slot, cx),
+            Completion::Done(result) => {
+                if let Some(t) = self.finish(slot, Some(result)) {
+                    self.uring_moved = t;
+                }
+            }
+            Completion::ToPool => {
+                self.uring_moved = Instant::now();
+                self.send_to_pool(slot, cx);
+            }
         }
     }
 
@@ -853,8 +866,8 @@ impl<H: RequestHandler> QueueRunner for QueueState<H> {
         self.in_flight
     }
 
-    fn moved(&self) -> Instant {
-        self.moved
+    fn uring_moved(&self) -> Instant {
+        self.uring_moved
     }
 
     fn in_uring(&self) -> bool {

@@ -215,8 +215,9 @@ pub(crate) trait QueueRunner: Send {
     /// Turns doorbells on (true: requests already wait) or off.
     fn set_notifications(&mut self, enable: bool) -> bool;
     fn in_flight(&self) -> usize;
-    /// When a request of it was last taken or finished.
-    fn moved(&self) -> Instant;
+    /// When a request of it last went into the reactor's io_uring or came
+    /// out of it.
+    fn uring_moved(&self) -> Instant;
     /// Requests of it are in the reactor's io_uring (their completions
     /// wake the reactor; a thread pool's would too, but there the lazy
     /// doorbells below cost more than they save).
@@ -657,9 +658,9 @@ impl Reactor {
                 for q in self.queues.iter_mut() {
                     let moving = yield_to_io
                         && q.in_uring()
-                        && now.saturating_duration_since(q.moved()) < LAZY_DOORBELLS;
+                        && now.saturating_duration_since(q.uring_moved()) < LAZY_DOORBELLS;
                     if moving {
-                        let at = q.moved() + LAZY_DOORBELLS;
+                        let at = q.uring_moved() + LAZY_DOORBELLS;
                         deadline = Some(deadline.map_or(at, |d: Instant| d.min(at)));
                         waiting |= q.set_notifications(false);
                     } else {
